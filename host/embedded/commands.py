@@ -1,0 +1,864 @@
+"""Command handlers: each takes the command body and returns MongoDB's reply shape.
+
+The shapes follow the MongoDB command reference and the drivers' specs (handshake in
+``source/mongodb-handshake``, server monitoring in ``source/server-discovery-and-monitoring``,
+CRUD in ``source/crud``). ``$clusterTime``, ``operationTime`` and error labels are
+added by :mod:`.server` around every reply.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from bson import ObjectId
+from bson.binary import Binary
+from bson.int64 import Int64
+from bson.timestamp import Timestamp
+
+from .changestream import ChangeStream, Target
+from .cursors import CursorManager
+from .errors import CommandError
+from .storage import SYSTEM_DATABASES, WriteResult, filter_applies, run_pipeline
+
+if TYPE_CHECKING:
+    from .server import EmbeddedMongo
+
+SERVER_VERSION = "7.0.14"
+VERSION_ARRAY = [7, 0, 14, 0]
+MAX_WIRE_VERSION = 21  # MongoDB 7.0
+FEATURE_COMPATIBILITY_VERSION = "7.0"
+ELECTION_ID = ObjectId("7fffffff0000000000000001")
+MAX_WRITE_BATCH_SIZE = 100_000
+WRITE_COMMANDS = frozenset({"insert", "update", "delete", "findAndModify"})
+
+Reply = dict[str, Any]
+Handler = Callable[["Session", str, dict[str, Any]], Awaitable[Reply] | Reply]
+
+
+@dataclass(slots=True)
+class Session:
+    """Per-connection state a handler may need."""
+
+    connection_id: int
+    peer: str
+    app_name: str | None = None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _name(value: Any, what: str = "collection") -> str:
+    if not isinstance(value, str) or not value:
+        raise CommandError(73, f"{what} name must be a non-empty string, got {value!r}")
+    return value
+
+
+def _int(body: Mapping[str, Any], key: str, default: int | None = None) -> int | None:
+    value = body.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CommandError(14, f"BSON field '{key}' is the wrong type, expected a number")
+    return int(value)
+
+
+def _doc(body: Mapping[str, Any], key: str) -> dict[str, Any] | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise CommandError(14, f"BSON field '{key}' is the wrong type, expected an object")
+    return dict(value)
+
+
+class Commands:
+    """The command table of one server."""
+
+    def __init__(self, server: EmbeddedMongo) -> None:
+        self.server = server
+        self.storage = server.storage
+        self.oplog = server.oplog
+        self.cursors = CursorManager()
+        self.table: dict[str, Handler] = {
+            "hello": self.hello,
+            "isMaster": self.hello,
+            "ismaster": self.hello,
+            "ping": self.ok,
+            "buildInfo": self.build_info,
+            "buildinfo": self.build_info,
+            "hostInfo": self.host_info,
+            "getParameter": self.get_parameter,
+            "getCmdLineOpts": self.get_cmd_line_opts,
+            "getLog": self.get_log,
+            "serverStatus": self.server_status,
+            "whatsmyuri": self.whatsmyuri,
+            "connectionStatus": self.connection_status,
+            "listDatabases": self.list_databases,
+            "listCollections": self.list_collections,
+            "create": self.create,
+            "collMod": self.coll_mod,
+            "drop": self.drop,
+            "dropDatabase": self.drop_database,
+            "renameCollection": self.rename_collection,
+            "dbStats": self.db_stats,
+            "insert": self.insert,
+            "update": self.update,
+            "delete": self.delete,
+            "find": self.find,
+            "getMore": self.get_more,
+            "killCursors": self.kill_cursors,
+            "aggregate": self.aggregate,
+            "count": self.count,
+            "distinct": self.distinct,
+            "findAndModify": self.find_and_modify,
+            "findandmodify": self.find_and_modify,
+            "createIndexes": self.create_indexes,
+            "listIndexes": self.list_indexes,
+            "dropIndexes": self.drop_indexes,
+            "deleteIndexes": self.drop_indexes,
+            "endSessions": self.ok,
+            "killAllSessions": self.ok,
+            "killSessions": self.ok,
+            "refreshSessions": self.ok,
+            "startSession": self.start_session,
+            "commitTransaction": self.no_transaction,
+            "abortTransaction": self.no_transaction,
+            "configureFailPoint": self.configure_fail_point,
+        }
+
+    async def run(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """Run one command and return its reply (without cluster time)."""
+        name = next(iter(body))
+        handler = self.table.get(name)
+        if handler is None:
+            raise CommandError(59, f"no such command: '{name}'")
+        if body.get("autocommit") is False or body.get("startTransaction"):
+            raise CommandError(
+                20,
+                "transactions are not supported by the embedded server; "
+                "run against a real replica set to use them",
+            )
+        result = handler(session, db, body)
+        if isinstance(result, Awaitable):
+            result = await result
+        self._write_concern(name, body, result)
+        return result
+
+    @staticmethod
+    def _write_concern(name: str, body: Mapping[str, Any], reply: Reply) -> None:
+        wc = body.get("writeConcern")
+        if name not in WRITE_COMMANDS and name not in ("create", "drop", "createIndexes"):
+            return
+        if isinstance(wc, Mapping) and isinstance(wc.get("w"), int) and wc["w"] > 1:
+            reply["writeConcernError"] = {
+                "code": 100,
+                "codeName": "UnsatisfiableWriteConcern",
+                "errmsg": f"Not enough data-bearing nodes to satisfy write concern w: {wc['w']} "
+                "(this is a single-node replica set)",
+                "errInfo": {"writeConcern": dict(wc)},
+            }
+
+    # -- handshake and diagnostics -----------------------------------------------------
+
+    def ok(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """Commands that need no work."""
+        return {"ok": 1.0}
+
+    async def hello(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """hello / isMaster: a replica-set primary; awaitable with ``maxAwaitTimeMS``."""
+        server = self.server
+        client = body.get("client")
+        if session.app_name is None and isinstance(client, Mapping):
+            app = client.get("application")
+            if isinstance(app, Mapping) and isinstance(app.get("name"), str):
+                session.app_name = app["name"]
+        tv = body.get("topologyVersion")
+        wait_ms = body.get("maxAwaitTimeMS")
+        if (
+            isinstance(tv, Mapping)
+            and isinstance(wait_ms, int)
+            and (
+                tv.get("processId") == server.process_id
+                and tv.get("counter") == server.topology_counter
+            )
+        ):
+            await server.wait_topology_change(wait_ms / 1000)
+        name = next(iter(body))
+        last = self.oplog.last_ts
+        now = _now()
+        reply: Reply = {}
+        if name == "hello":
+            reply["isWritablePrimary"] = True
+        else:
+            reply["ismaster"] = True
+        if body.get("helloOk"):
+            reply["helloOk"] = True
+        addr = server.advertised
+        reply.update(
+            {
+                "topologyVersion": {
+                    "processId": server.process_id,
+                    "counter": Int64(server.topology_counter),
+                },
+                "hosts": [addr],
+                "setName": server.replica_set,
+                "setVersion": 1,
+                "secondary": False,
+                "primary": addr,
+                "me": addr,
+                "electionId": ELECTION_ID,
+                "lastWrite": {
+                    "opTime": {"ts": last, "t": Int64(1)},
+                    "lastWriteDate": now,
+                    "majorityOpTime": {"ts": last, "t": Int64(1)},
+                    "majorityWriteDate": now,
+                },
+                "maxBsonObjectSize": 16 * 1024 * 1024,
+                "maxMessageSizeBytes": 48_000_000,
+                "maxWriteBatchSize": MAX_WRITE_BATCH_SIZE,
+                "localTime": now,
+                "logicalSessionTimeoutMinutes": 30,
+                "connectionId": session.connection_id,
+                "minWireVersion": 0,
+                "maxWireVersion": MAX_WIRE_VERSION,
+                "readOnly": False,
+                "ok": 1.0,
+            }
+        )
+        return reply
+
+    def build_info(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """buildInfo: version fields consistent with the advertised wire version."""
+        return {
+            "version": SERVER_VERSION,
+            "gitVersion": "plugin-host-embedded",
+            "versionArray": VERSION_ARRAY,
+            "modules": [],
+            "allocator": "system",
+            "javascriptEngine": "none",
+            "sysInfo": "deprecated",
+            "bits": 64,
+            "debug": False,
+            "maxBsonObjectSize": 16 * 1024 * 1024,
+            "storageEngines": ["embedded"],
+            "openssl": {"running": "disabled", "compiled": "disabled"},
+            "buildEnvironment": {"target_os": platform.system().lower(), "distmod": "embedded"},
+            "ok": 1.0,
+        }
+
+    def host_info(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """hostInfo."""
+        return {
+            "system": {
+                "currentTime": _now(),
+                "hostname": socket.gethostname(),
+                "cpuAddrSize": 64,
+                "numCores": os.cpu_count() or 1,
+                "cpuArch": platform.machine(),
+            },
+            "os": {
+                "type": platform.system(),
+                "name": platform.platform(),
+                "version": platform.release(),
+            },
+            "extra": {},
+            "ok": 1.0,
+        }
+
+    _PARAMETERS: dict[str, Any] = {
+        "featureCompatibilityVersion": {"version": FEATURE_COMPATIBILITY_VERSION},
+        "enableTestCommands": 1,
+        "authenticationMechanisms": [],
+        "transactionLifetimeLimitSeconds": 60,
+    }
+
+    def get_parameter(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """getParameter: ``'*'`` or named parameters."""
+        if body["getParameter"] == "*" or body.get("allParameters"):
+            return {**self._PARAMETERS, "ok": 1.0}
+        wanted = [
+            k
+            for k in body
+            if k
+            not in ("getParameter", "$db", "lsid", "$clusterTime", "$readPreference", "comment")
+        ]
+        reply: Reply = {}
+        for key in wanted:
+            if key not in self._PARAMETERS:
+                raise CommandError(72, f"no option found to get: {key}")
+            reply[key] = self._PARAMETERS[key]
+        reply["ok"] = 1.0
+        return reply
+
+    def get_cmd_line_opts(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """getCmdLineOpts."""
+        return {"argv": [], "parsed": {}, "ok": 1.0}
+
+    def get_log(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """getLog: no log lines are kept; ``'*'`` lists the log names."""
+        which = body["getLog"]
+        if which == "*":
+            return {"names": ["global", "startupWarnings"], "ok": 1.0}
+        if which not in ("global", "startupWarnings"):
+            raise CommandError(2, f"No log named '{which}'")
+        return {"totalLinesWritten": 0, "log": [], "ok": 1.0}
+
+    def server_status(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """serverStatus: the minimal sections tools look at."""
+        uptime = time.monotonic() - self.server.started_at
+        return {
+            "host": self.server.advertised,
+            "version": SERVER_VERSION,
+            "process": "mongod",
+            "pid": Int64(os.getpid()),
+            "uptime": float(int(uptime)),
+            "uptimeMillis": Int64(int(uptime * 1000)),
+            "uptimeEstimate": Int64(int(uptime)),
+            "localTime": _now(),
+            "connections": {
+                "current": self.server.connection_count,
+                "available": 1000,
+                "totalCreated": self.server.connections_created,
+            },
+            "repl": {
+                "setName": self.server.replica_set,
+                "isWritablePrimary": True,
+                "primary": self.server.advertised,
+            },
+            "storageEngine": {"name": "embedded", "persistent": self.server.data_dir is not None},
+            "ok": 1.0,
+        }
+
+    def whatsmyuri(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """whatsmyuri."""
+        return {"you": session.peer, "ok": 1.0}
+
+    def connection_status(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """connectionStatus: no authentication, so nobody is authenticated."""
+        return {"authInfo": {"authenticatedUsers": [], "authenticatedUserRoles": []}, "ok": 1.0}
+
+    def start_session(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """startSession."""
+        import uuid
+
+        return {"id": {"id": Binary.from_uuid(uuid.uuid4())}, "timeoutMinutes": 30, "ok": 1.0}
+
+    def no_transaction(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """commit/abortTransaction: no transaction can be open here (see :meth:`run`)."""
+        raise CommandError(
+            251,
+            f"Given transaction number {body.get('txnNumber')} does not match "
+            "any in-progress transactions (the embedded server does not support "
+            "transactions)",
+        )
+
+    def configure_fail_point(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """configureFailPoint (admin only)."""
+        if db != "admin":
+            raise CommandError(13, "configureFailPoint may only be run against the admin database.")
+        count = self.server.failpoints.configure(
+            body["configureFailPoint"], body.get("mode"), body.get("data")
+        )
+        return {"count": count, "ok": 1.0}
+
+    # -- catalog -----------------------------------------------------------------------
+
+    def list_databases(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """listDatabases."""
+        entries = []
+        flt = _doc(body, "filter")
+        for name in self.storage.databases():
+            size = (
+                sum(
+                    len(self.storage.raw(name, c).find_one() or {})
+                    for c, _ in self.storage.collections(name)
+                )
+                * 256
+            )
+            entry: Reply = {"name": name, "sizeOnDisk": float(max(size, 8192)), "empty": False}
+            if flt and not filter_applies(flt, entry):
+                continue
+            entries.append({"name": name} if body.get("nameOnly") else entry)
+        total = float(sum(float(e["sizeOnDisk"]) for e in entries if "sizeOnDisk" in e))
+        return {
+            "databases": entries,
+            "totalSize": total,
+            "totalSizeMb": Int64(int(total) >> 20),
+            "ok": 1.0,
+        }
+
+    def list_collections(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """listCollections, with filter and nameOnly."""
+        flt = _doc(body, "filter")
+        out = []
+        for name, info in self.storage.collections(db):
+            entry: Reply = {
+                "name": name,
+                "type": "collection",
+                "options": dict(info.options),
+                "info": {"readOnly": False, "uuid": Binary.from_uuid(info.uuid)},
+                "idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"},
+            }
+            if flt and not filter_applies(flt, entry):
+                continue
+            out.append({"name": name, "type": "collection"} if body.get("nameOnly") else entry)
+        batch = _int(_doc(body, "cursor") or {}, "batchSize")
+        return {**self.cursors.first_batch(f"{db}.$cmd.listCollections", out, batch), "ok": 1.0}
+
+    _CREATE_GENERIC = frozenset(
+        {
+            "create",
+            "$db",
+            "lsid",
+            "$clusterTime",
+            "$readPreference",
+            "writeConcern",
+            "comment",
+            "txnNumber",
+            "apiVersion",
+            "apiStrict",
+            "apiDeprecationErrors",
+            "maxTimeMS",
+        }
+    )
+
+    def create(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """create, including ``changeStreamPreAndPostImages``."""
+        name = _name(body["create"])
+        options = {k: v for k, v in body.items() if k not in self._CREATE_GENERIC}
+        for unsupported in ("viewOn", "timeseries", "capped", "clusteredIndex", "encryptedFields"):
+            if options.get(unsupported):
+                raise CommandError(
+                    238, f"not supported by the embedded server: create with '{unsupported}'"
+                )
+        self.storage.create_collection(db, name, options)
+        return {"ok": 1.0}
+
+    def coll_mod(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """collMod: ``changeStreamPreAndPostImages`` (other options are accepted and stored)."""
+        name = _name(body["collMod"])
+        options = {k: v for k, v in body.items() if k not in self._CREATE_GENERIC | {"collMod"}}
+        self.storage.coll_mod(db, name, options)
+        return {"ok": 1.0}
+
+    def drop(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """drop: ``{ns, nIndexesWas}``; a missing collection is not an error (7.0)."""
+        name = _name(body["drop"])
+        n_indexes = self.storage.drop_collection(db, name)
+        if n_indexes is None:
+            return {"ok": 1.0}
+        return {"nIndexesWas": n_indexes, "ns": f"{db}.{name}", "ok": 1.0}
+
+    def drop_database(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """dropDatabase: drop events per collection, then dropDatabase."""
+        if db in SYSTEM_DATABASES and db != "config":
+            raise CommandError(20, f"Dropping the '{db}' database is prohibited.")
+        if not self.storage.collections(db):
+            return {"ok": 1.0}
+        self.storage.drop_database(db)
+        return {"dropped": db, "ok": 1.0}
+
+    def rename_collection(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """renameCollection (admin only): ``{renameCollection: "db.a", to: "db.b"}``."""
+        if db != "admin":
+            raise CommandError(13, "renameCollection may only be run against the admin database.")
+        src, dst = body.get("renameCollection"), body.get("to")
+        if not isinstance(src, str) or "." not in src or not isinstance(dst, str) or "." not in dst:
+            raise CommandError(
+                73, "renameCollection and to must be full namespaces 'db.collection'"
+            )
+        src_db, src_coll = src.split(".", 1)
+        dst_db, dst_coll = dst.split(".", 1)
+        self.storage.rename_collection(
+            src_db, src_coll, dst_db, dst_coll, drop_target=bool(body.get("dropTarget", False))
+        )
+        return {"ok": 1.0}
+
+    def db_stats(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """dbStats (approximate sizes)."""
+        colls = self.storage.collections(db)
+        objects = sum(self.storage.raw(db, c).count_documents({}) for c, _ in colls)
+        indexes = sum(len(self.storage.raw(db, c).index_information()) for c, _ in colls)
+        return {
+            "db": db,
+            "collections": len(colls),
+            "views": 0,
+            "objects": objects,
+            "avgObjSize": 0.0,
+            "dataSize": 0.0,
+            "storageSize": 0.0,
+            "indexes": indexes,
+            "indexSize": 0.0,
+            "totalSize": 0.0,
+            "scaleFactor": 1,
+            "ok": 1.0,
+        }
+
+    # -- writes ------------------------------------------------------------------------
+
+    @staticmethod
+    def _batch(body: Mapping[str, Any], key: str, command: str) -> list[Any]:
+        items = body.get(key)
+        if not isinstance(items, list):
+            raise CommandError(9, f"BSON field '{command}.{key}' is missing but a required field")
+        if not 1 <= len(items) <= MAX_WRITE_BATCH_SIZE:
+            raise CommandError(
+                16,
+                f"Write batch sizes must be between 1 and {MAX_WRITE_BATCH_SIZE}. "
+                f"Got {len(items)} operations.",
+            )
+        return items
+
+    @staticmethod
+    def _write_reply(result: WriteResult, *, update: bool = False) -> Reply:
+        reply: Reply = {"n": result.n}
+        if update:
+            reply["nModified"] = result.n_modified
+            if result.upserted:
+                reply["upserted"] = result.upserted
+        if result.write_errors:
+            reply["writeErrors"] = result.write_errors
+        reply["ok"] = 1.0
+        return reply
+
+    def insert(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """insert: ``{n, writeErrors?}``."""
+        coll = _name(body["insert"])
+        docs = self._batch(body, "documents", "insert")
+        result = self.storage.insert(db, coll, docs, ordered=body.get("ordered", True) is not False)
+        return self._write_reply(result)
+
+    def update(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """update: ``{n, nModified, upserted?, writeErrors?}``."""
+        coll = _name(body["update"])
+        stmts = self._batch(body, "updates", "update")
+        result = self.storage.update(
+            db, coll, stmts, ordered=body.get("ordered", True) is not False
+        )
+        return self._write_reply(result, update=True)
+
+    def delete(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """delete: ``{n, writeErrors?}``."""
+        coll = _name(body["delete"])
+        stmts = self._batch(body, "deletes", "delete")
+        result = self.storage.delete(
+            db, coll, stmts, ordered=body.get("ordered", True) is not False
+        )
+        return self._write_reply(result)
+
+    def find_and_modify(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """findAndModify: ``{lastErrorObject, value}``; a duplicate key is error 11000."""
+        coll = _name(body[next(iter(body))])
+        from pymongo.errors import DuplicateKeyError
+
+        try:
+            reply = self.storage.find_and_modify(db, coll, body)
+        except DuplicateKeyError as exc:
+            details = exc.details or {}
+            err = self.storage._dup_key_error(
+                0, db, coll, details.get("doc", {}), details.get("exclude")
+            )
+            raise CommandError(
+                11000,
+                err["errmsg"],
+                extra={k: err[k] for k in ("keyPattern", "keyValue") if k in err},
+            ) from exc
+        reply["ok"] = 1.0
+        return reply
+
+    # -- reads -------------------------------------------------------------------------
+
+    def find(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """find with filter, projection, sort, skip, limit, batchSize and singleBatch."""
+        coll = _name(body["find"])
+        if body.get("collation"):
+            raise CommandError(238, "not supported by the embedded server: collation")
+        limit = _int(body, "limit", 0) or 0
+        skip = _int(body, "skip", 0) or 0
+        if skip < 0:
+            raise CommandError(2, "skip value must be non-negative")
+        single = bool(body.get("singleBatch")) or limit < 0
+        docs = self.storage.find(
+            db,
+            coll,
+            _doc(body, "filter"),
+            projection=_doc(body, "projection"),
+            sort=_doc(body, "sort"),
+            skip=skip,
+            limit=abs(limit),
+        )
+        batch = _int(body, "batchSize")
+        if batch is not None and batch < 0:
+            raise CommandError(2, "batchSize value must be non-negative")
+        if limit and (batch is None or batch > abs(limit)):
+            batch = abs(limit)
+        return {
+            **self.cursors.first_batch(
+                f"{db}.{coll}", docs, batch, single_batch=single, lsid=body.get("lsid")
+            ),
+            "ok": 1.0,
+        }
+
+    def count(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """count: ``{n}``."""
+        coll = _name(body["count"])
+        docs = self.storage.find(
+            db,
+            coll,
+            _doc(body, "query"),
+            skip=_int(body, "skip", 0) or 0,
+            limit=abs(_int(body, "limit", 0) or 0),
+        )
+        return {"n": len(docs), "ok": 1.0}
+
+    def distinct(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """distinct: ``{values}``."""
+        coll = _name(body["distinct"])
+        key = body.get("key")
+        if not isinstance(key, str):
+            raise CommandError(14, "BSON field 'distinct.key' is missing or not a string")
+        if (db, coll) not in self.storage.catalog:
+            return {"values": [], "ok": 1.0}
+        try:
+            values = self.storage.raw(db, coll).distinct(key, _doc(body, "query") or {})
+        except Exception as exc:
+            from .storage import engine_error
+
+            raise engine_error(exc) from exc
+        return {"values": list(values), "ok": 1.0}
+
+    def aggregate(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """aggregate, including ``$changeStream`` on a collection, database or cluster."""
+        target = body["aggregate"]
+        pipeline = body.get("pipeline")
+        if not isinstance(pipeline, list):
+            raise CommandError(14, "'pipeline' option must be specified as an array")
+        cursor_opts = _doc(body, "cursor")
+        if cursor_opts is None and not body.get("explain"):
+            raise CommandError(
+                9, "The 'cursor' option is required, except for aggregate with the explain argument"
+            )
+        batch = _int(cursor_opts or {}, "batchSize")
+        stages = [next(iter(s)) if isinstance(s, Mapping) and s else None for s in pipeline]
+        if "$changeStream" in stages:
+            if stages[0] != "$changeStream":
+                raise CommandError(
+                    40602, "$changeStream is only valid as the first stage in a pipeline."
+                )
+            return self._open_change_stream(db, target, pipeline, batch, body)
+        if target == 1:
+            if stages and stages[0] == "$documents":
+                docs = pipeline[0]["$documents"]
+                if not isinstance(docs, list):
+                    raise CommandError(14, "$documents requires an array of documents")
+                result = run_pipeline(list(docs), pipeline[1:], self.storage.client[db])
+                ns = f"{db}.$cmd.aggregate"
+            else:
+                raise CommandError(
+                    238,
+                    "not supported by the embedded server: database-level "
+                    f"aggregate starting with {stages[0] if stages else 'nothing'}",
+                )
+        else:
+            coll = _name(target)
+            ns = f"{db}.{coll}"
+            result = self._collection_aggregate(db, coll, pipeline)
+        return {**self.cursors.first_batch(ns, result, batch, lsid=body.get("lsid")), "ok": 1.0}
+
+    def _collection_aggregate(
+        self, db: str, coll: str, pipeline: list[Any]
+    ) -> list[dict[str, Any]]:
+        last = next(iter(pipeline[-1])) if pipeline and isinstance(pipeline[-1], Mapping) else None
+        if last == "$merge":
+            raise CommandError(238, "not supported by the embedded server: $merge")
+        if last != "$out":
+            return self.storage.aggregate(db, coll, pipeline)
+        out = pipeline[-1]["$out"]
+        out_db, out_coll = (
+            (db, out) if isinstance(out, str) else (out.get("db", db), out.get("coll"))
+        )
+        docs = self.storage.aggregate(db, coll, pipeline[:-1])
+        self.storage.drop_collection(out_db, _name(out_coll))
+        if docs:
+            self.storage.insert(out_db, out_coll, docs, ordered=True)
+        else:
+            self.storage.ensure(out_db, out_coll)
+        return []
+
+    def _open_change_stream(
+        self, db: str, target: Any, pipeline: list[Any], batch: int | None, body: Mapping[str, Any]
+    ) -> Reply:
+        spec = pipeline[0]["$changeStream"]
+        if not isinstance(spec, Mapping):
+            raise CommandError(14, "$changeStream stage must be an object")
+        if target == 1:
+            if db == "admin":
+                if not spec.get("allChangesForCluster"):
+                    raise CommandError(
+                        73, "$changeStream may not be opened on the internal admin database"
+                    )
+                stream_target = Target(None, None)
+            else:
+                if spec.get("allChangesForCluster"):
+                    raise CommandError(
+                        40575,
+                        "A $changeStream with 'allChangesForCluster:true' may only be opened "
+                        "on the 'admin' database",
+                    )
+                stream_target = Target(db, None)
+        else:
+            coll = _name(target)
+            if db in SYSTEM_DATABASES or coll.startswith("system."):
+                raise CommandError(
+                    73, f"$changeStream may not be opened on the internal {db}.{coll}"
+                )
+            if spec.get("allChangesForCluster"):
+                raise CommandError(
+                    40575, "allChangesForCluster may only be used on aggregate: 1 against admin"
+                )
+            stream_target = Target(db, coll)
+        stream = ChangeStream(self.oplog, self.storage, stream_target, spec, list(pipeline[1:]))
+        events, token = stream.next_batch(batch)
+        cursor_id = 0
+        if not stream.closed:
+            cursor_id = self.cursors.open(stream_target.ns, stream=stream, lsid=body.get("lsid")).id
+        return {
+            "cursor": {
+                "firstBatch": events,
+                "postBatchResumeToken": token,
+                "id": Int64(cursor_id),
+                "ns": stream_target.ns,
+            },
+            "ok": 1.0,
+        }
+
+    async def get_more(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """getMore; on a change stream, waits up to ``maxTimeMS`` for an event."""
+        cursor_id = body["getMore"]
+        coll = body.get("collection")
+        if not isinstance(coll, str):
+            raise CommandError(
+                14, "BSON field 'getMore.collection' is missing but a required field"
+            )
+        ns = f"{db}.{coll}"
+        cursor = self.cursors.get(cursor_id, ns)
+        batch = _int(body, "batchSize")
+        if cursor.stream is None:
+            docs = cursor.take(batch)
+            if cursor.exhausted:
+                self.cursors.close(cursor.id)
+            return {
+                "cursor": {
+                    "nextBatch": docs,
+                    "id": Int64(0 if cursor.exhausted else cursor.id),
+                    "ns": ns,
+                },
+                "ok": 1.0,
+            }
+        stream = cursor.stream
+        failpoint = self.server.failpoints.check(
+            "failGetMoreAfterCursorCheckout", "getMore", session.app_name, ns
+        )
+        if failpoint is not None:
+            if failpoint.close_connection:
+                from .server import CloseConnection
+
+                raise CloseConnection()
+            if failpoint.error is not None:
+                failpoint.error.change_stream = True
+                raise failpoint.error
+        max_time = _int(body, "maxTimeMS")
+        deadline = time.monotonic() + (max_time if max_time is not None else 1000) / 1000
+        try:
+            events, token = stream.next_batch(batch)
+            while not events and not stream.closed and not self.server.closing:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not await self.oplog.wait(remaining):
+                    break
+                events, token = stream.next_batch(batch)
+        except CommandError as exc:
+            self.cursors.close(cursor.id)
+            exc.change_stream = True
+            raise
+        if stream.closed:
+            self.cursors.close(cursor.id)
+        return {
+            "cursor": {
+                "nextBatch": events,
+                "postBatchResumeToken": token,
+                "id": Int64(0 if stream.closed else cursor.id),
+                "ns": ns,
+            },
+            "ok": 1.0,
+        }
+
+    def kill_cursors(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """killCursors: ``{cursorsKilled, cursorsNotFound, cursorsAlive, cursorsUnknown}``."""
+        ids = body.get("cursors")
+        if not isinstance(ids, list):
+            raise CommandError(14, "BSON field 'killCursors.cursors' must be an array")
+        killed: list[Int64] = []
+        missing: list[Int64] = []
+        for cursor_id in ids:
+            (killed if self.cursors.close(int(cursor_id)) else missing).append(Int64(cursor_id))
+        return {
+            "cursorsKilled": killed,
+            "cursorsNotFound": missing,
+            "cursorsAlive": [],
+            "cursorsUnknown": [],
+            "ok": 1.0,
+        }
+
+    # -- indexes -----------------------------------------------------------------------
+
+    def create_indexes(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """createIndexes: ``{numIndexesBefore, numIndexesAfter, createdCollection...}``."""
+        coll = _name(body["createIndexes"])
+        specs = body.get("indexes")
+        if not isinstance(specs, list) or not specs:
+            raise CommandError(2, "Must specify at least one index to create")
+        before, after, created = self.storage.create_indexes(db, coll, specs)
+        reply: Reply = {
+            "numIndexesBefore": before,
+            "numIndexesAfter": after,
+            "createdCollectionAutomatically": created,
+        }
+        if before == after:
+            reply["note"] = "all indexes already exist"
+        reply["ok"] = 1.0
+        return reply
+
+    def list_indexes(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """listIndexes; error 26 on a missing collection."""
+        coll = _name(body["listIndexes"])
+        specs = self.storage.index_specs(db, coll)
+        batch = _int(_doc(body, "cursor") or {}, "batchSize")
+        return {**self.cursors.first_batch(f"{db}.{coll}", specs, batch), "ok": 1.0}
+
+    def drop_indexes(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """dropIndexes: ``{nIndexesWas}``."""
+        coll = _name(body[next(iter(body))])
+        before = self.storage.drop_indexes(db, coll, body.get("index"))
+        return {"nIndexesWas": before, "ok": 1.0}
+
+
+def cluster_time_fields(ts: Timestamp) -> Reply:
+    """``$clusterTime`` and ``operationTime``, as every reply carries them."""
+    return {
+        "$clusterTime": {
+            "clusterTime": ts,
+            "signature": {"hash": Binary(b"\x00" * 20), "keyId": Int64(0)},
+        },
+        "operationTime": ts,
+    }
+
+
+__all__ = ["Commands", "Session", "cluster_time_fields"]

@@ -1,0 +1,359 @@
+"""The oplog: one entry per write, a monotonic cluster clock, and resume tokens.
+
+Every write the server applies appends one :class:`Entry` carrying a strictly
+increasing ``Timestamp``. Change streams (``changestream.py``) read the oplog from a
+:class:`Position`; getMore waits on :meth:`Oplog.wait` and wakes the moment an entry
+is appended (no timer polling). The oplog is bounded: when it is trimmed, positions
+before the trimmed point raise ``ChangeStreamHistoryLost`` (286), as MongoDB does
+when a resume point has fallen off its capped oplog.
+
+Resume tokens are ``{_data: "<UPPER HEX>"}``. The hex begins with the event's
+timestamp (seconds and increment, big-endian), then a kind byte, so tokens sort in
+event order; events then append a BSON document holding the operation type and the
+document key, so any ``_id`` (compound ones included) round-trips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import struct
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import bson
+from bson.binary import Binary, UuidRepresentation
+from bson.timestamp import Timestamp
+
+from .wire import CODEC_OPTIONS
+
+# Kinds order the events that share one timestamp: a drop's event, then the
+# invalidate it causes, then a high-water mark that stands after both.
+KIND_EVENT = 1
+KIND_INVALIDATE = 2
+KIND_HIGH_WATER_MARK = 3
+
+_TOKEN_HEAD = struct.Struct(">IIB")
+
+
+class Position(NamedTuple):
+    """A point in the oplog: everything at or before it has been seen."""
+
+    time: int
+    inc: int
+    kind: int
+
+    @property
+    def ts(self) -> Timestamp:
+        """The position's timestamp."""
+        return Timestamp(self.time, self.inc)
+
+
+@dataclass(slots=True)
+class Entry:
+    """One applied write.
+
+    Attributes:
+        ts: The cluster time the write was applied at (unique, increasing).
+        wall: Wall-clock time of the write.
+        op: insert, update, replace, delete, drop, rename, dropDatabase, create,
+            createIndexes, dropIndexes or modify.
+        db: The database.
+        coll: The collection (None for dropDatabase).
+        uuid: The collection's UUID, when it has one.
+        key: The document key (``{_id: ...}``) for document operations.
+        pre: The document before the write (update, replace, delete).
+        post: The document after the write (insert, update, replace).
+        images: Pre- and post-images were enabled on the collection at write time.
+        extra: Operation details: ``to`` for rename, ``indexes`` for index operations,
+            ``options`` for create and modify.
+    """
+
+    ts: Timestamp
+    wall: datetime
+    op: str
+    db: str
+    coll: str | None
+    uuid: uuid.UUID | None = None
+    key: dict[str, Any] | None = None
+    pre: dict[str, Any] | None = None
+    post: dict[str, Any] | None = None
+    images: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def position(self) -> Position:
+        """The position just after this entry's own event."""
+        return Position(self.ts.time, self.ts.inc, KIND_EVENT)
+
+    def to_document(self) -> dict[str, Any]:
+        """Encode for the journal and snapshots."""
+        doc: dict[str, Any] = {"ts": self.ts, "wall": self.wall, "op": self.op, "db": self.db}
+        if self.coll is not None:
+            doc["coll"] = self.coll
+        if self.uuid is not None:
+            doc["uuid"] = Binary.from_uuid(self.uuid)
+        for name in ("key", "pre", "post"):
+            value = getattr(self, name)
+            if value is not None:
+                doc[name] = value
+        if self.images:
+            doc["images"] = True
+        if self.extra:
+            doc["extra"] = self.extra
+        return doc
+
+    @classmethod
+    def from_document(cls, doc: Mapping[str, Any]) -> Entry:
+        """Decode what :meth:`to_document` wrote."""
+        raw_uuid = doc.get("uuid")
+        return cls(
+            ts=doc["ts"],
+            wall=doc["wall"],
+            op=doc["op"],
+            db=doc["db"],
+            coll=doc.get("coll"),
+            uuid=raw_uuid.as_uuid(UuidRepresentation.STANDARD) if raw_uuid is not None else None,
+            key=doc.get("key"),
+            pre=doc.get("pre"),
+            post=doc.get("post"),
+            images=bool(doc.get("images", False)),
+            extra=dict(doc.get("extra", {})),
+        )
+
+
+class TokenError(ValueError):
+    """A resume token that is not one of ours."""
+
+
+def encode_token(
+    position: Position, op: str | None = None, key: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Return the resume token ``{_data: hex}`` for a position and its event."""
+    data = _TOKEN_HEAD.pack(position.time, position.inc, position.kind)
+    if position.kind != KIND_HIGH_WATER_MARK:
+        ident: dict[str, Any] = {"o": op}
+        if key is not None:
+            ident["k"] = dict(key)
+        data += bson.encode(ident, codec_options=CODEC_OPTIONS)
+    return {"_data": data.hex().upper()}
+
+
+def decode_token(token: Any) -> tuple[Position, dict[str, Any] | None]:
+    """Return the position a resume token stands for, and its event identity.
+
+    Raises:
+        TokenError: If the token is not a document ``{_data: hex}`` this server issued.
+    """
+    if not isinstance(token, Mapping) or not isinstance(token.get("_data"), str):
+        raise TokenError(f"resume token must be a document with a string _data, got {token!r}")
+    try:
+        data = bytes.fromhex(token["_data"])
+        time_, inc, kind = _TOKEN_HEAD.unpack_from(data, 0)
+    except (ValueError, struct.error) as exc:
+        raise TokenError(f"malformed resume token {token['_data']!r}") from exc
+    if kind not in (KIND_EVENT, KIND_INVALIDATE, KIND_HIGH_WATER_MARK):
+        raise TokenError(f"malformed resume token {token['_data']!r}")
+    ident = None
+    if len(data) > _TOKEN_HEAD.size:
+        try:
+            ident = bson.decode(data[_TOKEN_HEAD.size :], CODEC_OPTIONS)
+        except Exception as exc:
+            raise TokenError(f"malformed resume token {token['_data']!r}") from exc
+    return Position(time_, inc, kind), ident
+
+
+class HistoryLost(Exception):
+    """The requested position is older than the retained oplog."""
+
+
+class Oplog:
+    """A bounded, in-order log of applied writes with a monotonic cluster clock.
+
+    Invariants:
+        * entry timestamps strictly increase in append order;
+        * ``last_ts`` is never earlier than the newest entry, and never goes backwards;
+        * ``trimmed_through`` is the newest timestamp that has been dropped (or None);
+          any position before it cannot be resumed from.
+    All methods run on the server's event loop; none blocks.
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        if max_entries < 1:
+            raise ValueError("oplog size must be at least 1 entry")
+        self.max_entries = max_entries
+        self._entries: list[Entry] = []
+        self._keys: list[tuple[int, int]] = []
+        self._last = Timestamp(int(time.time()), 0)
+        self.trimmed_through: Timestamp | None = None
+        self._appended = asyncio.Event()
+
+    @property
+    def last_ts(self) -> Timestamp:
+        """The latest cluster time handed out."""
+        return self._last
+
+    def advance_to(self, ts: Timestamp) -> None:
+        """Move the clock forward to at least ``ts`` (restart from a journal)."""
+        if (ts.time, ts.inc) > (self._last.time, self._last.inc):
+            self._last = ts
+
+    def tick(self) -> Timestamp:
+        """Hand out the next cluster time: strictly larger than every earlier one."""
+        now = int(time.time())
+        last = self._last
+        self._last = Timestamp(now, 1) if now > last.time else Timestamp(last.time, last.inc + 1)
+        return self._last
+
+    def new_entry(self, op: str, db: str, coll: str | None, **fields: Any) -> Entry:
+        """Create and append an entry stamped with the next cluster time."""
+        entry = Entry(
+            ts=self.tick(),
+            wall=datetime.now(UTC).replace(tzinfo=None),
+            op=op,
+            db=db,
+            coll=coll,
+            **fields,
+        )
+        self.append(entry)
+        return entry
+
+    def append(self, entry: Entry) -> None:
+        """Append an entry (its timestamp must be newer than the last) and wake waiters."""
+        key = (entry.ts.time, entry.ts.inc)
+        if self._keys and key <= self._keys[-1]:
+            raise ValueError(f"oplog entry {entry.ts} is not newer than {self._keys[-1]}")
+        self.advance_to(entry.ts)
+        self._entries.append(entry)
+        self._keys.append(key)
+        overflow = len(self._entries) - self.max_entries
+        if overflow > 0:
+            # Trim in chunks so appends stay amortised O(1).
+            cut = max(overflow, min(len(self._entries) // 10, self.max_entries // 10) or 1)
+            cut = min(cut, len(self._entries))
+            self.trimmed_through = self._entries[cut - 1].ts
+            del self._entries[:cut]
+            del self._keys[:cut]
+        event, self._appended = self._appended, asyncio.Event()
+        event.set()
+
+    def clear(self) -> None:
+        """Drop every entry (used before loading a snapshot)."""
+        self._entries.clear()
+        self._keys.clear()
+        self.trimmed_through = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entries(self) -> list[Entry]:
+        """A copy of the retained entries, oldest first."""
+        return list(self._entries)
+
+    def check_retained(self, position: Position) -> None:
+        """Raise :class:`HistoryLost` if entries after ``position`` were trimmed."""
+        trimmed = self.trimmed_through
+        if trimmed is not None and (position.time, position.inc) < (trimmed.time, trimmed.inc):
+            raise HistoryLost(
+                f"resume point {position.ts} is older than the oldest retained oplog entry"
+            )
+
+    def find(self, ts: Timestamp) -> Entry | None:
+        """The entry stamped exactly ``ts``, if it is retained."""
+        key = (ts.time, ts.inc)
+        i = bisect.bisect_left(self._keys, key)
+        if i < len(self._keys) and self._keys[i] == key:
+            return self._entries[i]
+        return None
+
+    def index_from(self, position: Position) -> int:
+        """Index of the first entry whose timestamp is at or after ``position``."""
+        return bisect.bisect_left(self._keys, (position.time, position.inc))
+
+    def entry_at(self, index: int) -> Entry | None:
+        """The entry at ``index`` or None past the end."""
+        return self._entries[index] if index < len(self._entries) else None
+
+    async def wait(self, max_wait: float) -> bool:
+        """Wait until an entry is appended, at most ``max_wait`` seconds.
+
+        Returns:
+            True if an entry was appended, False on timeout.
+        """
+        event = self._appended
+        try:
+            await asyncio.wait_for(event.wait(), max_wait)
+        except TimeoutError:
+            return False
+        return True
+
+    def wake_all(self) -> None:
+        """Release every waiter (server shutdown)."""
+        event, self._appended = self._appended, asyncio.Event()
+        event.set()
+
+
+def update_description(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """Compute ``updateDescription`` as a minimal diff between two documents.
+
+    Dotted paths name changed fields (``arr.1.b``); an array cut down to a shorter
+    length is reported in ``truncatedArrays`` with its new size.
+    """
+    updated: dict[str, Any] = {}
+    removed: list[str] = []
+    truncated: list[dict[str, Any]] = []
+    _diff_doc(before, after, "", updated, removed, truncated)
+    return {"updatedFields": updated, "removedFields": removed, "truncatedArrays": truncated}
+
+
+def _same(a: Any, b: Any) -> bool:
+    # bson equality: 1 == 1.0 == True in Python, but a type change is a change in BSON.
+    return type(a) is type(b) and a == b
+
+
+def _diff_doc(
+    before: Mapping[str, Any],
+    after: Mapping[str, Any],
+    prefix: str,
+    updated: dict[str, Any],
+    removed: list[str],
+    truncated: list[dict[str, Any]],
+) -> None:
+    for name in before:
+        if name not in after:
+            removed.append(prefix + name)
+    for name, new in after.items():
+        path = prefix + name
+        if name not in before:
+            updated[path] = new
+            continue
+        _diff_value(before[name], new, path, updated, removed, truncated)
+
+
+def _diff_value(
+    old: Any,
+    new: Any,
+    path: str,
+    updated: dict[str, Any],
+    removed: list[str],
+    truncated: list[dict[str, Any]],
+) -> None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        if list(old) != [k for k in new if k in old]:
+            updated[path] = new  # field order changed: MongoDB rewrites the whole object
+        else:
+            _diff_doc(old, new, path + ".", updated, removed, truncated)
+    elif isinstance(old, list) and isinstance(new, list):
+        if len(new) < len(old):
+            truncated.append({"field": path, "newSize": len(new)})
+        for i, item in enumerate(new):
+            if i >= len(old):
+                updated[f"{path}.{i}"] = item
+            else:
+                _diff_value(old[i], item, f"{path}.{i}", updated, removed, truncated)
+    elif not _same(old, new):
+        updated[path] = new

@@ -1,0 +1,458 @@
+"""The embedded MongoDB-compatible server: connections, command execution, lifecycle.
+
+One asyncio server on loopback. Each connection is a task that reads a message,
+executes it and writes the reply, in order, as MongoDB does for a connection.
+Commands run whole on the event loop (storage is synchronous), so their oplog order
+is their apply order; only getMore on a change stream and awaitable hello wait, and
+they wait on events, never on timers. A message that does not parse closes that one
+connection; the server and its other connections carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import structlog
+from bson import ObjectId
+from bson.binary import Binary, UuidRepresentation
+
+from .commands import WRITE_COMMANDS, Commands, Session, cluster_time_fields
+from .errors import RESUMABLE_CHANGE_STREAM_CODES, RETRYABLE_WRITE_CODES, CommandError
+from .failpoints import FailPoints
+from .journal import Journal
+from .oplog import Entry, Oplog
+from .storage import CollectionInfo, Storage
+from .wire import ProtocolError, Request, encode_reply, read_request
+
+log = structlog.get_logger("host.embedded")
+
+DEFAULT_OPLOG_ENTRIES = 100_000
+COMPACT_JOURNAL_BYTES = 64 * 1024 * 1024
+RETRY_CACHE_SIZE = 10_000
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class CloseConnection(Exception):
+    """Close the client connection without replying (failpoints, fatal input)."""
+
+
+class EmbeddedMongo:
+    """A single-node replica set speaking the MongoDB wire protocol.
+
+    Use as an async context manager::
+
+        async with EmbeddedMongo(port=0) as server:
+            client = AsyncMongoClient(server.uri)
+
+    Args:
+        port: TCP port; 0 picks a free one.
+        data_dir: Directory for durability; None keeps everything in memory.
+        host: Address to bind. Loopback by default: the server has no authentication.
+        oplog_size: How many oplog entries to retain for change streams.
+        advertised_host: The host name clients dial, as reported in ``hello``
+            (default: ``host``, or 127.0.0.1 for a wildcard bind).
+        replica_set: The replica set name.
+        fsync: fsync the journal on every write (survive power loss, not only kill -9).
+    """
+
+    def __init__(
+        self,
+        port: int = 0,
+        data_dir: str | os.PathLike[str] | None = None,
+        *,
+        host: str = "127.0.0.1",
+        oplog_size: int = DEFAULT_OPLOG_ENTRIES,
+        advertised_host: str | None = None,
+        replica_set: str = "rs0",
+        fsync: bool = False,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.replica_set = replica_set
+        self._advertised_host = advertised_host
+        self.oplog = Oplog(oplog_size)
+        self.journal = Journal(self.data_dir, fsync=fsync) if self.data_dir is not None else None
+        self.storage = Storage(self.oplog, self.journal)
+        self.failpoints = FailPoints()
+        self.commands = Commands(self)
+        self.process_id = ObjectId()
+        self.topology_counter = 0
+        self.closing = False
+        self.started_at = time.monotonic()
+        self.connections_created = 0
+        self._connection_ids = itertools.count(1)
+        self._request_ids = itertools.count(1)
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._topology_changed = asyncio.Event()
+        self._retries: OrderedDict[tuple[bytes, int], dict[str, Any]] = OrderedDict()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    @property
+    def advertised(self) -> str:
+        """``host:port`` as clients must dial it (the replica-set member address)."""
+        host = self._advertised_host or (
+            "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+        )
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{host.lower()}:{self.port}"
+
+    @property
+    def uri(self) -> str:
+        """The connection string: ``mongodb://127.0.0.1:PORT/?replicaSet=rs0``."""
+        return f"mongodb://{self.advertised}/?replicaSet={self.replica_set}"
+
+    @property
+    def connection_count(self) -> int:
+        """Open client connections."""
+        return len(self._writers)
+
+    async def start(self) -> None:
+        """Load the data directory (if any) and start listening."""
+        if self.journal is not None:
+            self._recover()
+        self._server = await asyncio.start_server(
+            self._handle, self.host, self.port, reuse_address=True, limit=2**20
+        )
+        sock = self._server.sockets[0]
+        self.port = sock.getsockname()[1]
+        self.started_at = time.monotonic()
+        log.info(
+            "embedded.started",
+            uri=self.uri,
+            data_dir=str(self.data_dir) if self.data_dir else None,
+            bind=self.host,
+        )
+        if self.host not in LOOPBACK:
+            log.warning(
+                "embedded.unauthenticated_bind",
+                bind=self.host,
+                warning="the embedded server has no authentication: anyone who can reach "
+                f"{self.host}:{self.port} can read and write every database",
+            )
+
+    async def aclose(self) -> None:
+        """Stop accepting, close connections, release waiters and flush the journal."""
+        if self.closing:
+            return
+        self.closing = True
+        self._topology_changed.set()
+        self.oplog.wake_all()
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+        self.commands.cursors.close_all()
+        if self.journal is not None:
+            self.journal.close()
+        log.info("embedded.stopped", uri=self.uri)
+
+    async def __aenter__(self) -> EmbeddedMongo:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def serve_forever(self) -> None:
+        """Serve until cancelled."""
+        assert self._server is not None, "call start() first"
+        await self._server.serve_forever()
+
+    async def wait_topology_change(self, max_wait: float) -> None:
+        """Wait for a topology change (only shutdown, here) or ``max_wait`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._topology_changed.wait(), max_wait)
+
+    # -- durability ------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        assert self.journal is not None
+        self.journal.lock()
+        snapshot, entries = self.journal.read()
+        snapshot_clock = None
+        pending: dict[
+            tuple[str, str], tuple[CollectionInfo, list[dict[str, Any]], list[dict[str, Any]]]
+        ] = {}
+        for record in snapshot:
+            kind = record.get("t")
+            if kind == "meta":
+                snapshot_clock = record["clock"]
+                self.oplog.advance_to(snapshot_clock)
+            elif kind == "coll":
+                info = CollectionInfo(
+                    record["uuid"].as_uuid(UuidRepresentation.STANDARD),
+                    dict(record.get("options", {})),
+                )
+                pending[(record["db"], record["coll"])] = (
+                    info,
+                    list(record.get("indexes", [])),
+                    [],
+                )
+            elif kind == "doc":
+                pending[(record["db"], record["coll"])][2].append(record["doc"])
+            elif kind == "entry":
+                self.oplog.append(Entry.from_document(record["e"]))
+        for (db, coll), (info, indexes, docs) in pending.items():
+            self.storage.load(db, coll, info, indexes, docs)
+        for record in snapshot:
+            if record.get("t") == "meta" and record.get("trimmed") is not None:
+                self.oplog.trimmed_through = record["trimmed"]
+        replayed = 0
+        for entry in entries:
+            if snapshot_clock is not None and (entry.ts.time, entry.ts.inc) <= (
+                snapshot_clock.time,
+                snapshot_clock.inc,
+            ):
+                continue  # already in the snapshot (crash between snapshot and truncation)
+            self.storage.replay(entry)
+            self.oplog.append(entry)
+            replayed += 1
+        self._compact()
+        log.info(
+            "embedded.recovered",
+            data_dir=str(self.data_dir),
+            collections=len(self.storage.catalog),
+            oplog_entries=len(self.oplog),
+            journal_entries_replayed=replayed,
+        )
+
+    def _snapshot_records(self) -> Iterator[dict[str, Any]]:
+        yield {
+            "t": "meta",
+            "version": 1,
+            "clock": self.oplog.last_ts,
+            "trimmed": self.oplog.trimmed_through,
+        }
+        for db, coll, info, indexes, docs in self.storage.dump():
+            yield {
+                "t": "coll",
+                "db": db,
+                "coll": coll,
+                "uuid": Binary.from_uuid(info.uuid),
+                "options": info.options,
+                "indexes": indexes,
+            }
+            for doc in docs:
+                yield {"t": "doc", "db": db, "coll": coll, "doc": doc}
+        for entry in self.oplog.entries():
+            yield {"t": "entry", "e": entry.to_document()}
+
+    def _compact(self) -> None:
+        assert self.journal is not None
+        self.journal.write_snapshot(self._snapshot_records())
+
+    # -- connections -----------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.add(writer)
+        self.connections_created += 1
+        peer = writer.get_extra_info("peername")
+        peer_str = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        session = Session(connection_id=next(self._connection_ids), peer=peer_str)
+        try:
+            while not self.closing:
+                try:
+                    request = await read_request(reader)
+                except asyncio.IncompleteReadError:
+                    break
+                except ProtocolError as exc:
+                    log.warning("embedded.bad_message", peer=peer_str, error=str(exc))
+                    break
+                try:
+                    reply = await self._execute(session, request)
+                except CloseConnection:
+                    break
+                if request.more_to_come:
+                    continue
+                writer.write(encode_reply(request, reply, next(self._request_ids)))
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        except Exception:  # never let one connection take the server down
+            log.exception("embedded.connection_failed", peer=peer_str)
+        finally:
+            self._writers.discard(writer)
+            self._tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _execute(self, session: Session, request: Request) -> dict[str, Any]:
+        body = request.body
+        db = request.db
+        name = next(iter(body), None)
+        has_txn = "txnNumber" in body
+        change_stream = name == "aggregate" and _is_change_stream(body.get("pipeline"))
+        try:
+            if name is None:
+                raise CommandError(59, "no command found in an empty document")
+            target = body[name]
+            ns = f"{db}.{target}" if isinstance(target, str) else db
+            action = self.failpoints.check("failCommand", name, session.app_name, ns)
+            if action is not None:
+                if action.block_ms:
+                    await asyncio.sleep(action.block_ms / 1000)
+                if action.close_connection:
+                    raise CloseConnection()
+                if action.error is not None:
+                    raise action.error
+            retry_key = self._retry_key(name, body) if has_txn else None
+            cached = self._retries.get(retry_key) if retry_key is not None else None
+            if cached is not None:
+                reply = dict(cached)
+            else:
+                reply = await self.commands.run(session, db, body)
+                if retry_key is not None:
+                    self._retries[retry_key] = dict(reply)
+                    if len(self._retries) > RETRY_CACHE_SIZE:
+                        self._retries.popitem(last=False)
+            if action is not None and action.write_concern_error is not None:
+                reply["writeConcernError"] = action.write_concern_error
+        except CloseConnection:
+            raise
+        except CommandError as err:
+            reply = err.to_reply()
+            if not err.labels_explicit:
+                labels = list(err.labels or [])
+                if has_txn and name in WRITE_COMMANDS and err.code in RETRYABLE_WRITE_CODES:
+                    labels.append("RetryableWriteError")
+                if (
+                    change_stream or err.change_stream
+                ) and err.code in RESUMABLE_CHANGE_STREAM_CODES:
+                    labels.append("ResumableChangeStreamError")
+                if labels:
+                    reply["errorLabels"] = labels
+        except Exception as exc:
+            log.exception("embedded.command_failed", command=name, db=db)
+            reply = CommandError(
+                1,
+                f"internal error in the embedded server running {name}: "
+                f"{type(exc).__name__}: {exc}",
+            ).to_reply()
+        finally:
+            if self.journal is not None:
+                self.journal.flush()
+                if self.journal.size > COMPACT_JOURNAL_BYTES:
+                    self._compact()
+        reply.update(cluster_time_fields(self.oplog.last_ts))
+        return reply
+
+    @staticmethod
+    def _retry_key(name: str, body: Mapping[str, Any]) -> tuple[bytes, int] | None:
+        if name not in WRITE_COMMANDS:
+            return None
+        lsid = body.get("lsid")
+        ident = lsid.get("id") if isinstance(lsid, Mapping) else None
+        if not isinstance(ident, bytes | Binary):
+            return None
+        return bytes(ident), int(body["txnNumber"])
+
+
+def _is_change_stream(pipeline: Any) -> bool:
+    return (
+        isinstance(pipeline, list)
+        and bool(pipeline)
+        and isinstance(pipeline[0], Mapping)
+        and "$changeStream" in pipeline[0]
+    )
+
+
+class EmbeddedMongoThread:
+    """Run an :class:`EmbeddedMongo` on its own event loop in a background thread.
+
+    For synchronous code and for other event loops::
+
+        with EmbeddedMongoThread(port=0) as server:
+            client = MongoClient(server.uri)
+
+    Args:
+        **kwargs: Passed to :class:`EmbeddedMongo`.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._kwargs = kwargs
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self.server: EmbeddedMongo | None = None
+
+    @property
+    def uri(self) -> str:
+        """The running server's connection string."""
+        assert self.server is not None, "server is not running"
+        return self.server.uri
+
+    def start(self) -> str:
+        """Start the server thread and return the URI once it accepts connections."""
+        self._thread = threading.Thread(target=self._run, name="embedded-mongo", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self.uri
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # reported to start()
+            self._error = exc
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with EmbeddedMongo(**self._kwargs) as server:
+            self.server = server
+            self._ready.set()
+            await self._stop.wait()
+
+    def stop(self) -> None:
+        """Stop the server and join the thread."""
+        if self._loop is not None and self._stop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join()
+        self._thread = None
+
+    def __enter__(self) -> EmbeddedMongoThread:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

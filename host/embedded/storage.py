@@ -1,0 +1,884 @@
+"""Document storage: mongomock for query, update and aggregation semantics, plus a catalog.
+
+mongomock (a well-kept pure-Python engine) decides what a filter matches, what an
+update operator does and what a pipeline returns; this module adds what MongoDB has
+and mongomock lacks: collection UUIDs and options, one oplog entry per document
+written (with pre- and post-images for change streams), duplicate-key details
+(keyPattern/keyValue), ``arrayFilters`` and ``$[]``, and durability through the
+journal. Everything here is synchronous and runs on the server's event loop: a
+command is applied whole before the next one starts, which is what makes the oplog
+order the apply order.
+
+Known gaps of the engine (each surfaces as error 238 NotImplemented naming the
+feature, never as a wrong answer): collations, pipeline-style updates, ``$redact``
+and some rarer aggregation operators.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid as uuidlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import mongomock
+from bson import ObjectId
+from pymongo.errors import DuplicateKeyError, OperationFailure
+
+from .errors import CommandError
+from .journal import Journal
+from .oplog import Entry, Oplog
+
+SYSTEM_DATABASES = frozenset({"admin", "config", "local"})
+
+
+@dataclass(slots=True)
+class CollectionInfo:
+    """Catalog entry of one collection."""
+
+    uuid: uuidlib.UUID
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images(self) -> bool:
+        """Pre- and post-images are recorded for change streams."""
+        opt = self.options.get("changeStreamPreAndPostImages")
+        return isinstance(opt, Mapping) and bool(opt.get("enabled"))
+
+
+@dataclass(slots=True)
+class WriteResult:
+    """Outcome of a write command's statements."""
+
+    n: int = 0
+    n_modified: int = 0
+    upserted: list[dict[str, Any]] = field(default_factory=list)
+    write_errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+def engine_error(exc: Exception) -> CommandError:
+    """Translate an exception raised by mongomock into a MongoDB-shaped error."""
+    if isinstance(exc, CommandError):
+        return exc
+    if isinstance(exc, NotImplementedError):
+        return CommandError(238, f"not supported by the embedded server: {exc}")
+    if isinstance(exc, OperationFailure):
+        return CommandError(exc.code or 2, str(exc))
+    return CommandError(2, str(exc) or type(exc).__name__)
+
+
+class Storage:
+    """Databases, collections and documents, with every write logged to the oplog."""
+
+    def __init__(self, oplog: Oplog, journal: Journal | None = None) -> None:
+        self.oplog = oplog
+        self.journal = journal
+        self.client: mongomock.MongoClient[dict[str, Any]] = mongomock.MongoClient(tz_aware=False)
+        self.catalog: dict[tuple[str, str], CollectionInfo] = {}
+
+    # -- catalog -----------------------------------------------------------------------
+
+    def _log(self, op: str, db: str, coll: str | None, **fields: Any) -> Entry:
+        entry = self.oplog.new_entry(op, db, coll, **fields)
+        if self.journal is not None:
+            self.journal.append(entry)
+        return entry
+
+    def info(self, db: str, coll: str) -> CollectionInfo | None:
+        """The catalog entry of ``db.coll``, or None if it does not exist."""
+        return self.catalog.get((db, coll))
+
+    def raw(self, db: str, coll: str) -> mongomock.Collection[dict[str, Any]]:
+        """The engine's collection object (no implicit creation in the catalog)."""
+        return self.client[db][coll]
+
+    def ensure(self, db: str, coll: str) -> CollectionInfo:
+        """Return the collection's catalog entry, creating the collection implicitly."""
+        info = self.catalog.get((db, coll))
+        if info is None:
+            info = self._create(db, coll, {})
+        return info
+
+    def _create(self, db: str, coll: str, options: dict[str, Any]) -> CollectionInfo:
+        check_namespace(db, coll)
+        info = CollectionInfo(uuidlib.uuid4(), dict(options))
+        self.catalog[(db, coll)] = info
+        if coll not in self.client[db].list_collection_names():
+            self.client[db].create_collection(coll)
+        self._log("create", db, coll, uuid=info.uuid, extra={"options": dict(options)})
+        return info
+
+    def create_collection(self, db: str, coll: str, options: dict[str, Any]) -> None:
+        """Create a collection explicitly; error 48 if it exists."""
+        if (db, coll) in self.catalog:
+            raise CommandError(48, f"Collection {db}.{coll} already exists.")
+        self._create(db, coll, options)
+
+    def coll_mod(self, db: str, coll: str, options: dict[str, Any]) -> None:
+        """Change collection options (``changeStreamPreAndPostImages``)."""
+        info = self.catalog.get((db, coll))
+        if info is None:
+            raise CommandError(26, f"ns does not exist: {db}.{coll}")
+        info.options.update(options)
+        self._log("modify", db, coll, uuid=info.uuid, extra={"options": dict(options)})
+
+    def collections(self, db: str) -> list[tuple[str, CollectionInfo]]:
+        """The collections of ``db``, by name."""
+        return sorted((c, info) for (d, c), info in self.catalog.items() if d == db)
+
+    def databases(self) -> list[str]:
+        """Names of databases that hold at least one collection."""
+        return sorted({d for d, _ in self.catalog})
+
+    def drop_collection(self, db: str, coll: str) -> int | None:
+        """Drop a collection; returns its index count, or None if it did not exist."""
+        info = self.catalog.pop((db, coll), None)
+        if info is None:
+            return None
+        n_indexes = len(self.raw(db, coll).index_information())
+        self.client[db].drop_collection(coll)
+        self._log("drop", db, coll, uuid=info.uuid)
+        return n_indexes
+
+    def drop_database(self, db: str) -> None:
+        """Drop every collection of ``db`` (one drop entry each), then the database."""
+        for coll, _ in self.collections(db):
+            self.drop_collection(db, coll)
+        self.client.drop_database(db)
+        self._log("dropDatabase", db, None)
+
+    def rename_collection(
+        self, src_db: str, src: str, dst_db: str, dst: str, *, drop_target: bool
+    ) -> None:
+        """Rename ``src_db.src`` to ``dst_db.dst`` (codes 26 and 48 as MongoDB)."""
+        info = self.catalog.get((src_db, src))
+        if info is None:
+            raise CommandError(26, f"Source collection {src_db}.{src} does not exist")
+        check_namespace(dst_db, dst)
+        if (dst_db, dst) in self.catalog:
+            if not drop_target:
+                raise CommandError(48, f"target namespace exists: {dst_db}.{dst}")
+            self.drop_collection(dst_db, dst)
+        docs = list(self.raw(src_db, src).find())
+        indexes = self.index_specs(src_db, src)
+        self.client[src_db].drop_collection(src)
+        del self.catalog[(src_db, src)]
+        self.catalog[(dst_db, dst)] = info
+        target = self.client[dst_db][dst]
+        self.client[dst_db].create_collection(dst)
+        if docs:
+            target.insert_many(docs)
+        self._apply_index_specs(dst_db, dst, indexes)
+        self._log("rename", src_db, src, uuid=info.uuid, extra={"to": {"db": dst_db, "coll": dst}})
+
+    # -- indexes ---------------------------------------------------------------------
+
+    def index_specs(self, db: str, coll: str) -> list[dict[str, Any]]:
+        """Index descriptions as listIndexes returns them."""
+        if (db, coll) not in self.catalog:
+            raise CommandError(26, f"ns does not exist: {db}.{coll}")
+        specs = []
+        for name, raw in self.raw(db, coll).index_information().items():
+            spec: dict[str, Any] = {"v": 2, "key": dict(raw["key"]), "name": name}
+            for opt in ("unique", "sparse", "partialFilterExpression", "expireAfterSeconds"):
+                if opt in raw:
+                    spec[opt] = raw[opt]
+            specs.append(spec)
+        specs.sort(key=lambda s: (s["name"] != "_id_", s["name"]))
+        return specs
+
+    def _apply_index_specs(self, db: str, coll: str, specs: Iterable[Mapping[str, Any]]) -> None:
+        target = self.raw(db, coll)
+        for spec in specs:
+            if spec["name"] == "_id_":
+                continue
+            kwargs = {
+                k: spec[k] for k in ("unique", "sparse", "partialFilterExpression") if k in spec
+            }
+            target.create_index(list(spec["key"].items()), name=spec["name"], **kwargs)
+
+    def create_indexes(
+        self, db: str, coll: str, specs: list[dict[str, Any]]
+    ) -> tuple[int, int, bool]:
+        """Create indexes; returns (before, after, created collection automatically)."""
+        created = (db, coll) not in self.catalog
+        info = self.ensure(db, coll)
+        before = len(self.raw(db, coll).index_information())
+        existing = {s["name"]: s for s in self.index_specs(db, coll)}
+        new_specs = []
+        for spec in specs:
+            key = spec.get("key")
+            name = spec.get("name")
+            if not isinstance(key, Mapping) or not key:
+                raise CommandError(
+                    9, "Error in specification: the 'key' field must be a non-empty document"
+                )
+            if not isinstance(name, str) or not name:
+                raise CommandError(9, "Error in specification: the 'name' field is required")
+            if name in existing:
+                if dict(existing[name]["key"]) != dict(key):
+                    raise CommandError(
+                        86,
+                        f"An existing index has the same name ({name}) "
+                        "but different key specification",
+                    )
+                continue
+            clean = {"name": name, "key": dict(key)}
+            for opt in ("unique", "sparse", "partialFilterExpression", "expireAfterSeconds"):
+                if opt in spec:
+                    clean[opt] = spec[opt]
+            new_specs.append(clean)
+        try:
+            self._apply_index_specs(db, coll, new_specs)
+        except DuplicateKeyError as exc:
+            raise CommandError(
+                11000,
+                f"Index build failed: E11000 duplicate key error collection: {db}.{coll}: {exc}",
+            ) from exc
+        after = len(self.raw(db, coll).index_information())
+        if new_specs:
+            self._log("createIndexes", db, coll, uuid=info.uuid, extra={"indexes": new_specs})
+        return before, after, created
+
+    def drop_indexes(self, db: str, coll: str, which: Any) -> int:
+        """Drop indexes by name, key pattern, list of names or ``"*"``; returns count before."""
+        info = self.catalog.get((db, coll))
+        if info is None:
+            raise CommandError(26, f"ns not found {db}.{coll}")
+        target = self.raw(db, coll)
+        current = self.index_specs(db, coll)
+        before = len(current)
+        if which == "*":
+            names = [s["name"] for s in current if s["name"] != "_id_"]
+        elif isinstance(which, str):
+            names = [which]
+        elif isinstance(which, list):
+            names = [str(n) for n in which]
+        elif isinstance(which, Mapping):
+            names = [s["name"] for s in current if s["key"] == dict(which)]
+            if not names:
+                raise CommandError(27, f"can't find index with key: {dict(which)}")
+        else:
+            raise CommandError(2, "dropIndexes 'index' must be a string, list or document")
+        known = {s["name"] for s in current}
+        for name in names:
+            if name == "_id_":
+                raise CommandError(72, "cannot drop _id index")
+            if name not in known:
+                raise CommandError(27, f"index not found with name [{name}]")
+        for name in names:
+            target.drop_index(name)
+        if names:
+            self._log("dropIndexes", db, coll, uuid=info.uuid, extra={"names": names})
+        return before
+
+    # -- documents -------------------------------------------------------------------
+
+    def find(
+        self,
+        db: str,
+        coll: str,
+        filter_: Mapping[str, Any] | None = None,
+        *,
+        projection: Mapping[str, Any] | None = None,
+        sort: Mapping[str, Any] | None = None,
+        skip: int = 0,
+        limit: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Documents matching ``filter_`` (deep copies), sorted, skipped and limited."""
+        if (db, coll) not in self.catalog:
+            return []
+        try:
+            cursor = self.raw(db, coll).find(
+                dict(filter_ or {}), projection=dict(projection) if projection else None
+            )
+            if sort:
+                cursor = cursor.sort(list(sort.items()))
+            if skip:
+                cursor = cursor.skip(skip)
+            if limit:
+                cursor = cursor.limit(abs(limit))
+            return list(cursor)
+        except Exception as exc:
+            raise engine_error(exc) from exc
+
+    def lookup(self, db: str, coll: str, key: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The current document with this key (for ``fullDocument: updateLookup``)."""
+        found = self.find(db, coll, key, limit=1)
+        return found[0] if found else None
+
+    def aggregate(self, db: str, coll: str, pipeline: list[Any]) -> list[dict[str, Any]]:
+        """Run an aggregation pipeline over a collection."""
+        docs = self.find(db, coll)
+        return run_pipeline(docs, pipeline, self.client[db])
+
+    def insert(self, db: str, coll: str, docs: list[Any], *, ordered: bool) -> WriteResult:
+        """Insert documents; duplicate keys become write errors 11000."""
+        info = self.ensure(db, coll)
+        target = self.raw(db, coll)
+        result = WriteResult()
+        for index, raw_doc in enumerate(docs):
+            if not isinstance(raw_doc, Mapping):
+                result.write_errors.append(
+                    _write_error(index, CommandError(2, "document must be an object"))
+                )
+                if ordered:
+                    break
+                continue
+            doc = dict(raw_doc)
+            if "_id" not in doc:
+                doc = {"_id": ObjectId(), **doc}
+            try:
+                _check_field_names(doc)
+                target.insert_one(doc)
+            except DuplicateKeyError:
+                result.write_errors.append(self._dup_key_error(index, db, coll, doc))
+                if ordered:
+                    break
+                continue
+            except Exception as exc:
+                result.write_errors.append(_write_error(index, engine_error(exc)))
+                if ordered:
+                    break
+                continue
+            result.n += 1
+            stored = copy.deepcopy(doc)
+            self._log(
+                "insert",
+                db,
+                coll,
+                uuid=info.uuid,
+                key={"_id": doc["_id"]},
+                post=stored,
+                images=info.images,
+            )
+        return result
+
+    def _dup_key_error(
+        self, index: int, db: str, coll: str, doc: Mapping[str, Any], exclude: Any = None
+    ) -> dict[str, Any]:
+        target = self.raw(db, coll)
+        for spec in self.index_specs(db, coll):
+            if spec["name"] != "_id_" and not spec.get("unique"):
+                continue
+            key_value = {k: _get_path(doc, k) for k in spec["key"]}
+            query: dict[str, Any] = dict(key_value)
+            if exclude is not None:
+                query = {"$and": [query, {"_id": {"$ne": exclude}}]}
+            if target.find_one(query) is not None:
+                shown = ", ".join(f"{k}: {v!r}" for k, v in key_value.items())
+                return {
+                    "index": index,
+                    "code": 11000,
+                    "errmsg": f"E11000 duplicate key error collection: {db}.{coll} "
+                    f"index: {spec['name']} dup key: {{ {shown} }}",
+                    "keyPattern": dict(spec["key"]),
+                    "keyValue": key_value,
+                }
+        return {
+            "index": index,
+            "code": 11000,
+            "errmsg": f"E11000 duplicate key error collection: {db}.{coll}",
+        }
+
+    def update(self, db: str, coll: str, statements: list[Any], *, ordered: bool) -> WriteResult:
+        """Apply update statements (operators, replacement, upsert, multi, arrayFilters)."""
+        result = WriteResult()
+        for index, stmt in enumerate(statements):
+            try:
+                n, modified, upserted_id = self._update_one_statement(db, coll, stmt)
+            except DuplicateKeyError as exc:
+                doc = exc.details or {}
+                result.write_errors.append(
+                    self._dup_key_error(index, db, coll, doc.get("doc", {}), doc.get("exclude"))
+                )
+                if ordered:
+                    break
+                continue
+            except Exception as exc:
+                result.write_errors.append(_write_error(index, engine_error(exc)))
+                if ordered:
+                    break
+                continue
+            result.n += n
+            result.n_modified += modified
+            if upserted_id is not _MISSING:
+                result.upserted.append({"index": index, "_id": upserted_id})
+        return result
+
+    def _update_one_statement(self, db: str, coll: str, stmt: Any) -> tuple[int, int, Any]:
+        if not isinstance(stmt, Mapping):
+            raise CommandError(9, "update statement must be an object")
+        query = stmt.get("q", {})
+        update = stmt.get("u")
+        if not isinstance(query, Mapping):
+            raise CommandError(9, "update 'q' must be an object")
+        if isinstance(update, list):
+            raise CommandError(238, "not supported by the embedded server: pipeline-style updates")
+        if not isinstance(update, Mapping):
+            raise CommandError(9, "update 'u' must be an object")
+        if stmt.get("collation"):
+            raise CommandError(238, "not supported by the embedded server: collation")
+        multi = bool(stmt.get("multi", False))
+        upsert = bool(stmt.get("upsert", False))
+        array_filters = stmt.get("arrayFilters")
+        is_replace = not any(k.startswith("$") for k in update)
+        if is_replace and multi:
+            raise CommandError(9, "multi update is not supported for replacement-style update")
+        if not is_replace and not update:
+            raise CommandError(9, "Update document requires atomic operators")
+        matched = self.find(db, coll, query, limit=0 if multi else 1)
+        if not matched:
+            if not upsert:
+                return 0, 0, _MISSING
+            return 0, 0, self._upsert(db, coll, query, update, is_replace, array_filters)
+        info = self.ensure(db, coll)
+        modified = 0
+        for before in matched:
+            after = self._apply(db, coll, before, query, update, is_replace, array_filters)
+            if after != before or _types_changed(before, after):
+                modified += 1
+                op = "replace" if is_replace else "update"
+                self._log(
+                    op,
+                    db,
+                    coll,
+                    uuid=info.uuid,
+                    key={"_id": before["_id"]},
+                    pre=before,
+                    post=copy.deepcopy(after),
+                    images=info.images,
+                )
+        return len(matched), modified, _MISSING
+
+    def _apply(
+        self,
+        db: str,
+        coll: str,
+        before: dict[str, Any],
+        query: Mapping[str, Any],
+        update: Mapping[str, Any],
+        is_replace: bool,
+        array_filters: Any,
+    ) -> dict[str, Any]:
+        """Apply one update or replacement to the stored ``before``; return the new document."""
+        target = self.raw(db, coll)
+        doc_id = before["_id"]
+        try:
+            if is_replace:
+                replacement = dict(update)
+                if "_id" in replacement and replacement["_id"] != doc_id:
+                    raise CommandError(
+                        66,
+                        "After applying the update, the (immutable) field "
+                        "'_id' was found to have been altered",
+                    )
+                _check_field_names(replacement)
+                replacement.pop("_id", None)
+                target.replace_one({"_id": doc_id}, {"_id": doc_id, **replacement})
+            else:
+                spec = _expand_array_filters(update, before, array_filters)
+                if spec is update:
+                    # keep the caller's filter so the positional `$` operator resolves
+                    target.update_one({"$and": [{"_id": doc_id}, dict(query)]}, dict(spec))
+                else:
+                    target.update_one({"_id": doc_id}, dict(spec))
+        except DuplicateKeyError as exc:
+            attempted = dict(update) if is_replace else before
+            raise DuplicateKeyError(str(exc), 11000, {"doc": attempted, "exclude": doc_id}) from exc
+        after = target.find_one({"_id": doc_id})
+        if after is None:  # pragma: no cover - the engine keeps the _id
+            raise CommandError(8, "document vanished during update")
+        return dict(after)
+
+    def _upsert(
+        self,
+        db: str,
+        coll: str,
+        query: Mapping[str, Any],
+        update: Mapping[str, Any],
+        is_replace: bool,
+        array_filters: Any,
+    ) -> Any:
+        info = self.ensure(db, coll)
+        target = self.raw(db, coll)
+        if is_replace:
+            doc = dict(update)
+            if "_id" not in doc:
+                seed_id = query.get("_id") if not isinstance(query.get("_id"), Mapping) else None
+                doc = {"_id": seed_id if seed_id is not None else ObjectId(), **doc}
+            _check_field_names(doc)
+            try:
+                target.insert_one(doc)
+            except DuplicateKeyError as exc:
+                raise DuplicateKeyError(str(exc), 11000, {"doc": doc}) from exc
+            new_id = doc["_id"]
+        else:
+            if array_filters:
+                raise CommandError(2, "arrayFilters cannot be used with an upsert that inserts")
+            try:
+                res = target.update_one(dict(query), dict(update), upsert=True)
+            except DuplicateKeyError as exc:
+                raise DuplicateKeyError(str(exc), 11000, {"doc": dict(query)}) from exc
+            new_id = res.upserted_id
+        stored = target.find_one({"_id": new_id})
+        assert stored is not None
+        self._log(
+            "insert",
+            db,
+            coll,
+            uuid=info.uuid,
+            key={"_id": new_id},
+            post=dict(stored),
+            images=info.images,
+        )
+        return new_id
+
+    def delete(self, db: str, coll: str, statements: list[Any], *, ordered: bool) -> WriteResult:
+        """Delete documents; ``limit`` 0 deletes all matches, 1 deletes one."""
+        result = WriteResult()
+        info = self.catalog.get((db, coll))
+        for index, stmt in enumerate(statements):
+            try:
+                if not isinstance(stmt, Mapping) or not isinstance(stmt.get("q", {}), Mapping):
+                    raise CommandError(9, "delete statement must be an object with a 'q' object")
+                limit = stmt.get("limit", 0)
+                if limit not in (0, 1):
+                    raise CommandError(
+                        9, f"The limit field in delete objects must be 0 or 1. Got {limit}"
+                    )
+                if info is None:
+                    continue
+                for before in self.find(db, coll, stmt.get("q", {}), limit=limit):
+                    self.raw(db, coll).delete_one({"_id": before["_id"]})
+                    result.n += 1
+                    self._log(
+                        "delete",
+                        db,
+                        coll,
+                        uuid=info.uuid,
+                        key={"_id": before["_id"]},
+                        pre=before,
+                        images=info.images,
+                    )
+            except Exception as exc:
+                result.write_errors.append(_write_error(index, engine_error(exc)))
+                if ordered:
+                    break
+        return result
+
+    def find_and_modify(self, db: str, coll: str, cmd: Mapping[str, Any]) -> dict[str, Any]:
+        """The findAndModify command: returns ``{lastErrorObject, value}``."""
+        query = cmd.get("query") or {}
+        sort = cmd.get("sort") or None
+        remove = bool(cmd.get("remove", False))
+        update = cmd.get("update")
+        new = bool(cmd.get("new", False))
+        upsert = bool(cmd.get("upsert", False))
+        fields = cmd.get("fields") or None
+        if remove == (update is not None):
+            raise CommandError(9, "Either an update or remove=true must be specified")
+        if remove and (new or upsert):
+            raise CommandError(9, "Cannot specify both an update and remove=true")
+        if isinstance(update, list):
+            raise CommandError(238, "not supported by the embedded server: pipeline-style updates")
+        matched = self.find(db, coll, query, sort=sort, limit=1)
+        last: dict[str, Any] = {"n": 0}
+        value: dict[str, Any] | None = None
+        if remove:
+            if matched:
+                info = self.ensure(db, coll)
+                before = matched[0]
+                self.raw(db, coll).delete_one({"_id": before["_id"]})
+                self._log(
+                    "delete",
+                    db,
+                    coll,
+                    uuid=info.uuid,
+                    key={"_id": before["_id"]},
+                    pre=before,
+                    images=info.images,
+                )
+                last["n"] = 1
+                value = before
+        else:
+            assert isinstance(update, Mapping)
+            is_replace = not any(k.startswith("$") for k in update)
+            array_filters = cmd.get("arrayFilters")
+            if matched:
+                info = self.ensure(db, coll)
+                before = matched[0]
+                after = self._apply(db, coll, before, query, update, is_replace, array_filters)
+                if after != before or _types_changed(before, after):
+                    self._log(
+                        "replace" if is_replace else "update",
+                        db,
+                        coll,
+                        uuid=info.uuid,
+                        key={"_id": before["_id"]},
+                        pre=before,
+                        post=copy.deepcopy(after),
+                        images=info.images,
+                    )
+                last = {"n": 1, "updatedExisting": True}
+                value = after if new else before
+            elif upsert:
+                new_id = self._upsert(db, coll, query, update, is_replace, array_filters)
+                last = {"n": 1, "updatedExisting": False, "upserted": new_id}
+                value = self.lookup(db, coll, {"_id": new_id}) if new else None
+            else:
+                last = {"n": 0, "updatedExisting": False}
+        if value is not None and fields:
+            projected = run_pipeline([value], [{"$project": dict(fields)}], self.client[db])
+            value = projected[0] if projected else None
+        return {"lastErrorObject": last, "value": value}
+
+    # -- replay (journal recovery) ------------------------------------------------------
+
+    def replay(self, entry: Entry) -> None:
+        """Re-apply a journaled entry to the engine and the catalog without logging it."""
+        db, coll = entry.db, entry.coll
+        if entry.op == "create" and coll is not None:
+            assert entry.uuid is not None
+            self.catalog[(db, coll)] = CollectionInfo(
+                entry.uuid, dict(entry.extra.get("options", {}))
+            )
+            if coll not in self.client[db].list_collection_names():
+                self.client[db].create_collection(coll)
+        elif entry.op == "modify" and coll is not None:
+            self.catalog[(db, coll)].options.update(entry.extra.get("options", {}))
+        elif entry.op == "insert" and coll is not None:
+            assert entry.post is not None
+            self.raw(db, coll).insert_one(entry.post)
+        elif entry.op in ("update", "replace") and coll is not None:
+            assert entry.post is not None and entry.key is not None
+            self.raw(db, coll).replace_one(entry.key, entry.post)
+        elif entry.op == "delete" and coll is not None:
+            assert entry.key is not None
+            self.raw(db, coll).delete_one(entry.key)
+        elif entry.op == "drop" and coll is not None:
+            self.catalog.pop((db, coll), None)
+            self.client[db].drop_collection(coll)
+        elif entry.op == "dropDatabase":
+            self.client.drop_database(db)
+        elif entry.op == "rename" and coll is not None:
+            to = entry.extra["to"]
+            info = self.catalog.pop((db, coll))
+            docs = list(self.raw(db, coll).find())
+            indexes = [s for s in self._raw_index_specs(db, coll)]
+            self.client[db].drop_collection(coll)
+            self.catalog[(to["db"], to["coll"])] = info
+            self.client[to["db"]].drop_collection(to["coll"])
+            self.client[to["db"]].create_collection(to["coll"])
+            if docs:
+                self.raw(to["db"], to["coll"]).insert_many(docs)
+            self._apply_index_specs(to["db"], to["coll"], indexes)
+        elif entry.op == "createIndexes" and coll is not None:
+            self._apply_index_specs(db, coll, entry.extra.get("indexes", []))
+        elif entry.op == "dropIndexes" and coll is not None:
+            for name in entry.extra.get("names", []):
+                self.raw(db, coll).drop_index(name)
+
+    def _raw_index_specs(self, db: str, coll: str) -> list[dict[str, Any]]:
+        return self.index_specs(db, coll) if (db, coll) in self.catalog else []
+
+    def dump(
+        self,
+    ) -> Iterator[tuple[str, str, CollectionInfo, list[dict[str, Any]], list[dict[str, Any]]]]:
+        """Every collection with its info, indexes and documents (for snapshots)."""
+        for (db, coll), info in sorted(self.catalog.items(), key=lambda kv: kv[0]):
+            yield db, coll, info, self.index_specs(db, coll), list(self.raw(db, coll).find())
+
+    def load(
+        self,
+        db: str,
+        coll: str,
+        info: CollectionInfo,
+        indexes: list[dict[str, Any]],
+        docs: list[dict[str, Any]],
+    ) -> None:
+        """Restore one collection from a snapshot."""
+        self.catalog[(db, coll)] = info
+        self.client[db].create_collection(coll)
+        if docs:
+            self.raw(db, coll).insert_many(docs)
+        self._apply_index_specs(db, coll, indexes)
+
+
+class _Missing:
+    pass
+
+
+_MISSING: Any = _Missing()
+
+
+def check_namespace(db: str, coll: str) -> None:
+    """Reject invalid database or collection names as MongoDB does (code 73)."""
+    if not db or any(c in db for c in '/\\. "$\x00'):
+        raise CommandError(73, f"Invalid database name: '{db}'")
+    if not coll or "$" in coll or "\x00" in coll or coll.startswith("."):
+        raise CommandError(73, f"Invalid collection name: '{coll}'")
+
+
+def _check_field_names(doc: Mapping[str, Any]) -> None:
+    for key in doc:
+        if not isinstance(key, str) or (key.startswith("$")):
+            raise CommandError(2, f"Document can't have $ prefixed field names: {key}")
+
+
+def _write_error(index: int, error: CommandError) -> dict[str, Any]:
+    return {
+        "index": index,
+        "code": error.code,
+        "codeName": error.code_name,
+        "errmsg": error.message,
+    }
+
+
+def _get_path(doc: Mapping[str, Any], path: str) -> Any:
+    node: Any = doc
+    for part in path.split("."):
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def _types_changed(before: Any, after: Any) -> bool:
+    if type(before) is not type(after):
+        return True
+    if isinstance(before, dict):
+        return list(before) != list(after) or any(
+            _types_changed(before[k], after[k]) for k in before
+        )
+    if isinstance(before, list):
+        return any(_types_changed(a, b) for a, b in zip(before, after, strict=False))
+    return False
+
+
+def filter_applies(query: Mapping[str, Any], doc: Mapping[str, Any]) -> bool:
+    """Whether ``doc`` matches the query filter ``query``, by the engine's rules."""
+    from mongomock import filtering
+
+    return bool(filtering.filter_applies(query, doc))  # type: ignore[no-untyped-call]
+
+
+def run_pipeline(
+    docs: list[dict[str, Any]], pipeline: list[Any], database: Any
+) -> list[dict[str, Any]]:
+    """Run an aggregation pipeline over in-memory documents with the engine."""
+    from mongomock import aggregate as mm_aggregate
+
+    if not isinstance(pipeline, list) or not all(
+        isinstance(s, Mapping) and len(s) == 1 for s in pipeline
+    ):
+        raise CommandError(
+            14, "'pipeline' option must be specified as an array of single-key stages"
+        )
+    try:
+        return list(
+            mm_aggregate.process_pipeline(  # type: ignore[no-untyped-call]
+                docs, database, [dict(s) for s in pipeline], None
+            )
+        )
+    except Exception as exc:
+        raise engine_error(exc) from exc
+
+
+# -- arrayFilters ------------------------------------------------------------------------
+
+
+def _expand_array_filters(
+    update: Mapping[str, Any], doc: Mapping[str, Any], array_filters: Any
+) -> Mapping[str, Any]:
+    """Rewrite ``$[]`` and ``$[ident]`` paths into concrete indexes for one document.
+
+    mongomock implements neither, so the server resolves them against the stored
+    document (with the engine's own matcher for the filter conditions) and hands the
+    engine plain dotted paths.
+    """
+    if not any(isinstance(v, Mapping) and any("$[" in p for p in v) for v in update.values()):
+        if array_filters:
+            _parse_array_filters(array_filters)  # still validate them
+        return update
+    filters = _parse_array_filters(array_filters or [])
+    used: set[str] = set()
+    out: dict[str, Any] = {}
+    for op, fields in update.items():
+        if not isinstance(fields, Mapping):
+            out[op] = fields
+            continue
+        rewritten: dict[str, Any] = {}
+        for path, value in fields.items():
+            if "$[" not in path:
+                rewritten[path] = value
+                continue
+            for concrete in _expand_path(path.split("."), doc, filters, used):
+                rewritten[concrete] = value
+        out[op] = rewritten
+    unused = set(filters) - used
+    if unused:
+        raise CommandError(
+            9, f"The array filter for identifier '{sorted(unused)[0]}' was not used in the update"
+        )
+    return out
+
+
+def _parse_array_filters(array_filters: Any) -> dict[str, Mapping[str, Any]]:
+    if not isinstance(array_filters, list):
+        raise CommandError(9, "arrayFilters must be an array")
+    filters: dict[str, Mapping[str, Any]] = {}
+    for flt in array_filters:
+        if not isinstance(flt, Mapping) or not flt:
+            raise CommandError(
+                9, "Cannot use an expression without a top-level field name in arrayFilters"
+            )
+        idents = {k.split(".", 1)[0] for k in flt}
+        if len(idents) != 1:
+            raise CommandError(9, "Each array filter must use a single top-level field name")
+        ident = idents.pop()
+        if ident in filters:
+            raise CommandError(
+                9, f"Found multiple array filters with the same top-level field name {ident}"
+            )
+        filters[ident] = flt
+    return filters
+
+
+def _expand_path(
+    parts: list[str], node: Any, filters: Mapping[str, Mapping[str, Any]], used: set[str]
+) -> list[str]:
+    if not parts:
+        return [""]
+    head, rest = parts[0], parts[1:]
+    if head.startswith("$[") and head.endswith("]"):
+        ident = head[2:-1]
+        if ident and ident not in filters:
+            raise CommandError(2, f"No array filter found for identifier '{ident}' in path")
+        if ident:
+            used.add(ident)
+        if not isinstance(node, list):
+            return []
+        out: list[str] = []
+        for i, item in enumerate(node):
+            if ident and not filter_applies(filters[ident], {ident: item}):
+                continue
+            out.extend(_join(str(i), tail) for tail in _expand_path(rest, item, filters, used))
+        return out
+    if isinstance(node, Mapping):
+        child = node.get(head)
+    elif isinstance(node, list) and head.isdigit() and int(head) < len(node):
+        child = node[int(head)]
+    else:
+        child = None
+    if child is None and any(p.startswith("$[") for p in rest):
+        return []
+    return [_join(head, tail) for tail in _expand_path(rest, child, filters, used)]
+
+
+def _join(head: str, tail: str) -> str:
+    return f"{head}.{tail}" if tail else head

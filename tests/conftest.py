@@ -1,0 +1,99 @@
+"""Shared fixtures: one embedded server per session (or ``MONGODB_URI``), a fresh db per test."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import structlog
+from blockbuster import BlockBuster, blockbuster_ctx
+from pymongo import AsyncMongoClient, MongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.synchronous.database import Database
+
+from host.embedded import EmbeddedMongoThread
+
+Doc = dict[str, object]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Run async tests on asyncio (the only backend the host supports)."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def mongo_uri() -> Iterator[str]:
+    """The deployment under test: ``MONGODB_URI`` if set, else one embedded server per session.
+
+    The embedded server runs on its own loop in a background thread, so every test's
+    event loop (and sync code) can use it.
+    """
+    uri = os.environ.get("MONGODB_URI")
+    if uri:
+        yield uri
+        return
+    with EmbeddedMongoThread(port=0) as server:
+        yield server.uri
+
+
+@pytest.fixture(scope="session")
+def using_embedded() -> bool:
+    """True when the suite runs against the embedded server (not ``MONGODB_URI``)."""
+    return not os.environ.get("MONGODB_URI")
+
+
+@pytest.fixture
+def db_name() -> str:
+    """A database name unique to this test."""
+    return f"t_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def client(mongo_uri: str) -> AsyncIterator[AsyncMongoClient[Doc]]:
+    """An async PyMongo client on the test's event loop."""
+    async_client: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_uri, serverSelectionTimeoutMS=5000)
+    yield async_client
+    await async_client.close()
+
+
+@pytest.fixture
+async def db(client: AsyncMongoClient[Doc], db_name: str) -> AsyncIterator[AsyncDatabase[Doc]]:
+    """A fresh database for one test, dropped afterwards."""
+    yield client[db_name]
+    await client.drop_database(db_name)
+
+
+@pytest.fixture
+def sync_client(mongo_uri: str) -> Iterator[MongoClient[Doc]]:
+    """A synchronous PyMongo client."""
+    sync: MongoClient[Doc] = MongoClient(mongo_uri, serverSelectionTimeoutMS=5000)
+    yield sync
+    sync.close()
+
+
+@pytest.fixture
+def sync_db(sync_client: MongoClient[Doc], db_name: str) -> Iterator[Database[Doc]]:
+    """A fresh database for one synchronous test, dropped afterwards."""
+    yield sync_client[db_name]
+    sync_client.drop_database(db_name)
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """Give every test structlog's defaults, whatever an earlier test configured."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture(autouse=True)
+def _no_blocking_in_loop(request: pytest.FixtureRequest) -> Iterator[BlockBuster | None]:
+    """Fail a test when the host's code blocks an event loop (blocking I/O in async code)."""
+    if request.node.get_closest_marker("allow_blocking"):
+        yield None
+        return
+    with blockbuster_ctx(["host"], excluded_modules=["host.embedded"]) as bb:
+        yield bb
