@@ -1,0 +1,144 @@
+"""The ``ctx`` object handed to plugin code.
+
+One ``Context`` is built per call, so construction is four slot stores: everything else
+(the bound logger above all) is derived lazily, on first access.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio.from_thread
+import structlog
+
+from .types import Args, Caller, CallTarget
+
+if TYPE_CHECKING:
+    from .compiler import Plugin
+
+__all__ = ("Context",)
+
+
+class Context:
+    """What a plugin sees as ``ctx``.
+
+    Host globals are exposed as attributes: a host created with
+    ``context={"foo": "bar"}`` gives ``ctx.foo == "bar"``. The built-in attributes below
+    take precedence over globals of the same name.
+
+    Attributes:
+        call_id: Identifier of the current call; ``None`` in ``setup``/``teardown``.
+    """
+
+    __slots__ = ("_caller", "_log", "_plugin", "call_id")
+
+    def __init__(self, plugin: Plugin, caller: Caller, call_id: int | None = None) -> None:
+        """Bind a context to one version and the dispatcher that serves it.
+
+        Args:
+            plugin: The version the code runs on.
+            caller: The dispatcher, for ``db``, globals and plugin-to-plugin calls.
+            call_id: The call's identifier, if this context serves a call.
+        """
+        self._plugin = plugin
+        self._caller = caller
+        self.call_id = call_id
+        self._log: Any = None
+
+    @property
+    def db(self) -> Any:
+        """The database the host watches."""
+        return self._caller.db
+
+    @property
+    def state(self) -> Any:
+        """What this version's ``setup`` hook returned (``None`` without setup)."""
+        return self._plugin.state
+
+    @property
+    def plugin_name(self) -> str:
+        """The name of the running plugin."""
+        return self._plugin.name
+
+    @property
+    def version(self) -> str:
+        """The running version, e.g. ``greet@r7:3f9a1c2e``."""
+        return self._plugin.version
+
+    @property
+    def log(self) -> Any:
+        """A structlog logger bound to ``plugin``, ``version`` and ``call_id``."""
+        log = self._log
+        if log is None:
+            plugin = self._plugin
+            log = self._log = structlog.get_logger("plugin").bind(
+                plugin=plugin.name, version=plugin.version, call_id=self.call_id
+            )
+        return log
+
+    async def call(self, name: str, args: Args = None, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - per-call timeout is the public contract
+        """Call the current version of another plugin.
+
+        Args:
+            name: The plugin to call.
+            args: Its argument.
+            timeout: Per-call timeout in seconds; the callee's default if ``None``.
+
+        Returns:
+            The callee's result.
+
+        Raises:
+            PluginError: As ``Dispatcher.call``.
+        """
+        return await self._caller.call(name, args, timeout=timeout)
+
+    def require(self, name: str) -> CallTarget:
+        """Return a late-bound handle: each call goes to the version current at that time.
+
+        Args:
+            name: The plugin to bind to; it need not be loaded yet.
+
+        Returns:
+            An async callable ``handle(args, *, timeout=None)``.
+        """
+        return self._caller.require(name)
+
+    def spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Start ``func(*args)`` in the background, owned by this plugin version.
+
+        The task is cancelled when the version retires, so background work never
+        outlives its code or doubles across reloads. Callable from sync plugins running
+        in a worker thread, too.
+
+        Args:
+            func: An async function.
+            *args: Its positional arguments.
+
+        Raises:
+            RuntimeError: If the version is not running.
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # a sync plugin in a worker thread
+            anyio.from_thread.run_sync(self._plugin.spawn, func, *args)
+        else:
+            self._plugin.spawn(func, *args)
+
+    def __getattr__(self, attr: str) -> Any:
+        # Only reached when normal lookup fails. Private and dunder names (copy, pickle)
+        # never reach the globals, so a half-built instance cannot recurse here.
+        if not attr.startswith("_"):
+            try:
+                return self._caller.globals[attr]
+            except KeyError:
+                pass
+        raise AttributeError(
+            f"ctx has no attribute {attr!r} (neither built in nor a host global)",
+            name=attr,
+            obj=self,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Context {self._plugin.version} call_id={self.call_id}>"

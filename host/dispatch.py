@@ -1,0 +1,254 @@
+"""The dispatcher: routes a call to the current version of a plugin.
+
+This is the hot path. Its rules, on success:
+
+* no I/O and no logging — events are emitted only on failure and timeout;
+* no lock unless the version has a concurrency limit, and even then an uncontended
+  ``acquire_nowait``;
+* no cancel scope when the call has no timeout;
+* no structlog ``bind`` (``ctx.log`` is built lazily) and no string building;
+* a handful of allocations: the ``Context``, the call-chain tuple, the coroutine.
+
+Failures are slow on purpose: the traceback is formatted in a worker thread because
+:mod:`linecache` may read library source files.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from collections.abc import Mapping
+from contextvars import ContextVar
+from types import MappingProxyType
+from typing import Any
+
+import anyio
+import structlog
+
+from .compiler import Plugin, format_plugin_traceback, run_sync_interruptible
+from .context import Context
+from .errors import (
+    HostClosed,
+    PluginBusy,
+    PluginFailed,
+    PluginNotFound,
+    PluginTimeout,
+    RequireDepthExceeded,
+)
+from .events import EventBus
+from .registry import CURRENT_PLUGIN, Registry
+from .types import Args
+
+__all__ = ("Dispatcher", "Required")
+
+_log = structlog.get_logger("host.dispatch")
+
+_CALL_CHAIN: ContextVar[tuple[str, ...]] = ContextVar("plugin_host_call_chain", default=())
+"""Names of the plugins on the current call path, outermost first."""
+
+
+class Required:
+    """A late-bound handle on a plugin, as returned by ``require(name)``.
+
+    Every invocation looks the plugin up again, so it always reaches the version that
+    is current at that moment — like Node's hot-require.
+    """
+
+    __slots__ = ("_dispatcher", "name")
+
+    def __init__(self, dispatcher: Dispatcher, name: str) -> None:
+        """Bind a handle to ``name``; the plugin need not be loaded yet."""
+        self._dispatcher = dispatcher
+        self.name = name
+
+    async def __call__(self, args: Args = None, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - per-call timeout is the public contract
+        """Call the current version of the plugin.
+
+        Args:
+            args: The plugin's argument.
+            timeout: Per-call timeout in seconds.
+
+        Returns:
+            The plugin's result.
+        """
+        return await self._dispatcher.call(self.name, args, timeout=timeout)
+
+    def __repr__(self) -> str:
+        return f"<Required {self.name!r}>"
+
+
+class Dispatcher:
+    """Runs calls on the current versions held by a :class:`Registry`."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        db: Any,
+        globals: Mapping[str, Any] | None = None,
+        default_timeout: float | None = None,
+        default_max_concurrency: int | None = None,
+        max_waiting: int = 1000,
+        require_depth: int = 16,
+        thread_limiter_size: int = 40,
+        events: EventBus | None = None,
+    ) -> None:
+        """Create a dispatcher.
+
+        Args:
+            registry: Where current versions are looked up.
+            db: The database handed to plugins as ``ctx.db``.
+            globals: Host globals exposed as ``ctx`` attributes.
+            default_timeout: Timeout for calls whose record sets none; ``None`` for none.
+            default_max_concurrency: Concurrency limit for versions whose record sets none.
+            max_waiting: Calls that may queue on a saturated version before
+                ``PluginBusy``.
+            require_depth: Deepest allowed chain of plugin-to-plugin calls.
+            thread_limiter_size: Worker threads shared by sync plugins.
+            events: Where ``call.failed`` and ``call.timeout`` go.
+        """
+        self._registry = registry
+        self._db = db
+        self._globals: Mapping[str, Any] = MappingProxyType(dict(globals or {}))
+        self._default_timeout = default_timeout
+        self._default_max_concurrency = default_max_concurrency
+        self._max_waiting = max_waiting
+        self._require_depth = require_depth
+        self._threads = anyio.CapacityLimiter(thread_limiter_size)
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._events = events if events is not None else EventBus(_log)
+
+    @property
+    def db(self) -> Any:
+        """The database handed to plugins as ``ctx.db``."""
+        return self._db
+
+    @property
+    def globals(self) -> Mapping[str, Any]:
+        """Host globals exposed as ``ctx`` attributes (read-only)."""
+        return self._globals
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`close` was called; new calls are refused."""
+        return self._closed
+
+    def close(self) -> None:
+        """Refuse new calls with ``HostClosed``; calls in flight continue."""
+        self._closed = True
+
+    def make_context(self, plugin: Plugin) -> Context:
+        """Build the ``ctx`` for a version's ``setup``/``teardown`` (a ``ContextFactory``)."""
+        return Context(plugin, self)
+
+    def require(self, name: str) -> Required:
+        """Return a late-bound handle on plugin ``name``."""
+        return Required(self, name)
+
+    async def call(self, name: str, args: Args = None, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - per-call timeout is the public contract
+        """Call the current version of plugin ``name``.
+
+        Args:
+            name: The plugin name.
+            args: The plugin's argument.
+            timeout: Seconds before the call is cancelled; if ``None``, the record's
+                ``timeout``, else the dispatcher default, else no timeout.
+
+        Returns:
+            What the plugin returned.
+
+        Raises:
+            HostClosed: The dispatcher is closed.
+            PluginNotFound: No version of ``name`` is loaded.
+            PluginBusy: The version is saturated and ``max_waiting`` calls are queued.
+            PluginTimeout: The call did not finish in time.
+            PluginFailed: The plugin raised; carries the plugin traceback.
+            RequireDepthExceeded: Plugin-to-plugin calls nested too deep (a cycle).
+        """
+        # HOT PATH (see the module docstring): no I/O, no lock, no logging, no string
+        # building on success; a cancel scope only when there is a timeout.
+        if self._closed:
+            raise HostClosed()
+        plugin = self._registry.get(name)
+        if plugin is None:
+            raise PluginNotFound(name)
+        chain = _CALL_CHAIN.get()
+        if len(chain) >= self._require_depth:
+            raise RequireDepthExceeded((*chain, name), self._require_depth)
+        if timeout is None:
+            timeout = plugin.record.timeout
+            if timeout is None:
+                timeout = self._default_timeout
+
+        # From here until end_call, the registry will not tear this version down before
+        # the grace period ends, even if a newer version is swapped in meanwhile.
+        plugin.begin_call()
+        chain_token = _CALL_CHAIN.set((*chain, name))
+        plugin_token = CURRENT_PLUGIN.set(plugin)
+        try:
+            if timeout is None:
+                return await self._run(plugin, args)
+            with anyio.move_on_after(timeout):
+                return await self._run(plugin, args)
+            # Only reached when the deadline cancelled the call.
+            self._events.emit(
+                "call.timeout", "warning", plugin=name, version=plugin.version, timeout=timeout
+            )
+            raise PluginTimeout(name, plugin.version, timeout)
+        finally:
+            CURRENT_PLUGIN.reset(plugin_token)
+            _CALL_CHAIN.reset(chain_token)
+            plugin.end_call()
+
+    async def _run(self, plugin: Plugin, args: Args) -> Any:
+        limiter = plugin.limiter
+        if limiter is None:
+            if self._default_max_concurrency is None:
+                return await self._invoke(plugin, args)
+            limiter = plugin.limiter = anyio.Semaphore(self._default_max_concurrency)
+        try:
+            limiter.acquire_nowait()
+        except anyio.WouldBlock:
+            if plugin.waiting >= self._max_waiting:
+                raise PluginBusy(plugin.name, plugin.version, self._max_waiting) from None
+            plugin.waiting += 1
+            try:
+                await limiter.acquire()
+            finally:
+                plugin.waiting -= 1
+        try:
+            return await self._invoke(plugin, args)
+        finally:
+            limiter.release()
+
+    async def _invoke(self, plugin: Plugin, args: Args) -> Any:
+        ctx = Context(plugin, self, next(self._ids))
+        try:
+            if plugin.is_async:
+                return await plugin.entrypoint(ctx, args)
+            # Cancelling the caller (timeout, shutdown) abandons and interrupts the thread.
+            result = await run_sync_interruptible(
+                plugin.entrypoint, ctx, args, limiter=self._threads
+            )
+            if inspect.iscoroutine(result):  # a callable object with an async __call__
+                result = await result
+            return result
+        except RequireDepthExceeded:
+            raise  # a cycle is a property of the whole chain: report it unwrapped
+        except (Exception, SystemExit) as exc:  # plugin code must never stop the host
+            raise await self._failure(plugin, exc) from exc
+
+    async def _failure(self, plugin: Plugin, exc: BaseException) -> PluginFailed:
+        tb = await anyio.to_thread.run_sync(format_plugin_traceback, exc)
+        error_type = type(exc).__qualname__
+        error = str(exc)
+        self._events.emit(
+            "call.failed",
+            "error",
+            plugin=plugin.name,
+            version=plugin.version,
+            error_type=error_type,
+            error=error,
+        )
+        return PluginFailed(plugin.name, plugin.version, error_type, error, tb)

@@ -1,0 +1,321 @@
+"""The loader: turns record changes into registry swaps, one name at a time.
+
+The watcher submits changes (a document to load, or None to unload). Each name has at
+most one worker; a change submitted while a worker is busy replaces any change still
+waiting for that name (latest wins), so a burst of edits compiles only what is newest
+and a version never goes live after a newer one. Different names load concurrently.
+
+A change that fails validation, compilation or setup leaves the version that was
+serving in place, and says so in its event (``serving``).
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from .compiler import compile_plugin
+from .errors import CompileError, HostClosed, RecordError
+from .events import EventBus
+from .records import PluginRecord, parse_record
+from .registry import Registry
+from .types import ContextFactory, Document
+
+__all__ = ("Change", "Loader", "PluginInfo", "RecordVerifier")
+
+RecordVerifier = Callable[[PluginRecord, PluginRecord | None], Awaitable[None] | None]
+"""Checks a record before it compiles (signatures); raises ``RecordError`` to refuse it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change to apply.
+
+    Attributes:
+        name: The plugin name (the record's ``_id``).
+        document: The record, or None to unload.
+        wall_time: When the change was made (the change event's ``wallTime``), for
+            ``change_to_live_ms``; None for the initial load.
+        reason: Why: ``initial``, ``insert``, ``update``, ``replace``, ``delete``,
+            ``resync``...
+    """
+
+    name: str
+    document: Document | None
+    wall_time: datetime | None = None
+    reason: str = "change"
+
+
+@dataclass(slots=True)
+class PluginInfo:
+    """What ``PluginHost.plugins()`` reports for one name.
+
+    Attributes:
+        name: The plugin name.
+        version: The serving version (e.g. ``greet@r7:3f9a1c2e``), None if none serves.
+        revision: The serving version's revision.
+        loaded_at: When the serving version went live.
+        status: ``serving``, ``degraded`` (a newer record failed; the old version
+            serves), ``failed`` (nothing serves) or ``disabled``.
+        last_error: The latest failure for this name, if any.
+    """
+
+    name: str
+    version: str | None = None
+    revision: int | None = None
+    loaded_at: datetime | None = None
+    status: str = "serving"
+    last_error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "revision": self.revision,
+            "loaded_at": self.loaded_at.isoformat() if self.loaded_at else None,
+            "status": self.status,
+            "last_error": self.last_error,
+        }
+
+
+@dataclass(slots=True)
+class _Slot:
+    pending: Change | None = None
+    busy: bool = False
+    info: PluginInfo | None = field(default=None)
+
+
+class Loader:
+    """Applies :class:`Change` objects to a :class:`Registry`.
+
+    Args:
+        registry: Where versions are installed.
+        ctx_factory: Builds ``ctx`` for setup/teardown hooks.
+        events: Where reload events go.
+        exec_timeout: Bound on a version's top-level code, in seconds.
+        max_source_bytes: Largest accepted ``source``.
+        default_max_concurrency: ``max_concurrency`` for records that set none.
+        verifier: Optional check run on each record before compiling (signatures).
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        ctx_factory: ContextFactory,
+        events: EventBus,
+        *,
+        exec_timeout: float = 1.0,
+        max_source_bytes: int = 1_048_576,
+        default_max_concurrency: int | None = None,
+        verifier: RecordVerifier | None = None,
+    ) -> None:
+        self._registry = registry
+        self._ctx_factory = ctx_factory
+        self._events = events
+        self._exec_timeout = exec_timeout
+        self._max_source_bytes = max_source_bytes
+        self._default_max_concurrency = default_max_concurrency
+        self._verifier = verifier
+        self._slots: dict[str, _Slot] = {}
+        self._busy = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._tg: TaskGroup | None = None
+
+    def bind(self, task_group: TaskGroup) -> None:
+        """Run workers in ``task_group`` (the host's)."""
+        self._tg = task_group
+
+    # -- submission --------------------------------------------------------------------
+
+    def submit(self, change: Change) -> None:
+        """Queue a change; the newest change per name wins. Never blocks."""
+        assert self._tg is not None, "Loader.bind() was not called"
+        slot = self._slots.get(change.name)
+        if slot is None:
+            slot = self._slots[change.name] = _Slot()
+        slot.pending = change
+        if not slot.busy:
+            slot.busy = True
+            if self._busy == 0:
+                self._idle = anyio.Event()
+            self._busy += 1
+            self._tg.start_soon(self._work, change.name, slot, name=f"load {change.name}")
+
+    async def wait_idle(self) -> None:
+        """Return once every submitted change has been applied."""
+        while self._busy:
+            await self._idle.wait()
+
+    def known(self) -> set[str]:
+        """Names that are loaded or have a pending change."""
+        return {name for name, slot in self._slots.items() if slot.info or slot.pending}
+
+    def infos(self) -> list[PluginInfo]:
+        """Status of every name the loader has seen, sorted by name."""
+        return [slot.info for _, slot in sorted(self._slots.items()) if slot.info is not None]
+
+    def info(self, name: str) -> PluginInfo | None:
+        """Status of one name."""
+        slot = self._slots.get(name)
+        return slot.info if slot else None
+
+    # -- work --------------------------------------------------------------------------
+
+    async def _work(self, name: str, slot: _Slot) -> None:
+        try:
+            while slot.pending is not None:
+                change, slot.pending = slot.pending, None
+                try:
+                    await self._apply(change, slot)
+                except HostClosed:
+                    return
+        finally:
+            slot.busy = False
+            self._busy -= 1
+            if self._busy == 0:
+                self._idle.set()
+            if slot.info is None and slot.pending is None:
+                self._slots.pop(name, None)
+
+    async def _apply(self, change: Change, slot: _Slot) -> None:
+        name = change.name
+        current = self._registry.get(name)
+        serving = current.version if current else None
+        if change.document is None:
+            await self._unload(name, slot, change.reason)
+            return
+        try:
+            record = parse_record(change.document, max_source_bytes=self._max_source_bytes)
+            if not record.enabled:
+                await self._unload(name, slot, "disabled", record=record)
+                return
+            if current is not None and current.record == record:
+                return  # nothing that matters changed (e.g. only updatedAt was touched)
+            if self._verifier is not None:
+                checked = self._verifier(record, current.record if current else None)
+                if checked is not None:
+                    await checked
+        except RecordError as exc:
+            self._events.emit(
+                "plugin.rejected",
+                "warning",
+                plugin=name,
+                field=exc.field,
+                reason=exc.reason,
+                error=str(exc),
+                serving=serving,
+            )
+            self._fail(slot, name, str(exc), current is not None)
+            return
+        started = time.perf_counter()
+        try:
+            plugin = await compile_plugin(
+                record,
+                exec_timeout=self._exec_timeout,
+                default_max_concurrency=self._default_max_concurrency,
+            )
+            old = await self._registry.install(plugin, self._ctx_factory)
+        except CompileError as exc:
+            self._events.emit(
+                "plugin.reload_failed",
+                "error",
+                plugin=name,
+                version=record.version,
+                stage=exc.stage,
+                error=str(exc),
+                traceback=exc.traceback,
+                serving=serving,
+            )
+            self._fail(slot, name, str(exc), current is not None)
+            return
+        except HostClosed:
+            raise
+        except Exception as exc:  # a bug in the host must not kill the loader
+            self._events.emit(
+                "plugin.reload_failed",
+                "error",
+                plugin=name,
+                version=record.version,
+                stage="internal",
+                error=f"{type(exc).__name__}: {exc}",
+                traceback="".join(traceback.format_exception(exc)),
+                serving=serving,
+            )
+            self._fail(slot, name, str(exc), current is not None)
+            return
+        live_ms = (time.perf_counter() - started) * 1000.0
+        fields: dict[str, Any] = {
+            "plugin": name,
+            "version": plugin.version,
+            "revision": record.revision,
+            "compile_ms": round(plugin.compile_ms, 3),
+            "load_ms": round(live_ms, 3),
+            "reason": change.reason,
+        }
+        if change.wall_time is not None:
+            wall = change.wall_time
+            if wall.tzinfo is None:
+                wall = wall.replace(tzinfo=UTC)
+            fields["change_to_live_ms"] = round(
+                (datetime.now(UTC) - wall).total_seconds() * 1000.0, 3
+            )
+        slot.info = PluginInfo(
+            name=name,
+            version=plugin.version,
+            revision=record.revision,
+            loaded_at=plugin.loaded_at,
+            status="serving",
+        )
+        if old is None:
+            self._events.emit("plugin.loaded", **fields)
+        else:
+            self._events.emit(
+                "plugin.reloaded", old_version=old.version, new_version=plugin.version, **fields
+            )
+
+    async def _unload(
+        self, name: str, slot: _Slot, reason: str, record: PluginRecord | None = None
+    ) -> None:
+        old = await self._registry.remove(name)
+        if reason == "disabled":
+            slot.info = PluginInfo(
+                name=name, status="disabled", revision=record.revision if record else None
+            )
+        else:
+            slot.info = None
+        if old is not None:
+            self._events.emit("plugin.unloaded", plugin=name, version=old.version, reason=reason)
+
+    @staticmethod
+    def _fail(slot: _Slot, name: str, error: str, still_serving: bool) -> None:
+        info = slot.info or PluginInfo(name=name)
+        info.last_error = error
+        info.status = "degraded" if still_serving else "failed"
+        slot.info = info
+
+
+def change_from_event(event: Mapping[str, Any]) -> Change | None:
+    """The :class:`Change` a document change event asks for (None if it asks for none)."""
+    op = event.get("operationType")
+    key = event.get("documentKey") or {}
+    name = key.get("_id")
+    if not isinstance(name, str):
+        name = str(name)
+    wall = event.get("wallTime")
+    if op in ("insert", "update", "replace"):
+        doc = event.get("fullDocument")
+        if doc is None:  # updateLookup found the document already deleted: a delete follows
+            return None
+        return Change(name, doc, wall, op)
+    if op == "delete":
+        return Change(name, None, wall, "deleted")
+    return None

@@ -1,0 +1,256 @@
+"""Plugin records: validation of raw documents from the functions collection.
+
+A record is untrusted input. ``parse_record`` checks every field it knows, names the
+record and the field in every error, and ignores fields it does not know so that newer
+tools can add fields without breaking older hosts. A field that is absent or ``null``
+takes its default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import keyword
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any
+
+from .errors import RecordError
+
+__all__ = ("MAX_NAME_LENGTH", "PluginRecord", "is_valid_name", "parse_record")
+
+MAX_NAME_LENGTH = 128
+_NAME_RE = re.compile(rf"[A-Za-z0-9_.\-]{{1,{MAX_NAME_LENGTH}}}")
+_EMPTY_META: Mapping[str, Any] = MappingProxyType({})
+
+
+def is_valid_name(name: object) -> bool:
+    """Tell whether ``name`` is usable as a plugin name.
+
+    A name is 1-128 ASCII letters, digits, ``_``, ``.`` or ``-``, and is not made of dots
+    only (``.`` and ``..`` would read as paths wherever names become file or URL parts).
+
+    Args:
+        name: The candidate, typically a document's ``_id``.
+
+    Returns:
+        ``True`` if the name is valid.
+    """
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None and name.strip(".") != ""
+
+
+def _content_hash(source: str, entrypoint: str) -> str:
+    # Canonical encoding: a JSON array is unambiguous (no separator collisions between
+    # source and entrypoint) and stable across Python versions.
+    canonical = json.dumps([source, entrypoint], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:8]
+
+
+@dataclass(frozen=True, slots=True)
+class PluginRecord:
+    """One validated plugin record.
+
+    Attributes:
+        name: The plugin name (the document's ``_id``).
+        source: Python source text of the plugin module.
+        entrypoint: Name of the function called for each call.
+        enabled: ``False`` means the plugin should be unloaded.
+        revision: Publish counter set by our tools; orders versions.
+        created_at: When the record was created, if known.
+        updated_at: When the record was last updated, if known.
+        timeout: Per-call timeout in seconds, if set.
+        max_concurrency: Maximum concurrent calls of one version, if set.
+        meta: Free-form metadata (a read-only shallow copy).
+        signature: Ed25519 signature over the canonical record, if signed.
+    """
+
+    name: str
+    source: str
+    entrypoint: str = "main"
+    enabled: bool = True
+    revision: int | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    timeout: float | None = None
+    max_concurrency: int | None = None
+    meta: Mapping[str, Any] = field(default_factory=lambda: _EMPTY_META, hash=False)
+    signature: str | None = None
+    # Derived once: versions are read in logs, errors and module names.
+    _hash: str = field(init=False, repr=False, compare=False, hash=False)
+    _version: str = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        digest = _content_hash(self.source, self.entrypoint)
+        if self.revision is None:
+            version = f"{self.name}:{digest}"
+        else:
+            version = f"{self.name}@r{self.revision}:{digest}"
+        object.__setattr__(self, "_hash", digest)
+        object.__setattr__(self, "_version", version)
+
+    @property
+    def content_hash(self) -> str:
+        """First 8 hex digits of the SHA-256 of (source, entrypoint)."""
+        return self._hash
+
+    @property
+    def version(self) -> str:
+        """Display version: ``greet@r7:3f9a1c2e``, or ``greet:3f9a1c2e`` without revision."""
+        return self._version
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass in Python but never a sensible count or revision.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_record(doc: Mapping[str, Any], *, max_source_bytes: int = 1_048_576) -> PluginRecord:
+    """Validate a raw document from the functions collection.
+
+    Documents shaped like the original hot-require blog post, ``{_id, fn, createdAt}``,
+    load as they are: ``fn`` is an alias of ``source``.
+
+    Args:
+        doc: The raw MongoDB document.
+        max_source_bytes: Upper bound on the UTF-8 size of the source.
+
+    Returns:
+        The validated record.
+
+    Raises:
+        RecordError: If any known field is missing or invalid; the error names the
+            record (when its ``_id`` is usable) and the field.
+    """
+    if not isinstance(doc, Mapping):
+        raise RecordError(None, "_id", f"document must be a mapping, got {_type_name(doc)}")
+
+    raw_name = doc.get("_id")
+    if raw_name is None:
+        raise RecordError(None, "_id", "is required (it is the plugin name)")
+    if not isinstance(raw_name, str):
+        raise RecordError(None, "_id", f"must be a string, got {_type_name(raw_name)}")
+    if not is_valid_name(raw_name):
+        raise RecordError(
+            None,
+            "_id",
+            f"invalid plugin name {raw_name[: MAX_NAME_LENGTH + 8]!r}: use 1-{MAX_NAME_LENGTH} "
+            "letters, digits, '_', '.' or '-', not only dots",
+        )
+    name = raw_name
+
+    def fail(field_name: str, reason: str) -> RecordError:
+        return RecordError(name, field_name, reason)
+
+    source = _parse_source(doc, fail, max_source_bytes)
+
+    entrypoint = doc.get("entrypoint")
+    if entrypoint is None:
+        entrypoint = "main"
+    elif not isinstance(entrypoint, str):
+        raise fail("entrypoint", f"must be a string, got {_type_name(entrypoint)}")
+    elif not entrypoint.isidentifier() or keyword.iskeyword(entrypoint):
+        raise fail("entrypoint", f"must be a Python identifier, got {entrypoint!r}")
+
+    enabled = doc.get("enabled")
+    if enabled is None:
+        enabled = True
+    elif not isinstance(enabled, bool):
+        raise fail("enabled", f"must be a boolean, got {_type_name(enabled)}")
+
+    revision = doc.get("revision")
+    if revision is not None:
+        if not _is_int(revision):
+            raise fail("revision", f"must be an integer, got {_type_name(revision)}")
+        if revision < 0:
+            raise fail("revision", f"must be >= 0, got {revision}")
+
+    timeout = doc.get("timeout")
+    if timeout is not None:
+        if not (_is_int(timeout) or isinstance(timeout, float)):
+            raise fail("timeout", f"must be a number of seconds, got {_type_name(timeout)}")
+        if not math.isfinite(timeout) or timeout <= 0:
+            raise fail("timeout", f"must be a positive finite number, got {timeout!r}")
+        timeout = float(timeout)
+
+    max_concurrency = doc.get("max_concurrency")
+    if max_concurrency is not None:
+        if not _is_int(max_concurrency):
+            raise fail("max_concurrency", f"must be an integer, got {_type_name(max_concurrency)}")
+        if max_concurrency < 1:
+            raise fail("max_concurrency", f"must be >= 1, got {max_concurrency}")
+
+    created_at = doc.get("createdAt")
+    if created_at is not None and not isinstance(created_at, datetime):
+        raise fail("createdAt", f"must be a date, got {_type_name(created_at)}")
+    updated_at = doc.get("updatedAt")
+    if updated_at is not None and not isinstance(updated_at, datetime):
+        raise fail("updatedAt", f"must be a date, got {_type_name(updated_at)}")
+
+    meta = doc.get("meta")
+    if meta is None:
+        meta = _EMPTY_META
+    elif not isinstance(meta, Mapping):
+        raise fail("meta", f"must be a document, got {_type_name(meta)}")
+    else:
+        meta = MappingProxyType(dict(meta))
+
+    signature = doc.get("signature")
+    if signature is not None and not isinstance(signature, str):
+        raise fail("signature", f"must be a string, got {_type_name(signature)}")
+
+    return PluginRecord(
+        name=name,
+        source=source,
+        entrypoint=entrypoint,
+        enabled=enabled,
+        revision=revision,
+        created_at=created_at,
+        updated_at=updated_at,
+        timeout=timeout,
+        max_concurrency=max_concurrency,
+        meta=meta,
+        signature=signature,
+    )
+
+
+def _parse_source(
+    doc: Mapping[str, Any],
+    fail: Callable[[str, str], RecordError],
+    max_source_bytes: int,
+) -> str:
+    source = doc.get("source")
+    alias = doc.get("fn")
+    field_name = "source"
+    if source is None:
+        if alias is None:
+            raise fail("source", "is required (or its alias 'fn')")
+        source, field_name = alias, "fn"
+    elif alias is not None and alias != source:
+        raise fail("fn", "conflicts with 'source': give one of them, or the same text in both")
+
+    if isinstance(source, bytes | bytearray | memoryview):  # bson.Binary is a bytes
+        raise fail(field_name, "must be text, got binary")
+    if not isinstance(source, str):
+        raise fail(field_name, f"must be a string, got {_type_name(source)}")
+    if not source.strip():
+        raise fail(field_name, "must not be empty")
+    if "\x00" in source:
+        raise fail(field_name, "must not contain NUL characters")
+    try:
+        size = len(source.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise fail(field_name, f"is not valid Unicode text ({exc.reason})") from None
+    if size > max_source_bytes:
+        raise fail(
+            field_name,
+            f"is {size} bytes of UTF-8, larger than the limit of {max_source_bytes} bytes",
+        )
+    return source

@@ -1,0 +1,491 @@
+"""The registry: plugin name -> current version, with atomic swaps and orderly retirement.
+
+Design note — two versions, like Erlang/OTP code loading
+(https://www.erlang.org/doc/system/code_loading.html):
+
+* The swap is ONE dict assignment on the event loop thread (``self._current[name] =
+  plugin``). ``setup`` completes *before* it, so a call sees either the old or the new
+  version, never a half-built one, and never "not found" while a name is replaced.
+* Calls in flight finish on the version they started on: they hold a reference to the
+  ``Plugin`` and count themselves in ``plugin.in_flight``. New calls get the new version.
+* The old version retires once it drains (``in_flight`` reaches 0; the dispatcher wakes
+  the retirement through ``Plugin.end_call``) or when the grace period ends, whichever
+  comes first. Unlike Erlang's purge we do not kill calls still running after the grace
+  period; they keep their own references and finish.
+* Retirement, exactly once per version: run ``teardown``; cancel the version's tasks —
+  those started with ``ctx.spawn`` (the version's supervised task group) and raw asyncio
+  tasks created by its code (tracked through ``CURRENT_PLUGIN`` and a loop task factory
+  installed by ``__aenter__``); then ``Plugin.release()`` drops the module, so the old
+  code can be garbage-collected.
+* Rollback history keeps the last N *records* per name, not live modules: a module pins
+  its globals, caches and connections, and recompiling a record takes milliseconds. It
+  also keeps invariant (5) simple: nothing retired keeps code alive.
+
+INVARIANTS (checked by the state machine in tests/test_registry.py):
+  (1) at most one current version per name, and it is LIVE;
+  (2) every installed version is retired exactly once: teardown runs at most once, and
+      only for versions whose setup succeeded;
+  (3) a version with in_flight > 0 is not torn down before its grace period (or the
+      ``aclose`` drain timeout) ends;
+  (4) len(history(name)) <= history_size;
+  (5) a retired version holds no module, entrypoint, hooks or state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from collections import deque
+from collections.abc import Iterator
+from contextvars import ContextVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup, TaskStatus
+
+from .compiler import Phase, Plugin, format_plugin_traceback, run_sync_interruptible
+from .context import Context
+from .errors import CompileError, HostClosed
+from .events import EventBus
+from .records import PluginRecord
+from .types import ContextFactory, Hook
+
+if TYPE_CHECKING:
+    from asyncio import _CoroutineLike
+    from asyncio.events import _TaskFactory
+
+__all__ = ("CURRENT_PLUGIN", "Registry", "call_hook")
+
+T = TypeVar("T")
+
+_log = structlog.get_logger("host.registry")
+
+CURRENT_PLUGIN: ContextVar[Plugin | None] = ContextVar("plugin_host_current_plugin", default=None)
+"""The version whose code is running in this context (set around setup, calls, teardown)."""
+
+
+@contextlib.contextmanager
+def _untracked() -> Iterator[None]:
+    """Start host tasks with no current plugin, so the factory never claims them."""
+    token = CURRENT_PLUGIN.set(None)
+    try:
+        yield
+    finally:
+        CURRENT_PLUGIN.reset(token)
+
+
+async def call_hook(hook: Hook, ctx: Context) -> Any:
+    """Run a ``setup``/``teardown`` hook: async on the loop, sync in a worker thread.
+
+    Args:
+        hook: The hook.
+        ctx: Its context.
+
+    Returns:
+        What the hook returned.
+    """
+    if inspect.iscoroutinefunction(hook):
+        return await hook(ctx)
+    result = await run_sync_interruptible(hook, ctx)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+class Registry:
+    """Maps plugin names to their current version; swaps and retires versions.
+
+    Use it as an async context manager: it owns the task group that supervises every
+    version's background tasks and runs retirements.
+
+    Install and remove for one name are serialized; the registry swaps in the order the
+    calls are made. Ordering versions by revision is the watcher's job.
+    """
+
+    def __init__(
+        self,
+        *,
+        grace_period: float = 30.0,
+        history_size: int = 5,
+        setup_timeout: float | None = 30.0,
+        teardown_timeout: float = 10.0,
+        events: EventBus | None = None,
+    ) -> None:
+        """Create an empty registry.
+
+        Args:
+            grace_period: Seconds an old version may drain before it is torn down anyway.
+            history_size: Records kept per name for rollback (``history``).
+            setup_timeout: Bound on a version's ``setup`` hook; ``None`` for none.
+            teardown_timeout: Bound on ``teardown`` and on cancelling the version's tasks.
+            events: Where ``plugin.retired`` and ``plugin.teardown_failed`` go.
+        """
+        if history_size < 1:
+            raise ValueError(f"history_size must be >= 1, got {history_size}")
+        self._grace = grace_period
+        self._history_size = history_size
+        self._setup_timeout = setup_timeout
+        self._teardown_timeout = teardown_timeout
+        self._events = events if events is not None else EventBus(_log)
+        self._current: dict[str, Plugin] = {}
+        self._history: dict[str, deque[PluginRecord]] = {}
+        self._locks: dict[str, anyio.Lock] = {}
+        self._factories: dict[Plugin, ContextFactory] = {}
+        self._supervisors: dict[Plugin, anyio.Event] = {}
+        self._draining: dict[Plugin, anyio.CancelScope] = {}  # retirement scheduled
+        self._tg: TaskGroup | None = None
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._prev_factory: _TaskFactory | None = None
+        self._factory: _TaskFactory | None = None
+
+    # ---------------------------------------------------------------- lookups (hot path)
+
+    def get(self, name: str) -> Plugin | None:
+        """Return the current version of ``name``, or ``None``."""
+        return self._current.get(name)
+
+    def names(self) -> tuple[str, ...]:
+        """Return the names with a current version."""
+        return tuple(self._current)
+
+    def items(self) -> tuple[tuple[str, Plugin], ...]:
+        """Return a snapshot of ``(name, current version)`` pairs."""
+        return tuple(self._current.items())
+
+    def history(self, name: str) -> tuple[PluginRecord, ...]:
+        """Return the records of the last versions that went live for ``name``, newest first.
+
+        The current version, if any, is the first entry. Entries survive ``remove``.
+        """
+        return tuple(self._history.get(name, ()))
+
+    def retiring(self) -> tuple[Plugin, ...]:
+        """Return the versions replaced or removed but not yet retired."""
+        return tuple(self._draining)
+
+    def __len__(self) -> int:
+        return len(self._current)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._current
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(self._current))
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> Self:
+        if self._tg is not None or self._closed:
+            raise RuntimeError("a Registry can be entered only once")
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        self._install_task_factory()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        tg = self._tg
+        assert tg is not None, "Registry.__aexit__ without __aenter__"
+        try:
+            if exc is None:
+                try:
+                    await self.aclose()
+                except BaseException as close_exc:
+                    if await tg.__aexit__(type(close_exc), close_exc, close_exc.__traceback__):
+                        return None
+                    raise
+            else:
+                # Failing or cancelled: no draining; the task group cancels the drains
+                # and each retirement still tears down (shielded).
+                self._begin_close(0.0)
+            return await tg.__aexit__(exc_type, exc, tb)
+        finally:
+            try:
+                # Defensive: a retirement task cancelled before its first step (e.g. by
+                # asyncio cancelling every task at loop shutdown) did no teardown.
+                with anyio.CancelScope(shield=True):
+                    for plugin in tuple(self._draining):
+                        await self._finish_retirement(plugin, run_teardown=True)
+            finally:
+                self._restore_task_factory()
+
+    async def aclose(self, drain_timeout: float | None = None) -> None:
+        """Retire every version and wait until all are torn down.
+
+        Calls in flight may finish within ``drain_timeout``; versions already retiring
+        get the same, possibly shorter, deadline. Teardown runs once per version.
+
+        Args:
+            drain_timeout: Seconds to wait for in-flight calls; the grace period if
+                ``None``.
+        """
+        self._begin_close(self._grace if drain_timeout is None else drain_timeout)
+        for plugin in tuple(self._draining):
+            await plugin.wait_retired()
+
+    def _begin_close(self, drain_timeout: float) -> None:
+        self._closed = True
+        deadline = anyio.current_time() + drain_timeout
+        for scope in self._draining.values():
+            scope.deadline = min(scope.deadline, deadline)
+        current = tuple(self._current.values())
+        self._current.clear()
+        for plugin in current:
+            self._schedule_retirement(plugin, drain_timeout)
+
+    # ---------------------------------------------------------------- install / remove
+
+    async def install(self, plugin: Plugin, ctx_factory: ContextFactory) -> Plugin | None:
+        """Run the version's ``setup``, then make it current and retire the old version.
+
+        Args:
+            plugin: A freshly compiled version (never installed before).
+            ctx_factory: Builds the ``ctx`` for its ``setup`` and ``teardown`` hooks.
+
+        Returns:
+            The version it replaced, now retiring, or ``None``.
+
+        Raises:
+            CompileError: ``stage="setup"`` if setup raised or timed out; the old
+                version keeps serving and is not retired.
+            HostClosed: If the registry is closed.
+            ValueError: If ``plugin`` was installed before.
+        """
+        tg = self._require_open()
+        if plugin.phase is not Phase.LOADED:
+            raise ValueError(f"{plugin!r} was already installed; compile a new version")
+        name = plugin.name
+        async with self._lock_for(name):
+            plugin.phase = Phase.STARTING
+            done = self._supervisors[plugin] = anyio.Event()
+            try:
+                with _untracked():
+                    await tg.start(
+                        self._supervise, plugin, done, name=f"supervise {plugin.version}"
+                    )
+                self._require_open()
+                await self._run_setup(plugin, ctx_factory)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._finish_retirement(plugin, run_teardown=False)
+                raise
+            self._factories[plugin] = ctx_factory
+            plugin.phase = Phase.LIVE
+            if self._closed:  # closed while setup ran: it went up, so it must come down
+                self._schedule_retirement(plugin, 0.0)
+                raise HostClosed("the registry closed while the version was starting")
+            old = self._current.get(name)
+            self._current[name] = plugin  # THE SWAP: one assignment, no await around it
+            records = self._history.get(name)
+            if records is None:
+                records = self._history[name] = deque(maxlen=self._history_size)
+            records.appendleft(plugin.record)
+            if old is not None:
+                self._schedule_retirement(old, self._grace)
+        return old
+
+    async def remove(self, name: str) -> Plugin | None:
+        """Unload ``name``: its current version stops receiving calls and retires.
+
+        Args:
+            name: The plugin name.
+
+        Returns:
+            The version removed, now retiring, or ``None`` if none was current.
+        """
+        self._require_open()
+        async with self._lock_for(name):
+            old = self._current.pop(name, None)
+            if old is not None:
+                self._schedule_retirement(old, self._grace)
+        return old
+
+    # ---------------------------------------------------------------- internals
+
+    def _require_open(self) -> TaskGroup:
+        if self._closed:
+            raise HostClosed("the registry is closed")
+        if self._tg is None:
+            raise RuntimeError("use the Registry as an async context manager first")
+        return self._tg
+
+    def _lock_for(self, name: str) -> anyio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = anyio.Lock()
+        return lock
+
+    async def _supervise(
+        self, plugin: Plugin, done: anyio.Event, *, task_status: TaskStatus[None]
+    ) -> None:
+        """Own the version's ``ctx.spawn`` tasks until retirement cancels them."""
+        try:
+            async with anyio.create_task_group() as tg:
+                plugin.task_group = tg
+                task_status.started()
+                await anyio.sleep_forever()
+        finally:
+            plugin.task_group = None
+            done.set()
+
+    async def _run_setup(self, plugin: Plugin, ctx_factory: ContextFactory) -> None:
+        hook = plugin.setup
+        if hook is None:
+            return
+        failure: Exception | None = None
+        state: Any = None
+        token = CURRENT_PLUGIN.set(plugin)
+        try:
+            with anyio.move_on_after(self._setup_timeout) as scope:
+                try:
+                    state = await call_hook(hook, ctx_factory(plugin))
+                except Exception as exc:
+                    failure = exc
+        finally:
+            CURRENT_PLUGIN.reset(token)
+        if scope.cancelled_caught:
+            raise CompileError(
+                plugin.name,
+                plugin.version,
+                "setup",
+                f"setup did not finish within {self._setup_timeout:g} s",
+            )
+        if failure is not None:
+            tb = await anyio.to_thread.run_sync(format_plugin_traceback, failure)
+            raise CompileError(
+                plugin.name,
+                plugin.version,
+                "setup",
+                f"setup raised {type(failure).__qualname__}: {failure}",
+                tb,
+            ) from failure
+        plugin.state = state
+
+    def _schedule_retirement(self, plugin: Plugin, grace: float) -> None:
+        if plugin.phase is not Phase.LIVE:  # invariant (2): at most one retirement
+            return
+        plugin.phase = Phase.RETIRING
+        scope = self._draining[plugin] = anyio.CancelScope(deadline=anyio.current_time() + grace)
+        assert self._tg is not None
+        with _untracked():
+            self._tg.start_soon(self._retire, plugin, scope, name=f"retire {plugin.version}")
+
+    async def _retire(self, plugin: Plugin, scope: anyio.CancelScope) -> None:
+        try:
+            if plugin.in_flight:
+                drained = plugin.drained = anyio.Event()
+                with scope:  # invariant (3): only the deadline cuts the drain short
+                    await drained.wait()
+        finally:
+            # Also when the registry is cancelled: teardown must still run, once.
+            with anyio.CancelScope(shield=True):
+                await self._finish_retirement(plugin, run_teardown=True)
+
+    async def _finish_retirement(self, plugin: Plugin, *, run_teardown: bool) -> None:
+        ctx_factory = self._factories.pop(plugin, None)
+        teardown = plugin.teardown
+        if run_teardown and teardown is not None and ctx_factory is not None:
+            await self._run_teardown(plugin, teardown, ctx_factory)
+
+        done = self._supervisors.pop(plugin, None)
+        tg = plugin.task_group  # set only while the supervisor runs, so `done` will fire
+        if tg is not None:
+            tg.cancel_scope.cancel()
+            if done is not None:
+                with anyio.move_on_after(self._teardown_timeout):
+                    await done.wait()
+        pending = [task for task in plugin.tasks if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=self._teardown_timeout)
+
+        in_flight = plugin.in_flight
+        self._draining.pop(plugin, None)
+        plugin.release()  # invariant (5)
+        if run_teardown:
+            self._events.emit(
+                "plugin.retired",
+                "info",
+                plugin=plugin.name,
+                version=plugin.version,
+                in_flight=in_flight,
+                forced=in_flight > 0,
+            )
+
+    async def _run_teardown(
+        self, plugin: Plugin, teardown: Hook, ctx_factory: ContextFactory
+    ) -> None:
+        token = CURRENT_PLUGIN.set(plugin)
+        try:
+            with anyio.move_on_after(self._teardown_timeout) as scope:
+                await call_hook(teardown, ctx_factory(plugin))
+        except Exception as exc:
+            tb = await anyio.to_thread.run_sync(format_plugin_traceback, exc)
+            self._events.emit(
+                "plugin.teardown_failed",
+                "error",
+                plugin=plugin.name,
+                version=plugin.version,
+                error_type=type(exc).__qualname__,
+                error=str(exc),
+                traceback=tb,
+            )
+            return
+        finally:
+            CURRENT_PLUGIN.reset(token)
+        if scope.cancelled_caught:
+            self._events.emit(
+                "plugin.teardown_failed",
+                "error",
+                plugin=plugin.name,
+                version=plugin.version,
+                error_type="TimeoutError",
+                error=f"teardown did not finish within {self._teardown_timeout:g} s",
+                traceback="",
+            )
+
+    # ---------------------------------------------------------------- task tracking
+
+    def _install_task_factory(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio: raw tasks cannot be tracked, ctx.spawn still is
+            return
+        prev: _TaskFactory | None = loop.get_task_factory()
+
+        def factory(
+            loop: asyncio.AbstractEventLoop, coro: _CoroutineLike[T], /, **kwargs: Any
+        ) -> asyncio.Future[T]:
+            if prev is None:
+                task: asyncio.Future[T] = asyncio.Task(coro, loop=loop, **kwargs)
+            else:
+                task = prev(loop, coro, **kwargs)
+            if self._factory is factory:
+                context = kwargs.get("context")
+                plugin = CURRENT_PLUGIN.get() if context is None else context.get(CURRENT_PLUGIN)
+                if plugin is not None and isinstance(task, asyncio.Task):
+                    plugin.track(task)
+            return task
+
+        self._loop = loop
+        self._prev_factory = prev
+        self._factory = factory
+        loop.set_task_factory(factory)
+
+    def _restore_task_factory(self) -> None:
+        loop, factory = self._loop, self._factory
+        self._factory = None  # a factory left in someone else's chain becomes a pass-through
+        if loop is not None and factory is not None and loop.get_task_factory() is factory:
+            loop.set_task_factory(self._prev_factory)
+        self._loop = None
+        self._prev_factory = None

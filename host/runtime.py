@@ -1,0 +1,230 @@
+"""``PluginHost``: wires watcher → loader → registry → dispatcher, and owns their lifetime.
+
+Shutdown is ordered: stop intake (new calls raise ``HostClosed``, the stream stops
+feeding changes) → drain in-flight calls (up to ``drain_timeout``) → teardown each
+version once → close the stream. The caller owns the MongoDB client and closes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+
+from .dispatch import Dispatcher
+from .events import EventBus, Subscription
+from .loader import Loader, PluginInfo, RecordVerifier
+from .registry import Registry
+from .types import Args, CallTarget
+from .watcher import Watcher, WatchFatal
+
+__all__ = ("PluginHost",)
+
+
+class PluginHost:
+    """A live-reloading plugin runtime over one MongoDB collection.
+
+    ::
+
+        async with PluginHost(client.app, context={"foo": "bar"}) as plugins:
+            await plugins.call("greet", {"firstName": "Ada"})
+
+    Args:
+        database: A PyMongo ``AsyncDatabase`` or a Motor database; plugins get it as ``ctx.db``.
+        collection: The functions collection's name.
+        context: Globals for plugins: ``context={"foo": 1}`` makes ``ctx.foo == 1``.
+        exec_timeout: Bound on a version's top-level code, in seconds.
+        default_timeout: Per-call timeout for records that set none (None: no timeout).
+        default_max_concurrency: Per-version concurrency for records that set none.
+        max_waiting: Calls that may queue on a saturated version before ``PluginBusy``.
+        grace_period: Seconds an old version may drain before it is torn down anyway.
+        history_size: Records kept per name for rollback.
+        max_source_bytes: Largest accepted plugin source.
+        require_depth: Deepest chain of plugin-to-plugin calls (stops ``require`` cycles).
+        drain_timeout: On exit, how long in-flight calls may run before teardown.
+        wait_ready: ``__aenter__`` waits for the initial load (``ready()``) when True.
+        verifier: Checks each record before it compiles (signature verification).
+        max_await_ms: ``maxAwaitTimeMS`` of the change stream's getMores.
+        logger: structlog logger for events (default ``structlog.get_logger("host")``).
+    """
+
+    def __init__(
+        self,
+        database: Any,
+        collection: str = "functions",
+        *,
+        context: Mapping[str, Any] | None = None,
+        exec_timeout: float = 1.0,
+        default_timeout: float | None = None,
+        default_max_concurrency: int | None = None,
+        max_waiting: int = 1000,
+        grace_period: float = 30.0,
+        history_size: int = 5,
+        max_source_bytes: int = 1_048_576,
+        require_depth: int = 16,
+        drain_timeout: float = 30.0,
+        wait_ready: bool = True,
+        verifier: RecordVerifier | None = None,
+        max_await_ms: int | None = None,
+        logger: Any = None,
+    ) -> None:
+        self.database = database
+        self.collection_name = collection
+        self.drain_timeout = drain_timeout
+        self._wait_ready = wait_ready
+        self.events_bus = EventBus(logger)
+        self.registry = Registry(
+            grace_period=grace_period, history_size=history_size, events=self.events_bus
+        )
+        self.dispatcher = Dispatcher(
+            self.registry,
+            db=database,
+            globals=context,
+            default_timeout=default_timeout,
+            default_max_concurrency=default_max_concurrency,
+            max_waiting=max_waiting,
+            require_depth=require_depth,
+            events=self.events_bus,
+        )
+        self.loader = Loader(
+            self.registry,
+            self.dispatcher.make_context,
+            self.events_bus,
+            exec_timeout=exec_timeout,
+            max_source_bytes=max_source_bytes,
+            default_max_concurrency=default_max_concurrency,
+            verifier=verifier,
+        )
+        self.watcher = Watcher(
+            database[collection], self.loader, self.events_bus, max_await_ms=max_await_ms
+        )
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._tg: TaskGroup | None = None
+        self._watch_scope: anyio.CancelScope | None = None
+        self._log = structlog.get_logger("host")
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            await stack.enter_async_context(self.registry)
+            self.loader.bind(self._tg)
+            self._watch_scope = anyio.CancelScope()
+            self._tg.start_soon(self._watch, name=f"watch {self.watcher.namespace}")
+            self._stack = stack
+            self.events_bus.emit("host.started", namespace=self.watcher.namespace)
+            if self._wait_ready:
+                await self.ready()
+        except BaseException:
+            self._stack = None
+            await self._shutdown(stack)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await self._shutdown(stack)
+
+    async def _shutdown(self, stack: contextlib.AsyncExitStack) -> None:
+        try:
+            with anyio.CancelScope(shield=True):
+                self.dispatcher.close()
+                if self._watch_scope is not None:
+                    self._watch_scope.cancel()
+                await self.registry.aclose(self.drain_timeout)
+        finally:
+            # The task group (and the registry's) must be exited outside any scope
+            # entered here, in the order they were entered.
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+            await stack.aclose()
+            self.events_bus.emit("host.stopped", namespace=self.watcher.namespace)
+
+    async def _watch(self) -> None:
+        assert self._watch_scope is not None
+        with self._watch_scope:
+            try:
+                await self.watcher.run()
+            except WatchFatal as exc:
+                self.events_bus.emit(
+                    "watch.failed", "error", namespace=self.watcher.namespace, error=str(exc)
+                )
+
+    # -- readiness -----------------------------------------------------------------------
+
+    async def ready(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - public API
+        """Wait until the initial load is done and the change stream is live.
+
+        Args:
+            timeout: Seconds to wait; None waits for as long as it takes.
+
+        Raises:
+            WatchFatal: The collection cannot be watched (e.g. a standalone server).
+            TimeoutError: ``timeout`` passed first.
+        """
+        with anyio.fail_after(timeout):
+            await self.watcher.ready.wait()
+        if self.watcher.fatal is not None:
+            raise self.watcher.fatal
+
+    @property
+    def is_ready(self) -> bool:
+        """Initial load done and the stream live right now (``/readyz``)."""
+        return self.watcher.ready.is_set() and self.watcher.fatal is None and self.watcher.live
+
+    @property
+    def draining(self) -> bool:
+        """Shutdown has begun: new calls are refused."""
+        return self.dispatcher.draining
+
+    # -- work ------------------------------------------------------------------------------
+
+    async def call(self, name: str, args: Args = None, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - per-call timeout is the public contract
+        """Call the current version of plugin ``name``.
+
+        Args:
+            name: The plugin name.
+            args: Passed to the entrypoint as ``args``.
+            timeout: Seconds; overrides the record's and the host's default.
+
+        Returns:
+            What the entrypoint returned.
+
+        Raises:
+            PluginNotFound: No version of ``name`` is loaded.
+            PluginTimeout: The call ran out of time.
+            PluginFailed: The plugin raised; carries its traceback.
+            PluginBusy: Too many calls are queued on the plugin.
+            HostClosed: The host is shutting down.
+        """
+        return await self.dispatcher.call(name, args, timeout=timeout)
+
+    def require(self, name: str) -> CallTarget:
+        """A late-bound async callable: each call goes to the version current at that moment."""
+        return self.dispatcher.require(name)
+
+    def plugins(self) -> list[PluginInfo]:
+        """Every known plugin: version, revision, loaded_at, status and last error."""
+        return self.loader.infos()
+
+    def plugin(self, name: str) -> PluginInfo | None:
+        """One plugin's status, or None if the host has never seen it."""
+        return self.loader.info(name)
+
+    def events(self, buffer: int = 10_000) -> Subscription:
+        """Subscribe to reload events (``async with host.events() as ev: async for e in ev``)."""
+        return self.events_bus.subscribe(buffer)

@@ -1,0 +1,299 @@
+"""The watcher: initial load plus a change stream on the functions collection, stitched.
+
+Design note — stitching the snapshot to the stream
+(https://www.mongodb.com/docs/manual/changeStreams/#start-time and the change-streams
+spec's resume rules):
+
+1. Take a cluster time ``T0`` (the ``operationTime`` of a ``ping`` in a session).
+2. Open the change stream with ``startAtOperationTime: T0`` (inclusive), with
+   ``fullDocument: updateLookup``. The start point is fixed by the option, so this works
+   even with Motor, whose ``watch()`` sends its aggregate lazily.
+3. Read the whole collection with read concern ``majority`` in the same session; its
+   ``operationTime`` ``Tsnap`` >= ``T0`` is the point the snapshot reflects. A majority
+   snapshot has no oplog holes before it, so every write at or before ``Tsnap`` is in it.
+4. Load the snapshot; unload names the snapshot no longer has (resync).
+5. Follow the stream, skipping events at or before ``Tsnap`` (already in the snapshot).
+
+Every write after ``T0`` reaches the stream and every write up to ``Tsnap`` is in the
+snapshot, so nothing is lost; events at or before ``Tsnap`` are skipped, so nothing older
+than the snapshot replaces it. ``updateLookup`` returns the current document, which only
+moves forward in time, and the loader applies the newest change per name, so an older
+version never replaces a newer one that was served.
+
+Errors (PyMongo's ``_resumable()`` in ``asynchronous/change_stream.py`` already resumes
+once on network errors, CursorNotFound and the ``ResumableChangeStreamError`` label):
+* anything else transient (server down, selection timeout) — back off, reopen with
+  ``resumeAfter`` the last token (``watch.resumed``); the registry keeps serving;
+* ``ChangeStreamHistoryLost`` (286), ``ChangeStreamFatalError`` (280), an invalid token
+  (260) — resync from a fresh snapshot (``watch.resynced``);
+* ``invalidate`` (the collection was dropped or renamed) — resync, then follow the same
+  namespace with ``startAfter`` the invalidate token (``watch.invalidated``); the registry
+  mirrors the collection, so a dropped collection unloads its plugins;
+* a deployment without change streams (standalone: 40573) or no permission — fatal.
+
+Apart from the initial load and resyncs, the watcher sends no find or count: it never polls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+from bson.timestamp import Timestamp
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
+from pymongo.read_concern import ReadConcern
+
+from .events import EventBus
+from .loader import Change, Loader, change_from_event
+
+__all__ = ("WatchFatal", "Watcher")
+
+RESYNC_CODES = frozenset({260, 280, 286})
+FATAL_CODES = {
+    40573: "change streams need a replica set, and this MongoDB is a standalone server "
+    "(start it with --replSet and run rs.initiate())",
+    13: "the MongoDB user may not watch or read the functions collection (Unauthorized)",
+    18: "MongoDB authentication failed",
+    136: "change streams are disabled on this deployment",
+}
+
+
+class WatchFatal(RuntimeError):
+    """The collection cannot be watched at all (configuration, not a transient fault)."""
+
+
+def _ts_key(ts: Any) -> tuple[int, int] | None:
+    return (ts.time, ts.inc) if isinstance(ts, Timestamp) else None
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+class Watcher:
+    """Keeps a :class:`Loader` in step with the functions collection.
+
+    Args:
+        collection: The functions collection (PyMongo ``AsyncCollection`` or Motor).
+        loader: Where changes go.
+        events: Where watch events go.
+        backoff_initial: First retry delay after a transient error, in seconds.
+        backoff_max: Longest retry delay.
+        max_await_ms: ``maxAwaitTimeMS`` for the stream's getMores (server default if None).
+    """
+
+    def __init__(
+        self,
+        collection: Any,
+        loader: Loader,
+        events: EventBus,
+        *,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 5.0,
+        max_await_ms: int | None = None,
+    ) -> None:
+        self._coll = collection
+        self._loader = loader
+        self._events = events
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._max_await_ms = max_await_ms
+        self._token: Mapping[str, Any] | None = None
+        self._floor: tuple[int, int] | None = None
+        self.ready = anyio.Event()
+        """Set once the initial load is applied and the stream is open."""
+        self.live = False
+        """The stream is open right now (False while reconnecting)."""
+        self.fatal: WatchFatal | None = None
+        self.resyncs = 0
+        self.resumes = 0
+        self._resync_error: str | None = None
+
+    @property
+    def namespace(self) -> str:
+        """``db.collection`` being watched."""
+        return f"{self._coll.database.name}.{self._coll.name}"
+
+    async def run(self) -> None:
+        """Watch until cancelled. Raises :class:`WatchFatal` on configuration errors."""
+        backoff = self._backoff_initial
+        resync_reason: str | None = "initial"
+        start_after: Mapping[str, Any] | None = None
+        attempt = 0
+        while True:
+            stream = None
+            try:
+                if resync_reason is not None:
+                    stream = await self._resync(resync_reason, start_after)
+                    resync_reason, start_after = None, None
+                else:
+                    stream = await self._open(resume_after=self._token)
+                    self.resumes += 1
+                    self._events.emit(
+                        "watch.resumed",
+                        "info",
+                        namespace=self.namespace,
+                        attempt=attempt,
+                        token=_token_str(self._token),
+                    )
+                attempt = 0
+                backoff = self._backoff_initial
+                self.live = True
+                invalidate = await self._follow(stream)
+                self._events.emit(
+                    "watch.invalidated",
+                    "warning",
+                    namespace=self.namespace,
+                    token=_token_str(invalidate),
+                )
+                resync_reason, start_after = "invalidate", invalidate
+            except OperationFailure as exc:
+                if exc.code in FATAL_CODES:
+                    self.fatal = WatchFatal(
+                        f"cannot watch {self.namespace}: {FATAL_CODES[exc.code]}"
+                    )
+                    self.ready.set()
+                    raise self.fatal from exc
+                if exc.code in RESYNC_CODES or exc.has_error_label("NonResumableChangeStreamError"):
+                    self._resync_error = _describe(exc)
+                    self._token = None
+                    resync_reason = "history_lost" if exc.code == 286 else "stream_error"
+                    continue
+                attempt, backoff = await self._back_off(exc, attempt, backoff)
+            except (ConnectionFailure, PyMongoError) as exc:
+                attempt, backoff = await self._back_off(exc, attempt, backoff)
+            finally:
+                self.live = False
+                if stream is not None:
+                    with (
+                        anyio.CancelScope(shield=True),
+                        anyio.move_on_after(2),
+                        contextlib.suppress(PyMongoError),
+                    ):
+                        await stream.close()
+
+    async def _back_off(self, exc: Exception, attempt: int, backoff: float) -> tuple[int, float]:
+        delay = backoff * (0.5 + random.random() / 2)
+        self._events.emit(
+            "watch.error",
+            "warning",
+            namespace=self.namespace,
+            error=_describe(exc),
+            attempt=attempt + 1,
+            retry_in_s=round(delay, 3),
+            initial_load_done=self.ready.is_set(),
+        )
+        await anyio.sleep(delay)
+        return attempt + 1, min(backoff * 2, self._backoff_max)
+
+    async def _open(self, **options: Any) -> Any:
+        kwargs: dict[str, Any] = {"full_document": "updateLookup"}
+        if self._max_await_ms is not None:
+            kwargs["max_await_time_ms"] = self._max_await_ms
+        kwargs.update({k: v for k, v in options.items() if v is not None})
+        return await _maybe_await(self._coll.watch(**kwargs))
+
+    async def _resync(self, reason: str, start_after: Mapping[str, Any] | None) -> Any:
+        """Snapshot the collection, reconcile the loader with it, and open the stream."""
+        client = self._coll.database.client
+        session = await _maybe_await(client.start_session(causal_consistency=False))
+        async with session:
+            ping = await self._coll.database.command("ping", session=session)
+            start_at = ping.get("operationTime") or session.operation_time
+            if start_after is not None:
+                stream = await self._open(start_after=start_after)
+            else:
+                stream = await self._open(start_at_operation_time=start_at)
+            try:
+                snapshot = self._coll.with_options(read_concern=ReadConcern("majority"))
+                docs = [doc async for doc in snapshot.find({}, session=session)]
+                floor = session.operation_time
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await stream.close()
+                raise
+        self._floor = _ts_key(floor)
+        names = set()
+        for doc in docs:
+            name = doc.get("_id")
+            name = name if isinstance(name, str) else str(name)
+            names.add(name)
+            self._loader.submit(Change(name, doc, None, reason))
+        vanished = self._loader.known() - names
+        for name in vanished:
+            self._loader.submit(Change(name, None, None, "vanished"))
+        await self._loader.wait_idle()
+        self._token = _resume_token(stream)
+        if reason == "initial":
+            self._events.emit(
+                "watch.started", namespace=self.namespace, records=len(docs), loaded=len(names)
+            )
+        else:
+            self.resyncs += 1
+            self._events.emit(
+                "watch.resynced",
+                "warning",
+                namespace=self.namespace,
+                reason=reason,
+                error=self._resync_error,
+                records=len(docs),
+                unloaded=sorted(vanished),
+            )
+            self._resync_error = None
+        self.ready.set()
+        return stream
+
+    async def _follow(self, stream: Any) -> Mapping[str, Any]:
+        """Apply events until the stream is invalidated; return the invalidate token."""
+        while True:
+            event = await stream.try_next()
+            if event is None:
+                self._token = _resume_token(stream)
+                if not stream.alive:
+                    raise _StreamClosed()
+                continue
+            self._token = _resume_token(stream)
+            op = event.get("operationType")
+            if op == "invalidate":
+                token: Mapping[str, Any] = event["_id"]
+                return token
+            key = _ts_key(event.get("clusterTime"))
+            if self._floor is not None and key is not None and key <= self._floor:
+                continue  # already reflected by the snapshot
+            change = change_from_event(event)
+            if change is not None:
+                self._loader.submit(change)
+            elif op in ("drop", "rename", "dropDatabase"):
+                continue  # the invalidate that follows triggers the resync
+
+
+class _StreamClosed(PyMongoError):
+    """The server closed the stream without an invalidate: reopen it."""
+
+
+def _resume_token(stream: Any) -> Mapping[str, Any] | None:
+    """The stream's resume token; None before a lazy (Motor) stream has started."""
+    try:
+        token: Mapping[str, Any] | None = stream.resume_token
+    except AttributeError:
+        return None
+    return token
+
+
+def _describe(exc: Exception) -> str:
+    """A one-line description of a driver error (without PyMongo's 'full error' dump)."""
+    if isinstance(exc, OperationFailure):
+        details = exc.details or {}
+        return f"{type(exc).__name__} {exc.code}: {details.get('errmsg', str(exc))}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _token_str(token: Mapping[str, Any] | None) -> str | None:
+    if token is None:
+        return None
+    data = token.get("_data")
+    return data if isinstance(data, str) else repr(token)

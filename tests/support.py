@@ -1,0 +1,57 @@
+"""Test helpers: waiting on conditions and events with a deadline and a message."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from host.events import HostEvent, Subscription
+
+
+async def wait_until(
+    predicate: Callable[[], Any | Awaitable[Any]],
+    message: str,
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.005,
+) -> Any:
+    """Poll ``predicate`` until it is truthy; fail with ``message`` at the deadline."""
+    with anyio.move_on_after(timeout):
+        while True:
+            value = predicate()
+            if inspect.isawaitable(value):
+                value = await value
+            if value:
+                return value
+            await anyio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting until {message}")
+
+
+async def next_event(
+    events: Subscription,
+    name: str,
+    predicate: Callable[[HostEvent], bool] | None = None,
+    *,
+    timeout: float = 10.0,
+) -> HostEvent:
+    """The next event called ``name`` (matching ``predicate``), or fail at the deadline."""
+    seen: list[str] = []
+    with anyio.move_on_after(timeout):
+        async for event in events:
+            if event.event == name and (predicate is None or predicate(event)):
+                return event
+            seen.append(event.event)
+    raise AssertionError(f"no {name!r} event within {timeout} s; saw {seen}")
+
+
+async def drain(events: Subscription, *, quiet: float = 0.05) -> list[HostEvent]:
+    """The events that arrive until none has for ``quiet`` seconds."""
+    out: list[HostEvent] = []
+    while True:
+        with anyio.move_on_after(quiet) as scope:
+            out.append(await events.__anext__())
+        if scope.cancelled_caught:
+            return out
