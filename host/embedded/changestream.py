@@ -45,6 +45,17 @@ ALLOWED_STAGES = frozenset(
         "$unset",
     }
 )
+# Aggregation stages MongoDB knows: any other name is 40324 (unrecognized), as on mongod.
+KNOWN_STAGES = ALLOWED_STAGES | frozenset(
+    {
+        "$addFields", "$bucket", "$bucketAuto", "$changeStream", "$changeStreamSplitLargeEvent",
+        "$collStats", "$count", "$currentOp", "$densify", "$documents", "$facet", "$fill",
+        "$geoNear", "$graphLookup", "$group", "$indexStats", "$limit", "$listLocalSessions",
+        "$listSampledQueries", "$listSearchIndexes", "$listSessions", "$lookup", "$merge",
+        "$out", "$planCacheStats", "$sample", "$search", "$searchMeta", "$setWindowFields",
+        "$skip", "$sort", "$sortByCount", "$unionWith", "$unwind", "$vectorSearch",
+    }
+)  # fmt: skip
 _OPTIONS = frozenset(
     {
         "fullDocument",
@@ -146,6 +157,8 @@ class ChangeStream:
                     40602, "$changeStream is only valid as the first stage in a pipeline."
                 )
             if name not in ALLOWED_STAGES:
+                if name not in KNOWN_STAGES:
+                    raise CommandError(40324, f"Unrecognized pipeline stage name: '{name}'")
                 raise CommandError(20, f"{name} is not permitted in a $changeStream pipeline")
         self.position = self._start_position(spec)
 
@@ -268,7 +281,9 @@ class ChangeStream:
             if target.db is not None:
                 events.append(self._invalidate(entry))
             return events
-        if not target.covers(entry.db, entry.coll):
+        if not target.covers(entry.db, entry.coll) and not (
+            op == "rename" and target.covers(entry.extra["to"]["db"], entry.extra["to"]["coll"])
+        ):
             return []
         if op in _EXPANDED_OPS and not self.expanded:
             return []
@@ -309,9 +324,16 @@ class ChangeStream:
             event["documentKey"] = dict(entry.key)
         if op == "update":
             assert entry.pre is not None and entry.post is not None
-            event["updateDescription"] = update_description(entry.pre, entry.post)
+            event["updateDescription"] = update_description(
+                entry.pre, entry.post, disambiguate=self.expanded
+            )
         elif op == "rename":
             event["to"] = dict(entry.extra["to"])
+            if self.expanded:
+                description: dict[str, Any] = {"to": dict(entry.extra["to"])}
+                if entry.extra.get("dropTarget") is not None:
+                    description["dropTarget"] = entry.extra["dropTarget"]
+                event["operationDescription"] = description
         elif op in _EXPANDED_OPS:
             event["operationDescription"] = {
                 k: v for k, v in entry.extra.items() if k in ("indexes", "options", "names")

@@ -132,6 +132,9 @@ class Commands:
             "commitTransaction": self.no_transaction,
             "abortTransaction": self.no_transaction,
             "configureFailPoint": self.configure_fail_point,
+            "replSetGetStatus": self.repl_set_get_status,
+            "replSetGetConfig": self.repl_set_get_config,
+            "replSetInitiate": self.repl_set_initiate,
         }
 
     async def run(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
@@ -359,6 +362,112 @@ class Commands:
             "any in-progress transactions (the embedded server does not support "
             "transactions)",
         )
+
+    # -- replica set (one member, always primary) ------------------------------------
+    # mongosh's rs.status() / rs.conf() / rs.initiate() and container health checks
+    # (`mongosh --eval "rs.status().ok"`) use these; shapes follow MongoDB 7.0's replies.
+
+    @staticmethod
+    def _admin_only(name: str, db: str) -> None:
+        if db != "admin":
+            raise CommandError(13, f"{name} may only be run against the admin database.")
+
+    def repl_set_get_status(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """replSetGetStatus: one healthy PRIMARY member (``self: true``)."""
+        self._admin_only("replSetGetStatus", db)
+        last = self.oplog.last_ts
+        now = _now()
+        optime = {"ts": last, "t": Int64(1)}
+        uptime = int(time.monotonic() - self.server.started_at)
+        return {
+            "set": self.server.replica_set,
+            "date": now,
+            "myState": 1,
+            "term": Int64(1),
+            "syncSourceHost": "",
+            "syncSourceId": -1,
+            "heartbeatIntervalMillis": Int64(2000),
+            "majorityVoteCount": 1,
+            "writeMajorityCount": 1,
+            "votingMembersCount": 1,
+            "writableVotingMembersCount": 1,
+            "optimes": {
+                "lastCommittedOpTime": optime,
+                "lastCommittedWallTime": now,
+                "readConcernMajorityOpTime": optime,
+                "appliedOpTime": optime,
+                "durableOpTime": optime,
+                "lastAppliedWallTime": now,
+                "lastDurableWallTime": now,
+            },
+            "members": [
+                {
+                    "_id": 0,
+                    "name": self.server.advertised,
+                    "health": 1.0,
+                    "state": 1,
+                    "stateStr": "PRIMARY",
+                    "uptime": uptime,
+                    "optime": optime,
+                    "optimeDate": now,
+                    "lastAppliedWallTime": now,
+                    "lastDurableWallTime": now,
+                    "syncSourceHost": "",
+                    "syncSourceId": -1,
+                    "infoMessage": "",
+                    "electionTime": Timestamp(int(time.time()) - uptime, 1),
+                    "electionDate": now,
+                    "configVersion": 1,
+                    "configTerm": 1,
+                    "self": True,
+                    "lastHeartbeatMessage": "",
+                }
+            ],
+            "ok": 1.0,
+        }
+
+    def repl_set_get_config(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """replSetGetConfig: a one-member configuration."""
+        self._admin_only("replSetGetConfig", db)
+        return {
+            "config": {
+                "_id": self.server.replica_set,
+                "version": 1,
+                "term": 1,
+                "members": [
+                    {
+                        "_id": 0,
+                        "host": self.server.advertised,
+                        "arbiterOnly": False,
+                        "buildIndexes": True,
+                        "hidden": False,
+                        "priority": 1.0,
+                        "tags": {},
+                        "secondaryDelaySecs": Int64(0),
+                        "votes": 1,
+                    }
+                ],
+                "protocolVersion": Int64(1),
+                "writeConcernMajorityJournalDefault": True,
+                "settings": {
+                    "chainingAllowed": True,
+                    "heartbeatIntervalMillis": 2000,
+                    "heartbeatTimeoutSecs": 10,
+                    "electionTimeoutMillis": 10000,
+                    "catchUpTimeoutMillis": -1,
+                    "catchUpTakeoverDelayMillis": 30000,
+                    "getLastErrorModes": {},
+                    "getLastErrorDefaults": {"w": 1, "wtimeout": 0},
+                    "replicaSetId": self.server.process_id,
+                },
+            },
+            "ok": 1.0,
+        }
+
+    def repl_set_initiate(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """replSetInitiate: the set is always initiated (23 AlreadyInitialized, as MongoDB)."""
+        self._admin_only("replSetInitiate", db)
+        raise CommandError(23, "already initialized")
 
     def configure_fail_point(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """configureFailPoint (admin only)."""

@@ -297,17 +297,44 @@ class Oplog:
         event.set()
 
 
-def update_description(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+def update_description(
+    before: Mapping[str, Any], after: Mapping[str, Any], *, disambiguate: bool = False
+) -> dict[str, Any]:
     """Compute ``updateDescription`` as a minimal diff between two documents.
 
     Dotted paths name changed fields (``arr.1.b``); an array cut down to a shorter
-    length is reported in ``truncatedArrays`` with its new size.
+    length is reported in ``truncatedArrays`` with its new size. With ``disambiguate``
+    (``showExpandedEvents``), ``disambiguatedPaths`` maps every path that has a
+    numeric field name or a field name containing a dot to its components, array
+    indexes as integers, as MongoDB 6.1+ does.
     """
-    updated: dict[str, Any] = {}
-    removed: list[str] = []
-    truncated: list[dict[str, Any]] = []
-    _diff_doc(before, after, "", updated, removed, truncated)
-    return {"updatedFields": updated, "removedFields": removed, "truncatedArrays": truncated}
+    diff = _Diff()
+    _diff_doc(before, after, (), diff)
+    description: dict[str, Any] = {
+        "updatedFields": diff.updated,
+        "removedFields": diff.removed,
+        "truncatedArrays": diff.truncated,
+    }
+    if disambiguate:
+        description["disambiguatedPaths"] = diff.ambiguous
+    return description
+
+
+Path = tuple[str | int, ...]
+
+
+@dataclass(slots=True)
+class _Diff:
+    updated: dict[str, Any] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
+    truncated: list[dict[str, Any]] = field(default_factory=list)
+    ambiguous: dict[str, list[str | int]] = field(default_factory=dict)
+
+    def name(self, path: Path) -> str:
+        dotted = ".".join(str(part) for part in path)
+        if any(isinstance(p, str) and (p.isdigit() or "." in p) for p in path):
+            self.ambiguous[dotted] = list(path)
+        return dotted
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -316,44 +343,32 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _diff_doc(
-    before: Mapping[str, Any],
-    after: Mapping[str, Any],
-    prefix: str,
-    updated: dict[str, Any],
-    removed: list[str],
-    truncated: list[dict[str, Any]],
+    before: Mapping[str, Any], after: Mapping[str, Any], prefix: Path, diff: _Diff
 ) -> None:
     for name in before:
         if name not in after:
-            removed.append(prefix + name)
+            diff.removed.append(diff.name((*prefix, name)))
     for name, new in after.items():
-        path = prefix + name
+        path = (*prefix, name)
         if name not in before:
-            updated[path] = new
+            diff.updated[diff.name(path)] = new
             continue
-        _diff_value(before[name], new, path, updated, removed, truncated)
+        _diff_value(before[name], new, path, diff)
 
 
-def _diff_value(
-    old: Any,
-    new: Any,
-    path: str,
-    updated: dict[str, Any],
-    removed: list[str],
-    truncated: list[dict[str, Any]],
-) -> None:
+def _diff_value(old: Any, new: Any, path: Path, diff: _Diff) -> None:
     if isinstance(old, dict) and isinstance(new, dict):
         if list(old) != [k for k in new if k in old]:
-            updated[path] = new  # field order changed: MongoDB rewrites the whole object
+            diff.updated[diff.name(path)] = new  # field order changed: the whole object
         else:
-            _diff_doc(old, new, path + ".", updated, removed, truncated)
+            _diff_doc(old, new, path, diff)
     elif isinstance(old, list) and isinstance(new, list):
         if len(new) < len(old):
-            truncated.append({"field": path, "newSize": len(new)})
+            diff.truncated.append({"field": diff.name(path), "newSize": len(new)})
         for i, item in enumerate(new):
             if i >= len(old):
-                updated[f"{path}.{i}"] = item
+                diff.updated[diff.name((*path, i))] = item
             else:
-                _diff_value(old[i], item, f"{path}.{i}", updated, removed, truncated)
+                _diff_value(old[i], item, (*path, i), diff)
     elif not _same(old, new):
-        updated[path] = new
+        diff.updated[diff.name(path)] = new

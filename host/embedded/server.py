@@ -11,7 +11,9 @@ connection; the server and its other connections carry on.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import dataclasses
 import itertools
 import os
 import threading
@@ -25,6 +27,7 @@ from typing import Any
 import structlog
 from bson import ObjectId
 from bson.binary import Binary, UuidRepresentation
+from bson.int64 import Int64
 
 from .commands import WRITE_COMMANDS, Commands, Session, cluster_time_fields
 from .errors import RESUMABLE_CHANGE_STREAM_CODES, RETRYABLE_WRITE_CODES, CommandError
@@ -40,6 +43,9 @@ DEFAULT_OPLOG_ENTRIES = 100_000
 COMPACT_JOURNAL_BYTES = 64 * 1024 * 1024
 RETRY_CACHE_SIZE = 10_000
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+HANDSHAKE_COMMANDS = frozenset({"hello", "isMaster", "ismaster"})
+# NotPrimaryError and ShutdownError codes: their replies carry topologyVersion.
+STATE_CHANGE_CODES = frozenset({91, 189, 10058, 10107, 11600, 11602, 13435, 13436})
 
 
 class CloseConnection(Exception):
@@ -98,6 +104,8 @@ class EmbeddedMongo:
         self._tasks: set[asyncio.Task[None]] = set()
         self._topology_changed = asyncio.Event()
         self._retries: OrderedDict[tuple[bytes, int], dict[str, Any]] = OrderedDict()
+        # Commands received, by name: cheap introspection for tests and benchmarks.
+        self.command_counts: collections.Counter[str] = collections.Counter()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -294,8 +302,15 @@ class EmbeddedMongo:
                     break
                 if request.more_to_come:
                     continue
-                writer.write(encode_reply(request, reply, next(self._request_ids)))
+                reply_id = next(self._request_ids)
+                exhaust = _is_exhaust_hello(request, reply)
+                writer.write(encode_reply(request, reply, reply_id, more_to_come=exhaust))
                 await writer.drain()
+                if exhaust:
+                    try:
+                        await self._stream_hello(session, request, reply, reply_id, reader, writer)
+                    except CloseConnection:
+                        break
         except (ConnectionError, asyncio.CancelledError):
             pass
         except Exception:  # never let one connection take the server down
@@ -311,6 +326,8 @@ class EmbeddedMongo:
         body = request.body
         db = request.db
         name = next(iter(body), None)
+        if name is not None:
+            self.command_counts[name] += 1
         has_txn = "txnNumber" in body
         change_stream = name == "aggregate" and _is_change_stream(body.get("pipeline"))
         try:
@@ -318,6 +335,10 @@ class EmbeddedMongo:
                 raise CommandError(59, "no command found in an empty document")
             target = body[name]
             ns = f"{db}.{target}" if isinstance(target, str) else db
+            if name in HANDSHAKE_COMMANDS and session.app_name is None:
+                # Client metadata is known before failpoints run, so an appName
+                # filter can fail a connection's very first handshake (SDAM tests).
+                session.app_name = _app_name(body)
             action = self.failpoints.check("failCommand", name, session.app_name, ns)
             if action is not None:
                 if action.block_ms:
@@ -352,6 +373,14 @@ class EmbeddedMongo:
                     labels.append("ResumableChangeStreamError")
                 if labels:
                     reply["errorLabels"] = labels
+            if err.code in STATE_CHANGE_CODES:
+                # As mongod: a NotPrimary/Shutdown error carries the topologyVersion, so
+                # drivers can tell it is not newer than what they know and ignore it
+                # instead of marking the server Unknown (SDAM "stale errors").
+                reply["topologyVersion"] = {
+                    "processId": self.process_id,
+                    "counter": Int64(self.topology_counter),
+                }
         except Exception as exc:
             log.exception("embedded.command_failed", command=name, db=db)
             reply = CommandError(
@@ -367,6 +396,33 @@ class EmbeddedMongo:
         reply.update(cluster_time_fields(self.oplog.last_ts))
         return reply
 
+    # Design note: streaming (exhaust) hello. The Node driver's monitor sends its awaitable
+    # hello with exhaustAllowed and treats a reply without moreToCome as a protocol error
+    # ("Server ended moreToCome unexpectedly"), marking the server Unknown and clearing its
+    # pool. MongoDB keeps answering on that connection instead: each reply waits up to
+    # maxAwaitTimeMS for a topology change, carries moreToCome, and its responseTo is the
+    # previous reply's requestID. See the SDAM monitoring spec, "Streaming protocol"
+    # (source/server-discovery-and-monitoring/server-monitoring.md) and OP_MSG's
+    # exhaustAllowed. A reply without moreToCome (an error, shutdown) ends the stream.
+    async def _stream_hello(
+        self,
+        session: Session,
+        request: Request,
+        reply: dict[str, Any],
+        reply_id: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        more = True
+        while more and not self.closing and not reader.at_eof() and not writer.is_closing():
+            request.body["topologyVersion"] = reply["topologyVersion"]
+            request = dataclasses.replace(request, request_id=reply_id)
+            reply = await self._execute(session, request)
+            more = _is_exhaust_hello(request, reply) and not self.closing
+            reply_id = next(self._request_ids)
+            writer.write(encode_reply(request, reply, reply_id, more_to_come=more))
+            await writer.drain()
+
     @staticmethod
     def _retry_key(name: str, body: Mapping[str, Any]) -> tuple[bytes, int] | None:
         if name not in WRITE_COMMANDS:
@@ -376,6 +432,26 @@ class EmbeddedMongo:
         if not isinstance(ident, bytes | Binary):
             return None
         return bytes(ident), int(body["txnNumber"])
+
+
+def _is_exhaust_hello(request: Request, reply: Mapping[str, Any]) -> bool:
+    """True when ``reply`` answers an awaitable hello the client allows to stream (exhaust)."""
+    body = request.body
+    return (
+        request.exhaust_allowed
+        and next(iter(body), None) in ("hello", "isMaster", "ismaster")
+        and "topologyVersion" in body
+        and "maxAwaitTimeMS" in body
+        and reply.get("ok") == 1
+        and "topologyVersion" in reply
+    )
+
+
+def _app_name(body: Mapping[str, Any]) -> str | None:
+    client = body.get("client")
+    app = client.get("application") if isinstance(client, Mapping) else None
+    name = app.get("name") if isinstance(app, Mapping) else None
+    return name if isinstance(name, str) else None
 
 
 def _is_change_stream(pipeline: Any) -> bool:

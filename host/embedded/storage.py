@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mongomock
-from bson import ObjectId
+from bson import Binary, ObjectId
 from pymongo.errors import DuplicateKeyError, OperationFailure
 
 from .errors import CommandError
@@ -156,10 +156,13 @@ class Storage:
         if info is None:
             raise CommandError(26, f"Source collection {src_db}.{src} does not exist")
         check_namespace(dst_db, dst)
-        if (dst_db, dst) in self.catalog:
+        dropped = self.catalog.get((dst_db, dst))
+        if dropped is not None:
             if not drop_target:
                 raise CommandError(48, f"target namespace exists: {dst_db}.{dst}")
-            self.drop_collection(dst_db, dst)
+            # One oplog entry, as MongoDB: the rename carries the dropped target's UUID.
+            del self.catalog[(dst_db, dst)]
+            self.client[dst_db].drop_collection(dst)
         docs = list(self.raw(src_db, src).find())
         indexes = self.index_specs(src_db, src)
         self.client[src_db].drop_collection(src)
@@ -170,7 +173,10 @@ class Storage:
         if docs:
             target.insert_many(docs)
         self._apply_index_specs(dst_db, dst, indexes)
-        self._log("rename", src_db, src, uuid=info.uuid, extra={"to": {"db": dst_db, "coll": dst}})
+        extra: dict[str, Any] = {"to": {"db": dst_db, "coll": dst}}
+        if dropped is not None:
+            extra["dropTarget"] = Binary.from_uuid(dropped.uuid)
+        self._log("rename", src_db, src, uuid=info.uuid, extra=extra)
 
     # -- indexes ---------------------------------------------------------------------
 
@@ -432,7 +438,8 @@ class Storage:
         if not matched:
             if not upsert:
                 return 0, 0, _MISSING
-            return 0, 0, self._upsert(db, coll, query, update, is_replace, array_filters)
+            # ``n`` counts upserted documents too (PyMongo: matched = n - len(upserted)).
+            return 1, 0, self._upsert(db, coll, query, update, is_replace, array_filters)
         info = self.ensure(db, coll)
         modified = 0
         for before in matched:
@@ -485,7 +492,7 @@ class Storage:
                 else:
                     target.update_one({"_id": doc_id}, dict(spec))
         except DuplicateKeyError as exc:
-            attempted = dict(update) if is_replace else before
+            attempted = dict(update) if is_replace else _preview_update(before, query, spec)
             raise DuplicateKeyError(str(exc), 11000, {"doc": attempted, "exclude": doc_id}) from exc
         after = target.find_one({"_id": doc_id})
         if after is None:  # pragma: no cover - the engine keeps the _id
@@ -758,6 +765,22 @@ def _types_changed(before: Any, after: Any) -> bool:
     if isinstance(before, list):
         return any(_types_changed(a, b) for a, b in zip(before, after, strict=False))
     return False
+
+
+def _preview_update(
+    before: Mapping[str, Any], query: Mapping[str, Any], update: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The document ``update`` would produce from ``before``, computed on a scratch engine.
+
+    Used after a duplicate-key failure, to report the offending keyValue.
+    """
+    scratch: mongomock.Collection[dict[str, Any]] = mongomock.MongoClient()["preview"]["preview"]
+    scratch.insert_one(copy.deepcopy(dict(before)))
+    try:
+        scratch.update_one({"$and": [{"_id": before["_id"]}, dict(query)]}, dict(update))
+    except Exception:
+        return dict(before)
+    return dict(scratch.find_one({"_id": before["_id"]}) or before)
 
 
 def filter_applies(query: Mapping[str, Any], doc: Mapping[str, Any]) -> bool:

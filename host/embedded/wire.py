@@ -234,8 +234,14 @@ async def read_request(reader: asyncio.StreamReader, max_size: int = MAX_MESSAGE
     return parse_op_query(request_id, payload)
 
 
-def encode_reply(request: Request, doc: dict[str, Any], request_id: int) -> bytes:
-    """Encode ``doc`` as the reply to ``request`` (OP_MSG, or OP_REPLY for OP_QUERY)."""
+def encode_reply(
+    request: Request, doc: dict[str, Any], request_id: int, *, more_to_come: bool = False
+) -> bytes:
+    """Encode ``doc`` as the reply to ``request`` (OP_MSG, or OP_REPLY for OP_QUERY).
+
+    ``more_to_come`` sets the OP_MSG moreToCome flag: an exhaust reply, after which the
+    server sends more replies without another request (only for ``exhaustAllowed``).
+    """
     data = bson.encode(doc, codec_options=CODEC_OPTIONS)
     if request.op_code == OP_QUERY:
         # responseFlags, cursorID, startingFrom, numberReturned
@@ -244,5 +250,8 @@ def encode_reply(request: Request, doc: dict[str, Any], request_id: int) -> byte
         return HEADER.pack(total, request_id, request.request_id, OP_REPLY) + prefix + data
     total = HEADER.size + 4 + 1 + len(data)
     return (
-        HEADER.pack(total, request_id, request.request_id, OP_MSG) + b"\x00\x00\x00\x00\x00" + data
+        HEADER.pack(total, request_id, request.request_id, OP_MSG)
+        + struct.pack("<I", FLAG_MORE_TO_COME if more_to_come else 0)
+        + b"\x00"
+        + data
     )

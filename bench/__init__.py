@@ -1,0 +1,1 @@
+"""Benchmarks: run with ``python -m bench.<name>``; figures are measured, never recorded."""
