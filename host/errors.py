@@ -9,8 +9,9 @@ is a ``ValueError``: an invalid record is bad input, not a plugin failure.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, Literal
 
 __all__ = (
     "CompileError",
@@ -167,11 +168,21 @@ class RecordError(ValueError):
         name: The record's ``_id`` when it is a usable name, else ``None``.
         field: The offending document field, e.g. ``"source"``.
         reason: What is wrong with it, e.g. ``"must be a string, got int"``.
+        details: Extra facts added to the ``plugin.rejected`` event, e.g. ``key_id``
+            (empty by default; keys must not repeat the event's own fields).
     """
 
-    def __init__(self, name: str | None, field: str, reason: str) -> None:
+    def __init__(
+        self,
+        name: str | None,
+        field: str,
+        reason: str,
+        *,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
         who = f"record {name!r}" if name is not None else "record <unnamed>"
         super().__init__(f"{who}: field {field!r}: {reason}")
         self.name = name
         self.field = field
         self.reason = reason
+        self.details: Mapping[str, Any] = MappingProxyType(dict(details or {}))

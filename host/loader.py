@@ -213,6 +213,7 @@ class Loader:
                 reason=exc.reason,
                 error=str(exc),
                 serving=serving,
+                **exc.details,
             )
             self._fail(slot, name, str(exc), current is not None)
             return

@@ -8,7 +8,8 @@ version once → close the stream. The caller owns the MongoDB client and closes
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -17,10 +18,14 @@ import structlog
 from anyio.abc import TaskGroup
 
 from .dispatch import Dispatcher
+from .errors import RecordError
 from .events import EventBus, Subscription
 from .loader import Loader, PluginInfo, RecordVerifier
+from .records import PluginRecord
 from .registry import Registry
+from .trust import SignatureVerifier, TrustedKeys, TrustError, load_public_keys
 from .types import Args, CallTarget
+from .watchdog import LoopWatchdog
 from .watcher import Watcher, WatchFatal
 
 __all__ = ("PluginHost",)
@@ -48,9 +53,14 @@ class PluginHost:
         require_depth: Deepest chain of plugin-to-plugin calls (stops ``require`` cycles).
         drain_timeout: On exit, how long in-flight calls may run before teardown.
         wait_ready: ``__aenter__`` waits for the initial load (``ready()``) when True.
-        verifier: Checks each record before it compiles (signature verification).
+        verifier: Checks each record before it compiles (after the signature check, if any).
         max_await_ms: ``maxAwaitTimeMS`` of the change stream's getMores.
         logger: structlog logger for events (default ``structlog.get_logger("host")``).
+        loop_block_threshold: Seconds the event loop may stall before ``loop.blocked`` is
+            emitted naming the plugin that held it (None: no watchdog).
+        trusted_keys: Run only records signed by one of these keys: a ``TrustedKeys``, or
+            key files/folders loaded (in a worker thread) on ``__aenter__``. None: signatures
+            are ignored, and ``__aenter__`` emits a ``trust.disabled`` warning.
     """
 
     def __init__(
@@ -72,12 +82,26 @@ class PluginHost:
         verifier: RecordVerifier | None = None,
         max_await_ms: int | None = None,
         logger: Any = None,
+        loop_block_threshold: float | None = 0.1,
+        trusted_keys: TrustedKeys | Iterable[str | Path] | str | Path | None = None,
     ) -> None:
         self.database = database
         self.collection_name = collection
         self.drain_timeout = drain_timeout
         self._wait_ready = wait_ready
         self.events_bus = EventBus(logger)
+        # Trust: keys given as paths load in __aenter__ (file reads must not block the loop).
+        self._verifier = verifier
+        self._signatures: SignatureVerifier | None = None
+        self._trusted_key_paths: tuple[str | Path, ...] | None = None
+        if isinstance(trusted_keys, TrustedKeys):
+            self._signatures = SignatureVerifier(trusted_keys)
+        elif isinstance(trusted_keys, str | Path):
+            self._trusted_key_paths = (trusted_keys,)
+        elif trusted_keys is not None:
+            self._trusted_key_paths = tuple(trusted_keys)
+            if not self._trusted_key_paths:
+                raise TrustError("trusted_keys is empty: give key files or folders, or None")
         self.registry = Registry(
             grace_period=grace_period, history_size=history_size, events=self.events_bus
         )
@@ -98,10 +122,15 @@ class PluginHost:
             exec_timeout=exec_timeout,
             max_source_bytes=max_source_bytes,
             default_max_concurrency=default_max_concurrency,
-            verifier=verifier,
+            verifier=verifier if trusted_keys is None else self._verify_record,
         )
         self.watcher = Watcher(
             database[collection], self.loader, self.events_bus, max_await_ms=max_await_ms
+        )
+        self.watchdog = (
+            LoopWatchdog(self.events_bus, threshold=loop_block_threshold)
+            if loop_block_threshold is not None
+            else None
         )
         self._stack: contextlib.AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
@@ -111,12 +140,15 @@ class PluginHost:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        await self._setup_trust()
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
         try:
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             await stack.enter_async_context(self.registry)
             self.loader.bind(self._tg)
+            if self.watchdog is not None:  # cancelled with the task group at shutdown
+                self._tg.start_soon(self.watchdog.run, name="loop watchdog")
             self._watch_scope = anyio.CancelScope()
             self._tg.start_soon(self._watch, name=f"watch {self.watcher.namespace}")
             self._stack = stack
@@ -138,6 +170,35 @@ class PluginHost:
         stack, self._stack = self._stack, None
         if stack is not None:
             await self._shutdown(stack)
+
+    async def _setup_trust(self) -> None:
+        if self._trusted_key_paths is not None and self._signatures is None:
+            keys = await anyio.to_thread.run_sync(load_public_keys, self._trusted_key_paths)
+            self._signatures = SignatureVerifier(keys)
+        if self._signatures is None and not isinstance(self._verifier, SignatureVerifier):
+            self.events_bus.emit(
+                "trust.disabled",
+                "warning",
+                namespace=self.watcher.namespace,
+                message="plugin signatures are not checked: any writer to the collection "
+                "can run code in this host (pass trusted_keys to require signatures)",
+            )
+
+    async def _verify_record(self, record: PluginRecord, current: PluginRecord | None) -> None:
+        # Signature first: a custom verifier only ever sees authenticated records.
+        if self._signatures is None:  # fail closed (keys load before the watcher starts)
+            raise RecordError(record.name, "signature", "the trusted keys are not loaded yet")
+        self._signatures(record, current)
+        if self._verifier is not None:
+            checked = self._verifier(record, current)
+            if checked is not None:
+                await checked
+
+    @property
+    def trusted_keys(self) -> TrustedKeys | None:
+        """The keys records must be signed by (None: not checked, or not loaded yet)."""
+        trusted = self._signatures.trusted if self._signatures is not None else None
+        return trusted if isinstance(trusted, TrustedKeys) else None
 
     async def _shutdown(self, stack: contextlib.AsyncExitStack) -> None:
         try:
