@@ -59,6 +59,9 @@ _LOAD_THREADS = 4
 # A dedicated limiter per event loop: loads must not starve the shared worker-thread pool
 # that sync plugin calls use, and a RunVar keeps limiters from leaking across loops.
 _load_limiter: RunVar[anyio.CapacityLimiter] = RunVar("plugin_host_load_limiter")
+# Loads wait here for a slot before their time bounds and watchdog start: a cold start of
+# thousands of records must not count time spent queueing against `exec_timeout`.
+_load_gate: RunVar[anyio.Semaphore] = RunVar("plugin_host_load_gate")
 
 
 # --------------------------------------------------------------------------------------
@@ -482,15 +485,21 @@ async def _run_top_level(
                 scope.cancel()
                 return
 
+    try:
+        gate = _load_gate.get()
+    except LookupError:
+        gate = anyio.Semaphore(_LOAD_THREADS)
+        _load_gate.set(gate)
     failure: Exception | None = None
-    with anyio.move_on_after(wall_limit) as wall:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watchdog, tg.cancel_scope)
-            try:
-                await run_sync_interruptible(loader.run, limiter=limiter)
-            except Exception as exc:  # raised below, not wrapped in an ExceptionGroup
-                failure = exc
-            tg.cancel_scope.cancel()
+    async with gate:
+        with anyio.move_on_after(wall_limit) as wall:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watchdog, tg.cancel_scope)
+                try:
+                    await run_sync_interruptible(loader.run, limiter=limiter)
+                except Exception as exc:  # raised below, not wrapped in an ExceptionGroup
+                    failure = exc
+                tg.cancel_scope.cancel()
     if failure is not None:
         raise failure
     if over_cpu or wall.cancelled_caught:

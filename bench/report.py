@@ -1,0 +1,448 @@
+"""The report: goals, a Markdown table, JSON and a plot of the latency distributions.
+
+Every number in the report comes from the results of the run; only the goals' aims
+are constants, and they are stated as aims, not as assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .swap import SAMPLE_EVERY
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True, slots=True)
+class Goal:
+    """One aim for the closing note.
+
+    Attributes:
+        key: Stable identifier in the JSON.
+        text: What the goal says.
+        aim: The bound.
+        unit: Unit of the figure.
+        higher_is_better: Whether the figure must be at least (True) or at most the aim.
+        figure: Extracts the figure from one target's results (None: not measured).
+    """
+
+    key: str
+    text: str
+    aim: float
+    unit: str
+    higher_is_better: bool
+    figure: Callable[[dict[str, Any]], float | None]
+
+
+def _get(results: dict[str, Any], *path: str) -> Any:
+    node: Any = results
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _failed_calls(results: dict[str, Any]) -> float | None:
+    runs = results.get("swap")
+    if not isinstance(runs, dict) or "error" in runs:
+        return None
+    return float(sum(run["failed"] + run["stale"] for run in runs.values()))
+
+
+GOALS = (
+    Goal(
+        "change_to_live_p99",
+        "change-to-live p99 (embedded server)",
+        10.0,
+        "ms",
+        False,
+        lambda r: _get(r, "latency", "ours", "served_ms", "p99"),
+    ),
+    Goal(
+        "call_overhead",
+        "per-call overhead over a direct call, async plugin, no timeout",
+        5.0,
+        "µs",
+        False,
+        lambda r: _get(r, "throughput", "async", "overhead_us"),
+    ),
+    Goal(
+        "vs_seed",
+        "throughput over seed-style hot-require (async plugin)",
+        100.0,
+        "x",
+        True,
+        lambda r: _get(r, "throughput", "async", "vs_seed"),
+    ),
+    Goal(
+        "cold_start_10k",
+        "cold start of 10,000 plugins to ready()",
+        3.0,
+        "s",
+        False,
+        lambda r: _get(r, "coldstart", "10000", "ready_s"),
+    ),
+    Goal(
+        "swap_failures",
+        "failed (or stale) calls under swaps",
+        0.0,
+        "calls",
+        False,
+        _failed_calls,
+    ),
+)
+
+
+def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each goal against one target's results: measured figure and met/missed."""
+    out = []
+    for goal in GOALS:
+        value = goal.figure(results)
+        if value is None:
+            status = "not measured"
+        elif goal.higher_is_better:
+            status = "met" if value >= goal.aim else "missed"
+        else:
+            status = "met" if value <= goal.aim else "missed"
+        out.append(
+            {
+                "key": goal.key,
+                "goal": goal.text,
+                "aim": goal.aim,
+                "unit": goal.unit,
+                "at_least": goal.higher_is_better,
+                "measured": value,
+                "status": status,
+            }
+        )
+    return out
+
+
+# -- formatting ------------------------------------------------------------------------------
+
+
+def _n(value: Any, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.{digits}f}"
+
+
+def _lat(summary: Any, digits: int = 2) -> str:
+    if not isinstance(summary, dict) or not summary.get("n"):
+        return "—"
+    return " / ".join(_n(summary[k], digits) for k in ("p50", "p99", "max"))
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _target_table(results: dict[str, Any]) -> list[str]:
+    lines = [
+        _row(
+            [
+                "Figure",
+                "plugin-host",
+                "polling reloader (1 s)",
+                "seed-style hot-require",
+                "direct call",
+            ]
+        ),
+        _row(["---", "---:", "---:", "---:", "---:"]),
+    ]
+    lat = results.get("latency", {})
+    if "error" in lat:
+        lines.append(_row(["latency group failed", lat["error"], "", "", ""]))
+    elif lat:
+        ours, polling = lat["ours"], lat["polling"]
+        lines.append(
+            _row(
+                [
+                    f"change-to-live p50 / p99 / max, ms ({ours['served_ms']['n']} updates; "
+                    "ack → first call served)",
+                    _lat(ours["served_ms"]),
+                    _lat(polling["served_ms"], 0),
+                    "0 (reads the record on every call)",
+                    "— (no reload)",
+                ]
+            )
+        )
+        lines.append(
+            _row(
+                [
+                    "ack → `plugin.reloaded` event p50 / p99 / max, ms",
+                    _lat(ours["event_ms"]),
+                    "—",
+                    "—",
+                    "—",
+                ]
+            )
+        )
+        rel = lat["reload"]
+        lines.append(
+            _row(
+                [
+                    f"reload throughput, updates/s made live ({rel['updates']:,} sequential "
+                    f"updates of one plugin; {rel['compiled']:,} compiled)",
+                    _n(rel["updates_per_s"], 0),
+                    "—",
+                    "—",
+                    "—",
+                ]
+            )
+        )
+    tp = results.get("throughput", {})
+    if "error" in tp:
+        lines.append(_row(["throughput group failed", tp["error"], "", "", ""]))
+    for key, entry in tp.items() if "error" not in tp else ():
+        label = f"{entry['kind']} plugin{', timeout' if entry['timeout'] else ''}"
+        direct = _n(entry["direct_calls_per_s"], 0)
+        if "direct_thread_calls_per_s" in entry:
+            direct += f" (in a thread: {_n(entry['direct_thread_calls_per_s'], 0)})"
+        lines.append(
+            _row(
+                [
+                    f"calls/s, {label} (one caller)",
+                    _n(entry["ours_calls_per_s"], 0),
+                    "—",
+                    _n(entry["seed_calls_per_s"], 0),
+                    direct,
+                ]
+            )
+        )
+        over = f"{_n(entry['overhead_us'], 2)}"
+        if "overhead_vs_thread_us" in entry:
+            over += f" ({_n(entry['overhead_vs_thread_us'], 2)} over the thread hop)"
+        lines.append(
+            _row(
+                [
+                    f"µs per call, {label} (overhead over direct)",
+                    f"{_n(entry['ours_us'], 2)} (+{over})",
+                    "—",
+                    _n(entry["seed_us"], 0),
+                    _n(entry["direct_us"], 3),
+                ]
+            )
+        )
+        del key
+    cold = results.get("coldstart", {})
+    if "error" in cold:
+        lines.append(_row(["cold start failed", cold["error"], "", "", ""]))
+    for count, entry in cold.items() if "error" not in cold else ():
+        lines.append(
+            _row(
+                [
+                    f"cold start, {int(count):,} plugins: s to ready() "
+                    f"({entry['loaded']:,} loaded)",
+                    _n(entry["ready_s"], 2),
+                    "—",
+                    "—",
+                    "—",
+                ]
+            )
+        )
+        lines.append(
+            _row(
+                [
+                    f"cold start, {int(count):,} plugins: RSS delta MB (KB per plugin)",
+                    f"{_n(entry['rss_delta_mb'])} ({_n(entry['kb_per_plugin'])})",
+                    "—",
+                    "—",
+                    "—",
+                ]
+            )
+        )
+    swap = results.get("swap", {})
+    if "error" in swap:
+        lines.append(_row(["swap-under-load failed", swap["error"], "", "", ""]))
+    for callers, entry in swap.items() if "error" not in swap else ():
+        lines.append(
+            _row(
+                [
+                    f"swap under load, {callers} callers, {entry['plugins']} plugins changed "
+                    f"every {entry['period_s'] * 1000:.0f} ms for {entry['seconds']:.0f} s: "
+                    "calls/s; failed; stale",
+                    f"{_n(entry['calls_per_s'], 0)}; {entry['failed']}; {entry['stale']}",
+                    "—",
+                    "—",
+                    "—",
+                ]
+            )
+        )
+        lines.append(
+            _row(
+                [
+                    f"… {callers} callers: call latency p50 / p99 / max µs, async plugins; "
+                    "sync plugins (worker threads); "
+                    f"{entry['reloads']:,} reloads of {entry['updates']:,} updates, "
+                    "`change_to_live_ms` p50 / p99 / max (BSON wallTime, 1 ms resolution)",
+                    f"{_lat(entry['call_us'], 1)}; {_lat(entry.get('sync_call_us'), 0)}; "
+                    f"{_lat(entry['reload_lag_ms'], 1)}",
+                    "—",
+                    "—",
+                    "—",
+                ]
+            )
+        )
+    return lines
+
+
+def _goal_table(goals: list[dict[str, Any]]) -> list[str]:
+    lines = [_row(["Goal", "Aim", "Measured", "Result"]), _row(["---", "---:", "---:", "---"])]
+    for goal in goals:
+        sign = "≥" if goal["at_least"] else "≤"
+        aim = f"{sign} {_n(goal['aim'], 0)} {goal['unit']}"
+        measured = "—" if goal["measured"] is None else f"{_n(goal['measured'], 2)} {goal['unit']}"
+        mark = {"met": "met", "missed": "**missed**"}.get(goal["status"], goal["status"])
+        lines.append(_row([goal["goal"], aim, measured, mark]))
+    return lines
+
+
+def _issue_table(results: dict[str, Any]) -> list[str]:
+    issue = _get(results, "latency", "issue", "served_ms")
+    tp = results.get("throughput", {})
+    lines = [_row(["Figure", "Value"]), _row(["---", "---:"])]
+    if isinstance(issue, dict) and issue.get("n"):
+        lines.append(
+            _row(
+                [
+                    f"change-to-live median / p99 ({issue['n']} updates), ms",
+                    f"{_n(issue['p50'], 2)} / {_n(issue['p99'], 2)}",
+                ]
+            )
+        )
+    for key in ("async", "async_timeout", "sync", "sync_timeout"):
+        entry = tp.get(key) if isinstance(tp, dict) else None
+        if isinstance(entry, dict):
+            lines.append(
+                _row(
+                    [
+                        "`host.call` minus a direct call of the same function, "
+                        f"{key.replace('_', ' + ')}, µs per call",
+                        _n(entry["overhead_us"], 2),
+                    ]
+                )
+            )
+    return lines
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    """One line describing the machine and the commit."""
+    load = machine.get("load_avg_start")
+    load_text = f"; load average at start {load}" if load is not None else ""
+    return (
+        f"{machine['cpu_count']} CPUs ({machine['cpu_model']}), "
+        f"{machine['memory_gb']} GB, Python {machine['python']} on {machine['platform']}, "
+        f"commit `{machine['git_commit']}`, {machine['date']}{load_text}"
+    )
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The whole report as Markdown."""
+    machine = report["machine"]
+    cfg = report["config"]
+    out = [
+        f"Run: `{report['command']}` ({'quick' if cfg['quick'] else 'full'}, "
+        f"{report['elapsed_s']:.0f} s). Machine: {machine_line(machine)}.",
+        "",
+    ]
+    for label, target in report["targets"].items():
+        results = target["results"]
+        out += [
+            f"### {label}: {target['description']}",
+            "",
+            *_target_table(results),
+            "",
+            "Goals (aims, not assertions):",
+            "",
+            *_goal_table(target["goals"]),
+            "",
+            "Host-core issue figures (same run):",
+            "",
+            *_issue_table(results),
+            "",
+        ]
+    out += [
+        "![Latency distributions](latency.png)",
+        "",
+        report["notes"],
+    ]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _strip_samples(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _strip_samples(v) for k, v in node.items() if not k.endswith("samples_us")}
+    return node
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    """The report as JSON (change-to-live samples kept; per-call samples summarised)."""
+    path.write_text(json.dumps(_strip_samples(report), indent=2, default=str) + "\n")
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """ECDFs of change-to-live (ours vs polling) and of call latency under swaps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = report["targets"]
+    fig, axes = plt.subplots(len(targets), 2, figsize=(12, 4.2 * len(targets)), squeeze=False)
+    for row, (label, target) in enumerate(targets.items()):
+        results = target["results"]
+        ax = axes[row][0]
+        for key, name in (("ours", "plugin-host"), ("polling", "polling reloader (1 s)")):
+            samples = _get(results, "latency", key, "samples_ms")
+            if samples:
+                _ecdf(ax, samples, f"{name} (n={len(samples)})")
+        ax.axvline(10.0, color="grey", linestyle=":", linewidth=1, label="goal: p99 ≤ 10 ms")
+        ax.set_xscale("log")
+        ax.set_xlabel("change-to-live, ms (update ack → first call served)")
+        ax.set_ylabel("fraction of updates")
+        ax.set_title(f"{label}: change-to-live")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+        ax = axes[row][1]
+        for callers, entry in (results.get("swap") or {}).items():
+            if not isinstance(entry, dict):
+                continue
+            for key, kind in (("call_samples_us", "async"), ("sync_call_samples_us", "sync")):
+                samples = entry.get(key)
+                if samples:
+                    _ecdf(ax, samples, f"{callers} callers, {kind} plugins (n={len(samples)})")
+        ax.set_xscale("log")
+        ax.set_xlabel("call latency under swaps, µs")
+        ax.set_ylabel("fraction of calls")
+        ax.set_title(f"{label}: host.call under swaps (every {SAMPLE_EVERY}th call)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    machine = report["machine"]
+    fig.suptitle(
+        f"plugin-host benchmarks ({'quick' if report['config']['quick'] else 'full'} run) — "
+        f"{machine['cpu_count']} CPUs, Python {machine['python']}, "
+        f"commit {machine['git_commit']}, {machine['date']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _ecdf(ax: Any, samples: list[float], label: str) -> None:
+    ordered = sorted(samples)
+    n = len(ordered)
+    ax.step(ordered, [(i + 1) / n for i in range(n)], where="post", label=label)
