@@ -6,15 +6,52 @@ library never does either.
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import signal
+import socket
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import anyio
 import structlog
 import typer
+from pymongo import AsyncMongoClient
+from pymongo.errors import (
+    ConfigurationError,
+    ConnectionFailure,
+    OperationFailure,
+    ServerSelectionTimeoutError,
+)
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.syntax import Syntax
+from rich.table import Table
+
+from . import samples
+from .daemon import StartupError, bind_socket, parse_address, redact_uri, run_daemon
+from .devsync import sync_folder
+from .publish import (
+    Published,
+    PublishError,
+    UnknownPlugin,
+    UnknownRevision,
+    get_record,
+    list_records,
+    plugin_files,
+    publish_dir,
+    publish_file,
+    set_enabled,
+)
+from .publish import delete as delete_plugin
+from .publish import rollback as rollback_plugin
 
 app = typer.Typer(
     name="plugin-host",
@@ -118,9 +155,615 @@ def embedded_mongo(
     anyio.run(main)
 
 
+# -- shared options ---------------------------------------------------------------------
+
+DEFAULT_URI = "mongodb://127.0.0.1:27017/?replicaSet=rs0"
+
+MongoUri = Annotated[
+    str,
+    typer.Option(
+        "--mongodb-uri",
+        envvar="PLUGIN_HOST_MONGODB_URI",
+        help="MongoDB connection string (a replica set: change streams need one).",
+    ),
+]
+Database = Annotated[str, typer.Option("--database", help="Database holding the collection.")]
+Collection = Annotated[
+    str, typer.Option("--collection", help="The functions collection (history: <name>_history).")
+]
+ConnectTimeout = Annotated[
+    float,
+    typer.Option("--connect-timeout", min=0.1, help="Seconds to find a MongoDB server."),
+]
+
+_console = Console()
+_errors = Console(stderr=True)
+
+T = TypeVar("T")
+
+
+def _client(uri: str, server_timeout: float | None) -> AsyncMongoClient[dict[str, Any]]:
+    """A client for ``uri``, or a clear error for a malformed connection string."""
+    options: dict[str, Any] = {}
+    if server_timeout is not None and "serverselectiontimeoutms" not in uri.lower():
+        options["serverSelectionTimeoutMS"] = int(server_timeout * 1000)
+    try:
+        return AsyncMongoClient(uri, **options)
+    except (ConfigurationError, ValueError) as exc:  # InvalidURI; a bad port is a ValueError
+        raise fail(
+            f"invalid --mongodb-uri {redact_uri(uri)!r}: {exc}",
+            f"use a connection string like {DEFAULT_URI}",
+        ) from None
+
+
+def _with_db(uri: str, database: str, timeout: float, job: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``job(db)`` on a fresh client; MongoDB errors become one clear line."""
+
+    async def main() -> T:
+        client = _client(uri, timeout)
+        try:
+            return await job(client[database])
+        finally:
+            await client.close()
+
+    try:
+        return anyio.run(main)
+    except (ServerSelectionTimeoutError, ConnectionFailure) as exc:
+        raise fail(
+            f"MongoDB at {redact_uri(uri)} is not reachable ({type(exc).__name__})",
+            "start MongoDB (or `plugin-host dev`), or pass the right --mongodb-uri "
+            "/ PLUGIN_HOST_MONGODB_URI",
+        ) from None
+    except OperationFailure as exc:
+        message = (exc.details or {}).get("errmsg") or str(exc)
+        raise fail(f"MongoDB refused the operation: {message}") from None
+
+
+def _daemon_socket(address: str, *, next_free: int = 0) -> socket.socket:
+    try:
+        bind_host, port = parse_address(address)
+    except ValueError as exc:
+        raise fail(f"bad --http address: {exc}") from None
+    try:
+        return bind_socket(bind_host, port, next_free=next_free)
+    except OSError as exc:
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise fail(
+            f"cannot listen on {address}: {reason or exc}",
+            "stop the process using it, or pick another --http HOST:PORT (port 0: any free one)",
+        ) from None
+
+
+# -- run ----------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    mongodb_uri: MongoUri = DEFAULT_URI,
+    database: Database = "app",
+    collection: Collection = "functions",
+    http: Annotated[
+        str, typer.Option("--http", help="HOST:PORT to serve the HTTP API on (port 0: any).")
+    ] = "127.0.0.1:8000",
+    log_format: Annotated[
+        str, typer.Option("--log-format", help="json, console or auto (json when not a TTY).")
+    ] = "auto",
+    drain_timeout: Annotated[
+        float,
+        typer.Option("--drain-timeout", min=0, help="Seconds in-flight calls get on SIGTERM."),
+    ] = 30.0,
+    startup_timeout: Annotated[
+        float,
+        typer.Option("--startup-timeout", min=0, help="Seconds to become ready (0: wait forever)."),
+    ] = 30.0,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Put plugin tracebacks in HTTP 500 replies.")
+    ] = False,
+    max_body_bytes: Annotated[
+        int, typer.Option("--max-body-bytes", min=1, help="Largest accepted request body.")
+    ] = 1_048_576,
+) -> None:
+    """Serve the plugins of a MongoDB collection over HTTP, reloading them live.
+
+    While MongoDB is unreachable the daemon retries with backoff and /readyz says 503.
+    SIGTERM/SIGINT: new calls get 503, in-flight calls finish (up to --drain-timeout),
+    teardowns run, and the process exits 0.
+    """
+    _check_log_format(log_format)
+    configure_logging(log_format)
+    sock = _daemon_socket(http)
+    try:
+        client = _client(mongodb_uri, 5.0)
+    except BaseException:
+        sock.close()
+        raise
+
+    async def main() -> None:
+        try:
+            await run_daemon(
+                client[database],
+                sock,
+                collection=collection,
+                mongodb=f"MongoDB at {redact_uri(mongodb_uri)}",
+                drain_timeout=drain_timeout,
+                startup_timeout=startup_timeout,
+                debug=debug,
+                max_body_bytes=max_body_bytes,
+            )
+        finally:
+            await client.close()
+
+    try:
+        anyio.run(main)
+    except StartupError as exc:
+        raise fail(str(exc), exc.hint) from None
+
+
+def _check_log_format(log_format: str) -> None:
+    if log_format not in ("json", "console", "auto"):
+        raise fail(f"unknown --log-format {log_format!r}", "use json, console or auto")
+
+
+# -- dev ----------------------------------------------------------------------------------
+
+
+@app.command()
+def dev(
+    plugins_dir: Annotated[
+        Path, typer.Option("--plugins-dir", help="Folder of plugin files, synced on save.")
+    ] = Path("plugins_examples"),
+    data_dir: Annotated[
+        Path, typer.Option("--data-dir", help="Where the embedded MongoDB keeps its data.")
+    ] = Path(".plugin-host"),
+    mongo_port: Annotated[
+        int,
+        typer.Option(
+            "--mongo-port", min=0, max=65535, help="Embedded MongoDB port (next free if taken)."
+        ),
+    ] = 27017,
+    http: Annotated[
+        str, typer.Option("--http", help="HOST:PORT of the HTTP API (next free port if taken).")
+    ] = "127.0.0.1:8000",
+    database: Database = "app",
+    collection: Collection = "functions",
+    debug: Annotated[
+        bool, typer.Option("--debug/--no-debug", help="Plugin tracebacks in HTTP 500 replies.")
+    ] = True,
+    seed_data: Annotated[
+        bool, typer.Option("--seed/--no-seed", help="Seed sample users and sales.")
+    ] = True,
+) -> None:
+    """Zero-infrastructure development: embedded MongoDB, the example plugins, HTTP, live sync.
+
+    Every save in --plugins-dir is published into the collection (like `push`) and
+    reaches the host through the change stream, like in production.
+    """
+    from .embedded import EmbeddedMongo
+    from .embedded.journal import DataDirLocked
+
+    configure_logging("console")
+    if not plugins_dir.is_dir():
+        raise fail(
+            f"plugins folder {str(plugins_dir)!r} does not exist",
+            "create it, or pass --plugins-dir",
+        )
+    plugins_dir = plugins_dir.resolve()
+    sock = _daemon_socket(http, next_free=20)
+    wanted_port = parse_address(http)[1]
+    log = structlog.get_logger("host.dev")
+
+    async def start_mongo() -> EmbeddedMongo:
+        ports = [mongo_port] if mongo_port == 0 else range(mongo_port, mongo_port + 20)
+        last: OSError | None = None
+        for port in ports:
+            server = EmbeddedMongo(port=port, data_dir=data_dir)
+            try:
+                await server.start()
+            except DataDirLocked:
+                raise fail(
+                    f"data directory {str(data_dir)!r} is in use by another plugin-host dev",
+                    "stop the other one, or pass another --data-dir",
+                ) from None
+            except OSError as exc:
+                await server.aclose()
+                if exc.errno != errno.EADDRINUSE:
+                    raise fail(f"cannot start the embedded MongoDB: {exc}") from None
+                last = exc
+                continue
+            if mongo_port and port != mongo_port:
+                log.warning("dev.mongo_port_taken", wanted=mongo_port, using=port)
+            return server
+        raise fail(
+            f"cannot start the embedded MongoDB: ports {mongo_port}-{mongo_port + 19} are taken"
+            f" ({last})",
+            "pass --mongo-port 0 for any free port",
+        )
+
+    async def main() -> None:
+        server = await start_mongo()
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(server.uri)
+        try:
+            db = client[database]
+            if seed_data:
+                seeded = await samples.seed(db)
+                if any(seeded.values()):
+                    log.info("dev.seeded", **seeded)
+            outcomes = await publish_dir(db, plugins_dir, collection=collection)
+            for outcome in outcomes:
+                if isinstance(outcome, PublishError):
+                    log.error("dev.publish_failed", error=str(outcome))
+            address = sock.getsockname()
+            if wanted_port and address[1] != wanted_port:
+                log.warning("dev.http_port_taken", wanted=wanted_port, using=address[1])
+            url = f"http://{address[0]}:{address[1]}"
+
+            def banner(_: object) -> None:
+                _print_banner(url, server.uri, database, collection, plugins_dir)
+
+            async def sync(stop: anyio.Event) -> None:
+                await sync_folder(db, plugins_dir, stop, collection=collection)
+
+            await run_daemon(
+                db,
+                sock,
+                collection=collection,
+                mongodb=f"the embedded MongoDB at {server.uri}",
+                drain_timeout=5.0,
+                startup_timeout=30.0,
+                debug=debug,
+                on_ready=banner,
+                background=[sync],
+            )
+        finally:
+            await client.close()
+            await server.aclose()
+
+    try:
+        anyio.run(main)
+    except StartupError as exc:
+        raise fail(str(exc), exc.hint) from None
+
+
+def _print_banner(url: str, mongo_uri: str, database: str, collection: str, folder: Path) -> None:
+    try:
+        shown = folder.relative_to(Path.cwd())
+    except ValueError:
+        shown = folder
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold cyan")
+    grid.add_column()
+    grid.add_row("HTTP", f"{url}  (GET /functions, /metrics, /readyz)")
+    grid.add_row("MongoDB", f"{mongo_uri}  (database {database}, collection {collection})")
+    grid.add_row("Plugins", f"{shown}/  — every save is published and hot-swapped")
+    _console.print(Panel(grid, title="plugin-host dev is ready", expand=False))
+    body = json.dumps({"firstName": "Blain", "lastName": "Smith"})
+    # Plain print: a wrapped curl line would not paste.
+    print(
+        f"curl -s -X POST {url}/functions/greet/call -H 'content-type: application/json' "
+        f"-d '{body}'",
+        flush=True,
+    )
+
+
+# -- publishing ---------------------------------------------------------------------------
+
+
+@app.command()
+def push(
+    name: Annotated[str | None, typer.Argument(help="Plugin name.")] = None,
+    file: Annotated[Path | None, typer.Argument(help="The plugin's .py file.")] = None,
+    directory: Annotated[
+        Path | None,
+        typer.Option("--dir", help="Publish every NAME.py of this folder instead."),
+    ] = None,
+    entrypoint: Annotated[
+        str | None, typer.Option("--entrypoint", help="Entrypoint function (default main).")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="New revision even if nothing changed.")
+    ] = False,
+    mongodb_uri: MongoUri = DEFAULT_URI,
+    database: Database = "app",
+    collection: Collection = "functions",
+    connect_timeout: ConnectTimeout = 5.0,
+) -> None:
+    """Publish a plugin file (or a folder of them) as a new revision."""
+    if directory is not None:
+        if name is not None or file is not None:
+            raise fail("give either NAME FILE or --dir DIR, not both")
+        if not directory.is_dir():
+            raise fail(f"folder {str(directory)!r} does not exist")
+        _push_dir(directory, force, mongodb_uri, database, collection, connect_timeout)
+        return
+    if name is None or file is None:
+        raise fail("push needs NAME and FILE", "plugin-host push greet plugins_examples/greet.py")
+    if not file.is_file():
+        raise fail(f"file {str(file)!r} does not exist", "check the path (relative to here)")
+
+    async def job(db: Any) -> Published:
+        return await publish_file(
+            db, file, name=name, entrypoint=entrypoint, collection=collection, force=force
+        )
+
+    try:
+        published = _with_db(mongodb_uri, database, connect_timeout, job)
+    except PublishError as exc:
+        raise fail(str(exc), "fix the file and push again") from None
+    if published.changed:
+        verb = "created" if published.created else "published"
+        _console.print(f"[green]{verb}[/] {name} revision {published.revision}")
+    else:
+        _console.print(
+            f"{name} is unchanged at revision {published.revision} (--force publishes anyway)"
+        )
+
+
+def _push_dir(
+    directory: Path, force: bool, uri: str, database: str, collection: str, timeout: float
+) -> None:
+    files = plugin_files(directory)
+    if not files:
+        raise fail(f"no plugin files (NAME.py) in {str(directory)!r}")
+    failures: list[str] = []
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=_console,
+        transient=not _console.is_terminal,
+    ) as progress:
+        task = progress.add_task("publishing", total=len(files))
+
+        def step(name: str, outcome: Published | PublishError) -> None:
+            if isinstance(outcome, PublishError):
+                failures.append(str(outcome))
+                progress.console.print(f"[red]failed[/] {name}: {outcome}")
+            elif outcome.changed:
+                progress.console.print(f"[green]published[/] {name} revision {outcome.revision}")
+            else:
+                progress.console.print(f"unchanged {name} (revision {outcome.revision})")
+            progress.advance(task)
+
+        async def job(db: Any) -> None:
+            await publish_dir(db, directory, collection=collection, force=force, on_progress=step)
+
+        _with_db(uri, database, timeout, job)
+    if failures:
+        raise fail(
+            f"{len(failures)} of {len(files)} plugins were not published", "fix them and push again"
+        )
+
+
+@app.command("list")
+def list_(
+    mongodb_uri: MongoUri = DEFAULT_URI,
+    database: Database = "app",
+    collection: Collection = "functions",
+    connect_timeout: ConnectTimeout = 5.0,
+) -> None:
+    """List the plugins in the collection."""
+
+    async def job(db: Any) -> list[dict[str, Any]]:
+        return await list_records(db, collection=collection)
+
+    records = _with_db(mongodb_uri, database, connect_timeout, job)
+    if not records:
+        _console.print(f"no plugins in {database}.{collection} (publish one with `push`)")
+        return
+    table = Table(title=f"{database}.{collection}")
+    for column in ("name", "revision", "enabled", "entrypoint", "bytes", "updated"):
+        table.add_column(column, justify="right" if column in ("revision", "bytes") else "left")
+    for rec in records:
+        updated = rec["updatedAt"]
+        table.add_row(
+            rec["name"],
+            str(rec["revision"] if rec["revision"] is not None else "-"),
+            "yes" if rec["enabled"] else "[yellow]no[/]",
+            rec["entrypoint"],
+            str(rec["size"]),
+            updated.strftime("%Y-%m-%d %H:%M:%S") if updated else "-",
+        )
+    _console.print(table)
+
+
+@app.command()
+def show(
+    name: Annotated[str, typer.Argument(help="Plugin name.")],
+    revision: Annotated[
+        int | None, typer.Option("--revision", help="A revision from the history.")
+    ] = None,
+    mongodb_uri: MongoUri = DEFAULT_URI,
+    database: Database = "app",
+    collection: Collection = "functions",
+    connect_timeout: ConnectTimeout = 5.0,
+) -> None:
+    """Show a plugin's source (only the source when piped: `show greet > greet.py`)."""
+
+    async def job(db: Any) -> dict[str, Any]:
+        return await get_record(db, name, revision=revision, collection=collection)
+
+    try:
+        record = _with_db(mongodb_uri, database, connect_timeout, job)
+    except UnknownPlugin as exc:
+        raise fail(str(exc), "`plugin-host list` shows the plugins there are") from None
+    except UnknownRevision as exc:
+        raise fail(str(exc)) from None
+    source = record.get("source") or record.get("fn") or ""
+    if not _console.is_terminal:
+        sys.stdout.write(source if source.endswith("\n") else source + "\n")
+        return
+    rev = record.get("revision")
+    facts = [f"revision {rev}", f"entrypoint {record.get('entrypoint') or 'main'}"]
+    if record.get("enabled") is False:
+        facts.append("[yellow]disabled[/]")
+    when = record.get("updatedAt") or record.get("publishedAt")
+    if when is not None:
+        facts.append(f"published {when:%Y-%m-%d %H:%M:%S}")
+    _console.print(
+        Panel(Syntax(source, "python", line_numbers=True), title=name, subtitle=", ".join(facts))
+    )
+
+
+@app.command()
+def rollback(
+    name: Annotated[str, typer.Argument(help="Plugin name.")],
+    to: Annotated[
+        int | None, typer.Option("--to", help="Revision to go back to (default: the previous).")
+    ] = None,
+    mongodb_uri: MongoUri = DEFAULT_URI,
+    database: Database = "app",
+    collection: Collection = "functions",
+    connect_timeout: ConnectTimeout = 5.0,
+) -> None:
+    """Publish an earlier revision's source again, as a new (higher) revision."""
+
+    async def job(db: Any) -> tuple[Published, int]:
+        return await rollback_plugin(db, name, to=to, collection=collection)
+
+    try:
+        published, source_rev = _with_db(mongodb_uri, database, connect_timeout, job)
+    except UnknownPlugin as exc:
+        raise fail(str(exc), "`plugin-host list` shows the plugins there are") from None
+    except UnknownRevision as exc:
+        raise fail(str(exc), "pick one with --to N") from None
+    _console.print(
+        f"[green]rolled back[/] {name} to the source of revision {source_rev}, "
+        f"published as revision {published.revision}"
+    )
+
+
+def _toggle(name: str, enabled: bool, uri: str, database: str, collection: str, t: float) -> None:
+    async def job(db: Any) -> None:
+        await set_enabled(db, name, enabled, collection=collection)
+
+    try:
+        _with_db(uri, database, t, job)
+    except UnknownPlugin as exc:
+        raise fail(str(exc), "`plugin-host list` shows the plugins there are") from None
+    _console.print(f"{'enabled' if enabled else 'disabled'} {name}")
+
+
+@app.command()
+def enable(
+    name: Annotated[str, typer.Argument(help="Plugin name.")],
+    mongodb_uri: MongoUri = DEFAULT_URI,
+    database: Database = "app",
+    collection: Collection = "functions",
+    connect_timeout: ConnectTimeout = 5.0,
+) -> None:
+    """Enable a plugin: hosts load it again."""
+    _toggle(name, True, mongodb_uri, database, collection, connect_timeout)
+
+
+@app.command()
+def disable(
+    name: Annotated[str, typer.Argument(help="Plugin name.")],
+    mongodb_uri: MongoUri = DEFAULT_URI,
+    database: Database = "app",
+    collection: Collection = "functions",
+    connect_timeout: ConnectTimeout = 5.0,
+) -> None:
+    """Disable a plugin: hosts unload it (the record and its history stay)."""
+    _toggle(name, False, mongodb_uri, database, collection, connect_timeout)
+
+
+@app.command("delete")
+def delete_(
+    name: Annotated[str, typer.Argument(help="Plugin name.")],
+    mongodb_uri: MongoUri = DEFAULT_URI,
+    database: Database = "app",
+    collection: Collection = "functions",
+    connect_timeout: ConnectTimeout = 5.0,
+) -> None:
+    """Delete a plugin's record (its history stays: `rollback` restores it)."""
+
+    async def job(db: Any) -> None:
+        await delete_plugin(db, name, collection=collection)
+
+    try:
+        _with_db(mongodb_uri, database, connect_timeout, job)
+    except UnknownPlugin as exc:
+        raise fail(str(exc), "`plugin-host list` shows the plugins there are") from None
+    _console.print(f"deleted {name}")
+
+
+# -- call ---------------------------------------------------------------------------------
+
+_CALL_HINTS = {
+    404: "publish it with `plugin-host push NAME FILE`, or check the name with `list`",
+    413: "send smaller arguments, or start the daemon with a larger --max-body-bytes",
+    422: "check the arguments",
+    500: "the plugin raised: see the daemon's log (call.failed), or run it with --debug",
+    503: "the daemon is draining or the plugin is saturated: retry shortly",
+    504: "the plugin ran out of time: pass a larger --timeout, or make it faster",
+}
+
+
+@app.command()
+def call(
+    name: Annotated[str, typer.Argument(help="Plugin name.")],
+    args: Annotated[
+        str | None, typer.Option("--args", help='JSON arguments, e.g. \'{"firstName": "Ada"}\'.')
+    ] = None,
+    url: Annotated[str, typer.Option("--url", help="The daemon's HTTP address.")] = (
+        "http://127.0.0.1:8000"
+    ),
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", min=0.001, help="Call timeout in seconds.")
+    ] = None,
+) -> None:
+    """Call a plugin through a running daemon's HTTP API; prints the result as JSON."""
+    body = b""
+    if args is not None:
+        try:
+            body = json.dumps(json.loads(args)).encode()
+        except json.JSONDecodeError as exc:
+            raise fail(
+                f"--args is not valid JSON: {exc}",
+                'quote it for your shell, e.g. --args \'{"firstName": "Ada"}\'',
+            ) from None
+    target = f"{url.rstrip('/')}/functions/{urllib.parse.quote(name, safe='')}/call"
+    if timeout is not None:
+        target += f"?timeout={timeout:g}"
+    request = urllib.request.Request(
+        target, data=body, method="POST", headers={"content-type": "application/json"}
+    )
+    wait = (timeout or 0) + 300.0
+    try:
+        with urllib.request.urlopen(request, timeout=wait) as response:
+            reply = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            error = json.loads(exc.read()).get("error", {})
+            message = f"{error.get('type', 'Error')}: {error.get('message', '')}"
+            if error.get("traceback"):
+                _errors.print(error["traceback"], markup=False, highlight=False)
+        except (ValueError, AttributeError):
+            message = f"HTTP {exc.code} {exc.reason}"
+        raise fail(
+            f"{name} failed with HTTP {exc.code} — {message}", _CALL_HINTS.get(exc.code)
+        ) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise fail(
+            f"the daemon at {url} is not reachable ({reason})",
+            "start it with `make run` / `plugin-host run`, or pass --url",
+        ) from None
+    except ValueError:
+        raise fail(f"the reply from {url} is not JSON: is --url a plugin-host daemon?") from None
+    _errors.print(f"[dim]{reply.get('version')}[/]")
+    if _console.is_terminal:
+        _console.print_json(data=reply.get("result"))
+    else:
+        sys.stdout.write(json.dumps(reply.get("result"), ensure_ascii=False) + "\n")
+
+
 def main() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # Ctrl+C before the daemon took over signals
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,271 @@
+"""The daemon: a :class:`~host.PluginHost` served over HTTP, with readiness and draining.
+
+Life of a daemon (``plugin-host run`` and ``plugin-host dev``):
+
+1. The CLI binds the listening socket itself (a port in use is a clear start-up error,
+   not a traceback from deep inside Uvicorn) and builds the MongoDB client.
+2. The host starts without waiting; HTTP serves at once, so ``/healthz`` answers and
+   ``/readyz`` says 503 while the watcher retries an unreachable MongoDB with backoff.
+3. Ready within ``startup_timeout`` (0: wait forever) or a :class:`StartupError`.
+4. SIGTERM/SIGINT: new calls get 503, the host drains in-flight calls (bounded by its
+   ``drain_timeout``), runs teardowns and closes the stream; then Uvicorn stops.
+
+Uvicorn's own signal handling is switched off: the daemon owns the order of shutdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import math
+import re
+import signal
+import socket
+from collections.abc import Callable, Coroutine, Generator, Sequence
+from typing import Any
+
+import anyio
+import structlog
+import uvicorn
+
+from .http import create_app
+from .metrics import Metrics
+from .runtime import PluginHost
+from .watcher import WatchFatal
+
+__all__ = (
+    "StartupError",
+    "bind_socket",
+    "parse_address",
+    "redact_uri",
+    "run_daemon",
+)
+
+_log = structlog.get_logger("host.daemon")
+
+Background = Callable[[anyio.Event], Coroutine[Any, Any, None]]
+"""A task started once the host is ready; it must return soon after the event is set."""
+
+
+class StartupError(Exception):
+    """The daemon could not start; ``str()`` is one line for the operator.
+
+    Attributes:
+        hint: How to fix it, if there is something to say.
+    """
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with any password replaced by ``***`` (safe to print and log)."""
+    return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", uri)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` (``[::1]:8000`` for IPv6; ``:8000`` binds 127.0.0.1).
+
+    Raises:
+        ValueError: The address has no valid port.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:8000, got {address!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def bind_socket(host: str, port: int, *, next_free: int = 0) -> socket.socket:
+    """A listening TCP socket on ``host:port``.
+
+    Args:
+        host: The address to bind.
+        port: The port (0: any free port).
+        next_free: When the port is taken, try up to this many following ports.
+
+    Raises:
+        OSError: The address cannot be bound (``EADDRINUSE`` when taken).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    last: OSError | None = None
+    for candidate in range(port, port + next_free + 1) if port else [0]:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, candidate))
+            sock.listen(2048)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            continue
+        sock.setblocking(False)
+        return sock
+    assert last is not None
+    raise last
+
+
+class _Server(uvicorn.Server):
+    """Uvicorn without its signal handlers: the daemon decides when and how to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+async def _wait_ready(host: PluginHost, stop: anyio.Event, limit: float) -> str | None:
+    """Wait for readiness; return None when ready (or stopping), else what went wrong."""
+    outcome: list[str | None] = []
+    last_error: list[str] = []
+    done = anyio.Event()
+
+    async def ready() -> None:
+        try:
+            await host.ready()
+            outcome.append(None)
+        except WatchFatal as exc:
+            outcome.append(f"fatal:{exc}")
+        done.set()
+
+    async def stopped() -> None:
+        await stop.wait()
+        done.set()
+
+    async def errors() -> None:
+        async with host.events() as events:
+            async for event in events:
+                if event.event == "watch.error":
+                    last_error[:] = [str(event.get("error", ""))]
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ready)
+        tg.start_soon(stopped)
+        tg.start_soon(errors)
+        with anyio.move_on_after(limit if limit > 0 else math.inf):
+            await done.wait()
+        tg.cancel_scope.cancel()
+    if outcome:
+        return outcome[0]
+    if stop.is_set():
+        return None
+    return "timeout:" + (last_error[0] if last_error else "")
+
+
+async def run_daemon(
+    db: Any,
+    sock: socket.socket,
+    *,
+    collection: str = "functions",
+    mongodb: str = "MongoDB",
+    drain_timeout: float = 30.0,
+    startup_timeout: float = 30.0,
+    debug: bool = False,
+    max_body_bytes: int = 1_048_576,
+    context: dict[str, Any] | None = None,
+    on_ready: Callable[[PluginHost], None] | None = None,
+    background: Sequence[Background] = (),
+) -> None:
+    """Serve ``db[collection]``'s plugins over HTTP on ``sock`` until SIGTERM/SIGINT.
+
+    Args:
+        db: The database (PyMongo ``AsyncDatabase`` or Motor).
+        sock: A bound, listening socket (see :func:`bind_socket`); closed on return.
+        collection: The functions collection.
+        mongodb: How to name the deployment in errors (a redacted URI).
+        drain_timeout: Seconds in-flight calls may run after a stop signal.
+        startup_timeout: Seconds to become ready; 0 waits forever.
+        debug: Plugin tracebacks in HTTP 500 replies.
+        max_body_bytes: Largest accepted request body.
+        context: Host globals for plugins.
+        on_ready: Called once when the host is ready.
+        background: Tasks started when ready and stopped (their event set) on shutdown.
+
+    Raises:
+        StartupError: Not ready in time, or the collection cannot be watched.
+    """
+    host = PluginHost(
+        db, collection, context=context, wait_ready=False, drain_timeout=drain_timeout
+    )
+    metrics = Metrics()
+    app = create_app(host, debug=debug, max_body_bytes=max_body_bytes, metrics=metrics)
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        server_header=False,
+    )
+    server = _Server(config)
+    stop = anyio.Event()
+    problem: str | None = None
+    address = sock.getsockname()
+
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+        async def on_signals() -> None:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if stop.is_set():
+                    _log.warning("daemon.signal_ignored", signal=name, reason="already stopping")
+                    continue
+                _log.info("daemon.stopping", signal=name)
+                stop.set()
+
+        async def serve_http() -> None:
+            try:
+                await server.serve(sockets=[sock])
+            finally:
+                if not stop.is_set():  # Uvicorn gave up by itself (it logged why)
+                    stop.set()
+
+        async with anyio.create_task_group() as tg:
+            signal_scope = anyio.CancelScope()
+
+            async def signals_task() -> None:
+                with signal_scope:
+                    await on_signals()
+
+            tg.start_soon(signals_task)
+            async with host:
+                tg.start_soon(serve_http)
+                problem = await _wait_ready(host, stop, startup_timeout)
+                if problem is None and not stop.is_set():
+                    _log.info(
+                        "daemon.ready",
+                        http=f"http://{_netloc(address)}",
+                        plugins=len(host.plugins()),
+                    )
+                    if on_ready is not None:
+                        on_ready(host)
+                    async with anyio.create_task_group() as jobs:
+                        for job in background:
+                            jobs.start_soon(job, stop)
+                        await stop.wait()
+                app.state.draining = True
+                if problem is None:
+                    _log.info("daemon.draining", drain_timeout_s=drain_timeout)
+            # The host has drained, torn its versions down and closed its stream.
+            server.should_exit = True
+            signal_scope.cancel()
+    sock.close()
+    if problem is None:
+        _log.info("daemon.stopped")
+        return
+    kind, _, detail = problem.partition(":")
+    if kind == "fatal":
+        raise StartupError(detail, "point --mongodb-uri at a replica set (see README)")
+    last = f" (last error: {detail})" if detail else ""
+    raise StartupError(
+        f"{mongodb} is not reachable: not ready within {startup_timeout:g} s{last}",
+        "check that MongoDB runs and --mongodb-uri is right; --startup-timeout 0 waits forever",
+    )
+
+
+def _netloc(address: Any) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,259 @@
+"""The HTTP API (Starlette): call plugins, inspect the registry, health, readiness, metrics.
+
+Routes:
+
+* ``POST /functions/{name}/call`` — the JSON body is the call's ``args`` (empty body:
+  ``None``); ``?timeout=SECONDS`` overrides the plugin's timeout. Replies
+  ``{"result": ..., "version": "greet@r7:3f9a1c2e"}``.
+* ``GET /functions``, ``GET /functions/{name}`` — what the registry serves.
+* ``GET /healthz`` (the process runs), ``GET /readyz`` (initial load done, change stream
+  live, not draining), ``GET /metrics`` (Prometheus text format).
+
+Every error reply is ``{"error": {"type": ..., "message": ...}}`` with a status that says
+who should act: 404 unknown plugin, 413 body too large, 422 bad JSON, 500 the plugin
+failed (``traceback`` too when ``debug``), 503 draining/closed or plugin busy (with
+``Retry-After``: the condition is the server's and passes; 429 would blame the client's
+rate), 504 the call timed out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import math
+import time
+import traceback
+import uuid
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import anyio
+import structlog
+from bson import Decimal128, ObjectId
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from .errors import HostClosed, PluginBusy, PluginFailed, PluginNotFound, PluginTimeout
+from .metrics import Metrics, follow_events
+
+__all__ = ("create_app", "to_json")
+
+_log = structlog.get_logger("host.http")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _default(value: Any) -> Any:
+    # The BSON types plugins get back from ctx.db, in their usual JSON (Extended JSON
+    # relaxed-ish) spelling; anything else is a plugin bug reported as such.
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    if isinstance(value, ObjectId | uuid.UUID):
+        return str(value)
+    if isinstance(value, Decimal128):
+        return str(value.to_decimal())
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=repr)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def to_json(value: Any) -> bytes:
+    """Encode a call result: JSON, plus dates, ObjectIds and decimals as strings.
+
+    Raises:
+        TypeError: The value holds something JSON cannot express.
+        ValueError: The value holds NaN or infinity.
+    """
+    return json.dumps(value, default=_default, allow_nan=False, ensure_ascii=False).encode()
+
+
+def _error(status: int, kind: str, message: str, **extra: Any) -> JSONResponse:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse(
+        {"error": {"type": kind, "message": message, **extra}}, status, headers=headers
+    )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(
+    host: Any,
+    *,
+    debug: bool = False,
+    max_body_bytes: int = 1_048_576,
+    metrics: Metrics | None = None,
+) -> Starlette:
+    """Build the HTTP API over a running :class:`~host.PluginHost`.
+
+    The app's lifespan follows ``host.events()`` to keep the reload metrics; the host's
+    own lifetime is the caller's. Setting ``app.state.draining = True`` refuses new calls
+    (503) before the host itself starts shutting down.
+
+    Args:
+        host: The plugin host.
+        debug: Include plugin tracebacks in 500 replies (they show source lines: keep it
+            off where callers are not trusted).
+        max_body_bytes: Largest accepted request body (413 beyond).
+        metrics: Where to count; a new :class:`Metrics` by default (``app.state.metrics``).
+
+    Returns:
+        The Starlette application.
+    """
+    if metrics is None:
+        metrics = Metrics()
+
+    def draining() -> bool:
+        return bool(app.state.draining or host.draining)
+
+    if metrics.ready is None:
+        metrics.ready = lambda: bool(host.is_ready) and not draining()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow_events, host, metrics)
+            yield
+            tg.cancel_scope.cancel()
+
+    async def call(request: Request) -> Response:
+        name = request.path_params["name"]
+        if draining():
+            metrics.count_call("closed")
+            return _error(503, "HostClosed", "the plugin host is draining: retry on another one")
+        timeout: float | None = None
+        raw_timeout = request.query_params.get("timeout")
+        if raw_timeout is not None:
+            try:
+                timeout = float(raw_timeout)
+            except ValueError:
+                timeout = math.nan
+            if not math.isfinite(timeout) or timeout <= 0:
+                metrics.count_call("bad_request")
+                return _error(
+                    422, "BadRequest", f"timeout must be a positive number, got {raw_timeout!r}"
+                )
+        try:
+            body = await _read_body(request, max_body_bytes)
+        except _BodyTooLarge:
+            metrics.count_call("bad_request")
+            return _error(
+                413, "BodyTooLarge", f"the request body is larger than {max_body_bytes} bytes"
+            )
+        args: Any = None
+        if body.strip():
+            try:
+                args = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                metrics.count_call("bad_request")
+                return _error(422, "BadRequest", f"the request body is not valid JSON: {exc}")
+        current = host.registry.get(name)
+        version = current.version if current is not None else None
+        metrics.in_flight += 1
+        started = time.perf_counter()
+        try:
+            result = await host.call(name, args, timeout=timeout)
+        except PluginNotFound as exc:
+            metrics.count_call("not_found")
+            return _error(404, "PluginNotFound", str(exc))
+        except PluginTimeout as exc:
+            metrics.count_call("timeout", time.perf_counter() - started)
+            return _error(504, "PluginTimeout", str(exc), version=exc.version)
+        except PluginBusy as exc:
+            metrics.count_call("busy")
+            return _error(503, "PluginBusy", str(exc), version=exc.version)
+        except HostClosed as exc:
+            metrics.count_call("closed")
+            return _error(503, "HostClosed", str(exc))
+        except PluginFailed as exc:
+            metrics.count_call("failed", time.perf_counter() - started)
+            extra: dict[str, Any] = {"version": exc.version}
+            if debug:
+                extra["traceback"] = exc.traceback
+            return _error(500, exc.error_type, exc.error_message, **extra)
+        except Exception as exc:  # RequireDepthExceeded and the like: still the call's fault
+            metrics.count_call("failed", time.perf_counter() - started)
+            extra = {"traceback": await anyio.to_thread.run_sync(_format, exc)} if debug else {}
+            return _error(500, type(exc).__name__, str(exc), **extra)
+        finally:
+            metrics.in_flight -= 1
+        metrics.count_call("ok", time.perf_counter() - started)
+        try:
+            content = to_json({"result": result, "version": version})
+        except (TypeError, ValueError) as exc:
+            _log.warning("http.result_not_json", plugin=name, version=version, error=str(exc))
+            return _error(
+                500,
+                "ResultNotSerializable",
+                f"plugin {version or name} returned a result that is not JSON-serialisable: {exc}",
+                version=version,
+            )
+        return Response(
+            content, 200, media_type="application/json", headers={"X-Plugin-Version": version or ""}
+        )
+
+    async def list_functions(request: Request) -> Response:
+        return JSONResponse({"functions": [info.as_dict() for info in host.plugins()]})
+
+    async def get_function(request: Request) -> Response:
+        name = request.path_params["name"]
+        info = host.plugin(name)
+        if info is None:
+            return _error(404, "PluginNotFound", f"plugin {name!r} is not known to this host")
+        return JSONResponse(info.as_dict())
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        ready = bool(host.is_ready)
+        is_draining = draining()
+        ok = ready and not is_draining
+        return JSONResponse(
+            {"ready": ok, "loaded": ready, "draining": is_draining}, 200 if ok else 503
+        )
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return PlainTextResponse(
+            metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    app = Starlette(
+        debug=False,  # our own 500s say what failed; Starlette's debug page is not an API
+        routes=[
+            Route("/functions/{name}/call", call, methods=["POST"]),
+            Route("/functions", list_functions, methods=["GET"]),
+            Route("/functions/{name}", get_function, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.draining = False
+    app.state.metrics = metrics
+    app.state.host = host
+    return app
+
+
+def _format(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))

@@ -1,0 +1,448 @@
+"""Publishing plugins into a functions collection: push, rollback, enable/disable, delete.
+
+These coroutines are what the CLI (``plugin-host push``, ``rollback``...), ``plugin-host
+dev``'s folder sync and the tests share, so a file saved in dev mode travels exactly the
+path a production publish does: record write → change stream → compile → swap.
+
+Revisions only go up. Each publish writes ``revision = max(current, history) + 1`` with a
+compare-and-set on the record's previous revision (no lost update when two publishers
+race; the loser retries), then appends ``{name, revision, source, entrypoint,
+publishedAt}`` to the history collection (``<collection>_history``). A rollback publishes
+an old revision's source as a new, higher revision, so every host converges on it through
+the change stream like on any other publish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import keyword
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+from pymongo import ASCENDING, DESCENDING
+from pymongo.errors import DuplicateKeyError
+
+from .records import is_valid_name
+
+__all__ = (
+    "PublishError",
+    "Published",
+    "UnknownPlugin",
+    "UnknownRevision",
+    "delete",
+    "get_record",
+    "history",
+    "history_collection_name",
+    "list_records",
+    "plugin_files",
+    "plugin_name",
+    "publish",
+    "publish_dir",
+    "publish_file",
+    "rollback",
+    "set_enabled",
+)
+
+_MAX_ATTEMPTS = 20
+
+
+class PublishError(ValueError):
+    """A plugin cannot be published as given (bad name, empty source, syntax error...)."""
+
+
+class UnknownPlugin(LookupError):
+    """No record with this name exists in the functions collection.
+
+    Attributes:
+        name: The name that was looked up.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no plugin named {name!r} in the functions collection")
+        self.name = name
+
+
+class UnknownRevision(LookupError):
+    """The history holds no such revision of the plugin.
+
+    Attributes:
+        name: The plugin name.
+        revision: The revision asked for (None: "the previous one").
+        available: The revisions the history does hold, newest first.
+    """
+
+    def __init__(self, name: str, revision: int | None, available: list[int]) -> None:
+        what = f"revision {revision}" if revision is not None else "previous revision"
+        have = ", ".join(map(str, available)) if available else "none"
+        super().__init__(f"plugin {name!r} has no {what} in its history (have: {have})")
+        self.name = name
+        self.revision = revision
+        self.available = available
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """The outcome of one publish.
+
+    Attributes:
+        name: The plugin name.
+        revision: The record's revision after the publish.
+        changed: False when the source and entrypoint were already current (nothing written).
+        created: True when the record did not exist before.
+    """
+
+    name: str
+    revision: int
+    changed: bool
+    created: bool = False
+
+
+def history_collection_name(collection: str) -> str:
+    """The history collection paired with ``collection`` (``functions`` → ``functions_history``)."""
+    return f"{collection}_history"
+
+
+def _check(name: str, source: str, entrypoint: str | None, check_syntax: bool) -> None:
+    if not is_valid_name(name):
+        raise PublishError(
+            f"invalid plugin name {name!r}: use 1-128 letters, digits, '_', '.' or '-'"
+        )
+    if not source.strip():
+        raise PublishError(f"plugin {name!r}: the source is empty")
+    if entrypoint is not None and (not entrypoint.isidentifier() or keyword.iskeyword(entrypoint)):
+        raise PublishError(f"plugin {name!r}: entrypoint {entrypoint!r} is not a Python identifier")
+    if check_syntax:
+        try:
+            compile(source, f"<plugin {name}>", "exec", dont_inherit=True)
+        except SyntaxError as exc:
+            raise PublishError(
+                f"plugin {name!r}: syntax error on line {exc.lineno}: {exc.msg}"
+            ) from None
+        except ValueError as exc:  # e.g. NUL bytes in the source
+            raise PublishError(f"plugin {name!r}: {exc}") from None
+
+
+async def _last_history_revision(hist: Any, name: str) -> int:
+    last = await hist.find_one({"name": name}, sort=[("revision", DESCENDING)])
+    revision = last.get("revision") if last else None
+    return revision if isinstance(revision, int) else 0
+
+
+async def publish(
+    db: Any,
+    name: str,
+    source: str,
+    *,
+    entrypoint: str | None = None,
+    collection: str = "functions",
+    force: bool = False,
+    check_syntax: bool = True,
+) -> Published:
+    """Insert or update plugin ``name`` with a new, higher revision.
+
+    Args:
+        db: A PyMongo ``AsyncDatabase`` (or a Motor database).
+        name: The plugin name (the record's ``_id``).
+        source: The plugin's Python source.
+        entrypoint: The entrypoint; None keeps the record's (default ``main``).
+        collection: The functions collection.
+        force: Publish a new revision even if source and entrypoint are unchanged.
+        check_syntax: Refuse source that does not compile (the host would refuse it too,
+            and keep the previous version serving).
+
+    Returns:
+        What was published.
+
+    Raises:
+        PublishError: The name, source or entrypoint is invalid.
+    """
+    _check(name, source, entrypoint, check_syntax)
+    coll = db[collection]
+    hist = db[history_collection_name(collection)]
+    await hist.create_index([("name", ASCENDING), ("revision", DESCENDING)], unique=True)
+    for _ in range(_MAX_ATTEMPTS):
+        current: Mapping[str, Any] | None = await coll.find_one({"_id": name})
+        current_rev = current.get("revision") if current else None
+        effective_entry = entrypoint or (current or {}).get("entrypoint") or "main"
+        if (
+            current is not None
+            and not force
+            and (current.get("source") or current.get("fn")) == source
+            and (current.get("entrypoint") or "main") == effective_entry
+            and isinstance(current_rev, int)
+        ):
+            return Published(name, current_rev, changed=False)
+        base = current_rev if isinstance(current_rev, int) else 0
+        revision = max(base, await _last_history_revision(hist, name)) + 1
+        now = datetime.now(UTC)
+        fields: dict[str, Any] = {"source": source, "revision": revision, "updatedAt": now}
+        if entrypoint is not None:
+            fields["entrypoint"] = entrypoint
+        if current is None:
+            try:
+                await coll.insert_one({"_id": name, **fields, "createdAt": now})
+            except DuplicateKeyError:
+                continue  # someone else created it first: publish on top of theirs
+        else:
+            update: dict[str, Any] = {"$set": fields}
+            if "fn" in current:  # a blog-shaped record: 'source' replaces its 'fn'
+                update["$unset"] = {"fn": ""}
+            result = await coll.update_one({"_id": name, "revision": current_rev}, update)
+            if result.matched_count == 0:
+                continue  # a concurrent publish won the compare-and-set: try again on top
+        # A duplicate only happens after a crash between the two writes: the entry is there.
+        with contextlib.suppress(DuplicateKeyError):
+            await hist.insert_one(
+                {
+                    "name": name,
+                    "revision": revision,
+                    "source": source,
+                    "entrypoint": effective_entry,
+                    "publishedAt": now,
+                }
+            )
+        return Published(name, revision, changed=True, created=current is None)
+    raise PublishError(  # pragma: no cover - needs 20 lost races in a row
+        f"plugin {name!r}: gave up after {_MAX_ATTEMPTS} concurrent publishes won the race"
+    )
+
+
+def plugin_files(directory: str | Path) -> list[tuple[str, Path]]:
+    """The plugin files of a folder: ``name.py`` → plugin ``name``, sorted by name.
+
+    Files whose stem is not a valid plugin name, and ``_private.py`` files, are skipped.
+    This lists a directory (blocking): call it from a worker thread in async code.
+
+    Args:
+        directory: The folder.
+
+    Returns:
+        ``(name, path)`` pairs.
+    """
+    found = []
+    for path in sorted(Path(directory).glob("*.py")):
+        if path.is_file() and plugin_name(path) is not None:
+            found.append((path.stem, path))
+    return found
+
+
+def plugin_name(path: str | Path) -> str | None:
+    """The plugin a file publishes as (``greet.py`` → ``greet``), None if it is not a plugin."""
+    p = Path(path)
+    if p.suffix != ".py" or p.stem.startswith("_") or not is_valid_name(p.stem):
+        return None
+    return p.stem
+
+
+async def publish_file(
+    db: Any,
+    path: str | Path,
+    *,
+    name: str | None = None,
+    entrypoint: str | None = None,
+    collection: str = "functions",
+    force: bool = False,
+) -> Published:
+    """Publish one ``.py`` file (read without blocking the event loop).
+
+    Args:
+        db: The database.
+        path: The file.
+        name: The plugin name; default: the file's stem.
+        entrypoint: As :func:`publish`.
+        collection: The functions collection.
+        force: As :func:`publish`.
+
+    Returns:
+        What was published.
+
+    Raises:
+        PublishError: The file cannot be read or its content is not a valid plugin.
+    """
+    name = name or Path(path).stem
+    try:
+        source = await anyio.Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PublishError(f"file {str(path)!r} does not exist") from None
+    except UnicodeDecodeError:
+        raise PublishError(f"file {str(path)!r} is not UTF-8 text") from None
+    except OSError as exc:
+        raise PublishError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    return await publish(
+        db, name, source, entrypoint=entrypoint, collection=collection, force=force
+    )
+
+
+async def publish_dir(
+    db: Any,
+    directory: str | Path,
+    *,
+    collection: str = "functions",
+    force: bool = False,
+    on_progress: Callable[[str, Published | PublishError], None] | None = None,
+) -> list[Published | PublishError]:
+    """Publish every plugin file of a folder (see :func:`plugin_files`).
+
+    One bad file does not stop the others: its :class:`PublishError` is returned in its place.
+
+    Args:
+        db: The database.
+        directory: The folder.
+        collection: The functions collection.
+        force: As :func:`publish`.
+        on_progress: Called after each file with its plugin name and outcome.
+
+    Returns:
+        One outcome per file, in name order.
+
+    Raises:
+        PublishError: The folder does not exist.
+    """
+    if not await anyio.Path(directory).is_dir():
+        raise PublishError(f"folder {str(directory)!r} does not exist")
+    files = await anyio.to_thread.run_sync(plugin_files, directory)
+    outcomes: list[Published | PublishError] = []
+    for name, path in files:
+        outcome: Published | PublishError
+        try:
+            outcome = await publish_file(db, path, name=name, collection=collection, force=force)
+        except PublishError as exc:
+            outcome = exc
+        outcomes.append(outcome)
+        if on_progress is not None:
+            on_progress(name, outcome)
+    return outcomes
+
+
+async def list_records(db: Any, *, collection: str = "functions") -> list[dict[str, Any]]:
+    """Every record of the functions collection, sorted by name (without the source).
+
+    Returns:
+        Dicts with ``name``, ``revision``, ``enabled``, ``entrypoint``, ``size``,
+        ``createdAt``, ``updatedAt``.
+    """
+    out = []
+    async for doc in db[collection].find({}).sort("_id", ASCENDING):
+        source = doc.get("source") or doc.get("fn") or ""
+        out.append(
+            {
+                "name": doc["_id"],
+                "revision": doc.get("revision"),
+                "enabled": doc.get("enabled", True) is not False,
+                "entrypoint": doc.get("entrypoint") or "main",
+                "size": len(source.encode("utf-8")) if isinstance(source, str) else None,
+                "createdAt": doc.get("createdAt"),
+                "updatedAt": doc.get("updatedAt"),
+            }
+        )
+    return out
+
+
+async def get_record(
+    db: Any, name: str, *, revision: int | None = None, collection: str = "functions"
+) -> dict[str, Any]:
+    """The current record of ``name``, or revision ``revision`` from its history.
+
+    Returns:
+        The record (``_id``, ``source``...) or the history entry (``name``, ``revision``,
+        ``source``, ``entrypoint``, ``publishedAt``).
+
+    Raises:
+        UnknownPlugin: There is no such plugin (or, with ``revision``, no history for it).
+        UnknownRevision: The history does not hold ``revision``.
+    """
+    if revision is None:
+        doc = await db[collection].find_one({"_id": name})
+        if doc is None:
+            raise UnknownPlugin(name)
+        return dict(doc)
+    entry = await db[history_collection_name(collection)].find_one(
+        {"name": name, "revision": revision}, {"_id": 0}
+    )
+    if entry is None:
+        available = [h["revision"] for h in await history(db, name, collection=collection)]
+        if not available and await db[collection].find_one({"_id": name}, {"_id": 1}) is None:
+            raise UnknownPlugin(name)
+        raise UnknownRevision(name, revision, available)
+    return dict(entry)
+
+
+async def history(db: Any, name: str, *, collection: str = "functions") -> list[dict[str, Any]]:
+    """The published revisions of ``name``, newest first."""
+    cursor = db[history_collection_name(collection)].find({"name": name}, {"_id": 0})
+    return [dict(doc) async for doc in cursor.sort("revision", DESCENDING)]
+
+
+async def rollback(
+    db: Any, name: str, *, to: int | None = None, collection: str = "functions"
+) -> tuple[Published, int]:
+    """Publish an earlier revision's source again, as a new (higher) revision.
+
+    Args:
+        db: The database.
+        name: The plugin name.
+        to: The revision to go back to; None: the one before the current revision.
+        collection: The functions collection.
+
+    Returns:
+        The new publish and the revision whose source it carries.
+
+    Raises:
+        UnknownPlugin: No such plugin (neither a record nor any history).
+        UnknownRevision: The history does not hold the revision asked for.
+    """
+    current = await db[collection].find_one({"_id": name}, {"revision": 1})
+    entries = await history(db, name, collection=collection)
+    if current is None and not entries:
+        raise UnknownPlugin(name)
+    available = [e["revision"] for e in entries]
+    if to is None:
+        current_rev = (current or {}).get("revision")
+        ceiling = current_rev if isinstance(current_rev, int) else None
+        older = [e for e in entries if ceiling is None or e["revision"] < ceiling]
+        if ceiling is not None and current is not None:
+            target = older[0] if older else None
+        else:  # deleted record: restore the newest published revision
+            target = entries[0] if entries else None
+    else:
+        target = next((e for e in entries if e["revision"] == to), None)
+    if target is None:
+        raise UnknownRevision(name, to, available)
+    published = await publish(
+        db,
+        name,
+        target["source"],
+        entrypoint=target.get("entrypoint") or "main",
+        collection=collection,
+        force=True,
+        check_syntax=False,
+    )
+    return published, int(target["revision"])
+
+
+async def set_enabled(db: Any, name: str, enabled: bool, *, collection: str = "functions") -> None:
+    """Enable or disable plugin ``name`` (a disabled plugin is unloaded by every host).
+
+    Raises:
+        UnknownPlugin: There is no such record.
+    """
+    result = await db[collection].update_one(
+        {"_id": name}, {"$set": {"enabled": enabled, "updatedAt": datetime.now(UTC)}}
+    )
+    if result.matched_count == 0:
+        raise UnknownPlugin(name)
+
+
+async def delete(db: Any, name: str, *, collection: str = "functions") -> None:
+    """Delete plugin ``name``'s record (its history stays, so ``rollback`` can restore it).
+
+    Raises:
+        UnknownPlugin: There is no such record.
+    """
+    result = await db[collection].delete_one({"_id": name})
+    if result.deleted_count == 0:
+        raise UnknownPlugin(name)

@@ -1,0 +1,316 @@
+"""End-to-end tests of the daemon: `plugin-host dev` and `plugin-host run` as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from pymongo import MongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+
+from host.publish import publish
+
+from .support import wait_until
+
+pytestmark = pytest.mark.anyio
+
+Doc = dict[str, Any]
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "plugins_examples"
+GREET_ARGS = {"firstName": "Blain", "lastName": "Smith"}
+# Runs until the file named by its args exists: the test decides when the call ends.
+GATED = """
+import asyncio
+import os
+
+
+async def main(ctx, args):
+    while not os.path.exists(args):
+        await asyncio.sleep(0.01)
+    return "opened"
+"""
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Daemon:
+    """A ``plugin-host`` subprocess whose output goes to files (a full pipe would block it)."""
+
+    def __init__(self, tmp: Path, *args: str, cwd: Path | None = None) -> None:
+        self.out = tmp / "stdout.log"
+        self.err = tmp / "stderr.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("PLUGIN_HOST_MONGODB_URI", None)
+        with self.out.open("wb") as out, self.err.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "host.cli", *args],
+                stdout=out,
+                stderr=err,
+                cwd=cwd or tmp,
+                env=env,
+            )
+
+    def output(self) -> tuple[str, str]:
+        """Everything written so far to stdout and stderr."""
+        return self.out.read_text(), self.err.read_text()
+
+    async def exit_code(self, timeout: float = 30.0) -> int:
+        """Wait for the process to end; its exit code."""
+        await wait_until(
+            lambda: self.proc.poll() is not None,
+            f"the daemon exits; output: {self.output()}",
+            timeout=timeout,
+            interval=0.05,
+        )
+        code = self.proc.returncode
+        assert code is not None
+        return code
+
+    def stop(self) -> None:
+        """Kill the process if it still runs."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    """Daemons a test starts; killed at the end whatever happened."""
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        daemon.stop()
+
+
+async def wait_ready(client: httpx.AsyncClient, daemon: Daemon) -> None:
+    """Poll /readyz until it says 200."""
+
+    async def ready() -> bool:
+        assert daemon.proc.poll() is None, f"the daemon died: {daemon.output()}"
+        try:
+            return (await client.get("/readyz")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    await wait_until(ready, "the daemon is ready", timeout=30.0, interval=0.05)
+
+
+async def test_dev_serves_and_syncs_saved_files(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """`dev` serves greet over HTTP, and an edited plugin file is live on the next calls."""
+    plugins = tmp_path / "plugins"
+    shutil.copytree(EXAMPLES, plugins)
+    http_port = free_port()
+    daemon = Daemon(
+        tmp_path,
+        "dev",
+        "--plugins-dir",
+        str(plugins),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--mongo-port",
+        str(free_port()),
+        "--http",
+        f"127.0.0.1:{http_port}",
+    )
+    daemons.append(daemon)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=10) as client:
+        await wait_ready(client, daemon)
+        reply = await client.post("/functions/greet/call", json=GREET_ARGS)
+        assert reply.json()["result"] == (
+            "Hello there, Blain!!! There are 13 with the same last name as you!"
+        )
+        greet = plugins / "greet.py"
+        greet.write_text(greet.read_text().replace("Hello there", "Howdy"))
+
+        async def edited() -> Any:
+            result = (await client.post("/functions/greet/call", json=GREET_ARGS)).json()
+            return result if result["result"].startswith("Howdy, Blain") else None
+
+        result = await wait_until(edited, "the edited greet serves", interval=0.02)
+        assert result["version"].startswith("greet@r2:")
+        called = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "host.cli",
+                    "call",
+                    "greet",
+                    "--args",
+                    json.dumps(GREET_ARGS),
+                    "--url",
+                    f"http://127.0.0.1:{http_port}",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=30,
+            )
+        )
+        assert called.returncode == 0, called.stderr
+        assert json.loads(called.stdout).startswith("Howdy, Blain")
+        assert "greet@r2:" in called.stderr
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert await daemon.exit_code() == 0
+    out, err = daemon.output()
+    assert "plugin.reloaded" in out
+    assert "curl -s -X POST" in out
+    assert "Traceback" not in err
+
+
+async def test_sigterm_drains_in_flight_calls(
+    mongo_uri: str, db: AsyncDatabase[Doc], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """On SIGTERM `run` finishes the call in flight, refuses new calls with 503, exits 0."""
+    await publish(db, "gated", GATED)
+    await publish(db, "echo", "async def main(ctx, args):\n    return args\n")
+    gate = tmp_path / "open-the-gate"
+    http_port = free_port()
+    daemon = Daemon(
+        tmp_path,
+        "run",
+        "--mongodb-uri",
+        mongo_uri,
+        "--database",
+        db.name,
+        "--http",
+        f"127.0.0.1:{http_port}",
+        "--log-format",
+        "json",
+    )
+    daemons.append(daemon)
+    base = f"http://127.0.0.1:{http_port}"
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        await wait_ready(client, daemon)
+        gated_reply: list[httpx.Response] = []
+        async with anyio.create_task_group() as tg:
+
+            async def call_gated() -> None:
+                gated_reply.append(await client.post("/functions/gated/call", json=str(gate)))
+
+            tg.start_soon(call_gated)
+
+            async def in_flight() -> bool:
+                return "plugin_host_in_flight_calls 1" in (await client.get("/metrics")).text
+
+            await wait_until(in_flight, "the gated call is in flight")
+            daemon.proc.send_signal(signal.SIGTERM)
+
+            async def refused() -> httpx.Response | None:
+                reply = await client.post("/functions/echo/call", json=1)
+                return reply if reply.status_code == 503 else None
+
+            refusal = await wait_until(refused, "new calls are refused")
+            assert not gated_reply, "the call in flight ended before its gate opened"
+            gate.touch()
+        assert refusal.json()["error"]["type"] == "HostClosed"
+        assert gated_reply[0].status_code == 200
+        assert gated_reply[0].json()["result"] == "opened"
+    assert await daemon.exit_code() == 0
+    out, err = daemon.output()
+    assert '"event": "daemon.draining"' in out
+    assert "Traceback" not in err
+
+
+async def start_failure(tmp_path: Path, daemons: list[Daemon], *args: str) -> str:
+    """Run `plugin-host run ARGS`, expect a non-zero exit, return stderr."""
+    daemon = Daemon(tmp_path, "run", "--log-format", "json", *args)
+    daemons.append(daemon)
+    assert await daemon.exit_code() != 0
+    _, err = daemon.output()
+    assert "Traceback" not in err
+    assert err.startswith("error: "), err
+    return err
+
+
+async def test_unreachable_mongodb_fails_after_startup_timeout(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """With nothing listening at the URI, `run` gives up after --startup-timeout, clearly."""
+    uri = f"mongodb://127.0.0.1:{free_port()}/?replicaSet=rs0&serverSelectionTimeoutMS=300"
+    err = await start_failure(
+        tmp_path,
+        daemons,
+        "--mongodb-uri",
+        uri,
+        "--startup-timeout",
+        "1",
+        "--http",
+        "127.0.0.1:0",
+    )
+    assert "is not reachable: not ready within 1 s" in err
+    assert "hint: " in err
+
+
+async def test_bad_uri_fails_clearly(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """A malformed connection string is one clear error line."""
+    err = await start_failure(
+        tmp_path, daemons, "--mongodb-uri", "mongodb://127.0.0.1:notaport", "--http", "127.0.0.1:0"
+    )
+    assert "invalid --mongodb-uri" in err
+
+
+async def test_http_port_in_use_fails_clearly(
+    mongo_uri: str, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """An HTTP port already taken is one clear error line, not a Uvicorn traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        err = await start_failure(
+            tmp_path, daemons, "--mongodb-uri", mongo_uri, "--http", f"127.0.0.1:{port}"
+        )
+    assert "address already in use" in err
+
+
+async def test_standalone_server_fails_clearly(
+    mongo_uri: str, using_embedded: bool, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """A deployment without change streams (standalone: error 40573) fails with WatchFatal's line.
+
+    The embedded server is always a replica set, so a failCommand failpoint scoped to
+    this test's appName makes its aggregate answer like a standalone server does.
+    """
+    if not using_embedded:
+        pytest.skip("needs the embedded server's failCommand failpoint")
+    app_name = "standalone-sim"
+    admin: MongoClient[Doc]
+    with MongoClient(mongo_uri) as admin:
+        admin.admin.command(
+            "configureFailPoint",
+            "failCommand",
+            mode="alwaysOn",
+            data={"failCommands": ["aggregate"], "errorCode": 40573, "appName": app_name},
+        )
+        try:
+            sep = "&" if "?" in mongo_uri else "/?"
+            err = await start_failure(
+                tmp_path,
+                daemons,
+                "--mongodb-uri",
+                f"{mongo_uri}{sep}appName={app_name}",
+                "--http",
+                "127.0.0.1:0",
+            )
+        finally:
+            admin.admin.command("configureFailPoint", "failCommand", mode="off")
+    assert "standalone" in err
+    assert "replica set" in err
