@@ -16,6 +16,7 @@ time and the thread exits whenever the C call returns.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ctypes
 import enum
 import inspect
@@ -27,6 +28,7 @@ import types
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -44,6 +46,7 @@ __all__ = (
     "Plugin",
     "ThreadInterrupted",
     "compile_plugin",
+    "compile_plugins",
     "format_plugin_traceback",
     "module_name",
     "plugin_filename",
@@ -277,6 +280,12 @@ class Plugin:
     task_group: TaskGroup | None = field(default=None, init=False)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set, init=False)
     drained: anyio.Event | None = field(default=None, init=False)
+    # Set by the registry while the version is installed: starts its supervisor on the
+    # first ``spawn`` (most versions never spawn, so none is started for them).
+    supervise: Callable[[Plugin], None] | None = field(default=None, init=False)
+    spawn_queue: list[tuple[contextvars.Context, Callable[[], None]]] = field(
+        default_factory=list, init=False
+    )
     _retired: anyio.Event = field(default_factory=anyio.Event, init=False)
     _lines: tuple[int, None, list[str], str] | None = field(default=None, init=False)
 
@@ -331,9 +340,27 @@ class Plugin:
             RuntimeError: If the version is not installed or already retired.
         """
         tg = self.task_group
-        if tg is None:
+        name = f"{self.version}:{func!r}"
+        if tg is not None:
+            tg.start_soon(self._run_spawned, func, args, name=name)
+            return
+        supervise = self.supervise
+        if supervise is None:
             raise RuntimeError(f"plugin {self.version} is not running; cannot spawn tasks")
-        tg.start_soon(self._run_spawned, func, args, name=f"{self.version}:{func!r}")
+        # The supervisor starts on the next loop turn and then starts the queued tasks,
+        # each in the context of its ``spawn`` call (as ``tg.start_soon`` here would).
+        if not self.spawn_queue:
+            supervise(self)
+        self.spawn_queue.append(
+            (contextvars.copy_context(), partial(self._start_queued, func, args, name))
+        )
+
+    def _start_queued(
+        self, func: Callable[..., Awaitable[Any]], args: tuple[Any, ...], name: str
+    ) -> None:
+        tg = self.task_group
+        assert tg is not None
+        tg.start_soon(self._run_spawned, func, args, name=name)
 
     async def _run_spawned(
         self, func: Callable[..., Awaitable[Any]], args: tuple[Any, ...]
@@ -383,6 +410,8 @@ class Plugin:
         self.teardown = None
         self.state = None
         self.task_group = None
+        self.supervise = None
+        self.spawn_queue.clear()
         self.tasks.clear()
         self.phase = Phase.RETIRED
         self._retired.set()
@@ -401,7 +430,7 @@ class _Loader:
     host (many sync plugins in threads) would then fail healthy loads.
     """
 
-    __slots__ = ("_clock", "_cpu_start", "filename", "module", "record")
+    __slots__ = ("_clock", "_cpu_start", "filename", "module", "record", "wall_s")
 
     def __init__(self, record: PluginRecord, module: types.ModuleType, filename: str) -> None:
         self.record = record
@@ -409,6 +438,7 @@ class _Loader:
         self.filename = filename
         self._clock: int | None = None
         self._cpu_start = 0.0
+        self.wall_s = 0.0
 
     def cpu_seconds(self) -> float:
         """CPU time the running top level has used so far (0 before it starts)."""
@@ -421,6 +451,13 @@ class _Loader:
             return 0.0
 
     def run(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._run()
+        finally:
+            self.wall_s = time.perf_counter() - started
+
+    def _run(self) -> None:
         record = self.record
         if hasattr(time, "pthread_getcpuclockid"):
             clock = time.pthread_getcpuclockid(threading.get_ident())
@@ -485,13 +522,8 @@ async def _run_top_level(
                 scope.cancel()
                 return
 
-    try:
-        gate = _load_gate.get()
-    except LookupError:
-        gate = anyio.Semaphore(_LOAD_THREADS)
-        _load_gate.set(gate)
     failure: Exception | None = None
-    async with gate:
+    async with _gate():
         with anyio.move_on_after(wall_limit) as wall:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(watchdog, tg.cancel_scope)
@@ -515,6 +547,207 @@ async def _run_top_level(
             f"top-level code {bound} (a pure-Python loop is interrupted; a blocking C "
             "call keeps its thread until it returns)",
         )
+
+
+class _BatchRunner:
+    """Runs several versions' top levels one after another in ONE worker thread.
+
+    A cold start of thousands of records would otherwise pay a thread hop and a watchdog
+    per record. The bound stays per record: each record runs in its own :class:`_Loader`,
+    which reads the thread's CPU clock from that record's start, and the runner exposes the
+    one running now (``current``) to a single watchdog on the loop. ``interrupt`` stops the
+    thread only while that same record still runs (checked under the lock the thread takes
+    before starting each record), so a verdict never lands on the next record; the thread
+    then runs nothing more, and the loop runs the remaining records in a new hop.
+    """
+
+    __slots__ = (
+        "_ident",
+        "_injected",
+        "_lock",
+        "_next",
+        "_running",
+        "_stopped",
+        "current",
+        "current_started",
+        "loaders",
+        "outcomes",
+    )
+
+    def __init__(self, loaders: list[_Loader]) -> None:
+        self.loaders = loaders
+        self.outcomes: dict[int, Exception | None] = {}  # index -> failure (None: ok)
+        self.current: int | None = None
+        self.current_started = 0.0
+        self._lock = threading.Lock()
+        self._next = 0
+        self._ident = 0
+        self._running = False
+        self._stopped = False
+        self._injected = False
+
+    def run(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._ident = threading.get_ident()
+            self._running = True
+        try:
+            while True:
+                with self._lock:
+                    if self._stopped or self._next >= len(self.loaders):
+                        self.current = None
+                        return
+                    index = self.current = self._next
+                    self._next += 1
+                    self.current_started = time.monotonic()
+                try:
+                    self.loaders[index].run()
+                except ThreadInterrupted:
+                    raise
+                except Exception as exc:  # CompileError (syntax, import), kept per record
+                    self.outcomes[index] = exc
+                else:
+                    self.outcomes[index] = None
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        while True:
+            try:
+                with self._lock:
+                    self._running = False
+                    self._stopped = True
+                    if self._injected:
+                        _set_async_exc(self._ident, None)
+                return
+            except ThreadInterrupted:
+                continue  # delivered just now: the batch is over anyway
+
+    def over_bound(self, exec_timeout: float, wall_limit: float) -> tuple[int, bool] | None:
+        """The running record if it is past its bound: ``(index, over_cpu)``, else None."""
+        index = self.current
+        if index is None:
+            return None
+        loader = self.loaders[index]
+        wall = time.monotonic() - self.current_started
+        if loader._clock is None and not hasattr(time, "pthread_getcpuclockid"):
+            cpu = wall
+        else:
+            cpu = loader.cpu_seconds()
+        if cpu > exec_timeout:
+            return index, True
+        if wall > wall_limit:
+            return index, False
+        return None
+
+    def interrupt(self, index: int) -> bool:
+        """Stop the thread if record ``index`` is still the one running; return whether."""
+        with self._lock:
+            if self.current != index or not self._running or self._stopped:
+                return False
+            self._stopped = True
+            if not self._injected:
+                self._injected = True
+                if _set_async_exc(self._ident, ThreadInterrupted) != 1:  # pragma: no cover
+                    _set_async_exc(self._ident, None)
+            return True
+
+    def abandon(self) -> None:
+        """The loop gave up on the hop (cancelled): run nothing more, stop what runs."""
+        with self._lock:
+            self._stopped = True
+            if self._running and not self._injected:
+                self._injected = True
+                if _set_async_exc(self._ident, ThreadInterrupted) != 1:  # pragma: no cover
+                    _set_async_exc(self._ident, None)
+
+
+def _timeout_error(record: PluginRecord, exec_timeout: float, over_cpu: bool) -> CompileError:
+    wall_limit = max(10 * exec_timeout, 1.0)
+    bound = (
+        f"used more than {exec_timeout:g} s of CPU time"
+        if over_cpu
+        else f"did not finish within {wall_limit:g} s"
+    )
+    return CompileError(
+        record.name,
+        record.version,
+        "timeout",
+        f"top-level code {bound} (a pure-Python loop is interrupted; a blocking C "
+        "call keeps its thread until it returns)",
+    )
+
+
+def _gate() -> anyio.Semaphore:
+    try:
+        return _load_gate.get()
+    except LookupError:
+        gate = anyio.Semaphore(_LOAD_THREADS)
+        _load_gate.set(gate)
+        return gate
+
+
+def _limiter() -> anyio.CapacityLimiter:
+    try:
+        return _load_limiter.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(_LOAD_THREADS)
+        _load_limiter.set(limiter)
+        return limiter
+
+
+async def _run_batch(
+    loaders: list[_Loader], exec_timeout: float, limiter: anyio.CapacityLimiter
+) -> list[Exception | None]:
+    """Run top levels in as few thread hops as possible, each bounded like one load.
+
+    Returns one outcome per loader: None, or the :class:`CompileError` it failed with
+    (``stage="timeout"`` for the record the watchdog stopped; the records after it run
+    in a fresh hop).
+    """
+    wall_limit = max(10 * exec_timeout, 1.0)
+    interval = min(0.05, exec_timeout / 10)
+    outcomes: list[Exception | None] = [None] * len(loaders)
+    start = 0
+    while start < len(loaders):
+        runner = _BatchRunner(loaders[start:])
+        verdict: tuple[int, bool] | None = None
+        failure: Exception | None = None
+
+        async def watchdog(scope: anyio.CancelScope, runner: _BatchRunner) -> None:
+            nonlocal verdict
+            while True:
+                await anyio.sleep(interval)
+                over = runner.over_bound(exec_timeout, wall_limit)
+                if over is not None and runner.interrupt(over[0]):
+                    verdict = over
+                    scope.cancel()
+                    return
+
+        async with _gate(), anyio.create_task_group() as tg:
+            tg.start_soon(watchdog, tg.cancel_scope, runner)
+            try:
+                await anyio.to_thread.run_sync(runner.run, limiter=limiter, abandon_on_cancel=True)
+            except anyio.get_cancelled_exc_class():
+                runner.abandon()  # the watchdog's verdict, or cancelled from outside
+                raise
+            except ThreadInterrupted:
+                pass  # the watchdog stopped the thread; `verdict` says where
+            except Exception as exc:  # raised below, not wrapped in an ExceptionGroup
+                failure = exc
+            tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        for index, outcome in runner.outcomes.items():
+            outcomes[start + index] = outcome
+        if verdict is None:
+            break
+        index, over_cpu = verdict
+        record = loaders[start + index].record
+        outcomes[start + index] = _timeout_error(record, exec_timeout, over_cpu)
+        start += index + 1
+    return outcomes
 
 
 def _resolve_callable(record: PluginRecord, namespace: dict[str, Any], attr: str) -> Any:
@@ -552,51 +785,96 @@ async def compile_plugin(
         CompileError: With ``stage`` ``"syntax"``, ``"import"``, ``"timeout"`` or
             ``"entrypoint"``.
     """
-    filename = plugin_filename(record)
-    module = types.ModuleType(module_name(record))
-    module.__file__ = filename
-    try:
-        limiter = _load_limiter.get()
-    except LookupError:
-        limiter = anyio.CapacityLimiter(_LOAD_THREADS)
-        _load_limiter.set(limiter)
-
+    limiter = _limiter()
     started = time.perf_counter()
-    # The placeholder entrypoint is replaced below; the Plugin exists first so that its
-    # linecache entry is registered before the top level runs (import tracebacks).
-    plugin = Plugin(record, module, _released_entrypoint, is_async=False)
-    plugin._register_lines()
+    plugin, loader = _prepare(record)
     try:
-        await _run_top_level(_Loader(record, module, filename), exec_timeout, limiter)
-
-        namespace = module.__dict__
-        entrypoint = _resolve_callable(record, namespace, record.entrypoint)
-        if entrypoint is None:
-            raise CompileError(
-                record.name,
-                record.version,
-                "entrypoint",
-                f"entrypoint {record.entrypoint!r} is not defined at the top level",
-            )
-        if inspect.isasyncgenfunction(entrypoint) or inspect.isgeneratorfunction(entrypoint):
-            raise CompileError(
-                record.name,
-                record.version,
-                "entrypoint",
-                f"entrypoint {record.entrypoint!r} is a generator function; "
-                "it must return its result",
-            )
-        plugin.entrypoint = entrypoint
-        plugin.is_async = inspect.iscoroutinefunction(entrypoint)
-        plugin.setup = _resolve_callable(record, namespace, "setup")
-        plugin.teardown = _resolve_callable(record, namespace, "teardown")
+        await _run_top_level(loader, exec_timeout, limiter)
+        _resolve(plugin)
     except BaseException:
         plugin.release()
         raise
+    return _finish(plugin, default_max_concurrency, time.perf_counter() - started)
 
-    max_concurrency = record.max_concurrency or default_max_concurrency
+
+async def compile_plugins(
+    records: list[PluginRecord],
+    *,
+    exec_timeout: float = 1.0,
+    default_max_concurrency: int | None = None,
+) -> list[Plugin | CompileError]:
+    """Compile many records with few thread hops (a cold start or a resync).
+
+    Each record is bounded exactly as by :func:`compile_plugin`: ``exec_timeout`` seconds
+    of its own CPU time (``10 x`` of wall time), measured from its own start; one that
+    overruns fails with ``stage="timeout"`` and the others still load.
+
+    Args:
+        records: The validated records.
+        exec_timeout: Bound in seconds on each record's top-level code.
+        default_max_concurrency: Concurrency limit for records that set none.
+
+    Returns:
+        One entry per record, in order: the loaded version or the :class:`CompileError`.
+    """
+    prepared = [_prepare(record) for record in records]
+    outcomes = await _run_batch([loader for _, loader in prepared], exec_timeout, _limiter())
+    results: list[Plugin | CompileError] = []
+    for (plugin, loader), outcome in zip(prepared, outcomes, strict=True):
+        try:
+            if outcome is not None:
+                raise outcome
+            _resolve(plugin)
+        except CompileError as exc:
+            plugin.release()
+            results.append(exc)
+            continue
+        except BaseException:
+            plugin.release()
+            raise
+        results.append(_finish(plugin, default_max_concurrency, loader.wall_s))
+    return results
+
+
+def _prepare(record: PluginRecord) -> tuple[Plugin, _Loader]:
+    filename = plugin_filename(record)
+    module = types.ModuleType(module_name(record))
+    module.__file__ = filename
+    # The placeholder entrypoint is replaced by _resolve; the Plugin exists first so that
+    # its linecache entry is registered before the top level runs (import tracebacks).
+    plugin = Plugin(record, module, _released_entrypoint, is_async=False)
+    plugin._register_lines()
+    return plugin, _Loader(record, module, filename)
+
+
+def _resolve(plugin: Plugin) -> None:
+    record = plugin.record
+    namespace = plugin.module.__dict__
+    entrypoint = _resolve_callable(record, namespace, record.entrypoint)
+    if entrypoint is None:
+        raise CompileError(
+            record.name,
+            record.version,
+            "entrypoint",
+            f"entrypoint {record.entrypoint!r} is not defined at the top level",
+        )
+    if inspect.isasyncgenfunction(entrypoint) or inspect.isgeneratorfunction(entrypoint):
+        raise CompileError(
+            record.name,
+            record.version,
+            "entrypoint",
+            f"entrypoint {record.entrypoint!r} is a generator function; it must return its result",
+        )
+    plugin.entrypoint = entrypoint
+    plugin.is_async = inspect.iscoroutinefunction(entrypoint)
+    plugin.setup = _resolve_callable(record, namespace, "setup")
+    plugin.teardown = _resolve_callable(record, namespace, "teardown")
+
+
+def _finish(plugin: Plugin, default_max_concurrency: int | None, seconds: float) -> Plugin:
+    max_concurrency = plugin.record.max_concurrency or default_max_concurrency
     if max_concurrency is not None:
         plugin.limiter = anyio.Semaphore(max_concurrency)
-    plugin.compile_ms = (time.perf_counter() - started) * 1000.0
+    plugin.compile_ms = seconds * 1000.0
     plugin.loaded_at = datetime.now(UTC)
     return plugin

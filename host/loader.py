@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -21,14 +21,20 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from .compiler import compile_plugin
+from .compiler import Plugin, compile_plugin, compile_plugins
 from .errors import CompileError, HostClosed, RecordError
 from .events import EventBus
 from .records import PluginRecord, parse_record
 from .registry import Registry
 from .types import ContextFactory, Document
 
-__all__ = ("Change", "Loader", "PluginInfo", "RecordVerifier")
+__all__ = ("BATCH_SIZE", "INITIAL", "Change", "Loader", "PluginInfo", "RecordVerifier")
+
+BATCH_SIZE = 64
+"""Records per batch in :meth:`Loader.submit_many` (one worker-thread hop each)."""
+
+INITIAL = "initial"
+"""The ``reason`` of the changes of the initial load."""
 
 RecordVerifier = Callable[[PluginRecord, PluginRecord | None], Awaitable[None] | None]
 """Checks a record before it compiles (signatures); raises ``RecordError`` to refuse it."""
@@ -84,6 +90,18 @@ class PluginInfo:
             "status": self.status,
             "last_error": self.last_error,
         }
+
+
+@dataclass(slots=True)
+class _Job:
+    """A validated change waiting for its version to compile and install."""
+
+    change: Change
+    slot: _Slot
+    record: PluginRecord
+    serving: str | None
+    had_current: bool
+    started: float
 
 
 @dataclass(slots=True)
@@ -179,27 +197,45 @@ class Loader:
                 except HostClosed:
                     return
         finally:
-            slot.busy = False
-            self._busy -= 1
-            if self._busy == 0:
-                self._idle.set()
-            if slot.info is None and slot.pending is None:
-                self._slots.pop(name, None)
+            self._release(name, slot)
+
+    def _release(self, name: str, slot: _Slot) -> None:
+        slot.busy = False
+        self._busy -= 1
+        if self._busy == 0:
+            self._idle.set()
+        if slot.info is None and slot.pending is None:
+            self._slots.pop(name, None)
 
     async def _apply(self, change: Change, slot: _Slot) -> None:
+        job = await self._prepare(change, slot)
+        if job is None:
+            return
+        try:
+            plugin: Plugin | CompileError = await compile_plugin(
+                job.record,
+                exec_timeout=self._exec_timeout,
+                default_max_concurrency=self._default_max_concurrency,
+            )
+        except CompileError as exc:
+            plugin = exc
+        await self._install(job, plugin)
+
+    async def _prepare(self, change: Change, slot: _Slot) -> _Job | None:
+        """Validate, verify or unload; the job to compile, or None if nothing is left."""
         name = change.name
         current = self._registry.get(name)
         serving = current.version if current else None
         if change.document is None:
             await self._unload(name, slot, change.reason)
-            return
+            return None
         try:
             record = parse_record(change.document, max_source_bytes=self._max_source_bytes)
             if not record.enabled:
                 await self._unload(name, slot, "disabled", record=record)
-                return
+                return None
             if current is not None and current.record == record:
-                return  # nothing that matters changed (e.g. only updatedAt was touched)
+                return None  # nothing that matters changed (e.g. only updatedAt was touched)
             if self._verifier is not None:
                 checked = self._verifier(record, current.record if current else None)
                 if checked is not None:
@@ -216,14 +252,17 @@ class Loader:
                 **exc.details,
             )
             self._fail(slot, name, str(exc), current is not None)
-            return
-        started = time.perf_counter()
+            return None
+        return _Job(change, slot, record, serving, current is not None, time.perf_counter())
+
+    async def _install(self, job: _Job, compiled: Plugin | CompileError) -> None:
+        """Install a compiled version (or report its failure) and emit the event."""
+        change, slot, record, serving = job.change, job.slot, job.record, job.serving
+        name = change.name
         try:
-            plugin = await compile_plugin(
-                record,
-                exec_timeout=self._exec_timeout,
-                default_max_concurrency=self._default_max_concurrency,
-            )
+            if isinstance(compiled, CompileError):
+                raise compiled
+            plugin = compiled
             old = await self._registry.install(plugin, self._ctx_factory)
         except CompileError as exc:
             self._events.emit(
@@ -236,7 +275,7 @@ class Loader:
                 traceback=exc.traceback,
                 serving=serving,
             )
-            self._fail(slot, name, str(exc), current is not None)
+            self._fail(slot, name, str(exc), job.had_current)
             return
         except HostClosed:
             raise
@@ -251,9 +290,9 @@ class Loader:
                 traceback="".join(traceback.format_exception(exc)),
                 serving=serving,
             )
-            self._fail(slot, name, str(exc), current is not None)
+            self._fail(slot, name, str(exc), job.had_current)
             return
-        live_ms = (time.perf_counter() - started) * 1000.0
+        live_ms = (time.perf_counter() - job.started) * 1000.0
         fields: dict[str, Any] = {
             "plugin": name,
             "version": plugin.version,
@@ -277,11 +316,85 @@ class Loader:
             status="serving",
         )
         if old is None:
-            self._events.emit("plugin.loaded", **fields)
+            # The initial load logs one summary line (`watch.started`); each version's
+            # `plugin.loaded` still reaches subscribers, and the log at debug level.
+            level = "debug" if change.reason == INITIAL else "info"
+            self._events.emit("plugin.loaded", level, **fields)
         else:
             self._events.emit(
                 "plugin.reloaded", old_version=old.version, new_version=plugin.version, **fields
             )
+
+    # -- batches (initial load, resync) ---------------------------------------------------
+
+    def submit_many(self, changes: Iterable[Change]) -> None:
+        """Queue many changes at once (a snapshot); the newest change per name wins.
+
+        Names with no worker load in batches of up to :data:`BATCH_SIZE` records: one
+        worker-thread hop compiles a whole batch, each record still under its own
+        ``exec_timeout``. Names already loading get the change as :meth:`submit` gives it.
+        Never blocks.
+        """
+        assert self._tg is not None, "Loader.bind() was not called"
+        batch: list[tuple[str, _Slot]] = []
+        for change in changes:
+            slot = self._slots.get(change.name)
+            if slot is None:
+                slot = self._slots[change.name] = _Slot()
+            slot.pending = change
+            if slot.busy:
+                continue  # its worker (or the batch holding it) takes the newest change
+            slot.busy = True
+            if self._busy == 0:
+                self._idle = anyio.Event()
+            self._busy += 1
+            batch.append((change.name, slot))
+            if len(batch) >= BATCH_SIZE:
+                self._tg.start_soon(self._work_batch, batch, name="load batch")
+                batch = []
+        if batch:
+            self._tg.start_soon(self._work_batch, batch, name="load batch")
+
+    async def _work_batch(self, items: list[tuple[str, _Slot]]) -> None:
+        closed = False
+        try:
+            jobs: list[_Job] = []
+            for _, slot in items:
+                change, slot.pending = slot.pending, None
+                if change is None:  # pragma: no cover - a batch member always has one
+                    continue
+                job = await self._prepare(change, slot)
+                if job is not None:
+                    jobs.append(job)
+            if jobs:
+                compiled = await compile_plugins(
+                    [job.record for job in jobs],
+                    exec_timeout=self._exec_timeout,
+                    default_max_concurrency=self._default_max_concurrency,
+                )
+                # Versions without a setup hook install at once, in order; those with one
+                # install concurrently, so one slow setup does not hold up the batch.
+                async with anyio.create_task_group() as tg:
+                    for job, plugin in zip(jobs, compiled, strict=True):
+                        if isinstance(plugin, Plugin) and plugin.setup is not None:
+                            tg.start_soon(self._install, job, plugin)
+                        else:
+                            await self._install(job, plugin)
+        except HostClosed:
+            closed = True
+        except BaseExceptionGroup as group:
+            matched, rest = group.split(HostClosed)
+            closed = matched is not None
+            if rest is not None:
+                raise rest from None
+        finally:
+            assert self._tg is not None
+            for name, slot in items:
+                if slot.pending is not None and not closed:
+                    # A newer change arrived while the batch ran: a worker of its own.
+                    self._tg.start_soon(self._work, name, slot, name=f"load {name}")
+                else:
+                    self._release(name, slot)
 
     async def _unload(
         self, name: str, slot: _Slot, reason: str, record: PluginRecord | None = None

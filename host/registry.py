@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import anyio
 import structlog
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskGroup
 
 from .compiler import Phase, Plugin, format_plugin_traceback, run_sync_interruptible
 from .context import Context
@@ -260,19 +260,16 @@ class Registry:
             HostClosed: If the registry is closed.
             ValueError: If ``plugin`` was installed before.
         """
-        tg = self._require_open()
+        self._require_open()
         if plugin.phase is not Phase.LOADED:
             raise ValueError(f"{plugin!r} was already installed; compile a new version")
         name = plugin.name
         async with self._lock_for(name):
             plugin.phase = Phase.STARTING
-            done = self._supervisors[plugin] = anyio.Event()
+            # The supervisor (the task group of ctx.spawn) starts on the first spawn:
+            # a cold start of thousands of versions that never spawn starts none.
+            plugin.supervise = self._start_supervisor
             try:
-                with _untracked():
-                    await tg.start(
-                        self._supervise, plugin, done, name=f"supervise {plugin.version}"
-                    )
-                self._require_open()
                 await self._run_setup(plugin, ctx_factory)
             except BaseException:
                 with anyio.CancelScope(shield=True):
@@ -321,17 +318,28 @@ class Registry:
     def _lock_for(self, name: str) -> anyio.Lock:
         lock = self._locks.get(name)
         if lock is None:
-            lock = self._locks[name] = anyio.Lock()
+            # fast_acquire: an uncontended install/remove skips the scheduling checkpoint
+            # (a cold start installs thousands of names, each lock taken once).
+            lock = self._locks[name] = anyio.Lock(fast_acquire=True)
         return lock
 
-    async def _supervise(
-        self, plugin: Plugin, done: anyio.Event, *, task_status: TaskStatus[None]
-    ) -> None:
+    def _start_supervisor(self, plugin: Plugin) -> None:
+        """Start the version's supervisor (its first ``ctx.spawn``); see ``Plugin.spawn``."""
+        assert self._tg is not None
+        done = self._supervisors[plugin] = anyio.Event()
+        with _untracked():
+            self._tg.start_soon(self._supervise, plugin, done, name=f"supervise {plugin.version}")
+
+    async def _supervise(self, plugin: Plugin, done: anyio.Event) -> None:
         """Own the version's ``ctx.spawn`` tasks until retirement cancels them."""
         try:
+            if plugin.supervise is None:  # retired before this task first ran
+                return
             async with anyio.create_task_group() as tg:
                 plugin.task_group = tg
-                task_status.started()
+                queued, plugin.spawn_queue = plugin.spawn_queue, []
+                for context, start in queued:
+                    context.run(start)
                 await anyio.sleep_forever()
         finally:
             plugin.task_group = None
@@ -396,6 +404,7 @@ class Registry:
         if run_teardown and teardown is not None and ctx_factory is not None:
             await self._run_teardown(plugin, teardown, ctx_factory)
 
+        plugin.supervise = None  # no new supervisor; one not yet running exits at once
         done = self._supervisors.pop(plugin, None)
         tg = plugin.task_group  # set only while the supervisor runs, so `done` will fire
         if tg is not None:

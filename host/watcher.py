@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import random
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,7 +49,7 @@ from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 from pymongo.read_concern import ReadConcern
 
 from .events import EventBus
-from .loader import Change, Loader, change_from_event
+from .loader import INITIAL, Change, Loader, change_from_event
 
 __all__ = ("WatchFatal", "Watcher")
 
@@ -121,7 +122,7 @@ class Watcher:
     async def run(self) -> None:
         """Watch until cancelled. Raises :class:`WatchFatal` on configuration errors."""
         backoff = self._backoff_initial
-        resync_reason: str | None = "initial"
+        resync_reason: str | None = INITIAL
         start_after: Mapping[str, Any] | None = None
         attempt = 0
         while True:
@@ -217,20 +218,37 @@ class Watcher:
                     await stream.close()
                 raise
         self._floor = _ts_key(floor)
+        started = time.perf_counter()
         names = set()
+        changes = []
         for doc in docs:
             name = doc.get("_id")
             name = name if isinstance(name, str) else str(name)
             names.add(name)
-            self._loader.submit(Change(name, doc, None, reason))
+            changes.append(Change(name, doc, None, reason))
+        self._loader.submit_many(changes)  # compiled in batches: few thread hops
         vanished = self._loader.known() - names
         for name in vanished:
             self._loader.submit(Change(name, None, None, "vanished"))
         await self._loader.wait_idle()
         self._token = _resume_token(stream)
-        if reason == "initial":
+        if reason == INITIAL:
+            # The start-up summary: the initial load logs each plugin.loaded at debug.
+            serving = failed = 0
+            for name in names:
+                info = self._loader.info(name)
+                if info is not None and info.status == "serving":
+                    serving += 1
+                elif info is not None and info.status == "failed":
+                    failed += 1
             self._events.emit(
-                "watch.started", namespace=self.namespace, records=len(docs), loaded=len(names)
+                "watch.started",
+                namespace=self.namespace,
+                records=len(docs),
+                loaded=len(names),
+                serving=serving,
+                failed=failed,
+                load_ms=round((time.perf_counter() - started) * 1000.0, 3),
             )
         else:
             self.resyncs += 1

@@ -1,0 +1,177 @@
+"""Tests for the batched initial load: compile_plugins and Loader.submit_many."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+import structlog
+from pymongo.asynchronous.database import AsyncDatabase
+
+from host import PluginHost
+from host.compiler import Plugin, compile_plugins
+from host.errors import CompileError
+from host.records import PluginRecord
+from tests.support import wait_until
+
+pytestmark = pytest.mark.anyio
+Db = AsyncDatabase[dict[str, Any]]
+PROBE = "_plugin_host_loader_probe"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Run async tests on asyncio only."""
+    return "asyncio"
+
+
+@pytest.fixture
+def probe(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:
+    """A module plugins can import to signal the test from their worker thread."""
+    ns = types.SimpleNamespace(stopped=threading.Event(), gate=threading.Event())
+    module = types.ModuleType(PROBE)
+    module.__dict__.update(vars(ns))
+    monkeypatch.setitem(sys.modules, PROBE, module)
+    try:
+        yield ns
+    finally:
+        ns.gate.set()
+
+
+def numbered(n: int) -> str:
+    """Source whose main returns ``n``."""
+    return f"async def main(ctx, args):\n    return {n}\n"
+
+
+def rec(name: str, source: str) -> PluginRecord:
+    """A record built directly."""
+    return PluginRecord(name=name, source=source, revision=1)
+
+
+async def test_batch_runaway_record_times_out_and_the_rest_load(
+    probe: types.SimpleNamespace,
+) -> None:
+    """In a batch, a record looping at import fails with stage timeout; the others load."""
+    runaway = (
+        f"import {PROBE}\ntry:\n    while True:\n        pass\nfinally:\n"
+        f"    {PROBE}.stopped.set()\n"
+    )
+    records = [rec(f"p{i}", numbered(i)) for i in range(10)]
+    records.insert(4, rec("spin", runaway))
+    results = await compile_plugins(records, exec_timeout=0.2)
+    assert len(results) == len(records)
+    for record, result in zip(records, results, strict=True):
+        if record.name == "spin":
+            assert isinstance(result, CompileError)
+            assert result.stage == "timeout"
+            assert "0.2 s" in str(result)
+        else:
+            assert isinstance(result, Plugin), result
+            assert await result.entrypoint(None, None) == int(record.name[1:])
+    assert await anyio.to_thread.run_sync(probe.stopped.wait, 30), "runaway not interrupted"
+
+
+async def test_batch_blocked_record_is_abandoned_and_the_rest_load(
+    probe: types.SimpleNamespace,
+) -> None:
+    """A record blocked in C at import times out on wall time; records after it still load."""
+    blocked = (
+        f"import {PROBE}\ntry:\n    {PROBE}.gate.wait()\nfinally:\n    {PROBE}.stopped.set()\n"
+    )
+    records = [rec("a", numbered(1)), rec("block", blocked), rec("b", numbered(2))]
+    results = await compile_plugins(records, exec_timeout=0.1)
+    assert isinstance(results[0], Plugin)
+    assert isinstance(results[1], CompileError) and results[1].stage == "timeout"
+    assert isinstance(results[2], Plugin)
+    assert not probe.stopped.is_set(), "the thread is still blocked in C"
+    probe.gate.set()
+    assert await anyio.to_thread.run_sync(probe.stopped.wait, 30)
+
+
+async def test_batch_failures_stay_per_record() -> None:
+    """Syntax, import and entrypoint errors in a batch fail only their own record."""
+    records = [
+        rec("ok", numbered(1)),
+        rec("syntax", "def main(:\n"),
+        rec("import", "raise ValueError('boom')\n"),
+        rec("noentry", "x = 1\n"),
+        rec("ok2", numbered(2)),
+    ]
+    results = await compile_plugins(records, exec_timeout=30.0)
+    stages = [r.stage if isinstance(r, CompileError) else "ok" for r in results]
+    assert stages == ["ok", "syntax", "import", "entrypoint", "ok"]
+
+
+async def test_cold_start_of_hundreds_loads_all(db: Db) -> None:
+    """A cold start of a few hundred records loads every one, with one summary line."""
+    count = 300
+    await db.functions.insert_many([{"_id": f"c{i}", "source": numbered(i)} for i in range(count)])
+    with structlog.testing.capture_logs() as logs:
+        async with PluginHost(db) as host:
+            assert len(host.registry) == count
+            assert await host.call(f"c{count - 1}") == count - 1
+            assert all(info.status == "serving" for info in host.plugins())
+    started = [e for e in logs if e["event"] == "watch.started"]
+    assert len(started) == 1
+    assert started[0]["serving"] == count and started[0]["failed"] == 0
+    loaded = [e for e in logs if e["event"] == "plugin.loaded"]
+    assert len(loaded) == count
+    assert {e["log_level"] for e in loaded} == {"debug"}
+
+
+async def test_cold_start_with_a_runaway_record(db: Db) -> None:
+    """At start-up, a record looping at import fails with stage timeout; the others serve."""
+    docs = [{"_id": f"c{i}", "source": numbered(i)} for i in range(100)]
+    docs.insert(50, {"_id": "spin", "source": "while True:\n    pass\n"})
+    await db.functions.insert_many(docs)
+    async with PluginHost(db, exec_timeout=0.2) as host:
+        assert len(host.registry) == 100
+        info = host.plugin("spin")
+        assert info is not None and info.status == "failed"
+        assert info.last_error is not None and "CPU time" in info.last_error
+
+
+async def test_loaded_after_startup_logs_at_info(db: Db) -> None:
+    """plugin.loaded for a load after start-up is logged at info, as before."""
+    async with PluginHost(db) as host:
+        with structlog.testing.capture_logs() as logs:
+            async with host.events() as events:
+                await db.functions.insert_one({"_id": "late", "source": numbered(7)})
+                async for event in events:
+                    if event.event == "plugin.loaded":
+                        break
+        assert await host.call("late") == 7
+    loaded = [e for e in logs if e["event"] == "plugin.loaded"]
+    assert [e["log_level"] for e in loaded] == ["info"]
+
+
+async def test_spawn_starts_a_supervisor_lazily(db: Db) -> None:
+    """ctx.spawn in setup and in calls runs tasks under a supervisor started on first use."""
+    source = (
+        "import anyio\n"
+        "async def _bg(ctx, box):\n"
+        "    box.append(1)\n"
+        "    await anyio.sleep_forever()\n"
+        "async def setup(ctx):\n"
+        "    box = []\n"
+        "    ctx.spawn(_bg, ctx, box)\n"
+        "    return box\n"
+        "async def main(ctx, args):\n"
+        "    return len(ctx.state)\n"
+    )
+    await db.functions.insert_many(
+        [{"_id": "spawner", "source": source}, {"_id": "plain", "source": numbered(1)}]
+    )
+    async with PluginHost(db) as host:
+        plain = host.registry.get("plain")
+        spawner = host.registry.get("spawner")
+        assert plain is not None and spawner is not None
+        assert plain.task_group is None, "a version that never spawns has no supervisor"
+        await wait_until(lambda: host.call("spawner"), "the task spawned in setup did not run")
+        assert spawner.task_group is not None
+    assert spawner.released and spawner.task_group is None
