@@ -802,12 +802,25 @@ def run_pipeline(
         raise CommandError(
             14, "'pipeline' option must be specified as an array of single-key stages"
         )
+    # mongomock emits a $group's accumulators before `_id`; MongoDB puts `_id` first.
+    # Run the pipeline in segments that end at each $group and restore that order there.
+    segments: list[list[dict[str, Any]]] = [[]]
+    for stage in pipeline:
+        segments[-1].append(dict(stage))
+        if "$group" in stage:
+            segments.append([])
     try:
-        return list(
-            mm_aggregate.process_pipeline(  # type: ignore[no-untyped-call]
-                docs, database, [dict(s) for s in pipeline], None
+        for segment in segments:
+            if not segment:
+                continue
+            docs = list(
+                mm_aggregate.process_pipeline(  # type: ignore[no-untyped-call]
+                    docs, database, segment, None
+                )
             )
-        )
+            if "$group" in segment[-1]:
+                docs = [{"_id": d["_id"], **d} if "_id" in d else d for d in docs]
+        return docs
     except Exception as exc:
         raise engine_error(exc) from exc
 

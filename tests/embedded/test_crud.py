@@ -18,6 +18,7 @@ from pymongo.errors import (
     OperationFailure,
     WriteConcernError,
 )
+from pymongo.synchronous.database import Database
 from pymongo.write_concern import WriteConcern
 
 from .support import command, raw_socket
@@ -462,3 +463,15 @@ async def test_retryable_writes_through_pymongo(db: AsyncDatabase[Doc]) -> None:
     await db.c.update_one({"_id": 1}, {"$inc": {"n": 1}})
     await db.c.find_one_and_update({"_id": 1}, {"$inc": {"n": 1}})
     assert await db.c.find_one({"_id": 1}) == {"_id": 1, "n": 2}
+
+
+def test_group_output_puts_id_first(sync_db: Database[dict[str, Any]]) -> None:
+    """A $group stage's output documents start with `_id`, as MongoDB returns them."""
+    sync_db.g.insert_many([{"k": i % 2, "v": i} for i in range(6)])
+    pipeline: list[dict[str, Any]] = [
+        {"$group": {"_id": "$k", "total": {"$sum": "$v"}}},
+        {"$sort": {"_id": 1}},
+    ]
+    out = list(sync_db.g.aggregate(pipeline))
+    assert out == [{"_id": 0, "total": 6}, {"_id": 1, "total": 9}]
+    assert all(next(iter(doc)) == "_id" for doc in out)
