@@ -7,6 +7,7 @@ library never does either.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import signal
@@ -36,11 +37,20 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from . import samples
-from .daemon import StartupError, bind_socket, parse_address, redact_uri, run_daemon
+from .daemon import (
+    StartupError,
+    bind_socket,
+    is_loopback,
+    parse_address,
+    redact_uri,
+    run_daemon,
+)
 from .devsync import sync_folder
+from .http import OPEN_ENDPOINTS
 from .publish import (
     Published,
     PublishError,
+    Signer,
     UnknownPlugin,
     UnknownRevision,
     get_record,
@@ -52,6 +62,14 @@ from .publish import (
 )
 from .publish import delete as delete_plugin
 from .publish import rollback as rollback_plugin
+from .trust import (
+    TrustedKeys,
+    TrustError,
+    generate_keypair,
+    load_private_key,
+    load_public_keys,
+    sign_record,
+)
 
 app = typer.Typer(
     name="plugin-host",
@@ -103,13 +121,6 @@ def fail(message: str, hint: str | None = None) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-async def _wait_for_signal() -> int:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            return int(signum)
-    return 0  # pragma: no cover - the receiver never ends by itself
-
-
 @app.command("embedded-mongo")
 def embedded_mongo(
     port: Annotated[int, typer.Option(help="TCP port (0 picks a free one).")] = 27017,
@@ -134,23 +145,29 @@ def embedded_mongo(
     configure_logging(log_format)
 
     async def main() -> None:
-        server = EmbeddedMongo(port=port, data_dir=data_dir, host=bind, oplog_size=oplog_size)
-        try:
-            await server.start()
-        except DataDirLocked as exc:
-            raise fail(str(exc), "stop the other server, or pass another --data-dir") from None
-        except OSError as exc:
-            raise fail(
-                f"cannot listen on {bind}:{port}: {exc.strerror or exc}",
-                "pick another --port (0 picks a free one)",
-            ) from None
-        try:
-            signum = await _wait_for_signal()
-            structlog.get_logger("host.embedded").info(
-                "embedded.stopping", signal=signal.Signals(signum).name
-            )
-        finally:
-            await server.aclose()
+        # The receiver opens before the server starts: a SIGTERM during start-up is queued
+        # and handled once the server is up (a clean stop), never the default kill (-15).
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            server = EmbeddedMongo(port=port, data_dir=data_dir, host=bind, oplog_size=oplog_size)
+            try:
+                await server.start()
+            except DataDirLocked as exc:
+                raise fail(str(exc), "stop the other server, or pass another --data-dir") from None
+            except OSError as exc:
+                raise fail(
+                    f"cannot listen on {bind}:{port}: {exc.strerror or exc}",
+                    "pick another --port (0 picks a free one)",
+                ) from None
+            try:
+                signum = 0
+                async for received in signals:
+                    signum = int(received)
+                    break
+                structlog.get_logger("host.embedded").info(
+                    "embedded.stopping", signal=signal.Signals(signum).name
+                )
+            finally:
+                await server.aclose()
 
     anyio.run(main)
 
@@ -176,8 +193,109 @@ ConnectTimeout = Annotated[
     typer.Option("--connect-timeout", min=0.1, help="Seconds to find a MongoDB server."),
 ]
 
+SignKey = Annotated[
+    Path | None,
+    typer.Option(
+        "--sign-key",
+        envvar="PLUGIN_HOST_SIGN_KEY",
+        help="Sign with this private key (from `keygen`); hosts with --trusted-keys need it.",
+    ),
+]
+TrustedKeyPaths = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--trusted-keys",
+        envvar="PLUGIN_HOST_TRUSTED_KEYS",
+        help="Run only plugins signed by these public keys: a .pub file or a folder of them "
+        "(repeatable; the variable takes whitespace-separated paths).",
+    ),
+]
+MaxSourceBytes = Annotated[
+    int, typer.Option("--max-source-bytes", min=1, help="Largest accepted plugin source.")
+]
+ExecTimeout = Annotated[
+    float,
+    typer.Option("--exec-timeout", min=0.001, help="Seconds a plugin's top-level code may run."),
+]
+CallTimeout = Annotated[
+    float,
+    typer.Option(
+        "--call-timeout", min=0, help="Per-call timeout for plugins that set none (0: none)."
+    ),
+]
+MaxConcurrency = Annotated[
+    int,
+    typer.Option(
+        "--max-concurrency", min=0, help="Concurrent calls per plugin that sets none (0: no cap)."
+    ),
+]
+RequireDepth = Annotated[
+    int, typer.Option("--require-depth", min=1, help="Deepest chain of plugin-to-plugin calls.")
+]
+MaxBodyBytes = Annotated[
+    int, typer.Option("--max-body-bytes", min=1, help="Largest accepted request body.")
+]
+MaxResultBytes = Annotated[
+    int,
+    typer.Option(
+        "--max-result-bytes", min=1, help="Largest call result, JSON-encoded (500 beyond)."
+    ),
+]
+
 _console = Console()
 _errors = Console(stderr=True)
+
+
+def _load_trusted(paths: list[Path] | None) -> TrustedKeys | None:
+    """The trusted keys of ``--trusted-keys`` (CLI start-up: blocking is fine), or a clear error."""
+    if not paths:
+        return None
+    try:
+        return load_public_keys(paths)
+    except TrustError as exc:
+        raise fail(
+            f"--trusted-keys: {exc}", "pass the .pub files written by `plugin-host keygen`"
+        ) from None
+
+
+async def _load_signer(path: Path | None) -> Signer | None:
+    """A signer for ``--sign-key`` (the key file is read in a worker thread)."""
+    if path is None:
+        return None
+    key = await anyio.to_thread.run_sync(load_private_key, path)
+    return functools.partial(sign_record, key)
+
+
+def _sign_key_error(exc: TrustError) -> typer.Exit:
+    return fail(f"--sign-key: {exc}", "pass the private key (.key) written by `plugin-host keygen`")
+
+
+def _check_exposure(address: str, auth_token: str | None) -> None:
+    """Refuse to serve a non-loopback address without a token."""
+    try:
+        bind_host, _ = parse_address(address)
+    except ValueError as exc:
+        raise fail(f"bad --http address: {exc}") from None
+    if auth_token is not None and not auth_token:
+        raise fail("--auth-token is empty")
+    if not is_loopback(bind_host) and auth_token is None:
+        raise fail(
+            f"refusing to serve the HTTP API on {address} without authentication: anyone who "
+            "can reach it could call every plugin",
+            "pass --auth-token (or set PLUGIN_HOST_AUTH_TOKEN), or bind 127.0.0.1",
+        )
+
+
+def _parse_open_endpoints(value: str) -> tuple[str, ...]:
+    names = tuple(part.strip().lstrip("/") for part in value.split(",") if part.strip())
+    unknown = sorted(set(names) - OPEN_ENDPOINTS)
+    if unknown:
+        raise fail(
+            f"unknown --open-endpoints {', '.join(unknown)}",
+            f"choose among {', '.join(sorted(OPEN_ENDPOINTS))} (or '' for none)",
+        )
+    return names
+
 
 T = TypeVar("T")
 
@@ -259,9 +377,30 @@ def run(
     debug: Annotated[
         bool, typer.Option("--debug", help="Put plugin tracebacks in HTTP 500 replies.")
     ] = False,
-    max_body_bytes: Annotated[
-        int, typer.Option("--max-body-bytes", min=1, help="Largest accepted request body.")
-    ] = 1_048_576,
+    trusted_keys: TrustedKeyPaths = None,
+    auth_token: Annotated[
+        str | None,
+        typer.Option(
+            "--auth-token",
+            envvar="PLUGIN_HOST_AUTH_TOKEN",
+            help="Require 'Authorization: Bearer TOKEN' (needed to bind a non-loopback address).",
+        ),
+    ] = None,
+    open_endpoints: Annotated[
+        str,
+        typer.Option(
+            "--open-endpoints",
+            help="With --auth-token, the endpoints left open: comma-separated among healthz, "
+            "readyz, metrics ('' protects all).",
+        ),
+    ] = "healthz,metrics",
+    max_body_bytes: MaxBodyBytes = 1_048_576,
+    max_result_bytes: MaxResultBytes = 4_194_304,
+    max_source_bytes: MaxSourceBytes = 1_048_576,
+    exec_timeout: ExecTimeout = 1.0,
+    call_timeout: CallTimeout = 30.0,
+    max_concurrency: MaxConcurrency = 64,
+    require_depth: RequireDepth = 16,
 ) -> None:
     """Serve the plugins of a MongoDB collection over HTTP, reloading them live.
 
@@ -270,6 +409,9 @@ def run(
     teardowns run, and the process exits 0.
     """
     _check_log_format(log_format)
+    _check_exposure(http, auth_token)
+    opened = _parse_open_endpoints(open_endpoints)
+    keys = _load_trusted(trusted_keys)
     configure_logging(log_format)
     sock = _daemon_socket(http)
     try:
@@ -289,6 +431,15 @@ def run(
                 startup_timeout=startup_timeout,
                 debug=debug,
                 max_body_bytes=max_body_bytes,
+                max_result_bytes=max_result_bytes,
+                max_source_bytes=max_source_bytes,
+                exec_timeout=exec_timeout,
+                call_timeout=call_timeout or None,
+                max_concurrency=max_concurrency or None,
+                require_depth=require_depth,
+                trusted_keys=keys,
+                auth_token=auth_token,
+                open_endpoints=opened,
             )
         finally:
             await client.close()
@@ -332,6 +483,15 @@ def dev(
     seed_data: Annotated[
         bool, typer.Option("--seed/--no-seed", help="Seed sample users and sales.")
     ] = True,
+    sign_key: SignKey = None,
+    trusted_keys: TrustedKeyPaths = None,
+    max_body_bytes: MaxBodyBytes = 1_048_576,
+    max_result_bytes: MaxResultBytes = 4_194_304,
+    max_source_bytes: MaxSourceBytes = 1_048_576,
+    exec_timeout: ExecTimeout = 1.0,
+    call_timeout: CallTimeout = 30.0,
+    max_concurrency: MaxConcurrency = 64,
+    require_depth: RequireDepth = 16,
 ) -> None:
     """Zero-infrastructure development: embedded MongoDB, the example plugins, HTTP, live sync.
 
@@ -348,6 +508,8 @@ def dev(
             "create it, or pass --plugins-dir",
         )
     plugins_dir = plugins_dir.resolve()
+    _check_exposure(http, None)  # dev has no token: loopback only
+    keys = _load_trusted(trusted_keys)
     sock = _daemon_socket(http, next_free=20)
     wanted_port = parse_address(http)[1]
     log = structlog.get_logger("host.dev")
@@ -380,6 +542,10 @@ def dev(
         )
 
     async def main() -> None:
+        try:
+            signer = await _load_signer(sign_key)
+        except TrustError as exc:
+            raise _sign_key_error(exc) from None
         server = await start_mongo()
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(server.uri)
         try:
@@ -388,7 +554,7 @@ def dev(
                 seeded = await samples.seed(db)
                 if any(seeded.values()):
                     log.info("dev.seeded", **seeded)
-            outcomes = await publish_dir(db, plugins_dir, collection=collection)
+            outcomes = await publish_dir(db, plugins_dir, collection=collection, sign=signer)
             for outcome in outcomes:
                 if isinstance(outcome, PublishError):
                     log.error("dev.publish_failed", error=str(outcome))
@@ -401,7 +567,7 @@ def dev(
                 _print_banner(url, server.uri, database, collection, plugins_dir)
 
             async def sync(stop: anyio.Event) -> None:
-                await sync_folder(db, plugins_dir, stop, collection=collection)
+                await sync_folder(db, plugins_dir, stop, collection=collection, sign=signer)
 
             await run_daemon(
                 db,
@@ -413,6 +579,14 @@ def dev(
                 debug=debug,
                 on_ready=banner,
                 background=[sync],
+                max_body_bytes=max_body_bytes,
+                max_result_bytes=max_result_bytes,
+                max_source_bytes=max_source_bytes,
+                exec_timeout=exec_timeout,
+                call_timeout=call_timeout or None,
+                max_concurrency=max_concurrency or None,
+                require_depth=require_depth,
+                trusted_keys=keys,
             )
         finally:
             await client.close()
@@ -466,14 +640,15 @@ def push(
     database: Database = "app",
     collection: Collection = "functions",
     connect_timeout: ConnectTimeout = 5.0,
+    sign_key: SignKey = None,
 ) -> None:
-    """Publish a plugin file (or a folder of them) as a new revision."""
+    """Publish a plugin file (or a folder of them) as a new revision (signed with --sign-key)."""
     if directory is not None:
         if name is not None or file is not None:
             raise fail("give either NAME FILE or --dir DIR, not both")
         if not directory.is_dir():
             raise fail(f"folder {str(directory)!r} does not exist")
-        _push_dir(directory, force, mongodb_uri, database, collection, connect_timeout)
+        _push_dir(directory, force, mongodb_uri, database, collection, connect_timeout, sign_key)
         return
     if name is None or file is None:
         raise fail("push needs NAME and FILE", "plugin-host push greet plugins_examples/greet.py")
@@ -481,14 +656,23 @@ def push(
         raise fail(f"file {str(file)!r} does not exist", "check the path (relative to here)")
 
     async def job(db: Any) -> Published:
+        signer = await _load_signer(sign_key)
         return await publish_file(
-            db, file, name=name, entrypoint=entrypoint, collection=collection, force=force
+            db,
+            file,
+            name=name,
+            entrypoint=entrypoint,
+            collection=collection,
+            force=force,
+            sign=signer,
         )
 
     try:
         published = _with_db(mongodb_uri, database, connect_timeout, job)
     except PublishError as exc:
         raise fail(str(exc), "fix the file and push again") from None
+    except TrustError as exc:
+        raise _sign_key_error(exc) from None
     if published.changed:
         verb = "created" if published.created else "published"
         _console.print(f"[green]{verb}[/] {name} revision {published.revision}")
@@ -499,7 +683,13 @@ def push(
 
 
 def _push_dir(
-    directory: Path, force: bool, uri: str, database: str, collection: str, timeout: float
+    directory: Path,
+    force: bool,
+    uri: str,
+    database: str,
+    collection: str,
+    timeout: float,
+    sign_key: Path | None,
 ) -> None:
     files = plugin_files(directory)
     if not files:
@@ -525,9 +715,15 @@ def _push_dir(
             progress.advance(task)
 
         async def job(db: Any) -> None:
-            await publish_dir(db, directory, collection=collection, force=force, on_progress=step)
+            signer = await _load_signer(sign_key)
+            await publish_dir(
+                db, directory, collection=collection, force=force, on_progress=step, sign=signer
+            )
 
-        _with_db(uri, database, timeout, job)
+        try:
+            _with_db(uri, database, timeout, job)
+        except TrustError as exc:
+            raise _sign_key_error(exc) from None
     if failures:
         raise fail(
             f"{len(failures)} of {len(files)} plugins were not published", "fix them and push again"
@@ -614,14 +810,22 @@ def rollback(
     database: Database = "app",
     collection: Collection = "functions",
     connect_timeout: ConnectTimeout = 5.0,
+    sign_key: SignKey = None,
 ) -> None:
-    """Publish an earlier revision's source again, as a new (higher) revision."""
+    """Publish an earlier revision's source again, as a new (higher) revision.
+
+    With --sign-key the old source is signed again for its new revision (hosts with
+    --trusted-keys refuse an old signature: revisions must not go backwards).
+    """
 
     async def job(db: Any) -> tuple[Published, int]:
-        return await rollback_plugin(db, name, to=to, collection=collection)
+        signer = await _load_signer(sign_key)
+        return await rollback_plugin(db, name, to=to, collection=collection, sign=signer)
 
     try:
         published, source_rev = _with_db(mongodb_uri, database, connect_timeout, job)
+    except TrustError as exc:
+        raise _sign_key_error(exc) from None
     except UnknownPlugin as exc:
         raise fail(str(exc), "`plugin-host list` shows the plugins there are") from None
     except UnknownRevision as exc:
@@ -687,9 +891,35 @@ def delete_(
     _console.print(f"deleted {name}")
 
 
+# -- keys ---------------------------------------------------------------------------------
+
+
+@app.command()
+def keygen(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the key files.")],
+    name: Annotated[
+        str, typer.Option("--name", help="File stem: NAME.key (private), NAME.pub (public).")
+    ] = "signing",
+) -> None:
+    """Create an Ed25519 key pair for signing plugins (private key mode 0600)."""
+    try:
+        private_path, public_path = generate_keypair(out, name)
+        kid = next(iter(load_public_keys(public_path)))
+    except TrustError as exc:
+        raise fail(str(exc), "pick another --out or --name") from None
+    _console.print(f"key id      {kid}")
+    _console.print(f"private key {private_path}  (mode 0600: keep it secret, off the hosts)")
+    _console.print(f"public key  {public_path}")
+    _console.print(
+        f"Copy only {public_path.name} to the hosts (`plugin-host run --trusted-keys "
+        f"{public_path.name}`); publish with `plugin-host push --sign-key {private_path}`."
+    )
+
+
 # -- call ---------------------------------------------------------------------------------
 
 _CALL_HINTS = {
+    401: "the daemon requires a token: pass --auth-token (or set PLUGIN_HOST_AUTH_TOKEN)",
     404: "publish it with `plugin-host push NAME FILE`, or check the name with `list`",
     413: "send smaller arguments, or start the daemon with a larger --max-body-bytes",
     422: "check the arguments",
@@ -711,6 +941,10 @@ def call(
     timeout: Annotated[
         float | None, typer.Option("--timeout", min=0.001, help="Call timeout in seconds.")
     ] = None,
+    auth_token: Annotated[
+        str | None,
+        typer.Option("--auth-token", envvar="PLUGIN_HOST_AUTH_TOKEN", help="The daemon's token."),
+    ] = None,
 ) -> None:
     """Call a plugin through a running daemon's HTTP API; prints the result as JSON."""
     body = b""
@@ -725,9 +959,10 @@ def call(
     target = f"{url.rstrip('/')}/functions/{urllib.parse.quote(name, safe='')}/call"
     if timeout is not None:
         target += f"?timeout={timeout:g}"
-    request = urllib.request.Request(
-        target, data=body, method="POST", headers={"content-type": "application/json"}
-    )
+    headers = {"content-type": "application/json"}
+    if auth_token:
+        headers["authorization"] = f"Bearer {auth_token}"
+    request = urllib.request.Request(target, data=body, method="POST", headers=headers)
     wait = (timeout or 0) + 300.0
     try:
         with urllib.request.urlopen(request, timeout=wait) as response:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import math
 import re
 import signal
 import socket
-from collections.abc import Callable, Coroutine, Generator, Sequence
+from collections.abc import Callable, Collection, Coroutine, Generator, Sequence
 from typing import Any
 
 import anyio
@@ -31,11 +32,13 @@ import uvicorn
 from .http import create_app
 from .metrics import Metrics
 from .runtime import PluginHost
+from .trust import TrustedKeys
 from .watcher import WatchFatal
 
 __all__ = (
     "StartupError",
     "bind_socket",
+    "is_loopback",
     "parse_address",
     "redact_uri",
     "run_daemon",
@@ -75,6 +78,16 @@ def parse_address(address: str) -> tuple[str, int]:
         raise ValueError(f"expected HOST:PORT such as 127.0.0.1:8000, got {address!r}")
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` (an address or ``localhost``) is reachable only from this machine."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to anything
 
 
 def bind_socket(host: str, port: int, *, next_free: int = 0) -> socket.socket:
@@ -164,6 +177,15 @@ async def run_daemon(
     startup_timeout: float = 30.0,
     debug: bool = False,
     max_body_bytes: int = 1_048_576,
+    max_result_bytes: int = 4_194_304,
+    max_source_bytes: int = 1_048_576,
+    exec_timeout: float = 1.0,
+    call_timeout: float | None = 30.0,
+    max_concurrency: int | None = 64,
+    require_depth: int = 16,
+    trusted_keys: TrustedKeys | None = None,
+    auth_token: str | None = None,
+    open_endpoints: Collection[str] = ("healthz", "metrics"),
     context: dict[str, Any] | None = None,
     on_ready: Callable[[PluginHost], None] | None = None,
     background: Sequence[Background] = (),
@@ -179,6 +201,16 @@ async def run_daemon(
         startup_timeout: Seconds to become ready; 0 waits forever.
         debug: Plugin tracebacks in HTTP 500 replies.
         max_body_bytes: Largest accepted request body.
+        max_result_bytes: Largest JSON-encoded call reply (500 ``ResultTooLarge`` beyond).
+        max_source_bytes: Largest accepted plugin source.
+        exec_timeout: Bound on a version's top-level code, in seconds.
+        call_timeout: Per-call timeout for records that set none (None: unbounded).
+        max_concurrency: Per-version concurrency for records that set none.
+        require_depth: Deepest chain of plugin-to-plugin calls.
+        trusted_keys: Run only records signed by one of these keys (None: unchecked,
+            with a ``trust.disabled`` warning).
+        auth_token: Require ``Authorization: Bearer <token>`` on the HTTP API.
+        open_endpoints: With a token, which of healthz/readyz/metrics stay open.
         context: Host globals for plugins.
         on_ready: Called once when the host is ready.
         background: Tasks started when ready and stopped (their event set) on shutdown.
@@ -187,10 +219,28 @@ async def run_daemon(
         StartupError: Not ready in time, or the collection cannot be watched.
     """
     host = PluginHost(
-        db, collection, context=context, wait_ready=False, drain_timeout=drain_timeout
+        db,
+        collection,
+        context=context,
+        wait_ready=False,
+        drain_timeout=drain_timeout,
+        exec_timeout=exec_timeout,
+        default_timeout=call_timeout,
+        default_max_concurrency=max_concurrency,
+        require_depth=require_depth,
+        max_source_bytes=max_source_bytes,
+        trusted_keys=trusted_keys,
     )
     metrics = Metrics()
-    app = create_app(host, debug=debug, max_body_bytes=max_body_bytes, metrics=metrics)
+    app = create_app(
+        host,
+        debug=debug,
+        max_body_bytes=max_body_bytes,
+        max_result_bytes=max_result_bytes,
+        metrics=metrics,
+        auth_token=auth_token,
+        open_endpoints=open_endpoints,
+    )
     config = uvicorn.Config(
         app,
         log_config=None,

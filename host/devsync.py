@@ -19,20 +19,23 @@ import anyio
 import structlog
 import watchfiles
 
-from .publish import PublishError, UnknownPlugin, delete, plugin_name, publish_file
+from .publish import PublishError, Signer, UnknownPlugin, delete, plugin_name, publish_file
 
 __all__ = ("sync_folder", "sync_path")
 
 _log = structlog.get_logger("host.dev")
 
 
-async def sync_path(db: Any, path: str | Path, *, collection: str = "functions") -> None:
+async def sync_path(
+    db: Any, path: str | Path, *, collection: str = "functions", sign: Signer | None = None
+) -> None:
     """Bring the record of one plugin file in step with the file (publish, or delete).
 
     Args:
         db: The database.
         path: The plugin file (it may have been deleted).
         collection: The functions collection.
+        sign: Sign each publish (see :func:`host.publish.publish`).
     """
     name = plugin_name(path)
     if name is None:
@@ -46,7 +49,7 @@ async def sync_path(db: Any, path: str | Path, *, collection: str = "functions")
         _log.info("dev.deleted", plugin=name, file=str(path))
         return
     try:
-        published = await publish_file(db, path, name=name, collection=collection)
+        published = await publish_file(db, path, name=name, collection=collection, sign=sign)
     except PublishError as exc:
         _log.error("dev.publish_failed", plugin=name, file=str(path), error=str(exc))
         return
@@ -68,6 +71,7 @@ async def sync_folder(
     collection: str = "functions",
     debounce_ms: int = 1_600,
     step_ms: int = 10,
+    sign: Signer | None = None,
 ) -> None:
     """Publish plugin files of ``directory`` as they change, until ``stop`` is set.
 
@@ -79,6 +83,7 @@ async def sync_folder(
         debounce_ms: Longest time changes are grouped before they are handled.
         step_ms: Quiet time that ends a group of changes (an editor's save is several
             file-system events: write temp file, rename...).
+        sign: Sign each publish (see :func:`host.publish.publish`).
     """
 
     def only_plugins(change: watchfiles.Change, path: str) -> bool:
@@ -95,6 +100,6 @@ async def sync_folder(
     ):
         for path in sorted({path for _, path in changes}):
             try:
-                await sync_path(db, path, collection=collection)
+                await sync_path(db, path, collection=collection, sign=sign)
             except Exception as exc:  # MongoDB down for a moment: say so, keep watching
                 _log.error("dev.sync_failed", file=path, error=f"{type(exc).__name__}: {exc}")

@@ -10,22 +10,28 @@ Routes:
   live, not draining), ``GET /metrics`` (Prometheus text format).
 
 Every error reply is ``{"error": {"type": ..., "message": ...}}`` with a status that says
-who should act: 404 unknown plugin, 413 body too large, 422 bad JSON, 500 the plugin
-failed (``traceback`` too when ``debug``), 503 draining/closed or plugin busy (with
-``Retry-After``: the condition is the server's and passes; 429 would blame the client's
-rate), 504 the call timed out.
+who should act: 401 missing or wrong bearer token, 404 unknown plugin, 413 body too large,
+422 bad JSON (including NaN/Infinity and nesting deeper than the parser allows), 500 the
+plugin failed (``traceback`` too when ``debug``; ``ResultTooLarge`` when its JSON result
+exceeds ``max_result_bytes``), 503 draining/closed or plugin busy (with ``Retry-After``:
+the condition is the server's and passes; 429 would blame the client's rate), 504 the call
+timed out.
+
+With ``auth_token``, every route except those in ``open_endpoints`` requires
+``Authorization: Bearer <token>``, compared in constant time (:func:`hmac.compare_digest`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hmac
 import json
 import math
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from decimal import Decimal
 from typing import Any
 
@@ -36,11 +42,15 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import HostClosed, PluginBusy, PluginFailed, PluginNotFound, PluginTimeout
 from .metrics import Metrics, follow_events
 
-__all__ = ("create_app", "to_json")
+__all__ = ("OPEN_ENDPOINTS", "BearerAuth", "create_app", "to_json")
+
+OPEN_ENDPOINTS = frozenset({"healthz", "readyz", "metrics"})
+"""The routes that may be left open when a token is required (``/healthz``...)."""
 
 _log = structlog.get_logger("host.http")
 
@@ -75,6 +85,62 @@ def to_json(value: Any) -> bytes:
     return json.dumps(value, default=_default, allow_nan=False, ensure_ascii=False).encode()
 
 
+class _BadConstant(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _BadConstant(f"{name} is not valid JSON")
+
+
+def _parse_json(body: bytes) -> Any:
+    """Strict JSON: NaN/Infinity refused; too-deep nesting is a ValueError, not a 500."""
+    try:
+        return json.loads(body, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
+
+
+class BearerAuth:
+    """ASGI middleware: require ``Authorization: Bearer <token>`` on every HTTP route.
+
+    A missing or wrong token gets a bare 401 (no detail). The comparison runs in constant
+    time. Lifespan and other non-HTTP scopes pass through.
+
+    Args:
+        app: The application to protect.
+        token: The shared secret.
+        open_paths: Exact paths that need no token (``/healthz``...).
+    """
+
+    def __init__(self, app: ASGIApp, token: str, open_paths: Collection[str] = ()) -> None:
+        if not token:
+            raise ValueError("the auth token must not be empty")
+        self.app = app
+        self._expected = f"Bearer {token}".encode()
+        self._open = frozenset(open_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Check the token, then hand the request to the app (or reply 401)."""
+        if scope["type"] not in ("http", "websocket") or scope.get("path") in self._open:
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for key, value in scope.get("headers", ()):
+            if key == b"authorization":
+                given = value
+                break
+        if not hmac.compare_digest(given, self._expected):
+            reply = JSONResponse(
+                {"error": {"type": "Unauthorized", "message": "unauthorized"}},
+                401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+            await reply(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def _error(status: int, kind: str, message: str, **extra: Any) -> JSONResponse:
     headers = {"Retry-After": "1"} if status == 503 else None
     return JSONResponse(
@@ -101,7 +167,10 @@ def create_app(
     *,
     debug: bool = False,
     max_body_bytes: int = 1_048_576,
+    max_result_bytes: int = 4_194_304,
     metrics: Metrics | None = None,
+    auth_token: str | None = None,
+    open_endpoints: Collection[str] = ("healthz", "metrics"),
 ) -> Starlette:
     """Build the HTTP API over a running :class:`~host.PluginHost`.
 
@@ -114,11 +183,24 @@ def create_app(
         debug: Include plugin tracebacks in 500 replies (they show source lines: keep it
             off where callers are not trusted).
         max_body_bytes: Largest accepted request body (413 beyond).
+        max_result_bytes: Largest JSON-encoded call reply (500 ``ResultTooLarge`` beyond).
         metrics: Where to count; a new :class:`Metrics` by default (``app.state.metrics``).
+        auth_token: Require ``Authorization: Bearer <auth_token>`` (None: no check).
+        open_endpoints: With a token, which of ``healthz``, ``readyz`` and ``metrics``
+            stay open.
+
+    Raises:
+        ValueError: ``open_endpoints`` names an unknown endpoint, or the token is empty.
 
     Returns:
         The Starlette application.
     """
+    unknown = set(open_endpoints) - OPEN_ENDPOINTS
+    if unknown:
+        raise ValueError(
+            f"unknown open endpoint(s) {', '.join(sorted(unknown))}: "
+            f"use {', '.join(sorted(OPEN_ENDPOINTS))}"
+        )
     if metrics is None:
         metrics = Metrics()
 
@@ -162,8 +244,8 @@ def create_app(
         args: Any = None
         if body.strip():
             try:
-                args = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                args = _parse_json(body)
+            except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN, too deep
                 metrics.count_call("bad_request")
                 return _error(422, "BadRequest", f"the request body is not valid JSON: {exc}")
         current = host.registry.get(name)
@@ -199,13 +281,30 @@ def create_app(
         metrics.count_call("ok", time.perf_counter() - started)
         try:
             content = to_json({"result": result, "version": version})
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             _log.warning("http.result_not_json", plugin=name, version=version, error=str(exc))
             return _error(
                 500,
                 "ResultNotSerializable",
                 f"plugin {version or name} returned a result that is not JSON-serialisable: {exc}",
                 version=version,
+            )
+        if len(content) > max_result_bytes:
+            _log.warning(
+                "http.result_too_large",
+                plugin=name,
+                version=version,
+                size=len(content),
+                limit=max_result_bytes,
+            )
+            return _error(
+                500,
+                "ResultTooLarge",
+                f"plugin {version or name} returned a result of {len(content)} bytes as JSON, "
+                f"over the limit of {max_result_bytes} bytes",
+                version=version,
+                size=len(content),
+                limit=max_result_bytes,
             )
         return Response(
             content, 200, media_type="application/json", headers={"X-Plugin-Version": version or ""}
@@ -249,6 +348,10 @@ def create_app(
         ],
         lifespan=lifespan,
     )
+    if auth_token is not None:
+        app.add_middleware(
+            BearerAuth, token=auth_token, open_paths=[f"/{name}" for name in open_endpoints]
+        )
     app.state.draining = False
     app.state.metrics = metrics
     app.state.host = host

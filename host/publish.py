@@ -31,6 +31,7 @@ from .records import is_valid_name
 __all__ = (
     "PublishError",
     "Published",
+    "Signer",
     "UnknownPlugin",
     "UnknownRevision",
     "delete",
@@ -48,6 +49,14 @@ __all__ = (
 )
 
 _MAX_ATTEMPTS = 20
+
+Signer = Callable[[str, str, str, int], str]
+"""``sign(name, source, entrypoint, revision) -> signature field`` (see :mod:`host.trust`).
+
+:func:`publish` calls it for every revision it tries inside its compare-and-set loop, so
+the signature always covers the revision actually written. It must not block: an Ed25519
+signature takes microseconds; load the key beforehand (in a worker thread).
+"""
 
 
 class PublishError(ValueError):
@@ -141,6 +150,7 @@ async def publish(
     collection: str = "functions",
     force: bool = False,
     check_syntax: bool = True,
+    sign: Signer | None = None,
 ) -> Published:
     """Insert or update plugin ``name`` with a new, higher revision.
 
@@ -153,6 +163,10 @@ async def publish(
         force: Publish a new revision even if source and entrypoint are unchanged.
         check_syntax: Refuse source that does not compile (the host would refuse it too,
             and keep the previous version serving).
+        sign: Sign the record: called with ``(name, source, entrypoint, revision)`` for
+            each revision tried; the result is written as ``signature`` in the same write
+            as the source and revision. An unchanged record is still republished when it
+            is unsigned or signed by another key.
 
     Returns:
         What was published.
@@ -174,6 +188,12 @@ async def publish(
             and (current.get("source") or current.get("fn")) == source
             and (current.get("entrypoint") or "main") == effective_entry
             and isinstance(current_rev, int)
+            # Ed25519 is deterministic: the same key signs the same content identically,
+            # so an unsigned record or one signed by another key is not "unchanged".
+            and (
+                sign is None
+                or current.get("signature") == sign(name, source, effective_entry, current_rev)
+            )
         ):
             return Published(name, current_rev, changed=False)
         base = current_rev if isinstance(current_rev, int) else 0
@@ -182,6 +202,13 @@ async def publish(
         fields: dict[str, Any] = {"source": source, "revision": revision, "updatedAt": now}
         if entrypoint is not None:
             fields["entrypoint"] = entrypoint
+        unset: dict[str, Any] = {}
+        if sign is not None:
+            # Pin the signed entrypoint in the same write, so what is stored is what was signed.
+            fields["entrypoint"] = effective_entry
+            fields["signature"] = sign(name, source, effective_entry, revision)
+        elif current is not None and "signature" in current:
+            unset["signature"] = ""  # a stale signature would not match the new content
         if current is None:
             try:
                 await coll.insert_one({"_id": name, **fields, "createdAt": now})
@@ -190,7 +217,9 @@ async def publish(
         else:
             update: dict[str, Any] = {"$set": fields}
             if "fn" in current:  # a blog-shaped record: 'source' replaces its 'fn'
-                update["$unset"] = {"fn": ""}
+                unset["fn"] = ""
+            if unset:
+                update["$unset"] = unset
             result = await coll.update_one({"_id": name, "revision": current_rev}, update)
             if result.matched_count == 0:
                 continue  # a concurrent publish won the compare-and-set: try again on top
@@ -246,6 +275,7 @@ async def publish_file(
     entrypoint: str | None = None,
     collection: str = "functions",
     force: bool = False,
+    sign: Signer | None = None,
 ) -> Published:
     """Publish one ``.py`` file (read without blocking the event loop).
 
@@ -256,6 +286,7 @@ async def publish_file(
         entrypoint: As :func:`publish`.
         collection: The functions collection.
         force: As :func:`publish`.
+        sign: As :func:`publish`.
 
     Returns:
         What was published.
@@ -273,7 +304,7 @@ async def publish_file(
     except OSError as exc:
         raise PublishError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
     return await publish(
-        db, name, source, entrypoint=entrypoint, collection=collection, force=force
+        db, name, source, entrypoint=entrypoint, collection=collection, force=force, sign=sign
     )
 
 
@@ -284,6 +315,7 @@ async def publish_dir(
     collection: str = "functions",
     force: bool = False,
     on_progress: Callable[[str, Published | PublishError], None] | None = None,
+    sign: Signer | None = None,
 ) -> list[Published | PublishError]:
     """Publish every plugin file of a folder (see :func:`plugin_files`).
 
@@ -295,6 +327,7 @@ async def publish_dir(
         collection: The functions collection.
         force: As :func:`publish`.
         on_progress: Called after each file with its plugin name and outcome.
+        sign: As :func:`publish`.
 
     Returns:
         One outcome per file, in name order.
@@ -309,7 +342,9 @@ async def publish_dir(
     for name, path in files:
         outcome: Published | PublishError
         try:
-            outcome = await publish_file(db, path, name=name, collection=collection, force=force)
+            outcome = await publish_file(
+                db, path, name=name, collection=collection, force=force, sign=sign
+            )
         except PublishError as exc:
             outcome = exc
         outcomes.append(outcome)
@@ -378,7 +413,12 @@ async def history(db: Any, name: str, *, collection: str = "functions") -> list[
 
 
 async def rollback(
-    db: Any, name: str, *, to: int | None = None, collection: str = "functions"
+    db: Any,
+    name: str,
+    *,
+    to: int | None = None,
+    collection: str = "functions",
+    sign: Signer | None = None,
 ) -> tuple[Published, int]:
     """Publish an earlier revision's source again, as a new (higher) revision.
 
@@ -387,6 +427,7 @@ async def rollback(
         name: The plugin name.
         to: The revision to go back to; None: the one before the current revision.
         collection: The functions collection.
+        sign: As :func:`publish`: the old source is signed again for its new revision.
 
     Returns:
         The new publish and the revision whose source it carries.
@@ -420,6 +461,7 @@ async def rollback(
         collection=collection,
         force=True,
         check_syntax=False,
+        sign=sign,
     )
     return published, int(target["revision"])
 

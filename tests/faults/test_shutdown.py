@@ -1,0 +1,136 @@
+"""Shutdown under load: SIGTERM to a busy `plugin-host run` drains, refuses, tears down once."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from pymongo.asynchronous.database import AsyncDatabase
+
+from host.publish import publish
+
+from ..support import wait_until
+from ..test_daemon import Daemon, free_port, wait_ready
+from ..test_daemon import daemons as daemons  # the fixture: started daemons are killed
+
+pytestmark = pytest.mark.anyio
+
+Doc = dict[str, Any]
+SLOW_CALLERS = 10
+FAST_CALLERS = 40
+# Slow calls run until the file named by their args exists: the test decides when they end.
+PLUGIN = """
+import asyncio
+import os
+
+
+async def setup(ctx):
+    return {"calls": 0}
+
+
+async def main(ctx, args):
+    ctx.state["calls"] += 1
+    if args:
+        while not os.path.exists(args):
+            await asyncio.sleep(0.01)
+        return "slow done"
+    return "fast"
+
+
+async def teardown(ctx):
+    await ctx.db.teardowns.insert_one({"plugin": ctx.plugin_name, "version": ctx.version})
+"""
+
+
+async def test_sigterm_under_load_drains_refuses_and_tears_down_once(
+    mongo_uri: str, db: AsyncDatabase[Doc], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """50 callers: in-flight calls end 200, new calls 503, each teardown runs once, exit 0."""
+    await publish(db, "work", PLUGIN)
+    await publish(db, "other", PLUGIN)
+    gate = tmp_path / "gate"
+    port = free_port()
+    daemon = Daemon(
+        tmp_path,
+        "run",
+        "--mongodb-uri",
+        mongo_uri,
+        "--database",
+        db.name,
+        "--http",
+        f"127.0.0.1:{port}",
+        "--log-format",
+        "json",
+    )
+    daemons.append(daemon)
+    limits = httpx.Limits(max_connections=SLOW_CALLERS + FAST_CALLERS + 5)
+    slow_replies: list[httpx.Response] = []
+    fast_ok = [0] * FAST_CALLERS
+    refused: list[httpx.Response] = []
+    late_refusals: list[str] = []
+    unexpected: list[str] = []
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", timeout=30, limits=limits
+    ) as client:
+        await wait_ready(client, daemon)
+
+        async def slow(i: int) -> None:
+            name = "work" if i % 2 else "other"
+            slow_replies.append(await client.post(f"/functions/{name}/call", json=str(gate)))
+
+        async def fast(i: int) -> None:
+            name = "work" if i % 2 else "other"
+            while True:
+                try:
+                    reply = await client.post(f"/functions/{name}/call", json=None)
+                except httpx.TransportError as exc:
+                    if refused:  # the listener closed after the 503 phase: acceptable
+                        late_refusals.append(type(exc).__name__)
+                    else:
+                        unexpected.append(f"{type(exc).__name__} before any 503")
+                    return
+                if reply.status_code == 200:
+                    fast_ok[i] += 1
+                elif reply.status_code == 503:
+                    refused.append(reply)
+                    return
+                else:
+                    unexpected.append(f"HTTP {reply.status_code}: {reply.text}")
+                    return
+
+        async with anyio.create_task_group() as tg:
+            for i in range(SLOW_CALLERS):
+                tg.start_soon(slow, i)
+
+            async def all_slow_in_flight() -> bool:
+                text = (await client.get("/metrics")).text
+                return f"plugin_host_in_flight_calls {SLOW_CALLERS}" in text
+
+            await wait_until(all_slow_in_flight, "every slow call is in flight", timeout=20)
+            for i in range(FAST_CALLERS):
+                tg.start_soon(fast, i)
+            await wait_until(lambda: all(fast_ok), "every fast caller got a 200", timeout=20)
+            daemon.proc.send_signal(signal.SIGTERM)
+            await wait_until(
+                lambda: len(refused) + len(late_refusals) + len(unexpected) == FAST_CALLERS,
+                "every fast caller is refused",
+                timeout=20,
+            )
+            assert not slow_replies, "a slow call ended before its gate opened"
+            gate.touch()
+    assert not unexpected, unexpected
+    assert refused, "no 503 was observed"
+    assert {r.json()["error"]["type"] for r in refused} == {"HostClosed"}
+    assert len(slow_replies) == SLOW_CALLERS
+    assert {(r.status_code, r.json()["result"]) for r in slow_replies} == {(200, "slow done")}
+    assert await daemon.exit_code() == 0
+    teardowns = [doc async for doc in db.teardowns.find({}, {"_id": 0})]
+    assert sorted(d["plugin"] for d in teardowns) == ["other", "work"], teardowns
+    assert len({d["version"] for d in teardowns}) == 2, teardowns
+    _, err = daemon.output()
+    assert "Traceback" not in err, err
+    print(f"\n{len(refused)} refused with 503, {len(late_refusals)} after the listener closed")
