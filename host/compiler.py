@@ -87,58 +87,78 @@ def _set_async_exc(ident: int, exc: type[BaseException] | None) -> int:
     return int(ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), target))
 
 
-class _InterruptibleCall(Generic[T]):
-    """Runs one function in a worker thread and can interrupt it from the loop thread.
+class _Stoppable:
+    """Worker-thread work that the loop thread can stop by injecting ThreadInterrupted.
 
     The lock guarantees the injected exception is raised inside ``run`` and never leaks
-    into the thread pool after ``run`` returned: ``abandon`` only injects while the
-    function runs, and ``_finish`` clears a still-pending injection under the same lock.
+    into the thread pool after ``run`` returned: injection happens only while the work
+    runs, and ``_finish`` clears a still-pending injection under the same lock.
     """
 
-    __slots__ = ("_abandoned", "_args", "_func", "_ident", "_injected", "_lock", "_running")
+    __slots__ = ("_ident", "_injected", "_lock", "_running", "_stopped")
 
-    def __init__(self, func: Callable[..., T], args: tuple[Any, ...]) -> None:
-        self._func = func
-        self._args = args
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._ident = 0
         self._running = False
-        self._abandoned = False
+        self._stopped = False
         self._injected = False
 
-    def run(self) -> T:
+    def _start(self) -> bool:
+        """Mark the work as running in this thread; False if it was stopped already."""
         with self._lock:
-            if self._abandoned:
-                raise ThreadInterrupted("the caller gave up before the thread started")
+            if self._stopped:
+                return False
             self._ident = threading.get_ident()
             self._running = True
-        try:
-            return self._func(*self._args)
-        finally:
-            self._finish()
+            return True
+
+    def _inject_locked(self) -> bool:
+        """Inject ThreadInterrupted if the work runs (the caller holds the lock)."""
+        if not self._running or self._injected:
+            return False
+        self._injected = True
+        if _set_async_exc(self._ident, ThreadInterrupted) != 1:  # pragma: no cover
+            _set_async_exc(self._ident, None)
+            return False
+        return True
 
     def _finish(self) -> None:
         while True:
             try:
                 with self._lock:
                     self._running = False
+                    self._stopped = True
                     if self._injected:
                         _set_async_exc(self._ident, None)
                 return
             except ThreadInterrupted:
-                continue  # delivered just now: the function is over anyway
+                continue  # delivered just now: the work is over anyway
+
+
+class _InterruptibleCall(_Stoppable, Generic[T]):
+    """Runs one function in a worker thread and can interrupt it from the loop thread."""
+
+    __slots__ = ("_args", "_func")
+
+    def __init__(self, func: Callable[..., T], args: tuple[Any, ...]) -> None:
+        super().__init__()
+        self._func = func
+        self._args = args
+
+    def run(self) -> T:
+        if not self._start():
+            raise ThreadInterrupted("the caller gave up before the thread started")
+        try:
+            return self._func(*self._args)
+        finally:
+            self._finish()
 
     def abandon(self) -> bool:
         """Stop the function if it is running; return whether an exception was injected."""
         with self._lock:
-            self._abandoned = True
-            if not self._running or self._injected:
-                return False
-            self._injected = True
-            if _set_async_exc(self._ident, ThreadInterrupted) != 1:  # pragma: no cover
-                _set_async_exc(self._ident, None)
-                return False
-            return True
+            self._stopped = True
+            return self._inject_locked()
 
 
 async def run_sync_interruptible(
@@ -504,7 +524,7 @@ async def _run_top_level(
     falls back to wall time.
     """
     record = loader.record
-    wall_limit = max(10 * exec_timeout, 1.0)
+    wall_limit = _wall_limit(exec_timeout)
     interval = min(0.05, exec_timeout / 10)
     over_cpu = False
 
@@ -535,21 +555,10 @@ async def _run_top_level(
     if failure is not None:
         raise failure
     if over_cpu or wall.cancelled_caught:
-        bound = (
-            f"used more than {exec_timeout:g} s of CPU time"
-            if over_cpu
-            else f"did not finish within {wall_limit:g} s"
-        )
-        raise CompileError(
-            record.name,
-            record.version,
-            "timeout",
-            f"top-level code {bound} (a pure-Python loop is interrupted; a blocking C "
-            "call keeps its thread until it returns)",
-        )
+        raise _timeout_error(record, exec_timeout, over_cpu)
 
 
-class _BatchRunner:
+class _BatchRunner(_Stoppable):
     """Runs several versions' top levels one after another in ONE worker thread.
 
     A cold start of thousands of records would otherwise pay a thread hop and a watchdog
@@ -561,37 +570,19 @@ class _BatchRunner:
     then runs nothing more, and the loop runs the remaining records in a new hop.
     """
 
-    __slots__ = (
-        "_ident",
-        "_injected",
-        "_lock",
-        "_next",
-        "_running",
-        "_stopped",
-        "current",
-        "current_started",
-        "loaders",
-        "outcomes",
-    )
+    __slots__ = ("_next", "current", "current_started", "loaders", "outcomes")
 
     def __init__(self, loaders: list[_Loader]) -> None:
+        super().__init__()
         self.loaders = loaders
         self.outcomes: dict[int, Exception | None] = {}  # index -> failure (None: ok)
         self.current: int | None = None
         self.current_started = 0.0
-        self._lock = threading.Lock()
         self._next = 0
-        self._ident = 0
-        self._running = False
-        self._stopped = False
-        self._injected = False
 
     def run(self) -> None:
-        with self._lock:
-            if self._stopped:
-                return
-            self._ident = threading.get_ident()
-            self._running = True
+        if not self._start():
+            return
         try:
             while True:
                 with self._lock:
@@ -611,18 +602,6 @@ class _BatchRunner:
                     self.outcomes[index] = None
         finally:
             self._finish()
-
-    def _finish(self) -> None:
-        while True:
-            try:
-                with self._lock:
-                    self._running = False
-                    self._stopped = True
-                    if self._injected:
-                        _set_async_exc(self._ident, None)
-                return
-            except ThreadInterrupted:
-                continue  # delivered just now: the batch is over anyway
 
     def over_bound(self, exec_timeout: float, wall_limit: float) -> tuple[int, bool] | None:
         """The running record if it is past its bound: ``(index, over_cpu)``, else None."""
@@ -647,24 +626,23 @@ class _BatchRunner:
             if self.current != index or not self._running or self._stopped:
                 return False
             self._stopped = True
-            if not self._injected:
-                self._injected = True
-                if _set_async_exc(self._ident, ThreadInterrupted) != 1:  # pragma: no cover
-                    _set_async_exc(self._ident, None)
+            self._inject_locked()
             return True
 
     def abandon(self) -> None:
         """The loop gave up on the hop (cancelled): run nothing more, stop what runs."""
         with self._lock:
             self._stopped = True
-            if self._running and not self._injected:
-                self._injected = True
-                if _set_async_exc(self._ident, ThreadInterrupted) != 1:  # pragma: no cover
-                    _set_async_exc(self._ident, None)
+            self._inject_locked()
+
+
+def _wall_limit(exec_timeout: float) -> float:
+    """Wall-time bound for top-level code that blocks without using CPU."""
+    return max(10 * exec_timeout, 1.0)
 
 
 def _timeout_error(record: PluginRecord, exec_timeout: float, over_cpu: bool) -> CompileError:
-    wall_limit = max(10 * exec_timeout, 1.0)
+    wall_limit = _wall_limit(exec_timeout)
     bound = (
         f"used more than {exec_timeout:g} s of CPU time"
         if over_cpu
@@ -706,7 +684,7 @@ async def _run_batch(
     (``stage="timeout"`` for the record the watchdog stopped; the records after it run
     in a fresh hop).
     """
-    wall_limit = max(10 * exec_timeout, 1.0)
+    wall_limit = _wall_limit(exec_timeout)
     interval = min(0.05, exec_timeout / 10)
     outcomes: list[Exception | None] = [None] * len(loaders)
     start = 0
