@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import uuid as uuidlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -319,35 +319,51 @@ class Storage:
         docs = self.find(db, coll)
         return run_pipeline(docs, pipeline, self.client[db])
 
+    def _statements(
+        self,
+        db: str,
+        coll: str,
+        statements: list[Any],
+        ordered: bool,
+        apply: Callable[[int, Any, WriteResult], None],
+    ) -> WriteResult:
+        """Apply each statement; a failure becomes a write error, and stops an ordered batch.
+
+        ``apply`` raises DuplicateKeyError with ``details`` ``{doc, exclude?}`` for 11000s.
+        """
+        result = WriteResult()
+        for index, stmt in enumerate(statements):
+            try:
+                apply(index, stmt, result)
+                continue
+            except DuplicateKeyError as exc:
+                details = exc.details or {}
+                error = self._dup_key_error(
+                    index, db, coll, details.get("doc", {}), details.get("exclude")
+                )
+            except Exception as exc:
+                error = _write_error(index, engine_error(exc))
+            result.write_errors.append(error)
+            if ordered:
+                break
+        return result
+
     def insert(self, db: str, coll: str, docs: list[Any], *, ordered: bool) -> WriteResult:
         """Insert documents; duplicate keys become write errors 11000."""
         info = self.ensure(db, coll)
         target = self.raw(db, coll)
-        result = WriteResult()
-        for index, raw_doc in enumerate(docs):
+
+        def insert_one(index: int, raw_doc: Any, result: WriteResult) -> None:
             if not isinstance(raw_doc, Mapping):
-                result.write_errors.append(
-                    _write_error(index, CommandError(2, "document must be an object"))
-                )
-                if ordered:
-                    break
-                continue
+                raise CommandError(2, "document must be an object")
             doc = dict(raw_doc)
             if "_id" not in doc:
                 doc = {"_id": ObjectId(), **doc}
+            _check_field_names(doc)
             try:
-                _check_field_names(doc)
                 target.insert_one(doc)
-            except DuplicateKeyError:
-                result.write_errors.append(self._dup_key_error(index, db, coll, doc))
-                if ordered:
-                    break
-                continue
-            except Exception as exc:
-                result.write_errors.append(_write_error(index, engine_error(exc)))
-                if ordered:
-                    break
-                continue
+            except DuplicateKeyError as exc:
+                raise DuplicateKeyError(str(exc), 11000, {"doc": doc}) from exc
             result.n += 1
             stored = copy.deepcopy(doc)
             self._log(
@@ -359,7 +375,8 @@ class Storage:
                 post=stored,
                 images=info.images,
             )
-        return result
+
+        return self._statements(db, coll, docs, ordered, insert_one)
 
     def _dup_key_error(
         self, index: int, db: str, coll: str, doc: Mapping[str, Any], exclude: Any = None
@@ -390,28 +407,15 @@ class Storage:
 
     def update(self, db: str, coll: str, statements: list[Any], *, ordered: bool) -> WriteResult:
         """Apply update statements (operators, replacement, upsert, multi, arrayFilters)."""
-        result = WriteResult()
-        for index, stmt in enumerate(statements):
-            try:
-                n, modified, upserted_id = self._update_one_statement(db, coll, stmt)
-            except DuplicateKeyError as exc:
-                doc = exc.details or {}
-                result.write_errors.append(
-                    self._dup_key_error(index, db, coll, doc.get("doc", {}), doc.get("exclude"))
-                )
-                if ordered:
-                    break
-                continue
-            except Exception as exc:
-                result.write_errors.append(_write_error(index, engine_error(exc)))
-                if ordered:
-                    break
-                continue
+
+        def update_one(index: int, stmt: Any, result: WriteResult) -> None:
+            n, modified, upserted_id = self._update_one_statement(db, coll, stmt)
             result.n += n
             result.n_modified += modified
             if upserted_id is not _MISSING:
                 result.upserted.append({"index": index, "_id": upserted_id})
-        return result
+
+        return self._statements(db, coll, statements, ordered, update_one)
 
     def _update_one_statement(self, db: str, coll: str, stmt: Any) -> tuple[int, int, Any]:
         if not isinstance(stmt, Mapping):
@@ -544,36 +548,32 @@ class Storage:
 
     def delete(self, db: str, coll: str, statements: list[Any], *, ordered: bool) -> WriteResult:
         """Delete documents; ``limit`` 0 deletes all matches, 1 deletes one."""
-        result = WriteResult()
         info = self.catalog.get((db, coll))
-        for index, stmt in enumerate(statements):
-            try:
-                if not isinstance(stmt, Mapping) or not isinstance(stmt.get("q", {}), Mapping):
-                    raise CommandError(9, "delete statement must be an object with a 'q' object")
-                limit = stmt.get("limit", 0)
-                if limit not in (0, 1):
-                    raise CommandError(
-                        9, f"The limit field in delete objects must be 0 or 1. Got {limit}"
-                    )
-                if info is None:
-                    continue
-                for before in self.find(db, coll, stmt.get("q", {}), limit=limit):
-                    self.raw(db, coll).delete_one({"_id": before["_id"]})
-                    result.n += 1
-                    self._log(
-                        "delete",
-                        db,
-                        coll,
-                        uuid=info.uuid,
-                        key={"_id": before["_id"]},
-                        pre=before,
-                        images=info.images,
-                    )
-            except Exception as exc:
-                result.write_errors.append(_write_error(index, engine_error(exc)))
-                if ordered:
-                    break
-        return result
+
+        def delete_one(index: int, stmt: Any, result: WriteResult) -> None:
+            if not isinstance(stmt, Mapping) or not isinstance(stmt.get("q", {}), Mapping):
+                raise CommandError(9, "delete statement must be an object with a 'q' object")
+            limit = stmt.get("limit", 0)
+            if limit not in (0, 1):
+                raise CommandError(
+                    9, f"The limit field in delete objects must be 0 or 1. Got {limit}"
+                )
+            if info is None:
+                return
+            for before in self.find(db, coll, stmt.get("q", {}), limit=limit):
+                self.raw(db, coll).delete_one({"_id": before["_id"]})
+                result.n += 1
+                self._log(
+                    "delete",
+                    db,
+                    coll,
+                    uuid=info.uuid,
+                    key={"_id": before["_id"]},
+                    pre=before,
+                    images=info.images,
+                )
+
+        return self._statements(db, coll, statements, ordered, delete_one)
 
     def find_and_modify(self, db: str, coll: str, cmd: Mapping[str, Any]) -> dict[str, Any]:
         """The findAndModify command: returns ``{lastErrorObject, value}``."""
