@@ -5,7 +5,8 @@ The event names and their fields are a public interface (documented in the READM
 ``host.started``, ``host.stopped``, ``watch.started``, ``watch.resumed``,
 ``watch.resynced``, ``watch.invalidated``, ``plugin.loaded``, ``plugin.reloaded``,
 ``plugin.reload_failed``, ``plugin.rejected``, ``plugin.unloaded``, ``plugin.retired``,
-``call.failed``, ``call.timeout``.
+``call.failed``, ``call.timeout``; and ``watch.error``, ``watch.failed``,
+``plugin.teardown_failed``, ``plugin.task_failed``, ``trust.disabled``, ``loop.blocked``.
 """
 
 from __future__ import annotations
