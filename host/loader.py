@@ -253,6 +253,18 @@ class Loader:
             )
             self._fail(slot, name, str(exc), current is not None)
             return None
+        except Exception as exc:  # a verifier (or validation) bug must not stop the host
+            self._events.emit(
+                "plugin.reload_failed",
+                "error",
+                plugin=name,
+                stage="verify",
+                error=f"{type(exc).__name__}: {exc}",
+                traceback="".join(traceback.format_exception(exc)),
+                serving=serving,
+            )
+            self._fail(slot, name, f"{type(exc).__name__}: {exc}", current is not None)
+            return None
         return _Job(change, slot, record, serving, current is not None, time.perf_counter())
 
     async def _install(self, job: _Job, compiled: Plugin | CompileError) -> None:

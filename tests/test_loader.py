@@ -175,3 +175,35 @@ async def test_spawn_starts_a_supervisor_lazily(db: Db) -> None:
         await wait_until(lambda: host.call("spawner"), "the task spawned in setup did not run")
         assert spawner.task_group is not None
     assert spawner.released and spawner.task_group is None
+
+
+@pytest.mark.anyio
+async def test_a_crashing_verifier_does_not_stop_the_host(db: Any) -> None:
+    """A verifier that raises something unexpected fails that load; the host keeps serving."""
+    from tests.support import next_event
+
+    calls = 0
+
+    def verifier(record: Any, current: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if "boom" in record.source:
+            raise KeyError("verifier bug")
+
+    await db.functions.insert_one(
+        {"_id": "v", "source": "async def main(ctx, args):\n    return 1\n"}
+    )
+    async with PluginHost(db, verifier=verifier) as host, host.events() as events:
+        await db.functions.update_one(
+            {"_id": "v"}, {"$set": {"source": "async def main(ctx, args):\n    return 'boom'\n"}}
+        )
+        failed = await next_event(events, "plugin.reload_failed")
+        assert failed["stage"] == "verify"
+        assert "KeyError" in failed["error"]
+        assert await host.call("v") == 1
+        await db.functions.update_one(
+            {"_id": "v"}, {"$set": {"source": "async def main(ctx, args):\n    return 2\n"}}
+        )
+        await next_event(events, "plugin.reloaded")
+        assert await host.call("v") == 2
+    assert calls >= 3
