@@ -55,3 +55,29 @@ async def drain(events: Subscription, *, quiet: float = 0.05) -> list[HostEvent]
             out.append(await events.__anext__())
         if scope.cancelled_caught:
             return out
+
+
+async def events_for(
+    events: Subscription,
+    name: str,
+    plugins: set[str],
+    *,
+    timeout: float = 10.0,
+) -> dict[str, HostEvent]:
+    """The next ``name`` event of each of ``plugins``, in whatever order they come.
+
+    Different names load concurrently, so waiting for them one after another could skip
+    (and lose) an event that arrived first.
+    """
+    found: dict[str, HostEvent] = {}
+    seen: list[str] = []
+    with anyio.move_on_after(timeout):
+        async for event in events:
+            plugin = event.get("plugin")
+            if event.event == name and plugin in plugins and plugin not in found:
+                found[plugin] = event
+                if len(found) == len(plugins):
+                    return found
+            seen.append(event.event)
+    missing = sorted(plugins - set(found))
+    raise AssertionError(f"no {name!r} event for {missing} within {timeout} s; saw {seen}")

@@ -13,7 +13,7 @@ import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
 from host import PluginFailed, PluginHost, PluginNotFound
-from tests.support import next_event, wait_until
+from tests.support import events_for, next_event, wait_until
 
 pytestmark = pytest.mark.anyio
 Db = AsyncDatabase[dict[str, Any]]
@@ -111,12 +111,10 @@ async def test_delete_and_disable_unload(db: Db, host: PluginHost) -> None:
                 {"_id": "off", "source": version_source(2)},
             ]
         )
-        await next_event(events, "plugin.loaded", lambda e: e["plugin"] == "gone")
-        await next_event(events, "plugin.loaded", lambda e: e["plugin"] == "off")
+        await events_for(events, "plugin.loaded", {"gone", "off"})
         await db.functions.delete_one({"_id": "gone"})
         await db.functions.update_one({"_id": "off"}, {"$set": {"enabled": False}})
-        await next_event(events, "plugin.unloaded", lambda e: e["plugin"] == "gone")
-        await next_event(events, "plugin.unloaded", lambda e: e["plugin"] == "off")
+        await events_for(events, "plugin.unloaded", {"gone", "off"})
     with pytest.raises(PluginNotFound):
         await host.call("gone")
     with pytest.raises(PluginNotFound):
@@ -203,8 +201,7 @@ async def test_require_is_late_bound(db: Db, host: PluginHost) -> None:
             "async def main(ctx, args):\n    dep = ctx.require('dep')\n    return await dep(None)\n"
         )
         await db.functions.insert_one({"_id": "user", "source": caller})
-        await next_event(events, "plugin.loaded", lambda e: e["plugin"] == "dep")
-        await next_event(events, "plugin.loaded", lambda e: e["plugin"] == "user")
+        await events_for(events, "plugin.loaded", {"dep", "user"})
         handle = host.require("dep")
         assert await handle() == (1, 1)
         assert await host.call("user") == (1, 1)
