@@ -338,7 +338,11 @@ def test_embedded_mongo_non_loopback_bind_warns(tmp_path: Path) -> None:
             if "embedded.started" in line:
                 break
         proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=30)
+        # Read through the same buffered file: communicate() reads the raw pipe and would
+        # lose lines the line iterator above has already buffered.
+        rest = proc.stdout.read()
+        proc.stdout.close()
+        proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
