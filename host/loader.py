@@ -254,16 +254,9 @@ class Loader:
             self._fail(slot, name, str(exc), current is not None)
             return None
         except Exception as exc:  # a verifier (or validation) bug must not stop the host
-            self._events.emit(
-                "plugin.reload_failed",
-                "error",
-                plugin=name,
-                stage="verify",
-                error=f"{type(exc).__name__}: {exc}",
-                traceback="".join(traceback.format_exception(exc)),
-                serving=serving,
+            self._reload_failed(
+                slot, name, "verify", exc, serving=serving, still_serving=current is not None
             )
-            self._fail(slot, name, f"{type(exc).__name__}: {exc}", current is not None)
             return None
         return _Job(change, slot, record, serving, current is not None, time.perf_counter())
 
@@ -277,32 +270,29 @@ class Loader:
             plugin = compiled
             old = await self._registry.install(plugin, self._ctx_factory)
         except CompileError as exc:
-            self._events.emit(
-                "plugin.reload_failed",
-                "error",
-                plugin=name,
-                version=record.version,
-                stage=exc.stage,
-                error=str(exc),
-                traceback=exc.traceback,
+            self._reload_failed(
+                slot,
+                name,
+                exc.stage,
+                exc,
                 serving=serving,
+                still_serving=job.had_current,
+                version=record.version,
             )
-            self._fail(slot, name, str(exc), job.had_current)
             return
         except HostClosed:
             raise
         except Exception as exc:  # a bug in the host must not kill the loader
-            self._events.emit(
-                "plugin.reload_failed",
-                "error",
-                plugin=name,
-                version=record.version,
-                stage="internal",
-                error=f"{type(exc).__name__}: {exc}",
-                traceback="".join(traceback.format_exception(exc)),
+            self._reload_failed(
+                slot,
+                name,
+                "internal",
+                exc,
                 serving=serving,
+                still_serving=job.had_current,
+                version=record.version,
+                last_error=str(exc),
             )
-            self._fail(slot, name, str(exc), job.had_current)
             return
         live_ms = (time.perf_counter() - job.started) * 1000.0
         fields: dict[str, Any] = {
@@ -336,6 +326,42 @@ class Loader:
             self._events.emit(
                 "plugin.reloaded", old_version=old.version, new_version=plugin.version, **fields
             )
+
+    def _reload_failed(
+        self,
+        slot: _Slot,
+        name: str,
+        stage: str,
+        exc: Exception,
+        *,
+        serving: str | None,
+        still_serving: bool,
+        version: str | None = None,
+        last_error: str | None = None,
+    ) -> None:
+        """Emit ``plugin.reload_failed`` for ``exc`` and record it in the name's status.
+
+        A CompileError says itself what went wrong and carries the plugin's traceback;
+        anything else is a host-side bug, described with its type and full traceback.
+        """
+        if isinstance(exc, CompileError):
+            error, tb = str(exc), exc.traceback
+        else:
+            error = f"{type(exc).__name__}: {exc}"
+            tb = "".join(traceback.format_exception(exc))
+        fields: dict[str, Any] = {"plugin": name}
+        if version is not None:
+            fields["version"] = version
+        self._events.emit(
+            "plugin.reload_failed",
+            "error",
+            **fields,
+            stage=stage,
+            error=error,
+            traceback=tb,
+            serving=serving,
+        )
+        self._fail(slot, name, error if last_error is None else last_error, still_serving)
 
     # -- batches (initial load, resync) ---------------------------------------------------
 
