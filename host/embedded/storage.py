@@ -365,16 +365,7 @@ class Storage:
             except DuplicateKeyError as exc:
                 raise DuplicateKeyError(str(exc), 11000, {"doc": doc}) from exc
             result.n += 1
-            stored = copy.deepcopy(doc)
-            self._log(
-                "insert",
-                db,
-                coll,
-                uuid=info.uuid,
-                key={"_id": doc["_id"]},
-                post=stored,
-                images=info.images,
-            )
+            self._log_document("insert", db, coll, info, doc["_id"], post=copy.deepcopy(doc))
 
         return self._statements(db, coll, docs, ordered, insert_one)
 
@@ -447,21 +438,62 @@ class Storage:
         info = self.ensure(db, coll)
         modified = 0
         for before in matched:
-            after = self._apply(db, coll, before, query, update, is_replace, array_filters)
-            if after != before or _types_changed(before, after):
-                modified += 1
-                op = "replace" if is_replace else "update"
-                self._log(
-                    op,
-                    db,
-                    coll,
-                    uuid=info.uuid,
-                    key={"_id": before["_id"]},
-                    pre=before,
-                    post=copy.deepcopy(after),
-                    images=info.images,
-                )
+            _, changed = self._update_document(
+                db, coll, info, before, query, update, is_replace, array_filters
+            )
+            modified += changed
         return len(matched), modified, _MISSING
+
+    def _log_document(
+        self,
+        op: str,
+        db: str,
+        coll: str,
+        info: CollectionInfo,
+        doc_id: Any,
+        *,
+        pre: dict[str, Any] | None = None,
+        post: dict[str, Any] | None = None,
+    ) -> None:
+        """Log a document write (insert, update, replace, delete) with its images."""
+        self._log(
+            op,
+            db,
+            coll,
+            uuid=info.uuid,
+            key={"_id": doc_id},
+            pre=pre,
+            post=post,
+            images=info.images,
+        )
+
+    def _delete_document(
+        self, db: str, coll: str, info: CollectionInfo, before: dict[str, Any]
+    ) -> None:
+        """Delete one stored document and log it."""
+        self.raw(db, coll).delete_one({"_id": before["_id"]})
+        self._log_document("delete", db, coll, info, before["_id"], pre=before)
+
+    def _update_document(
+        self,
+        db: str,
+        coll: str,
+        info: CollectionInfo,
+        before: dict[str, Any],
+        query: Mapping[str, Any],
+        update: Mapping[str, Any],
+        is_replace: bool,
+        array_filters: Any,
+    ) -> tuple[dict[str, Any], bool]:
+        """Update one stored document; log it if it changed. Returns (after, changed)."""
+        after = self._apply(db, coll, before, query, update, is_replace, array_filters)
+        changed = after != before or _types_changed(before, after)
+        if changed:
+            op = "replace" if is_replace else "update"
+            self._log_document(
+                op, db, coll, info, before["_id"], pre=before, post=copy.deepcopy(after)
+            )
+        return after, changed
 
     def _apply(
         self,
@@ -535,15 +567,7 @@ class Storage:
             new_id = res.upserted_id
         stored = target.find_one({"_id": new_id})
         assert stored is not None
-        self._log(
-            "insert",
-            db,
-            coll,
-            uuid=info.uuid,
-            key={"_id": new_id},
-            post=dict(stored),
-            images=info.images,
-        )
+        self._log_document("insert", db, coll, info, new_id, post=dict(stored))
         return new_id
 
     def delete(self, db: str, coll: str, statements: list[Any], *, ordered: bool) -> WriteResult:
@@ -561,17 +585,8 @@ class Storage:
             if info is None:
                 return
             for before in self.find(db, coll, stmt.get("q", {}), limit=limit):
-                self.raw(db, coll).delete_one({"_id": before["_id"]})
+                self._delete_document(db, coll, info, before)
                 result.n += 1
-                self._log(
-                    "delete",
-                    db,
-                    coll,
-                    uuid=info.uuid,
-                    key={"_id": before["_id"]},
-                    pre=before,
-                    images=info.images,
-                )
 
         return self._statements(db, coll, statements, ordered, delete_one)
 
@@ -597,16 +612,7 @@ class Storage:
             if matched:
                 info = self.ensure(db, coll)
                 before = matched[0]
-                self.raw(db, coll).delete_one({"_id": before["_id"]})
-                self._log(
-                    "delete",
-                    db,
-                    coll,
-                    uuid=info.uuid,
-                    key={"_id": before["_id"]},
-                    pre=before,
-                    images=info.images,
-                )
+                self._delete_document(db, coll, info, before)
                 last["n"] = 1
                 value = before
         else:
@@ -616,18 +622,9 @@ class Storage:
             if matched:
                 info = self.ensure(db, coll)
                 before = matched[0]
-                after = self._apply(db, coll, before, query, update, is_replace, array_filters)
-                if after != before or _types_changed(before, after):
-                    self._log(
-                        "replace" if is_replace else "update",
-                        db,
-                        coll,
-                        uuid=info.uuid,
-                        key={"_id": before["_id"]},
-                        pre=before,
-                        post=copy.deepcopy(after),
-                        images=info.images,
-                    )
+                after, _ = self._update_document(
+                    db, coll, info, before, query, update, is_replace, array_filters
+                )
                 last = {"n": 1, "updatedExisting": True}
                 value = after if new else before
             elif upsert:
