@@ -315,7 +315,8 @@ def _client(uri: str, server_timeout: float | None) -> AsyncMongoClient[dict[str
 
 
 def _with_db(uri: str, database: str, timeout: float, job: Callable[[Any], Awaitable[T]]) -> T:
-    """Run ``job(db)`` on a fresh client; MongoDB errors become one clear line."""
+    """Run ``job(db)`` on a fresh client; MongoDB errors and unknown plugins become one
+    clear line."""
 
     async def main() -> T:
         client = _client(uri, timeout)
@@ -335,6 +336,8 @@ def _with_db(uri: str, database: str, timeout: float, job: Callable[[Any], Await
     except OperationFailure as exc:
         message = (exc.details or {}).get("errmsg") or str(exc)
         raise fail(f"MongoDB refused the operation: {message}") from None
+    except UnknownPlugin as exc:
+        raise fail(str(exc), "`plugin-host list` shows the plugins there are") from None
 
 
 def _daemon_socket(address: str, *, next_free: int = 0) -> socket.socket:
@@ -780,8 +783,6 @@ def show(
 
     try:
         record = _with_db(mongodb_uri, database, connect_timeout, job)
-    except UnknownPlugin as exc:
-        raise fail(str(exc), "`plugin-host list` shows the plugins there are") from None
     except UnknownRevision as exc:
         raise fail(str(exc)) from None
     source = record.get("source") or record.get("fn") or ""
@@ -826,8 +827,6 @@ def rollback(
         published, source_rev = _with_db(mongodb_uri, database, connect_timeout, job)
     except TrustError as exc:
         raise _sign_key_error(exc) from None
-    except UnknownPlugin as exc:
-        raise fail(str(exc), "`plugin-host list` shows the plugins there are") from None
     except UnknownRevision as exc:
         raise fail(str(exc), "pick one with --to N") from None
     _console.print(
@@ -840,10 +839,7 @@ def _toggle(name: str, enabled: bool, uri: str, database: str, collection: str, 
     async def job(db: Any) -> None:
         await set_enabled(db, name, enabled, collection=collection)
 
-    try:
-        _with_db(uri, database, t, job)
-    except UnknownPlugin as exc:
-        raise fail(str(exc), "`plugin-host list` shows the plugins there are") from None
+    _with_db(uri, database, t, job)
     _console.print(f"{'enabled' if enabled else 'disabled'} {name}")
 
 
@@ -884,10 +880,7 @@ def delete_(
     async def job(db: Any) -> None:
         await delete_plugin(db, name, collection=collection)
 
-    try:
-        _with_db(mongodb_uri, database, connect_timeout, job)
-    except UnknownPlugin as exc:
-        raise fail(str(exc), "`plugin-host list` shows the plugins there are") from None
+    _with_db(mongodb_uri, database, connect_timeout, job)
     _console.print(f"deleted {name}")
 
 
