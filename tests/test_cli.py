@@ -199,3 +199,10 @@ def test_embedded_mongo_command_is_kept() -> None:
     result = CliRunner().invoke(app, ["embedded-mongo", "--help"])
     assert result.exit_code == 0
     assert "--data-dir" in result.output
+
+
+def test_unknown_plugin_is_one_clear_error(cli: Invoke) -> None:
+    """show, rollback, enable, disable and delete of a missing plugin name it and suggest list."""
+    for args in (("show",), ("rollback",), ("enable",), ("disable",), ("delete",)):
+        result = cli(*args, "nope")
+        assert_clean_error(result, "no plugin named 'nope'", "plugin-host list")
