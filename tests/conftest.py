@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import types
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -14,6 +17,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.synchronous.database import Database
 
 from host.embedded import EmbeddedMongoThread
+from tests.support import PROBE
 
 Doc = dict[str, object]
 
@@ -102,3 +106,16 @@ def _no_blocking_in_loop(request: pytest.FixtureRequest) -> Iterator[BlockBuster
             if name in bb.functions:
                 bb.functions[name].can_block_in("pymongo/pool_options.py", "get_container_env_info")
         yield bb
+
+
+@pytest.fixture
+def probe(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:
+    """A module plugins can import (as ``PROBE``) to signal the test from a worker thread."""
+    ns = types.SimpleNamespace(stopped=threading.Event(), gate=threading.Event())
+    module = types.ModuleType(PROBE)
+    module.__dict__.update(vars(ns))
+    monkeypatch.setitem(sys.modules, PROBE, module)
+    try:
+        yield ns
+    finally:
+        ns.gate.set()  # never leave a thread blocked on the gate

@@ -10,6 +10,9 @@ import anyio
 
 from host.events import HostEvent, Subscription
 
+PROBE = "_plugin_host_test_probe"
+"""Module name of the ``probe`` fixture: plugin code imports it to signal the test."""
+
 
 async def wait_until(
     predicate: Callable[[], Any | Awaitable[Any]],

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import linecache
 import sys
-import threading
 import types
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -15,27 +13,7 @@ import pytest
 from host.compiler import Phase, Plugin, compile_plugin, format_plugin_traceback
 from host.errors import CompileError
 from host.records import PluginRecord
-
-PROBE = "_plugin_host_compiler_probe"
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    """Run async tests on asyncio only."""
-    return "asyncio"
-
-
-@pytest.fixture
-def probe(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:
-    """A module plugins can import to signal the test from their worker thread."""
-    ns = types.SimpleNamespace(stopped=threading.Event(), gate=threading.Event())
-    module = types.ModuleType(PROBE)
-    module.__dict__.update(vars(ns))
-    monkeypatch.setitem(sys.modules, PROBE, module)
-    try:
-        yield ns
-    finally:
-        ns.gate.set()  # never leave a thread blocked on the gate
+from tests.support import PROBE
 
 
 def record(

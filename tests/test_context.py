@@ -21,12 +21,6 @@ LOAD_TIMEOUT = 30.0
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    """Run async tests on asyncio only."""
-    return "asyncio"
-
-
-@pytest.fixture
 async def registry() -> AsyncIterator[Registry]:
     """A running registry."""
     async with Registry(grace_period=5.0) as registry:

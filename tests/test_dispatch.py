@@ -27,12 +27,6 @@ from host.registry import Registry
 LOAD_TIMEOUT = 30.0
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    """Run async tests on asyncio only."""
-    return "asyncio"
-
-
 class Host:
     """A running registry and a dispatcher over it."""
 

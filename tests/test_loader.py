@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-import threading
 import types
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -17,30 +14,10 @@ from host import PluginHost
 from host.compiler import Plugin, compile_plugins
 from host.errors import CompileError
 from host.records import PluginRecord
-from tests.support import wait_until
+from tests.support import PROBE, next_event, wait_until
 
 pytestmark = pytest.mark.anyio
 Db = AsyncDatabase[dict[str, Any]]
-PROBE = "_plugin_host_loader_probe"
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    """Run async tests on asyncio only."""
-    return "asyncio"
-
-
-@pytest.fixture
-def probe(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:
-    """A module plugins can import to signal the test from their worker thread."""
-    ns = types.SimpleNamespace(stopped=threading.Event(), gate=threading.Event())
-    module = types.ModuleType(PROBE)
-    module.__dict__.update(vars(ns))
-    monkeypatch.setitem(sys.modules, PROBE, module)
-    try:
-        yield ns
-    finally:
-        ns.gate.set()
 
 
 def numbered(n: int) -> str:
@@ -180,8 +157,6 @@ async def test_spawn_starts_a_supervisor_lazily(db: Db) -> None:
 @pytest.mark.anyio
 async def test_a_crashing_verifier_does_not_stop_the_host(db: Any) -> None:
     """A verifier that raises something unexpected fails that load; the host keeps serving."""
-    from tests.support import next_event
-
     calls = 0
 
     def verifier(record: Any, current: Any) -> None:

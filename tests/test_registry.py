@@ -49,12 +49,6 @@ async def main(ctx, args):
 LOAD_TIMEOUT = 30.0
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    """Run async tests on asyncio only."""
-    return "asyncio"
-
-
 class Env:
     """A registry plus dispatcher whose plugins see the test's globals."""
 
