@@ -67,6 +67,23 @@ class Daemon:
                 env=env,
             )
 
+    @classmethod
+    def run(cls, tmp: Path, mongo_uri: str, database: str, http: str, *args: str) -> Daemon:
+        """``plugin-host run`` with JSON logs against ``mongo_uri``/``database``."""
+        return cls(
+            tmp,
+            "run",
+            "--mongodb-uri",
+            mongo_uri,
+            "--database",
+            database,
+            "--http",
+            http,
+            "--log-format",
+            "json",
+            *args,
+        )
+
     def output(self) -> tuple[str, str]:
         """Everything written so far to stdout and stderr."""
         return self.out.read_text(), self.err.read_text()
@@ -183,17 +200,11 @@ async def test_sigterm_drains_in_flight_calls(
     await publish(db, "echo", "async def main(ctx, args):\n    return args\n")
     gate = tmp_path / "open-the-gate"
     http_port = free_port()
-    daemon = Daemon(
+    daemon = Daemon.run(
         tmp_path,
-        "run",
-        "--mongodb-uri",
         mongo_uri,
-        "--database",
         db.name,
-        "--http",
         f"127.0.0.1:{http_port}",
-        "--log-format",
-        "json",
     )
     daemons.append(daemon)
     base = f"http://127.0.0.1:{http_port}"

@@ -183,17 +183,11 @@ async def test_run_with_trusted_keys_refuses_unsigned_then_accepts_signed(
     key = await anyio.to_thread.run_sync(load_private_key, key_path)
     sign = functools.partial(sign_record, key)
     port = free_port()
-    daemon = Daemon(
+    daemon = Daemon.run(
         tmp_path,
-        "run",
-        "--mongodb-uri",
         mongo_uri,
-        "--database",
         db.name,
-        "--http",
         f"127.0.0.1:{port}",
-        "--log-format",
-        "json",
         "--trusted-keys",
         str(pub_path),
         "--auth-token",

@@ -54,17 +54,11 @@ async def test_sigterm_under_load_drains_refuses_and_tears_down_once(
     await publish(db, "other", PLUGIN)
     gate = tmp_path / "gate"
     port = free_port()
-    daemon = Daemon(
+    daemon = Daemon.run(
         tmp_path,
-        "run",
-        "--mongodb-uri",
         mongo_uri,
-        "--database",
         db.name,
-        "--http",
         f"127.0.0.1:{port}",
-        "--log-format",
-        "json",
     )
     daemons.append(daemon)
     limits = httpx.Limits(max_connections=SLOW_CALLERS + FAST_CALLERS + 5)
