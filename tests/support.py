@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -84,3 +85,25 @@ async def events_for(
             seen.append(event.event)
     missing = sorted(plugins - set(found))
     raise AssertionError(f"no {name!r} event for {missing} within {timeout} s; saw {seen}")
+
+
+class Ticks:
+    """How often a ticker task woke up: proof that the event loop kept running."""
+
+    count = 0
+
+
+@contextlib.asynccontextmanager
+async def loop_ticks(interval: float = 0.001) -> AsyncIterator[Ticks]:
+    """Run a task that counts its wake-ups every ``interval`` s while the block runs."""
+    ticks = Ticks()
+
+    async def ticker() -> None:
+        while True:
+            ticks.count += 1
+            await anyio.sleep(interval)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        yield ticks
+        tg.cancel_scope.cancel()

@@ -13,7 +13,7 @@ import pytest
 from host.compiler import Phase, Plugin, compile_plugin, format_plugin_traceback
 from host.errors import CompileError
 from host.records import PluginRecord
-from tests.support import PROBE
+from tests.support import PROBE, loop_ticks
 
 
 def record(
@@ -128,21 +128,11 @@ async def test_infinite_loop_at_import_is_bounded_and_interrupted(
         "finally:\n"
         f"    {PROBE}.stopped.set()\n"
     )
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await anyio.sleep(0.001)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ticker)
+    async with loop_ticks() as ticks:
         error = await load_error(source, exec_timeout=0.2)
-        tg.cancel_scope.cancel()
     assert error.stage == "timeout"
     assert "0.2 s" in str(error)
-    assert ticks > 1, "the event loop was blocked while the top level ran"
+    assert ticks.count > 1, "the event loop was blocked while the top level ran"
     stopped = await anyio.to_thread.run_sync(probe.stopped.wait, 30)
     assert stopped, "the runaway thread was not interrupted"
 
@@ -151,20 +141,10 @@ async def test_infinite_loop_at_import_is_bounded_and_interrupted(
 async def test_blocking_c_call_at_import_is_abandoned(probe: types.SimpleNamespace) -> None:
     """A top level blocked in C times out on time; its thread is abandoned, not joined."""
     source = f"import {PROBE}\ntry:\n    {PROBE}.gate.wait()\nfinally:\n    {PROBE}.stopped.set()\n"
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await anyio.sleep(0.001)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ticker)
+    async with loop_ticks() as ticks:
         error = await load_error(source, exec_timeout=0.2)
-        tg.cancel_scope.cancel()
     assert error.stage == "timeout"
-    assert ticks > 1
+    assert ticks.count > 1
     assert not probe.stopped.is_set(), "the thread is still blocked in C"
     probe.gate.set()
     assert await anyio.to_thread.run_sync(probe.stopped.wait, 30)

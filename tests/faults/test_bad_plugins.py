@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import anyio
 import pytest
 
 from host import PluginHost
-from tests.support import drain, next_event
+from tests.support import drain, loop_ticks, next_event
 
 from .helpers import Db, numbered
 
@@ -48,25 +47,16 @@ async def test_bad_update_fails_with_stage_and_old_version_serves(
 ) -> None:
     """A broken update → plugin.reload_failed with the right stage; the old version serves."""
     source, stage = BAD_SOURCES[case]
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await anyio.sleep(0.005)
-
-    async with host.events() as events, anyio.create_task_group() as tg:
+    async with host.events() as events:
         await db.functions.insert_one({"_id": "p", "source": numbered(1)})
         loaded = await next_event(events, "plugin.loaded")
-        tg.start_soon(ticker)
-        before = ticks
-        await db.functions.update_one({"_id": "p"}, {"$set": {"source": source}})
-        failed = await next_event(events, "plugin.reload_failed", timeout=20)
-        # The loop stayed responsive while the bad top level ran in its thread.
-        assert ticks > before
-        assert await host.call("p") == (1, 1)
-        tg.cancel_scope.cancel()
+        async with loop_ticks(0.005) as ticks:
+            before = ticks.count
+            await db.functions.update_one({"_id": "p"}, {"$set": {"source": source}})
+            failed = await next_event(events, "plugin.reload_failed", timeout=20)
+            # The loop stayed responsive while the bad top level ran in its thread.
+            assert ticks.count > before
+            assert await host.call("p") == (1, 1)
     assert failed["stage"] == stage, failed["error"]
     assert failed["serving"] == loaded["version"]
     assert failed["plugin"] == "p"
@@ -82,27 +72,18 @@ async def test_bad_update_fails_with_stage_and_old_version_serves(
 
 async def test_runaway_top_level_keeps_loop_ticking(db: Db, host: PluginHost) -> None:
     """An infinite loop at import is stopped; a ticker on the loop ticks throughout the load."""
-    stamps: list[float] = []
-
-    async def ticker() -> None:
-        while True:
-            stamps.append(anyio.current_time())
-            await anyio.sleep(0.01)
-
     async with host.events() as events, host.events() as every:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(ticker)
+        async with loop_ticks(0.01) as ticks:
             await db.functions.insert_one({"_id": "spin", "source": "while True:\n    pass\n"})
             await next_event(events, "plugin.reload_failed", lambda e: e["plugin"] == "spin")
-            started = len(stamps)
+            started = ticks.count
             await db.functions.update_one(
                 {"_id": "spin"}, {"$set": {"source": "x = 0\nwhile True:\n    x += 1\n"}}
             )
             failed = await next_event(
                 events, "plugin.reload_failed", lambda e: e["plugin"] == "spin"
             )
-            ticked = len(stamps) - started
-            tg.cancel_scope.cancel()
+            ticked = ticks.count - started
         rest = await drain(every, quiet=0.2)
     assert failed["stage"] == "timeout"
     assert ticked >= 5, "the loop stalled while the runaway top level ran"
