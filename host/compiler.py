@@ -657,22 +657,22 @@ def _timeout_error(record: PluginRecord, exec_timeout: float, over_cpu: bool) ->
     )
 
 
-def _gate() -> anyio.Semaphore:
+def _per_loop(var: RunVar[T], create: Callable[[], T]) -> T:
+    """The event loop's value of ``var``, created on first use."""
     try:
-        return _load_gate.get()
+        return var.get()
     except LookupError:
-        gate = anyio.Semaphore(_LOAD_THREADS)
-        _load_gate.set(gate)
-        return gate
+        value = create()
+        var.set(value)
+        return value
+
+
+def _gate() -> anyio.Semaphore:
+    return _per_loop(_load_gate, lambda: anyio.Semaphore(_LOAD_THREADS))
 
 
 def _limiter() -> anyio.CapacityLimiter:
-    try:
-        return _load_limiter.get()
-    except LookupError:
-        limiter = anyio.CapacityLimiter(_LOAD_THREADS)
-        _load_limiter.set(limiter)
-        return limiter
+    return _per_loop(_load_limiter, lambda: anyio.CapacityLimiter(_LOAD_THREADS))
 
 
 async def _run_batch(
