@@ -10,6 +10,7 @@ from typing import Any
 
 import bson
 from bson.int64 import Int64
+from bson.raw_bson import RawBSONDocument
 
 from .changestream import ChangeStream
 from .errors import CommandError
@@ -34,10 +35,14 @@ class Cursor:
     exhausted: bool = False
     _peeked: dict[str, Any] | None = None
 
-    def take(self, batch_size: int | None) -> list[dict[str, Any]]:
-        """Take up to ``batch_size`` buffered documents (all, within 16 MiB, if None/0)."""
+    def take(self, batch_size: int | None) -> list[RawBSONDocument]:
+        """Take up to ``batch_size`` buffered documents (all, within 16 MiB, if None/0).
+
+        Each document is encoded once, here, to measure the batch; the reply embeds
+        those bytes as they are (RawBSONDocument) instead of encoding it again.
+        """
         assert self.docs is not None
-        out: list[dict[str, Any]] = []
+        out: list[RawBSONDocument] = []
         size = 0
         limit = batch_size if batch_size and batch_size > 0 else None
         while limit is None or len(out) < limit:
@@ -46,12 +51,12 @@ class Cursor:
             if doc is None:
                 self.exhausted = True
                 break
-            doc_size = len(bson.encode(doc, codec_options=CODEC_OPTIONS))
-            if out and size + doc_size > MAX_BATCH_BYTES:
+            raw = bson.encode(doc, codec_options=CODEC_OPTIONS)
+            if out and size + len(raw) > MAX_BATCH_BYTES:
                 self._peeked = doc
                 break
-            size += doc_size
-            out.append(doc)
+            size += len(raw)
+            out.append(RawBSONDocument(raw))
         if not self.exhausted and self._peeked is None:
             nxt = next(self.docs, None)
             if nxt is None:
@@ -127,7 +132,7 @@ class CursorManager:
         cursor = Cursor(id=0, ns=ns, docs=iter(docs))
         limit = DEFAULT_FIRST_BATCH if batch_size is None else batch_size
         if limit == 0:  # batchSize 0: open the cursor, return nothing yet
-            batch: list[dict[str, Any]] = []
+            batch: list[RawBSONDocument] = []
             cursor.exhausted = not docs
         else:
             batch = cursor.take(limit)
