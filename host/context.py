@@ -16,7 +16,7 @@ import structlog
 from .types import Args, Caller, CallTarget
 
 if TYPE_CHECKING:
-    from .compiler import Plugin
+    from .plugin import Plugin
 
 __all__ = ("Context",)
 

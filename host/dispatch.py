@@ -25,7 +25,6 @@ from typing import Any
 import anyio
 import structlog
 
-from .compiler import Plugin, format_plugin_traceback, run_sync_interruptible
 from .context import Context
 from .errors import (
     HostClosed,
@@ -36,7 +35,10 @@ from .errors import (
     RequireDepthExceeded,
 )
 from .events import EventBus
+from .naming import format_plugin_traceback
+from .plugin import Plugin
 from .registry import CURRENT_PLUGIN, Registry
+from .threads import run_sync_interruptible
 from .types import Args
 
 __all__ = ("Dispatcher", "Required")
@@ -87,7 +89,6 @@ class Dispatcher:
         db: Any,
         globals: Mapping[str, Any] | None = None,
         default_timeout: float | None = None,
-        default_max_concurrency: int | None = None,
         max_waiting: int = 1000,
         require_depth: int = 16,
         thread_limiter_size: int = 40,
@@ -100,7 +101,6 @@ class Dispatcher:
             db: The database handed to plugins as ``ctx.db``.
             globals: Host globals exposed as ``ctx`` attributes.
             default_timeout: Timeout for calls whose record sets none; ``None`` for none.
-            default_max_concurrency: Concurrency limit for versions whose record sets none.
             max_waiting: Calls that may queue on a saturated version before
                 ``PluginBusy``.
             require_depth: Deepest allowed chain of plugin-to-plugin calls.
@@ -111,7 +111,6 @@ class Dispatcher:
         self._db = db
         self._globals: Mapping[str, Any] = MappingProxyType(dict(globals or {}))
         self._default_timeout = default_timeout
-        self._default_max_concurrency = default_max_concurrency
         self._max_waiting = max_waiting
         self._require_depth = require_depth
         self._threads = anyio.CapacityLimiter(thread_limiter_size)
@@ -202,11 +201,11 @@ class Dispatcher:
             plugin.end_call()
 
     async def _run(self, plugin: Plugin, args: Args) -> Any:
+        # The compiler sets the version's limiter once (its record's max_concurrency, or
+        # the host default); the dispatcher only reads it.
         limiter = plugin.limiter
         if limiter is None:
-            if self._default_max_concurrency is None:
-                return await self._invoke(plugin, args)
-            limiter = plugin.limiter = anyio.Semaphore(self._default_max_concurrency)
+            return await self._invoke(plugin, args)
         try:
             limiter.acquire_nowait()
         except anyio.WouldBlock:

@@ -21,9 +21,10 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from .compiler import Plugin, compile_plugin, compile_plugins
+from .compiler import compile_plugin, compile_plugins
 from .errors import CompileError, HostClosed, RecordError
 from .events import EventBus
+from .plugin import Plugin
 from .records import PluginRecord, parse_record
 from .registry import Registry
 from .types import ContextFactory, Document

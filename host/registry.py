@@ -46,11 +46,13 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup
 
-from .compiler import Phase, Plugin, format_plugin_traceback, run_sync_interruptible
 from .context import Context
 from .errors import CompileError, HostClosed
 from .events import EventBus
+from .naming import format_plugin_traceback
+from .plugin import Phase, Plugin
 from .records import PluginRecord
+from .threads import run_sync_interruptible
 from .types import ContextFactory, Hook
 
 if TYPE_CHECKING:

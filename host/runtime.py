@@ -110,7 +110,6 @@ class PluginHost:
             db=database,
             globals=context,
             default_timeout=default_timeout,
-            default_max_concurrency=default_max_concurrency,
             max_waiting=max_waiting,
             require_depth=require_depth,
             events=self.events_bus,

@@ -10,8 +10,10 @@ from typing import Any
 import anyio
 import pytest
 
-from host.compiler import Phase, Plugin, compile_plugin, format_plugin_traceback
+from host.compiler import compile_plugin
 from host.errors import CompileError
+from host.naming import format_plugin_traceback
+from host.plugin import Phase, Plugin
 from host.records import PluginRecord
 from tests.support import PROBE, loop_ticks
 

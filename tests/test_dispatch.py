@@ -10,7 +10,7 @@ import anyio
 import pytest
 import structlog
 
-from host.compiler import Plugin, compile_plugin
+from host.compiler import compile_plugin
 from host.dispatch import Dispatcher
 from host.errors import (
     HostClosed,
@@ -20,6 +20,7 @@ from host.errors import (
     PluginTimeout,
     RequireDepthExceeded,
 )
+from host.plugin import Plugin
 from host.records import PluginRecord
 from host.registry import Registry
 
@@ -34,10 +35,14 @@ class Host:
         self.registry = registry
         self.dispatcher = dispatcher
 
-    async def load(self, name: str, source: str, **fields: Any) -> Plugin:
+    async def load(
+        self, name: str, source: str, *, default_max_concurrency: int | None = None, **fields: Any
+    ) -> Plugin:
         """Compile and install a version of ``name``; return it."""
         plugin = await compile_plugin(
-            PluginRecord(name=name, source=source, **fields), exec_timeout=LOAD_TIMEOUT
+            PluginRecord(name=name, source=source, **fields),
+            exec_timeout=LOAD_TIMEOUT,
+            default_max_concurrency=default_max_concurrency,
         )
         await self.registry.install(plugin, self.dispatcher.make_context)
         return plugin
@@ -49,7 +54,7 @@ def make_host(registry: Registry, **kw: Any) -> Host:
     return Host(registry, Dispatcher(registry, db="the-db", globals=kw, **options))
 
 
-DISPATCHER_OPTIONS = {"default_timeout", "max_waiting", "require_depth", "default_max_concurrency"}
+DISPATCHER_OPTIONS = {"default_timeout", "max_waiting", "require_depth"}
 
 
 @pytest.fixture
@@ -234,8 +239,10 @@ async def test_max_concurrency_queues_then_rejects(registry: Registry) -> None:
 async def test_default_max_concurrency_applies(registry: Registry) -> None:
     """default_max_concurrency limits versions whose record sets none."""
     gate = anyio.Event()
-    host = make_host(registry, gate=gate, default_max_concurrency=1, max_waiting=0)
-    plugin = await host.load("p", "async def main(ctx, a):\n    await ctx.gate.wait()\n")
+    host = make_host(registry, gate=gate, max_waiting=0)
+    plugin = await host.load(
+        "p", "async def main(ctx, a):\n    await ctx.gate.wait()\n", default_max_concurrency=1
+    )
     async with anyio.create_task_group() as tg:
         tg.start_soon(host.dispatcher.call, "p", None)
         await anyio.wait_all_tasks_blocked()

@@ -11,8 +11,9 @@ import structlog
 from pymongo.asynchronous.database import AsyncDatabase
 
 from host import PluginHost
-from host.compiler import Plugin, compile_plugins
+from host.compiler import compile_plugins
 from host.errors import CompileError
+from host.plugin import Plugin
 from host.records import PluginRecord
 from tests.support import PROBE, next_event, wait_until
 
