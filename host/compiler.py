@@ -21,7 +21,6 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -32,7 +31,14 @@ from .errors import CompileError
 from .naming import format_plugin_traceback, module_name, plugin_filename
 from .plugin import Plugin, released_entrypoint
 from .records import PluginRecord
-from .threads import Stoppable, ThreadInterrupted
+from .threads import (
+    Stoppable,
+    ThreadInterrupted,
+    ThreadLimiter,
+    ThreadsExhausted,
+    per_loop,
+    run_stoppable,
+)
 
 __all__ = ("compile_plugin", "compile_plugins")
 
@@ -41,7 +47,8 @@ T = TypeVar("T")
 _LOAD_THREADS = 4
 # A dedicated limiter per event loop: loads must not starve the shared worker-thread pool
 # that sync plugin calls use, and a RunVar keeps limiters from leaking across loops.
-_load_limiter: RunVar[anyio.CapacityLimiter] = RunVar("plugin_host_load_limiter")
+# Its slots stay taken by abandoned top levels until they really end (see host.threads).
+_load_limiter: RunVar[ThreadLimiter] = RunVar("plugin_host_load_limiter")
 # Loads wait here for a slot before their time bounds and watchdog start: a cold start of
 # thousands of records must not count time spent queueing against `exec_timeout`.
 _load_gate: RunVar[anyio.Semaphore] = RunVar("plugin_host_load_gate")
@@ -193,12 +200,6 @@ class _BatchRunner(Stoppable):
             self._inject_locked()
             return True
 
-    def abandon(self) -> None:
-        """The loop gave up on the hop (cancelled): run nothing more, stop what runs."""
-        with self._lock:
-            self._stopped = True
-            self._inject_locked()
-
 
 def _wall_limit(exec_timeout: float) -> float:
     """Wall-time bound for top-level code that blocks without using CPU."""
@@ -221,26 +222,16 @@ def _timeout_error(record: PluginRecord, exec_timeout: float, over_cpu: bool) ->
     )
 
 
-def _per_loop(var: RunVar[T], create: Callable[[], T]) -> T:
-    """The event loop's value of ``var``, created on first use."""
-    try:
-        return var.get()
-    except LookupError:
-        value = create()
-        var.set(value)
-        return value
-
-
 def _gate() -> anyio.Semaphore:
-    return _per_loop(_load_gate, lambda: anyio.Semaphore(_LOAD_THREADS))
+    return per_loop(_load_gate, lambda: anyio.Semaphore(_LOAD_THREADS))
 
 
-def _limiter() -> anyio.CapacityLimiter:
-    return _per_loop(_load_limiter, lambda: anyio.CapacityLimiter(_LOAD_THREADS))
+def _limiter() -> ThreadLimiter:
+    return per_loop(_load_limiter, lambda: ThreadLimiter(_LOAD_THREADS))
 
 
 async def _run_batch(
-    loaders: list[_Loader], exec_timeout: float, limiter: anyio.CapacityLimiter
+    loaders: list[_Loader], exec_timeout: float, limiter: ThreadLimiter
 ) -> list[Exception | None]:
     """Run top levels in as few thread hops as possible, each bounded like one load.
 
@@ -256,6 +247,7 @@ async def _run_batch(
         runner = _BatchRunner(loaders[start:])
         verdict: tuple[int, bool] | None = None
         failure: Exception | None = None
+        exhausted: ThreadsExhausted | None = None
 
         async def watchdog(scope: anyio.CancelScope, runner: _BatchRunner) -> None:
             nonlocal verdict
@@ -270,10 +262,10 @@ async def _run_batch(
         async with _gate(), anyio.create_task_group() as tg:
             tg.start_soon(watchdog, tg.cancel_scope, runner)
             try:
-                await anyio.to_thread.run_sync(runner.run, limiter=limiter, abandon_on_cancel=True)
-            except anyio.get_cancelled_exc_class():
-                runner.abandon()  # the watchdog's verdict, or cancelled from outside
-                raise
+                # Cancelled (the watchdog's verdict, or from outside): the runner is abandoned.
+                await run_stoppable(runner, runner.run, limiter)
+            except ThreadsExhausted as exc:
+                exhausted = exc
             except ThreadInterrupted:
                 pass  # the watchdog stopped the thread; `verdict` says where
             except Exception as exc:  # raised below, not wrapped in an ExceptionGroup
@@ -281,6 +273,11 @@ async def _run_batch(
             tg.cancel_scope.cancel()
         if failure is not None:
             raise failure
+        if exhausted is not None:  # nothing ran: every load thread is held by abandoned code
+            for index in range(start, len(loaders)):
+                record = loaders[index].record
+                outcomes[index] = CompileError(record.name, record.version, "busy", str(exhausted))
+            break
         for index, outcome in runner.outcomes.items():
             outcomes[start + index] = outcome
         if verdict is None:

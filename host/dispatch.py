@@ -38,7 +38,7 @@ from .events import EventBus
 from .naming import format_plugin_traceback
 from .plugin import Plugin
 from .registry import CURRENT_PLUGIN, Registry
-from .threads import run_sync_interruptible
+from .threads import ThreadLimiter, ThreadsExhausted, run_sync_interruptible
 from .types import Args
 
 __all__ = ("Dispatcher", "Required")
@@ -113,7 +113,7 @@ class Dispatcher:
         self._default_timeout = default_timeout
         self._max_waiting = max_waiting
         self._require_depth = require_depth
-        self._threads = anyio.CapacityLimiter(thread_limiter_size)
+        self._threads = ThreadLimiter(thread_limiter_size)
         self._ids = itertools.count(1)
         self._closed = False
         self._events = events if events is not None else EventBus(_log)
@@ -127,6 +127,11 @@ class Dispatcher:
     def globals(self) -> Mapping[str, Any]:
         """Host globals exposed as ``ctx`` attributes (read-only)."""
         return self._globals
+
+    @property
+    def abandoned_threads(self) -> int:
+        """Worker threads of timed-out sync calls that still run (and hold their slot)."""
+        return self._threads.abandoned
 
     @property
     def draining(self) -> bool:
@@ -227,12 +232,17 @@ class Dispatcher:
             if plugin.is_async:
                 return await plugin.entrypoint(ctx, args)
             # Cancelling the caller (timeout, shutdown) abandons and interrupts the thread.
+            # Its slot stays taken until the thread really ends (see host.threads).
             result = await run_sync_interruptible(
-                plugin.entrypoint, ctx, args, limiter=self._threads
+                plugin.entrypoint, ctx, args, limiter=self._threads, tally=plugin.threads
             )
             if inspect.iscoroutine(result):  # a callable object with an async __call__
                 result = await result
             return result
+        except ThreadsExhausted as exc:
+            raise PluginBusy(
+                plugin.name, plugin.version, self._max_waiting, abandoned_threads=exc.total
+            ) from None
         except RequireDepthExceeded:
             raise  # a cycle is a property of the whole chain: report it unwrapped
         except (Exception, SystemExit) as exc:  # plugin code must never stop the host

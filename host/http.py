@@ -209,6 +209,8 @@ def create_app(
 
     if metrics.ready is None:
         metrics.ready = lambda: bool(host.is_ready) and not draining()
+    if metrics.abandoned_threads is None:
+        metrics.abandoned_threads = lambda: int(host.abandoned_threads)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -72,6 +72,8 @@ class PluginInfo:
         status: ``serving``, ``degraded`` (a newer record failed; the old version
             serves), ``failed`` (nothing serves) or ``disabled``.
         last_error: The latest failure for this name, if any.
+        abandoned_threads: Worker threads of this name's versions whose calls timed out
+            while blocked in C and that still run (each holds a sync-call thread slot).
     """
 
     name: str
@@ -80,6 +82,7 @@ class PluginInfo:
     loaded_at: datetime | None = None
     status: str = "serving"
     last_error: str | None = None
+    abandoned_threads: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -90,6 +93,7 @@ class PluginInfo:
             "loaded_at": self.loaded_at.isoformat() if self.loaded_at else None,
             "status": self.status,
             "last_error": self.last_error,
+            "abandoned_threads": self.abandoned_threads,
         }
 
 
@@ -180,12 +184,20 @@ class Loader:
 
     def infos(self) -> list[PluginInfo]:
         """Status of every name the loader has seen, sorted by name."""
-        return [slot.info for _, slot in sorted(self._slots.items()) if slot.info is not None]
+        return [
+            self._with_threads(slot.info)
+            for _, slot in sorted(self._slots.items())
+            if slot.info is not None
+        ]
 
     def info(self, name: str) -> PluginInfo | None:
         """Status of one name."""
         slot = self._slots.get(name)
-        return slot.info if slot else None
+        return self._with_threads(slot.info) if slot and slot.info else None
+
+    def _with_threads(self, info: PluginInfo) -> PluginInfo:
+        abandoned = self._registry.abandoned_threads(info.name)
+        return replace(info, abandoned_threads=abandoned) if abandoned else info
 
     # -- work --------------------------------------------------------------------------
 

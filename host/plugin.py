@@ -24,6 +24,7 @@ from anyio.abc import TaskGroup
 from .errors import PluginError
 from .naming import format_plugin_traceback, plugin_filename
 from .records import PluginRecord
+from .threads import ThreadTally
 from .types import Entrypoint, Hook
 
 __all__ = ("Phase", "Plugin", "released_entrypoint")
@@ -74,6 +75,8 @@ class Plugin:
         phase: Lifecycle phase, driven by the registry.
         task_group: Where ``ctx.spawn`` starts tasks; set while the version is supervised.
         tasks: asyncio tasks created by this version's code, cancelled at retirement.
+        threads: Counts this version's abandoned worker threads that still run (sync calls
+            that timed out while blocked in C).
     """
 
     record: PluginRecord
@@ -91,6 +94,7 @@ class Plugin:
     phase: Phase = field(default=Phase.LOADED, init=False)
     task_group: TaskGroup | None = field(default=None, init=False)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set, init=False)
+    threads: ThreadTally = field(default_factory=ThreadTally, init=False)
     drained: anyio.Event | None = field(default=None, init=False)
     # Set by the registry while the version is installed: starts its supervisor on the
     # first ``spawn`` (most versions never spawn, so none is started for them).

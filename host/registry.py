@@ -165,6 +165,15 @@ class Registry:
         """
         return tuple(self._history.get(name, ()))
 
+    def abandoned_threads(self, name: str) -> int:
+        """Abandoned worker threads still running for the current and retiring ``name``."""
+        current = self._current.get(name)
+        count = current.threads.abandoned if current is not None else 0
+        for plugin in self._draining:
+            if plugin.name == name:
+                count += plugin.threads.abandoned
+        return count
+
     def retiring(self) -> tuple[Plugin, ...]:
         """Return the versions replaced or removed but not yet retired."""
         return tuple(self._draining)

@@ -251,6 +251,11 @@ class PluginHost:
         """Shutdown has begun: new calls are refused."""
         return self.dispatcher.draining
 
+    @property
+    def abandoned_threads(self) -> int:
+        """Worker threads of timed-out sync calls still blocked (each holds a thread slot)."""
+        return self.dispatcher.abandoned_threads
+
     # -- work ------------------------------------------------------------------------------
 
     async def call(self, name: str, args: Args = None, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - per-call timeout is the public contract

@@ -23,6 +23,7 @@ from host.errors import (
 from host.plugin import Plugin
 from host.records import PluginRecord
 from host.registry import Registry
+from tests.support import wait_until
 
 # Generous load bound: these tests are not about load timeouts, and CI machines are busy.
 LOAD_TIMEOUT = 30.0
@@ -387,3 +388,56 @@ async def test_ctx_exposes_db_globals_state_and_bound_log(registry: Registry) ->
             "call_id": call_id,
         }
     ]
+
+
+BLOCKING_IN_C = """
+def main(ctx, args):
+    with ctx.lock:
+        ctx.live[0] += 1
+        ctx.peak[0] = max(ctx.peak[0], ctx.live[0])
+    try:
+        ctx.gate.wait()  # blocks in C: an injected ThreadInterrupted waits for it
+    finally:
+        with ctx.lock:
+            ctx.live[0] -= 1
+    return "done"
+"""
+
+
+@pytest.mark.anyio
+async def test_abandoned_threads_keep_their_slot(registry: Registry) -> None:
+    """Timed-out sync calls blocked in C never run more threads than the limiter allows."""
+    gate = threading.Event()
+    live, peak = [0], [0]
+    dispatcher = Dispatcher(
+        registry,
+        db=None,
+        globals={"gate": gate, "lock": threading.Lock(), "live": live, "peak": peak},
+        thread_limiter_size=2,
+    )
+    host = Host(registry, dispatcher)
+    plugin = await host.load("stuck", BLOCKING_IN_C)
+    busy: list[PluginBusy] = []
+    try:
+        for _ in range(50):
+            try:
+                await dispatcher.call("stuck", None, timeout=0.05)
+            except PluginBusy as exc:
+                busy.append(exc)
+            except PluginTimeout:
+                pass
+            assert peak[0] <= 2
+            assert dispatcher.abandoned_threads <= 2
+        assert busy, "every slot was held by an abandoned thread, yet no call got PluginBusy"
+        assert busy[-1].abandoned_threads == 2
+        assert "held by calls that timed out" in str(busy[-1])
+        assert plugin.threads.abandoned == 2
+        assert registry.abandoned_threads("stuck") == 2
+    finally:
+        gate.set()
+    await wait_until(
+        lambda: dispatcher.abandoned_threads == 0, "the abandoned threads returned their slots"
+    )
+    assert plugin.threads.abandoned == 0
+    assert peak[0] <= 2
+    assert await dispatcher.call("stuck", None, timeout=LOAD_TIMEOUT) == "done"
