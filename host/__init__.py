@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .config import Limits as Limits
+from .config import Timeouts as Timeouts
 from .context import Context as Context
 from .errors import CompileError as CompileError
 from .errors import HostClosed as HostClosed
@@ -24,6 +26,7 @@ __all__ = (
     "Context",
     "HostClosed",
     "HostEvent",
+    "Limits",
     "PluginBusy",
     "PluginError",
     "PluginFailed",
@@ -34,6 +37,7 @@ __all__ = (
     "PluginTimeout",
     "RecordError",
     "RequireDepthExceeded",
+    "Timeouts",
     "WatchFatal",
     "parse_record",
 )

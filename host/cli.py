@@ -37,6 +37,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from . import samples
+from .config import DAEMON_LIMITS, DAEMON_TIMEOUTS, Limits, Timeouts
 from .daemon import (
     StartupError,
     bind_socket,
@@ -372,11 +373,11 @@ def run(
     drain_timeout: Annotated[
         float,
         typer.Option("--drain-timeout", min=0, help="Seconds in-flight calls get on SIGTERM."),
-    ] = 30.0,
+    ] = DAEMON_TIMEOUTS.drain,
     startup_timeout: Annotated[
         float,
         typer.Option("--startup-timeout", min=0, help="Seconds to become ready (0: wait forever)."),
-    ] = 30.0,
+    ] = DAEMON_TIMEOUTS.startup,
     debug: Annotated[
         bool, typer.Option("--debug", help="Put plugin tracebacks in HTTP 500 replies.")
     ] = False,
@@ -397,13 +398,13 @@ def run(
             "readyz, metrics ('' protects all).",
         ),
     ] = "healthz,metrics",
-    max_body_bytes: MaxBodyBytes = 1_048_576,
-    max_result_bytes: MaxResultBytes = 4_194_304,
-    max_source_bytes: MaxSourceBytes = 1_048_576,
-    exec_timeout: ExecTimeout = 1.0,
-    call_timeout: CallTimeout = 30.0,
-    max_concurrency: MaxConcurrency = 64,
-    require_depth: RequireDepth = 16,
+    max_body_bytes: MaxBodyBytes = DAEMON_LIMITS.max_body_bytes,
+    max_result_bytes: MaxResultBytes = DAEMON_LIMITS.max_result_bytes,
+    max_source_bytes: MaxSourceBytes = DAEMON_LIMITS.max_source_bytes,
+    exec_timeout: ExecTimeout = DAEMON_TIMEOUTS.top_level,
+    call_timeout: CallTimeout = DAEMON_TIMEOUTS.call or 0.0,
+    max_concurrency: MaxConcurrency = DAEMON_LIMITS.max_concurrency or 0,
+    require_depth: RequireDepth = DAEMON_LIMITS.require_depth,
 ) -> None:
     """Serve the plugins of a MongoDB collection over HTTP, reloading them live.
 
@@ -416,6 +417,17 @@ def run(
     opened = _parse_open_endpoints(open_endpoints)
     keys = _load_trusted(trusted_keys)
     configure_logging(log_format)
+    limits, timeouts = _serving_config(
+        max_body_bytes,
+        max_result_bytes,
+        max_source_bytes,
+        max_concurrency,
+        require_depth,
+        exec_timeout,
+        call_timeout,
+        drain_timeout,
+        startup_timeout,
+    )
     sock = _daemon_socket(http)
     try:
         client = _client(mongodb_uri, 5.0)
@@ -428,18 +440,11 @@ def run(
             await run_daemon(
                 client[database],
                 sock,
+                limits=limits,
+                timeouts=timeouts,
                 collection=collection,
                 mongodb=f"MongoDB at {redact_uri(mongodb_uri)}",
-                drain_timeout=drain_timeout,
-                startup_timeout=startup_timeout,
                 debug=debug,
-                max_body_bytes=max_body_bytes,
-                max_result_bytes=max_result_bytes,
-                max_source_bytes=max_source_bytes,
-                exec_timeout=exec_timeout,
-                call_timeout=call_timeout or None,
-                max_concurrency=max_concurrency or None,
-                require_depth=require_depth,
                 trusted_keys=keys,
                 auth_token=auth_token,
                 open_endpoints=opened,
@@ -451,6 +456,34 @@ def run(
         anyio.run(main)
     except StartupError as exc:
         raise fail(str(exc), exc.hint) from None
+
+
+_DEV_DRAIN_TIMEOUT = 5.0  # dev stops quickly on Ctrl-C
+
+
+def _serving_config(
+    max_body_bytes: int,
+    max_result_bytes: int,
+    max_source_bytes: int,
+    max_concurrency: int,
+    require_depth: int,
+    exec_timeout: float,
+    call_timeout: float,
+    drain: float,
+    startup: float,
+) -> tuple[Limits, Timeouts]:
+    """The daemon's limits and timeouts from the options ``run`` and ``dev`` share (0: none)."""
+    limits = Limits(
+        max_body_bytes=max_body_bytes,
+        max_result_bytes=max_result_bytes,
+        max_source_bytes=max_source_bytes,
+        max_concurrency=max_concurrency or None,
+        require_depth=require_depth,
+    )
+    timeouts = Timeouts(
+        top_level=exec_timeout, call=call_timeout or None, drain=drain, startup=startup
+    )
+    return limits, timeouts
 
 
 def _check_log_format(log_format: str) -> None:
@@ -488,13 +521,13 @@ def dev(
     ] = True,
     sign_key: SignKey = None,
     trusted_keys: TrustedKeyPaths = None,
-    max_body_bytes: MaxBodyBytes = 1_048_576,
-    max_result_bytes: MaxResultBytes = 4_194_304,
-    max_source_bytes: MaxSourceBytes = 1_048_576,
-    exec_timeout: ExecTimeout = 1.0,
-    call_timeout: CallTimeout = 30.0,
-    max_concurrency: MaxConcurrency = 64,
-    require_depth: RequireDepth = 16,
+    max_body_bytes: MaxBodyBytes = DAEMON_LIMITS.max_body_bytes,
+    max_result_bytes: MaxResultBytes = DAEMON_LIMITS.max_result_bytes,
+    max_source_bytes: MaxSourceBytes = DAEMON_LIMITS.max_source_bytes,
+    exec_timeout: ExecTimeout = DAEMON_TIMEOUTS.top_level,
+    call_timeout: CallTimeout = DAEMON_TIMEOUTS.call or 0.0,
+    max_concurrency: MaxConcurrency = DAEMON_LIMITS.max_concurrency or 0,
+    require_depth: RequireDepth = DAEMON_LIMITS.require_depth,
 ) -> None:
     """Zero-infrastructure development: embedded MongoDB, the example plugins, HTTP, live sync.
 
@@ -513,6 +546,17 @@ def dev(
     plugins_dir = plugins_dir.resolve()
     _check_exposure(http, None)  # dev has no token: loopback only
     keys = _load_trusted(trusted_keys)
+    limits, timeouts = _serving_config(
+        max_body_bytes,
+        max_result_bytes,
+        max_source_bytes,
+        max_concurrency,
+        require_depth,
+        exec_timeout,
+        call_timeout,
+        drain=_DEV_DRAIN_TIMEOUT,
+        startup=DAEMON_TIMEOUTS.startup,
+    )
     sock = _daemon_socket(http, next_free=20)
     wanted_port = parse_address(http)[1]
     log = structlog.get_logger("host.dev")
@@ -575,20 +619,13 @@ def dev(
             await run_daemon(
                 db,
                 sock,
+                limits=limits,
+                timeouts=timeouts,
                 collection=collection,
                 mongodb=f"the embedded MongoDB at {server.uri}",
-                drain_timeout=5.0,
-                startup_timeout=30.0,
                 debug=debug,
                 on_ready=banner,
                 background=[sync],
-                max_body_bytes=max_body_bytes,
-                max_result_bytes=max_result_bytes,
-                max_source_bytes=max_source_bytes,
-                exec_timeout=exec_timeout,
-                call_timeout=call_timeout or None,
-                max_concurrency=max_concurrency or None,
-                require_depth=require_depth,
                 trusted_keys=keys,
             )
         finally:

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import anyio
 from anyio.lowlevel import RunVar
 
+from .config import DEFAULT_TIMEOUTS
 from .errors import CompileError
 from .naming import format_plugin_traceback, module_name, plugin_filename
 from .plugin import Plugin, released_entrypoint
@@ -305,7 +306,7 @@ def _resolve_callable(record: PluginRecord, namespace: dict[str, Any], attr: str
 async def compile_plugin(
     record: PluginRecord,
     *,
-    exec_timeout: float = 1.0,
+    exec_timeout: float = DEFAULT_TIMEOUTS.top_level,
     default_max_concurrency: int | None = None,
 ) -> Plugin:
     """Compile ``record`` into a fresh, not yet installed, :class:`Plugin`.
@@ -335,7 +336,7 @@ async def compile_plugin(
 async def compile_plugins(
     records: list[PluginRecord],
     *,
-    exec_timeout: float = 1.0,
+    exec_timeout: float = DEFAULT_TIMEOUTS.top_level,
     default_max_concurrency: int | None = None,
 ) -> list[Plugin | CompileError]:
     """Compile many records with few thread hops (a cold start or a resync).

@@ -44,6 +44,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .config import DEFAULT_LIMITS
 from .errors import HostClosed, PluginBusy, PluginFailed, PluginNotFound, PluginTimeout
 from .metrics import Metrics, follow_events
 
@@ -166,8 +167,8 @@ def create_app(
     host: Any,
     *,
     debug: bool = False,
-    max_body_bytes: int = 1_048_576,
-    max_result_bytes: int = 4_194_304,
+    max_body_bytes: int = DEFAULT_LIMITS.max_body_bytes,
+    max_result_bytes: int = DEFAULT_LIMITS.max_result_bytes,
     metrics: Metrics | None = None,
     auth_token: str | None = None,
     open_endpoints: Collection[str] = ("healthz", "metrics"),

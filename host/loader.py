@@ -22,6 +22,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .compiler import compile_plugin, compile_plugins
+from .config import DEFAULT_LIMITS, DEFAULT_TIMEOUTS
 from .errors import CompileError, HostClosed, RecordError
 from .events import EventBus
 from .plugin import Plugin
@@ -135,8 +136,8 @@ class Loader:
         ctx_factory: ContextFactory,
         events: EventBus,
         *,
-        exec_timeout: float = 1.0,
-        max_source_bytes: int = 1_048_576,
+        exec_timeout: float = DEFAULT_TIMEOUTS.top_level,
+        max_source_bytes: int = DEFAULT_LIMITS.max_source_bytes,
         default_max_concurrency: int | None = None,
         verifier: RecordVerifier | None = None,
     ) -> None:

@@ -17,6 +17,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup
 
+from .config import DEFAULT_LIMITS, DEFAULT_TIMEOUTS, UNSET, Limits, Timeouts, Unset, with_overrides
 from .dispatch import Dispatcher
 from .errors import RecordError
 from .events import EventBus, Subscription
@@ -43,6 +44,9 @@ class PluginHost:
         database: A PyMongo ``AsyncDatabase`` or a Motor database; plugins get it as ``ctx.db``.
         collection: The functions collection's name.
         context: Globals for plugins: ``context={"foo": 1}`` makes ``ctx.foo == 1``.
+        limits: Sizes and counts (see :class:`~host.config.Limits`); the keyword
+            arguments below override single fields.
+        timeouts: Time bounds (see :class:`~host.config.Timeouts`); likewise.
         exec_timeout: Bound on a version's top-level code, in seconds.
         default_timeout: Per-call timeout for records that set none (None: no timeout).
         default_max_concurrency: Per-version concurrency for records that set none.
@@ -69,15 +73,17 @@ class PluginHost:
         collection: str = "functions",
         *,
         context: Mapping[str, Any] | None = None,
-        exec_timeout: float = 1.0,
-        default_timeout: float | None = None,
-        default_max_concurrency: int | None = None,
-        max_waiting: int = 1000,
-        grace_period: float = 30.0,
-        history_size: int = 5,
-        max_source_bytes: int = 1_048_576,
-        require_depth: int = 16,
-        drain_timeout: float = 30.0,
+        limits: Limits = DEFAULT_LIMITS,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        exec_timeout: float | Unset = UNSET,
+        default_timeout: float | Unset | None = UNSET,
+        default_max_concurrency: int | Unset | None = UNSET,
+        max_waiting: int | Unset = UNSET,
+        grace_period: float | Unset = UNSET,
+        history_size: int | Unset = UNSET,
+        max_source_bytes: int | Unset = UNSET,
+        require_depth: int | Unset = UNSET,
+        drain_timeout: float | Unset = UNSET,
         wait_ready: bool = True,
         verifier: RecordVerifier | None = None,
         max_await_ms: int | None = None,
@@ -85,9 +91,24 @@ class PluginHost:
         loop_block_threshold: float | None = 0.1,
         trusted_keys: TrustedKeys | Iterable[str | Path] | str | Path | None = None,
     ) -> None:
+        self.limits = limits = with_overrides(
+            limits,
+            max_concurrency=default_max_concurrency,
+            max_waiting=max_waiting,
+            history_size=history_size,
+            max_source_bytes=max_source_bytes,
+            require_depth=require_depth,
+        )
+        self.timeouts = timeouts = with_overrides(
+            timeouts,
+            top_level=exec_timeout,
+            call=default_timeout,
+            grace=grace_period,
+            drain=drain_timeout,
+        )
         self.database = database
         self.collection_name = collection
-        self.drain_timeout = drain_timeout
+        self.drain_timeout = timeouts.drain
         self._wait_ready = wait_ready
         self.events_bus = EventBus(logger)
         # Trust: keys given as paths load in __aenter__ (file reads must not block the loop).
@@ -103,24 +124,24 @@ class PluginHost:
             if not self._trusted_key_paths:
                 raise TrustError("trusted_keys is empty: give key files or folders, or None")
         self.registry = Registry(
-            grace_period=grace_period, history_size=history_size, events=self.events_bus
+            grace_period=timeouts.grace, history_size=limits.history_size, events=self.events_bus
         )
         self.dispatcher = Dispatcher(
             self.registry,
             db=database,
             globals=context,
-            default_timeout=default_timeout,
-            max_waiting=max_waiting,
-            require_depth=require_depth,
+            default_timeout=timeouts.call,
+            max_waiting=limits.max_waiting,
+            require_depth=limits.require_depth,
             events=self.events_bus,
         )
         self.loader = Loader(
             self.registry,
             self.dispatcher.make_context,
             self.events_bus,
-            exec_timeout=exec_timeout,
-            max_source_bytes=max_source_bytes,
-            default_max_concurrency=default_max_concurrency,
+            exec_timeout=timeouts.top_level,
+            max_source_bytes=limits.max_source_bytes,
+            default_max_concurrency=limits.max_concurrency,
             verifier=verifier if trusted_keys is None else self._verify_record,
         )
         self.watcher = Watcher(
