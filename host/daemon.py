@@ -30,6 +30,7 @@ import structlog
 import uvicorn
 
 from .config import DAEMON_LIMITS, DAEMON_TIMEOUTS, Limits, Timeouts
+from .errors import PluginHostError
 from .http import create_app
 from .metrics import Metrics
 from .runtime import PluginHost
@@ -51,7 +52,7 @@ Background = Callable[[anyio.Event], Coroutine[Any, Any, None]]
 """A task started once the host is ready; it must return soon after the event is set."""
 
 
-class StartupError(Exception):
+class StartupError(PluginHostError):
     """The daemon could not start; ``str()`` is one line for the operator.
 
     Attributes:

@@ -3,8 +3,13 @@
 Every error says what went wrong in plain words and carries the facts as attributes, so
 callers can branch on them and log them without parsing messages.
 
-``PluginError`` is the base of everything a *call* or a *load* can raise. ``RecordError``
-is a ``ValueError``: an invalid record is bad input, not a plugin failure.
+Every public error derives from one root, :class:`PluginHostError` (as httpx's errors
+derive from ``HTTPError``), so ``except PluginHostError`` catches whatever the host
+raises on purpose. ``PluginError`` is the base of everything a *call* or a *load* can
+raise. ``RecordError`` is also a ``ValueError``: an invalid record is bad input, not a
+plugin failure. The errors of other modules (``WatchFatal``, ``TrustError``,
+``SignatureError``, ``PublishError``, ``UnknownPlugin``, ``UnknownRevision``,
+``StartupError``) derive from the root too, and keep their standard-library base.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ __all__ = (
     "PluginBusy",
     "PluginError",
     "PluginFailed",
+    "PluginHostError",
     "PluginNotFound",
     "PluginTimeout",
     "RecordError",
@@ -29,7 +35,11 @@ __all__ = (
 CompileStage = Literal["syntax", "import", "timeout", "entrypoint", "setup", "busy"]
 
 
-class PluginError(Exception):
+class PluginHostError(Exception):
+    """Root of every error plugin-host raises on purpose."""
+
+
+class PluginError(PluginHostError):
     """Base class of every error raised by plugin loading and dispatch."""
 
 
@@ -176,7 +186,7 @@ class CompileError(PluginError):
         self.traceback = traceback
 
 
-class RecordError(ValueError):
+class RecordError(PluginHostError, ValueError):
     """A plugin record from the collection is invalid.
 
     Attributes:

@@ -33,7 +33,7 @@ import traceback
 import uuid
 from collections.abc import AsyncIterator, Collection
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
@@ -47,6 +47,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .config import DEFAULT_LIMITS
 from .errors import HostClosed, PluginBusy, PluginFailed, PluginNotFound, PluginTimeout
 from .metrics import Metrics, follow_events
+
+if TYPE_CHECKING:
+    from .runtime import PluginHost
 
 __all__ = ("OPEN_ENDPOINTS", "BearerAuth", "create_app", "to_json")
 
@@ -164,7 +167,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def create_app(
-    host: Any,
+    host: PluginHost,
     *,
     debug: bool = False,
     max_body_bytes: int = DEFAULT_LIMITS.max_body_bytes,
@@ -251,7 +254,7 @@ def create_app(
             except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN, too deep
                 metrics.count_call("bad_request")
                 return _error(422, "BadRequest", f"the request body is not valid JSON: {exc}")
-        current = host.registry.get(name)
+        current = host.current(name)
         version = current.version if current is not None else None
         metrics.in_flight += 1
         started = time.perf_counter()

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from anyio.abc import TaskGroup
@@ -24,7 +24,7 @@ from anyio.abc import TaskGroup
 from .compiler import compile_plugin, compile_plugins
 from .config import DEFAULT_LIMITS, DEFAULT_TIMEOUTS
 from .errors import CompileError, HostClosed, RecordError
-from .events import EventBus
+from .events import EventBus, Level
 from .plugin import Plugin
 from .records import PluginRecord, parse_record
 from .registry import Registry
@@ -61,6 +61,10 @@ class Change:
     reason: str = "change"
 
 
+PluginStatus = Literal["serving", "degraded", "failed", "disabled"]
+"""What ``PluginInfo.status`` can be."""
+
+
 @dataclass(slots=True)
 class PluginInfo:
     """What ``PluginHost.plugins()`` reports for one name.
@@ -81,7 +85,7 @@ class PluginInfo:
     version: str | None = None
     revision: int | None = None
     loaded_at: datetime | None = None
-    status: str = "serving"
+    status: PluginStatus = "serving"
     last_error: str | None = None
     abandoned_threads: int = 0
 
@@ -334,7 +338,7 @@ class Loader:
         if old is None:
             # The initial load logs one summary line (`watch.started`); each version's
             # `plugin.loaded` still reaches subscribers, and the log at debug level.
-            level = "debug" if change.reason == INITIAL else "info"
+            level: Level = "debug" if change.reason == INITIAL else "info"
             self._events.emit("plugin.loaded", level, **fields)
         else:
             self._events.emit(

@@ -26,7 +26,10 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .runtime import PluginHost
 
 __all__ = ("CALL_OUTCOMES", "Histogram", "Metrics", "follow_events")
 
@@ -150,7 +153,7 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
-async def follow_events(host: Any, metrics: Metrics) -> None:
+async def follow_events(host: PluginHost, metrics: Metrics) -> None:
     """Feed ``metrics`` from ``host.events()`` until cancelled (run it as a background task)."""
     async with host.events() as events:
         async for event in events:

@@ -48,6 +48,7 @@ from bson.timestamp import Timestamp
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 from pymongo.read_concern import ReadConcern
 
+from .errors import PluginHostError
 from .events import EventBus
 from .loader import INITIAL, Change, Loader, change_from_event
 
@@ -63,7 +64,7 @@ FATAL_CODES = {
 }
 
 
-class WatchFatal(RuntimeError):
+class WatchFatal(PluginHostError, RuntimeError):
     """The collection cannot be watched at all (configuration, not a transient fault)."""
 
 

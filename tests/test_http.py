@@ -90,7 +90,7 @@ async def test_call_returns_result_and_version(api: ClientFactory, host: PluginH
     assert reply.status_code == 200
     body = reply.json()
     assert body["result"] == ("Hello there, Blain!!! There are 13 with the same last name as you!")
-    current = host.registry.get("greet")
+    current = host.current("greet")
     assert current is not None
     assert body["version"] == current.version
     assert reply.headers["x-plugin-version"] == current.version

@@ -91,7 +91,7 @@ async def test_cold_start_of_hundreds_loads_all(db: Db) -> None:
     await db.functions.insert_many([{"_id": f"c{i}", "source": numbered(i)} for i in range(count)])
     with structlog.testing.capture_logs() as logs:
         async with PluginHost(db) as host:
-            assert len(host.registry) == count
+            assert len(host._registry) == count
             assert await host.call(f"c{count - 1}") == count - 1
             assert all(info.status == "serving" for info in host.plugins())
     started = [e for e in logs if e["event"] == "watch.started"]
@@ -108,7 +108,7 @@ async def test_cold_start_with_a_runaway_record(db: Db) -> None:
     docs.insert(50, {"_id": "spin", "source": "while True:\n    pass\n"})
     await db.functions.insert_many(docs)
     async with PluginHost(db, exec_timeout=0.2) as host:
-        assert len(host.registry) == 100
+        assert len(host._registry) == 100
         info = host.plugin("spin")
         assert info is not None and info.status == "failed"
         assert info.last_error is not None and "CPU time" in info.last_error
@@ -146,8 +146,8 @@ async def test_spawn_starts_a_supervisor_lazily(db: Db) -> None:
         [{"_id": "spawner", "source": source}, {"_id": "plain", "source": numbered(1)}]
     )
     async with PluginHost(db) as host:
-        plain = host.registry.get("plain")
-        spawner = host.registry.get("spawner")
+        plain = host.current("plain")
+        spawner = host.current("spawner")
         assert plain is not None and spawner is not None
         assert plain.task_group is None, "a version that never spawns has no supervisor"
         await wait_until(lambda: host.call("spawner"), "the task spawned in setup did not run")

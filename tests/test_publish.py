@@ -202,7 +202,7 @@ async def test_published_versions_reach_a_host(db: AsyncDatabase[Doc]) -> None:
         await wait_until(lambda: host.plugin("greet").revision == 2, "revision 2 serves")  # type: ignore[union-attr]
         assert await host.call("greet") == 2
         await set_enabled(db, "greet", False)
-        await wait_until(lambda: host.registry.get("greet") is None, "greet is unloaded")
+        await wait_until(lambda: host.current("greet") is None, "greet is unloaded")
         await set_enabled(db, "greet", True)
         await rollback(db, "greet")
         await wait_until(lambda: host.plugin("greet").revision == 3, "the rollback serves")  # type: ignore[union-attr]

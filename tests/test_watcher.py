@@ -63,7 +63,7 @@ async def test_writes_racing_startup_are_not_lost(db: Db) -> None:
             stop.set()
             await wait_until(
                 lambda: all(
-                    (p := host.registry.get(name)) is not None and p.module.main is not None
+                    (p := host.current(name)) is not None and p.module.main is not None
                     for name in written
                 ),
                 "all plugins loaded",
@@ -149,7 +149,7 @@ async def test_history_lost_resyncs_to_collection(own_server: EmbeddedMongo, own
             mode="alwaysOn",
             data={"failCommands": ["getMore", "aggregate"], "closeConnection": True},
         )
-        await wait_until(lambda: not host.watcher.live, "the stream is down")
+        await wait_until(lambda: not host._watcher.live, "the stream is down")
         await own_db.functions.delete_one({"_id": "drop"})
         await own_db.functions.update_one({"_id": "keep"}, {"$set": {"source": numbered(10)}})
         await own_db.junk.insert_many([{"i": i} for i in range(200)])  # push the oplog past us
@@ -205,7 +205,7 @@ async def test_server_restart_with_data_dir(tmp_path: Any) -> None:
         async with PluginHost(db, max_await_ms=100) as host, host.events() as events:
             assert await host.call("s") == 1
             await server.aclose()
-            await wait_until(lambda: not host.watcher.live, "the host noticed the outage")
+            await wait_until(lambda: not host._watcher.live, "the host noticed the outage")
             assert await host.call("s") == 1, "the registry keeps serving during the outage"
             server = EmbeddedMongo(port=port, data_dir=data)
             await server.start()

@@ -35,4 +35,4 @@ async def collection_versions(db: Db, collection: str = "functions") -> dict[str
 
 def registry_versions(host: PluginHost) -> dict[str, str]:
     """name -> version of every version the host serves."""
-    return {name: plugin.version for name, plugin in host.registry.items()}
+    return {name: plugin.version for name, plugin in host._registry.items()}

@@ -88,7 +88,7 @@ async def test_bad_name_is_rejected_and_loads_nothing(db: Db, name: Any) -> None
         rejected = await next_event(events, "plugin.rejected")
         assert rejected["field"] == "_id"
         assert rejected["serving"] is None
-        assert len(host.registry) == 0
+        assert len(host._registry) == 0
         with pytest.raises(PluginNotFound):
             await host.call(str(name))
         # The host is fine: a good record next to it loads.
@@ -109,7 +109,7 @@ async def test_bad_records_in_initial_load_do_not_block_good_ones(db: Db) -> Non
         ]
     )
     async with PluginHost(db) as host:
-        assert set(host.registry.names()) == {"good"}
+        assert set(host._registry.names()) == {"good"}
         assert await host.call("good") == (1, 1)
         statuses = {info.name: info.status for info in host.plugins()}
         assert statuses["good"] == "serving"

@@ -72,8 +72,8 @@ async def test_require_cycle_is_stopped(db: Db) -> None:
             await host.call("a")
         assert "a" in str(info.value)
         assert await host.call("ok") == (1, 1)
-        assert host.registry.get("a") is not None
-        assert all(p.in_flight == 0 for _, p in host.registry.items())
+        assert host.current("a") is not None
+        assert all(p.in_flight == 0 for _, p in host._registry.items())
 
 
 SETUP_FAILS = """
@@ -117,7 +117,7 @@ async def test_teardown_raising_still_retires(db: Db) -> None:
     async with PluginHost(db) as host, host.events() as events:
         await db.functions.insert_one({"_id": "t", "source": bad})
         loaded = await next_event(events, "plugin.loaded")
-        old = host.registry.get("t")
+        old = host.current("t")
         assert old is not None
         await db.functions.update_one({"_id": "t"}, {"$set": {"source": numbered(2)}})
         failed = await next_event(events, "plugin.teardown_failed")
@@ -176,8 +176,8 @@ async def test_failed_call_does_not_leak_in_flight(db: Db) -> None:
     )
     async with PluginHost(db) as host:
         await db.functions.insert_one({"_id": "f", "source": src})
-        await wait_until(lambda: "f" in host.registry, "loaded")
-        plugin = host.registry.get("f")
+        await wait_until(lambda: "f" in host._registry, "loaded")
+        plugin = host.current("f")
         assert plugin is not None
         with pytest.raises(Exception, match="KeyError"):
             await host.call("f", "raise")

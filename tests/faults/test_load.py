@@ -149,16 +149,16 @@ async def test_reloads_do_not_leak(own_db: Db, reload_count: int, tmp_path: Path
             )
             await next_event(events, "plugin.reloaded")
             if n % 100 == 0:
-                current = host.registry.get("mem")
+                current = host.current("mem")
                 assert current is not None
                 refs.append(weakref.ref(current.module))
                 del current
             if n == warm_up:
-                await wait_until(lambda: not host.registry.retiring(), "old versions retired")
+                await wait_until(lambda: not host._registry.retiring(), "old versions retired")
                 gc.collect()
                 rss_before = process.memory_info().rss
         assert await host.call("mem") == (warm_up + reload_count,) * 2
-        await wait_until(lambda: not host.registry.retiring(), "old versions retired")
+        await wait_until(lambda: not host._registry.retiring(), "old versions retired")
         gc.collect()
         rss_after = process.memory_info().rss
         alive = [ref for ref in refs[:-1] if ref() is not None]

@@ -129,7 +129,7 @@ async def test_server_restarts_twice_with_changes_during_outage(tmp_path: Path) 
         async with PluginHost(db, max_await_ms=100) as host, host.events() as events:
             for round_ in (1, 2):
                 await server.aclose()
-                await wait_until(lambda: not host.watcher.live, "the host noticed the outage")
+                await wait_until(lambda: not host._watcher.live, "the host noticed the outage")
                 assert await host.call("same") == (1, 1), "the registry serves during the outage"
                 server = EmbeddedMongo(port=port, data_dir=data)
                 await server.start()
@@ -177,12 +177,12 @@ async def test_history_lost_resync_mirrors_collection_exactly(
         [{"_id": f"p{i}", "source": numbered(i), "revision": 1} for i in range(8)]
     )
     async with PluginHost(own_db, max_await_ms=50) as host, host.events() as events:
-        assert len(host.registry) == 8
+        assert len(host._registry) == 8
         if cause == "oplog_rolled_over":
             await fail_command(
                 own_db, "alwaysOn", failCommands=["getMore", "aggregate"], closeConnection=True
             )
-            await wait_until(lambda: not host.watcher.live, "the stream is down")
+            await wait_until(lambda: not host._watcher.live, "the stream is down")
         # Changes the stream will never deliver: the resume point is lost.
         await own_db.functions.delete_many({"_id": {"$in": ["p0", "p1"]}})
         await own_db.functions.update_one(
@@ -197,7 +197,7 @@ async def test_history_lost_resync_mirrors_collection_exactly(
             await fail_command(own_db, {"times": 1}, failCommands=["getMore"], errorCode=286)
         resynced = await next_event(events, "watch.resynced", timeout=20)
         assert resynced["reason"] == "history_lost"
-        await host.loader.wait_idle()
+        await host._loader.wait_idle()
         assert registry_versions(host) == await collection_versions(own_db)
         assert set(registry_versions(host)) == {"p2", "p4", "p5", "p6", "p7", "fresh"}
         assert await host.call("p2") == (20, 20)
@@ -214,7 +214,7 @@ async def test_drop_and_recreate_twice_mirrors_the_collection(db: Db) -> None:
         for cycle in (1, 2):
             await db.functions.drop()
             await next_event(events, "watch.invalidated")
-            await wait_until(lambda: len(host.registry) == 0, "every plugin unloaded")
+            await wait_until(lambda: len(host._registry) == 0, "every plugin unloaded")
             with pytest.raises(PluginNotFound):
                 await host.call("d1")
             names = [f"c{cycle}_{i}" for i in range(3)]
@@ -240,7 +240,7 @@ async def test_rename_over_functions_loads_the_new_contents(
         )
         await next_event(events, "watch.invalidated")
         await wait_until(
-            lambda: set(host.registry.names()) == {"s1", "s2"}, "the renamed-in plugins serve"
+            lambda: set(host._registry.names()) == {"s1", "s2"}, "the renamed-in plugins serve"
         )
         assert registry_versions(host) == await collection_versions(db)
         with pytest.raises(PluginNotFound):
@@ -256,7 +256,7 @@ def _ready(host: PluginHost) -> bool:
 
 
 def _serves_exactly(host: PluginHost, names: list[str]) -> Callable[[], bool]:
-    return lambda: set(host.registry.names()) == set(names)
+    return lambda: set(host._registry.names()) == set(names)
 
 
 def _free_port() -> int:
@@ -291,7 +291,7 @@ async def test_unreachable_at_startup_then_server_appears(tmp_path: Path) -> Non
             await seed.app.functions.insert_one({"_id": "late", "source": numbered(5)})
             await seed.close()
             await host.ready(timeout=30)
-            await wait_until(lambda: "late" in host.registry, "the plugin loaded", timeout=20)
+            await wait_until(lambda: "late" in host._registry, "the plugin loaded", timeout=20)
             assert host.is_ready
             assert await host.call("late") == (5, 5)
     finally:
