@@ -10,9 +10,16 @@ import anyio.lowlevel
 import pytest
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import (
+    AutoReconnect,
+    OperationFailure,
+    PyMongoError,
+    ServerSelectionTimeoutError,
+)
 
 from host import PluginHost, PluginNotFound
 from host.embedded import EmbeddedMongo
+from host.watcher import FATAL_CODES, RESYNC_CODES, Code, _classify
 from tests.support import drain, next_event, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -219,3 +226,43 @@ async def test_server_restart_with_data_dir(tmp_path: Any) -> None:
     finally:
         await client.close()
         await server.aclose()
+
+
+def _failure(code: int, *labels: str) -> OperationFailure:
+    """A server error as PyMongo raises it: code, message and error labels."""
+    details = {"ok": 0, "code": code, "errmsg": f"error {code}", "errorLabels": list(labels)}
+    return OperationFailure(f"error {code}", code, details)
+
+
+@pytest.mark.parametrize(
+    ("error", "action", "detail"),
+    [
+        (_failure(286), "resync", "history_lost"),
+        (_failure(280), "resync", "stream_error"),
+        (_failure(260), "resync", "stream_error"),
+        (_failure(11601, "NonResumableChangeStreamError"), "resync", "stream_error"),
+        (_failure(40573), "fatal", "change streams need a replica set"),
+        (_failure(13), "fatal", "may not watch or read"),
+        (_failure(18), "fatal", "authentication failed"),
+        (_failure(136), "fatal", "change streams are disabled"),
+        (_failure(91), "resume", ""),  # ShutdownInProgress: transient
+        (_failure(11601), "resume", ""),  # Interrupted, without the non-resumable label
+        (AutoReconnect("connection reset"), "resume", ""),
+        (ServerSelectionTimeoutError("no primary"), "resume", ""),
+        (PyMongoError("anything else"), "resume", ""),
+    ],
+)
+def test_classify_sorts_stream_errors(error: PyMongoError, action: str, detail: str) -> None:
+    """The change-stream policy: each error maps to resume, resync or fatal, with its reason."""
+    verdict = _classify(error)
+    assert verdict.action == action
+    if action == "fatal":
+        assert detail in verdict.detail
+    else:
+        assert verdict.detail == detail
+
+
+def test_policy_codes_are_named() -> None:
+    """Every code the policy branches on is a named Code member (no bare numbers)."""
+    assert all(isinstance(code, Code) for code in (*RESYNC_CODES, *FATAL_CODES))
+    assert int(Code.CHANGE_STREAM_HISTORY_LOST) == 286
