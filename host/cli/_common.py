@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import errno
 import functools
 import logging
@@ -9,38 +10,18 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-import anyio
-import structlog
 import typer
-from pymongo import AsyncMongoClient
-from pymongo.errors import (
-    ConfigurationError,
-    ConnectionFailure,
-    OperationFailure,
-    ServerSelectionTimeoutError,
-)
-from rich.console import Console
 
-from ..daemon import (
-    bind_socket,
-    is_loopback,
-    parse_address,
-    redact_uri,
-)
-from ..http import OPEN_ENDPOINTS
-from ..publish import (
-    Signer,
-    UnknownPlugin,
-)
-from ..trust import (
-    TrustedKeys,
-    TrustError,
-    load_private_key,
-    load_public_keys,
-    sign_record,
-)
+if TYPE_CHECKING:
+    import structlog
+    from pymongo import AsyncMongoClient
+    from rich.console import Console
+
+    from ..publish import Signer
+    from ..trust import TrustedKeys, TrustError
+
 
 app = typer.Typer(
     name="plugin-host",
@@ -48,6 +29,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Plain click help: rich (with its markdown renderer) costs ~1 s of start-up on --help.
+    rich_markup_mode=None,
 )
 
 
@@ -63,6 +46,8 @@ def configure_logging(fmt: str = "auto", level: int = logging.INFO) -> None:
         fmt: ``json``, ``console``, or ``auto`` (console on a TTY, JSON otherwise).
         level: The minimum level to print.
     """
+    import structlog
+
     if fmt == "auto":
         fmt = "console" if sys.stdout.isatty() else "json"
     shared: list[structlog.typing.Processor] = [
@@ -84,12 +69,36 @@ def configure_logging(fmt: str = "auto", level: int = logging.INFO) -> None:
     )
 
 
-def fail(message: str, hint: str | None = None) -> typer.Exit:
-    """Print one clear error line (and a hint) to stderr; return the exit to raise."""
+class LogFormat(enum.StrEnum):
+    """``--log-format``: JSON lines, coloured console output, or console on a TTY."""
+
+    JSON = "json"
+    CONSOLE = "console"
+    AUTO = "auto"
+
+
+USAGE_ERROR = 2
+"""Exit code of a usage error (bad option or argument), as click uses."""
+RUNTIME_ERROR = 1
+"""Exit code of a failure at run time (MongoDB unreachable, a port taken...)."""
+
+
+def fail(message: str, hint: str | None = None, *, usage: bool = False) -> typer.Exit:
+    """Print one clear error line (and a hint) to stderr; return the exit to raise.
+
+    Args:
+        message: What went wrong.
+        hint: How to fix it.
+        usage: Whether the command line itself is wrong (exit 2) rather than something
+            at run time (exit 1).
+
+    Returns:
+        The ``typer.Exit`` to raise.
+    """
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     if hint:
         typer.echo(f"hint: {hint}", err=True)
-    return typer.Exit(code=2)
+    return typer.Exit(code=USAGE_ERROR if usage else RUNTIME_ERROR)
 
 
 # -- shared options ---------------------------------------------------------------------
@@ -162,24 +171,53 @@ MaxResultBytes = Annotated[
     ),
 ]
 
-_console = Console()
-_errors = Console(stderr=True)
+
+class _LazyConsole:
+    """A rich ``Console`` made on first use: importing rich costs start-up time."""
+
+    def __init__(self, *, stderr: bool = False) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    def get(self) -> Console:
+        """The console itself (for rich objects that take one, e.g. ``Progress``)."""
+        console = self._console
+        if console is None:
+            from rich.console import Console
+
+            console = self._console = Console(stderr=self._stderr)
+        return console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
+
+
+_console = _LazyConsole()
+_errors = _LazyConsole(stderr=True)
 
 
 def _load_trusted(paths: list[Path] | None) -> TrustedKeys | None:
     """The trusted keys of ``--trusted-keys`` (CLI start-up: blocking is fine), or a clear error."""
+    from ..trust import TrustError, load_public_keys
+
     if not paths:
         return None
     try:
         return load_public_keys(paths)
     except TrustError as exc:
         raise fail(
-            f"--trusted-keys: {exc}", "pass the .pub files written by `plugin-host keygen`"
+            f"--trusted-keys: {exc}",
+            "pass the .pub files written by `plugin-host keygen`",
+            usage=True,
         ) from None
 
 
 async def _load_signer(path: Path | None) -> Signer | None:
     """A signer for ``--sign-key`` (the key file is read in a worker thread)."""
+    import anyio
+
+    from ..trust import load_private_key, sign_record
+
     if path is None:
         return None
     key = await anyio.to_thread.run_sync(load_private_key, path)
@@ -187,32 +225,42 @@ async def _load_signer(path: Path | None) -> Signer | None:
 
 
 def _sign_key_error(exc: TrustError) -> typer.Exit:
-    return fail(f"--sign-key: {exc}", "pass the private key (.key) written by `plugin-host keygen`")
+    return fail(
+        f"--sign-key: {exc}",
+        "pass the private key (.key) written by `plugin-host keygen`",
+        usage=True,
+    )
 
 
 def _check_exposure(address: str, auth_token: str | None) -> None:
     """Refuse to serve a non-loopback address without a token."""
+    from ..daemon import is_loopback, parse_address
+
     try:
         bind_host, _ = parse_address(address)
     except ValueError as exc:
-        raise fail(f"bad --http address: {exc}") from None
+        raise fail(f"bad --http address: {exc}", usage=True) from None
     if auth_token is not None and not auth_token:
-        raise fail("--auth-token is empty")
+        raise fail("--auth-token is empty", usage=True)
     if not is_loopback(bind_host) and auth_token is None:
         raise fail(
             f"refusing to serve the HTTP API on {address} without authentication: anyone who "
             "can reach it could call every plugin",
             "pass --auth-token (or set PLUGIN_HOST_AUTH_TOKEN), or bind 127.0.0.1",
+            usage=True,
         )
 
 
 def _parse_open_endpoints(value: str) -> tuple[str, ...]:
+    from ..http import OPEN_ENDPOINTS
+
     names = tuple(part.strip().lstrip("/") for part in value.split(",") if part.strip())
     unknown = sorted(set(names) - OPEN_ENDPOINTS)
     if unknown:
-        raise fail(
-            f"unknown --open-endpoints {', '.join(unknown)}",
-            f"choose among {', '.join(sorted(OPEN_ENDPOINTS))} (or '' for none)",
+        raise typer.BadParameter(
+            f"unknown endpoint(s) {', '.join(unknown)}: choose among "
+            f"{', '.join(sorted(OPEN_ENDPOINTS))} (or '' for none)",
+            param_hint="'--open-endpoints'",
         )
     return names
 
@@ -222,6 +270,11 @@ T = TypeVar("T")
 
 def _client(uri: str, server_timeout: float | None) -> AsyncMongoClient[dict[str, Any]]:
     """A client for ``uri``, or a clear error for a malformed connection string."""
+    from pymongo import AsyncMongoClient
+    from pymongo.errors import ConfigurationError
+
+    from ..daemon import redact_uri
+
     options: dict[str, Any] = {}
     if server_timeout is not None and "serverselectiontimeoutms" not in uri.lower():
         options["serverSelectionTimeoutMS"] = int(server_timeout * 1000)
@@ -231,12 +284,18 @@ def _client(uri: str, server_timeout: float | None) -> AsyncMongoClient[dict[str
         raise fail(
             f"invalid --mongodb-uri {redact_uri(uri)!r}: {exc}",
             f"use a connection string like {DEFAULT_URI}",
+            usage=True,
         ) from None
 
 
 def _with_db(uri: str, database: str, timeout: float, job: Callable[[Any], Awaitable[T]]) -> T:
     """Run ``job(db)`` on a fresh client; MongoDB errors and unknown plugins become one
     clear line."""
+    import anyio
+    from pymongo.errors import ConnectionFailure, OperationFailure, ServerSelectionTimeoutError
+
+    from ..daemon import redact_uri
+    from ..publish import UnknownPlugin
 
     async def main() -> T:
         client = _client(uri, timeout)
@@ -261,10 +320,12 @@ def _with_db(uri: str, database: str, timeout: float, job: Callable[[Any], Await
 
 
 def _daemon_socket(address: str, *, next_free: int = 0) -> socket.socket:
+    from ..daemon import bind_socket, parse_address
+
     try:
         bind_host, port = parse_address(address)
     except ValueError as exc:
-        raise fail(f"bad --http address: {exc}") from None
+        raise fail(f"bad --http address: {exc}", usage=True) from None
     try:
         return bind_socket(bind_host, port, next_free=next_free)
     except OSError as exc:

@@ -54,9 +54,10 @@ def call(
         try:
             body = json.dumps(json.loads(args)).encode()
         except json.JSONDecodeError as exc:
-            raise fail(
-                f"--args is not valid JSON: {exc}",
-                'quote it for your shell, e.g. --args \'{"firstName": "Ada"}\'',
+            raise typer.BadParameter(
+                f"not valid JSON ({exc}); quote it for your shell, e.g. "
+                '--args \'{"firstName": "Ada"}\'',
+                param_hint="'--args'",
             ) from None
     target = f"{url.rstrip('/')}/functions/{urllib.parse.quote(name, safe='')}/call"
     if timeout is not None:

@@ -7,11 +7,6 @@ from typing import Annotated
 
 import typer
 
-from ..trust import (
-    TrustError,
-    generate_keypair,
-    load_public_keys,
-)
 from ._common import (
     _console,
     app,
@@ -29,6 +24,8 @@ def keygen(
     ] = "signing",
 ) -> None:
     """Create an Ed25519 key pair for signing plugins (private key mode 0600)."""
+    from ..trust import TrustError, generate_keypair, load_public_keys
+
     try:
         private_path, public_path = generate_keypair(out, name)
         kid = next(iter(load_public_keys(public_path)))

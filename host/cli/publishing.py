@@ -6,30 +6,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-from rich.syntax import Syntax
-from rich.table import Table
 
-from ..publish import (
-    Published,
-    PublishError,
-    UnknownRevision,
-    get_record,
-    list_records,
-    plugin_files,
-    publish_dir,
-    publish_file,
-    set_enabled,
-)
-from ..publish import delete as delete_plugin
-from ..publish import rollback as rollback_plugin
-from ..trust import (
-    TrustError,
-)
 from ._common import (
     DEFAULT_URI,
     Collection,
@@ -44,6 +24,9 @@ from ._common import (
     app,
     fail,
 )
+
+if TYPE_CHECKING:
+    from ..publish import Published, PublishError
 
 # -- publishing ---------------------------------------------------------------------------
 
@@ -69,17 +52,26 @@ def push(
     sign_key: SignKey = None,
 ) -> None:
     """Publish a plugin file (or a folder of them) as a new revision (signed with --sign-key)."""
+    from ..publish import PublishError, publish_file
+    from ..trust import TrustError
+
     if directory is not None:
         if name is not None or file is not None:
-            raise fail("give either NAME FILE or --dir DIR, not both")
+            raise fail("give either NAME FILE or --dir DIR, not both", usage=True)
         if not directory.is_dir():
-            raise fail(f"folder {str(directory)!r} does not exist")
+            raise fail(f"folder {str(directory)!r} does not exist", usage=True)
         _push_dir(directory, force, mongodb_uri, database, collection, connect_timeout, sign_key)
         return
     if name is None or file is None:
-        raise fail("push needs NAME and FILE", "plugin-host push greet plugins_examples/greet.py")
+        raise fail(
+            "push needs NAME and FILE",
+            "plugin-host push greet plugins_examples/greet.py",
+            usage=True,
+        )
     if not file.is_file():
-        raise fail(f"file {str(file)!r} does not exist", "check the path (relative to here)")
+        raise fail(
+            f"file {str(file)!r} does not exist", "check the path (relative to here)", usage=True
+        )
 
     async def job(db: Any) -> Published:
         signer = await _load_signer(sign_key)
@@ -117,6 +109,11 @@ def _push_dir(
     timeout: float,
     sign_key: Path | None,
 ) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from ..publish import PublishError, plugin_files, publish_dir
+    from ..trust import TrustError
+
     files = plugin_files(directory)
     if not files:
         raise fail(f"no plugin files (NAME.py) in {str(directory)!r}")
@@ -125,7 +122,7 @@ def _push_dir(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        console=_console,
+        console=_console.get(),
         transient=not _console.is_terminal,
     ) as progress:
         task = progress.add_task("publishing", total=len(files))
@@ -164,6 +161,9 @@ def list_(
     connect_timeout: ConnectTimeout = 5.0,
 ) -> None:
     """List the plugins in the collection."""
+    from rich.table import Table
+
+    from ..publish import list_records
 
     async def job(db: Any) -> list[dict[str, Any]]:
         return await list_records(db, collection=collection)
@@ -200,6 +200,10 @@ def show(
     connect_timeout: ConnectTimeout = 5.0,
 ) -> None:
     """Show a plugin's source (only the source when piped: `show greet > greet.py`)."""
+    from rich.panel import Panel
+    from rich.syntax import Syntax
+
+    from ..publish import UnknownRevision, get_record
 
     async def job(db: Any) -> dict[str, Any]:
         return await get_record(db, name, revision=revision, collection=collection)
@@ -241,6 +245,9 @@ def rollback(
     With --sign-key the old source is signed again for its new revision (hosts with
     --trusted-keys refuse an old signature: revisions must not go backwards).
     """
+    from ..publish import UnknownRevision
+    from ..publish import rollback as rollback_plugin
+    from ..trust import TrustError
 
     async def job(db: Any) -> tuple[Published, int]:
         signer = await _load_signer(sign_key)
@@ -259,6 +266,8 @@ def rollback(
 
 
 def _toggle(name: str, enabled: bool, uri: str, database: str, collection: str, t: float) -> None:
+    from ..publish import set_enabled
+
     async def job(db: Any) -> None:
         await set_enabled(db, name, enabled, collection=collection)
 
@@ -299,6 +308,7 @@ def delete_(
     connect_timeout: ConnectTimeout = 5.0,
 ) -> None:
     """Delete a plugin's record (its history stays: `rollback` restores it)."""
+    from ..publish import delete as delete_plugin
 
     async def job(db: Any) -> None:
         await delete_plugin(db, name, collection=collection)

@@ -6,37 +6,18 @@ import errno
 import json
 import signal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import anyio
-import structlog
 import typer
-from pymongo import AsyncMongoClient
-from rich.panel import Panel
-from rich.table import Table
 
-from .. import samples
 from ..config import DAEMON_LIMITS, DAEMON_TIMEOUTS, Limits, Timeouts
-from ..daemon import (
-    StartupError,
-    parse_address,
-    redact_uri,
-    run_daemon,
-)
-from ..devsync import sync_folder
-from ..publish import (
-    PublishError,
-    publish_dir,
-)
-from ..trust import (
-    TrustError,
-)
 from ._common import (
     DEFAULT_URI,
     CallTimeout,
     Collection,
     Database,
     ExecTimeout,
+    LogFormat,
     MaxBodyBytes,
     MaxConcurrency,
     MaxResultBytes,
@@ -58,6 +39,10 @@ from ._common import (
     fail,
 )
 
+if TYPE_CHECKING:
+    import anyio
+    from pymongo import AsyncMongoClient
+
 
 @app.command("embedded-mongo")
 def embedded_mongo(
@@ -73,14 +58,17 @@ def embedded_mongo(
         str, typer.Option(help="Address to bind. Not loopback means anyone who can reach it.")
     ] = "127.0.0.1",
     log_format: Annotated[
-        str, typer.Option("--log-format", help="json, console or auto.")
-    ] = "auto",
+        LogFormat, typer.Option("--log-format", help="json, console or auto.")
+    ] = LogFormat.AUTO,
 ) -> None:
     """Run the embedded MongoDB-compatible server (single-node replica set) until SIGINT/SIGTERM."""
+    import anyio
+    import structlog
+
     from ..embedded import EmbeddedMongo
     from ..embedded.journal import DataDirLocked
 
-    configure_logging(log_format)
+    configure_logging(log_format.value)
 
     async def main() -> None:
         # The receiver opens before the server starts: a SIGTERM during start-up is queued
@@ -122,8 +110,9 @@ def run(
         str, typer.Option("--http", help="HOST:PORT to serve the HTTP API on (port 0: any).")
     ] = "127.0.0.1:8000",
     log_format: Annotated[
-        str, typer.Option("--log-format", help="json, console or auto (json when not a TTY).")
-    ] = "auto",
+        LogFormat,
+        typer.Option("--log-format", help="json, console or auto (json when not a TTY)."),
+    ] = LogFormat.AUTO,
     drain_timeout: Annotated[
         float,
         typer.Option("--drain-timeout", min=0, help="Seconds in-flight calls get on SIGTERM."),
@@ -166,11 +155,14 @@ def run(
     SIGTERM/SIGINT: new calls get 503, in-flight calls finish (up to --drain-timeout),
     teardowns run, and the process exits 0.
     """
-    _check_log_format(log_format)
+    import anyio
+
+    from ..daemon import StartupError, redact_uri, run_daemon
+
     _check_exposure(http, auth_token)
     opened = _parse_open_endpoints(open_endpoints)
     keys = _load_trusted(trusted_keys)
-    configure_logging(log_format)
+    configure_logging(log_format.value)
     limits, timeouts = _serving_config(
         max_body_bytes,
         max_result_bytes,
@@ -240,11 +232,6 @@ def _serving_config(
     return limits, timeouts
 
 
-def _check_log_format(log_format: str) -> None:
-    if log_format not in ("json", "console", "auto"):
-        raise fail(f"unknown --log-format {log_format!r}", "use json, console or auto")
-
-
 # -- dev ----------------------------------------------------------------------------------
 
 
@@ -288,8 +275,17 @@ def dev(
     Every save in --plugins-dir is published into the collection (like `push`) and
     reaches the host through the change stream, like in production.
     """
+    import anyio
+    import structlog
+    from pymongo import AsyncMongoClient
+
+    from .. import samples
+    from ..daemon import StartupError, parse_address, run_daemon
+    from ..devsync import sync_folder
     from ..embedded import EmbeddedMongo
     from ..embedded.journal import DataDirLocked
+    from ..publish import PublishError, publish_dir
+    from ..trust import TrustError
 
     configure_logging("console")
     if not plugins_dir.is_dir():
@@ -393,6 +389,9 @@ def dev(
 
 
 def _print_banner(url: str, mongo_uri: str, database: str, collection: str, folder: Path) -> None:
+    from rich.panel import Panel
+    from rich.table import Table
+
     try:
         shown = folder.relative_to(Path.cwd())
     except ValueError:
