@@ -6,15 +6,14 @@ import gc
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pymongo.synchronous.database import Database
 from typer.testing import CliRunner, Result
 
 from host.cli import app
+from tests.support import Doc
 
-Doc = dict[str, Any]
 EXAMPLES = Path(__file__).resolve().parent.parent / "plugins_examples"
 SOURCE = "async def main(ctx, args):\n    return 'v1'\n"
 

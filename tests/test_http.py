@@ -15,12 +15,12 @@ from host import PluginHost
 from host.http import create_app
 from host.publish import publish
 from host.samples import seed
+from tests.support import Doc
 
 from .support import wait_until
 
 pytestmark = pytest.mark.anyio
 
-Doc = dict[str, Any]
 ClientFactory = Callable[..., contextlib.AbstractAsyncContextManager[httpx.AsyncClient]]
 
 GREET = """

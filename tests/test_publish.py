@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
@@ -26,12 +25,11 @@ from host.publish import (
     rollback,
     set_enabled,
 )
+from tests.support import Doc
 
 from .support import wait_until
 
 pytestmark = pytest.mark.anyio
-
-Doc = dict[str, Any]
 
 
 def src(value: object) -> str:

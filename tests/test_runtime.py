@@ -10,13 +10,11 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
-from pymongo.asynchronous.database import AsyncDatabase
 
 from host import PluginFailed, PluginHost, PluginNotFound
-from tests.support import events_for, next_event, wait_until
+from tests.support import Db, events_for, next_event, wait_until
 
 pytestmark = pytest.mark.anyio
-Db = AsyncDatabase[dict[str, Any]]
 
 GREET = """
 async def main(ctx, args):

@@ -30,12 +30,12 @@ from host.trust import (
     sign_record,
     verify_signature,
 )
+from tests.support import Doc
 
 from .support import wait_until
 from .test_daemon import Daemon, free_port, wait_ready
 from .test_daemon import daemons as daemons  # the fixture: started daemons are killed
 
-Doc = dict[str, Any]
 SOURCE = "async def main(ctx, args):\n    return 'signed hello'\n"
 BIG = "async def main(ctx, args):\n    return 'x' * 5000\n"
 SLOW = "import asyncio\n\n\nasync def main(ctx, args):\n    await asyncio.Event().wait()\n"

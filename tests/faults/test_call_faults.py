@@ -9,9 +9,7 @@ import pytest
 
 from host import PluginHost, RequireDepthExceeded
 from host.watchdog import LoopWatchdog
-from tests.support import drain, next_event, wait_until
-
-from .helpers import Db, numbered
+from tests.support import Db, drain, next_event, torn_pair, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -35,7 +33,7 @@ async def test_blocking_handler_is_reported_as_loop_blocked(db: Db) -> None:
         assert blocked["version"] == loaded["version"]
         assert blocked["blocked_ms"] > blocked["threshold_ms"]
         # The host carries on serving.
-        await db.functions.insert_one({"_id": "fine", "source": numbered(1)})
+        await db.functions.insert_one({"_id": "fine", "source": torn_pair(1)})
         await next_event(events, "plugin.loaded")
         assert await host.call("fine") == (1, 1)
 
@@ -65,7 +63,11 @@ async def test_require_cycle_is_stopped(db: Db) -> None:
     a = "async def main(ctx, args):\n    return await ctx.require('b')(args)\n"
     b = "async def main(ctx, args):\n    return await ctx.call('a', args)\n"
     await db.functions.insert_many(
-        [{"_id": "a", "source": a}, {"_id": "b", "source": b}, {"_id": "ok", "source": numbered(1)}]
+        [
+            {"_id": "a", "source": a},
+            {"_id": "b", "source": b},
+            {"_id": "ok", "source": torn_pair(1)},
+        ]
     )
     async with PluginHost(db, require_depth=8) as host:
         with pytest.raises(RequireDepthExceeded) as info:
@@ -119,7 +121,7 @@ async def test_teardown_raising_still_retires(db: Db) -> None:
         loaded = await next_event(events, "plugin.loaded")
         old = host.current("t")
         assert old is not None
-        await db.functions.update_one({"_id": "t"}, {"$set": {"source": numbered(2)}})
+        await db.functions.update_one({"_id": "t"}, {"$set": {"source": torn_pair(2)}})
         failed = await next_event(events, "plugin.teardown_failed")
         retired = await next_event(events, "plugin.retired")
     assert failed["version"] == retired["version"] == loaded["version"]

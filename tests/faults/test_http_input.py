@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 
 from host import PluginHost
 from host.http import create_app
-
-from .helpers import Db
+from tests.support import Db
 
 pytestmark = pytest.mark.anyio
 
