@@ -92,26 +92,66 @@ class ThreadLimiter:
     (running, or abandoned and still running), so ``abandoned <= in_use <= total``. A slot
     is returned on the event loop thread only: by the caller when the work returned (or
     never started), else by the abandoned thread itself, through
-    ``loop.call_soon_threadsafe``, when its work finally returns.
+    ``loop.call_soon_threadsafe``, when its work finally returns. Waiters re-check on
+    every release and every abandonment, so a waiter never sleeps behind slots that only
+    abandoned threads hold: it gets :class:`ThreadsExhausted` as soon as they hold all.
+    Only the event loop thread touches the counts.
 
     Args:
         total: The number of slots.
     """
 
-    __slots__ = ("_limiter", "abandoned", "total")
+    __slots__ = ("_waiters", "abandoned", "in_use", "total")
 
     def __init__(self, total: int) -> None:
         if total < 1:
             raise ValueError(f"a thread limiter needs at least 1 slot, got {total}")
         self.total = total
-        self._limiter = anyio.CapacityLimiter(total)
+        self.in_use = 0
+        """Slots held now: running threads plus abandoned threads that still run."""
         self.abandoned = 0
         """Slots held by abandoned threads that still run."""
+        self._waiters: list[anyio.Event] = []
 
-    @property
-    def in_use(self) -> int:
-        """Slots held now: running threads plus abandoned threads that still run."""
-        return int(self._limiter.borrowed_tokens)
+    async def acquire(self) -> None:
+        """Take a slot, waiting while all are taken.
+
+        Raises:
+            ThreadsExhausted: Every slot is (or becomes) held by an abandoned thread.
+        """
+        while True:
+            if self.abandoned >= self.total:
+                raise ThreadsExhausted(self.total)
+            if self.in_use < self.total:
+                self.in_use += 1
+                return
+            woken = anyio.Event()
+            self._waiters.append(woken)
+            try:
+                await woken.wait()
+            finally:
+                if not woken.is_set():
+                    self._waiters.remove(woken)
+
+    def release(self) -> None:
+        """Give a slot back (its thread's work returned, or never started)."""
+        self.in_use -= 1
+        self._wake()
+
+    def abandoned_one(self) -> None:
+        """Count a running thread as abandoned (it keeps its slot)."""
+        self.abandoned += 1
+        self._wake()
+
+    def abandoned_ended(self) -> None:
+        """An abandoned thread returned: it is no longer counted and frees its slot."""
+        self.abandoned -= 1
+        self.release()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for woken in waiters:
+            woken.set()
 
 
 DEFAULT_THREADS = 40
@@ -255,9 +295,7 @@ async def run_stoppable(
     Raises:
         ThreadsExhausted: Every slot is held by an abandoned thread.
     """
-    if limiter.abandoned >= limiter.total:
-        raise ThreadsExhausted(limiter.total)
-    await limiter._limiter.acquire_on_behalf_of(work)
+    await limiter.acquire()
     carrier = per_loop(_carrier, lambda: anyio.CapacityLimiter(math.inf))
     try:
         result = await anyio.to_thread.run_sync(run, limiter=carrier, abandon_on_cancel=True)
@@ -265,26 +303,25 @@ async def run_stoppable(
         loop = asyncio.get_running_loop()
 
         def ended() -> None:  # on the loop: the abandoned thread returned
-            limiter.abandoned -= 1
             if tally is not None:
                 tally.abandoned -= 1
-            limiter._limiter.release_on_behalf_of(work)
+            limiter.abandoned_ended()
 
         def thread_exit() -> None:  # in the worker thread
             with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to count
                 loop.call_soon_threadsafe(ended)
 
         if work.abandon(thread_exit):
-            limiter.abandoned += 1
             if tally is not None:
                 tally.abandoned += 1
+            limiter.abandoned_one()
         else:
-            limiter._limiter.release_on_behalf_of(work)
+            limiter.release()
         raise
     except BaseException:
-        limiter._limiter.release_on_behalf_of(work)
+        limiter.release()
         raise
-    limiter._limiter.release_on_behalf_of(work)
+    limiter.release()
     return result
 
 
