@@ -46,7 +46,7 @@ from .daemon import (
     run_daemon,
 )
 from .devsync import sync_folder
-from .http import OPEN_ENDPOINTS
+from .http import OPEN_ENDPOINTS, HttpSettings
 from .publish import (
     Published,
     PublishError,
@@ -242,6 +242,75 @@ MaxResultBytes = Annotated[
     ),
 ]
 
+# -- HTTP server flags (run and dev): one HttpSettings --------------------------------------
+IdleTimeout = Annotated[
+    float,
+    typer.Option(
+        "--idle-timeout", min=0.001, help="Seconds a connection may wait before sending a request."
+    ),
+]
+HeaderTimeout = Annotated[
+    float,
+    typer.Option(
+        "--header-timeout", min=0.001, help="Seconds for a request's headers to arrive (408)."
+    ),
+]
+BodyTimeout = Annotated[
+    float,
+    typer.Option("--body-timeout", min=0.001, help="Seconds for a request's body to arrive."),
+]
+MaxConnections = Annotated[
+    int,
+    typer.Option(
+        "--max-connections",
+        min=0,
+        help="Most open HTTP connections; idle ones are evicted first (0: 3/4 of the fd limit).",
+    ),
+]
+AllowedHosts = Annotated[
+    str,
+    typer.Option(
+        "--allowed-hosts",
+        help="Comma-separated Host names served besides the loopback names (403 for others).",
+    ),
+]
+AllowedOrigins = Annotated[
+    str,
+    typer.Option(
+        "--allowed-origins",
+        help="Comma-separated browser origins allowed to call (scheme://host[:port], or *).",
+    ),
+]
+AccessLog = Annotated[
+    bool, typer.Option("--access-log", help="Log one http.access event per call.")
+]
+
+
+def _http_settings(
+    idle_timeout: float,
+    header_timeout: float,
+    body_timeout: float,
+    max_connections: int,
+    allowed_hosts: str,
+    allowed_origins: str,
+    access_log: bool,
+) -> HttpSettings:
+    def items(value: str) -> tuple[str, ...]:
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+
+    return HttpSettings(
+        idle_timeout=idle_timeout,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        max_connections=max_connections or None,
+        allowed_hosts=items(allowed_hosts),
+        allowed_origins=items(allowed_origins),
+        access_log=access_log,
+    )
+
+
+# -- end of the HTTP server flags -----------------------------------------------------------
+
 _console = Console()
 _errors = Console(stderr=True)
 
@@ -404,6 +473,13 @@ def run(
     call_timeout: CallTimeout = 30.0,
     max_concurrency: MaxConcurrency = 64,
     require_depth: RequireDepth = 16,
+    idle_timeout: IdleTimeout = 5.0,
+    header_timeout: HeaderTimeout = 10.0,
+    body_timeout: BodyTimeout = 30.0,
+    max_connections: MaxConnections = 0,
+    allowed_hosts: AllowedHosts = "",
+    allowed_origins: AllowedOrigins = "",
+    access_log: AccessLog = False,
 ) -> None:
     """Serve the plugins of a MongoDB collection over HTTP, reloading them live.
 
@@ -443,6 +519,15 @@ def run(
                 trusted_keys=keys,
                 auth_token=auth_token,
                 open_endpoints=opened,
+                http=_http_settings(
+                    idle_timeout,
+                    header_timeout,
+                    body_timeout,
+                    max_connections,
+                    allowed_hosts,
+                    allowed_origins,
+                    access_log,
+                ),
             )
         finally:
             await client.close()
@@ -495,6 +580,13 @@ def dev(
     call_timeout: CallTimeout = 30.0,
     max_concurrency: MaxConcurrency = 64,
     require_depth: RequireDepth = 16,
+    idle_timeout: IdleTimeout = 5.0,
+    header_timeout: HeaderTimeout = 10.0,
+    body_timeout: BodyTimeout = 30.0,
+    max_connections: MaxConnections = 0,
+    allowed_hosts: AllowedHosts = "",
+    allowed_origins: AllowedOrigins = "",
+    access_log: AccessLog = False,
 ) -> None:
     """Zero-infrastructure development: embedded MongoDB, the example plugins, HTTP, live sync.
 
@@ -590,6 +682,15 @@ def dev(
                 max_concurrency=max_concurrency or None,
                 require_depth=require_depth,
                 trusted_keys=keys,
+                http=_http_settings(
+                    idle_timeout,
+                    header_timeout,
+                    body_timeout,
+                    max_connections,
+                    allowed_hosts,
+                    allowed_origins,
+                    access_log,
+                ),
             )
         finally:
             await client.close()

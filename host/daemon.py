@@ -15,6 +15,7 @@ Uvicorn's own signal handling is switched off: the daemon owns the order of shut
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import ipaddress
@@ -28,8 +29,10 @@ from typing import Any
 import anyio
 import structlog
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from .http import create_app
+from .connections import ConnectionGuard, guarded_protocol, install_accept_error_log
+from .http import LOOPBACK_HOSTS, HttpSettings, create_app
 from .metrics import Metrics
 from .runtime import PluginHost
 from .trust import TrustedKeys
@@ -37,6 +40,7 @@ from .watcher import WatchFatal
 
 __all__ = (
     "StartupError",
+    "as_tcp_listener",
     "bind_socket",
     "is_loopback",
     "parse_address",
@@ -104,7 +108,10 @@ def bind_socket(host: str, port: int, *, next_free: int = 0) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     last: OSError | None = None
     for candidate in range(port, port + next_free + 1) if port else [0]:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on an accepted connection only when
+        # the listening socket says its protocol is TCP. With 0, every reply on a keep-alive
+        # connection waited ~40 ms for the peer's delayed ACK (Nagle).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, candidate))
@@ -119,6 +126,44 @@ def bind_socket(host: str, port: int, *, next_free: int = 0) -> socket.socket:
         return sock
     assert last is not None
     raise last
+
+
+def as_tcp_listener(sock: socket.socket) -> socket.socket:
+    """``sock`` as a socket object whose protocol is ``IPPROTO_TCP`` (the same descriptor).
+
+    asyncio enables ``TCP_NODELAY`` on the connections a listener accepts only when the
+    listener's ``proto`` is ``IPPROTO_TCP`` (``base_events._set_nodelay``); a socket made
+    with protocol 0 (``socket.socket(AF_INET, SOCK_STREAM)``, ``socket.create_server``, an
+    inherited descriptor) reports 0, and its keep-alive replies then wait for the peer's
+    delayed ACK. A socket that is not TCP is returned unchanged.
+
+    Args:
+        sock: A bound, listening socket.
+
+    Returns:
+        ``sock`` itself when its protocol already says TCP, else a new socket object
+        owning the same descriptor (``sock`` is detached).
+    """
+    tcp = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+    if not tcp or sock.proto == socket.IPPROTO_TCP:
+        return sock
+    blocking = sock.getblocking()
+    fixed = socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
+    fixed.setblocking(blocking)
+    return fixed
+
+
+def uvicorn_options() -> dict[str, Any]:
+    """The options the daemon gives ``uvicorn.Config`` besides the app (the bench's baseline
+    uses the same, so both run on the same event loop and HTTP parser)."""
+    return {
+        "log_config": None,
+        "log_level": "warning",
+        "access_log": False,
+        "lifespan": "on",
+        "timeout_graceful_shutdown": 5,
+        "server_header": False,
+    }
 
 
 class _Server(uvicorn.Server):
@@ -189,6 +234,7 @@ async def run_daemon(
     context: dict[str, Any] | None = None,
     on_ready: Callable[[PluginHost], None] | None = None,
     background: Sequence[Background] = (),
+    http: HttpSettings | None = None,
 ) -> None:
     """Serve ``db[collection]``'s plugins over HTTP on ``sock`` until SIGTERM/SIGINT.
 
@@ -214,6 +260,7 @@ async def run_daemon(
         context: Host globals for plugins.
         on_ready: Called once when the host is ready.
         background: Tasks started when ready and stopped (their event set) on shutdown.
+        http: Connection timeouts and cap, allowed hosts and origins, access log.
 
     Raises:
         StartupError: Not ready in time, or the collection cannot be watched.
@@ -231,6 +278,23 @@ async def run_daemon(
         max_source_bytes=max_source_bytes,
         trusted_keys=trusted_keys,
     )
+    http = http or HttpSettings()
+    sock = as_tcp_listener(sock)
+    address = sock.getsockname()
+    allowed_hosts: set[str] | None = None
+    if is_loopback(address[0]) or http.allowed_hosts:
+        allowed_hosts = (
+            {*LOOPBACK_HOSTS, address[0], *http.allowed_hosts}
+            if is_loopback(address[0])
+            else set(http.allowed_hosts)
+        )
+    guard = ConnectionGuard(
+        idle_timeout=http.idle_timeout,
+        header_timeout=http.header_timeout,
+        body_timeout=http.body_timeout,
+        max_connections=http.max_connections,
+    )
+    install_accept_error_log(asyncio.get_running_loop())
     metrics = Metrics()
     app = create_app(
         host,
@@ -240,20 +304,16 @@ async def run_daemon(
         metrics=metrics,
         auth_token=auth_token,
         open_endpoints=open_endpoints,
+        allowed_hosts=allowed_hosts,
+        allowed_origins=http.allowed_origins,
+        access_log=http.access_log,
     )
-    config = uvicorn.Config(
-        app,
-        log_config=None,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=5,
-        server_header=False,
-    )
+    options = uvicorn_options()
+    options["timeout_keep_alive"] = http.idle_timeout
+    config = uvicorn.Config(app, http=guarded_protocol(AutoHTTPProtocol, guard), **options)
     server = _Server(config)
     stop = anyio.Event()
     problem: str | None = None
-    address = sock.getsockname()
 
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
 
@@ -280,7 +340,14 @@ async def run_daemon(
                 with signal_scope:
                     await on_signals()
 
+            sweep_scope = anyio.CancelScope()
+
+            async def sweep_task() -> None:
+                with sweep_scope:
+                    await guard.sweep()
+
             tg.start_soon(signals_task)
+            tg.start_soon(sweep_task)
             async with host:
                 tg.start_soon(serve_http)
                 problem = await _wait_ready(host, stop, startup_timeout)
@@ -302,6 +369,7 @@ async def run_daemon(
             # The host has drained, torn its versions down and closed its stream.
             server.should_exit = True
             signal_scope.cancel()
+            sweep_scope.cancel()
     sock.close()
     if problem is None:
         _log.info("daemon.stopped")

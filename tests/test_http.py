@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
+import anyio.abc
+import anyio.to_thread
 import httpx
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
 from host import PluginHost
+from host.daemon import as_tcp_listener, bind_socket
 from host.http import create_app
 from host.publish import publish
 from host.samples import seed
 
+from .http_support import accepted_socket_option, exchange, post, serving
 from .support import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -118,7 +123,11 @@ async def test_unknown_function_is_404(api: ClientFactory) -> None:
 async def test_bad_json_is_422(api: ClientFactory) -> None:
     """A body that is not JSON is refused with 422 before the plugin runs."""
     async with api() as client:
-        reply = await client.post("/functions/echo/call", content=b"{not json")
+        reply = await client.post(
+            "/functions/echo/call",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        )
         bad_timeout = await client.post("/functions/echo/call?timeout=soon")
     assert reply.status_code == 422
     assert "not valid JSON" in reply.json()["error"]["message"]
@@ -273,3 +282,78 @@ async def test_metrics_exposition(api: ClientFactory, db: AsyncDatabase[Doc]) ->
     assert "plugin_host_change_to_live_seconds_count 2" in text
     assert "plugin_host_in_flight_calls 0" in text
     assert "plugin_host_ready 1" in text
+
+
+# -- the daemon's listener: TCP_NODELAY on every accepted connection ------------------------
+
+
+def _ipv6_socket() -> socket.socket:
+    try:
+        return bind_socket("::1", 0)
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+
+
+def _next_free_socket() -> socket.socket:
+    # dev's path: the wanted port is taken, so bind_socket moves on to a following one.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        sock = bind_socket("127.0.0.1", port, next_free=20)
+    assert sock.getsockname()[1] != port
+    return sock
+
+
+def _protocol_zero_socket() -> socket.socket:
+    # A listener made elsewhere with protocol 0 (socket.create_server, an inherited fd).
+    sock = socket.create_server(("127.0.0.1", 0))
+    assert sock.proto == 0
+    return sock
+
+
+LISTENERS: dict[str, Callable[[], socket.socket]] = {
+    "ipv4": lambda: bind_socket("127.0.0.1", 0),
+    "ipv6": _ipv6_socket,
+    "next_free": _next_free_socket,
+    "protocol_0": _protocol_zero_socket,
+}
+
+
+@pytest.mark.parametrize("listener", sorted(LISTENERS))
+async def test_accepted_connections_get_tcp_nodelay(db: AsyncDatabase[Doc], listener: str) -> None:
+    """Every accepted connection has TCP_NODELAY, whatever the bind path (no 40 ms ACK wait)."""
+    await publish(db, "echo", ECHO)
+    sock = LISTENERS[listener]()
+    async with serving(db, sock) as (address, port):
+        host_header = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        async with await anyio.connect_tcp(address, port) as stream:
+            raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+            for _ in range(3):  # keep-alive: every reply comes back on the same connection
+                status, headers, body = await exchange(
+                    stream,
+                    post(
+                        "/functions/echo/call",
+                        b'{"n": 1}',
+                        host=host_header,
+                        content_type="application/json",
+                    ),
+                )
+                assert status == 200, body
+                assert headers.get("connection") != "close"
+            nodelay = await anyio.to_thread.run_sync(
+                accepted_socket_option, raw, socket.IPPROTO_TCP, socket.TCP_NODELAY
+            )
+    assert nodelay != 0
+
+
+def test_bind_socket_says_tcp() -> None:
+    """bind_socket's listener reports IPPROTO_TCP (what asyncio checks before TCP_NODELAY)."""
+    with bind_socket("127.0.0.1", 0) as sock:
+        assert sock.proto == socket.IPPROTO_TCP
+    with _protocol_zero_socket() as zero:
+        fd = zero.fileno()
+        fixed = as_tcp_listener(zero)
+        assert fixed.fileno() == fd
+        assert fixed.proto == socket.IPPROTO_TCP
+        fixed.close()
