@@ -13,10 +13,11 @@ import anyio.to_thread
 import httpx
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
+from structlog.testing import capture_logs
 
 from host import PluginHost
 from host.daemon import as_tcp_listener, bind_socket
-from host.http import create_app
+from host.http import HttpSettings, create_app
 from host.publish import publish
 from host.samples import seed
 
@@ -357,3 +358,102 @@ def test_bind_socket_says_tcp() -> None:
         assert fixed.fileno() == fd
         assert fixed.proto == socket.IPPROTO_TCP
         fixed.close()
+
+
+# -- cross-site requests against the loopback daemon ----------------------------------------
+
+
+@pytest.fixture
+async def loopback_daemon(db: AsyncDatabase[Doc]) -> AsyncIterator[str]:
+    """An in-process daemon on 127.0.0.1 (one extra host and origin allowed); yields its URL."""
+    await publish(db, "echo", ECHO)
+    settings = HttpSettings(
+        allowed_hosts=("plugins.internal",), allowed_origins=("https://console.example",)
+    )
+    async with serving(db, bind_socket("127.0.0.1", 0), http=settings) as (address, port):
+        yield f"http://{address}:{port}"
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "kind"),
+    [
+        ({}, 200, None),
+        ({"host": "localhost:1234"}, 200, None),
+        ({"host": "[::1]:8000"}, 200, None),
+        ({"host": "plugins.internal"}, 200, None),
+        ({"host": "evil.example"}, 403, "HostNotAllowed"),
+        ({"host": "evil.example:8000"}, 403, "HostNotAllowed"),
+        ({"host": "127.0.0.1.evil.example"}, 403, "HostNotAllowed"),
+        ({"origin": "https://evil.example"}, 403, "OriginNotAllowed"),
+        ({"origin": "null"}, 403, "OriginNotAllowed"),
+        ({"origin": "https://console.example"}, 200, None),
+    ],
+)
+async def test_host_and_origin_are_checked(
+    loopback_daemon: str, headers: dict[str, str], status: int, kind: str | None
+) -> None:
+    """On a loopback bind, a foreign Host (DNS rebinding) or Origin gets a JSON 403; the
+    plugin never runs."""
+    async with httpx.AsyncClient(base_url=loopback_daemon) as client:
+        reply = await client.post("/functions/echo/call", json={"n": 1}, headers=headers)
+        assert reply.status_code == status, reply.text
+        if kind is None:
+            assert reply.json()["result"] == {"args": {"n": 1}}
+        else:
+            assert reply.json()["error"]["type"] == kind
+        # The reads too: a rebinding page cannot list the plugins either.
+        listed = await client.get("/functions", headers=headers)
+        assert listed.status_code == status
+
+
+async def test_same_origin_is_allowed(loopback_daemon: str) -> None:
+    """A page served by the daemon's own origin may call (its Origin matches the Host)."""
+    netloc = loopback_daemon.removeprefix("http://")
+    async with httpx.AsyncClient(base_url=loopback_daemon) as client:
+        reply = await client.post(
+            "/functions/echo/call", json=1, headers={"origin": f"http://{netloc}"}
+        )
+    assert reply.status_code == 200
+
+
+async def test_simple_cross_site_post_is_refused(loopback_daemon: str) -> None:
+    """The request a foreign page can send without a preflight (text/plain POST) is refused."""
+    async with httpx.AsyncClient(base_url=loopback_daemon) as client:
+        reply = await client.post(
+            "/functions/echo/call", content=b'{"n": 1}', headers={"content-type": "text/plain"}
+        )
+    assert reply.status_code == 415
+    assert reply.json()["error"]["type"] == "UnsupportedMediaType"
+
+
+async def test_non_loopback_app_checks_no_host(api: ClientFactory) -> None:
+    """Without allowed_hosts (a non-loopback bind, no list) any Host is served."""
+    async with api() as client:
+        reply = await client.post("/functions/echo/call", json=2, headers={"host": "any.example"})
+    assert reply.status_code == 200
+
+
+# -- the access log -------------------------------------------------------------------------
+
+
+async def test_access_log_is_one_event_per_call(api: ClientFactory, host: PluginHost) -> None:
+    """--access-log: one http.access event per call, with plugin, version, status, duration and
+    call id; none without it."""
+    async with api(access_log=True) as client:
+        with capture_logs() as logs:
+            await client.post("/functions/echo/call", json=1)
+            await client.post("/functions/nope/call", json=1)
+            await client.get("/healthz")
+    access = [e for e in logs if e["event"] == "http.access"]
+    current = host.registry.get("echo")
+    assert current is not None
+    assert [(e["plugin"], e["version"], e["status"]) for e in access] == [
+        ("echo", current.version, 200),
+        ("nope", None, 404),
+    ]
+    assert [e["call_id"] for e in access] == [1, 2]
+    assert all(isinstance(e["duration_ms"], float) and e["duration_ms"] >= 0 for e in access)
+    async with api() as client:
+        with capture_logs() as quiet:
+            await client.post("/functions/echo/call", json=1)
+    assert not [e for e in quiet if e["event"] == "http.access"]
