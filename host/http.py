@@ -51,12 +51,12 @@ from bson import Decimal128, ObjectId
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import HostClosed, PluginBusy, PluginFailed, PluginNotFound, PluginTimeout
-from .metrics import Metrics, follow_events
+from .metrics import CONTENT_TYPE, Metrics, follow_events
 
 __all__ = (
     "LOOPBACK_HOSTS",
@@ -452,26 +452,29 @@ def create_app(
         except PluginNotFound as exc:
             return refuse("not_found", 404, "PluginNotFound", str(exc))
         except PluginTimeout as exc:
-            metrics.count_call("timeout", time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            metrics.count_call("timeout", elapsed, plugin=name, version=exc.version)
             return _error(504, "PluginTimeout", str(exc), version=exc.version), exc.version
         except PluginBusy as exc:
-            metrics.count_call("busy")
+            metrics.count_call("busy", plugin=name, version=exc.version)
             return _error(503, "PluginBusy", str(exc), version=exc.version), exc.version
         except HostClosed as exc:
             return refuse("closed", 503, "HostClosed", str(exc))
         except PluginFailed as exc:
-            metrics.count_call("failed", time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            metrics.count_call("failed", elapsed, plugin=name, version=exc.version)
             extra: dict[str, Any] = {"version": exc.version}
             if debug:
                 extra["traceback"] = exc.traceback
             return _error(500, exc.error_type, exc.error_message, **extra), exc.version
         except Exception as exc:  # RequireDepthExceeded and the like: still the call's fault
-            metrics.count_call("failed", time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            metrics.count_call("failed", elapsed, plugin=name, version=version)
             extra = {"traceback": await anyio.to_thread.run_sync(_format, exc)} if debug else {}
             return _error(500, type(exc).__name__, str(exc), **extra), version
         finally:
             metrics.in_flight -= 1
-        metrics.count_call("ok", time.perf_counter() - started)
+        metrics.count_call("ok", time.perf_counter() - started, plugin=name, version=version)
         try:
             content = to_json({"result": result, "version": version})
         except (TypeError, ValueError, RecursionError) as exc:
@@ -524,9 +527,8 @@ def create_app(
         )
 
     async def metrics_endpoint(request: Request) -> Response:
-        return PlainTextResponse(
-            metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
-        )
+        process = await anyio.to_thread.run_sync(metrics.render_process)
+        return Response(metrics.render_host() + process, media_type=CONTENT_TYPE)
 
     app = Starlette(
         debug=False,  # our own 500s say what failed; Starlette's debug page is not an API
