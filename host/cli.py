@@ -40,6 +40,7 @@ from . import samples
 from .daemon import (
     StartupError,
     bind_socket,
+    event_loop_options,
     is_loopback,
     parse_address,
     redact_uri,
@@ -533,7 +534,7 @@ def run(
             await client.close()
 
     try:
-        anyio.run(main)
+        anyio.run(main, backend_options=event_loop_options())
     except StartupError as exc:
         raise fail(str(exc), exc.hint) from None
 
@@ -697,7 +698,7 @@ def dev(
             await server.aclose()
 
     try:
-        anyio.run(main)
+        anyio.run(main, backend_options=event_loop_options())
     except StartupError as exc:
         raise fail(str(exc), exc.hint) from None
 

@@ -20,6 +20,7 @@ import contextlib
 import errno
 import ipaddress
 import math
+import os
 import re
 import signal
 import socket
@@ -42,10 +43,14 @@ __all__ = (
     "StartupError",
     "as_tcp_listener",
     "bind_socket",
+    "event_loop_options",
+    "http_protocol",
     "is_loopback",
     "parse_address",
     "redact_uri",
     "run_daemon",
+    "serving_stack",
+    "uvicorn_options",
 )
 
 _log = structlog.get_logger("host.daemon")
@@ -151,6 +156,35 @@ def as_tcp_listener(sock: socket.socket) -> socket.socket:
     fixed = socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
     fixed.setblocking(blocking)
     return fixed
+
+
+def event_loop_options() -> dict[str, Any]:
+    """anyio's asyncio backend options for the daemon: uvloop when it is installed (the
+    ``speed`` extra) unless ``PLUGIN_HOST_LOOP=asyncio``; else the standard asyncio loop."""
+    if os.environ.get("PLUGIN_HOST_LOOP", "").lower() == "asyncio":
+        return {}
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
+def http_protocol() -> type[asyncio.Protocol]:
+    """Uvicorn's HTTP protocol class for the daemon: httptools when it is installed (the
+    ``speed`` extra) unless ``PLUGIN_HOST_HTTP=h11``; else the pure-Python h11."""
+    if os.environ.get("PLUGIN_HOST_HTTP", "").lower() == "h11":
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        return H11Protocol
+    return AutoHTTPProtocol
+
+
+def serving_stack() -> dict[str, str]:
+    """What serves HTTP in this process: the running event loop and the HTTP parser."""
+    loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    parser = "httptools" if "HttpTools" in http_protocol().__name__ else "h11"
+    return {"loop": "uvloop" if loop == "uvloop" else "asyncio", "http_parser": parser}
 
 
 def uvicorn_options() -> dict[str, Any]:
@@ -310,7 +344,7 @@ async def run_daemon(
     )
     options = uvicorn_options()
     options["timeout_keep_alive"] = http.idle_timeout
-    config = uvicorn.Config(app, http=guarded_protocol(AutoHTTPProtocol, guard), **options)
+    config = uvicorn.Config(app, http=guarded_protocol(http_protocol(), guard), **options)
     server = _Server(config)
     stop = anyio.Event()
     problem: str | None = None
@@ -356,6 +390,7 @@ async def run_daemon(
                         "daemon.ready",
                         http=f"http://{_netloc(address)}",
                         plugins=len(host.plugins()),
+                        **serving_stack(),
                     )
                     if on_ready is not None:
                         on_ready(host)

@@ -41,7 +41,7 @@ import math
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from decimal import Decimal
 from typing import Any
 
@@ -144,12 +144,26 @@ def _refuse_constant(name: str) -> Any:
     raise _BadConstant(f"{name} is not valid JSON")
 
 
-def _parse_json(body: bytes) -> Any:
-    """Strict JSON: NaN/Infinity refused; too-deep nesting is a ValueError, not a 500."""
+def _parse_json_stdlib(body: bytes) -> Any:
     try:
         return json.loads(body, parse_constant=_refuse_constant)
     except RecursionError:
         raise ValueError("the JSON is nested too deeply") from None
+
+
+def _parse_json_fast(body: bytes) -> Any:
+    # orjson refuses NaN/Infinity itself and stops at 1,024 levels of nesting, raising
+    # orjson.JSONDecodeError (a ValueError) for every bad body.
+    return orjson.loads(body)
+
+
+try:  # the ``speed`` extra: about 10x faster than the standard library on small bodies
+    import orjson
+except ImportError:  # pragma: no cover - the pure-Python fallback
+    _parse_json: Callable[[bytes], Any] = _parse_json_stdlib
+else:
+    _parse_json = _parse_json_fast
+"""Strict JSON: NaN/Infinity refused; too-deep nesting is a ValueError, not a 500."""
 
 
 class BearerAuth:

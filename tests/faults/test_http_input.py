@@ -238,3 +238,17 @@ async def test_fuzz_call_never_500s_on_client_garbage(
     assert seen
     assert host.is_ready
     await _still_serving(client)
+
+
+@pytest.mark.parametrize("parser", ["stdlib", "fast"])
+@pytest.mark.parametrize(
+    "body", [b"[NaN]", b"Infinity", b"[-Infinity]", b"[" * 5000 + b"]" * 5000, b"\xff", b"{"]
+)
+def test_both_json_parsers_are_strict(parser: str, body: bytes) -> None:
+    """The orjson parser and the standard-library fallback refuse the same bad bodies."""
+    import host.http
+
+    parse = {"stdlib": host.http._parse_json_stdlib, "fast": host.http._parse_json_fast}[parser]
+    assert parse(b'{"a": [1, 2.5, null]}') == {"a": [1, 2.5, None]}
+    with pytest.raises(ValueError, match=r"."):  # JSONDecodeError, UnicodeDecodeError...
+        parse(body)
