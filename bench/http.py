@@ -12,7 +12,10 @@ skipped with the reason when it cannot be had):
 * ``daemon_find`` — a plugin doing one ``ctx.db`` ``find_one`` per call;
 * ``daemon_sync`` — the echo plugin as a sync ``def main`` (runs in a worker thread);
 * ``daemon_access_log`` — the echo plugin with ``--access-log`` (one event per call, as
-  JSON lines into a file), to show what the access log costs.
+  JSON lines to stdout, drained), to show what the access log costs;
+* ``daemon_otel`` — the echo plugin with ``--otel`` (spans exported to stdout, drained).
+  Without ``--otel`` (every other daemon figure) tracing costs one ``is None`` test per
+  call and OpenTelemetry is not even imported.
 
 Each point is req/s and wrk's latency p50/p99 at 1, 32 and 256 connections (one wrk
 thread: the machine has two cores, and wrk's own CPU competes with the server's). All the
@@ -219,6 +222,9 @@ def _ratios(ours: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+OTEL = {"OTEL_TRACES_EXPORTER": "console"}
+"""``--otel`` exports its spans to stdout (drained): the cost of making and exporting them."""
+
 PURE = {"PLUGIN_HOST_LOOP": "asyncio", "PLUGIN_HOST_HTTP": "h11"}
 """The environment that selects the pure-Python fallback (asyncio loop, h11 parser)."""
 
@@ -254,6 +260,7 @@ async def run(target: Target, cfg: Config) -> dict[str, Any]:
                 baseline_server(env) as base,
                 daemon_server(target.uri, db.name, env=env) as ready,
                 daemon_server(target.uri, db.name, "--access-log", env=env) as logged,
+                daemon_server(target.uri, db.name, "--otel", env={**env, **OTEL}) as traced,
             ):
                 out["stack"] = {"loop": base["loop"], "http_parser": base["http_parser"]}
                 out["daemon_stack"] = {"loop": ready["loop"], "http_parser": ready["http_parser"]}
@@ -266,8 +273,11 @@ async def run(target: Target, cfg: Config) -> dict[str, Any]:
                         "daemon_find": f"{functions}/find/call",
                     }
                     out.update(_interleaved(binary, others, side, seconds, repeats))
-                    logged_url = {"daemon_access_log": f"{logged['http']}/functions/echo/call"}
-                    out.update(_interleaved(binary, logged_url, (32,), seconds, repeats))
+                    observed = {
+                        "daemon_access_log": f"{logged['http']}/functions/echo/call",
+                        "daemon_otel": f"{traced['http']}/functions/echo/call",
+                    }
+                    out.update(_interleaved(binary, observed, (32,), seconds, repeats))
             out["ratio"] = _ratios(out["daemon"], out["baseline"])
             results[label] = out
     return results

@@ -369,6 +369,7 @@ def http_table(results: dict[str, Any]) -> list[str]:
             ("plugin-host, sync `def main` echo", out.get("daemon_sync")),
             ("plugin-host, one `ctx.db` `find_one`", out.get("daemon_find")),
             ("plugin-host, async echo, `--access-log`", out.get("daemon_access_log")),
+            ("plugin-host, async echo, `--otel` (spans to stdout)", out.get("daemon_otel")),
         ]
         for name, points in rows:
             if isinstance(points, dict):

@@ -285,6 +285,14 @@ AllowedOrigins = Annotated[
 AccessLog = Annotated[
     bool, typer.Option("--access-log", help="Log one http.access event per call.")
 ]
+Otel = Annotated[
+    bool,
+    typer.Option(
+        "--otel",
+        help="OpenTelemetry spans for calls and reloads, over OTLP/HTTP (OTEL_* variables); "
+        "needs plugin-host[otel].",
+    ),
+]
 
 
 def _http_settings(
@@ -295,6 +303,7 @@ def _http_settings(
     allowed_hosts: str,
     allowed_origins: str,
     access_log: bool,
+    otel: bool,
 ) -> HttpSettings:
     def items(value: str) -> tuple[str, ...]:
         return tuple(part.strip() for part in value.split(",") if part.strip())
@@ -307,6 +316,7 @@ def _http_settings(
         allowed_hosts=items(allowed_hosts),
         allowed_origins=items(allowed_origins),
         access_log=access_log,
+        otel=otel,
     )
 
 
@@ -481,6 +491,7 @@ def run(
     allowed_hosts: AllowedHosts = "",
     allowed_origins: AllowedOrigins = "",
     access_log: AccessLog = False,
+    otel: Otel = False,
 ) -> None:
     """Serve the plugins of a MongoDB collection over HTTP, reloading them live.
 
@@ -528,6 +539,7 @@ def run(
                     allowed_hosts,
                     allowed_origins,
                     access_log,
+                    otel,
                 ),
             )
         finally:
@@ -588,6 +600,7 @@ def dev(
     allowed_hosts: AllowedHosts = "",
     allowed_origins: AllowedOrigins = "",
     access_log: AccessLog = False,
+    otel: Otel = False,
 ) -> None:
     """Zero-infrastructure development: embedded MongoDB, the example plugins, HTTP, live sync.
 
@@ -691,6 +704,7 @@ def dev(
                     allowed_hosts,
                     allowed_origins,
                     access_log,
+                    otel,
                 ),
             )
         finally:

@@ -32,6 +32,7 @@ import structlog
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from . import tracing
 from .connections import ConnectionGuard, guarded_protocol, install_accept_error_log
 from .http import LOOPBACK_HOSTS, HttpSettings, create_app
 from .metrics import Metrics
@@ -329,6 +330,13 @@ async def run_daemon(
         max_connections=http.max_connections,
     )
     install_accept_error_log(asyncio.get_running_loop())
+    provider: Any = None
+    if http.otel:
+        try:
+            provider = tracing.configure_sdk()
+        except (RuntimeError, ImportError) as exc:
+            raise StartupError(f"--otel: {exc}", "pip install 'plugin-host[otel]'") from None
+        tracing.enable(provider)
     metrics = Metrics()
     app = create_app(
         host,
@@ -406,6 +414,9 @@ async def run_daemon(
             signal_scope.cancel()
             sweep_scope.cancel()
     sock.close()
+    if provider is not None:
+        tracing.disable()
+        await anyio.to_thread.run_sync(provider.shutdown)  # flushes the last spans
     if problem is None:
         _log.info("daemon.stopped")
         return

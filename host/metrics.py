@@ -45,6 +45,8 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
+from . import tracing
+
 __all__ = ("CALL_BUCKETS", "CALL_OUTCOMES", "CONTENT_TYPE", "Histogram", "Metrics", "follow_events")
 
 CALL_OUTCOMES = ("ok", "not_found", "timeout", "failed", "busy", "closed", "bad_request")
@@ -278,7 +280,10 @@ def _histogram(name: str, help_text: str, hist: Histogram) -> HistogramMetricFam
 
 
 async def follow_events(host: Any, metrics: Metrics) -> None:
-    """Feed ``metrics`` from ``host.events()`` until cancelled (run it as a background task)."""
+    """Feed ``metrics`` (and, when tracing is on, ``plugin.reload`` spans) from
+    ``host.events()`` until cancelled (run it as a background task)."""
     async with host.events() as events:
         async for event in events:
             metrics.on_event(event.event, event.fields)
+            if tracing.tracer is not None and event.event in tracing.RELOAD_EVENTS:
+                tracing.reload_span(event.event, event.fields)
