@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -321,9 +322,23 @@ LISTENERS: dict[str, Callable[[], socket.socket]] = {
 }
 
 
+LOOPS = [
+    pytest.param("asyncio", id="asyncio"),
+    pytest.param(
+        ("asyncio", {"use_uvloop": True}),
+        id="uvloop",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("uvloop") is None, reason="uvloop (the speed extra) absent"
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("anyio_backend", LOOPS)
 @pytest.mark.parametrize("listener", sorted(LISTENERS))
 async def test_accepted_connections_get_tcp_nodelay(db: AsyncDatabase[Doc], listener: str) -> None:
-    """Every accepted connection has TCP_NODELAY, whatever the bind path (no 40 ms ACK wait)."""
+    """Every accepted connection has TCP_NODELAY, whatever the bind path and event loop (no
+    40 ms wait for the delayed ACK)."""
     await publish(db, "echo", ECHO)
     sock = LISTENERS[listener]()
     async with serving(db, sock) as (address, port):
