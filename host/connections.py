@@ -27,10 +27,11 @@ crowd of idle sockets cannot lock out ``/healthz``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import anyio
@@ -39,9 +40,9 @@ import structlog
 __all__ = (
     "ConnectionGuard",
     "Throttled",
+    "accept_errors_logged",
     "default_max_connections",
     "guarded_protocol",
-    "install_accept_error_log",
 )
 
 _log = structlog.get_logger("host.http")
@@ -265,18 +266,22 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-def install_accept_error_log(loop: asyncio.AbstractEventLoop, interval: float = 10.0) -> Throttled:
+@contextlib.contextmanager
+def accept_errors_logged(
+    loop: asyncio.AbstractEventLoop, interval: float = 10.0
+) -> Iterator[Throttled]:
     """Log the loop's ``accept()`` resource errors once per ``interval``, not once per attempt.
 
     asyncio reports each failed ``accept()`` (``EMFILE``: out of descriptors) through the
     loop's exception handler, with a traceback, and retries a second later; under a flood
-    of connections that fills the log. Other errors go to the previous handler.
+    of connections that fills the log. Other errors go to the previous handler, which is
+    put back on exit.
 
     Args:
         loop: The running loop.
         interval: Seconds between two ``http.accept_failed`` events.
 
-    Returns:
+    Yields:
         The throttled event (its ``total`` counts every failure).
     """
     throttled = Throttled("http.accept_failed", interval, level="error")
@@ -293,4 +298,7 @@ def install_accept_error_log(loop: asyncio.AbstractEventLoop, interval: float = 
             loop.default_exception_handler(context)
 
     loop.set_exception_handler(handler)
-    return throttled
+    try:
+        yield throttled
+    finally:
+        loop.set_exception_handler(previous)

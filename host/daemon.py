@@ -33,7 +33,7 @@ import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from . import tracing
-from .connections import ConnectionGuard, guarded_protocol, install_accept_error_log
+from .connections import ConnectionGuard, accept_errors_logged, guarded_protocol
 from .http import LOOPBACK_HOSTS, HttpSettings, create_app
 from .metrics import Metrics
 from .runtime import PluginHost
@@ -329,7 +329,6 @@ async def run_daemon(
         body_timeout=http.body_timeout,
         max_connections=http.max_connections,
     )
-    install_accept_error_log(asyncio.get_running_loop())
     provider: Any = None
     if http.otel:
         try:
@@ -357,7 +356,10 @@ async def run_daemon(
     stop = anyio.Event()
     problem: str | None = None
 
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with (
+        anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+        accept_errors_logged(asyncio.get_running_loop()),
+    ):
 
         async def on_signals() -> None:
             async for signum in signals:

@@ -12,6 +12,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -238,13 +239,17 @@ async def test_idle_crowd_under_the_fd_limit_does_not_lock_out_healthz(
     and no accept error floods the log."""
     with run_process(tmp_path, mongo_uri, db_name, 256) as (_, log):
         port = await _port(log)
+        started = time.monotonic()
         async with contextlib.AsyncExitStack() as stack:
             assert await _flood(port, 300, stack) == 300
             for _ in range(4):
                 assert await healthz(port) == 200
         events = _events(log)
+        elapsed = time.monotonic() - started
     assert not [e for e in events if e.get("event") == "http.accept_failed"]
-    assert len([e for e in events if e.get("event") == "http.connection_cap"]) <= 2
+    cap = [e for e in events if e.get("event") == "http.connection_cap"]
+    # 108 or more evictions (300 - 192), logged once per 10 s interval, not once each.
+    assert 1 <= len(cap) <= 1 + elapsed / 10, cap
     assert "Too many open files" not in log.read_text()
 
 
@@ -255,6 +260,7 @@ async def test_accept_errors_are_logged_once_per_interval(
     (with a count), no traceback per attempt; the daemon serves again once the crowd leaves."""
     with run_process(tmp_path, mongo_uri, db_name, 128, "--max-connections", "1000") as (_, log):
         port = await _port(log)
+        started = time.monotonic()
         async with contextlib.AsyncExitStack() as stack:
             await _flood(port, 200, stack)
             await wait_until(
@@ -263,8 +269,10 @@ async def test_accept_errors_are_logged_once_per_interval(
             )
         await wait_until(lambda: _healthy(port), "/healthz answers again", timeout=20)
         text = log.read_text()
+        elapsed = time.monotonic() - started
     failures = [e for e in _events(log) if e.get("event") == "http.accept_failed"]
-    assert 1 <= len(failures) <= 3, failures
+    # asyncio retries accept() every second: one event per 10 s, not one per attempt.
+    assert 1 <= len(failures) <= 1 + elapsed / 10, failures
     assert "Too many open files" in failures[0]["error"]
     assert "Traceback" not in text
 
