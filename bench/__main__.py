@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import coldstart, latency, report, startup, swap, throughput
+from . import coldstart, http, latency, report, startup, swap, throughput
 from .common import Config, Target, configure_logging, embedded_server, machine_info
 from .readme_section import update_readme
 
@@ -34,6 +34,7 @@ GROUPS: dict[str, Callable[[Target, Config], Awaitable[dict[str, Any]]]] = {
     "coldstart": coldstart.run,
     "swap": swap.run,
     "startup": startup.run,
+    "http": http.run,
 }
 
 NOTES = """\
@@ -53,7 +54,10 @@ before/after (psutil). Reload events are logged as the daemon logs them (JSON li
 /dev/null here), so their cost is included. The embedded server runs as a subprocess by
 default (its own GIL, on the second core, as a real `mongod` would); `--server-thread`
 runs it in this process, sharing the host's GIL. Other work on the machine shows up in
-the tails: see the load average above."""
+the tails: see the load average above. *HTTP* runs wrk (one thread, POSTs of a small JSON
+body) against a real `plugin-host run` process and against a bare Starlette echo app on
+Uvicorn started the same way (same event loop, HTTP parser and listening socket), one after
+the other in the same run; wrk itself shares the two cores with the server it measures."""
 
 
 def _targets(server: str, use_uri: bool) -> list[tuple[str, str]]:

@@ -128,17 +128,20 @@ def embedded_server(mode: str) -> Iterator[str]:
         cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
     try:
-        uri = _read_started_uri(proc)
-        # Keep reading its log so a full pipe can never block the server.
-        threading.Thread(target=_drain, args=(proc,), name="embedded-log", daemon=True).start()
+        uri = str(read_event(proc, "embedded.started", SERVER_START_TIMEOUT)["uri"])
         yield uri
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
+
+
+def stop_process(proc: subprocess.Popen[str], grace: float) -> None:
+    """SIGTERM ``proc``; SIGKILL it if it has not exited after ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _drain(proc: subprocess.Popen[str]) -> None:
@@ -147,18 +150,25 @@ def _drain(proc: subprocess.Popen[str]) -> None:
         pass
 
 
-def _read_started_uri(proc: subprocess.Popen[str]) -> str:
+def read_event(proc: subprocess.Popen[str], event: str, timeout: float) -> dict[str, Any]:
+    """The first JSON log line of ``proc`` naming ``event``; then its output is drained in a
+    thread, so a full pipe can never block it.
+
+    Raises:
+        RuntimeError: The process exited, or did not log ``event`` within ``timeout``.
+    """
     assert proc.stdout is not None
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"embedded-mongo exited early (status {proc.poll()})")
+            raise RuntimeError(f"{proc.args!r} exited early (status {proc.poll()})")
         with contextlib.suppress(ValueError):
-            event = json.loads(line)
-            if event.get("event") == "embedded.started":
-                return str(event["uri"])
-    raise RuntimeError("embedded-mongo did not report its URI in time")
+            data = json.loads(line)
+            if isinstance(data, dict) and data.get("event") == event:
+                threading.Thread(target=_drain, args=(proc,), name="drain", daemon=True).start()
+                return data
+    raise RuntimeError(f"{proc.args!r} did not log {event} in time")
 
 
 def configure_logging() -> None:

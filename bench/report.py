@@ -55,7 +55,7 @@ def _failed_calls(results: dict[str, Any]) -> float | None:
     return float(sum(run["failed"] + run["stale"] for run in runs.values()))
 
 
-GOALS = (
+GOALS: tuple[Goal, ...] = (
     Goal(
         "change_to_live_p99",
         "change-to-live p99 (embedded server)",
@@ -95,6 +95,45 @@ GOALS = (
         "calls",
         False,
         _failed_calls,
+    ),
+)
+
+
+def _http_ratio(conns: str) -> Callable[[dict[str, Any]], float | None]:
+    return lambda r: _get(r, "http", "default", "ratio", conns, "req_per_s")
+
+
+def _http_p99_delta(r: dict[str, Any]) -> float | None:
+    deltas = [_get(r, "http", "default", "ratio", c, "p99_delta_ms") for c in ("1", "32")]
+    known = [d for d in deltas if d is not None]
+    return max(known) if known else None
+
+
+GOALS = (
+    *GOALS,
+    Goal(
+        "http_ratio_32",
+        "HTTP req/s vs bare Starlette on Uvicorn, 32 connections",
+        0.8,
+        "x",
+        True,
+        _http_ratio("32"),
+    ),
+    Goal(
+        "http_ratio_1",
+        "HTTP req/s vs bare Starlette on Uvicorn, 1 keep-alive connection",
+        0.8,
+        "x",
+        True,
+        _http_ratio("1"),
+    ),
+    Goal(
+        "http_p99_delta",
+        "HTTP p99 over the baseline's p99 (worst of 1 and 32 connections)",
+        1.0,
+        "ms",
+        False,
+        _http_p99_delta,
     ),
 )
 
@@ -314,11 +353,73 @@ def _target_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _http_point(point: Any) -> str:
+    if not isinstance(point, dict):
+        return "—"
+    errors = point["errors"] + point["non_2xx"]
+    text = f"{_n(point['req_per_s'], 0)} ({_n(point['p50_ms'], 2)} / {_n(point['p99_ms'], 2)})"
+    return text + (f", **{errors:,} errors**" if errors else "")
+
+
+def http_table(results: dict[str, Any]) -> list[str]:
+    """The HTTP group: req/s (p50 / p99 ms) per connection count, and ratios to the baseline."""
+    group = results.get("http")
+    if not isinstance(group, dict):
+        return []
+    if "error" in group or "skipped" in group:
+        return [f"HTTP benchmark: {group.get('error') or 'skipped: ' + group['skipped']}", ""]
+    conns = ("1", "32", "256")
+    lines = [
+        _row(["HTTP, req/s (p50 / p99 ms)", *(f"{c} conn." for c in conns)]),
+        _row(["---", *("---:" for _ in conns)]),
+    ]
+    for label, out in group.items():
+        if not isinstance(out, dict) or "baseline" not in out:
+            continue
+        stack = out["stack"]
+        where = f"{stack['loop']} + {stack['http_parser']}"
+        rows = [
+            (f"bare Starlette echo on Uvicorn ({where})", out["baseline"]),
+            (f"plugin-host, async echo plugin ({where})", out["daemon"]),
+            ("plugin-host, sync `def main` echo", out.get("daemon_sync")),
+            ("plugin-host, one `ctx.db` `find_one`", out.get("daemon_find")),
+            ("plugin-host, async echo, `--access-log`", out.get("daemon_access_log")),
+            ("plugin-host, async echo, `--otel` (spans to stdout)", out.get("daemon_otel")),
+        ]
+        for name, points in rows:
+            if isinstance(points, dict):
+                lines.append(_row([name, *(_http_point(points.get(c)) for c in conns)]))
+        ratio = out.get("ratio", {})
+        lines.append(
+            _row(
+                [
+                    f"plugin-host ÷ baseline, req/s; p99 - baseline p99 ms ({label} stack)",
+                    *(
+                        f"{_n(ratio[c]['req_per_s'], 2)}x; {ratio[c]['p99_delta_ms']:+.2f}"
+                        if c in ratio
+                        else "—"
+                        for c in conns
+                    ),
+                ]
+            )
+        )
+    seconds = group.get("seconds")
+    lines += [
+        "",
+        f"wrk, {group.get('wrk_threads', 1)} thread, {seconds:g} s per point, best of "
+        f"{group.get('repeats', 1)} interleaved runs.",
+        "",
+    ]
+    return lines
+
+
 def _goal_table(goals: list[dict[str, Any]]) -> list[str]:
     lines = [_row(["Goal", "Aim", "Measured", "Result"]), _row(["---", "---:", "---:", "---"])]
     for goal in goals:
         sign = "≥" if goal["at_least"] else "≤"
-        aim = f"{sign} {_n(goal['aim'], 0)} {goal['unit']}"
+        aim = (
+            f"{sign} {_n(goal['aim'], 0 if goal['aim'] == int(goal['aim']) else 1)} {goal['unit']}"
+        )
         measured = "—" if goal["measured"] is None else f"{_n(goal['measured'], 2)} {goal['unit']}"
         mark = {"met": "met", "missed": "**missed**"}.get(goal["status"], goal["status"])
         lines.append(_row([goal["goal"], aim, measured, mark]))
@@ -380,6 +481,7 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             *_target_table(results),
             "",
+            *http_table(results),
             "Goals (aims, not assertions):",
             "",
             *_goal_table(target["goals"]),

@@ -22,6 +22,7 @@ __all__ = (
     "DEFAULT_LIMITS",
     "DEFAULT_TIMEOUTS",
     "UNSET",
+    "HttpSettings",
     "Limits",
     "Timeouts",
     "Unset",
@@ -105,3 +106,35 @@ def with_overrides(config: C, **values: Any) -> C:
     """
     changes = {name: value for name, value in values.items() if value is not UNSET}
     return dataclasses.replace(config, **changes) if changes else config
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """How the daemon's HTTP server treats connections and requests.
+
+    Attributes:
+        idle_timeout: Seconds a connection may wait for the first byte of a request (after
+            connecting or after a response); then it is closed.
+        header_timeout: Seconds from a request's first byte to its complete headers (408).
+        body_timeout: Seconds from complete headers to the complete body (closed).
+        max_connections: Most open HTTP connections; at the cap a new one evicts the
+            longest-idle connection, or gets a 503 if none is idle (None: three quarters
+            of the descriptor limit).
+        allowed_hosts: ``Host`` names accepted besides this machine's loopback names; the
+            check runs on a loopback bind, and on any bind when this is not empty.
+        allowed_origins: Browser origins (``scheme://host[:port]``, or ``*``) allowed to
+            call; a request from another origin (not the daemon's own) gets a 403.
+        access_log: Log one ``http.access`` event per call.
+        otel: Trace calls and reloads with OpenTelemetry (the ``otel`` extra; spans are
+            exported over OTLP/HTTP as the ``OTEL_EXPORTER_OTLP_*`` variables say, or to
+            the console with ``OTEL_TRACES_EXPORTER=console``).
+    """
+
+    idle_timeout: float = 5.0
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_connections: int | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    access_log: bool = False
+    otel: bool = False

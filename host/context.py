@@ -14,6 +14,7 @@ import anyio.from_thread
 import structlog
 from structlog.typing import FilteringBoundLogger
 
+from . import tracing
 from .types import Args, Caller, CallTarget
 
 if TYPE_CHECKING:
@@ -93,7 +94,10 @@ class Context:
         Raises:
             PluginError: As ``Dispatcher.call``.
         """
-        return await self._caller.call(name, args, timeout=timeout)
+        if tracing.tracer is None:
+            return await self._caller.call(name, args, timeout=timeout)
+        with tracing.span("ctx.call", **{"plugin.target": name}):
+            return await self._caller.call(name, args, timeout=timeout)
 
     def require(self, name: str) -> CallTarget:
         """Return a late-bound handle: each call goes to the version current at that time.
@@ -104,7 +108,10 @@ class Context:
         Returns:
             An async callable ``handle(args, *, timeout=None)``.
         """
-        return self._caller.require(name)
+        target = self._caller.require(name)
+        if tracing.tracer is None:
+            return target
+        return tracing.wrap_target(target, name)
 
     def spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Start ``func(*args)`` in the background, owned by this plugin version.

@@ -15,10 +15,12 @@ Uvicorn's own signal handling is switched off: the daemon owns the order of shut
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import ipaddress
 import math
+import os
 import re
 import signal
 import socket
@@ -28,10 +30,13 @@ from typing import Any
 import anyio
 import structlog
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from . import tracing
 from .config import DAEMON_LIMITS, DAEMON_TIMEOUTS, Limits, Timeouts
+from .connections import ConnectionGuard, accept_errors_logged, guarded_protocol
 from .errors import PluginHostError
-from .http import create_app
+from .http import LOOPBACK_HOSTS, HttpSettings, create_app
 from .metrics import Metrics
 from .runtime import PluginHost
 from .trust import TrustedKeys
@@ -39,11 +44,16 @@ from .watcher import WatchFatal
 
 __all__ = (
     "StartupError",
+    "as_tcp_listener",
     "bind_socket",
+    "event_loop_options",
+    "http_protocol",
     "is_loopback",
     "parse_address",
     "redact_uri",
     "run_daemon",
+    "serving_stack",
+    "uvicorn_options",
 )
 
 _log = structlog.get_logger("host.daemon")
@@ -106,7 +116,10 @@ def bind_socket(host: str, port: int, *, next_free: int = 0) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     last: OSError | None = None
     for candidate in range(port, port + next_free + 1) if port else [0]:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on an accepted connection only when
+        # the listening socket says its protocol is TCP. With 0, every reply on a keep-alive
+        # connection waited ~40 ms for the peer's delayed ACK (Nagle).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, candidate))
@@ -121,6 +134,73 @@ def bind_socket(host: str, port: int, *, next_free: int = 0) -> socket.socket:
         return sock
     assert last is not None
     raise last
+
+
+def as_tcp_listener(sock: socket.socket) -> socket.socket:
+    """``sock`` as a socket object whose protocol is ``IPPROTO_TCP`` (the same descriptor).
+
+    asyncio enables ``TCP_NODELAY`` on the connections a listener accepts only when the
+    listener's ``proto`` is ``IPPROTO_TCP`` (``base_events._set_nodelay``); a socket made
+    with protocol 0 (``socket.socket(AF_INET, SOCK_STREAM)``, ``socket.create_server``, an
+    inherited descriptor) reports 0, and its keep-alive replies then wait for the peer's
+    delayed ACK. A socket that is not TCP is returned unchanged.
+
+    Args:
+        sock: A bound, listening socket.
+
+    Returns:
+        ``sock`` itself when its protocol already says TCP, else a new socket object
+        owning the same descriptor (``sock`` is detached).
+    """
+    tcp = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+    if not tcp or sock.proto == socket.IPPROTO_TCP:
+        return sock
+    blocking = sock.getblocking()
+    fixed = socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
+    fixed.setblocking(blocking)
+    return fixed
+
+
+def event_loop_options() -> dict[str, Any]:
+    """anyio's asyncio backend options for the daemon: uvloop when it is installed (the
+    ``speed`` extra) unless ``PLUGIN_HOST_LOOP=asyncio``; else the standard asyncio loop."""
+    if os.environ.get("PLUGIN_HOST_LOOP", "").lower() == "asyncio":
+        return {}
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
+def http_protocol() -> type[asyncio.Protocol]:
+    """Uvicorn's HTTP protocol class for the daemon: httptools when it is installed (the
+    ``speed`` extra) unless ``PLUGIN_HOST_HTTP=h11``; else the pure-Python h11."""
+    if os.environ.get("PLUGIN_HOST_HTTP", "").lower() == "h11":
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        return H11Protocol
+    return AutoHTTPProtocol
+
+
+def serving_stack() -> dict[str, str]:
+    """What serves HTTP in this process: the running event loop and the HTTP parser."""
+    loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    parser = "httptools" if "HttpTools" in http_protocol().__name__ else "h11"
+    return {"loop": "uvloop" if loop == "uvloop" else "asyncio", "http_parser": parser}
+
+
+def uvicorn_options() -> dict[str, Any]:
+    """The options the daemon gives ``uvicorn.Config`` besides the app (the bench's baseline
+    uses the same, so both run on the same event loop and HTTP parser)."""
+    return {
+        "log_config": None,
+        "log_level": "warning",
+        "access_log": False,
+        "lifespan": "on",
+        "timeout_graceful_shutdown": 5,
+        "server_header": False,
+    }
 
 
 class _Server(uvicorn.Server):
@@ -184,6 +264,7 @@ async def run_daemon(
     context: dict[str, Any] | None = None,
     on_ready: Callable[[PluginHost], None] | None = None,
     background: Sequence[Background] = (),
+    http: HttpSettings | None = None,
 ) -> None:
     """Serve ``db[collection]``'s plugins over HTTP on ``sock`` until SIGTERM/SIGINT.
 
@@ -203,6 +284,7 @@ async def run_daemon(
         context: Host globals for plugins.
         on_ready: Called once when the host is ready.
         background: Tasks started when ready and stopped (their event set) on shutdown.
+        http: Connection timeouts and cap, allowed hosts and origins, access log.
 
     Raises:
         StartupError: Not ready in time, or the collection cannot be watched.
@@ -217,6 +299,29 @@ async def run_daemon(
         trusted_keys=trusted_keys,
     )
     startup_timeout = timeouts.startup
+    http = http or HttpSettings()
+    sock = as_tcp_listener(sock)
+    address = sock.getsockname()
+    allowed_hosts: set[str] | None = None
+    if is_loopback(address[0]) or http.allowed_hosts:
+        allowed_hosts = (
+            {*LOOPBACK_HOSTS, address[0], *http.allowed_hosts}
+            if is_loopback(address[0])
+            else set(http.allowed_hosts)
+        )
+    guard = ConnectionGuard(
+        idle_timeout=http.idle_timeout,
+        header_timeout=http.header_timeout,
+        body_timeout=http.body_timeout,
+        max_connections=http.max_connections,
+    )
+    provider: Any = None
+    if http.otel:
+        try:
+            provider = tracing.configure_sdk()
+        except (RuntimeError, ImportError) as exc:
+            raise StartupError(f"--otel: {exc}", "pip install 'plugin-host[otel]'") from None
+        tracing.enable(provider)
     metrics = Metrics()
     app = create_app(
         host,
@@ -226,22 +331,21 @@ async def run_daemon(
         metrics=metrics,
         auth_token=auth_token,
         open_endpoints=open_endpoints,
+        allowed_hosts=allowed_hosts,
+        allowed_origins=http.allowed_origins,
+        access_log=http.access_log,
     )
-    config = uvicorn.Config(
-        app,
-        log_config=None,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=5,
-        server_header=False,
-    )
+    options = uvicorn_options()
+    options["timeout_keep_alive"] = http.idle_timeout
+    config = uvicorn.Config(app, http=guarded_protocol(http_protocol(), guard), **options)
     server = _Server(config)
     stop = anyio.Event()
     problem: str | None = None
-    address = sock.getsockname()
 
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with (
+        anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+        accept_errors_logged(asyncio.get_running_loop()),
+    ):
 
         async def on_signals() -> None:
             async for signum in signals:
@@ -266,7 +370,14 @@ async def run_daemon(
                 with signal_scope:
                     await on_signals()
 
+            sweep_scope = anyio.CancelScope()
+
+            async def sweep_task() -> None:
+                with sweep_scope:
+                    await guard.sweep()
+
             tg.start_soon(signals_task)
+            tg.start_soon(sweep_task)
             async with host:
                 tg.start_soon(serve_http)
                 problem = await _wait_ready(host, stop, startup_timeout)
@@ -275,6 +386,7 @@ async def run_daemon(
                         "daemon.ready",
                         http=f"http://{_netloc(address)}",
                         plugins=len(host.plugins()),
+                        **serving_stack(),
                     )
                     if on_ready is not None:
                         on_ready(host)
@@ -288,7 +400,11 @@ async def run_daemon(
             # The host has drained, torn its versions down and closed its stream.
             server.should_exit = True
             signal_scope.cancel()
+            sweep_scope.cancel()
     sock.close()
+    if provider is not None:
+        tracing.disable()
+        await anyio.to_thread.run_sync(provider.shutdown)  # flushes the last spans
     if problem is None:
         _log.info("daemon.stopped")
         return

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
+import anyio.abc
+import anyio.to_thread
 import httpx
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
+from structlog.testing import capture_logs
 
 from host import PluginHost
-from host.http import create_app
+from host.daemon import as_tcp_listener, bind_socket
+from host.http import HttpSettings, create_app
 from host.publish import publish
 from host.samples import seed
 from tests.support import Doc
 
+from .http_support import accepted_socket_option, exchange, post, serving
 from .support import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -118,7 +125,11 @@ async def test_unknown_function_is_404(api: ClientFactory) -> None:
 async def test_bad_json_is_422(api: ClientFactory) -> None:
     """A body that is not JSON is refused with 422 before the plugin runs."""
     async with api() as client:
-        reply = await client.post("/functions/echo/call", content=b"{not json")
+        reply = await client.post(
+            "/functions/echo/call",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        )
         bad_timeout = await client.post("/functions/echo/call?timeout=soon")
     assert reply.status_code == 422
     assert "not valid JSON" in reply.json()["error"]["message"]
@@ -273,3 +284,191 @@ async def test_metrics_exposition(api: ClientFactory, db: AsyncDatabase[Doc]) ->
     assert "plugin_host_change_to_live_seconds_count 2" in text
     assert "plugin_host_in_flight_calls 0" in text
     assert "plugin_host_ready 1" in text
+
+
+# -- the daemon's listener: TCP_NODELAY on every accepted connection ------------------------
+
+
+def _ipv6_socket() -> socket.socket:
+    try:
+        return bind_socket("::1", 0)
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+
+
+def _next_free_socket() -> socket.socket:
+    # dev's path: the wanted port is taken, so bind_socket moves on to a following one.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        sock = bind_socket("127.0.0.1", port, next_free=20)
+    assert sock.getsockname()[1] != port
+    return sock
+
+
+def _protocol_zero_socket() -> socket.socket:
+    # A listener made elsewhere with protocol 0 (socket.create_server, an inherited fd).
+    sock = socket.create_server(("127.0.0.1", 0))
+    assert sock.proto == 0
+    return sock
+
+
+LISTENERS: dict[str, Callable[[], socket.socket]] = {
+    "ipv4": lambda: bind_socket("127.0.0.1", 0),
+    "ipv6": _ipv6_socket,
+    "next_free": _next_free_socket,
+    "protocol_0": _protocol_zero_socket,
+}
+
+
+LOOPS = [
+    pytest.param("asyncio", id="asyncio"),
+    pytest.param(
+        ("asyncio", {"use_uvloop": True}),
+        id="uvloop",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("uvloop") is None, reason="uvloop (the speed extra) absent"
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("anyio_backend", LOOPS)
+@pytest.mark.parametrize("listener", sorted(LISTENERS))
+async def test_accepted_connections_get_tcp_nodelay(db: AsyncDatabase[Doc], listener: str) -> None:
+    """Every accepted connection has TCP_NODELAY, whatever the bind path and event loop (no
+    40 ms wait for the delayed ACK)."""
+    await publish(db, "echo", ECHO)
+    sock = LISTENERS[listener]()
+    async with serving(db, sock) as (address, port):
+        host_header = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        async with await anyio.connect_tcp(address, port) as stream:
+            raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+            for _ in range(3):  # keep-alive: every reply comes back on the same connection
+                status, headers, body = await exchange(
+                    stream,
+                    post(
+                        "/functions/echo/call",
+                        b'{"n": 1}',
+                        host=host_header,
+                        content_type="application/json",
+                    ),
+                )
+                assert status == 200, body
+                assert headers.get("connection") != "close"
+            nodelay = await anyio.to_thread.run_sync(
+                accepted_socket_option, raw, socket.IPPROTO_TCP, socket.TCP_NODELAY
+            )
+    assert nodelay != 0
+
+
+def test_bind_socket_says_tcp() -> None:
+    """bind_socket's listener reports IPPROTO_TCP (what asyncio checks before TCP_NODELAY)."""
+    with bind_socket("127.0.0.1", 0) as sock:
+        assert sock.proto == socket.IPPROTO_TCP
+    with _protocol_zero_socket() as zero:
+        fd = zero.fileno()
+        fixed = as_tcp_listener(zero)
+        assert fixed.fileno() == fd
+        assert fixed.proto == socket.IPPROTO_TCP
+        fixed.close()
+
+
+# -- cross-site requests against the loopback daemon ----------------------------------------
+
+
+@pytest.fixture
+async def loopback_daemon(db: AsyncDatabase[Doc]) -> AsyncIterator[str]:
+    """An in-process daemon on 127.0.0.1 (one extra host and origin allowed); yields its URL."""
+    await publish(db, "echo", ECHO)
+    settings = HttpSettings(
+        allowed_hosts=("plugins.internal",), allowed_origins=("https://console.example",)
+    )
+    async with serving(db, bind_socket("127.0.0.1", 0), http=settings) as (address, port):
+        yield f"http://{address}:{port}"
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "kind"),
+    [
+        ({}, 200, None),
+        ({"host": "localhost:1234"}, 200, None),
+        ({"host": "[::1]:8000"}, 200, None),
+        ({"host": "plugins.internal"}, 200, None),
+        ({"host": "evil.example"}, 403, "HostNotAllowed"),
+        ({"host": "evil.example:8000"}, 403, "HostNotAllowed"),
+        ({"host": "127.0.0.1.evil.example"}, 403, "HostNotAllowed"),
+        ({"origin": "https://evil.example"}, 403, "OriginNotAllowed"),
+        ({"origin": "null"}, 403, "OriginNotAllowed"),
+        ({"origin": "https://console.example"}, 200, None),
+    ],
+)
+async def test_host_and_origin_are_checked(
+    loopback_daemon: str, headers: dict[str, str], status: int, kind: str | None
+) -> None:
+    """On a loopback bind, a foreign Host (DNS rebinding) or Origin gets a JSON 403; the
+    plugin never runs."""
+    async with httpx.AsyncClient(base_url=loopback_daemon) as client:
+        reply = await client.post("/functions/echo/call", json={"n": 1}, headers=headers)
+        assert reply.status_code == status, reply.text
+        if kind is None:
+            assert reply.json()["result"] == {"args": {"n": 1}}
+        else:
+            assert reply.json()["error"]["type"] == kind
+        # The reads too: a rebinding page cannot list the plugins either.
+        listed = await client.get("/functions", headers=headers)
+        assert listed.status_code == status
+
+
+async def test_same_origin_is_allowed(loopback_daemon: str) -> None:
+    """A page served by the daemon's own origin may call (its Origin matches the Host)."""
+    netloc = loopback_daemon.removeprefix("http://")
+    async with httpx.AsyncClient(base_url=loopback_daemon) as client:
+        reply = await client.post(
+            "/functions/echo/call", json=1, headers={"origin": f"http://{netloc}"}
+        )
+    assert reply.status_code == 200
+
+
+async def test_simple_cross_site_post_is_refused(loopback_daemon: str) -> None:
+    """The request a foreign page can send without a preflight (text/plain POST) is refused."""
+    async with httpx.AsyncClient(base_url=loopback_daemon) as client:
+        reply = await client.post(
+            "/functions/echo/call", content=b'{"n": 1}', headers={"content-type": "text/plain"}
+        )
+    assert reply.status_code == 415
+    assert reply.json()["error"]["type"] == "UnsupportedMediaType"
+
+
+async def test_non_loopback_app_checks_no_host(api: ClientFactory) -> None:
+    """Without allowed_hosts (a non-loopback bind, no list) any Host is served."""
+    async with api() as client:
+        reply = await client.post("/functions/echo/call", json=2, headers={"host": "any.example"})
+    assert reply.status_code == 200
+
+
+# -- the access log -------------------------------------------------------------------------
+
+
+async def test_access_log_is_one_event_per_call(api: ClientFactory, host: PluginHost) -> None:
+    """--access-log: one http.access event per call, with plugin, version, status, duration and
+    call id; none without it."""
+    async with api(access_log=True) as client:
+        with capture_logs() as logs:
+            await client.post("/functions/echo/call", json=1)
+            await client.post("/functions/nope/call", json=1)
+            await client.get("/healthz")
+    access = [e for e in logs if e["event"] == "http.access"]
+    current = host.current("echo")
+    assert current is not None
+    assert [(e["plugin"], e["version"], e["status"]) for e in access] == [
+        ("echo", current.version, 200),
+        ("nope", None, 404),
+    ]
+    assert [e["call_id"] for e in access] == [1, 2]
+    assert all(isinstance(e["duration_ms"], float) and e["duration_ms"] >= 0 for e in access)
+    async with api() as client:
+        with capture_logs() as quiet:
+            await client.post("/functions/echo/call", json=1)
+    assert not [e for e in quiet if e["event"] == "http.access"]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..config import DAEMON_LIMITS, DAEMON_TIMEOUTS, Limits, Timeouts
+from ..config import DAEMON_LIMITS, DAEMON_TIMEOUTS, HttpSettings, Limits, Timeouts
 from ._common import (
     DEFAULT_URI,
     CallTimeout,
@@ -98,6 +98,86 @@ def embedded_mongo(
     anyio.run(main)
 
 
+# -- HTTP server flags (run and dev): one HttpSettings --------------------------------------
+_HTTP = HttpSettings()
+IdleTimeout = Annotated[
+    float,
+    typer.Option(
+        "--idle-timeout", min=0.001, help="Seconds a connection may wait before sending a request."
+    ),
+]
+HeaderTimeout = Annotated[
+    float,
+    typer.Option(
+        "--header-timeout", min=0.001, help="Seconds for a request's headers to arrive (408)."
+    ),
+]
+BodyTimeout = Annotated[
+    float,
+    typer.Option("--body-timeout", min=0.001, help="Seconds for a request's body to arrive."),
+]
+MaxConnections = Annotated[
+    int,
+    typer.Option(
+        "--max-connections",
+        min=0,
+        help="Most open HTTP connections; idle ones are evicted first (0: 3/4 of the fd limit).",
+    ),
+]
+AllowedHosts = Annotated[
+    str,
+    typer.Option(
+        "--allowed-hosts",
+        help="Comma-separated Host names served besides the loopback names (403 for others).",
+    ),
+]
+AllowedOrigins = Annotated[
+    str,
+    typer.Option(
+        "--allowed-origins",
+        help="Comma-separated browser origins allowed to call (scheme://host[:port], or *).",
+    ),
+]
+AccessLog = Annotated[
+    bool, typer.Option("--access-log", help="Log one http.access event per call.")
+]
+Otel = Annotated[
+    bool,
+    typer.Option(
+        "--otel",
+        help="OpenTelemetry spans for calls and reloads, over OTLP/HTTP (OTEL_* variables); "
+        "needs plugin-host[otel].",
+    ),
+]
+
+
+def _http_settings(
+    idle_timeout: float,
+    header_timeout: float,
+    body_timeout: float,
+    max_connections: int,
+    allowed_hosts: str,
+    allowed_origins: str,
+    access_log: bool,
+    otel: bool,
+) -> HttpSettings:
+    """The HTTP server settings from the flags ``run`` and ``dev`` share (0 connections: auto)."""
+
+    def items(value: str) -> tuple[str, ...]:
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+
+    return HttpSettings(
+        idle_timeout=idle_timeout,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        max_connections=max_connections or None,
+        allowed_hosts=items(allowed_hosts),
+        allowed_origins=items(allowed_origins),
+        access_log=access_log,
+        otel=otel,
+    )
+
+
 # -- run ----------------------------------------------------------------------------------
 
 
@@ -148,6 +228,14 @@ def run(
     call_timeout: CallTimeout = DAEMON_TIMEOUTS.call or 0.0,
     max_concurrency: MaxConcurrency = DAEMON_LIMITS.max_concurrency or 0,
     require_depth: RequireDepth = DAEMON_LIMITS.require_depth,
+    idle_timeout: IdleTimeout = _HTTP.idle_timeout,
+    header_timeout: HeaderTimeout = _HTTP.header_timeout,
+    body_timeout: BodyTimeout = _HTTP.body_timeout,
+    max_connections: MaxConnections = 0,
+    allowed_hosts: AllowedHosts = "",
+    allowed_origins: AllowedOrigins = "",
+    access_log: AccessLog = _HTTP.access_log,
+    otel: Otel = _HTTP.otel,
 ) -> None:
     """Serve the plugins of a MongoDB collection over HTTP, reloading them live.
 
@@ -157,7 +245,7 @@ def run(
     """
     import anyio
 
-    from ..daemon import StartupError, redact_uri, run_daemon
+    from ..daemon import StartupError, event_loop_options, redact_uri, run_daemon
 
     _check_exposure(http, auth_token)
     opened = _parse_open_endpoints(open_endpoints)
@@ -194,12 +282,22 @@ def run(
                 trusted_keys=keys,
                 auth_token=auth_token,
                 open_endpoints=opened,
+                http=_http_settings(
+                    idle_timeout,
+                    header_timeout,
+                    body_timeout,
+                    max_connections,
+                    allowed_hosts,
+                    allowed_origins,
+                    access_log,
+                    otel,
+                ),
             )
         finally:
             await client.close()
 
     try:
-        anyio.run(main)
+        anyio.run(main, backend_options=event_loop_options())
     except StartupError as exc:
         raise fail(str(exc), exc.hint) from None
 
@@ -269,6 +367,14 @@ def dev(
     call_timeout: CallTimeout = DAEMON_TIMEOUTS.call or 0.0,
     max_concurrency: MaxConcurrency = DAEMON_LIMITS.max_concurrency or 0,
     require_depth: RequireDepth = DAEMON_LIMITS.require_depth,
+    idle_timeout: IdleTimeout = _HTTP.idle_timeout,
+    header_timeout: HeaderTimeout = _HTTP.header_timeout,
+    body_timeout: BodyTimeout = _HTTP.body_timeout,
+    max_connections: MaxConnections = 0,
+    allowed_hosts: AllowedHosts = "",
+    allowed_origins: AllowedOrigins = "",
+    access_log: AccessLog = _HTTP.access_log,
+    otel: Otel = _HTTP.otel,
 ) -> None:
     """Zero-infrastructure development: embedded MongoDB, the example plugins, HTTP, live sync.
 
@@ -280,7 +386,7 @@ def dev(
     from pymongo import AsyncMongoClient
 
     from .. import samples
-    from ..daemon import StartupError, parse_address, run_daemon
+    from ..daemon import StartupError, event_loop_options, parse_address, run_daemon
     from ..devsync import sync_folder
     from ..embedded import EmbeddedMongo
     from ..embedded.journal import DataDirLocked
@@ -377,13 +483,23 @@ def dev(
                 on_ready=banner,
                 background=[sync],
                 trusted_keys=keys,
+                http=_http_settings(
+                    idle_timeout,
+                    header_timeout,
+                    body_timeout,
+                    max_connections,
+                    allowed_hosts,
+                    allowed_origins,
+                    access_log,
+                    otel,
+                ),
             )
         finally:
             await client.close()
             await server.aclose()
 
     try:
-        anyio.run(main)
+        anyio.run(main, backend_options=event_loop_options())
     except StartupError as exc:
         raise fail(str(exc), exc.hint) from None
 

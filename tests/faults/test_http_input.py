@@ -31,6 +31,7 @@ PLUGINS = {
 }
 LIMIT = 4096
 CLIENT_ERRORS = {404, 405, 413, 415, 422}
+JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture
@@ -53,25 +54,36 @@ async def _still_serving(client: httpx.AsyncClient) -> None:
     assert reply.json()["result"] == "ok"
 
 
+BAD_JSON = ("BadRequest", 422)
+NOT_JSON_TYPED = ("UnsupportedMediaType", 415)
+
+
 @pytest.mark.parametrize(
-    ("content", "headers"),
+    ("content", "headers", "expected"),
     [
-        (b"{not json", {"content-type": "application/json"}),
-        (b"\xff\xfe\x00garbage", {"content-type": "application/json"}),
-        (b'{"a": 1', {}),
-        (b"[1, 2,]", {"content-type": "text/plain"}),
-        (b"\x00" * 100, {"content-type": "application/octet-stream"}),
-        (b'"unterminated', {"content-type": "application/x-www-form-urlencoded"}),
+        (b"{not json", {"content-type": "application/json"}, BAD_JSON),
+        (b"\xff\xfe\x00garbage", {"content-type": "application/json"}, BAD_JSON),
+        (b'{"a": 1', {"content-type": "application/json; charset=utf-8"}, BAD_JSON),
+        (b"[1, 2,]", {"content-type": "application/vnd.api+json"}, BAD_JSON),
+        (b"\x00" * 100, {"content-type": "APPLICATION/JSON"}, BAD_JSON),
+        (b'{"a": 1}', {}, NOT_JSON_TYPED),
+        (b"[1, 2,]", {"content-type": "text/plain"}, NOT_JSON_TYPED),
+        (b"\x00" * 100, {"content-type": "application/octet-stream"}, NOT_JSON_TYPED),
+        (b'"x', {"content-type": "application/x-www-form-urlencoded"}, NOT_JSON_TYPED),
+        (b"", {"content-type": "text/plain"}, NOT_JSON_TYPED),
+        (b'{"a": 1}', {"content-type": "multipart/form-data; boundary=x"}, NOT_JSON_TYPED),
     ],
 )
-async def test_malformed_json_is_422(
-    http: tuple[PluginHost, httpx.AsyncClient], content: bytes, headers: dict[str, str]
+async def test_bodies_that_are_not_json_are_refused(
+    http: tuple[PluginHost, httpx.AsyncClient],
+    content: bytes,
+    headers: dict[str, str],
+    expected: tuple[str, int],
 ) -> None:
-    """A body that is not JSON, whatever its content type, is a 422 and the plugin never runs."""
+    """Bad JSON is a 422; a body not typed application/json is a 415; the plugin never runs."""
     _, client = http
     reply = await client.post("/functions/echo/call", content=content, headers=headers)
-    assert reply.status_code == 422
-    assert reply.json()["error"]["type"] == "BadRequest"
+    assert (reply.json()["error"]["type"], reply.status_code) == expected
     await _still_serving(client)
 
 
@@ -107,12 +119,21 @@ async def test_huge_bodies_are_refused(http: tuple[PluginHost, httpx.AsyncClient
 
 
 async def test_unknown_routes_and_methods(http: tuple[PluginHost, httpx.AsyncClient]) -> None:
-    """Unknown routes are 404, wrong methods 405, odd plugin names 404 — never a 500."""
+    """Unknown routes are JSON 404s, wrong methods JSON 405s, odd plugin names 404 — never 500."""
     _, client = http
-    assert (await client.get("/nope")).status_code == 404
-    assert (await client.post("/functions")).status_code == 405
-    assert (await client.get("/functions/const/call")).status_code == 405
-    assert (await client.delete("/functions/const")).status_code == 405
+    for reply, status, kind in (
+        (await client.get("/nope"), 404, "NotFound"),
+        (await client.post("/functions"), 405, "MethodNotAllowed"),
+        (await client.get("/functions/const/call"), 405, "MethodNotAllowed"),
+        (await client.delete("/functions/const"), 405, "MethodNotAllowed"),
+        (await client.put("/healthz"), 405, "MethodNotAllowed"),
+        (await client.get("/functions/const/call/extra"), 404, "NotFound"),
+    ):
+        assert reply.status_code == status
+        assert reply.headers["content-type"] == "application/json"
+        assert reply.json()["error"]["type"] == kind, reply.text
+        if status == 405:
+            assert reply.headers["allow"]
     for name in ("..%2Fetc", "a%2Fb", "x" * 300, "%00", "%E2%98%83", "%ff"):
         reply = await client.post(f"/functions/{name}/call")
         assert reply.status_code in (404, 422), (name, reply.status_code)
@@ -143,8 +164,10 @@ async def test_deeply_nested_json_is_a_client_error(
 ) -> None:
     """A body of 2,000 nested arrays is refused as a client error, not a 500."""
     _, client = http
-    reply = await client.post("/functions/const/call", content=b"[" * 2000 + b"]" * 2000)
-    assert reply.status_code in CLIENT_ERRORS
+    reply = await client.post(
+        "/functions/const/call", content=b"[" * 2000 + b"]" * 2000, headers=JSON
+    )
+    assert reply.status_code == 422
 
 
 async def test_non_standard_json_constants_are_refused(
@@ -152,7 +175,7 @@ async def test_non_standard_json_constants_are_refused(
 ) -> None:
     """NaN and Infinity are not JSON: a body holding them is a 422, not a 500 later."""
     _, client = http
-    reply = await client.post("/functions/echo/call", content=b"[NaN, Infinity]")
+    reply = await client.post("/functions/echo/call", content=b"[NaN, Infinity]", headers=JSON)
     assert reply.status_code == 422
 
 
@@ -214,3 +237,17 @@ async def test_fuzz_call_never_500s_on_client_garbage(
     assert seen
     assert host.is_ready
     await _still_serving(client)
+
+
+@pytest.mark.parametrize("parser", ["stdlib", "fast"])
+@pytest.mark.parametrize(
+    "body", [b"[NaN]", b"Infinity", b"[-Infinity]", b"[" * 5000 + b"]" * 5000, b"\xff", b"{"]
+)
+def test_both_json_parsers_are_strict(parser: str, body: bytes) -> None:
+    """The orjson parser and the standard-library fallback refuse the same bad bodies."""
+    import host.http
+
+    parse = {"stdlib": host.http._parse_json_stdlib, "fast": host.http._parse_json_fast}[parser]
+    assert parse(b'{"a": [1, 2.5, null]}') == {"a": [1, 2.5, None]}
+    with pytest.raises(ValueError, match=r"."):  # JSONDecodeError, UnicodeDecodeError...
+        parse(body)
