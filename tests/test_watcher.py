@@ -27,7 +27,7 @@ def numbered(n: int) -> str:
 @pytest.fixture
 async def own_server() -> AsyncIterator[EmbeddedMongo]:
     """A private embedded server (failpoints and command counts are server-wide)."""
-    async with EmbeddedMongo(port=0, oplog_size=50) as server:
+    async with EmbeddedMongo(port=0, oplog_max_entries=50) as server:
         yield server
 
 

@@ -67,7 +67,7 @@ def reload_count(soak: bool) -> int:
 @pytest.fixture
 async def own_server() -> AsyncIterator[EmbeddedMongo]:
     """A private embedded server on this test's loop (failpoints are server-wide)."""
-    async with EmbeddedMongo(port=0, oplog_size=100) as server:
+    async with EmbeddedMongo(port=0, oplog_max_entries=100) as server:
         yield server
 
 
