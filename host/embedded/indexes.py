@@ -13,7 +13,8 @@ Design note: candidates are a superset. For a filter, :func:`candidate_keys` ret
 either None (scan everything) or a set of store keys that contains every document the
 filter can match. It only looks at equality on ``_id`` or on an indexed field (a
 scalar, ``$eq`` or ``$in`` of scalars, possibly inside a top-level ``$and``); numbers
-are compared as floats (1, 1.0 and Int64(1) share a key, as they match in MongoDB),
+are compared as floats (1, 1.0 and Int64(1) share a key, as they match in MongoDB;
+so do True and 1, which mongomock's matcher equates),
 values the index cannot key (Decimal128, documents) are kept in a per-field "loose"
 set that is always a candidate. Arrays index each element (multikey), as MongoDB.
 
@@ -51,9 +52,7 @@ def store_key(doc_id: Any) -> Any:
 
 def _value_key(value: Any) -> Any:
     """The index key of one value; None if a query on it takes no fast path."""
-    if isinstance(value, bool):
-        return ("bool", value)
-    if isinstance(value, int | float | Int64):
+    if isinstance(value, int | float | Int64):  # bools too: mongomock matches True with 1
         return ("num", float(value))
     if isinstance(value, _KEYABLE):
         return value

@@ -51,6 +51,8 @@ JOURNAL = "journal.bson"
 PREVIOUS = "journal.prev.bson"
 SNAPSHOT = "snapshot.bson"
 LOCK = "mongod.lock"
+# Appends always land at the end, even after a failed write was cut back (ftruncate).
+_NEW_JOURNAL = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 log = structlog.get_logger("host.embedded")
 
@@ -183,7 +185,9 @@ class Journal:
         self._close_fd()
         if (self.dir / JOURNAL).exists():
             os.replace(self.dir / JOURNAL, self.dir / PREVIOUS)
-        self._fd = os.open(self.dir / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = os.open(
+            self.dir / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644
+        )
         self.size = 0
         _fsync_dir(self.dir)
 
@@ -191,7 +195,9 @@ class Journal:
         """Empty the journal: a snapshot now covers everything in it."""
         self.flush()
         self._close_fd()
-        self._fd = os.open(self.dir / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = os.open(
+            self.dir / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644
+        )
         self.size = 0
         _fsync_dir(self.dir)
 
@@ -248,6 +254,7 @@ class Journal:
         try:
             if self._fd is not None:
                 os.ftruncate(self._fd, self.size)
+                os.lseek(self._fd, self.size, os.SEEK_SET)  # O_APPEND, but be explicit
         except OSError:
             self.broken = JournalFailed(exc, broken=True)
             log.error("embedded.journal_broken", data_dir=str(self.dir), error=str(exc))

@@ -119,6 +119,8 @@ class EmbeddedMongo:
         self._topology_changed = asyncio.Event()
         self._retries: OrderedDict[tuple[bytes, int], dict[str, Any]] = OrderedDict()
         self._compaction: asyncio.Future[None] | None = None
+        # Compact (in the background) once the journal passes this many bytes.
+        self.compact_journal_bytes = COMPACT_JOURNAL_BYTES
         # Commands received, by name: cheap introspection for tests and benchmarks.
         self.command_counts: collections.Counter[str] = collections.Counter()
 
@@ -324,7 +326,7 @@ class EmbeddedMongo:
         journal = self.journal
         if journal is None or self._compaction is not None or self.closing:
             return
-        if journal.size <= COMPACT_JOURNAL_BYTES:
+        if journal.size <= self.compact_journal_bytes:
             return
         try:
             journal.rotate()
