@@ -37,8 +37,11 @@ def _embedded_only(using_embedded: bool) -> None:
 def loaded() -> Iterator[EmbeddedMongoThread]:
     """A private server whose ``app.big`` holds 100,000 documents."""
     with EmbeddedMongoThread(port=0) as server:
-        with MongoClient(server.uri) as client:
+        client: MongoClient[Doc] = MongoClient(server.uri)
+        try:
             client.app.big.insert_many([{"_id": i, "v": i % 100} for i in range(N)])
+        finally:
+            client.close()
         yield server
 
 
