@@ -9,6 +9,7 @@ added by :mod:`.server` around every reply.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import platform
 import socket
@@ -892,7 +893,9 @@ class Commands:
         cursor = self.cursors.get(cursor_id, ns)
         batch = _int(body, "batchSize")
         if cursor.stream is None:
-            docs = cursor.take(batch)
+            # Encoding a big batch (up to 16 MiB) would hold the loop: off it when large.
+            size = batch if batch else self.storage.offload_threshold
+            docs = await self.storage.offload(functools.partial(cursor.take, batch), size)
             if cursor.exhausted:
                 self.cursors.close(cursor.id)
             return {

@@ -111,6 +111,7 @@ class Storage:
         # first. Invariant: empty whenever the loop switches tasks (commit before await).
         self._pending: list[Entry] = []
         self._readers: ThreadPoolExecutor | None = None
+        self.offload_threshold = OFFLOAD_MIN_DOCS
 
     # -- durability --------------------------------------------------------------------
 
@@ -184,7 +185,7 @@ class Storage:
         Pending writes are committed first: nothing un-journaled is visible across the
         await.
         """
-        if size < OFFLOAD_MIN_DOCS:
+        if size < self.offload_threshold:
             return work()
         self.commit()
         return await asyncio.get_running_loop().run_in_executor(self._executor(), work)
