@@ -15,9 +15,11 @@ from bson import ObjectId
 from bson.int64 import Int64
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pymongo import MongoClient
+from pymongo import AsyncMongoClient, MongoClient
+from pymongo.errors import OperationFailure
 
 from host.embedded.oplog import Oplog
+from host.embedded.server import EmbeddedMongo
 from host.embedded.storage import Storage
 
 Doc = dict[str, Any]
@@ -199,3 +201,26 @@ def test_oplog_is_bounded_in_bytes() -> None:
     assert oplog.bytes <= oplog.max_bytes
     assert oplog.trimmed_through is not None
     assert len(oplog) >= 2
+
+
+@pytest.mark.anyio
+async def test_server_oplog_size_is_megabytes(using_embedded: bool) -> None:
+    """EmbeddedMongo(oplog_size=MB) trims by bytes: a resume point pushed out is 286."""
+    if not using_embedded:
+        pytest.skip("the embedded server's oplog bound")
+    async with EmbeddedMongo(port=0, oplog_size=0.05) as server:
+        client: AsyncMongoClient[Doc] = AsyncMongoClient(server.uri)
+        try:
+            coll = client.app.c
+            async with await coll.watch() as stream:
+                await coll.insert_one({"_id": "first"})
+                token = (await stream.next())["_id"]
+            for i in range(60):
+                await coll.insert_one({"_id": i, "pad": "x" * 2000})
+            assert server.oplog.bytes <= 0.05 * 1024 * 1024
+            with pytest.raises(OperationFailure) as info:
+                async with await coll.watch(resume_after=token) as resumed:
+                    await resumed.try_next()
+            assert info.value.code == 286
+        finally:
+            await client.close()
