@@ -894,7 +894,7 @@ class Commands:
         batch = _int(body, "batchSize")
         if cursor.stream is None:
             # Encoding a big batch (up to 16 MiB) would hold the loop: off it when large.
-            size = batch if batch else self.storage.offload_threshold
+            size = batch if batch else self.storage.readers.threshold
             docs = await self.storage.offload(functools.partial(cursor.take, batch), size)
             if cursor.exhausted:
                 self.cursors.close(cursor.id)

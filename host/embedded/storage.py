@@ -36,32 +36,26 @@ and some rarer aggregation operators.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import copy
-import functools
 import uuid as uuidlib
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import mongomock
 from bson import Binary, ObjectId
-from mongomock import filtering as mm_filtering
 from mongomock import helpers as mm_helpers
 from pymongo.errors import DuplicateKeyError, OperationFailure
 
+from . import reads
 from .errors import CommandError
-from .indexes import IndexedStore, indexed_store, match, store_key
+from .indexes import IndexedStore, indexed_store, store_key
 from .journal import Journal, JournalFailed
 from .oplog import Entry, Oplog
+from .reads import Readers
 
 SYSTEM_DATABASES = frozenset({"admin", "config", "local"})
-# Below this many documents to look at, a read runs on the loop (a thread hop costs more).
-OFFLOAD_MIN_DOCS = 2_000
-# Stages that read other collections (live state): such pipelines stay on the loop.
-_LIVE_STAGES = frozenset({"$lookup", "$graphLookup", "$unionWith", "$facet", "$out", "$merge"})
 
 
 @dataclass(slots=True)
@@ -110,8 +104,7 @@ class Storage:
         # Writes applied since the last commit (full entries, images included), oldest
         # first. Invariant: empty whenever the loop switches tasks (commit before await).
         self._pending: list[Entry] = []
-        self._readers: ThreadPoolExecutor | None = None
-        self.offload_threshold = OFFLOAD_MIN_DOCS
+        self.readers = Readers()
 
     # -- durability --------------------------------------------------------------------
 
@@ -174,27 +167,20 @@ class Storage:
         self.commit()
         return entry
 
-    def _executor(self) -> ThreadPoolExecutor:
-        if self._readers is None:
-            self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="embedded-read")
-        return self._readers
-
     async def offload(self, work: Callable[[], Any], size: int) -> Any:
         """Run a pure function of a snapshot: inline if small, else in a worker thread.
 
         Pending writes are committed first: nothing un-journaled is visible across the
         await.
         """
-        if size < self.offload_threshold:
+        if size < self.readers.threshold:
             return work()
         self.commit()
-        return await asyncio.get_running_loop().run_in_executor(self._executor(), work)
+        return await self.readers.run(work)
 
     def close(self) -> None:
         """Stop the reader threads."""
-        if self._readers is not None:
-            self._readers.shutdown(wait=False, cancel_futures=True)
-            self._readers = None
+        self.readers.close()
 
     # -- catalog -----------------------------------------------------------------------
 
@@ -449,7 +435,8 @@ class Storage:
         if (db, coll) not in self.catalog:
             return list, 0
         spec, docs = self._scan(db, coll, filter_)
-        return self._select(db, coll, spec, docs, projection, sort, skip, limit), len(docs)
+        work = reads.select(self.raw(db, coll), spec, docs, projection, sort, skip, limit)
+        return work, len(docs)
 
     async def count(
         self, db: str, coll: str, filter_: Mapping[str, Any] | None, *, skip: int, limit: int
@@ -458,14 +445,7 @@ class Storage:
         if (db, coll) not in self.catalog:
             return 0
         spec, docs = self._scan(db, coll, filter_)
-
-        def work() -> int:
-            try:
-                n = max(0, sum(1 for _ in match(spec, docs)) - skip)
-            except Exception as exc:
-                raise engine_error(exc) from exc
-            return min(n, limit) if limit else n
-
+        work = reads.count(spec, docs, skip, limit)
         result: int = await self.offload(work, len(docs))
         return result
 
@@ -487,48 +467,6 @@ class Storage:
             raise engine_error(exc) from exc
         return spec, docs
 
-    def _select(
-        self,
-        db: str,
-        coll: str,
-        spec: dict[str, Any],
-        docs: list[dict[str, Any]],
-        projection: Mapping[str, Any] | None,
-        sort: Mapping[str, Any] | None,
-        skip: int,
-        limit: int,
-    ) -> Callable[[], list[dict[str, Any]]]:
-        """A pure function of the snapshot ``docs`` doing what mongomock's find does."""
-        target = self.raw(db, coll)  # only for its projection helper, which reads no state
-
-        def work() -> list[dict[str, Any]]:
-            try:
-                dataset: Iterable[dict[str, Any]] = match(spec, docs)
-                for key, direction in reversed(list((sort or {}).items())):
-                    if key == "$natural":
-                        if direction < 0:
-                            dataset = list(reversed(list(dataset)))
-                        continue
-                    if key.startswith("$"):
-                        raise NotImplementedError(
-                            f"Sorting by {key} is not implemented in mongomock yet"
-                        )
-                    dataset = sorted(
-                        dataset,
-                        key=functools.partial(_sort_key, key),
-                        reverse=direction < 0,
-                    )
-                out = list(dataset)[skip:] if skip else list(dataset)
-                if limit:
-                    out = out[: abs(limit)]
-                if projection:
-                    out = [target._copy_only_fields(d, dict(projection), dict) for d in out]
-                return out
-            except Exception as exc:
-                raise engine_error(exc) from exc
-
-        return work
-
     def lookup(self, db: str, coll: str, key: Mapping[str, Any]) -> dict[str, Any] | None:
         """A copy of the current document with this key (``fullDocument: updateLookup``)."""
         found = self.find(db, coll, key, limit=1)
@@ -549,32 +487,14 @@ class Storage:
         (``$match``/``$skip``/``$limit`` then ``$group`` of ``$sum``s, or ``$count``)
         cannot. Pipelines reading other collections stay on the loop.
         """
-        if not isinstance(pipeline, list) or any(
-            isinstance(s, Mapping) and _LIVE_STAGES & set(s) for s in pipeline
-        ):
+        plan = reads.split_match(pipeline)
+        if plan is None:
             return self.aggregate(db, coll, pipeline)
-        spec: dict[str, Any] = {}
-        rest = list(pipeline)
-        if rest and isinstance(rest[0], Mapping) and set(rest[0]) == {"$match"}:
-            first = rest[0]["$match"]
-            if isinstance(first, Mapping) and not _has_expr(first):
-                spec, rest = dict(first), rest[1:]
-        if (db, coll) not in self.catalog:
-            docs: list[dict[str, Any]] = []
-        else:
+        spec, rest = plan
+        docs: list[dict[str, Any]] = []
+        if (db, coll) in self.catalog:
             spec, docs = self._scan(db, coll, spec)
-        copies = not _counts_only(rest)
-        database = self.client[db]
-
-        def work() -> list[dict[str, Any]]:
-            try:
-                selected = list(match(spec, docs)) if spec else list(docs)
-            except Exception as exc:
-                raise engine_error(exc) from exc
-            if copies:
-                selected = [copy.deepcopy(d) for d in selected]
-            return run_pipeline(selected, rest, database)
-
+        work = reads.aggregate(spec, docs, rest, self.client[db])
         result: list[dict[str, Any]] = await self.offload(work, len(docs))
         return result
 
@@ -1003,44 +923,6 @@ def journal_error(exc: JournalFailed, data_dir: str) -> CommandError:
         )
     broken = "; writes are refused until a restart" if exc.broken else ""
     return CommandError(8, f"I/O error: {where}; not applied{broken}")
-
-
-def _sort_key(key: str, doc: Mapping[str, Any]) -> Any:
-    return mm_filtering.resolve_sort_key(key, doc)  # type: ignore[no-untyped-call]
-
-
-def _has_expr(spec: Mapping[str, Any]) -> bool:
-    return "$expr" in spec or any(
-        isinstance(p, Mapping) and _has_expr(p) for p in spec.get("$and", []) or []
-    )
-
-
-def _counts_only(stages: list[Any]) -> bool:
-    """The stages only count: they build new documents without embedding stored values."""
-    i = 0
-    while (
-        i < len(stages)
-        and isinstance(stages[i], Mapping)
-        and set(stages[i])
-        <= {
-            "$skip",
-            "$limit",
-        }
-    ):
-        i += 1
-    tail = stages[i:]
-    if len(tail) != 1 or not isinstance(tail[0], Mapping) or len(tail[0]) != 1:
-        return False
-    ((name, spec),) = tail[0].items()
-    if name == "$count":
-        return True
-    if name != "$group" or not isinstance(spec, Mapping):
-        return False
-    return not isinstance(spec.get("_id"), Mapping | list | str) and all(
-        isinstance(acc, Mapping) and list(acc) == ["$sum"] and isinstance(acc["$sum"], int | float)
-        for k, acc in spec.items()
-        if k != "_id"
-    )
 
 
 class _Missing:
