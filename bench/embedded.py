@@ -19,6 +19,12 @@ What is measured:
 3. Baseline: the same ``insert_one`` loop straight into a mongomock collection, the
    storage engine the server is built on: the floor the wire protocol, oplog and
    change-stream machinery add to.
+4. Heavy reads (100,000 documents; 20,000 with ``--quick``): ``count_documents`` with a
+   filter every document matches, a ``find`` of every document (all batches) and a
+   ``find`` by ``_id``, each against bare mongomock on the same documents; and the ping
+   round trip (p50/p99/max) on another connection while the count and the find run,
+   next to the idle ping of the same run. A ping that waits for the heavy query shows
+   up here as a p99 of seconds (head-of-line blocking).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -48,6 +55,7 @@ from host.embedded import EmbeddedMongoThread
 Doc = dict[str, Any]
 
 BATCH = 1_000
+MONGOMOCK_FIND_CAP = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +65,11 @@ class Counts:
     latency_inserts: int
     throughput_docs: int
     warmup: int
+    heavy_docs: int
 
 
-FULL = Counts(latency_inserts=1_000, throughput_docs=10_000, warmup=100)
-QUICK = Counts(latency_inserts=200, throughput_docs=2_000, warmup=20)
+FULL = Counts(latency_inserts=1_000, throughput_docs=10_000, warmup=100, heavy_docs=100_000)
+QUICK = Counts(latency_inserts=200, throughput_docs=2_000, warmup=20, heavy_docs=20_000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +88,18 @@ class Results:
     insert_many_per_s: float
     mongomock_insert_one_per_s: float
     mongomock_insert_many_per_s: float
+    count_documents_s: float
+    find_all_s: float
+    find_by_id_ms: float
+    mongomock_count_documents_s: float
+    mongomock_find_all_s: float
+    mongomock_find_by_id_ms: float
+    ping_idle_ms_p50: float
+    ping_idle_ms_p99: float
+    ping_heavy_ms_p50: float
+    ping_heavy_ms_p99: float
+    ping_heavy_ms_max: float
+    ping_heavy_samples: int
 
 
 def percentile(samples: Sequence[float], pct: float) -> float:
@@ -167,6 +188,106 @@ def mongomock_rates(n: int) -> tuple[float, float]:
     return one_rate, n / (time.perf_counter() - start)
 
 
+def heavy_doc(i: int) -> Doc:
+    """A document of the heavy-read collection."""
+    return {"_id": i, "v": i % 100, "name": f"doc-{i}", "tags": ["a", "b"]}
+
+
+class Pinger:
+    """Ping round trips in ms from a thread of its own (sync client), until stopped.
+
+    Its own thread and connection: on the benchmark's loop, decoding a big reply would
+    delay the pings on the client side and be mistaken for the server blocking.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._client: pymongo.MongoClient[Doc] = pymongo.MongoClient(uri)
+        self._client.admin.command("ping")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            start = time.perf_counter()
+            self._client.admin.command("ping")
+            self.samples.append((time.perf_counter() - start) * 1000)
+            time.sleep(0.001)
+
+    def stop(self) -> list[float]:
+        """Stop pinging; returns the samples."""
+        self._stop.set()
+        self._thread.join()
+        self._client.close()
+        return self.samples
+
+
+async def measure_heavy(uri: str, n: int) -> dict[str, Any]:
+    """count_documents, find over ``n`` documents and find by _id, with pings alongside."""
+    heavy: AsyncMongoClient[Doc] = AsyncMongoClient(uri)
+    try:
+        coll = heavy.bench.heavy
+        for first in range(0, n, 10_000):
+            await coll.insert_many([heavy_doc(i) for i in range(first, min(n, first + 10_000))])
+        idle = Pinger(uri)
+        await asyncio.sleep(1.0)
+        idle_samples = idle.stop()
+        pings = Pinger(uri)
+        start = time.perf_counter()
+        counted = await coll.count_documents({"v": {"$gte": 0}})
+        count_s = time.perf_counter() - start
+        start = time.perf_counter()
+        found = await coll.find({}).to_list(None)
+        find_s = time.perf_counter() - start
+        heavy_samples = pings.stop()
+        assert counted == n and len(found) == n
+        start = time.perf_counter()
+        for i in range(0, n, max(1, n // 200)):
+            await coll.find_one({"_id": i})
+        by_id_ms = (time.perf_counter() - start) * 1000 / len(range(0, n, max(1, n // 200)))
+        await heavy.drop_database("bench")
+    finally:
+        await heavy.close()
+    return {
+        "count_documents_s": count_s,
+        "find_all_s": find_s,
+        "find_by_id_ms": by_id_ms,
+        "ping_idle_ms_p50": statistics.median(idle_samples),
+        "ping_idle_ms_p99": percentile(idle_samples, 99),
+        "ping_heavy_ms_p50": statistics.median(heavy_samples),
+        "ping_heavy_ms_p99": percentile(heavy_samples, 99),
+        "ping_heavy_ms_max": max(heavy_samples),
+        "ping_heavy_samples": len(heavy_samples),
+    }
+
+
+def mongomock_heavy(n: int) -> dict[str, float]:
+    """The same heavy reads straight on mongomock (no wire, no threads)."""
+    coll: Any = mongomock.MongoClient().bench.heavy
+    coll.insert_many([heavy_doc(i) for i in range(n)])
+    start = time.perf_counter()
+    coll.count_documents({"v": {"$gte": 0}})
+    count_s = time.perf_counter() - start
+    # mongomock's cursor copies its result list on every next(): iterating N documents is
+    # O(N^2), so this baseline reads at most MONGOMOCK_FIND_CAP of them.
+    capped: Any = mongomock.MongoClient().bench.capped
+    capped.insert_many([heavy_doc(i) for i in range(min(n, MONGOMOCK_FIND_CAP))])
+    start = time.perf_counter()
+    list(capped.find({}))
+    find_s = time.perf_counter() - start
+    probes = range(0, n, max(1, n // 200))
+    start = time.perf_counter()
+    for i in probes:
+        coll.find_one({"_id": i})
+    by_id_ms = (time.perf_counter() - start) * 1000 / len(probes)
+    return {
+        "mongomock_count_documents_s": count_s,
+        "mongomock_find_all_s": find_s,
+        "mongomock_find_by_id_ms": by_id_ms,
+    }
+
+
 def machine_info() -> dict[str, Any]:
     """What the figures were measured on."""
     return {
@@ -193,7 +314,9 @@ async def run(uri: str, counts: Counts) -> Results:
         await client.drop_database("bench")
     finally:
         await client.close()
+    heavy = await measure_heavy(uri, counts.heavy_docs)
     mock_one, mock_many = mongomock_rates(counts.throughput_docs)
+    heavy.update(mongomock_heavy(counts.heavy_docs))
     return Results(
         machine=machine_info(),
         counts=asdict(counts),
@@ -207,6 +330,7 @@ async def run(uri: str, counts: Counts) -> Results:
         insert_many_per_s=many_rate,
         mongomock_insert_one_per_s=mock_one,
         mongomock_insert_many_per_s=mock_many,
+        **heavy,
     )
 
 
@@ -244,6 +368,34 @@ def markdown(results: Results) -> str:
         (
             "insert_many: embedded is slower than mongomock by",
             f"{results.mongomock_insert_many_per_s / results.insert_many_per_s:.1f}x",
+        ),
+    ]
+    h = f"{c['heavy_docs']:,}"
+    rows += [
+        (f"count_documents over {h} docs", f"{results.count_documents_s:.2f} s"),
+        (
+            f"baseline: mongomock count_documents over {h}",
+            f"{results.mongomock_count_documents_s:.2f} s",
+        ),
+        (f"find of all {h} docs (every batch)", f"{results.find_all_s:.2f} s"),
+        (
+            f"baseline: mongomock find of all {min(c['heavy_docs'], MONGOMOCK_FIND_CAP):,} "
+            "(its cursor is quadratic: capped)",
+            f"{results.mongomock_find_all_s:.2f} s",
+        ),
+        (f"find_one by _id among {h}", f"{results.find_by_id_ms:.2f} ms"),
+        (
+            f"baseline: mongomock find_one by _id among {h}",
+            f"{results.mongomock_find_by_id_ms:.2f} ms",
+        ),
+        (
+            "ping while idle, p50 / p99",
+            f"{results.ping_idle_ms_p50:.2f} / {results.ping_idle_ms_p99:.2f} ms",
+        ),
+        (
+            "ping during the count and the find, p50 / p99 / max",
+            f"{results.ping_heavy_ms_p50:.2f} / {results.ping_heavy_ms_p99:.2f} / "
+            f"{results.ping_heavy_ms_max:.2f} ms ({results.ping_heavy_samples:,} pings)",
         ),
     ]
     lines = [

@@ -128,7 +128,7 @@ def own_oplog_size() -> int:
 @pytest.fixture
 async def own_server(own_oplog_size: int) -> AsyncIterator[EmbeddedMongo]:
     """A private embedded server on this test's loop (failpoints are server-wide)."""
-    async with EmbeddedMongo(port=0, oplog_size=own_oplog_size) as server:
+    async with EmbeddedMongo(port=0, oplog_max_entries=own_oplog_size) as server:
         yield server
 
 

@@ -52,8 +52,15 @@ def embedded_mongo(
         typer.Option("--data-dir", help="Directory for durable data; in memory when omitted."),
     ] = None,
     oplog_size: Annotated[
-        int, typer.Option("--oplog-size", min=1, help="Oplog entries kept for change streams.")
-    ] = 100_000,
+        float,
+        typer.Option(
+            "--oplog-size",
+            "--oplogSize",
+            min=0.001,
+            help="Megabytes of oplog kept for change streams, as mongod's --oplogSize "
+            "(it used to count entries).",
+        ),
+    ] = 64.0,
     bind: Annotated[
         str, typer.Option(help="Address to bind. Not loopback means anyone who can reach it.")
     ] = "127.0.0.1",
@@ -66,7 +73,7 @@ def embedded_mongo(
     import structlog
 
     from ..embedded import EmbeddedMongo
-    from ..embedded.journal import DataDirLocked
+    from ..embedded.journal import DataDirError, DataDirLocked
 
     configure_logging(log_format.value)
 
@@ -79,6 +86,8 @@ def embedded_mongo(
                 await server.start()
             except DataDirLocked as exc:
                 raise fail(str(exc), "stop the other server, or pass another --data-dir") from None
+            except DataDirError as exc:
+                raise fail(str(exc), "free space or fix the disk holding --data-dir") from None
             except OSError as exc:
                 raise fail(
                     f"cannot listen on {bind}:{port}: {exc.strerror or exc}",
@@ -389,7 +398,7 @@ def dev(
     from ..daemon import StartupError, event_loop_options, parse_address, run_daemon
     from ..devsync import sync_folder
     from ..embedded import EmbeddedMongo
-    from ..embedded.journal import DataDirLocked
+    from ..embedded.journal import DataDirError, DataDirLocked
     from ..publish import PublishError, publish_dir
     from ..trust import TrustError
 
@@ -429,6 +438,9 @@ def dev(
                     f"data directory {str(data_dir)!r} is in use by another plugin-host dev",
                     "stop the other one, or pass another --data-dir",
                 ) from None
+            except DataDirError as exc:
+                await server.aclose()
+                raise fail(str(exc), "free space or fix the disk holding --data-dir") from None
             except OSError as exc:
                 await server.aclose()
                 if exc.errno != errno.EADDRINUSE:

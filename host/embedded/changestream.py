@@ -11,6 +11,7 @@ there, so nothing is held per event and a stream costs nothing while idle.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,6 @@ from .oplog import (
     TokenError,
     decode_token,
     encode_token,
-    update_description,
 )
 from .storage import SYSTEM_DATABASES, Storage, run_pipeline
 
@@ -260,7 +260,9 @@ class ChangeStream:
         if not self.pipeline:
             return event
         db = self.storage.client[self.target.db or "admin"]
-        result = run_pipeline([event], self.pipeline, db)
+        # The event embeds stored documents and oplog images (immutable, shared):
+        # the engine's stages may change their input in place, so they get a copy.
+        result = run_pipeline([copy.deepcopy(event)], self.pipeline, db)
         if not result:
             return None
         if result[0].get("_id") != event["_id"]:
@@ -323,10 +325,7 @@ class ChangeStream:
         if entry.key is not None:
             event["documentKey"] = dict(entry.key)
         if op == "update":
-            assert entry.pre is not None and entry.post is not None
-            event["updateDescription"] = update_description(
-                entry.pre, entry.post, disambiguate=self.expanded
-            )
+            event["updateDescription"] = entry.description(disambiguate=self.expanded)
         elif op == "rename":
             event["to"] = dict(entry.extra["to"])
             if self.expanded:

@@ -8,6 +8,8 @@ added by :mod:`.server` around every reply.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import platform
 import socket
@@ -37,6 +39,7 @@ FEATURE_COMPATIBILITY_VERSION = "7.0"
 ELECTION_ID = ObjectId("7fffffff0000000000000001")
 MAX_WRITE_BATCH_SIZE = 100_000
 WRITE_COMMANDS = frozenset({"insert", "update", "delete", "findAndModify"})
+INSERT_CHUNK = 1_000  # statements applied between two yields of a big insert
 
 Reply = dict[str, Any]
 Handler = Callable[["Session", str, dict[str, Any]], Awaitable[Reply] | Reply]
@@ -638,12 +641,41 @@ class Commands:
         reply["ok"] = 1.0
         return reply
 
-    def insert(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """insert: ``{n, writeErrors?}``."""
+    async def insert(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """insert: ``{n, writeErrors?}``.
+
+        A big batch is applied in chunks of :data:`INSERT_CHUNK` statements, each
+        journaled (``Storage.commit``) before the loop is yielded to other connections,
+        as mongod yields between a batch's statements. If the journal fails, the chunk
+        is rolled back and its statements (and the ones after it) are reported as
+        write errors; the earlier chunks are durable and counted in ``n``.
+        """
         coll = _name(body["insert"])
         docs = self._batch(body, "documents", "insert")
-        result = self.storage.insert(db, coll, docs, ordered=body.get("ordered", True) is not False)
-        return self._write_reply(result)
+        ordered = body.get("ordered", True) is not False
+        total = WriteResult()
+        for start in range(0, len(docs), INSERT_CHUNK):
+            chunk = docs[start : start + INSERT_CHUNK]
+            try:
+                result = self.storage.insert(db, coll, chunk, ordered=ordered)
+                if len(docs) > INSERT_CHUNK:
+                    self.storage.commit()
+            except CommandError as err:
+                if start == 0:
+                    raise
+                error = {"code": err.code, "codeName": err.code_name, "errmsg": err.message}
+                failed = range(start, start + 1) if ordered else range(start, len(docs))
+                total.write_errors.extend({"index": i, **error} for i in failed)
+                break
+            total.n += result.n
+            total.write_errors.extend(
+                {**e, "index": e["index"] + start} for e in result.write_errors
+            )
+            if ordered and result.write_errors:
+                break
+            if start + INSERT_CHUNK < len(docs):
+                await asyncio.sleep(0)
+        return self._write_reply(total)
 
     def update(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """update: ``{n, nModified, upserted?, writeErrors?}``."""
@@ -685,7 +717,7 @@ class Commands:
 
     # -- reads -------------------------------------------------------------------------
 
-    def find(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+    async def find(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """find with filter, projection, sort, skip, limit, batchSize and singleBatch."""
         coll = _name(body["find"])
         if body.get("collation"):
@@ -695,7 +727,7 @@ class Commands:
         if skip < 0:
             raise CommandError(2, "skip value must be non-negative")
         single = bool(body.get("singleBatch")) or limit < 0
-        docs = self.storage.find(
+        docs = await self.storage.find_async(
             db,
             coll,
             _doc(body, "filter"),
@@ -716,17 +748,17 @@ class Commands:
             "ok": 1.0,
         }
 
-    def count(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+    async def count(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """count: ``{n}``."""
         coll = _name(body["count"])
-        docs = self.storage.find(
+        n = await self.storage.count(
             db,
             coll,
             _doc(body, "query"),
             skip=_int(body, "skip", 0) or 0,
             limit=abs(_int(body, "limit", 0) or 0),
         )
-        return {"n": len(docs), "ok": 1.0}
+        return {"n": n, "ok": 1.0}
 
     def distinct(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """distinct: ``{values}``."""
@@ -744,7 +776,7 @@ class Commands:
             raise engine_error(exc) from exc
         return {"values": list(values), "ok": 1.0}
 
-    def aggregate(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+    async def aggregate(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """aggregate, including ``$changeStream`` on a collection, database or cluster."""
         target = body["aggregate"]
         pipeline = body.get("pipeline")
@@ -779,17 +811,17 @@ class Commands:
         else:
             coll = _name(target)
             ns = f"{db}.{coll}"
-            result = self._collection_aggregate(db, coll, pipeline)
+            result = await self._collection_aggregate(db, coll, pipeline)
         return {**self.cursors.first_batch(ns, result, batch, lsid=body.get("lsid")), "ok": 1.0}
 
-    def _collection_aggregate(
+    async def _collection_aggregate(
         self, db: str, coll: str, pipeline: list[Any]
     ) -> list[dict[str, Any]]:
         last = next(iter(pipeline[-1])) if pipeline and isinstance(pipeline[-1], Mapping) else None
         if last == "$merge":
             raise CommandError(238, "not supported by the embedded server: $merge")
         if last != "$out":
-            return self.storage.aggregate(db, coll, pipeline)
+            return await self.storage.aggregate_async(db, coll, pipeline)
         out = pipeline[-1]["$out"]
         out_db, out_coll = (
             (db, out) if isinstance(out, str) else (out.get("db", db), out.get("coll"))
@@ -861,7 +893,9 @@ class Commands:
         cursor = self.cursors.get(cursor_id, ns)
         batch = _int(body, "batchSize")
         if cursor.stream is None:
-            docs = cursor.take(batch)
+            # Encoding a big batch (up to 16 MiB) would hold the loop: off it when large.
+            size = batch if batch else self.storage.readers.threshold
+            docs = await self.storage.offload(functools.partial(cursor.take, batch), size)
             if cursor.exhausted:
                 self.cursors.close(cursor.id)
             return {

@@ -48,6 +48,7 @@ CODE_NAMES: dict[int, str] = {
     11602: "InterruptedDueToReplStateChange",
     13435: "NotPrimaryNoSecondaryOk",
     13436: "NotPrimaryOrSecondary",
+    14031: "OutOfDiskSpace",
     40573: "Location40573",
     40602: "Location40602",
     40674: "Location40674",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import struct
 import time
 import uuid
@@ -71,6 +72,14 @@ class Entry:
         images: Pre- and post-images were enabled on the collection at write time.
         extra: Operation details: ``to`` for rename, ``indexes`` for index operations,
             ``options`` for create and modify.
+        update: For an update, its ``updateDescription`` (with ``disambiguatedPaths``),
+            computed once at write time so the images need not be kept.
+
+    What an entry keeps, as mongod's oplog: an insert and a replace keep the new
+    document, an update keeps its description, a delete only its key; the pre-image
+    (and an update's post-image) only when the collection has
+    ``changeStreamPreAndPostImages`` (:meth:`lean`). Entries are never mutated once
+    appended: snapshots read them from another thread.
     """
 
     ts: Timestamp
@@ -84,6 +93,27 @@ class Entry:
     post: dict[str, Any] | None = None
     images: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    update: dict[str, Any] | None = None
+
+    def lean(self) -> Entry:
+        """This entry without the images the oplog does not keep (see the class notes)."""
+        if self.images or (self.pre is None and (self.op != "update" or self.post is None)):
+            return self
+        if self.op == "update" and self.update is None:
+            assert self.pre is not None and self.post is not None
+            self.update = update_description(self.pre, self.post, disambiguate=True)
+        post = None if self.op == "update" else self.post
+        return dataclasses.replace(self, pre=None, post=post)
+
+    def description(self, *, disambiguate: bool) -> dict[str, Any]:
+        """The ``updateDescription`` of an update entry."""
+        desc = self.update
+        if desc is None:
+            assert self.pre is not None and self.post is not None
+            desc = update_description(self.pre, self.post, disambiguate=True)
+        if disambiguate:
+            return dict(desc)
+        return {k: v for k, v in desc.items() if k != "disambiguatedPaths"}
 
     @property
     def position(self) -> Position:
@@ -105,6 +135,8 @@ class Entry:
             doc["images"] = True
         if self.extra:
             doc["extra"] = self.extra
+        if self.update is not None:
+            doc["upd"] = self.update
         return doc
 
     @classmethod
@@ -123,6 +155,7 @@ class Entry:
             post=doc.get("post"),
             images=bool(doc.get("images", False)),
             extra=dict(doc.get("extra", {})),
+            update=doc.get("upd"),
         )
 
 
@@ -174,20 +207,29 @@ class HistoryLost(Exception):
 class Oplog:
     """A bounded, in-order log of applied writes with a monotonic cluster clock.
 
+    Bounded in bytes, as mongod's capped ``local.oplog.rs`` (``--oplogSize`` in MB):
+    each entry counts its BSON size; when the total passes ``max_bytes`` the oldest
+    entries are dropped, down to 90% of it, so appends stay amortised O(1).
+    ``max_entries`` is an optional second bound (tests use it for a tiny window).
+
     Invariants:
         * entry timestamps strictly increase in append order;
         * ``last_ts`` is never earlier than the newest entry, and never goes backwards;
         * ``trimmed_through`` is the newest timestamp that has been dropped (or None);
-          any position before it cannot be resumed from.
+          any position before it cannot be resumed from;
+        * ``bytes`` is the sum of the retained entries' sizes.
     All methods run on the server's event loop; none blocks.
     """
 
-    def __init__(self, max_entries: int = 100_000) -> None:
-        if max_entries < 1:
-            raise ValueError("oplog size must be at least 1 entry")
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024, max_entries: int | None = None) -> None:
+        if max_bytes < 1 or (max_entries is not None and max_entries < 1):
+            raise ValueError("oplog size must be at least 1 byte and 1 entry")
+        self.max_bytes = max_bytes
         self.max_entries = max_entries
         self._entries: list[Entry] = []
         self._keys: list[tuple[int, int]] = []
+        self._sizes: list[int] = []
+        self.bytes = 0
         self._last = Timestamp(int(time.time()), 0)
         self.trimmed_through: Timestamp | None = None
         self._appended = asyncio.Event()
@@ -210,7 +252,11 @@ class Oplog:
         return self._last
 
     def new_entry(self, op: str, db: str, coll: str | None, **fields: Any) -> Entry:
-        """Create and append an entry stamped with the next cluster time."""
+        """Create and append an entry stamped with the next cluster time.
+
+        The oplog keeps the entry's :meth:`Entry.lean` form; the full entry is returned
+        (the journal and a rollback need its images).
+        """
         entry = Entry(
             ts=self.tick(),
             wall=datetime.now(UTC).replace(tzinfo=None),
@@ -219,7 +265,7 @@ class Oplog:
             coll=coll,
             **fields,
         )
-        self.append(entry)
+        self.append(entry.lean())
         return entry
 
     def append(self, entry: Entry) -> None:
@@ -228,23 +274,55 @@ class Oplog:
         if self._keys and key <= self._keys[-1]:
             raise ValueError(f"oplog entry {entry.ts} is not newer than {self._keys[-1]}")
         self.advance_to(entry.ts)
+        size = len(bson.encode(entry.to_document(), codec_options=CODEC_OPTIONS))
         self._entries.append(entry)
         self._keys.append(key)
-        overflow = len(self._entries) - self.max_entries
-        if overflow > 0:
-            # Trim in chunks so appends stay amortised O(1).
-            cut = max(overflow, min(len(self._entries) // 10, self.max_entries // 10) or 1)
-            cut = min(cut, len(self._entries))
+        self._sizes.append(size)
+        self.bytes += size
+        self._trim()
+        event, self._appended = self._appended, asyncio.Event()
+        event.set()
+
+    def _trim(self) -> None:
+        over_count = self.max_entries is not None and len(self._entries) > self.max_entries
+        if self.bytes <= self.max_bytes and not over_count:
+            return
+        # Cut in chunks (to 90% of each bound) so appends stay amortised O(1); the
+        # newest entry always stays.
+        target_bytes = self.max_bytes * 9 // 10
+        target_count = None if self.max_entries is None else max(1, self.max_entries * 9 // 10)
+        cut, dropped = 0, 0
+        last = len(self._entries) - 1
+        while cut < last and (
+            self.bytes - dropped > target_bytes
+            or (target_count is not None and len(self._entries) - cut > target_count)
+        ):
+            dropped += self._sizes[cut]
+            cut += 1
+        if cut:
             self.trimmed_through = self._entries[cut - 1].ts
             del self._entries[:cut]
             del self._keys[:cut]
-        event, self._appended = self._appended, asyncio.Event()
-        event.set()
+            del self._sizes[:cut]
+            self.bytes -= dropped
+
+    def discard_from(self, ts: Timestamp) -> None:
+        """Drop the entries at or after ``ts`` (writes rolled back: never journaled).
+
+        Nobody has seen them: a write is rolled back before its command yields.
+        """
+        i = bisect.bisect_left(self._keys, (ts.time, ts.inc))
+        self.bytes -= sum(self._sizes[i:])
+        del self._entries[i:]
+        del self._keys[i:]
+        del self._sizes[i:]
 
     def clear(self) -> None:
         """Drop every entry (used before loading a snapshot)."""
         self._entries.clear()
         self._keys.clear()
+        self._sizes.clear()
+        self.bytes = 0
         self.trimmed_through = None
 
     def __len__(self) -> int:

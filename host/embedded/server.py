@@ -2,10 +2,19 @@
 
 One asyncio server on loopback. Each connection is a task that reads a message,
 executes it and writes the reply, in order, as MongoDB does for a connection.
-Commands run whole on the event loop (storage is synchronous), so their oplog order
-is their apply order; only getMore on a change stream and awaitable hello wait, and
-they wait on events, never on timers. A message that does not parse closes that one
-connection; the server and its other connections carry on.
+Writes run whole on the event loop, so their oplog order is their apply order; a
+write is journaled (``Storage.commit``) before its reply and before its retryable-write
+outcome is remembered, so no acknowledgment, first or replayed, covers a write that is
+not on disk. getMore on a change stream and awaitable hello wait on events, never on
+timers.
+
+Design note: no request blocks another. Heavy reads (find, count, aggregate over more
+than a few thousand documents) run in a worker thread over a point-in-time snapshot
+of immutable documents (see ``storage.py``); a big insert yields to the loop between
+chunks of statements (``Commands.insert``); compaction writes its snapshot in a thread
+(see ``journal.py``). So pings, change-stream getMores and other clients' reads and
+writes interleave with a long command instead of waiting for it. A message that does
+not parse closes that one connection; the server and its other connections carry on.
 """
 
 from __future__ import annotations
@@ -32,14 +41,14 @@ from bson.int64 import Int64
 from .commands import WRITE_COMMANDS, Commands, Session, cluster_time_fields
 from .errors import RESUMABLE_CHANGE_STREAM_CODES, RETRYABLE_WRITE_CODES, CommandError
 from .failpoints import FailPoints
-from .journal import Journal
+from .journal import DataDirError, Journal, JournalFailed
 from .oplog import Entry, Oplog
 from .storage import CollectionInfo, Storage
 from .wire import ProtocolError, Request, encode_reply, read_request
 
 log = structlog.get_logger("host.embedded")
 
-DEFAULT_OPLOG_ENTRIES = 100_000
+DEFAULT_OPLOG_MB = 64.0
 COMPACT_JOURNAL_BYTES = 64 * 1024 * 1024
 RETRY_CACHE_SIZE = 10_000
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -64,7 +73,9 @@ class EmbeddedMongo:
         port: TCP port; 0 picks a free one.
         data_dir: Directory for durability; None keeps everything in memory.
         host: Address to bind. Loopback by default: the server has no authentication.
-        oplog_size: How many oplog entries to retain for change streams.
+        oplog_size: Megabytes of oplog to retain for change streams (mongod's
+            ``--oplogSize``): entries count their BSON size.
+        oplog_max_entries: Also retain at most this many entries (tests use it).
         advertised_host: The host name clients dial, as reported in ``hello``
             (default: ``host``, or 127.0.0.1 for a wildcard bind).
         replica_set: The replica set name.
@@ -77,7 +88,8 @@ class EmbeddedMongo:
         data_dir: str | os.PathLike[str] | None = None,
         *,
         host: str = "127.0.0.1",
-        oplog_size: int = DEFAULT_OPLOG_ENTRIES,
+        oplog_size: float = DEFAULT_OPLOG_MB,
+        oplog_max_entries: int | None = None,
         advertised_host: str | None = None,
         replica_set: str = "rs0",
         fsync: bool = False,
@@ -87,7 +99,9 @@ class EmbeddedMongo:
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.replica_set = replica_set
         self._advertised_host = advertised_host
-        self.oplog = Oplog(oplog_size)
+        if oplog_size <= 0:
+            raise ValueError(f"oplog_size must be a positive number of MB, got {oplog_size}")
+        self.oplog = Oplog(max(1, int(oplog_size * 1024 * 1024)), oplog_max_entries)
         self.journal = Journal(self.data_dir, fsync=fsync) if self.data_dir is not None else None
         self.storage = Storage(self.oplog, self.journal)
         self.failpoints = FailPoints()
@@ -104,6 +118,9 @@ class EmbeddedMongo:
         self._tasks: set[asyncio.Task[None]] = set()
         self._topology_changed = asyncio.Event()
         self._retries: OrderedDict[tuple[bytes, int], dict[str, Any]] = OrderedDict()
+        self._compaction: asyncio.Future[None] | None = None
+        # Compact (in the background) once the journal passes this many bytes.
+        self.compact_journal_bytes = COMPACT_JOURNAL_BYTES
         # Commands received, by name: cheap introspection for tests and benchmarks.
         self.command_counts: collections.Counter[str] = collections.Counter()
 
@@ -130,9 +147,25 @@ class EmbeddedMongo:
         return len(self._writers)
 
     async def start(self) -> None:
-        """Load the data directory (if any) and start listening."""
+        """Load the data directory (if any) and start listening.
+
+        Raises:
+            DataDirError: The data directory cannot be used; the message names it and the
+                real cause (locked, full disk, unreadable snapshot...).
+            OSError: The address cannot be bound.
+        """
         if self.journal is not None:
-            self._recover()
+            try:
+                self._recover()
+            except DataDirError:
+                self.journal.close()
+                raise
+            except (OSError, JournalFailed) as exc:
+                self.journal.close()
+                cause = getattr(exc, "strerror", None) or str(exc)
+                raise DataDirError(
+                    f"cannot recover the data directory {self.data_dir}: {cause}"
+                ) from exc
         self._server = await asyncio.start_server(
             self._handle, self.host, self.port, reuse_address=True, limit=2**20
         )
@@ -172,6 +205,10 @@ class EmbeddedMongo:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
         self.commands.cursors.close_all()
+        if self._compaction is not None:
+            with contextlib.suppress(Exception):
+                await self._compaction
+        self.storage.close()
         if self.journal is not None:
             self.journal.close()
         log.info("embedded.stopped", uri=self.uri)
@@ -240,9 +277,12 @@ class EmbeddedMongo:
             ):
                 continue  # already in the snapshot (crash between snapshot and truncation)
             self.storage.replay(entry)
-            self.oplog.append(entry)
+            self.oplog.append(entry.lean())
             replayed += 1
-        self._compact()
+        # Nothing else runs yet: compact in place, then both journal segments are covered.
+        self.journal.write_snapshot(self._snapshot_records(self._snapshot_view()))
+        self.journal.truncate()
+        self.journal.drop_previous()
         log.info(
             "embedded.recovered",
             data_dir=str(self.data_dir),
@@ -251,14 +291,23 @@ class EmbeddedMongo:
             journal_entries_replayed=replayed,
         )
 
-    def _snapshot_records(self) -> Iterator[dict[str, Any]]:
-        yield {
+    def _snapshot_view(self) -> tuple[dict[str, Any], list[Any], list[Entry]]:
+        """What a snapshot holds, as references taken on the loop (all immutable)."""
+        meta = {
             "t": "meta",
             "version": 1,
             "clock": self.oplog.last_ts,
             "trimmed": self.oplog.trimmed_through,
         }
-        for db, coll, info, indexes, docs in self.storage.dump():
+        return meta, self.storage.dump(), self.oplog.entries()
+
+    @staticmethod
+    def _snapshot_records(
+        view: tuple[dict[str, Any], list[Any], list[Entry]],
+    ) -> Iterator[dict[str, Any]]:
+        meta, collections, entries = view
+        yield meta
+        for db, coll, info, indexes, docs in collections:
             yield {
                 "t": "coll",
                 "db": db,
@@ -269,12 +318,48 @@ class EmbeddedMongo:
             }
             for doc in docs:
                 yield {"t": "doc", "db": db, "coll": coll, "doc": doc}
-        for entry in self.oplog.entries():
+        for entry in entries:
             yield {"t": "entry", "e": entry.to_document()}
 
-    def _compact(self) -> None:
-        assert self.journal is not None
-        self.journal.write_snapshot(self._snapshot_records())
+    def _maybe_compact(self) -> None:
+        """Start a background compaction once the journal is big (see ``journal.py``)."""
+        journal = self.journal
+        if journal is None or self._compaction is not None or self.closing:
+            return
+        if journal.size <= self.compact_journal_bytes:
+            return
+        try:
+            journal.rotate()
+        except FileExistsError:
+            pass  # an earlier compaction failed: its segment is still there, retry it
+        except (OSError, JournalFailed) as exc:
+            log.error("embedded.compaction_failed", data_dir=str(self.data_dir), error=str(exc))
+            return
+        records = self._snapshot_records(self._snapshot_view())
+        started = time.monotonic()
+        future = asyncio.get_running_loop().run_in_executor(None, journal.write_snapshot, records)
+        self._compaction = future
+
+        def done(fut: asyncio.Future[None]) -> None:
+            self._compaction = None
+            exc = fut.exception() if not fut.cancelled() else None
+            if exc is not None:
+                log.error("embedded.compaction_failed", data_dir=str(self.data_dir), error=str(exc))
+                return
+            try:
+                journal.drop_previous()
+            except OSError as err:
+                log.error("embedded.compaction_failed", data_dir=str(self.data_dir), error=str(err))
+                return
+            log.info(
+                "embedded.compacted",
+                data_dir=str(self.data_dir),
+                seconds=round(time.monotonic() - started, 3),
+                oplog_entries=len(self.oplog),
+                oplog_bytes=self.oplog.bytes,
+            )
+
+        future.add_done_callback(done)
 
     # -- connections -----------------------------------------------------------------
 
@@ -353,6 +438,9 @@ class EmbeddedMongo:
                 reply = dict(cached)
             else:
                 reply = await self.commands.run(session, db, body)
+                # Journaled before it is acknowledged or remembered for a retry: a reply
+                # (first or replayed) never covers a write that is not on disk.
+                self.storage.commit()
                 if retry_key is not None:
                     self._retries[retry_key] = dict(reply)
                     if len(self._retries) > RETRY_CACHE_SIZE:
@@ -362,6 +450,7 @@ class EmbeddedMongo:
         except CloseConnection:
             raise
         except CommandError as err:
+            err = self._commit_after(err)
             reply = err.to_reply()
             if not err.labels_explicit:
                 labels = list(err.labels or [])
@@ -383,16 +472,15 @@ class EmbeddedMongo:
                 }
         except Exception as exc:
             log.exception("embedded.command_failed", command=name, db=db)
-            reply = CommandError(
-                1,
-                f"internal error in the embedded server running {name}: "
-                f"{type(exc).__name__}: {exc}",
+            reply = self._commit_after(
+                CommandError(
+                    1,
+                    f"internal error in the embedded server running {name}: "
+                    f"{type(exc).__name__}: {exc}",
+                )
             ).to_reply()
         finally:
-            if self.journal is not None:
-                self.journal.flush()
-                if self.journal.size > COMPACT_JOURNAL_BYTES:
-                    self._compact()
+            self._maybe_compact()
         reply.update(cluster_time_fields(self.oplog.last_ts))
         return reply
 
@@ -422,6 +510,14 @@ class EmbeddedMongo:
             reply_id = next(self._request_ids)
             writer.write(encode_reply(request, reply, reply_id, more_to_come=more))
             await writer.drain()
+
+    def _commit_after(self, err: CommandError) -> CommandError:
+        """Journal what a failed command wrote before failing; a journal error wins."""
+        try:
+            self.storage.commit()
+        except CommandError as journal_err:
+            return journal_err
+        return err
 
     @staticmethod
     def _retry_key(name: str, body: Mapping[str, Any]) -> tuple[bytes, int] | None:

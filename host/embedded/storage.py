@@ -5,9 +5,29 @@ update operator does and what a pipeline returns; this module adds what MongoDB 
 and mongomock lacks: collection UUIDs and options, one oplog entry per document
 written (with pre- and post-images for change streams), duplicate-key details
 (keyPattern/keyValue), ``arrayFilters`` and ``$[]``, and durability through the
-journal. Everything here is synchronous and runs on the server's event loop: a
-command is applied whole before the next one starts, which is what makes the oplog
-order the apply order.
+journal. Everything here runs on the server's event loop: a write is applied whole
+before the next one starts, which is what makes the oplog order the apply order.
+
+Design note: stored documents are immutable, so reads can leave the loop.
+    mongomock updates a document in place; before it does, :meth:`Storage._apply`
+    puts a deep copy under the key (copy-on-write), so a document object, once stored,
+    is never changed. A list of the stored objects is therefore a consistent
+    point-in-time snapshot that costs one pointer per document. Heavy reads (a full
+    scan of a large collection for find, count or aggregate) take that snapshot on the
+    loop and match, sort and project it in a worker thread (:meth:`Storage.offload`),
+    so a long query never stalls the other connections: the loop keeps answering
+    pings, getMores and writes, and the GIL is handed back every few milliseconds.
+    Lookups by ``_id`` and by indexed fields take the index fast path
+    (:mod:`.indexes`) and stay on the loop.
+
+Design note: durable or rolled back. Every write is journaled before its command
+    replies (:meth:`Storage.commit`, called by the server after each command and before
+    any await). A document write is applied, then logged; if the journal cannot be
+    written, :meth:`Storage.commit` undoes every write since the last commit (in
+    reverse, from the entries' images) and drops their oplog entries, which nobody has
+    seen yet (no await in between), then raises MongoDB's error (14031
+    OutOfDiskSpace for a full disk). Catalog changes that cannot be undone (drop,
+    rename, dropIndexes, collMod) are journaled first and applied after.
 
 Known gaps of the engine (each surfaces as error 238 NotImplemented naming the
 feature, never as a wrong answer): collations, pipeline-style updates, ``$redact``
@@ -16,19 +36,24 @@ and some rarer aggregation operators.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import uuid as uuidlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import mongomock
 from bson import Binary, ObjectId
+from mongomock import helpers as mm_helpers
 from pymongo.errors import DuplicateKeyError, OperationFailure
 
+from . import reads
 from .errors import CommandError
-from .journal import Journal
+from .indexes import IndexedStore, indexed_store, store_key
+from .journal import Journal, JournalFailed
 from .oplog import Entry, Oplog
+from .reads import Readers
 
 SYSTEM_DATABASES = frozenset({"admin", "config", "local"})
 
@@ -76,14 +101,88 @@ class Storage:
         self.journal = journal
         self.client: mongomock.MongoClient[dict[str, Any]] = mongomock.MongoClient(tz_aware=False)
         self.catalog: dict[tuple[str, str], CollectionInfo] = {}
+        # Writes applied since the last commit (full entries, images included), oldest
+        # first. Invariant: empty whenever the loop switches tasks (commit before await).
+        self._pending: list[Entry] = []
+        self.readers = Readers()
 
-    # -- catalog -----------------------------------------------------------------------
+    # -- durability --------------------------------------------------------------------
 
     def _log(self, op: str, db: str, coll: str | None, **fields: Any) -> Entry:
         entry = self.oplog.new_entry(op, db, coll, **fields)
         if self.journal is not None:
-            self.journal.append(entry)
+            record = entry.lean().to_document()
+            if entry.op == "update" and "post" not in record and entry.post is not None:
+                record["post"] = entry.post  # redo needs the new document
+            self.journal.append(record)
+        self._pending.append(entry)
         return entry
+
+    def commit(self) -> None:
+        """Make the writes since the last commit durable, or undo them and raise.
+
+        Raises:
+            CommandError: 14031 OutOfDiskSpace (or 8 for another I/O error) if the
+                journal could not be written; the writes were rolled back.
+        """
+        pending, self._pending = self._pending, []
+        if self.journal is None or not pending:
+            return
+        try:
+            self.journal.flush()
+        except JournalFailed as exc:
+            self._rollback(pending)
+            raise journal_error(exc, str(self.journal.dir)) from exc
+
+    def _rollback(self, pending: list[Entry]) -> None:
+        for entry in reversed(pending):
+            db, coll = entry.db, entry.coll
+            if coll is None:
+                continue
+            store = indexed_store(self.client, db, coll)
+            if entry.op == "insert" and entry.key is not None:
+                key = store_key(entry.key["_id"])
+                if key in store._documents:
+                    del store[key]
+            elif entry.op in ("update", "replace") and entry.pre is not None:
+                store[store_key(entry.key["_id"] if entry.key else entry.pre["_id"])] = entry.pre
+            elif entry.op == "delete" and entry.pre is not None:
+                store[store_key(entry.pre["_id"])] = entry.pre
+            elif entry.op == "create":
+                self.catalog.pop((db, coll), None)
+                self.client[db].drop_collection(coll)
+            elif entry.op == "createIndexes":
+                for spec in entry.extra.get("indexes", []):
+                    with contextlib.suppress(KeyError, OperationFailure):
+                        self.raw(db, coll).drop_index(spec["name"])
+            # drop, rename, dropIndexes, modify, dropDatabase are journaled before
+            # they are applied (:meth:`_ahead`): nothing to undo.
+        self.oplog.discard_from(pending[0].ts)
+        if self.journal is not None:
+            self.journal.discard()
+
+    def _ahead(self, op: str, db: str, coll: str | None, **fields: Any) -> Entry:
+        """Log a change that cannot be undone and make it durable before it is applied."""
+        entry = self._log(op, db, coll, **fields)
+        self.commit()
+        return entry
+
+    async def offload(self, work: Callable[[], Any], size: int) -> Any:
+        """Run a pure function of a snapshot: inline if small, else in a worker thread.
+
+        Pending writes are committed first: nothing un-journaled is visible across the
+        await.
+        """
+        if size < self.readers.threshold:
+            return work()
+        self.commit()
+        return await self.readers.run(work)
+
+    def close(self) -> None:
+        """Stop the reader threads."""
+        self.readers.close()
+
+    # -- catalog -----------------------------------------------------------------------
 
     def info(self, db: str, coll: str) -> CollectionInfo | None:
         """The catalog entry of ``db.coll``, or None if it does not exist."""
@@ -91,7 +190,12 @@ class Storage:
 
     def raw(self, db: str, coll: str) -> mongomock.Collection[dict[str, Any]]:
         """The engine's collection object (no implicit creation in the catalog)."""
+        indexed_store(self.client, db, coll)
         return self.client[db][coll]
+
+    def store(self, db: str, coll: str) -> IndexedStore:
+        """The collection's document store (with its index fast paths)."""
+        return indexed_store(self.client, db, coll)
 
     def ensure(self, db: str, coll: str) -> CollectionInfo:
         """Return the collection's catalog entry, creating the collection implicitly."""
@@ -120,8 +224,8 @@ class Storage:
         info = self.catalog.get((db, coll))
         if info is None:
             raise CommandError(26, f"ns does not exist: {db}.{coll}")
+        self._ahead("modify", db, coll, uuid=info.uuid, extra={"options": dict(options)})
         info.options.update(options)
-        self._log("modify", db, coll, uuid=info.uuid, extra={"options": dict(options)})
 
     def collections(self, db: str) -> list[tuple[str, CollectionInfo]]:
         """The collections of ``db``, by name."""
@@ -133,20 +237,21 @@ class Storage:
 
     def drop_collection(self, db: str, coll: str) -> int | None:
         """Drop a collection; returns its index count, or None if it did not exist."""
-        info = self.catalog.pop((db, coll), None)
+        info = self.catalog.get((db, coll))
         if info is None:
             return None
+        self._ahead("drop", db, coll, uuid=info.uuid)
+        del self.catalog[(db, coll)]
         n_indexes = len(self.raw(db, coll).index_information())
         self.client[db].drop_collection(coll)
-        self._log("drop", db, coll, uuid=info.uuid)
         return n_indexes
 
     def drop_database(self, db: str) -> None:
         """Drop every collection of ``db`` (one drop entry each), then the database."""
         for coll, _ in self.collections(db):
             self.drop_collection(db, coll)
+        self._ahead("dropDatabase", db, None)
         self.client.drop_database(db)
-        self._log("dropDatabase", db, None)
 
     def rename_collection(
         self, src_db: str, src: str, dst_db: str, dst: str, *, drop_target: bool
@@ -157,9 +262,13 @@ class Storage:
             raise CommandError(26, f"Source collection {src_db}.{src} does not exist")
         check_namespace(dst_db, dst)
         dropped = self.catalog.get((dst_db, dst))
+        if dropped is not None and not drop_target:
+            raise CommandError(48, f"target namespace exists: {dst_db}.{dst}")
+        extra: dict[str, Any] = {"to": {"db": dst_db, "coll": dst}}
         if dropped is not None:
-            if not drop_target:
-                raise CommandError(48, f"target namespace exists: {dst_db}.{dst}")
+            extra["dropTarget"] = Binary.from_uuid(dropped.uuid)
+        self._ahead("rename", src_db, src, uuid=info.uuid, extra=extra)
+        if dropped is not None:
             # One oplog entry, as MongoDB: the rename carries the dropped target's UUID.
             del self.catalog[(dst_db, dst)]
             self.client[dst_db].drop_collection(dst)
@@ -173,10 +282,6 @@ class Storage:
         if docs:
             target.insert_many(docs)
         self._apply_index_specs(dst_db, dst, indexes)
-        extra: dict[str, Any] = {"to": {"db": dst_db, "coll": dst}}
-        if dropped is not None:
-            extra["dropTarget"] = Binary.from_uuid(dropped.uuid)
-        self._log("rename", src_db, src, uuid=info.uuid, extra=extra)
 
     # -- indexes ---------------------------------------------------------------------
 
@@ -273,10 +378,10 @@ class Storage:
                 raise CommandError(72, "cannot drop _id index")
             if name not in known:
                 raise CommandError(27, f"index not found with name [{name}]")
+        if names:
+            self._ahead("dropIndexes", db, coll, uuid=info.uuid, extra={"names": names})
         for name in names:
             target.drop_index(name)
-        if names:
-            self._log("dropIndexes", db, coll, uuid=info.uuid, extra={"names": names})
         return before
 
     # -- documents -------------------------------------------------------------------
@@ -292,32 +397,106 @@ class Storage:
         skip: int = 0,
         limit: int = 0,
     ) -> list[dict[str, Any]]:
-        """Documents matching ``filter_`` (deep copies), sorted, skipped and limited."""
+        """Documents matching ``filter_``, sorted, skipped, limited and projected.
+
+        Without a projection these are the stored objects themselves: never mutate them
+        (copy first).
+        """
+        work, _ = self._plan(db, coll, filter_, projection, sort, skip, limit)
+        return work()
+
+    async def find_async(
+        self, db: str, coll: str, filter_: Mapping[str, Any] | None = None, **options: Any
+    ) -> list[dict[str, Any]]:
+        """:meth:`find` (same options), in a worker thread when it scans many documents."""
+        work, size = self._plan(
+            db,
+            coll,
+            filter_,
+            options.get("projection"),
+            options.get("sort"),
+            options.get("skip", 0),
+            options.get("limit", 0),
+        )
+        result: list[dict[str, Any]] = await self.offload(work, size)
+        return result
+
+    def _plan(
+        self,
+        db: str,
+        coll: str,
+        filter_: Mapping[str, Any] | None,
+        projection: Mapping[str, Any] | None,
+        sort: Mapping[str, Any] | None,
+        skip: int,
+        limit: int,
+    ) -> tuple[Callable[[], list[dict[str, Any]]], int]:
+        """The work of a find, as a pure function of a snapshot, and how many documents it reads."""
         if (db, coll) not in self.catalog:
-            return []
+            return list, 0
+        spec, docs = self._scan(db, coll, filter_)
+        work = reads.select(self.raw(db, coll), spec, docs, projection, sort, skip, limit)
+        return work, len(docs)
+
+    async def count(
+        self, db: str, coll: str, filter_: Mapping[str, Any] | None, *, skip: int, limit: int
+    ) -> int:
+        """How many documents match (the count command), without copying any."""
+        if (db, coll) not in self.catalog:
+            return 0
+        spec, docs = self._scan(db, coll, filter_)
+        work = reads.count(spec, docs, skip, limit)
+        result: int = await self.offload(work, len(docs))
+        return result
+
+    def _scan(
+        self, db: str, coll: str, filter_: Mapping[str, Any] | None
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The normalised filter and the documents it must look at (index candidates, or a
+        snapshot of the whole collection), taken on the loop."""
+        spec = dict(filter_ or {})
         try:
-            cursor = self.raw(db, coll).find(
-                dict(filter_ or {}), projection=dict(projection) if projection else None
-            )
-            if sort:
-                cursor = cursor.sort(list(sort.items()))
-            if skip:
-                cursor = cursor.skip(skip)
-            if limit:
-                cursor = cursor.limit(abs(limit))
-            return list(cursor)
+            spec = mm_helpers.patch_datetime_awareness_in_document(spec)  # type: ignore[no-untyped-call]
+            store = self.store(db, coll)
+            docs = store.candidates(spec)
+            if docs is None:
+                docs = store.snapshot()
+            if not docs:
+                filter_applies(spec, {})  # still validate the filter
         except Exception as exc:
             raise engine_error(exc) from exc
+        return spec, docs
 
     def lookup(self, db: str, coll: str, key: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The current document with this key (for ``fullDocument: updateLookup``)."""
+        """A copy of the current document with this key (``fullDocument: updateLookup``)."""
         found = self.find(db, coll, key, limit=1)
-        return found[0] if found else None
+        return copy.deepcopy(found[0]) if found else None
 
     def aggregate(self, db: str, coll: str, pipeline: list[Any]) -> list[dict[str, Any]]:
         """Run an aggregation pipeline over a collection."""
-        docs = self.find(db, coll)
+        docs = [copy.deepcopy(d) for d in self.find(db, coll)]
         return run_pipeline(docs, pipeline, self.client[db])
+
+    async def aggregate_async(
+        self, db: str, coll: str, pipeline: list[Any]
+    ) -> list[dict[str, Any]]:
+        """Run a pipeline over a collection; off the loop when it scans many documents.
+
+        A leading ``$match`` selects through the index and without copying; documents
+        are copied only when later stages could change them, which a count
+        (``$match``/``$skip``/``$limit`` then ``$group`` of ``$sum``s, or ``$count``)
+        cannot. Pipelines reading other collections stay on the loop.
+        """
+        plan = reads.split_match(pipeline)
+        if plan is None:
+            return self.aggregate(db, coll, pipeline)
+        spec, rest = plan
+        docs: list[dict[str, Any]] = []
+        if (db, coll) in self.catalog:
+            spec, docs = self._scan(db, coll, spec)
+        work = reads.aggregate(spec, docs, rest, self.client[db])
+        result: list[dict[str, Any]] = await self.offload(work, len(docs))
+        return result
 
     def _statements(
         self,
@@ -365,7 +544,7 @@ class Storage:
             except DuplicateKeyError as exc:
                 raise DuplicateKeyError(str(exc), 11000, {"doc": doc}) from exc
             result.n += 1
-            self._log_document("insert", db, coll, info, doc["_id"], post=copy.deepcopy(doc))
+            self._log_document("insert", db, coll, info, doc["_id"], post=doc)
 
         return self._statements(db, coll, docs, ordered, insert_one)
 
@@ -471,7 +650,7 @@ class Storage:
         self, db: str, coll: str, info: CollectionInfo, before: dict[str, Any]
     ) -> None:
         """Delete one stored document and log it."""
-        self.raw(db, coll).delete_one({"_id": before["_id"]})
+        del self.store(db, coll)[store_key(before["_id"])]
         self._log_document("delete", db, coll, info, before["_id"], pre=before)
 
     def _update_document(
@@ -490,9 +669,7 @@ class Storage:
         changed = after != before or _types_changed(before, after)
         if changed:
             op = "replace" if is_replace else "update"
-            self._log_document(
-                op, db, coll, info, before["_id"], pre=before, post=copy.deepcopy(after)
-            )
+            self._log_document(op, db, coll, info, before["_id"], pre=before, post=after)
         return after, changed
 
     def _apply(
@@ -505,9 +682,17 @@ class Storage:
         is_replace: bool,
         array_filters: Any,
     ) -> dict[str, Any]:
-        """Apply one update or replacement to the stored ``before``; return the new document."""
+        """Apply one update or replacement to the stored ``before``; return the new document.
+
+        Copy-on-write: mongomock updates in place, so it is handed a copy stored under
+        the key; ``before`` (which snapshots and the oplog may hold) is never changed.
+        """
         target = self.raw(db, coll)
+        store = self.store(db, coll)
         doc_id = before["_id"]
+        key = store_key(doc_id)
+        store.replace_object(key, copy.deepcopy(before))
+        store.dirty.add(key)
         try:
             if is_replace:
                 replacement = dict(update)
@@ -528,12 +713,18 @@ class Storage:
                 else:
                     target.update_one({"_id": doc_id}, dict(spec))
         except DuplicateKeyError as exc:
+            store[key] = before
             attempted = dict(update) if is_replace else _preview_update(before, query, spec)
             raise DuplicateKeyError(str(exc), 11000, {"doc": attempted, "exclude": doc_id}) from exc
-        after = target.find_one({"_id": doc_id})
+        except BaseException:
+            store[key] = before
+            raise
+        finally:
+            store.reindex(key)
+        after: dict[str, Any] | None = store._documents.get(key)
         if after is None:  # pragma: no cover - the engine keeps the _id
             raise CommandError(8, "document vanished during update")
-        return dict(after)
+        return after
 
     def _upsert(
         self,
@@ -634,6 +825,7 @@ class Storage:
             else:
                 last = {"n": 0, "updatedExisting": False}
         if value is not None and fields:
+            value = copy.deepcopy(value)
             projected = run_pipeline([value], [{"$project": dict(fields)}], self.client[db])
             value = projected[0] if projected else None
         return {"lastErrorObject": last, "value": value}
@@ -657,7 +849,7 @@ class Storage:
             self.raw(db, coll).insert_one(entry.post)
         elif entry.op in ("update", "replace") and coll is not None:
             assert entry.post is not None and entry.key is not None
-            self.raw(db, coll).replace_one(entry.key, entry.post)
+            self.store(db, coll)[store_key(entry.key["_id"])] = entry.post
         elif entry.op == "delete" and coll is not None:
             assert entry.key is not None
             self.raw(db, coll).delete_one(entry.key)
@@ -689,10 +881,22 @@ class Storage:
 
     def dump(
         self,
-    ) -> Iterator[tuple[str, str, CollectionInfo, list[dict[str, Any]], list[dict[str, Any]]]]:
-        """Every collection with its info, indexes and documents (for snapshots)."""
-        for (db, coll), info in sorted(self.catalog.items(), key=lambda kv: kv[0]):
-            yield db, coll, info, self.index_specs(db, coll), list(self.raw(db, coll).find())
+    ) -> list[tuple[str, str, CollectionInfo, list[dict[str, Any]], list[dict[str, Any]]]]:
+        """Every collection with its info, indexes and documents (for snapshots).
+
+        A point-in-time view made of references (documents are immutable): safe to
+        encode from another thread while the loop goes on writing.
+        """
+        return [
+            (
+                db,
+                coll,
+                CollectionInfo(info.uuid, copy.deepcopy(info.options)),
+                self.index_specs(db, coll),
+                self.store(db, coll).snapshot(),
+            )
+            for (db, coll), info in sorted(self.catalog.items(), key=lambda kv: kv[0])
+        ]
 
     def load(
         self,
@@ -708,6 +912,17 @@ class Storage:
         if docs:
             self.raw(db, coll).insert_many(docs)
         self._apply_index_specs(db, coll, indexes)
+
+
+def journal_error(exc: JournalFailed, data_dir: str) -> CommandError:
+    """MongoDB's error for a journal write that failed."""
+    where = f"the journal in {data_dir} could not be written ({exc.strerror})"
+    if exc.out_of_space:
+        return CommandError(
+            14031, f"Can't take a write lock while out of disk space: {where}; not applied"
+        )
+    broken = "; writes are refused until a restart" if exc.broken else ""
+    return CommandError(8, f"I/O error: {where}; not applied{broken}")
 
 
 class _Missing:

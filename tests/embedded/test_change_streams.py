@@ -491,7 +491,7 @@ async def test_expanded_events_only_when_asked(db: AsyncDatabase[Doc]) -> None:
 
 async def test_history_lost_when_oplog_trimmed() -> None:
     """Resuming from a token older than the retained oplog is 286, non-resumable."""
-    async with EmbeddedMongo(port=0, oplog_size=10) as server:
+    async with EmbeddedMongo(port=0, oplog_max_entries=10) as server:
         client: AsyncMongoClient[Doc] = AsyncMongoClient(server.uri, serverSelectionTimeoutMS=5000)
         try:
             coll = client.t.c

@@ -99,7 +99,7 @@ def test_token_shapes_rejected() -> None:
 
 def test_clock_strictly_increases() -> None:
     """Every tick is later than the last; advance_to never moves the clock back."""
-    oplog = Oplog(10)
+    oplog = Oplog(max_entries=10)
     times = [oplog.tick() for _ in range(1000)]
     keys = [(t.time, t.inc) for t in times]
     assert keys == sorted(set(keys))
@@ -112,7 +112,7 @@ def test_clock_strictly_increases() -> None:
 
 def test_oplog_trims_and_reports_history_lost() -> None:
     """A bounded oplog drops its oldest entries; positions before them raise HistoryLost."""
-    oplog = Oplog(10)
+    oplog = Oplog(max_entries=10)
     entries = [oplog.new_entry("insert", "db", "c", key={"_id": i}) for i in range(25)]
     assert len(oplog) <= 10
     assert oplog.trimmed_through is not None
@@ -127,7 +127,7 @@ def test_oplog_trims_and_reports_history_lost() -> None:
 
 def test_entry_document_round_trip() -> None:
     """Entries survive the journal encoding."""
-    oplog = Oplog(10)
+    oplog = Oplog(max_entries=10)
     entry = oplog.new_entry(
         "update",
         "db",
@@ -146,7 +146,7 @@ def test_entry_document_round_trip() -> None:
 @pytest.mark.anyio
 async def test_wait_wakes_on_append() -> None:
     """A waiter wakes when an entry is appended; without one it times out with False."""
-    oplog = Oplog(10)
+    oplog = Oplog(max_entries=10)
     assert await oplog.wait(0.01) is False
     woke: list[bool] = []
 
