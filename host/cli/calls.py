@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 from typing import Annotated
 
 import typer
@@ -59,6 +56,11 @@ def call(
                 '--args \'{"firstName": "Ada"}\'',
                 param_hint="'--args'",
             ) from None
+    # Imported here: urllib.request (http.client, email, ssl) is most of this module's cost.
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
     target = f"{url.rstrip('/')}/functions/{urllib.parse.quote(name, safe='')}/call"
     if timeout is not None:
         target += f"?timeout={timeout:g}"
