@@ -6,6 +6,10 @@ plugins in a loop (yielding to the event loop between calls). Every call must su
 (``failed``), and no caller may see a plugin go back to an older revision after it has
 seen a newer one (``stale``). Every 10th call's latency is kept for the distributions,
 async and sync plugins apart (sync calls queue for the host's worker threads).
+
+Each caller count also runs once with the updater off (``quiet``): the same callers on
+the same plugins with no reloads. ``throughput_drop_pct`` is how much lower the call
+rate is while the reload storm runs, against that quiet run of the same benchmark.
 """
 
 from __future__ import annotations
@@ -41,8 +45,13 @@ def _source(i: int, rev: int) -> str:
     return sync_source(rev) if _is_sync(i) else async_source(rev)
 
 
-async def swap_under_load(uri: str, callers: int, seconds: float) -> dict[str, Any]:
-    """Run ``callers`` callers for ``seconds`` while every plugin changes each period."""
+async def swap_under_load(
+    uri: str, callers: int, seconds: float, *, storm: bool = True
+) -> dict[str, Any]:
+    """Run ``callers`` callers for ``seconds`` while every plugin changes each period.
+
+    With ``storm=False`` nothing is updated: the quiet baseline of the same callers.
+    """
     names = [f"s{i}" for i in range(SWAP_PLUGINS)]
     async with database(uri, f"swap{callers}") as db:
         coll = db.functions
@@ -115,7 +124,8 @@ async def swap_under_load(uri: str, callers: int, seconds: float) -> dict[str, A
 
             listener = asyncio.create_task(listen())
             tasks = [asyncio.create_task(caller(i)) for i in range(callers)]
-            tasks.append(asyncio.create_task(updater()))
+            if storm:
+                tasks.append(asyncio.create_task(updater()))
             started = time.perf_counter()
             await asyncio.sleep(seconds)
             stop.set()
@@ -146,7 +156,12 @@ async def swap_under_load(uri: str, callers: int, seconds: float) -> dict[str, A
 
 
 async def run(target: Target, cfg: Config) -> dict[str, Any]:
-    """Swap under load for each caller count in ``cfg.swap_callers``."""
-    return {
-        str(n): await swap_under_load(target.uri, n, cfg.swap_seconds) for n in cfg.swap_callers
-    }
+    """Swap under load for each caller count in ``cfg.swap_callers``, and its quiet run."""
+    out: dict[str, Any] = {}
+    for n in cfg.swap_callers:
+        quiet = await swap_under_load(target.uri, n, cfg.swap_seconds, storm=False)
+        result = await swap_under_load(target.uri, n, cfg.swap_seconds)
+        result["quiet_calls_per_s"] = quiet["calls_per_s"]
+        result["throughput_drop_pct"] = 100.0 * (1.0 - result["calls_per_s"] / quiet["calls_per_s"])
+        out[str(n)] = result
+    return out

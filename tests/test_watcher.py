@@ -219,3 +219,32 @@ async def test_server_restart_with_data_dir(tmp_path: Any) -> None:
     finally:
         await client.close()
         await server.aclose()
+
+
+async def test_changes_go_live_under_busy_callers_without_an_await_timeout(db: Db) -> None:
+    """Under spinning callers, every update goes live long before a 60 s getMore would end.
+
+    An update that reached the host only when the stream's getMore timed out would take
+    60 s; the test allows 20 s for all of them, with 50 callers keeping the loop busy.
+    """
+    await db.functions.insert_one({"_id": "busy", "source": numbered(0)})
+    async with PluginHost(db, max_await_ms=60_000) as host:
+        stop = anyio.Event()
+
+        async def spin() -> None:
+            while not stop.is_set():
+                await host.call("busy")
+                await anyio.lowlevel.checkpoint()
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for _ in range(50):
+                    tg.start_soon(spin)
+                for n in range(1, 31):
+                    await db.functions.update_one(
+                        {"_id": "busy"}, {"$set": {"source": numbered(n)}}
+                    )
+                    while await host.call("busy") != n:
+                        await anyio.lowlevel.checkpoint()
+                stop.set()
+        assert await host.call("busy") == 30
