@@ -33,11 +33,19 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 import anyio
+import anyio.lowlevel
 import structlog
 from anyio.abc import TaskGroup
 from anyio.lowlevel import RunVar
 
 from .errors import CompileError, PluginError
+from .precompile import (
+    CompilerProcesses,
+    Precompiled,
+    compiles_inline,
+    precompile,
+    syntax_error,
+)
 from .records import PluginRecord
 from .types import Entrypoint, Hook
 
@@ -59,6 +67,7 @@ _log = structlog.get_logger("host.compiler")
 
 _PLUGIN_FILE_PREFIX = "<plugin "
 _LOAD_THREADS = 4
+_INLINE_SLICE_S = 0.002  # a batch compiling on the loop yields at least this often
 # A dedicated limiter per event loop: loads must not starve the shared worker-thread pool
 # that sync plugin calls use, and a RunVar keeps limiters from leaking across loops.
 _load_limiter: RunVar[anyio.CapacityLimiter] = RunVar("plugin_host_load_limiter")
@@ -450,12 +459,19 @@ class _Loader:
     host (many sync plugins in threads) would then fail healthy loads.
     """
 
-    __slots__ = ("_clock", "_cpu_start", "filename", "module", "record", "wall_s")
+    __slots__ = ("_clock", "_cpu_start", "code", "filename", "module", "record", "wall_s")
 
-    def __init__(self, record: PluginRecord, module: types.ModuleType, filename: str) -> None:
+    def __init__(
+        self,
+        record: PluginRecord,
+        module: types.ModuleType,
+        filename: str,
+        code: types.CodeType | None = None,
+    ) -> None:
         self.record = record
         self.module = module
         self.filename = filename
+        self.code = code  # compiled already (host.precompile): only the top level runs
         self._clock: int | None = None
         self._cpu_start = 0.0
         self.wall_s = 0.0
@@ -477,6 +493,21 @@ class _Loader:
         finally:
             self.wall_s = time.perf_counter() - started
 
+    def run_inline(self) -> None:
+        """Run a declarative top level (see ``host.precompile``) on the calling thread.
+
+        Only ``Exception`` is the plugin's here: this is the loop thread, so a
+        ``KeyboardInterrupt`` or a cancellation is the host's own and propagates.
+        """
+        assert self.code is not None
+        started = time.perf_counter()
+        try:
+            exec(self.code, self.module.__dict__)
+        except Exception as exc:
+            raise _import_error(self.record, exc) from exc
+        finally:
+            self.wall_s = time.perf_counter() - started
+
     def _run(self) -> None:
         record = self.record
         if hasattr(time, "pthread_getcpuclockid"):
@@ -484,16 +515,9 @@ class _Loader:
             self._cpu_start = time.clock_gettime(clock)
             self._clock = clock
         try:
-            code = compile(record.source, self.filename, "exec", dont_inherit=True)
+            code = self.code or compile(record.source, self.filename, "exec", dont_inherit=True)
         except SyntaxError as exc:
-            where = f"line {exc.lineno}: " if exc.lineno is not None else ""
-            raise CompileError(
-                record.name,
-                record.version,
-                "syntax",
-                f"{where}{exc.msg}",
-                "".join(traceback.format_exception_only(exc)),
-            ) from exc
+            raise syntax_error(record.name, record.version, exc) from exc
         except (ValueError, RecursionError, MemoryError) as exc:
             raise CompileError(
                 record.name, record.version, "syntax", f"{type(exc).__name__}: {exc}"
@@ -503,13 +527,17 @@ class _Loader:
         except ThreadInterrupted:
             raise
         except BaseException as exc:  # a worker thread: even SystemExit is the plugin's
-            raise CompileError(
-                record.name,
-                record.version,
-                "import",
-                f"top-level code raised {type(exc).__qualname__}: {exc}",
-                format_plugin_traceback(exc),
-            ) from exc
+            raise _import_error(record, exc) from exc
+
+
+def _import_error(record: PluginRecord, exc: BaseException) -> CompileError:
+    return CompileError(
+        record.name,
+        record.version,
+        "import",
+        f"top-level code raised {type(exc).__qualname__}: {exc}",
+        format_plugin_traceback(exc),
+    )
 
 
 async def _run_top_level(
@@ -746,6 +774,7 @@ async def compile_plugin(
     *,
     exec_timeout: float = 1.0,
     default_max_concurrency: int | None = None,
+    processes: CompilerProcesses | None = None,
 ) -> Plugin:
     """Compile ``record`` into a fresh, not yet installed, :class:`Plugin`.
 
@@ -755,19 +784,26 @@ async def compile_plugin(
         record: The validated record.
         exec_timeout: Bound in seconds on compiling and running the top-level code.
         default_max_concurrency: Concurrency limit for records that set none.
+        processes: Compiler processes: the source is compiled by ``host.precompile``
+            (on the loop if small, else in a process) and a declarative top level runs
+            on the loop, with no thread hop. None compiles in the worker thread.
 
     Returns:
         The loaded version.
 
     Raises:
-        CompileError: With ``stage`` ``"syntax"``, ``"import"``, ``"timeout"`` or
-            ``"entrypoint"``.
+        CompileError: With ``stage`` ``"syntax"``, ``"compile"``, ``"import"``,
+            ``"timeout"`` or ``"entrypoint"``.
     """
     limiter = _limiter()
     started = time.perf_counter()
-    plugin, loader = _prepare(record)
+    pre = await _precompile(record, processes)
+    plugin, loader = _prepare(record, pre.code if pre is not None else None)
     try:
-        await _run_top_level(loader, exec_timeout, limiter)
+        if pre is not None and pre.declarative:
+            loader.run_inline()
+        else:
+            await _run_top_level(loader, exec_timeout, limiter)
         _resolve(plugin)
     except BaseException:
         plugin.release()
@@ -780,6 +816,7 @@ async def compile_plugins(
     *,
     exec_timeout: float = 1.0,
     default_max_concurrency: int | None = None,
+    processes: CompilerProcesses | None = None,
 ) -> list[Plugin | CompileError]:
     """Compile many records with few thread hops (a cold start or a resync).
 
@@ -791,14 +828,41 @@ async def compile_plugins(
         records: The validated records.
         exec_timeout: Bound in seconds on each record's top-level code.
         default_max_concurrency: Concurrency limit for records that set none.
+        processes: As for :func:`compile_plugin`: precompiled sources, declarative top
+            levels on the loop, the others in batches in worker threads.
 
     Returns:
         One entry per record, in order: the loaded version or the :class:`CompileError`.
     """
-    prepared = [_prepare(record) for record in records]
-    outcomes = await _run_batch([loader for _, loader in prepared], exec_timeout, _limiter())
+    compiled = await _precompile_many(records, processes)
+    prepared: list[tuple[Plugin, _Loader] | None] = []
+    outcomes: list[Exception | None] = []
+    threaded: list[tuple[int, _Loader]] = []
+    for record, pre in zip(records, compiled, strict=True):
+        if isinstance(pre, CompileError):
+            prepared.append(None)
+            outcomes.append(pre)
+            continue
+        plugin, loader = _prepare(record, pre.code if pre is not None else None)
+        prepared.append((plugin, loader))
+        outcomes.append(None)
+        if pre is not None and pre.declarative:
+            try:
+                loader.run_inline()
+            except CompileError as exc:
+                outcomes[-1] = exc
+        else:
+            threaded.append((len(prepared) - 1, loader))
+    ran = await _run_batch([loader for _, loader in threaded], exec_timeout, _limiter())
+    for (i, _), outcome in zip(threaded, ran, strict=True):
+        outcomes[i] = outcome
     results: list[Plugin | CompileError] = []
-    for (plugin, loader), outcome in zip(prepared, outcomes, strict=True):
+    for entry, outcome in zip(prepared, outcomes, strict=True):
+        if entry is None:
+            assert isinstance(outcome, CompileError)
+            results.append(outcome)
+            continue
+        plugin, loader = entry
         try:
             if outcome is not None:
                 raise outcome
@@ -814,7 +878,46 @@ async def compile_plugins(
     return results
 
 
-def _prepare(record: PluginRecord) -> tuple[Plugin, _Loader]:
+async def _precompile(
+    record: PluginRecord, processes: CompilerProcesses | None
+) -> Precompiled | None:
+    if processes is None:
+        return None
+    return await precompile(
+        record.name, record.version, plugin_filename(record), record.source, processes
+    )
+
+
+async def _precompile_many(
+    records: list[PluginRecord], processes: CompilerProcesses | None
+) -> list[Precompiled | CompileError | None]:
+    """Precompile a batch: small sources on the loop, yielding every few milliseconds
+    so a cold start of thousands of records never holds the loop for long; the others
+    in the compiler processes, concurrently."""
+    out: list[Precompiled | CompileError | None] = [None] * len(records)
+    if processes is None:
+        return out
+
+    async def one(i: int, record: PluginRecord) -> None:
+        try:
+            out[i] = await _precompile(record, processes)
+        except CompileError as exc:
+            out[i] = exc
+
+    async with anyio.create_task_group() as tg:
+        budget = time.perf_counter() + _INLINE_SLICE_S
+        for i, record in enumerate(records):
+            if not compiles_inline(record.source):
+                tg.start_soon(one, i, record)
+                continue
+            await one(i, record)  # no await inside: runs at once
+            if time.perf_counter() > budget:
+                await anyio.lowlevel.checkpoint()
+                budget = time.perf_counter() + _INLINE_SLICE_S
+    return out
+
+
+def _prepare(record: PluginRecord, code: types.CodeType | None = None) -> tuple[Plugin, _Loader]:
     filename = plugin_filename(record)
     module = types.ModuleType(module_name(record))
     module.__file__ = filename
@@ -822,7 +925,7 @@ def _prepare(record: PluginRecord) -> tuple[Plugin, _Loader]:
     # its linecache entry is registered before the top level runs (import tracebacks).
     plugin = Plugin(record, module, _released_entrypoint, is_async=False)
     plugin._register_lines()
-    return plugin, _Loader(record, module, filename)
+    return plugin, _Loader(record, module, filename, code)
 
 
 def _resolve(plugin: Plugin) -> None:

@@ -26,7 +26,7 @@ __all__ = (
     "RequireDepthExceeded",
 )
 
-CompileStage = Literal["syntax", "import", "timeout", "entrypoint", "setup"]
+CompileStage = Literal["syntax", "compile", "import", "timeout", "entrypoint", "setup"]
 
 
 class PluginError(Exception):
@@ -138,7 +138,8 @@ class CompileError(PluginError):
     Attributes:
         name: The plugin name.
         version: The version that failed to load.
-        stage: Where loading failed: ``"syntax"``, ``"import"`` (top-level code raised),
+        stage: Where loading failed: ``"syntax"``, ``"compile"`` (compiling overran its
+            bound or the compiler process failed), ``"import"`` (top-level code raised),
             ``"timeout"`` (top-level code ran too long), ``"entrypoint"`` (entrypoint or a
             hook missing or not callable) or ``"setup"`` (the ``setup`` hook failed).
         reason: What was wrong, without the name/stage prefix.

@@ -24,6 +24,7 @@ from anyio.abc import TaskGroup
 from .compiler import Plugin, compile_plugin, compile_plugins
 from .errors import CompileError, HostClosed, RecordError
 from .events import EventBus
+from .precompile import CompilerProcesses
 from .records import PluginRecord, parse_record
 from .registry import Registry
 from .types import ContextFactory, Document
@@ -122,6 +123,8 @@ class Loader:
         max_source_bytes: Largest accepted ``source``.
         default_max_concurrency: ``max_concurrency`` for records that set none.
         verifier: Optional check run on each record before compiling (signatures).
+        compile_timeout: Bound on compiling one source in a compiler process, in seconds
+            (``host.precompile``; small sources compile on the loop and need none).
     """
 
     def __init__(
@@ -134,8 +137,10 @@ class Loader:
         max_source_bytes: int = 1_048_576,
         default_max_concurrency: int | None = None,
         verifier: RecordVerifier | None = None,
+        compile_timeout: float = 10.0,
     ) -> None:
         self._registry = registry
+        self._processes = CompilerProcesses(compile_timeout=compile_timeout)
         self._ctx_factory = ctx_factory
         self._events = events
         self._exec_timeout = exec_timeout
@@ -151,6 +156,10 @@ class Loader:
     def bind(self, task_group: TaskGroup) -> None:
         """Run workers in ``task_group`` (the host's)."""
         self._tg = task_group
+
+    async def aclose(self) -> None:
+        """Stop the compiler processes (call once the workers are done)."""
+        await self._processes.aclose()
 
     # -- submission --------------------------------------------------------------------
 
@@ -216,6 +225,7 @@ class Loader:
                 job.record,
                 exec_timeout=self._exec_timeout,
                 default_max_concurrency=self._default_max_concurrency,
+                processes=self._processes,
             )
         except CompileError as exc:
             plugin = exc
@@ -409,6 +419,7 @@ class Loader:
                     [job.record for job in jobs],
                     exec_timeout=self._exec_timeout,
                     default_max_concurrency=self._default_max_concurrency,
+                    processes=self._processes,
                 )
                 # Versions without a setup hook install at once, in order; those with one
                 # install concurrently, so one slow setup does not hold up the batch.

@@ -44,6 +44,7 @@ class PluginHost:
         collection: The functions collection's name.
         context: Globals for plugins: ``context={"foo": 1}`` makes ``ctx.foo == 1``.
         exec_timeout: Bound on a version's top-level code, in seconds.
+        compile_timeout: Bound on compiling one large source in a compiler process.
         default_timeout: Per-call timeout for records that set none (None: no timeout).
         default_max_concurrency: Per-version concurrency for records that set none.
         max_waiting: Calls that may queue on a saturated version before ``PluginBusy``.
@@ -70,6 +71,7 @@ class PluginHost:
         *,
         context: Mapping[str, Any] | None = None,
         exec_timeout: float = 1.0,
+        compile_timeout: float = 10.0,
         default_timeout: float | None = None,
         default_max_concurrency: int | None = None,
         max_waiting: int = 1000,
@@ -123,6 +125,7 @@ class PluginHost:
             max_source_bytes=max_source_bytes,
             default_max_concurrency=default_max_concurrency,
             verifier=verifier if trusted_keys is None else self._verify_record,
+            compile_timeout=compile_timeout,
         )
         self.watcher = Watcher(
             database[collection], self.loader, self.events_bus, max_await_ms=max_await_ms
@@ -144,6 +147,7 @@ class PluginHost:
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
         try:
+            stack.push_async_callback(self.loader.aclose)  # after the task group ends
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             await stack.enter_async_context(self.registry)
             self.loader.bind(self._tg)
