@@ -67,6 +67,8 @@ _log = structlog.get_logger("host.compiler")
 
 _PLUGIN_FILE_PREFIX = "<plugin "
 _LOAD_THREADS = 4
+_SLOW_LOADS = 16  # records past _SLOW_MARK_S that may hold a load thread at once
+_SLOW_MARK_S = 0.1  # a record running this long leaves its batch (see _run_batch)
 _INLINE_SLICE_S = 0.002  # a batch compiling on the loop yields at least this often
 # A dedicated limiter per event loop: loads must not starve the shared worker-thread pool
 # that sync plugin calls use, and a RunVar keeps limiters from leaking across loops.
@@ -596,9 +598,13 @@ class _BatchRunner(_Stoppable):
     thread only while that same record still runs (checked under the lock the thread takes
     before starting each record), so a verdict never lands on the next record; the thread
     then runs nothing more, and the loop runs the remaining records in a new hop.
+
+    ``split`` hands the records not yet started to another hop: a record that is slow
+    (a top-level ``time.sleep``, a slow import) then keeps this thread alone, under its
+    own bound, instead of holding up the records queued behind it.
     """
 
-    __slots__ = ("_next", "current", "current_started", "loaders", "outcomes")
+    __slots__ = ("_next", "current", "current_started", "end", "loaders", "outcomes")
 
     def __init__(self, loaders: list[_Loader]) -> None:
         super().__init__()
@@ -607,6 +613,7 @@ class _BatchRunner(_Stoppable):
         self.current: int | None = None
         self.current_started = 0.0
         self._next = 0
+        self.end = len(loaders)  # the thread runs records [0, end); split() lowers it
 
     def run(self) -> None:
         if not self._start():
@@ -614,7 +621,7 @@ class _BatchRunner(_Stoppable):
         try:
             while True:
                 with self._lock:
-                    if self._stopped or self._next >= len(self.loaders):
+                    if self._stopped or self._next >= self.end:
                         self.current = None
                         return
                     index = self.current = self._next
@@ -630,6 +637,18 @@ class _BatchRunner(_Stoppable):
                     self.outcomes[index] = None
         finally:
             self._finish()
+
+    def running_for(self) -> float:
+        """Wall seconds the current record has run (0 when none runs)."""
+        return time.monotonic() - self.current_started if self.current is not None else 0.0
+
+    def split(self) -> int | None:
+        """Stop after the current record; the index of the first record left, or None."""
+        with self._lock:
+            if self._stopped or self._next >= self.end:
+                return None
+            rest, self.end = self._next, self._next
+            return rest
 
     def over_bound(self, exec_timeout: float, wall_limit: float) -> tuple[int, bool] | None:
         """The running record if it is past its bound: ``(index, over_cpu)``, else None."""
@@ -700,60 +719,119 @@ def _gate() -> anyio.Semaphore:
 
 
 def _limiter() -> anyio.CapacityLimiter:
-    return _per_loop(_load_limiter, lambda: anyio.CapacityLimiter(_LOAD_THREADS))
+    return _per_loop(_load_limiter, lambda: anyio.CapacityLimiter(_LOAD_THREADS + _SLOW_LOADS))
 
 
 async def _run_batch(
-    loaders: list[_Loader], exec_timeout: float, limiter: anyio.CapacityLimiter
+    loaders: list[_Loader],
+    exec_timeout: float,
+    limiter: anyio.CapacityLimiter,
+    done: Callable[[int, Exception | None], None] | None = None,
 ) -> list[Exception | None]:
     """Run top levels in as few thread hops as possible, each bounded like one load.
 
     Returns one outcome per loader: None, or the :class:`CompileError` it failed with
     (``stage="timeout"`` for the record the watchdog stopped; the records after it run
-    in a fresh hop).
+    in a fresh hop). A record still running after :data:`_SLOW_MARK_S` gives up its load
+    slot and the records behind it move to a new hop, so slow records load side by side
+    (at most :data:`_SLOW_LOADS` of them) and each fails alone at its own bound.
+    ``done(index, outcome)`` is called as each record's outcome becomes final.
     """
-    wall_limit = _wall_limit(exec_timeout)
-    interval = min(0.05, exec_timeout / 10)
     outcomes: list[Exception | None] = [None] * len(loaders)
-    start = 0
-    while start < len(loaders):
-        runner = _BatchRunner(loaders[start:])
-        verdict: tuple[int, bool] | None = None
-        failure: Exception | None = None
-
-        async def watchdog(scope: anyio.CancelScope, runner: _BatchRunner) -> None:
-            nonlocal verdict
-            while True:
-                await anyio.sleep(interval)
-                over = runner.over_bound(exec_timeout, wall_limit)
-                if over is not None and runner.interrupt(over[0]):
-                    verdict = over
-                    scope.cancel()
-                    return
-
-        async with _gate(), anyio.create_task_group() as tg:
-            tg.start_soon(watchdog, tg.cancel_scope, runner)
-            try:
-                await anyio.to_thread.run_sync(runner.run, limiter=limiter, abandon_on_cancel=True)
-            except anyio.get_cancelled_exc_class():
-                runner.abandon()  # the watchdog's verdict, or cancelled from outside
-                raise
-            except ThreadInterrupted:
-                pass  # the watchdog stopped the thread; `verdict` says where
-            except Exception as exc:  # raised below, not wrapped in an ExceptionGroup
-                failure = exc
-            tg.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
-        for index, outcome in runner.outcomes.items():
-            outcomes[start + index] = outcome
-        if verdict is None:
-            break
-        index, over_cpu = verdict
-        record = loaders[start + index].record
-        outcomes[start + index] = _timeout_error(record, exec_timeout, over_cpu)
-        start += index + 1
+    failures: list[Exception] = []
+    if loaders:
+        async with anyio.create_task_group() as tg:
+            segment = _Segment(loaders, outcomes, failures, exec_timeout, limiter, tg, done)
+            tg.start_soon(segment.run, 0, len(loaders))
+    if failures:
+        raise failures[0]
     return outcomes
+
+
+@dataclass(slots=True, eq=False)
+class _Segment:
+    """What the hops of one batch share; ``run(start, end)`` loads records [start, end)."""
+
+    loaders: list[_Loader]
+    outcomes: list[Exception | None]
+    failures: list[Exception]
+    exec_timeout: float
+    limiter: anyio.CapacityLimiter
+    tg: TaskGroup
+    done: Callable[[int, Exception | None], None] | None
+
+    def _settle(self, index: int, outcome: Exception | None) -> None:
+        self.outcomes[index] = outcome
+        if self.done is not None:
+            self.done(index, outcome)
+
+    async def run(self, start: int, end: int) -> None:
+        wall_limit = _wall_limit(self.exec_timeout)
+        interval = min(0.05, self.exec_timeout / 10, _SLOW_MARK_S / 2)
+        while start < end:
+            runner = _BatchRunner(self.loaders[start:end])
+            verdict: tuple[int, bool] | None = None
+            gate = _gate()
+            await gate.acquire()
+            holding = True
+            settled: set[int] = set()  # runner indexes already reported
+
+            async def watchdog(
+                scope: anyio.CancelScope,
+                runner: _BatchRunner,
+                at: int,
+                gate: anyio.Semaphore,
+                settled: set[int],
+            ) -> None:
+                nonlocal verdict, holding
+                while True:
+                    await anyio.sleep(interval)
+                    over = runner.over_bound(self.exec_timeout, wall_limit)
+                    if over is not None and runner.interrupt(over[0]):
+                        verdict = over
+                        scope.cancel()
+                        return
+                    if holding and runner.running_for() > _SLOW_MARK_S:
+                        holding = False  # slow: keep the thread, free the slot
+                        gate.release()
+                        # The records before the slow one are final: report them now.
+                        for index, outcome in dict(runner.outcomes).items():
+                            settled.add(index)
+                            self._settle(at + index, outcome)
+                        rest = runner.split()
+                        if rest is not None:
+                            self.tg.start_soon(self.run, at + rest, at + len(runner.loaders))
+
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(watchdog, tg.cancel_scope, runner, start, gate, settled)
+                    try:
+                        await anyio.to_thread.run_sync(
+                            runner.run, limiter=self.limiter, abandon_on_cancel=True
+                        )
+                    except anyio.get_cancelled_exc_class():
+                        runner.abandon()  # the watchdog's verdict, or cancelled from outside
+                        raise
+                    except ThreadInterrupted:
+                        pass  # the watchdog stopped the thread; `verdict` says where
+                    except Exception as exc:  # a host bug: raised by _run_batch
+                        self.failures.append(exc)
+                    tg.cancel_scope.cancel()
+            finally:
+                if holding:
+                    gate.release()
+            if self.failures:
+                return
+            for index, outcome in runner.outcomes.items():
+                if index not in settled:
+                    self._settle(start + index, outcome)
+            if verdict is None:
+                return
+            index, over_cpu = verdict
+            record = self.loaders[start + index].record
+            self._settle(start + index, _timeout_error(record, self.exec_timeout, over_cpu))
+            end = start + runner.end
+            start += index + 1
 
 
 def _resolve_callable(record: PluginRecord, namespace: dict[str, Any], attr: str) -> Any:
@@ -817,6 +895,7 @@ async def compile_plugins(
     exec_timeout: float = 1.0,
     default_max_concurrency: int | None = None,
     processes: CompilerProcesses | None = None,
+    on_result: Callable[[int, Plugin | CompileError], None] | None = None,
 ) -> list[Plugin | CompileError]:
     """Compile many records with few thread hops (a cold start or a resync).
 
@@ -830,38 +909,16 @@ async def compile_plugins(
         default_max_concurrency: Concurrency limit for records that set none.
         processes: As for :func:`compile_plugin`: precompiled sources, declarative top
             levels on the loop, the others in batches in worker threads.
+        on_result: Called with ``(index, result)`` as soon as each record is loaded or
+            has failed, so a slow record does not hold up installing the others.
 
     Returns:
         One entry per record, in order: the loaded version or the :class:`CompileError`.
     """
     compiled = await _precompile_many(records, processes)
-    prepared: list[tuple[Plugin, _Loader] | None] = []
-    outcomes: list[Exception | None] = []
-    threaded: list[tuple[int, _Loader]] = []
-    for record, pre in zip(records, compiled, strict=True):
-        if isinstance(pre, CompileError):
-            prepared.append(None)
-            outcomes.append(pre)
-            continue
-        plugin, loader = _prepare(record, pre.code if pre is not None else None)
-        prepared.append((plugin, loader))
-        outcomes.append(None)
-        if pre is not None and pre.declarative:
-            try:
-                loader.run_inline()
-            except CompileError as exc:
-                outcomes[-1] = exc
-        else:
-            threaded.append((len(prepared) - 1, loader))
-    ran = await _run_batch([loader for _, loader in threaded], exec_timeout, _limiter())
-    for (i, _), outcome in zip(threaded, ran, strict=True):
-        outcomes[i] = outcome
-    results: list[Plugin | CompileError] = []
-    for entry, outcome in zip(prepared, outcomes, strict=True):
-        if entry is None:
-            assert isinstance(outcome, CompileError)
-            results.append(outcome)
-            continue
+    results: list[Plugin | CompileError | None] = [None] * len(records)
+
+    def settle(i: int, entry: tuple[Plugin, _Loader], outcome: Exception | None) -> None:
         plugin, loader = entry
         try:
             if outcome is not None:
@@ -869,13 +926,44 @@ async def compile_plugins(
             _resolve(plugin)
         except CompileError as exc:
             plugin.release()
-            results.append(exc)
-            continue
+            results[i] = exc
         except BaseException:
             plugin.release()
             raise
-        results.append(_finish(plugin, default_max_concurrency, loader.wall_s))
-    return results
+        else:
+            results[i] = _finish(plugin, default_max_concurrency, loader.wall_s)
+        result = results[i]
+        if on_result is not None and result is not None:
+            on_result(i, result)
+
+    threaded: list[tuple[int, tuple[Plugin, _Loader]]] = []
+    for i, (record, pre) in enumerate(zip(records, compiled, strict=True)):
+        if isinstance(pre, CompileError):
+            results[i] = pre
+            if on_result is not None:
+                on_result(i, pre)
+            continue
+        entry = _prepare(record, pre.code if pre is not None else None)
+        if pre is not None and pre.declarative:
+            try:
+                entry[1].run_inline()
+            except CompileError as exc:
+                settle(i, entry, exc)
+            else:
+                settle(i, entry, None)
+        else:
+            threaded.append((i, entry))
+    await _run_batch(
+        [entry[1] for _, entry in threaded],
+        exec_timeout,
+        _limiter(),
+        lambda k, outcome: settle(threaded[k][0], threaded[k][1], outcome),
+    )
+    done: list[Plugin | CompileError] = []
+    for result in results:
+        assert result is not None
+        done.append(result)
+    return done
 
 
 async def _precompile(

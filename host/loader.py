@@ -11,6 +11,7 @@ serving in place, and says so in its event (``serving``).
 
 from __future__ import annotations
 
+import math
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -415,20 +416,32 @@ class Loader:
                 if job is not None:
                     jobs.append(job)
             if jobs:
-                compiled = await compile_plugins(
-                    [job.record for job in jobs],
-                    exec_timeout=self._exec_timeout,
-                    default_max_concurrency=self._default_max_concurrency,
-                    processes=self._processes,
-                )
-                # Versions without a setup hook install at once, in order; those with one
-                # install concurrently, so one slow setup does not hold up the batch.
+                # Each version installs as soon as it is loaded (a slow record in the
+                # batch holds up no other): those without a setup hook at once, in the
+                # order they finish; those with one concurrently, so one slow setup does
+                # not hold up the rest.
+                send, receive = anyio.create_memory_object_stream[
+                    tuple[int, Plugin | CompileError]
+                ](math.inf)
+
+                async def install_as_loaded() -> None:
+                    async with receive, anyio.create_task_group() as installs:
+                        async for index, plugin in receive:
+                            if isinstance(plugin, Plugin) and plugin.setup is not None:
+                                installs.start_soon(self._install, jobs[index], plugin)
+                            else:
+                                await self._install(jobs[index], plugin)
+
                 async with anyio.create_task_group() as tg:
-                    for job, plugin in zip(jobs, compiled, strict=True):
-                        if isinstance(plugin, Plugin) and plugin.setup is not None:
-                            tg.start_soon(self._install, job, plugin)
-                        else:
-                            await self._install(job, plugin)
+                    tg.start_soon(install_as_loaded)
+                    with send:
+                        await compile_plugins(
+                            [job.record for job in jobs],
+                            exec_timeout=self._exec_timeout,
+                            default_max_concurrency=self._default_max_concurrency,
+                            processes=self._processes,
+                            on_result=lambda index, plugin: send.send_nowait((index, plugin)),
+                        )
         except HostClosed:
             closed = True
         except BaseExceptionGroup as group:
