@@ -187,6 +187,10 @@ class Loader:
         """Names that are loaded or have a pending change."""
         return {name for name, slot in self._slots.items() if slot.info or slot.pending}
 
+    def loading(self) -> list[str]:
+        """Names whose change is being applied right now, sorted."""
+        return sorted(name for name, slot in self._slots.items() if slot.busy)
+
     def infos(self) -> list[PluginInfo]:
         """Status of every name the loader has seen, sorted by name."""
         return [slot.info for _, slot in sorted(self._slots.items()) if slot.info is not None]

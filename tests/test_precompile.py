@@ -8,7 +8,9 @@ from typing import Any
 
 import anyio
 import pytest
+from pymongo.asynchronous.database import AsyncDatabase
 
+from host import PluginHost
 from host.compiler import _gate, compile_plugin, compile_plugins
 from host.errors import CompileError
 from host.precompile import (
@@ -20,7 +22,7 @@ from host.precompile import (
 )
 from host.precompile_worker import is_declarative
 from host.records import PluginRecord
-from tests.support import loop_ticks
+from tests.support import loop_ticks, next_event
 
 pytestmark = pytest.mark.anyio
 
@@ -166,3 +168,28 @@ async def test_batch_mixes_inline_process_and_thread_loads(processes: CompilerPr
     assert loaded == ["declarative", "big", 3]
     stages = [r.stage for r in results[3:] if isinstance(r, CompileError)]
     assert stages == ["syntax", "compile", "import"]
+
+
+async def test_host_starts_with_a_slow_compiling_record_in_the_collection(
+    db: AsyncDatabase[dict[str, Any]],
+) -> None:
+    """A record that takes seconds to compile fails alone at start-up; the loop keeps ticking."""
+    await db.functions.insert_many(
+        [
+            {"_id": "huge", "source": SLOW_FSTRING},
+            {"_id": "fine", "source": "async def main(ctx, args):\n    return 'ok'\n"},
+        ]
+    )
+    async with (
+        loop_ticks() as ticks,
+        PluginHost(db, compile_timeout=1.0, wait_ready=False) as host,
+        host.events() as events,
+    ):
+        failed = await next_event(events, "plugin.reload_failed", timeout=30)
+        await host.ready(timeout=30)
+        assert await host.call("fine") == "ok"
+        assert "huge" not in host.registry
+    assert failed["plugin"] == "huge"
+    assert failed["stage"] == "compile"
+    assert "within 1 s (compile_timeout" in failed["error"]
+    assert ticks.count > 10, "the event loop stalled while the record compiled"
