@@ -26,6 +26,7 @@ import anyio
 from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import DuplicateKeyError
 
+from .errors import PluginHostError
 from .records import is_valid_name
 
 __all__ = (
@@ -59,11 +60,11 @@ signature takes microseconds; load the key beforehand (in a worker thread).
 """
 
 
-class PublishError(ValueError):
+class PublishError(PluginHostError, ValueError):
     """A plugin cannot be published as given (bad name, empty source, syntax error...)."""
 
 
-class UnknownPlugin(LookupError):
+class UnknownPlugin(PluginHostError, LookupError):
     """No record with this name exists in the functions collection.
 
     Attributes:
@@ -75,7 +76,7 @@ class UnknownPlugin(LookupError):
         self.name = name
 
 
-class UnknownRevision(LookupError):
+class UnknownRevision(PluginHostError, LookupError):
     """The history holds no such revision of the plugin.
 
     Attributes:
