@@ -123,8 +123,10 @@ async def precompile(
     started = time.perf_counter()
     if processes is None or compiles_inline(source):
         try:
+            # From the source, not from ``tree``: turning Python AST objects back into
+            # the compiler's costs more than parsing the text twice (~250 vs ~100 us).
             tree = ast.parse(source, filename)
-            code = compile(tree, filename, "exec", dont_inherit=True)
+            code = compile(source, filename, "exec", dont_inherit=True)
         except SyntaxError as exc:
             raise syntax_error(name, version, exc) from exc
         except (ValueError, RecursionError, MemoryError) as exc:
