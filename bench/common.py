@@ -57,6 +57,8 @@ class Config:
         reload_updates: Sequential updates for reload throughput.
         swap_seconds: Duration of each swap-under-load run.
         swap_callers: Concurrent caller counts for swap-under-load.
+        load_callers: Spinning caller counts for change-to-live under load.
+        load_updates: Sequential updates at each ``load_callers`` level.
     """
 
     quick: bool
@@ -69,13 +71,20 @@ class Config:
     reload_updates: int
     swap_seconds: float
     swap_callers: tuple[int, ...]
+    load_callers: tuple[int, ...]
+    load_updates: int
 
     @classmethod
     def make(cls, quick: bool) -> Config:
         """The quick (~1 min) or the full (< 10 min on 2 cores) configuration."""
         if quick:
-            return cls(True, 100, 200, 20_000, 3, 1.0, (1_000,), 200, 10.0, (50, 200))
-        return cls(False, 500, 200, 50_000, 7, 3.0, (1_000, 10_000), 1_000, 30.0, (50, 200))
+            return cls(
+                True, 100, 200, 20_000, 3, 1.0, (1_000,), 200, 10.0, (50, 200), (0, 50, 200), 50
+            )
+        return cls(
+            False, 500, 200, 50_000, 7, 3.0, (1_000, 10_000), 1_000, 30.0, (50, 200),
+            (0, 50, 200), 100,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,9 +277,16 @@ def fresh_name(prefix: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def database(uri: str, prefix: str) -> AsyncIterator[AsyncDatabase[Doc]]:
-    """A fresh database on ``uri``, dropped afterwards, and its client closed."""
-    client: AsyncMongoClient[Doc] = AsyncMongoClient(uri, serverSelectionTimeoutMS=10_000)
+async def database(
+    uri: str, prefix: str, listeners: Sequence[Any] = ()
+) -> AsyncIterator[AsyncDatabase[Doc]]:
+    """A fresh database on ``uri``, dropped afterwards, and its client closed.
+
+    ``listeners``: PyMongo event listeners for the client (command monitoring).
+    """
+    client: AsyncMongoClient[Doc] = AsyncMongoClient(
+        uri, serverSelectionTimeoutMS=10_000, event_listeners=list(listeners)
+    )
     name = fresh_name(prefix)
     try:
         await client.admin.command("ping")

@@ -12,6 +12,14 @@ yielding to the event loop between calls, until the result changes.
   so that updates land uniformly across the poll period. Each lane probes its plugin
   every millisecond, a resolution far below the figure it measures.
 
+Change-to-live under load: the same sequential updates while ``callers`` tasks spin on
+``host.call`` of that plugin (each awaits the call, then ``asyncio.sleep(0)``), at each
+level of ``load_callers`` (0 is the idle figure). A PyMongo command listener on the
+host's client times each event's getMore: ``stream_ms`` runs from the ack to the reply
+that carried the event, and ``await_timeout_events`` counts events whose getMore was
+sent before the write yet answered only after waiting out most of the await time (the
+missed-wakeup signature; it must stay 0).
+
 Reload throughput: many sequential updates of one plugin, as fast as the server
 acknowledges them, then the time until the last one is live. The loader compiles only
 the newest pending change per name, so it may compile fewer versions than updates
@@ -25,6 +33,8 @@ import random
 import time
 from typing import Any
 
+from pymongo import monitoring
+
 from host import PluginHost
 
 from .baselines import POLL_INTERVAL, PollingReloader
@@ -33,6 +43,7 @@ from .common import Config, Target, async_source, database, record, summarize, u
 WARMUP = 20
 POLL_LANES = 25
 DEADLINE = 30.0
+AWAIT_MS = 1000.0  # the server's default getMore await time (the host sets none)
 
 
 async def _until_served(call: Any, name: str, expected: int, probe: float) -> None:
@@ -44,24 +55,67 @@ async def _until_served(call: Any, name: str, expected: int, probe: float) -> No
         await asyncio.sleep(probe)
 
 
-async def ours_change_to_live(uri: str, updates: int) -> dict[str, Any]:
-    """Sequential updates of one plugin; ack → first call served by the new version."""
-    async with database(uri, "latency") as db:
+class _StreamTimer(monitoring.CommandListener):
+    """Records, per revision, when the getMore that carried its event was sent and answered."""
+
+    def __init__(self) -> None:
+        self._sent: dict[int, float] = {}
+        self.carried: dict[int, tuple[float, float]] = {}
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name == "getMore":
+            self._sent[event.request_id] = time.perf_counter()
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        if event.command_name != "getMore":
+            return
+        now = time.perf_counter()
+        sent = self._sent.pop(event.request_id, now)
+        for change in event.reply.get("cursor", {}).get("nextBatch", []):
+            revision = (change.get("fullDocument") or {}).get("revision")
+            if isinstance(revision, int):
+                self.carried.setdefault(revision, (sent, now))
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        self._sent.pop(event.request_id, None)
+
+
+async def ours_change_to_live(uri: str, updates: int, callers: int = 0) -> dict[str, Any]:
+    """Sequential updates of one plugin; ack → first call served by the new version.
+
+    ``callers`` tasks spin on ``host.call`` of the same plugin meanwhile.
+    """
+    timer = _StreamTimer()
+    async with database(uri, "latency", [timer]) as db:
         coll = db.functions
         await coll.insert_one(record("lat", async_source(0), 0))
         served: list[float] = []
         event_ms: list[float] = []
+        stream_ms: list[float] = []
+        late = 0
+        calls = 0
         async with PluginHost(db, "functions") as host, host.events() as events:
             arrivals: dict[int, float] = {}
+            stop = asyncio.Event()
 
             async def listen() -> None:
                 async for event in events:
                     if event.event == "plugin.reloaded":
                         arrivals[int(event["revision"])] = time.perf_counter()
 
+            async def spin() -> None:
+                nonlocal calls
+                while not stop.is_set():
+                    await host.call("lat")
+                    calls += 1
+                    await asyncio.sleep(0)
+
             listener = asyncio.create_task(listen())
+            spinners = [asyncio.create_task(spin()) for _ in range(callers)]
             try:
                 for rev in range(1, WARMUP + updates + 1):
+                    if rev == WARMUP + 1:
+                        calls, started = 0, time.perf_counter()
                     await coll.update_one({"_id": "lat"}, update(async_source(rev), rev))
                     acked = time.perf_counter()
                     await _until_served(host.call, "lat", rev, 0.0)
@@ -71,14 +125,35 @@ async def ours_change_to_live(uri: str, updates: int) -> dict[str, Any]:
                         served.append((done - acked) * 1000.0)
                         if rev in arrivals:
                             event_ms.append((arrivals[rev] - acked) * 1000.0)
+                        if rev in timer.carried:
+                            sent, answered = timer.carried[rev]
+                            stream_ms.append((answered - acked) * 1000.0)
+                            if sent < acked and (answered - sent) * 1000.0 >= 0.9 * AWAIT_MS:
+                                late += 1
+                elapsed = time.perf_counter() - started
             finally:
+                stop.set()
+                await asyncio.gather(*spinners)
                 listener.cancel()
     return {
         "method": "sequential updates of one plugin; caller loop with sleep(0) between calls",
+        "callers": callers,
         "served_ms": summarize(served),
         "event_ms": summarize(event_ms),
+        "stream_ms": summarize(stream_ms),
+        "await_timeout_events": late,
+        "calls_per_s": calls / elapsed,
         "samples_ms": served,
     }
+
+
+async def under_load(uri: str, updates: int, levels: tuple[int, ...]) -> dict[str, Any]:
+    """Change-to-live at each number of spinning callers in ``levels``."""
+    out: dict[str, Any] = {}
+    for callers in levels:
+        result = await ours_change_to_live(uri, updates, callers)
+        out[str(callers)] = {k: v for k, v in result.items() if k != "samples_ms"}
+    return out
 
 
 async def polling_change_to_live(uri: str, updates: int) -> dict[str, Any]:
@@ -152,8 +227,10 @@ async def run(target: Target, cfg: Config) -> dict[str, Any]:
     issue = await ours_change_to_live(target.uri, cfg.issue_updates)
     polling = await polling_change_to_live(target.uri, cfg.latency_updates)
     reloads = await reload_throughput(target.uri, cfg.reload_updates)
+    loaded = await under_load(target.uri, cfg.load_updates, cfg.load_callers)
     return {
         "ours": ours,
+        "under_load": loaded,
         "issue": {k: v for k, v in issue.items() if k != "samples_ms"},
         "polling": polling,
         "reload": reloads,

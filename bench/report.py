@@ -48,6 +48,18 @@ def _get(results: dict[str, Any], *path: str) -> Any:
     return node
 
 
+def _under_load_p99(callers: str) -> Callable[[dict[str, Any]], float | None]:
+    return lambda r: _get(r, "latency", "under_load", callers, "served_ms", "p99")
+
+
+def _worst_drop(results: dict[str, Any]) -> float | None:
+    runs = results.get("swap")
+    if not isinstance(runs, dict) or "error" in runs:
+        return None
+    drops = [run["throughput_drop_pct"] for run in runs.values() if "throughput_drop_pct" in run]
+    return max(drops) if drops else None
+
+
 def _failed_calls(results: dict[str, Any]) -> float | None:
     runs = results.get("swap")
     if not isinstance(runs, dict) or "error" in runs:
@@ -87,6 +99,38 @@ GOALS: tuple[Goal, ...] = (
         "s",
         False,
         lambda r: _get(r, "coldstart", "10000", "ready_s"),
+    ),
+    Goal(
+        "change_to_live_idle_p99",
+        "change-to-live p99, idle (the under-load run with 0 callers)",
+        5.0,
+        "ms",
+        False,
+        _under_load_p99("0"),
+    ),
+    Goal(
+        "change_to_live_50_p99",
+        "change-to-live p99 under 50 spinning callers",
+        20.0,
+        "ms",
+        False,
+        _under_load_p99("50"),
+    ),
+    Goal(
+        "change_to_live_200_p99",
+        "change-to-live p99 under 200 spinning callers",
+        50.0,
+        "ms",
+        False,
+        _under_load_p99("200"),
+    ),
+    Goal(
+        "storm_throughput_drop",
+        "call throughput drop while a reload storm runs (worst caller count)",
+        10.0,
+        "%",
+        False,
+        _worst_drop,
     ),
     Goal(
         "swap_failures",
@@ -229,6 +273,21 @@ def _target_table(results: dict[str, Any]) -> list[str]:
                 ]
             )
         )
+        for callers, entry in lat.get("under_load", {}).items():
+            lines.append(
+                _row(
+                    [
+                        f"change-to-live under load, {callers} spinning callers, p50 / p99 / "
+                        f"max ms ({entry['served_ms']['n']} updates; getMore reply p50 / p99 / "
+                        f"max ms after the ack; {entry['await_timeout_events']} events at an "
+                        "await timeout)",
+                        f"{_lat(entry['served_ms'])} ({_lat(entry['stream_ms'])})",
+                        "—",
+                        "—",
+                        "—",
+                    ]
+                )
+            )
         rel = lat["reload"]
         lines.append(
             _row(
@@ -327,8 +386,10 @@ def _target_table(results: dict[str, Any]) -> list[str]:
                 [
                     f"swap under load, {callers} callers, {entry['plugins']} plugins changed "
                     f"every {entry['period_s'] * 1000:.0f} ms for {entry['seconds']:.0f} s: "
-                    "calls/s; failed; stale",
-                    f"{_n(entry['calls_per_s'], 0)}; {entry['failed']}; {entry['stale']}",
+                    "calls/s (quiet: no updates); drop; failed; stale",
+                    f"{_n(entry['calls_per_s'], 0)} ({_n(entry.get('quiet_calls_per_s'), 0)}); "
+                    f"{_n(entry.get('throughput_drop_pct'))} %; {entry['failed']}; "
+                    f"{entry['stale']}",
                     "—",
                     "—",
                     "—",

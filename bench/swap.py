@@ -6,14 +6,25 @@ plugins in a loop (yielding to the event loop between calls). Every call must su
 (``failed``), and no caller may see a plugin go back to an older revision after it has
 seen a newer one (``stale``). Every 10th call's latency is kept for the distributions,
 async and sync plugins apart (sync calls queue for the host's worker threads).
+
+Each caller count also runs once with the updater off (``quiet``): the same callers on
+the same plugins with no reloads. ``throughput_drop_pct`` is how much lower the call
+rate is while the reload storm runs, against that quiet run of the same benchmark.
+
+The updater is a process of its own (sync PyMongo), as a publisher is in production:
+the storm then costs the host only what the reloads cost it, not the writer's client
+work (connection set-up, 200 writes a second) on the host's event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import random
 import time
 from typing import Any
+
+from pymongo import MongoClient
 
 from host import PluginHost
 
@@ -41,8 +52,38 @@ def _source(i: int, rev: int) -> str:
     return sync_source(rev) if _is_sync(i) else async_source(rev)
 
 
-async def swap_under_load(uri: str, callers: int, seconds: float) -> dict[str, Any]:
-    """Run ``callers`` callers for ``seconds`` while every plugin changes each period."""
+def _storm(
+    uri: str, db_name: str, names: list[str], stop: Any, first_round: Any, counts: Any
+) -> None:
+    """The updater process: every plugin gets a new revision each period until ``stop``."""
+    client: MongoClient[dict[str, Any]] = MongoClient(uri)
+    coll = client[db_name].functions
+    next_at = time.monotonic()
+    rev = 0
+    try:
+        while not stop.is_set():
+            rev += 1
+            for i, name in enumerate(names):
+                coll.update_one({"_id": name}, update(_source(i, rev), rev))
+            counts[0] += 1
+            first_round.set()
+            next_at += SWAP_PERIOD
+            delay = next_at - time.monotonic()
+            if delay < 0:
+                counts[1] += 1
+                next_at = time.monotonic()
+            stop.wait(max(0.0, delay))
+    finally:
+        client.close()
+
+
+async def swap_under_load(
+    uri: str, callers: int, seconds: float, *, storm: bool = True
+) -> dict[str, Any]:
+    """Run ``callers`` callers for ``seconds`` while every plugin changes each period.
+
+    With ``storm=False`` nothing is updated: the quiet baseline of the same callers.
+    """
     names = [f"s{i}" for i in range(SWAP_PLUGINS)]
     async with database(uri, f"swap{callers}") as db:
         coll = db.functions
@@ -84,25 +125,23 @@ async def swap_under_load(uri: str, callers: int, seconds: float) -> dict[str, A
                     calls += 1
                     await asyncio.sleep(0)
 
+            context = multiprocessing.get_context("spawn")
+            stop_storm = context.Event()
+            first_round = context.Event()
+            counts = context.Array("i", 2)  # rounds, late rounds
+
+            proc = context.Process(
+                target=_storm,
+                args=(uri, db.name, names, stop_storm, first_round, counts),
+                daemon=True,
+            )
+
             async def updater() -> None:
                 nonlocal rounds, late_rounds
-                next_at = time.monotonic()
-                rev = 0
-                while not stop.is_set():
-                    rev += 1
-                    await asyncio.gather(
-                        *(
-                            coll.update_one({"_id": n}, update(_source(i, rev), rev))
-                            for i, n in enumerate(names)
-                        )
-                    )
-                    rounds += 1
-                    next_at += SWAP_PERIOD
-                    delay = next_at - time.monotonic()
-                    if delay < 0:
-                        late_rounds += 1
-                        next_at = time.monotonic()
-                    await asyncio.sleep(max(0.0, delay))
+                await stop.wait()
+                stop_storm.set()
+                await asyncio.to_thread(proc.join, 30)
+                rounds, late_rounds = counts[0], counts[1]
 
             async def listen() -> None:
                 nonlocal reloads
@@ -114,8 +153,13 @@ async def swap_under_load(uri: str, callers: int, seconds: float) -> dict[str, A
                             lags.append(float(lag))
 
             listener = asyncio.create_task(listen())
+            if storm:  # the clock starts once the storm runs: the first round was written
+                proc.start()
+                if not await asyncio.to_thread(first_round.wait, 60):
+                    raise RuntimeError("the storm's updater process did not start")
             tasks = [asyncio.create_task(caller(i)) for i in range(callers)]
-            tasks.append(asyncio.create_task(updater()))
+            if storm:
+                tasks.append(asyncio.create_task(updater()))
             started = time.perf_counter()
             await asyncio.sleep(seconds)
             stop.set()
@@ -146,7 +190,12 @@ async def swap_under_load(uri: str, callers: int, seconds: float) -> dict[str, A
 
 
 async def run(target: Target, cfg: Config) -> dict[str, Any]:
-    """Swap under load for each caller count in ``cfg.swap_callers``."""
-    return {
-        str(n): await swap_under_load(target.uri, n, cfg.swap_seconds) for n in cfg.swap_callers
-    }
+    """Swap under load for each caller count in ``cfg.swap_callers``, and its quiet run."""
+    out: dict[str, Any] = {}
+    for n in cfg.swap_callers:
+        quiet = await swap_under_load(target.uri, n, cfg.swap_seconds, storm=False)
+        result = await swap_under_load(target.uri, n, cfg.swap_seconds)
+        result["quiet_calls_per_s"] = quiet["calls_per_s"]
+        result["throughput_drop_pct"] = 100.0 * (1.0 - result["calls_per_s"] / quiet["calls_per_s"])
+        out[str(n)] = result
+    return out

@@ -19,18 +19,28 @@ from __future__ import annotations
 import inspect
 import threading
 import time
-import traceback
 import types
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
+from anyio.abc import TaskGroup
 from anyio.lowlevel import RunVar
 
 from .config import DEFAULT_TIMEOUTS
 from .errors import CompileError
 from .naming import format_plugin_traceback, module_name, plugin_filename
 from .plugin import Plugin, released_entrypoint
+from .precompile import (
+    CompilerProcesses,
+    Precompiled,
+    compiles_inline,
+    precompile,
+    syntax_error,
+)
 from .records import PluginRecord
 from .threads import (
     Stoppable,
@@ -46,6 +56,9 @@ __all__ = ("compile_plugin", "compile_plugins")
 T = TypeVar("T")
 
 _LOAD_THREADS = 4
+_SLOW_LOADS = 16  # records past _SLOW_MARK_S that may hold a load thread at once
+_SLOW_MARK_S = 0.1  # a record running this long leaves its batch (see _run_batch)
+_INLINE_SLICE_S = 0.002  # a batch compiling on the loop yields at least this often
 # A dedicated limiter per event loop: loads must not starve the shared worker-thread pool
 # that sync plugin calls use, and a RunVar keeps limiters from leaking across loops.
 # Its slots stay taken by abandoned top levels until they really end (see host.threads).
@@ -63,12 +76,19 @@ class _Loader:
     host (many sync plugins in threads) would then fail healthy loads.
     """
 
-    __slots__ = ("_clock", "_cpu_start", "filename", "module", "record", "wall_s")
+    __slots__ = ("_clock", "_cpu_start", "code", "filename", "module", "record", "wall_s")
 
-    def __init__(self, record: PluginRecord, module: types.ModuleType, filename: str) -> None:
+    def __init__(
+        self,
+        record: PluginRecord,
+        module: types.ModuleType,
+        filename: str,
+        code: types.CodeType | None = None,
+    ) -> None:
         self.record = record
         self.module = module
         self.filename = filename
+        self.code = code  # compiled already (host.precompile): only the top level runs
         self._clock: int | None = None
         self._cpu_start = 0.0
         self.wall_s = 0.0
@@ -99,6 +119,21 @@ class _Loader:
         finally:
             self.wall_s = time.perf_counter() - started
 
+    def run_inline(self) -> None:
+        """Run a declarative top level (see ``host.precompile``) on the calling thread.
+
+        Only ``Exception`` is the plugin's here: this is the loop thread, so a
+        ``KeyboardInterrupt`` or a cancellation is the host's own and propagates.
+        """
+        assert self.code is not None
+        started = time.perf_counter()
+        try:
+            exec(self.code, self.module.__dict__)
+        except Exception as exc:
+            raise _import_error(self.record, exc) from exc
+        finally:
+            self.wall_s = time.perf_counter() - started
+
     def _run(self) -> None:
         record = self.record
         if hasattr(time, "pthread_getcpuclockid"):
@@ -106,16 +141,9 @@ class _Loader:
             self._cpu_start = time.clock_gettime(clock)
             self._clock = clock
         try:
-            code = compile(record.source, self.filename, "exec", dont_inherit=True)
+            code = self.code or compile(record.source, self.filename, "exec", dont_inherit=True)
         except SyntaxError as exc:
-            where = f"line {exc.lineno}: " if exc.lineno is not None else ""
-            raise CompileError(
-                record.name,
-                record.version,
-                "syntax",
-                f"{where}{exc.msg}",
-                "".join(traceback.format_exception_only(exc)),
-            ) from exc
+            raise syntax_error(record.name, record.version, exc) from exc
         except (ValueError, RecursionError, MemoryError) as exc:
             raise CompileError(
                 record.name, record.version, "syntax", f"{type(exc).__name__}: {exc}"
@@ -125,13 +153,17 @@ class _Loader:
         except ThreadInterrupted:
             raise
         except BaseException as exc:  # a worker thread: even SystemExit is the plugin's
-            raise CompileError(
-                record.name,
-                record.version,
-                "import",
-                f"top-level code raised {type(exc).__qualname__}: {exc}",
-                format_plugin_traceback(exc),
-            ) from exc
+            raise _import_error(record, exc) from exc
+
+
+def _import_error(record: PluginRecord, exc: BaseException) -> CompileError:
+    return CompileError(
+        record.name,
+        record.version,
+        "import",
+        f"top-level code raised {type(exc).__qualname__}: {exc}",
+        format_plugin_traceback(exc),
+    )
 
 
 class _BatchRunner(Stoppable):
@@ -144,9 +176,13 @@ class _BatchRunner(Stoppable):
     thread only while that same record still runs (checked under the lock the thread takes
     before starting each record), so a verdict never lands on the next record; the thread
     then runs nothing more, and the loop runs the remaining records in a new hop.
+
+    ``split`` hands the records not yet started to another hop: a record that is slow
+    (a top-level ``time.sleep``, a slow import) then keeps this thread alone, under its
+    own bound, instead of holding up the records queued behind it.
     """
 
-    __slots__ = ("_next", "current", "current_started", "loaders", "outcomes")
+    __slots__ = ("_next", "current", "current_started", "end", "loaders", "outcomes")
 
     def __init__(self, loaders: list[_Loader]) -> None:
         super().__init__()
@@ -155,6 +191,7 @@ class _BatchRunner(Stoppable):
         self.current: int | None = None
         self.current_started = 0.0
         self._next = 0
+        self.end = len(loaders)  # the thread runs records [0, end); split() lowers it
 
     def run(self) -> None:
         if not self._start():
@@ -162,7 +199,7 @@ class _BatchRunner(Stoppable):
         try:
             while True:
                 with self._lock:
-                    if self._stopped or self._next >= len(self.loaders):
+                    if self._stopped or self._next >= self.end:
                         self.current = None
                         return
                     index = self.current = self._next
@@ -178,6 +215,18 @@ class _BatchRunner(Stoppable):
                     self.outcomes[index] = None
         finally:
             self._finish()
+
+    def running_for(self) -> float:
+        """Wall seconds the current record has run (0 when none runs)."""
+        return time.monotonic() - self.current_started if self.current is not None else 0.0
+
+    def split(self) -> int | None:
+        """Stop after the current record; the index of the first record left, or None."""
+        with self._lock:
+            if self._stopped or self._next >= self.end:
+                return None
+            rest, self.end = self._next, self._next
+            return rest
 
     def over_bound(self, exec_timeout: float, wall_limit: float) -> tuple[int, bool] | None:
         """The running record if it is past its bound: ``(index, over_cpu)``, else None."""
@@ -228,66 +277,124 @@ def _gate() -> anyio.Semaphore:
 
 
 def _limiter() -> ThreadLimiter:
-    return per_loop(_load_limiter, lambda: ThreadLimiter(_LOAD_THREADS))
+    return per_loop(_load_limiter, lambda: ThreadLimiter(_LOAD_THREADS + _SLOW_LOADS))
 
 
 async def _run_batch(
-    loaders: list[_Loader], exec_timeout: float, limiter: ThreadLimiter
+    loaders: list[_Loader],
+    exec_timeout: float,
+    limiter: ThreadLimiter,
+    done: Callable[[int, Exception | None], None] | None = None,
 ) -> list[Exception | None]:
     """Run top levels in as few thread hops as possible, each bounded like one load.
 
     Returns one outcome per loader: None, or the :class:`CompileError` it failed with
     (``stage="timeout"`` for the record the watchdog stopped; the records after it run
-    in a fresh hop).
+    in a fresh hop). A record still running after :data:`_SLOW_MARK_S` gives up its load
+    slot and the records behind it move to a new hop, so slow records load side by side
+    (at most :data:`_SLOW_LOADS` of them) and each fails alone at its own bound.
+    ``done(index, outcome)`` is called as each record's outcome becomes final.
     """
-    wall_limit = _wall_limit(exec_timeout)
-    interval = min(0.05, exec_timeout / 10)
     outcomes: list[Exception | None] = [None] * len(loaders)
-    start = 0
-    while start < len(loaders):
-        runner = _BatchRunner(loaders[start:])
-        verdict: tuple[int, bool] | None = None
-        failure: Exception | None = None
-        exhausted: ThreadsExhausted | None = None
-
-        async def watchdog(scope: anyio.CancelScope, runner: _BatchRunner) -> None:
-            nonlocal verdict
-            while True:
-                await anyio.sleep(interval)
-                over = runner.over_bound(exec_timeout, wall_limit)
-                if over is not None and runner.interrupt(over[0]):
-                    verdict = over
-                    scope.cancel()
-                    return
-
-        async with _gate(), anyio.create_task_group() as tg:
-            tg.start_soon(watchdog, tg.cancel_scope, runner)
-            try:
-                # Cancelled (the watchdog's verdict, or from outside): the runner is abandoned.
-                await run_stoppable(runner, runner.run, limiter)
-            except ThreadsExhausted as exc:
-                exhausted = exc
-            except ThreadInterrupted:
-                pass  # the watchdog stopped the thread; `verdict` says where
-            except Exception as exc:  # raised below, not wrapped in an ExceptionGroup
-                failure = exc
-            tg.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
-        if exhausted is not None:  # nothing ran: every load thread is held by abandoned code
-            for index in range(start, len(loaders)):
-                record = loaders[index].record
-                outcomes[index] = CompileError(record.name, record.version, "busy", str(exhausted))
-            break
-        for index, outcome in runner.outcomes.items():
-            outcomes[start + index] = outcome
-        if verdict is None:
-            break
-        index, over_cpu = verdict
-        record = loaders[start + index].record
-        outcomes[start + index] = _timeout_error(record, exec_timeout, over_cpu)
-        start += index + 1
+    failures: list[Exception] = []
+    if loaders:
+        async with anyio.create_task_group() as tg:
+            segment = _Segment(loaders, outcomes, failures, exec_timeout, limiter, tg, done)
+            tg.start_soon(segment.run, 0, len(loaders))
+    if failures:
+        raise failures[0]
     return outcomes
+
+
+@dataclass(slots=True, eq=False)
+class _Segment:
+    """What the hops of one batch share; ``run(start, end)`` loads records [start, end)."""
+
+    loaders: list[_Loader]
+    outcomes: list[Exception | None]
+    failures: list[Exception]
+    exec_timeout: float
+    limiter: ThreadLimiter
+    tg: TaskGroup
+    done: Callable[[int, Exception | None], None] | None
+
+    def _settle(self, index: int, outcome: Exception | None) -> None:
+        self.outcomes[index] = outcome
+        if self.done is not None:
+            self.done(index, outcome)
+
+    async def run(self, start: int, end: int) -> None:
+        wall_limit = _wall_limit(self.exec_timeout)
+        interval = min(0.05, self.exec_timeout / 10, _SLOW_MARK_S / 2)
+        while start < end:
+            runner = _BatchRunner(self.loaders[start:end])
+            verdict: tuple[int, bool] | None = None
+            exhausted: ThreadsExhausted | None = None
+            gate = _gate()
+            await gate.acquire()
+            holding = True
+            settled: set[int] = set()  # runner indexes already reported
+
+            async def watchdog(
+                scope: anyio.CancelScope,
+                runner: _BatchRunner,
+                at: int,
+                gate: anyio.Semaphore,
+                settled: set[int],
+            ) -> None:
+                nonlocal verdict, holding
+                while True:
+                    await anyio.sleep(interval)
+                    over = runner.over_bound(self.exec_timeout, wall_limit)
+                    if over is not None and runner.interrupt(over[0]):
+                        verdict = over
+                        scope.cancel()
+                        return
+                    if holding and runner.running_for() > _SLOW_MARK_S:
+                        holding = False  # slow: keep the thread, free the slot
+                        gate.release()
+                        # The records before the slow one are final: report them now.
+                        for index, outcome in dict(runner.outcomes).items():
+                            settled.add(index)
+                            self._settle(at + index, outcome)
+                        rest = runner.split()
+                        if rest is not None:
+                            self.tg.start_soon(self.run, at + rest, at + len(runner.loaders))
+
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(watchdog, tg.cancel_scope, runner, start, gate, settled)
+                    try:
+                        # Cancelled (the watchdog's verdict, or from outside): abandoned.
+                        await run_stoppable(runner, runner.run, self.limiter)
+                    except ThreadsExhausted as exc:
+                        exhausted = exc
+                    except ThreadInterrupted:
+                        pass  # the watchdog stopped the thread; `verdict` says where
+                    except Exception as exc:  # a host bug: raised by _run_batch
+                        self.failures.append(exc)
+                    tg.cancel_scope.cancel()
+            finally:
+                if holding:
+                    gate.release()
+            if self.failures:
+                return
+            if exhausted is not None:  # nothing ran: abandoned code holds every load thread
+                for index in range(start, end):
+                    record = self.loaders[index].record
+                    error = CompileError(record.name, record.version, "busy", str(exhausted))
+                    self._settle(index, error)
+                return
+            for index, outcome in runner.outcomes.items():
+                if index not in settled:
+                    self._settle(start + index, outcome)
+            if verdict is None:
+                return
+            index, over_cpu = verdict
+            record = self.loaders[start + index].record
+            self._settle(start + index, _timeout_error(record, self.exec_timeout, over_cpu))
+            end = start + runner.end
+            start += index + 1
 
 
 def _resolve_callable(record: PluginRecord, namespace: dict[str, Any], attr: str) -> Any:
@@ -308,6 +415,7 @@ async def compile_plugin(
     *,
     exec_timeout: float = DEFAULT_TIMEOUTS.top_level,
     default_max_concurrency: int | None = None,
+    processes: CompilerProcesses | None = None,
 ) -> Plugin:
     """Compile ``record`` into a fresh, not yet installed, :class:`Plugin`.
 
@@ -317,16 +425,22 @@ async def compile_plugin(
         record: The validated record.
         exec_timeout: Bound in seconds on compiling and running the top-level code.
         default_max_concurrency: Concurrency limit for records that set none.
+        processes: Compiler processes: the source is compiled by ``host.precompile``
+            (on the loop if small, else in a process) and a declarative top level runs
+            on the loop, with no thread hop. None compiles in the worker thread.
 
     Returns:
         The loaded version.
 
     Raises:
-        CompileError: With ``stage`` ``"syntax"``, ``"import"``, ``"timeout"`` or
-            ``"entrypoint"``.
+        CompileError: With ``stage`` ``"syntax"``, ``"compile"``, ``"import"``,
+            ``"timeout"``, ``"entrypoint"`` or ``"busy"``.
     """
     (outcome,) = await compile_plugins(
-        [record], exec_timeout=exec_timeout, default_max_concurrency=default_max_concurrency
+        [record],
+        exec_timeout=exec_timeout,
+        default_max_concurrency=default_max_concurrency,
+        processes=processes,
     )
     if isinstance(outcome, CompileError):
         raise outcome
@@ -338,6 +452,8 @@ async def compile_plugins(
     *,
     exec_timeout: float = DEFAULT_TIMEOUTS.top_level,
     default_max_concurrency: int | None = None,
+    processes: CompilerProcesses | None = None,
+    on_result: Callable[[int, Plugin | CompileError], None] | None = None,
 ) -> list[Plugin | CompileError]:
     """Compile many records with few thread hops (a cold start or a resync).
 
@@ -349,30 +465,110 @@ async def compile_plugins(
         records: The validated records.
         exec_timeout: Bound in seconds on each record's top-level code.
         default_max_concurrency: Concurrency limit for records that set none.
+        processes: As for :func:`compile_plugin`: precompiled sources, declarative top
+            levels on the loop, the others in batches in worker threads.
+        on_result: Called with ``(index, result)`` as soon as each record is loaded or
+            has failed, so a slow record does not hold up installing the others.
 
     Returns:
         One entry per record, in order: the loaded version or the :class:`CompileError`.
     """
-    prepared = [_prepare(record) for record in records]
-    outcomes = await _run_batch([loader for _, loader in prepared], exec_timeout, _limiter())
-    results: list[Plugin | CompileError] = []
-    for (plugin, loader), outcome in zip(prepared, outcomes, strict=True):
+    compiled = await _precompile_many(records, processes)
+    results: list[Plugin | CompileError | None] = [None] * len(records)
+
+    def settle(i: int, entry: tuple[Plugin, _Loader], outcome: Exception | None) -> None:
+        plugin, loader = entry
         try:
             if outcome is not None:
                 raise outcome
             _resolve(plugin)
         except CompileError as exc:
             plugin.release()
-            results.append(exc)
-            continue
+            results[i] = exc
         except BaseException:
             plugin.release()
             raise
-        results.append(_finish(plugin, default_max_concurrency, loader.wall_s))
-    return results
+        else:
+            results[i] = _finish(plugin, default_max_concurrency, loader.wall_s)
+        result = results[i]
+        if on_result is not None and result is not None:
+            on_result(i, result)
+
+    threaded: list[tuple[int, tuple[Plugin, _Loader]]] = []
+    for i, (record, pre) in enumerate(zip(records, compiled, strict=True)):
+        if isinstance(pre, CompileError):
+            results[i] = pre
+            if on_result is not None:
+                on_result(i, pre)
+            continue
+        entry = _prepare(record, pre.code if pre is not None else None)
+        if pre is not None and pre.declarative:
+            try:
+                entry[1].run_inline()
+            except CompileError as exc:
+                settle(i, entry, exc)
+            else:
+                settle(i, entry, None)
+        else:
+            threaded.append((i, entry))
+    await _run_batch(
+        [entry[1] for _, entry in threaded],
+        exec_timeout,
+        _limiter(),
+        lambda k, outcome: settle(threaded[k][0], threaded[k][1], outcome),
+    )
+    done: list[Plugin | CompileError] = []
+    for result in results:
+        assert result is not None
+        done.append(result)
+    return done
 
 
-def _prepare(record: PluginRecord) -> tuple[Plugin, _Loader]:
+async def _precompile(
+    record: PluginRecord, processes: CompilerProcesses | None
+) -> Precompiled | None:
+    if processes is None:
+        return None
+    return await precompile(
+        record.name, record.version, plugin_filename(record), record.source, processes
+    )
+
+
+async def _precompile_many(
+    records: list[PluginRecord], processes: CompilerProcesses | None
+) -> list[Precompiled | CompileError | None]:
+    """Precompile a batch: small sources on the loop, yielding every few milliseconds
+    so a cold start of thousands of records never holds the loop for long; the others
+    in the compiler processes, concurrently. A batch of small sources takes no task group
+    and no loop turn (a single reload stays one step)."""
+    out: list[Precompiled | CompileError | None] = [None] * len(records)
+    if processes is None:
+        return out
+
+    async def one(i: int, record: PluginRecord) -> None:
+        try:
+            out[i] = await _precompile(record, processes)
+        except CompileError as exc:
+            out[i] = exc
+
+    large: list[int] = []
+    budget = time.perf_counter() + _INLINE_SLICE_S
+    for i, record in enumerate(records):
+        if not compiles_inline(record.source):
+            large.append(i)
+            continue
+        await one(i, record)  # no await inside: runs at once
+        if time.perf_counter() > budget:
+            await anyio.lowlevel.checkpoint()
+            budget = time.perf_counter() + _INLINE_SLICE_S
+    if large:
+        async with anyio.create_task_group() as tg:
+            for i in large:
+                tg.start_soon(one, i, records[i])
+    return out
+
+
+def _prepare(record: PluginRecord, code: types.CodeType | None = None) -> tuple[Plugin, _Loader]:
     filename = plugin_filename(record)
     module = types.ModuleType(module_name(record))
     module.__file__ = filename
@@ -380,7 +576,7 @@ def _prepare(record: PluginRecord) -> tuple[Plugin, _Loader]:
     # its linecache entry is registered before the top level runs (import tracebacks).
     plugin = Plugin(record, module, released_entrypoint, is_async=False)
     plugin._register_lines()
-    return plugin, _Loader(record, module, filename)
+    return plugin, _Loader(record, module, filename, code)
 
 
 def _resolve(plugin: Plugin) -> None:

@@ -71,6 +71,8 @@ class Timeouts:
 
     Attributes:
         top_level: Bound on a version's top-level code (CPU time; 10x as wall time).
+        compile: Bound on compiling one source in a compiler process (``host.precompile``;
+            small sources compile on the loop and need none).
         call: Per-call timeout for records that set none (None: unbounded).
         grace: How long an old version may drain after a swap before it is torn down.
         drain: How long in-flight calls may run at shutdown.
@@ -78,6 +80,7 @@ class Timeouts:
     """
 
     top_level: float = 1.0
+    compile: float = 10.0
     call: float | None = None
     grace: float = 30.0
     drain: float = 30.0

@@ -246,6 +246,12 @@ async def _wait_ready(host: PluginHost, stop: anyio.Event, limit: float) -> str 
         return outcome[0]
     if stop.is_set():
         return None
+    loading = host.loading()
+    if loading:  # MongoDB answered: the initial load itself is what is slow
+        shown = ", ".join(loading[:5]) + (
+            f" and {len(loading) - 5} more" if len(loading) > 5 else ""
+        )
+        return f"loading:{len(loading)} record(s) still loading: {shown}"
     return "timeout:" + (last_error[0] if last_error else "")
 
 
@@ -411,6 +417,13 @@ async def run_daemon(
     kind, _, detail = problem.partition(":")
     if kind == "fatal":
         raise StartupError(detail, "point --mongodb-uri at a replica set (see README)")
+    if kind == "loading":
+        raise StartupError(
+            f"the initial load did not finish within {startup_timeout:g} s: {detail} "
+            f"({mongodb} answered; each record is bounded by --exec-timeout and the "
+            "compile bound, see the plugin.reload_failed events)",
+            "raise --startup-timeout, or fix or disable the slow records",
+        )
     last = f" (last error: {detail})" if detail else ""
     raise StartupError(
         f"{mongodb} is not reachable: not ready within {startup_timeout:g} s{last}",

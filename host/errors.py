@@ -32,7 +32,7 @@ __all__ = (
     "RequireDepthExceeded",
 )
 
-CompileStage = Literal["syntax", "import", "timeout", "entrypoint", "setup", "busy"]
+CompileStage = Literal["syntax", "compile", "import", "timeout", "entrypoint", "setup", "busy"]
 
 
 class PluginHostError(Exception):
@@ -162,7 +162,8 @@ class CompileError(PluginError):
     Attributes:
         name: The plugin name.
         version: The version that failed to load.
-        stage: Where loading failed: ``"syntax"``, ``"import"`` (top-level code raised),
+        stage: Where loading failed: ``"syntax"``, ``"compile"`` (compiling overran its
+            bound or the compiler process failed), ``"import"`` (top-level code raised),
             ``"timeout"`` (top-level code ran too long), ``"entrypoint"`` (entrypoint or a
             hook missing or not callable), ``"setup"`` (the ``setup`` hook failed) or
             ``"busy"`` (every load thread is held by abandoned top-level code).

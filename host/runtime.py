@@ -49,6 +49,7 @@ class PluginHost:
             arguments below override single fields.
         timeouts: Time bounds (see :class:`~host.config.Timeouts`); likewise.
         exec_timeout: Bound on a version's top-level code, in seconds.
+        compile_timeout: Bound on compiling one large source in a compiler process.
         default_timeout: Per-call timeout for records that set none (None: no timeout).
         default_max_concurrency: Per-version concurrency for records that set none.
         max_waiting: Calls that may queue on a saturated version before ``PluginBusy``.
@@ -77,6 +78,7 @@ class PluginHost:
         limits: Limits = DEFAULT_LIMITS,
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
         exec_timeout: float | Unset = UNSET,
+        compile_timeout: float | Unset = UNSET,
         default_timeout: float | Unset | None = UNSET,
         default_max_concurrency: int | Unset | None = UNSET,
         max_waiting: int | Unset = UNSET,
@@ -103,6 +105,7 @@ class PluginHost:
         self.timeouts = timeouts = with_overrides(
             timeouts,
             top_level=exec_timeout,
+            compile=compile_timeout,
             call=default_timeout,
             grace=grace_period,
             drain=drain_timeout,
@@ -144,6 +147,7 @@ class PluginHost:
             max_source_bytes=limits.max_source_bytes,
             default_max_concurrency=limits.max_concurrency,
             verifier=verifier if trusted_keys is None else self._verify_record,
+            compile_timeout=timeouts.compile,
         )
         self._watcher = Watcher(
             database[collection], self._loader, self._events_bus, max_await_ms=max_await_ms
@@ -165,6 +169,7 @@ class PluginHost:
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
         try:
+            stack.push_async_callback(self._loader.aclose)  # after the task group ends
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             await stack.enter_async_context(self._registry)
             self._loader.bind(self._tg)
@@ -262,6 +267,10 @@ class PluginHost:
             await self._watcher.ready.wait()
         if self._watcher.fatal is not None:
             raise self._watcher.fatal
+
+    def loading(self) -> list[str]:
+        """Names whose record is being loaded right now (the start-up error names them)."""
+        return self._loader.loading()
 
     @property
     def is_ready(self) -> bool:

@@ -32,6 +32,18 @@ once on network errors, CursorNotFound and the ``ResumableChangeStreamError`` la
 * a deployment without change streams (standalone: 40573) or no permission — fatal.
 
 Apart from the initial load and resyncs, the watcher sends no find or count: it never polls.
+
+Wake-ups. The stream's getMore carries no ``maxTimeMS`` unless ``max_await_ms`` is set,
+so the server waits up to its default 1 s. MongoDB documents that wait as a *maximum*:
+for an awaitData cursor, getMore returns as soon as there is data, and an empty batch
+only when the wait ends (https://www.mongodb.com/docs/manual/reference/command/getMore/).
+The embedded server follows that rule: a getMore issued after the write finds the event
+at once, one waiting wakes on the append (``Oplog.wait``); tests/embedded
+test_get_mores_issued_late_never_wait_for_the_await_timeout guards it. Correctness
+never depends on the wake-up: an event only ever waits for the next getMore, which the
+loop below issues as soon as the previous one returns. What does cost time under load
+is the number of event-loop turns between the reply and the swap, each turn one step of
+every runnable caller; see ``host.loader`` for how a reload keeps that number small.
 """
 
 from __future__ import annotations

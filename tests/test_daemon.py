@@ -269,6 +269,29 @@ async def test_unreachable_mongodb_fails_after_startup_timeout(
     assert "hint: " in err
 
 
+async def test_startup_error_names_the_records_still_loading(
+    mongo_uri: str, db: AsyncDatabase[Doc], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """When MongoDB answers but a record is still loading at the deadline, the error says so."""
+    # Sleeps in short steps: the thread stops at the next step once the load is abandoned.
+    await publish(db, "sleeper", "import time\nwhile True:\n    time.sleep(0.01)\n")
+    err = await start_failure(
+        tmp_path,
+        daemons,
+        "--mongodb-uri",
+        mongo_uri,
+        "--database",
+        db.name,
+        "--startup-timeout",
+        "2",
+        "--http",
+        "127.0.0.1:0",
+    )
+    assert "the initial load did not finish within 2 s: 1 record(s) still loading: sleeper" in err
+    assert "not reachable" not in err
+    assert "hint: " in err
+
+
 async def test_bad_uri_fails_clearly(tmp_path: Path, daemons: list[Daemon]) -> None:
     """A malformed connection string is one clear error line."""
     err = await start_failure(

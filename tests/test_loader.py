@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import types
 from typing import Any
 
@@ -9,12 +10,12 @@ import anyio
 import pytest
 import structlog
 
-from host import PluginHost
+from host import PluginHost, PluginNotFound
 from host.compiler import compile_plugins
 from host.errors import CompileError
 from host.plugin import Plugin
 from host.records import PluginRecord
-from tests.support import PROBE, Db, next_event, returning, wait_until
+from tests.support import PROBE, Db, events_for, next_event, returning, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -176,3 +177,37 @@ async def test_a_crashing_verifier_does_not_stop_the_host(db: Any) -> None:
         await next_event(events, "plugin.reloaded")
         assert await host.call("v") == 2
     assert calls >= 3
+
+
+async def test_slow_records_load_side_by_side_and_fail_alone(
+    db: Db, probe: types.SimpleNamespace
+) -> None:
+    """Four records blocked at top level run at once, each fails at its own bound, and
+    start-up becomes ready without them.
+
+    With ``exec_timeout=0.5`` each is cut off after 5 s of wall time. Loaded one after
+    another, the second could not even start within 4 s; side by side, all four start
+    at once, and the plugin behind them in the same batch loads at once too.
+    """
+    started: list[int] = []
+    sys.modules[PROBE].started = started  # type: ignore[attr-defined]
+    blocked = f"import {PROBE}\n{PROBE}.started.append(1)\n{PROBE}.gate.wait()\n"
+    docs: list[dict[str, Any]] = [{"_id": f"slow{i}", "source": blocked} for i in range(4)]
+    docs.append({"_id": "fine", "source": returning(7)})
+    await db.functions.insert_many(docs)
+    async with (
+        PluginHost(db, exec_timeout=0.5, wait_ready=False) as host,
+        host.events() as events,
+    ):
+        await wait_until(lambda: len(started) == 4, "all four slow records run", timeout=4)
+        await wait_until(
+            lambda: host.current("fine") is not None, "the plugin behind them loads", timeout=4
+        )
+        failed = await events_for(events, "plugin.reload_failed", {f"slow{i}" for i in range(4)})
+        await host.ready(timeout=10)
+        assert await host.call("fine") == 7
+        for event in failed.values():
+            assert event["stage"] == "timeout"
+            assert "did not finish within 5 s" in event["error"]
+        with pytest.raises(PluginNotFound):
+            await host.call("slow0")

@@ -247,3 +247,32 @@ def test_policy_codes_are_named() -> None:
     """Every code the policy branches on is a named Code member (no bare numbers)."""
     assert all(isinstance(code, Code) for code in (*RESYNC_CODES, *FATAL_CODES))
     assert int(Code.CHANGE_STREAM_HISTORY_LOST) == 286
+
+
+async def test_changes_go_live_under_busy_callers_without_an_await_timeout(db: Db) -> None:
+    """Under spinning callers, every update goes live long before a 60 s getMore would end.
+
+    An update that reached the host only when the stream's getMore timed out would take
+    60 s; the test allows 20 s for all of them, with 50 callers keeping the loop busy.
+    """
+    await db.functions.insert_one({"_id": "busy", "source": returning(0)})
+    async with PluginHost(db, max_await_ms=60_000) as host:
+        stop = anyio.Event()
+
+        async def spin() -> None:
+            while not stop.is_set():
+                await host.call("busy")
+                await anyio.lowlevel.checkpoint()
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for _ in range(50):
+                    tg.start_soon(spin)
+                for n in range(1, 31):
+                    await db.functions.update_one(
+                        {"_id": "busy"}, {"$set": {"source": returning(n)}}
+                    )
+                    while await host.call("busy") != n:
+                        await anyio.lowlevel.checkpoint()
+                stop.set()
+        assert await host.call("busy") == 30

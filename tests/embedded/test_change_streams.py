@@ -20,6 +20,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure
 
 from host.embedded import EmbeddedMongo
+from tests.support import wait_until
 
 Doc = dict[str, Any]
 pytestmark = pytest.mark.anyio
@@ -539,3 +540,46 @@ async def test_rename_with_drop_target_expanded(db: AsyncDatabase[Doc]) -> None:
     assert "dropTarget" in rename["operationDescription"]
     assert invalidate["operationType"] == "invalidate"
     assert [e["operationType"] for e in target_events] == ["rename", "invalidate"]
+
+
+async def test_get_mores_issued_late_never_wait_for_the_await_timeout(
+    db: AsyncDatabase[Doc],
+) -> None:
+    """Events written before, during and between late getMores all arrive without a timeout.
+
+    The await time is 60 s and the whole exchange must finish within 10 s, so an event
+    that reached the consumer only when a getMore timed out fails the test. Writes land
+    in every position relative to the getMores: while one waits, before one is issued
+    (the consumer is busy), after a write on another namespace (a wake-up with nothing
+    to report), and in bursts that one getMore returns together.
+    """
+    written: list[int] = []
+    seen: list[int] = []
+    async with await db.c.watch(max_await_time_ms=60_000) as stream:
+
+        async def consumer() -> None:
+            while True:
+                event = await stream.try_next()
+                if event is not None:
+                    seen.append(event["fullDocument"]["n"])
+                    if len(seen) % 3 == 0:
+                        await anyio.sleep(0.002)  # busy: the next getMore is issued late
+
+        async def write(n: int) -> None:
+            written.append(n)
+            await db.c.insert_one({"_id": n, "n": n})
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(consumer)
+                for n in range(40):
+                    if n % 4 == 0:
+                        await anyio.wait_all_tasks_blocked()  # a getMore is waiting
+                    elif n % 4 == 1:
+                        await db.other.insert_one({"n": n})  # wakes it with nothing to say
+                    await write(n)
+                    if n % 4 == 3:
+                        await write(1000 + n)  # a burst
+                await wait_until(lambda: len(seen) >= len(written), "every event arrived")
+                tg.cancel_scope.cancel()
+    assert seen == written
