@@ -96,12 +96,19 @@ def hosts_collection_name(collection: str) -> str:
     return f"{collection}{HOSTS_SUFFIX}"
 
 
-def plugin_host_version() -> str:
-    """The installed plugin-host version (``unknown`` when run from a bare checkout)."""
+def _installed_version() -> str:
     try:
         return metadata.version("plugin-host")
     except metadata.PackageNotFoundError:  # pragma: no cover - always installed here
         return "unknown"
+
+
+_VERSION = _installed_version()  # read once at import: it stats files (not in the loop)
+
+
+def plugin_host_version() -> str:
+    """The installed plugin-host version (``unknown`` when run from a bare checkout)."""
+    return _VERSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,13 +296,12 @@ class StatusReporter:
         self._started = True
         self._mark_dirty()
         try:
-            async with anyio.create_task_group() as tg:
+            async with subscription, anyio.create_task_group() as tg:
                 tg.start_soon(self._follow, subscription)
                 task_status.started()
                 await self._write_loop()
                 tg.cancel_scope.cancel()
         finally:
-            subscription.close()
             self._stopped.set()
 
     async def aclose(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - shutdown bound
