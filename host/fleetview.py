@@ -43,6 +43,7 @@ __all__ = (
     "Progress",
     "Target",
     "fleet_status",
+    "host_fleet_status",
     "summarize",
     "wait_for_fleet",
 )
@@ -380,6 +381,25 @@ async def fleet_status(
     docs = [d async for d in db[hosts_name].find({})]
     server_now, _ = await _server_clock(db)
     return summarize(f"{db.name}.{collection}", records, docs, server_now, name=name)
+
+
+async def host_fleet_status(host: Any, name: str | None = None) -> FleetStatus:
+    """The fleet of the collection a running ``PluginHost`` watches (``GET /fleet``).
+
+    Args:
+        host: The plugin host (its database, collection and hosts collection are used).
+        name: Only this plugin.
+
+    Returns:
+        The fleet view.
+    """
+    reporter = host.status_reporter
+    return await fleet_status(
+        host.database,
+        collection=host.collection_name,
+        hosts_collection=reporter.collection_name if reporter is not None else None,
+        name=name,
+    )
 
 
 # -- waiting -------------------------------------------------------------------------------

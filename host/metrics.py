@@ -14,7 +14,10 @@ Metrics:
 * ``plugin_host_change_to_live_seconds`` — histogram of the time from a record change
   (its ``wallTime``) to the new version serving;
 * ``plugin_host_in_flight_calls`` — HTTP calls running now;
-* ``plugin_host_ready`` — 1 when the host is ready (``/readyz``), else 0.
+* ``plugin_host_ready`` — 1 when the host is ready (``/readyz``), else 0;
+* ``plugin_host_fleet_report_lag_seconds`` — histogram of the time from a change of what
+  this host serves (or refused) to the write that reported it to the hosts collection
+  (``fleet.reported`` events' ``lag_ms``; see :mod:`host.fleet`).
 
 Updates are plain attribute writes on the event loop thread: no lock is needed.
 """
@@ -85,6 +88,7 @@ class Metrics:
         self.in_flight = 0
         self.call_seconds = Histogram(CALL_BUCKETS)
         self.change_to_live_seconds = Histogram(LIVE_BUCKETS)
+        self.report_lag_seconds = Histogram(LIVE_BUCKETS)
         self.ready = ready
 
     def count_call(self, outcome: str, seconds: float | None = None) -> None:
@@ -102,6 +106,10 @@ class Metrics:
                 self.change_to_live_seconds.observe(max(live_ms, 0.0) / 1000.0)
         elif event in ("plugin.reload_failed", "plugin.rejected"):
             self.reload_failures += 1
+        elif event == "fleet.reported":
+            lag_ms = fields.get("lag_ms")
+            if isinstance(lag_ms, int | float):
+                self.report_lag_seconds.observe(max(lag_ms, 0.0) / 1000.0)
 
     def render(self) -> str:
         """The metrics in the Prometheus text exposition format (version 0.0.4)."""
@@ -130,6 +138,12 @@ class Metrics:
             "Time from a record change to its version serving.",
         )
         out.extend(self.change_to_live_seconds.lines("plugin_host_change_to_live_seconds"))
+        family(
+            "plugin_host_fleet_report_lag_seconds",
+            "histogram",
+            "Time from a change of what this host serves to its report in the hosts collection.",
+        )
+        out.extend(self.report_lag_seconds.lines("plugin_host_fleet_report_lag_seconds"))
         family("plugin_host_in_flight_calls", "gauge", "Calls through the HTTP API running now.")
         out.append(f"plugin_host_in_flight_calls {self.in_flight}")
         if self.ready is not None:

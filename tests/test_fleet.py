@@ -11,6 +11,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from host import PluginHost
 from host.fleet import TTL_INDEX, StatusReporting, hosts_collection_name, served_map
+from host.metrics import Metrics, follow_events
 from host.publish import publish
 
 from .support import next_event, wait_until
@@ -186,3 +187,17 @@ async def test_coalesces_a_burst_and_writes_in_seq_order(db: AsyncDatabase[Doc])
                     seqs.append(event["updateDescription"]["updatedFields"]["seq"])
         assert 1 <= writes < 60
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+async def test_report_lag_reaches_the_metrics(db: AsyncDatabase[Doc]) -> None:
+    """The daemon's metrics observe each report's lag from the host's fleet.reported events."""
+    metrics = Metrics()
+    await publish(db, "greet", source(1))
+    async with PluginHost(db, report_status=FAST) as host, anyio.create_task_group() as tg:
+        tg.start_soon(follow_events, host, metrics)
+        await publish(db, "greet", source(2))
+        await wait_until(lambda: metrics.report_lag_seconds.count > 0, "a report's lag is seen")
+        tg.cancel_scope.cancel()
+    text = metrics.render()
+    assert "# TYPE plugin_host_fleet_report_lag_seconds histogram" in text
+    assert f"plugin_host_fleet_report_lag_seconds_count {metrics.report_lag_seconds.count}" in text

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -22,6 +23,7 @@ from host.fleetview import (
     summarize,
     wait_for_fleet,
 )
+from host.http import create_app
 from host.publish import publish, set_enabled
 
 from .support import wait_until
@@ -243,3 +245,34 @@ async def test_wait_for_disable(db: AsyncDatabase[Doc]) -> None:
         with anyio.fail_after(15):
             await set_enabled(db, "greet", True)
             await wait_for_fleet(db, [Target("greet", 1)], timeout=15)
+
+
+async def test_get_fleet_serves_the_same_view(db: AsyncDatabase[Doc]) -> None:
+    """GET /fleet answers what fleet_status says (and 503 when MongoDB cannot say)."""
+    await publish(db, "greet", source(1))
+    async with fleet(db, 2) as hosts:
+        app = create_app(hosts[0])
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://plugin-host") as client,
+        ):
+            reply = await client.get("/fleet")
+            assert reply.status_code == 200
+            body = reply.json()
+            assert body["plugins"]["greet"]["converged"] is True
+            assert body["plugins"]["greet"]["hosts_serving"] == 2
+            assert {h["id"] for h in body["hosts"]} == {
+                h.status_reporter.host_id for h in hosts if h.status_reporter is not None
+            }
+            assert (await client.get("/fleet?name=nope")).json()["plugins"] == {}
+            await db.client.admin.command(
+                "configureFailPoint",
+                "failCommand",
+                mode={"times": 1},
+                data={"failCommands": ["find"], "errorCode": 13,
+                      "namespace": f"{db.name}.functions"},
+            )  # fmt: skip
+            failed = await client.get("/fleet")
+            assert failed.status_code == 503
+            assert failed.json()["error"]["type"] == "FleetUnavailable"
