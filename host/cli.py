@@ -46,6 +46,17 @@ from .daemon import (
     run_daemon,
 )
 from .devsync import sync_folder
+from .fleet import StatusReporting
+from .fleetview import (
+    FleetRefused,
+    FleetStatus,
+    FleetTimeout,
+    FleetWaitError,
+    Target,
+    fleet_status,
+    wait_for_fleet,
+)
+from .fleetview import Progress as FleetProgress
 from .http import OPEN_ENDPOINTS
 from .publish import (
     Published,
@@ -137,6 +148,14 @@ def embedded_mongo(
     log_format: Annotated[
         str, typer.Option("--log-format", help="json, console or auto.")
     ] = "auto",
+    ttl_monitor_period: Annotated[
+        float,
+        typer.Option(
+            "--ttl-monitor-period",
+            min=0.01,
+            help="Seconds between TTL index sweeps (mongod's ttlMonitorSleepSecs).",
+        ),
+    ] = 60.0,
 ) -> None:
     """Run the embedded MongoDB-compatible server (single-node replica set) until SIGINT/SIGTERM."""
     from .embedded import EmbeddedMongo
@@ -148,7 +167,13 @@ def embedded_mongo(
         # The receiver opens before the server starts: a SIGTERM during start-up is queued
         # and handled once the server is up (a clean stop), never the default kill (-15).
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            server = EmbeddedMongo(port=port, data_dir=data_dir, host=bind, oplog_size=oplog_size)
+            server = EmbeddedMongo(
+                port=port,
+                data_dir=data_dir,
+                host=bind,
+                oplog_size=oplog_size,
+                ttl_monitor_period=ttl_monitor_period,
+            )
             try:
                 await server.start()
             except DataDirLocked as exc:
@@ -404,6 +429,10 @@ def run(
     call_timeout: CallTimeout = 30.0,
     max_concurrency: MaxConcurrency = 64,
     require_depth: RequireDepth = 16,
+    report_status: ReportStatus = True,
+    heartbeat: Heartbeat = 5.0,
+    host_ttl: HostTtl = None,
+    host_id: HostId = None,
 ) -> None:
     """Serve the plugins of a MongoDB collection over HTTP, reloading them live.
 
@@ -415,6 +444,7 @@ def run(
     _check_exposure(http, auth_token)
     opened = _parse_open_endpoints(open_endpoints)
     keys = _load_trusted(trusted_keys)
+    reporting = _reporting(report_status, heartbeat, host_ttl, host_id)
     configure_logging(log_format)
     sock = _daemon_socket(http)
     try:
@@ -443,6 +473,7 @@ def run(
                 trusted_keys=keys,
                 auth_token=auth_token,
                 open_endpoints=opened,
+                report_status=reporting,
             )
         finally:
             await client.close()
@@ -495,6 +526,10 @@ def dev(
     call_timeout: CallTimeout = 30.0,
     max_concurrency: MaxConcurrency = 64,
     require_depth: RequireDepth = 16,
+    report_status: ReportStatus = True,
+    heartbeat: Heartbeat = 5.0,
+    host_ttl: HostTtl = None,
+    host_id: HostId = None,
 ) -> None:
     """Zero-infrastructure development: embedded MongoDB, the example plugins, HTTP, live sync.
 
@@ -513,6 +548,7 @@ def dev(
     plugins_dir = plugins_dir.resolve()
     _check_exposure(http, None)  # dev has no token: loopback only
     keys = _load_trusted(trusted_keys)
+    reporting = _reporting(report_status, heartbeat, host_ttl, host_id)
     sock = _daemon_socket(http, next_free=20)
     wanted_port = parse_address(http)[1]
     log = structlog.get_logger("host.dev")
@@ -590,6 +626,7 @@ def dev(
                 max_concurrency=max_concurrency or None,
                 require_depth=require_depth,
                 trusted_keys=keys,
+                report_status=reporting,
             )
         finally:
             await client.close()
@@ -644,14 +681,30 @@ def push(
     collection: Collection = "functions",
     connect_timeout: ConnectTimeout = 5.0,
     sign_key: SignKey = None,
+    wait: Wait = False,
+    wait_timeout: WaitTimeout = 60.0,
 ) -> None:
-    """Publish a plugin file (or a folder of them) as a new revision (signed with --sign-key)."""
+    """Publish a plugin file (or a folder of them) as a new revision (signed with --sign-key).
+
+    With --wait: exit 0 once every live host serves it, 1 as soon as a host refuses it
+    (naming the host, stage and error) or at --timeout (naming the hosts behind).
+    """
+    fleet_wait = _FleetWait(collection, wait_timeout) if wait else None
     if directory is not None:
         if name is not None or file is not None:
             raise fail("give either NAME FILE or --dir DIR, not both")
         if not directory.is_dir():
             raise fail(f"folder {str(directory)!r} does not exist")
-        _push_dir(directory, force, mongodb_uri, database, collection, connect_timeout, sign_key)
+        _push_dir(
+            directory,
+            force,
+            mongodb_uri,
+            database,
+            collection,
+            connect_timeout,
+            sign_key,
+            fleet_wait,
+        )
         return
     if name is None or file is None:
         raise fail("push needs NAME and FILE", "plugin-host push greet plugins_examples/greet.py")
@@ -660,7 +713,7 @@ def push(
 
     async def job(db: Any) -> Published:
         signer = await _load_signer(sign_key)
-        return await publish_file(
+        published = await publish_file(
             db,
             file,
             name=name,
@@ -669,20 +722,25 @@ def push(
             force=force,
             sign=signer,
         )
+        if published.changed:
+            verb = "created" if published.created else "published"
+            _console.print(f"[green]{verb}[/] {name} revision {published.revision}")
+        else:
+            _console.print(
+                f"{name} is unchanged at revision {published.revision} (--force publishes anyway)"
+            )
+        if fleet_wait is not None:
+            await fleet_wait(db, [Target(published.name, published.revision)])
+        return published
 
     try:
-        published = _with_db(mongodb_uri, database, connect_timeout, job)
+        _with_db(mongodb_uri, database, connect_timeout, job)
     except PublishError as exc:
         raise fail(str(exc), "fix the file and push again") from None
     except TrustError as exc:
         raise _sign_key_error(exc) from None
-    if published.changed:
-        verb = "created" if published.created else "published"
-        _console.print(f"[green]{verb}[/] {name} revision {published.revision}")
-    else:
-        _console.print(
-            f"{name} is unchanged at revision {published.revision} (--force publishes anyway)"
-        )
+    except FleetWaitError as exc:
+        raise _fleet_failed(exc) from None
 
 
 def _push_dir(
@@ -693,6 +751,7 @@ def _push_dir(
     collection: str,
     timeout: float,
     sign_key: Path | None,
+    fleet_wait: _FleetWait | None = None,
 ) -> None:
     files = plugin_files(directory)
     if not files:
@@ -719,14 +778,20 @@ def _push_dir(
 
         async def job(db: Any) -> None:
             signer = await _load_signer(sign_key)
-            await publish_dir(
+            outcomes = await publish_dir(
                 db, directory, collection=collection, force=force, on_progress=step, sign=signer
             )
+            progress.stop()
+            done = [Target(o.name, o.revision) for o in outcomes if isinstance(o, Published)]
+            if fleet_wait is not None and done and not failures:
+                await fleet_wait(db, done)
 
         try:
             _with_db(uri, database, timeout, job)
         except TrustError as exc:
             raise _sign_key_error(exc) from None
+        except FleetWaitError as exc:
+            raise _fleet_failed(exc) from None
     if failures:
         raise fail(
             f"{len(failures)} of {len(files)} plugins were not published", "fix them and push again"
@@ -812,6 +877,8 @@ def rollback(
     collection: Collection = "functions",
     connect_timeout: ConnectTimeout = 5.0,
     sign_key: SignKey = None,
+    wait: Wait = False,
+    wait_timeout: WaitTimeout = 60.0,
 ) -> None:
     """Publish an earlier revision's source again, as a new (higher) revision.
 
@@ -819,28 +886,51 @@ def rollback(
     --trusted-keys refuse an old signature: revisions must not go backwards).
     """
 
-    async def job(db: Any) -> tuple[Published, int]:
+    fleet_wait = _FleetWait(collection, wait_timeout) if wait else None
+
+    async def job(db: Any) -> None:
         signer = await _load_signer(sign_key)
-        return await rollback_plugin(db, name, to=to, collection=collection, sign=signer)
+        published, source_rev = await rollback_plugin(
+            db, name, to=to, collection=collection, sign=signer
+        )
+        _console.print(
+            f"[green]rolled back[/] {name} to the source of revision {source_rev}, "
+            f"published as revision {published.revision}"
+        )
+        if fleet_wait is not None:
+            await fleet_wait(db, [Target(name, published.revision)])
 
     try:
-        published, source_rev = _with_db(mongodb_uri, database, connect_timeout, job)
+        _with_db(mongodb_uri, database, connect_timeout, job)
     except TrustError as exc:
         raise _sign_key_error(exc) from None
     except UnknownRevision as exc:
         raise fail(str(exc), "pick one with --to N") from None
-    _console.print(
-        f"[green]rolled back[/] {name} to the source of revision {source_rev}, "
-        f"published as revision {published.revision}"
-    )
+    except FleetWaitError as exc:
+        raise _fleet_failed(exc) from None
 
 
-def _toggle(name: str, enabled: bool, uri: str, database: str, collection: str, t: float) -> None:
+def _toggle(
+    name: str,
+    enabled: bool,
+    uri: str,
+    database: str,
+    collection: str,
+    t: float,
+    fleet_wait: _FleetWait | None = None,
+) -> None:
     async def job(db: Any) -> None:
         await set_enabled(db, name, enabled, collection=collection)
+        _console.print(f"{'enabled' if enabled else 'disabled'} {name}")
+        if fleet_wait is not None:
+            revision = (await get_record(db, name, collection=collection)).get("revision")
+            target = revision if enabled and isinstance(revision, int) else None
+            await fleet_wait(db, [Target(name, target)])
 
-    _with_db(uri, database, t, job)
-    _console.print(f"{'enabled' if enabled else 'disabled'} {name}")
+    try:
+        _with_db(uri, database, t, job)
+    except FleetWaitError as exc:
+        raise _fleet_failed(exc) from None
 
 
 @app.command()
@@ -850,9 +940,12 @@ def enable(
     database: Database = "app",
     collection: Collection = "functions",
     connect_timeout: ConnectTimeout = 5.0,
+    wait: Wait = False,
+    wait_timeout: WaitTimeout = 60.0,
 ) -> None:
-    """Enable a plugin: hosts load it again."""
-    _toggle(name, True, mongodb_uri, database, collection, connect_timeout)
+    """Enable a plugin: hosts load it again (--wait: until every live host serves it)."""
+    fleet_wait = _FleetWait(collection, wait_timeout) if wait else None
+    _toggle(name, True, mongodb_uri, database, collection, connect_timeout, fleet_wait)
 
 
 @app.command()
@@ -862,9 +955,15 @@ def disable(
     database: Database = "app",
     collection: Collection = "functions",
     connect_timeout: ConnectTimeout = 5.0,
+    wait: Wait = False,
+    wait_timeout: WaitTimeout = 60.0,
 ) -> None:
-    """Disable a plugin: hosts unload it (the record and its history stay)."""
-    _toggle(name, False, mongodb_uri, database, collection, connect_timeout)
+    """Disable a plugin: hosts unload it (the record and its history stay).
+
+    With --wait: until no live host serves it any more.
+    """
+    fleet_wait = _FleetWait(collection, wait_timeout) if wait else None
+    _toggle(name, False, mongodb_uri, database, collection, connect_timeout, fleet_wait)
 
 
 @app.command("delete")
@@ -984,6 +1083,221 @@ def call(
         _console.print_json(data=reply.get("result"))
     else:
         sys.stdout.write(json.dumps(reply.get("result"), ensure_ascii=False) + "\n")
+
+
+# -- fleet: status reporting, `status`, `--wait` (issue 15) -------------------------------
+# One block on purpose: it moves as a whole into the host/cli/ package of the
+# architecture pass. The logic lives in host/fleet.py and host/fleetview.py.
+
+ReportStatus = Annotated[
+    bool,
+    typer.Option(
+        "--report-status/--no-report-status",
+        help="Keep this host's document in <collection>_hosts (for `status` and `push --wait`).",
+    ),
+]
+Heartbeat = Annotated[
+    float, typer.Option("--heartbeat", min=0.01, help="Seconds between status heartbeats.")
+]
+HostTtl = Annotated[
+    float | None,
+    typer.Option(
+        "--host-ttl",
+        min=0.02,
+        help="Seconds without a heartbeat before the host counts as dead (default: 3 heartbeats).",
+    ),
+]
+HostId = Annotated[
+    str | None,
+    typer.Option(
+        "--host-id",
+        envvar="PLUGIN_HOST_ID",
+        help="This host's id in the hosts collection (default hostname:pid:random).",
+    ),
+]
+Wait = Annotated[
+    bool,
+    typer.Option(
+        "--wait",
+        help="Wait until every live host serves it: exit 1 if one refuses it, or at --timeout.",
+    ),
+]
+WaitTimeout = Annotated[
+    float, typer.Option("--timeout", min=0.1, help="With --wait: seconds to wait.")
+]
+
+
+def _reporting(
+    enabled: bool, heartbeat: float, ttl: float | None, host_id: str | None
+) -> StatusReporting | bool:
+    if not enabled:
+        return False
+    try:
+        return StatusReporting(heartbeat=heartbeat, ttl=ttl, host_id=host_id)
+    except ValueError as exc:
+        raise fail(f"status reporting: {exc}", "pass --host-ttl longer than --heartbeat") from None
+
+
+class _FleetWait:
+    """``--wait``: follow the hosts collection until the fleet serves the targets."""
+
+    def __init__(self, collection: str, timeout: float) -> None:
+        self.collection = collection
+        self.timeout = timeout
+
+    async def __call__(self, db: Any, targets: list[Target]) -> None:
+        if _errors.is_terminal:
+            with _errors.status("waiting for the fleet") as status:
+                done = await wait_for_fleet(
+                    db,
+                    targets,
+                    collection=self.collection,
+                    timeout=self.timeout,
+                    on_progress=lambda p: status.update(p.line),
+                )
+        else:
+
+            def show(progress: FleetProgress) -> None:
+                print(progress.line, file=sys.stderr, flush=True)
+
+            done = await wait_for_fleet(
+                db, targets, collection=self.collection, timeout=self.timeout, on_progress=show
+            )
+        what = (
+            f"{targets[0].name} r{targets[0].revision}"
+            if len(targets) == 1 and targets[0].revision is not None
+            else f"without {targets[0].name}"
+            if len(targets) == 1
+            else f"{len(targets)} plugins"
+        )
+        _console.print(
+            f"[green]converged[/] in {done.seconds * 1000:.0f} ms: "
+            f"{len(done.hosts)}/{len(done.hosts)} hosts serving {what}"
+        )
+
+
+def _fleet_failed(exc: FleetWaitError) -> typer.Exit:
+    """Print why the fleet did not converge, one line per host; the exit (status 1)."""
+    if isinstance(exc, FleetRefused):
+        for r in exc.refusals:
+            typer.secho(
+                f"error: host {r['host']} refused {r['plugin']} r{r['revision']} at stage "
+                f"{r['stage']}: {r['error']}",
+                fg=typer.colors.RED,
+                err=True,
+            )
+        typer.echo(
+            "hint: the hosts keep serving the version they had; fix it and push again", err=True
+        )
+    elif isinstance(exc, FleetTimeout):
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        for b in exc.behind:
+            serving = f"r{b['revision']}" if b["revision"] is not None else "nothing"
+            typer.echo(f"  behind: {b['host']} serves {b['plugin']} {serving}", err=True)
+        typer.echo("hint: `plugin-host status` shows every host; --timeout waits longer", err=True)
+    else:  # pragma: no cover - the two kinds above are all there is
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=1)
+
+
+@app.command()
+def status(
+    name: Annotated[str | None, typer.Argument(help="Only this plugin.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    mongodb_uri: MongoUri = DEFAULT_URI,
+    database: Database = "app",
+    collection: Collection = "functions",
+    connect_timeout: ConnectTimeout = 5.0,
+) -> None:
+    """Which host serves what, who refused it and why, and whether the fleet has converged."""
+
+    async def job(db: Any) -> FleetStatus:
+        return await fleet_status(db, collection=collection, name=name)
+
+    view = _with_db(mongodb_uri, database, connect_timeout, job)
+    if as_json:
+        sys.stdout.write(json.dumps(view.as_dict(), default=str) + "\n")
+        return
+    if _console.is_terminal:
+        _print_status_table(view)
+    else:
+        _print_status_plain(view)
+
+
+def _host_state(host: Any) -> str:
+    if not host.alive:
+        return f"dead ({host.age_s:.0f} s)"
+    if host.draining:
+        return "draining"
+    if host.late:
+        return f"late ({host.age_s:.1f} s)"
+    return "ready" if host.ready else "starting"
+
+
+def _print_status_plain(view: FleetStatus) -> None:
+    if not view.hosts:
+        print(f"no host reports to {view.namespace}_hosts (run `plugin-host run`)")
+    for name, p in sorted(view.plugins.items()):
+        rev = (
+            f"r{p.revision}"
+            if p.revision is not None
+            else ("disabled" if p.enabled is False else "-")
+        )
+        state = "converged" if p.converged else "NOT converged"
+        print(f"{name} {rev}: {p.hosts_serving}/{p.hosts_alive} hosts serving, {state}")
+        for host, serving in p.behind:
+            print(f"  behind: {host} on {'r' + str(serving) if serving is not None else 'nothing'}")
+        for r in p.rejected:
+            print(f"  refused: {r['host']} r{r['revision']} at stage {r['stage']}: {r['error']}")
+    for h in view.hosts:
+        print(f"host {h.id} pid {h.pid} {_host_state(h)}, {len(h.plugins)} plugins")
+    for h in view.late:
+        print(f"late heartbeat: {h.id} ({h.age_s:.1f} s ago, every {h.heartbeat_s:g} s)")
+
+
+def _print_status_table(view: FleetStatus) -> None:
+    plugins = Table(title=f"{view.namespace}: plugins")
+    for column in ("plugin", "revision", "serving", "behind", "refused", "converged"):
+        plugins.add_column(column)
+    for name, p in sorted(view.plugins.items()):
+        behind = ", ".join(f"{h} ({'r' + str(r) if r is not None else '-'})" for h, r in p.behind)
+        refused = "\n".join(f"{r['host']}: {r['stage']}: {r['error']}" for r in p.rejected)
+        rev = (
+            str(p.revision)
+            if p.revision is not None
+            else ("disabled" if p.enabled is False else "-")
+        )
+        plugins.add_row(
+            name,
+            rev,
+            f"{p.hosts_serving}/{p.hosts_alive}",
+            behind or "-",
+            f"[red]{refused}[/]" if refused else "-",
+            "[green]yes[/]" if p.converged else "[yellow]no[/]",
+        )
+    _console.print(plugins)
+    hosts = Table(title=f"{view.namespace}: hosts")
+    for column in ("host", "hostname", "pid", "version", "state", "heartbeat", "plugins"):
+        hosts.add_column(column)
+    for h in view.hosts:
+        state = _host_state(h)
+        style = "red" if not h.alive else "yellow" if h.late or h.draining else "green"
+        hosts.add_row(
+            h.id,
+            h.hostname,
+            str(h.pid),
+            h.version or "-",
+            f"[{style}]{state}[/]",
+            f"{h.age_s:.1f} s ago",
+            str(len(h.plugins)),
+        )
+    if not view.hosts:
+        _console.print(f"no host reports to {view.namespace}_hosts (run `plugin-host run`)")
+    else:
+        _console.print(hosts)
+
+
+# -- end of the fleet block ---------------------------------------------------------------
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ import anyio
 import structlog
 import uvicorn
 
+from .fleet import StatusReporting
 from .http import create_app
 from .metrics import Metrics
 from .runtime import PluginHost
@@ -189,6 +190,7 @@ async def run_daemon(
     context: dict[str, Any] | None = None,
     on_ready: Callable[[PluginHost], None] | None = None,
     background: Sequence[Background] = (),
+    report_status: bool | StatusReporting = False,
 ) -> None:
     """Serve ``db[collection]``'s plugins over HTTP on ``sock`` until SIGTERM/SIGINT.
 
@@ -214,6 +216,8 @@ async def run_daemon(
         context: Host globals for plugins.
         on_ready: Called once when the host is ready.
         background: Tasks started when ready and stopped (their event set) on shutdown.
+        report_status: Report what this host serves to the hosts collection (see
+            :mod:`host.fleet`); ``run`` and ``dev`` turn it on.
 
     Raises:
         StartupError: Not ready in time, or the collection cannot be watched.
@@ -230,6 +234,7 @@ async def run_daemon(
         require_depth=require_depth,
         max_source_bytes=max_source_bytes,
         trusted_keys=trusted_keys,
+        report_status=report_status,
     )
     metrics = Metrics()
     app = create_app(

@@ -586,6 +586,7 @@ async def wait_for_fleet(
     hosts_collection: str | None = None,
     timeout: float = 60.0,  # noqa: ASYNC109 - the wait's bound is its contract
     on_progress: Callable[[Progress], None] | None = None,
+    refusal_grace: float = 2.0,
 ) -> Convergence:
     """Wait until every live host serves ``targets``; fail as soon as one refuses them.
 
@@ -596,6 +597,9 @@ async def wait_for_fleet(
         hosts_collection: The hosts collection (default ``<collection>_hosts``).
         timeout: Seconds to wait.
         on_progress: Called with the progress each time it changes.
+        refusal_grace: After the first refusal, seconds to let the other live hosts
+            decide (serve or refuse) so the error names every host that refused; it
+            ends as soon as they all have.
 
     Returns:
         How long it took, and which hosts serve.
@@ -626,11 +630,17 @@ async def wait_for_fleet(
         async for doc in coll.find({}):
             fleet.put(doc)
         last: tuple[int, int] | None = None
+        refused_at: float | None = None
         while True:
             counted, serving, refusals, behind = _evaluate(fleet, wanted)
             elapsed = time.monotonic() - started
             if refusals:
-                raise FleetRefused(refusals)
+                # Fail fast, yet name every host: wait (briefly) for the undecided ones.
+                refused_hosts = {r["host"] for r in refusals}
+                undecided = {b["host"] for b in behind} - refused_hosts
+                refused_at = time.monotonic() if refused_at is None else refused_at
+                if not undecided or time.monotonic() >= min(refused_at + refusal_grace, deadline):
+                    raise FleetRefused(refusals)
             if counted and len(serving) == len(counted):
                 if on_progress is not None:
                     on_progress(Progress(len(serving), len(counted), wanted, elapsed))
