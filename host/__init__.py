@@ -13,6 +13,7 @@ from .errors import PluginTimeout as PluginTimeout
 from .errors import RecordError as RecordError
 from .errors import RequireDepthExceeded as RequireDepthExceeded
 from .events import HostEvent as HostEvent
+from .fleet import StatusReporting as StatusReporting
 from .loader import PluginInfo as PluginInfo
 from .records import PluginRecord as PluginRecord
 from .records import parse_record as parse_record
@@ -34,6 +35,7 @@ __all__ = (
     "PluginTimeout",
     "RecordError",
     "RequireDepthExceeded",
+    "StatusReporting",
     "WatchFatal",
     "parse_record",
 )

@@ -24,7 +24,7 @@ from host.fleetview import (
     wait_for_fleet,
 )
 from host.http import create_app
-from host.publish import publish, set_enabled
+from host.publish import publish, set_enabled, wait_converged
 
 from .support import wait_until
 
@@ -276,3 +276,15 @@ async def test_get_fleet_serves_the_same_view(db: AsyncDatabase[Doc]) -> None:
             failed = await client.get("/fleet")
             assert failed.status_code == 503
             assert failed.json()["error"]["type"] == "FleetUnavailable"
+
+
+async def test_python_callers_wait_through_host_publish(db: AsyncDatabase[Doc]) -> None:
+    """host.publish.wait_converged waits for what publish returned, like push --wait."""
+    await publish(db, "greet", source(1))
+    async with fleet(db, 2):
+        pushed = await publish(db, "greet", source(2))
+        done = await wait_converged(db, pushed, timeout=15)
+        assert len(done.hosts) == 2 and done.targets == (Target("greet", 2),)
+        bad = await publish(db, "greet", BROKEN)
+        with pytest.raises(FleetRefused, match="stage import"):
+            await wait_converged(db, [bad], timeout=15)
