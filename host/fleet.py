@@ -42,6 +42,7 @@ Design note — one writer, coalesced, off the call path:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import secrets
@@ -96,19 +97,16 @@ def hosts_collection_name(collection: str) -> str:
     return f"{collection}{HOSTS_SUFFIX}"
 
 
-def _installed_version() -> str:
+@functools.cache
+def plugin_host_version() -> str:
+    """The installed plugin-host version (``unknown`` when run from a bare checkout).
+
+    It reads package metadata from disk: call it from a worker thread in async code.
+    """
     try:
         return metadata.version("plugin-host")
     except metadata.PackageNotFoundError:  # pragma: no cover - always installed here
         return "unknown"
-
-
-_VERSION = _installed_version()  # read once at import: it stats files (not in the loop)
-
-
-def plugin_host_version() -> str:
-    """The installed plugin-host version (``unknown`` when run from a bare checkout)."""
-    return _VERSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,7 +265,7 @@ class StatusReporter:
             "instance": self.instance,
             "hostname": hostname,
             "pid": os.getpid(),
-            "version": plugin_host_version(),
+            "version": None,  # filled in by run() (reading it touches the disk)
             "namespace": f"{database.name}.{functions}",
             "started_at": datetime.now(UTC),
             "heartbeat_s": options.heartbeat,
@@ -294,6 +292,7 @@ class StatusReporter:
         subscription = self._events.subscribe(0)
         self._subscription = subscription
         self._started = True
+        self._identity["version"] = await anyio.to_thread.run_sync(plugin_host_version)
         self._mark_dirty()
         try:
             async with subscription, anyio.create_task_group() as tg:
