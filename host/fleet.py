@@ -282,7 +282,6 @@ class StatusReporter:
         self._failing = False
         self._indexed = False
         self._need_full = True
-        self._subscription: Subscription | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -290,16 +289,16 @@ class StatusReporter:
         """Follow the host's events and write the document until :meth:`aclose`."""
         # Subscribed before started(): no refusal emitted after this point is missed.
         subscription = self._events.subscribe(0)
-        self._subscription = subscription
         self._started = True
-        self._identity["version"] = await anyio.to_thread.run_sync(plugin_host_version)
-        self._mark_dirty()
         try:
-            async with subscription, anyio.create_task_group() as tg:
-                tg.start_soon(self._follow, subscription)
-                task_status.started()
-                await self._write_loop()
-                tg.cancel_scope.cancel()
+            async with subscription:
+                self._identity["version"] = await anyio.to_thread.run_sync(plugin_host_version)
+                self._mark_dirty()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._follow, subscription)
+                    task_status.started()
+                    await self._write_loop()
+                    tg.cancel_scope.cancel()
         finally:
             self._stopped.set()
 

@@ -72,7 +72,7 @@ async def fleet_of(
             )
             out.append((daemon, client))
         for daemon, client in out:
-            await wait_ready(client, daemon)
+            await wait_ready(client, daemon, timeout=180)  # several start at once
         await wait_until(
             lambda: _alive(db, n), f"{n} daemons report ready", timeout=30, interval=0.05
         )
@@ -180,7 +180,7 @@ async def test_host_whose_status_writes_fail_keeps_serving(
         daemon = Daemon.run(tmp_path, mongo_uri, db.name, f"127.0.0.1:{port}", *FAST)
         daemons.append(daemon)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            await wait_ready(client, daemon)
+            await wait_ready(client, daemon, timeout=180)  # several start at once
             await publish(db, "greet", GOOD.format(value=2))
 
             async def serves_new() -> bool:
