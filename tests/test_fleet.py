@@ -11,6 +11,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from host import PluginHost
 from host.fleet import TTL_INDEX, StatusReporting, hosts_collection_name, served_map
+from host.fleetview import fleet_status
 from host.metrics import Metrics, follow_events
 from host.publish import publish
 
@@ -201,3 +202,45 @@ async def test_report_lag_reaches_the_metrics(db: AsyncDatabase[Doc]) -> None:
     text = metrics.render()
     assert "# TYPE plugin_host_fleet_report_lag_seconds histogram" in text
     assert f"plugin_host_fleet_report_lag_seconds_count {metrics.report_lag_seconds.count}" in text
+
+
+GATED = """
+async def main(ctx, args):
+    ctx.started.set()
+    await ctx.gate.wait()
+    return "done"
+"""
+
+
+async def test_draining_host_says_so_then_leaves(db: AsyncDatabase[Doc]) -> None:
+    """While it drains, the host's document says draining (not counted); then it is deleted."""
+    started, gate, leave, up = anyio.Event(), anyio.Event(), anyio.Event(), anyio.Event()
+    await publish(db, "gated", GATED)
+    hosts: list[PluginHost] = []
+
+    async def serve() -> None:
+        context = {"started": started, "gate": gate}
+        async with PluginHost(db, report_status=FAST, context=context) as host:
+            hosts.append(host)
+            up.set()
+            await leave.wait()
+
+    coll = db[hosts_collection_name("functions")]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(serve)
+        await up.wait()
+        (host,) = hosts
+        reporter = host.status_reporter
+        assert reporter is not None
+        host_id = reporter.host_id
+        tg.start_soon(host.call, "gated")
+        await started.wait()
+        leave.set()  # shutdown begins; the call in flight holds it in the drain
+        await wait_until(
+            lambda: _doc_where(db, host, lambda d: d.get("draining")), "the host reports draining"
+        )
+        view = await fleet_status(db)
+        assert view.plugins["gated"].hosts_alive == 0  # alive, but no longer counted
+        assert [h.draining for h in view.hosts] == [True]
+        gate.set()
+    assert await coll.find_one({"_id": host_id}) is None
