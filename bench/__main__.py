@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import coldstart, fleet, latency, report, swap, throughput
+from . import coldstart, fleet, latency, report, startup, swap, throughput
 from .common import Config, Target, configure_logging, embedded_server, machine_info
 from .readme_section import update_readme
 
@@ -33,6 +33,7 @@ GROUPS: dict[str, Callable[[Target, Config], Awaitable[dict[str, Any]]]] = {
     "latency": latency.run,
     "coldstart": coldstart.run,
     "swap": swap.run,
+    "startup": startup.run,
     "fleet": fleet.run,
 }
 

@@ -54,7 +54,7 @@ async def _child(uri: str, db_name: str, expected: int) -> dict[str, Any]:
             await host.ready()
             ready_s = time.perf_counter() - started
             after = rss()
-            loaded = len(host.registry)
+            loaded = len(host._registry)
             probe = await host.call(f"c{expected - 1}", {})
         finally:
             stop = time.perf_counter()

@@ -265,6 +265,21 @@ def _target_table(results: dict[str, Any]) -> list[str]:
                 ]
             )
         )
+    start = results.get("startup", {})
+    if "error" in start:
+        lines.append(_row(["CLI start-up failed", start["error"], "", "", ""]))
+    for command, entry in start.items() if "error" not in start else ():
+        lines.append(
+            _row(
+                [
+                    f"start-up, `{command}`: ms wall (ms in imports, `-X importtime`)",
+                    f"{_n(entry['wall_ms'], 0)} ({_n(entry['import_ms'], 0)})",
+                    "—",
+                    "—",
+                    "—",
+                ]
+            )
+        )
     swap = results.get("swap", {})
     if "error" in swap:
         lines.append(_row(["swap-under-load failed", swap["error"], "", "", ""]))

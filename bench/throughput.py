@@ -71,10 +71,10 @@ async def _seed_rate(seed: SeedHotRequire, name: str, seconds: float) -> float:
 
 
 def _loops(host: PluginHost, name: str, kind: str, timed: bool) -> dict[str, Any]:
-    plugin = host.registry.get(name)
+    plugin = host.current(name)
     assert plugin is not None
     func = plugin.entrypoint
-    ctx = Context(plugin, host.dispatcher, 0)
+    ctx = Context(plugin, host._dispatcher, 0)
     call = host.call
     args = ARGS
 

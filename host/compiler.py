@@ -3,443 +3,56 @@
 Each version gets a fresh module object that is never put into ``sys.modules``, so two
 versions of one plugin can never share globals and a retired version is garbage once
 nothing references it. The source is registered with :mod:`linecache` under a synthetic
-filename (``<plugin greet@r7>``) so that tracebacks show the plugin's own lines.
+filename (``<plugin greet@r7>``, see :mod:`host.naming`) so that tracebacks show the
+plugin's own lines.
 
 Top-level code runs in a worker thread under a time bound, so a slow or hostile plugin
-never blocks the event loop. A pure-Python runaway (``while True: pass``) is stopped by
-injecting :class:`ThreadInterrupted` into its thread with
-``PyThreadState_SetAsyncExc``; code blocked inside C (``time.sleep(3600)``, a lock, a
-socket) cannot be interrupted that way, so its thread is abandoned: the load fails on
-time and the thread exits whenever the C call returns.
+never blocks the event loop. One path does it: :func:`compile_plugin` is the batch
+compile of one record. A pure-Python runaway (``while True: pass``) is stopped by
+injecting :class:`~host.threads.ThreadInterrupted` into its thread; code blocked inside C
+(``time.sleep(3600)``, a lock, a socket) cannot be interrupted that way, so its thread is
+abandoned: the load fails on time and the thread exits whenever the C call returns.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import ctypes
-import enum
 import inspect
-import linecache
 import threading
 import time
 import traceback
 import types
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import partial
-from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import anyio
-import structlog
-from anyio.abc import TaskGroup
 from anyio.lowlevel import RunVar
 
-from .errors import CompileError, PluginError
+from .config import DEFAULT_TIMEOUTS
+from .errors import CompileError
+from .naming import format_plugin_traceback, module_name, plugin_filename
+from .plugin import Plugin, released_entrypoint
 from .records import PluginRecord
-from .types import Entrypoint, Hook
-
-__all__ = (
-    "Phase",
-    "Plugin",
-    "ThreadInterrupted",
-    "compile_plugin",
-    "compile_plugins",
-    "format_plugin_traceback",
-    "module_name",
-    "plugin_filename",
-    "run_sync_interruptible",
+from .threads import (
+    Stoppable,
+    ThreadInterrupted,
+    ThreadLimiter,
+    ThreadsExhausted,
+    per_loop,
+    run_stoppable,
 )
+
+__all__ = ("compile_plugin", "compile_plugins")
 
 T = TypeVar("T")
 
-_log = structlog.get_logger("host.compiler")
-
-_PLUGIN_FILE_PREFIX = "<plugin "
 _LOAD_THREADS = 4
 # A dedicated limiter per event loop: loads must not starve the shared worker-thread pool
 # that sync plugin calls use, and a RunVar keeps limiters from leaking across loops.
-_load_limiter: RunVar[anyio.CapacityLimiter] = RunVar("plugin_host_load_limiter")
+# Its slots stay taken by abandoned top levels until they really end (see host.threads).
+_load_limiter: RunVar[ThreadLimiter] = RunVar("plugin_host_load_limiter")
 # Loads wait here for a slot before their time bounds and watchdog start: a cold start of
 # thousands of records must not count time spent queueing against `exec_timeout`.
 _load_gate: RunVar[anyio.Semaphore] = RunVar("plugin_host_load_gate")
-
-
-# --------------------------------------------------------------------------------------
-# Interruptible worker-thread calls
-# --------------------------------------------------------------------------------------
-
-
-class ThreadInterrupted(BaseException):
-    """Injected into a worker thread whose caller gave up (timeout or cancellation).
-
-    It derives from ``BaseException`` so that plugin code's ``except Exception`` does not
-    swallow it.
-    """
-
-
-def _set_async_exc(ident: int, exc: type[BaseException] | None) -> int:
-    # No argtypes: ctypes.pythonapi is process-global and other code may use it. ``None``
-    # passes NULL, which clears a pending, not yet delivered, exception.
-    target = ctypes.py_object(exc) if exc is not None else None
-    return int(ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), target))
-
-
-class _Stoppable:
-    """Worker-thread work that the loop thread can stop by injecting ThreadInterrupted.
-
-    The lock guarantees the injected exception is raised inside ``run`` and never leaks
-    into the thread pool after ``run`` returned: injection happens only while the work
-    runs, and ``_finish`` clears a still-pending injection under the same lock.
-    """
-
-    __slots__ = ("_ident", "_injected", "_lock", "_running", "_stopped")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._ident = 0
-        self._running = False
-        self._stopped = False
-        self._injected = False
-
-    def _start(self) -> bool:
-        """Mark the work as running in this thread; False if it was stopped already."""
-        with self._lock:
-            if self._stopped:
-                return False
-            self._ident = threading.get_ident()
-            self._running = True
-            return True
-
-    def _inject_locked(self) -> bool:
-        """Inject ThreadInterrupted if the work runs (the caller holds the lock)."""
-        if not self._running or self._injected:
-            return False
-        self._injected = True
-        if _set_async_exc(self._ident, ThreadInterrupted) != 1:  # pragma: no cover
-            _set_async_exc(self._ident, None)
-            return False
-        return True
-
-    def _finish(self) -> None:
-        while True:
-            try:
-                with self._lock:
-                    self._running = False
-                    self._stopped = True
-                    if self._injected:
-                        _set_async_exc(self._ident, None)
-                return
-            except ThreadInterrupted:
-                continue  # delivered just now: the work is over anyway
-
-
-class _InterruptibleCall(_Stoppable, Generic[T]):
-    """Runs one function in a worker thread and can interrupt it from the loop thread."""
-
-    __slots__ = ("_args", "_func")
-
-    def __init__(self, func: Callable[..., T], args: tuple[Any, ...]) -> None:
-        super().__init__()
-        self._func = func
-        self._args = args
-
-    def run(self) -> T:
-        if not self._start():
-            raise ThreadInterrupted("the caller gave up before the thread started")
-        try:
-            return self._func(*self._args)
-        finally:
-            self._finish()
-
-    def abandon(self) -> bool:
-        """Stop the function if it is running; return whether an exception was injected."""
-        with self._lock:
-            self._stopped = True
-            return self._inject_locked()
-
-
-async def run_sync_interruptible(
-    func: Callable[..., T],
-    *args: Any,
-    limiter: anyio.CapacityLimiter | None = None,
-) -> T:
-    """Run ``func(*args)`` in a worker thread; on cancellation, interrupt and abandon it.
-
-    Unlike ``anyio.to_thread.run_sync``, cancelling the awaiting task (e.g. a timeout)
-    returns at once: the thread is abandoned and :class:`ThreadInterrupted` is injected
-    into it, which stops pure-Python code at its next bytecode. Code blocked in C keeps its
-    thread until the C call returns.
-
-    Args:
-        func: The blocking callable.
-        *args: Positional arguments for ``func``.
-        limiter: Capacity limiter for the thread; the default anyio limiter if ``None``.
-
-    Returns:
-        What ``func`` returned.
-    """
-    call = _InterruptibleCall(func, args)
-    try:
-        return await anyio.to_thread.run_sync(call.run, limiter=limiter, abandon_on_cancel=True)
-    except anyio.get_cancelled_exc_class():
-        call.abandon()
-        raise
-
-
-# --------------------------------------------------------------------------------------
-# Naming and tracebacks
-# --------------------------------------------------------------------------------------
-
-
-def plugin_filename(record: PluginRecord) -> str:
-    """Return the synthetic filename of a version, e.g. ``<plugin greet@r7>``."""
-    if record.revision is None:
-        return f"{_PLUGIN_FILE_PREFIX}{record.name}:{record.content_hash}>"
-    return f"{_PLUGIN_FILE_PREFIX}{record.name}@r{record.revision}>"
-
-
-def module_name(record: PluginRecord) -> str:
-    """Return the module ``__name__`` of a version, e.g. ``plugin_host.plugins.greet.r7_3f9a1c2e``.
-
-    ``.`` and ``-`` in plugin names become ``_`` so the name reads as one dotted path; the
-    module is never registered in ``sys.modules``, so such collisions are harmless.
-    """
-    safe = record.name.replace(".", "_").replace("-", "_")
-    if record.revision is None:
-        tag = record.content_hash
-    else:
-        tag = f"r{record.revision}_{record.content_hash}"
-    return f"plugin_host.plugins.{safe}.{tag}"
-
-
-def _is_plugin_file(filename: str) -> bool:
-    return filename.startswith(_PLUGIN_FILE_PREFIX)
-
-
-def format_plugin_traceback(exc: BaseException) -> str:
-    """Format ``exc`` starting at the first plugin frame.
-
-    Host frames above the plugin (dispatcher, worker thread) are noise to a plugin author
-    and are dropped; frames below (libraries the plugin called) are kept. May read source
-    files through :mod:`linecache`, so call it off the event loop.
-
-    Args:
-        exc: The exception raised by plugin code.
-
-    Returns:
-        The formatted traceback, including chained exceptions.
-    """
-    tb: TracebackType | None = exc.__traceback__
-    start = tb
-    while start is not None and not _is_plugin_file(start.tb_frame.f_code.co_filename):
-        start = start.tb_next
-    return "".join(traceback.format_exception(type(exc), exc, start or tb))
-
-
-# --------------------------------------------------------------------------------------
-# Plugin versions
-# --------------------------------------------------------------------------------------
-
-
-class Phase(enum.Enum):
-    """Lifecycle of one plugin version; it only ever moves forward."""
-
-    LOADED = "loaded"  # compiled, never installed
-    STARTING = "starting"  # setup running
-    LIVE = "live"  # current version of its name
-    RETIRING = "retiring"  # replaced or removed; draining in-flight calls
-    RETIRED = "retired"  # torn down and released (also: setup failed)
-
-
-def _released_entrypoint(*_args: Any, **_kwargs: Any) -> Any:
-    raise PluginError("this plugin version was retired and its code released")
-
-
-_RELEASED_MODULE = types.ModuleType("plugin_host.released")
-
-
-@dataclass(slots=True, eq=False, repr=False)
-class Plugin:
-    """One loaded version of a plugin.
-
-    Attributes:
-        record: The record it was compiled from.
-        module: The version's private module (a shared empty placeholder once released).
-        entrypoint: The function called for each call.
-        is_async: Whether ``entrypoint`` is an ``async def`` (awaited on the event loop)
-            rather than a plain function (run in a worker thread).
-        setup: The optional ``setup(ctx)`` hook.
-        teardown: The optional ``teardown(ctx)`` hook.
-        compile_ms: Wall time spent compiling and executing the top level.
-        loaded_at: When compilation finished (UTC).
-        state: What ``setup`` returned; exposed to calls as ``ctx.state``.
-        limiter: Per-version concurrency limit, ``None`` for unlimited.
-        in_flight: Calls currently running on this version.
-        waiting: Calls queued on ``limiter``.
-        phase: Lifecycle phase, driven by the registry.
-        task_group: Where ``ctx.spawn`` starts tasks; set while the version is supervised.
-        tasks: asyncio tasks created by this version's code, cancelled at retirement.
-    """
-
-    record: PluginRecord
-    module: types.ModuleType
-    entrypoint: Entrypoint
-    is_async: bool
-    setup: Hook | None = None
-    teardown: Hook | None = None
-    compile_ms: float = 0.0
-    loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    state: Any = None
-    limiter: anyio.Semaphore | None = None
-    in_flight: int = field(default=0, init=False)
-    waiting: int = field(default=0, init=False)
-    phase: Phase = field(default=Phase.LOADED, init=False)
-    task_group: TaskGroup | None = field(default=None, init=False)
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set, init=False)
-    drained: anyio.Event | None = field(default=None, init=False)
-    # Set by the registry while the version is installed: starts its supervisor on the
-    # first ``spawn`` (most versions never spawn, so none is started for them).
-    supervise: Callable[[Plugin], None] | None = field(default=None, init=False)
-    spawn_queue: list[tuple[contextvars.Context, Callable[[], None]]] = field(
-        default_factory=list, init=False
-    )
-    _retired: anyio.Event = field(default_factory=anyio.Event, init=False)
-    _lines: tuple[int, None, list[str], str] | None = field(default=None, init=False)
-
-    @property
-    def name(self) -> str:
-        """The plugin name."""
-        return self.record.name
-
-    @property
-    def version(self) -> str:
-        """The version string, e.g. ``greet@r7:3f9a1c2e``."""
-        return self.record.version
-
-    @property
-    def filename(self) -> str:
-        """The synthetic filename shown in tracebacks, e.g. ``<plugin greet@r7>``."""
-        return plugin_filename(self.record)
-
-    @property
-    def released(self) -> bool:
-        """Whether :meth:`release` dropped this version's code and state."""
-        return self.module is _RELEASED_MODULE
-
-    def __repr__(self) -> str:
-        return f"<Plugin {self.version} {self.phase.value} in_flight={self.in_flight}>"
-
-    # Hot path: called by the dispatcher around every call.
-    def begin_call(self) -> None:
-        """Count a call starting on this version."""
-        self.in_flight += 1
-
-    def end_call(self) -> None:
-        """Count a call ending; wakes a retirement waiting for the version to drain."""
-        self.in_flight -= 1
-        if self.in_flight == 0 and self.drained is not None:
-            self.drained.set()
-
-    def track(self, task: asyncio.Task[Any]) -> None:
-        """Make ``task`` owned by this version: it is cancelled when the version retires."""
-        if task.done():
-            return
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    def spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        """Start ``func(*args)`` as a background task owned by this version.
-
-        An exception in the task is logged as ``plugin.task_failed``; it never affects
-        other tasks or the host.
-
-        Raises:
-            RuntimeError: If the version is not installed or already retired.
-        """
-        tg = self.task_group
-        name = f"{self.version}:{func!r}"
-        if tg is not None:
-            tg.start_soon(self._run_spawned, func, args, name=name)
-            return
-        supervise = self.supervise
-        if supervise is None:
-            raise RuntimeError(f"plugin {self.version} is not running; cannot spawn tasks")
-        # The supervisor starts on the next loop turn and then starts the queued tasks,
-        # each in the context of its ``spawn`` call (as ``tg.start_soon`` here would).
-        if not self.spawn_queue:
-            supervise(self)
-        self.spawn_queue.append(
-            (contextvars.copy_context(), partial(self._start_queued, func, args, name))
-        )
-
-    def _start_queued(
-        self, func: Callable[..., Awaitable[Any]], args: tuple[Any, ...], name: str
-    ) -> None:
-        tg = self.task_group
-        assert tg is not None
-        tg.start_soon(self._run_spawned, func, args, name=name)
-
-    async def _run_spawned(
-        self, func: Callable[..., Awaitable[Any]], args: tuple[Any, ...]
-    ) -> None:
-        try:
-            await func(*args)
-        except Exception as exc:
-            # Formatting may read library source files: keep that I/O off the loop.
-            tb = await anyio.to_thread.run_sync(format_plugin_traceback, exc)
-            _log.error(
-                "plugin.task_failed",
-                plugin=self.name,
-                version=self.version,
-                error_type=type(exc).__qualname__,
-                error=str(exc),
-                traceback=tb,
-            )
-
-    async def wait_retired(self) -> None:
-        """Wait until the version is torn down and released (or failed to start)."""
-        await self._retired.wait()
-
-    def _register_lines(self) -> None:
-        source = self.record.source
-        lines = source.splitlines(keepends=True)
-        if lines and not lines[-1].endswith("\n"):
-            lines[-1] += "\n"
-        filename = self.filename
-        entry = (len(source), None, lines, filename)
-        linecache.cache[filename] = entry
-        self._lines = entry
-
-    def release(self) -> None:
-        """Drop the version's code, state and tasks so its module can be collected.
-
-        The :mod:`linecache` entry is removed unless a newer version with the same
-        filename has replaced it. Idempotent.
-        """
-        if self._lines is not None:
-            filename = self._lines[3]
-            if linecache.cache.get(filename) is self._lines:
-                del linecache.cache[filename]
-            self._lines = None
-        self.module = _RELEASED_MODULE
-        self.entrypoint = _released_entrypoint
-        self.setup = None
-        self.teardown = None
-        self.state = None
-        self.task_group = None
-        self.supervise = None
-        self.spawn_queue.clear()
-        self.tasks.clear()
-        self.phase = Phase.RETIRED
-        self._retired.set()
-
-
-# --------------------------------------------------------------------------------------
-# Compilation
-# --------------------------------------------------------------------------------------
 
 
 class _Loader:
@@ -460,11 +73,20 @@ class _Loader:
         self._cpu_start = 0.0
         self.wall_s = 0.0
 
-    def cpu_seconds(self) -> float:
-        """CPU time the running top level has used so far (0 before it starts)."""
+    def cpu_seconds(self, wall: float) -> float:
+        """CPU time the running top level has used so far (0 before it starts).
+
+        Where per-thread CPU clocks do not exist, the CPU bound falls back to wall time.
+
+        Args:
+            wall: Wall time since the top level started, the fallback.
+
+        Returns:
+            Seconds of CPU time (or ``wall``).
+        """
         clock = self._clock
         if clock is None:
-            return 0.0
+            return wall if not hasattr(time, "pthread_getcpuclockid") else 0.0
         try:
             return time.clock_gettime(clock) - self._cpu_start
         except OSError:  # the thread has finished
@@ -512,53 +134,7 @@ class _Loader:
             ) from exc
 
 
-async def _run_top_level(
-    loader: _Loader, exec_timeout: float, limiter: anyio.CapacityLimiter
-) -> None:
-    """Run the top level in a thread, bounded by ``exec_timeout`` seconds of CPU time.
-
-    A watchdog on the loop reads the thread's CPU clock; past the bound it cancels the
-    call, which interrupts a pure-Python loop. Code that blocks without using CPU (a
-    sleep, a socket) is bounded by wall time instead: ``10 * exec_timeout``, at least
-    1 s. Where per-thread CPU clocks do not exist, the CPU bound
-    falls back to wall time.
-    """
-    record = loader.record
-    wall_limit = _wall_limit(exec_timeout)
-    interval = min(0.05, exec_timeout / 10)
-    over_cpu = False
-
-    async def watchdog(scope: anyio.CancelScope) -> None:
-        nonlocal over_cpu
-        started = anyio.current_time()
-        while True:
-            await anyio.sleep(interval)
-            if loader._clock is None and not hasattr(time, "pthread_getcpuclockid"):
-                used = anyio.current_time() - started
-            else:
-                used = loader.cpu_seconds()
-            if used > exec_timeout:
-                over_cpu = True
-                scope.cancel()
-                return
-
-    failure: Exception | None = None
-    async with _gate():
-        with anyio.move_on_after(wall_limit) as wall:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(watchdog, tg.cancel_scope)
-                try:
-                    await run_sync_interruptible(loader.run, limiter=limiter)
-                except Exception as exc:  # raised below, not wrapped in an ExceptionGroup
-                    failure = exc
-                tg.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
-    if over_cpu or wall.cancelled_caught:
-        raise _timeout_error(record, exec_timeout, over_cpu)
-
-
-class _BatchRunner(_Stoppable):
+class _BatchRunner(Stoppable):
     """Runs several versions' top levels one after another in ONE worker thread.
 
     A cold start of thousands of records would otherwise pay a thread hop and a watchdog
@@ -610,11 +186,7 @@ class _BatchRunner(_Stoppable):
             return None
         loader = self.loaders[index]
         wall = time.monotonic() - self.current_started
-        if loader._clock is None and not hasattr(time, "pthread_getcpuclockid"):
-            cpu = wall
-        else:
-            cpu = loader.cpu_seconds()
-        if cpu > exec_timeout:
+        if loader.cpu_seconds(wall) > exec_timeout:
             return index, True
         if wall > wall_limit:
             return index, False
@@ -628,12 +200,6 @@ class _BatchRunner(_Stoppable):
             self._stopped = True
             self._inject_locked()
             return True
-
-    def abandon(self) -> None:
-        """The loop gave up on the hop (cancelled): run nothing more, stop what runs."""
-        with self._lock:
-            self._stopped = True
-            self._inject_locked()
 
 
 def _wall_limit(exec_timeout: float) -> float:
@@ -657,26 +223,16 @@ def _timeout_error(record: PluginRecord, exec_timeout: float, over_cpu: bool) ->
     )
 
 
-def _per_loop(var: RunVar[T], create: Callable[[], T]) -> T:
-    """The event loop's value of ``var``, created on first use."""
-    try:
-        return var.get()
-    except LookupError:
-        value = create()
-        var.set(value)
-        return value
-
-
 def _gate() -> anyio.Semaphore:
-    return _per_loop(_load_gate, lambda: anyio.Semaphore(_LOAD_THREADS))
+    return per_loop(_load_gate, lambda: anyio.Semaphore(_LOAD_THREADS))
 
 
-def _limiter() -> anyio.CapacityLimiter:
-    return _per_loop(_load_limiter, lambda: anyio.CapacityLimiter(_LOAD_THREADS))
+def _limiter() -> ThreadLimiter:
+    return per_loop(_load_limiter, lambda: ThreadLimiter(_LOAD_THREADS))
 
 
 async def _run_batch(
-    loaders: list[_Loader], exec_timeout: float, limiter: anyio.CapacityLimiter
+    loaders: list[_Loader], exec_timeout: float, limiter: ThreadLimiter
 ) -> list[Exception | None]:
     """Run top levels in as few thread hops as possible, each bounded like one load.
 
@@ -692,6 +248,7 @@ async def _run_batch(
         runner = _BatchRunner(loaders[start:])
         verdict: tuple[int, bool] | None = None
         failure: Exception | None = None
+        exhausted: ThreadsExhausted | None = None
 
         async def watchdog(scope: anyio.CancelScope, runner: _BatchRunner) -> None:
             nonlocal verdict
@@ -706,10 +263,10 @@ async def _run_batch(
         async with _gate(), anyio.create_task_group() as tg:
             tg.start_soon(watchdog, tg.cancel_scope, runner)
             try:
-                await anyio.to_thread.run_sync(runner.run, limiter=limiter, abandon_on_cancel=True)
-            except anyio.get_cancelled_exc_class():
-                runner.abandon()  # the watchdog's verdict, or cancelled from outside
-                raise
+                # Cancelled (the watchdog's verdict, or from outside): the runner is abandoned.
+                await run_stoppable(runner, runner.run, limiter)
+            except ThreadsExhausted as exc:
+                exhausted = exc
             except ThreadInterrupted:
                 pass  # the watchdog stopped the thread; `verdict` says where
             except Exception as exc:  # raised below, not wrapped in an ExceptionGroup
@@ -717,6 +274,11 @@ async def _run_batch(
             tg.cancel_scope.cancel()
         if failure is not None:
             raise failure
+        if exhausted is not None:  # nothing ran: every load thread is held by abandoned code
+            for index in range(start, len(loaders)):
+                record = loaders[index].record
+                outcomes[index] = CompileError(record.name, record.version, "busy", str(exhausted))
+            break
         for index, outcome in runner.outcomes.items():
             outcomes[start + index] = outcome
         if verdict is None:
@@ -744,7 +306,7 @@ def _resolve_callable(record: PluginRecord, namespace: dict[str, Any], attr: str
 async def compile_plugin(
     record: PluginRecord,
     *,
-    exec_timeout: float = 1.0,
+    exec_timeout: float = DEFAULT_TIMEOUTS.top_level,
     default_max_concurrency: int | None = None,
 ) -> Plugin:
     """Compile ``record`` into a fresh, not yet installed, :class:`Plugin`.
@@ -763,22 +325,18 @@ async def compile_plugin(
         CompileError: With ``stage`` ``"syntax"``, ``"import"``, ``"timeout"`` or
             ``"entrypoint"``.
     """
-    limiter = _limiter()
-    started = time.perf_counter()
-    plugin, loader = _prepare(record)
-    try:
-        await _run_top_level(loader, exec_timeout, limiter)
-        _resolve(plugin)
-    except BaseException:
-        plugin.release()
-        raise
-    return _finish(plugin, default_max_concurrency, time.perf_counter() - started)
+    (outcome,) = await compile_plugins(
+        [record], exec_timeout=exec_timeout, default_max_concurrency=default_max_concurrency
+    )
+    if isinstance(outcome, CompileError):
+        raise outcome
+    return outcome
 
 
 async def compile_plugins(
     records: list[PluginRecord],
     *,
-    exec_timeout: float = 1.0,
+    exec_timeout: float = DEFAULT_TIMEOUTS.top_level,
     default_max_concurrency: int | None = None,
 ) -> list[Plugin | CompileError]:
     """Compile many records with few thread hops (a cold start or a resync).
@@ -820,7 +378,7 @@ def _prepare(record: PluginRecord) -> tuple[Plugin, _Loader]:
     module.__file__ = filename
     # The placeholder entrypoint is replaced by _resolve; the Plugin exists first so that
     # its linecache entry is registered before the top level runs (import tracebacks).
-    plugin = Plugin(record, module, _released_entrypoint, is_async=False)
+    plugin = Plugin(record, module, released_entrypoint, is_async=False)
     plugin._register_lines()
     return plugin, _Loader(record, module, filename)
 

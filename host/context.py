@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import anyio.from_thread
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 from .types import Args, Caller, CallTarget
 
 if TYPE_CHECKING:
-    from .compiler import Plugin
+    from .plugin import Plugin
 
 __all__ = ("Context",)
 
@@ -45,7 +46,7 @@ class Context:
         self._plugin = plugin
         self._caller = caller
         self.call_id = call_id
-        self._log: Any = None
+        self._log: FilteringBoundLogger | None = None
 
     @property
     def db(self) -> Any:
@@ -68,7 +69,7 @@ class Context:
         return self._plugin.version
 
     @property
-    def log(self) -> Any:
+    def log(self) -> FilteringBoundLogger:
         """A structlog logger bound to ``plugin``, ``version`` and ``call_id``."""
         log = self._log
         if log is None:

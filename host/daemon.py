@@ -29,6 +29,8 @@ import anyio
 import structlog
 import uvicorn
 
+from .config import DAEMON_LIMITS, DAEMON_TIMEOUTS, Limits, Timeouts
+from .errors import PluginHostError
 from .fleet import StatusReporting
 from .http import create_app
 from .metrics import Metrics
@@ -51,7 +53,7 @@ Background = Callable[[anyio.Event], Coroutine[Any, Any, None]]
 """A task started once the host is ready; it must return soon after the event is set."""
 
 
-class StartupError(Exception):
+class StartupError(PluginHostError):
     """The daemon could not start; ``str()`` is one line for the operator.
 
     Attributes:
@@ -172,18 +174,11 @@ async def run_daemon(
     db: Any,
     sock: socket.socket,
     *,
+    limits: Limits = DAEMON_LIMITS,
+    timeouts: Timeouts = DAEMON_TIMEOUTS,
     collection: str = "functions",
     mongodb: str = "MongoDB",
-    drain_timeout: float = 30.0,
-    startup_timeout: float = 30.0,
     debug: bool = False,
-    max_body_bytes: int = 1_048_576,
-    max_result_bytes: int = 4_194_304,
-    max_source_bytes: int = 1_048_576,
-    exec_timeout: float = 1.0,
-    call_timeout: float | None = 30.0,
-    max_concurrency: int | None = 64,
-    require_depth: int = 16,
     trusted_keys: TrustedKeys | None = None,
     auth_token: str | None = None,
     open_endpoints: Collection[str] = ("healthz", "metrics"),
@@ -197,18 +192,12 @@ async def run_daemon(
     Args:
         db: The database (PyMongo ``AsyncDatabase`` or Motor).
         sock: A bound, listening socket (see :func:`bind_socket`); closed on return.
+        limits: Sizes and counts (request body, reply, source, concurrency, depth).
+        timeouts: Time bounds (top level, calls, drain after a stop signal, start-up;
+            ``startup=0`` waits forever).
         collection: The functions collection.
         mongodb: How to name the deployment in errors (a redacted URI).
-        drain_timeout: Seconds in-flight calls may run after a stop signal.
-        startup_timeout: Seconds to become ready; 0 waits forever.
         debug: Plugin tracebacks in HTTP 500 replies.
-        max_body_bytes: Largest accepted request body.
-        max_result_bytes: Largest JSON-encoded call reply (500 ``ResultTooLarge`` beyond).
-        max_source_bytes: Largest accepted plugin source.
-        exec_timeout: Bound on a version's top-level code, in seconds.
-        call_timeout: Per-call timeout for records that set none (None: unbounded).
-        max_concurrency: Per-version concurrency for records that set none.
-        require_depth: Deepest chain of plugin-to-plugin calls.
         trusted_keys: Run only records signed by one of these keys (None: unchecked,
             with a ``trust.disabled`` warning).
         auth_token: Require ``Authorization: Bearer <token>`` on the HTTP API.
@@ -227,21 +216,18 @@ async def run_daemon(
         collection,
         context=context,
         wait_ready=False,
-        drain_timeout=drain_timeout,
-        exec_timeout=exec_timeout,
-        default_timeout=call_timeout,
-        default_max_concurrency=max_concurrency,
-        require_depth=require_depth,
-        max_source_bytes=max_source_bytes,
+        limits=limits,
+        timeouts=timeouts,
         trusted_keys=trusted_keys,
         report_status=report_status,
     )
+    startup_timeout = timeouts.startup
     metrics = Metrics()
     app = create_app(
         host,
         debug=debug,
-        max_body_bytes=max_body_bytes,
-        max_result_bytes=max_result_bytes,
+        max_body_bytes=limits.max_body_bytes,
+        max_result_bytes=limits.max_result_bytes,
         metrics=metrics,
         auth_token=auth_token,
         open_endpoints=open_endpoints,
@@ -303,7 +289,7 @@ async def run_daemon(
                         await stop.wait()
                 app.state.draining = True
                 if problem is None:
-                    _log.info("daemon.draining", drain_timeout_s=drain_timeout)
+                    _log.info("daemon.draining", drain_timeout_s=timeouts.drain)
             # The host has drained, torn its versions down and closed its stream.
             server.should_exit = True
             signal_scope.cancel()

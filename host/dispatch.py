@@ -25,7 +25,6 @@ from typing import Any
 import anyio
 import structlog
 
-from .compiler import Plugin, format_plugin_traceback, run_sync_interruptible
 from .context import Context
 from .errors import (
     HostClosed,
@@ -36,7 +35,10 @@ from .errors import (
     RequireDepthExceeded,
 )
 from .events import EventBus
+from .naming import format_plugin_traceback
+from .plugin import Plugin
 from .registry import CURRENT_PLUGIN, Registry
+from .threads import ThreadLimiter, ThreadsExhausted, run_sync_interruptible
 from .types import Args
 
 __all__ = ("Dispatcher", "Required")
@@ -87,7 +89,6 @@ class Dispatcher:
         db: Any,
         globals: Mapping[str, Any] | None = None,
         default_timeout: float | None = None,
-        default_max_concurrency: int | None = None,
         max_waiting: int = 1000,
         require_depth: int = 16,
         thread_limiter_size: int = 40,
@@ -100,7 +101,6 @@ class Dispatcher:
             db: The database handed to plugins as ``ctx.db``.
             globals: Host globals exposed as ``ctx`` attributes.
             default_timeout: Timeout for calls whose record sets none; ``None`` for none.
-            default_max_concurrency: Concurrency limit for versions whose record sets none.
             max_waiting: Calls that may queue on a saturated version before
                 ``PluginBusy``.
             require_depth: Deepest allowed chain of plugin-to-plugin calls.
@@ -111,10 +111,9 @@ class Dispatcher:
         self._db = db
         self._globals: Mapping[str, Any] = MappingProxyType(dict(globals or {}))
         self._default_timeout = default_timeout
-        self._default_max_concurrency = default_max_concurrency
         self._max_waiting = max_waiting
         self._require_depth = require_depth
-        self._threads = anyio.CapacityLimiter(thread_limiter_size)
+        self._threads = ThreadLimiter(thread_limiter_size)
         self._ids = itertools.count(1)
         self._closed = False
         self._events = events if events is not None else EventBus(_log)
@@ -128,6 +127,11 @@ class Dispatcher:
     def globals(self) -> Mapping[str, Any]:
         """Host globals exposed as ``ctx`` attributes (read-only)."""
         return self._globals
+
+    @property
+    def abandoned_threads(self) -> int:
+        """Worker threads of timed-out sync calls that still run (and hold their slot)."""
+        return self._threads.abandoned
 
     @property
     def draining(self) -> bool:
@@ -202,11 +206,11 @@ class Dispatcher:
             plugin.end_call()
 
     async def _run(self, plugin: Plugin, args: Args) -> Any:
+        # The compiler sets the version's limiter once (its record's max_concurrency, or
+        # the host default); the dispatcher only reads it.
         limiter = plugin.limiter
         if limiter is None:
-            if self._default_max_concurrency is None:
-                return await self._invoke(plugin, args)
-            limiter = plugin.limiter = anyio.Semaphore(self._default_max_concurrency)
+            return await self._invoke(plugin, args)
         try:
             limiter.acquire_nowait()
         except anyio.WouldBlock:
@@ -228,12 +232,17 @@ class Dispatcher:
             if plugin.is_async:
                 return await plugin.entrypoint(ctx, args)
             # Cancelling the caller (timeout, shutdown) abandons and interrupts the thread.
+            # Its slot stays taken until the thread really ends (see host.threads).
             result = await run_sync_interruptible(
-                plugin.entrypoint, ctx, args, limiter=self._threads
+                plugin.entrypoint, ctx, args, limiter=self._threads, tally=plugin.threads
             )
             if inspect.iscoroutine(result):  # a callable object with an async __call__
                 result = await result
             return result
+        except ThreadsExhausted as exc:
+            raise PluginBusy(
+                plugin.name, plugin.version, self._max_waiting, abandoned_threads=exc.total
+            ) from None
         except RequireDepthExceeded:
             raise  # a cycle is a property of the whole chain: report it unwrapped
         except (Exception, SystemExit) as exc:  # plugin code must never stop the host

@@ -3,8 +3,13 @@
 Every error says what went wrong in plain words and carries the facts as attributes, so
 callers can branch on them and log them without parsing messages.
 
-``PluginError`` is the base of everything a *call* or a *load* can raise. ``RecordError``
-is a ``ValueError``: an invalid record is bad input, not a plugin failure.
+Every public error derives from one root, :class:`PluginHostError` (as httpx's errors
+derive from ``HTTPError``), so ``except PluginHostError`` catches whatever the host
+raises on purpose. ``PluginError`` is the base of everything a *call* or a *load* can
+raise. ``RecordError`` is also a ``ValueError``: an invalid record is bad input, not a
+plugin failure. The errors of other modules (``WatchFatal``, ``TrustError``,
+``SignatureError``, ``PublishError``, ``UnknownPlugin``, ``UnknownRevision``,
+``StartupError``) derive from the root too, and keep their standard-library base.
 """
 
 from __future__ import annotations
@@ -20,16 +25,21 @@ __all__ = (
     "PluginBusy",
     "PluginError",
     "PluginFailed",
+    "PluginHostError",
     "PluginNotFound",
     "PluginTimeout",
     "RecordError",
     "RequireDepthExceeded",
 )
 
-CompileStage = Literal["syntax", "import", "timeout", "entrypoint", "setup"]
+CompileStage = Literal["syntax", "import", "timeout", "entrypoint", "setup", "busy"]
 
 
-class PluginError(Exception):
+class PluginHostError(Exception):
+    """Root of every error plugin-host raises on purpose."""
+
+
+class PluginError(PluginHostError):
     """Base class of every error raised by plugin loading and dispatch."""
 
 
@@ -90,22 +100,36 @@ class PluginFailed(PluginError):
 
 
 class PluginBusy(PluginError):
-    """The plugin is at its concurrency limit and its wait queue is full.
+    """The plugin is at its concurrency limit and its wait queue is full, or every
+    worker thread for sync plugins is held by an abandoned call that still runs.
 
     Attributes:
         name: The plugin name.
         version: The version that was saturated.
         max_waiting: The wait-queue bound that was reached.
+        abandoned_threads: When the threads are the cause: how many worker threads
+            abandoned calls hold (all of them); else None.
     """
 
-    def __init__(self, name: str, version: str, max_waiting: int) -> None:
-        super().__init__(
-            f"plugin {version} is busy: all concurrency slots are taken and "
-            f"{max_waiting} calls are already waiting"
-        )
+    def __init__(
+        self, name: str, version: str, max_waiting: int, abandoned_threads: int | None = None
+    ) -> None:
+        if abandoned_threads is None:
+            message = (
+                f"plugin {version} is busy: all concurrency slots are taken and "
+                f"{max_waiting} calls are already waiting"
+            )
+        else:
+            message = (
+                f"plugin {version} is busy: all {abandoned_threads} worker threads for sync "
+                "plugins are held by calls that timed out and are still blocked "
+                "(e.g. in C code that cannot be interrupted)"
+            )
+        super().__init__(message)
         self.name = name
         self.version = version
         self.max_waiting = max_waiting
+        self.abandoned_threads = abandoned_threads
 
 
 class RequireDepthExceeded(PluginError):
@@ -140,7 +164,8 @@ class CompileError(PluginError):
         version: The version that failed to load.
         stage: Where loading failed: ``"syntax"``, ``"import"`` (top-level code raised),
             ``"timeout"`` (top-level code ran too long), ``"entrypoint"`` (entrypoint or a
-            hook missing or not callable) or ``"setup"`` (the ``setup`` hook failed).
+            hook missing or not callable), ``"setup"`` (the ``setup`` hook failed) or
+            ``"busy"`` (every load thread is held by abandoned top-level code).
         reason: What was wrong, without the name/stage prefix.
         traceback: The formatted traceback or syntax-error excerpt; may be empty.
     """
@@ -161,7 +186,7 @@ class CompileError(PluginError):
         self.traceback = traceback
 
 
-class RecordError(ValueError):
+class RecordError(PluginHostError, ValueError):
     """A plugin record from the collection is invalid.
 
     Attributes:

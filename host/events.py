@@ -16,15 +16,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self, get_args
 
 import anyio
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-__all__ = ("EventBus", "HostEvent", "Subscription")
+__all__ = ("EventBus", "HostEvent", "Level", "Subscription")
 
-_LEVELS = {"debug", "info", "warning", "error"}
+Level = Literal["debug", "info", "warning", "error"]
+"""The log levels of host events."""
+_LEVELS = frozenset(get_args(Level))
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +115,7 @@ class EventBus:
         self.log = logger if logger is not None else structlog.get_logger("host")
         self._subscribers: set[Subscription] = set()
 
-    def emit(self, event: str, level: str = "info", **fields: Any) -> None:
+    def emit(self, event: str, level: Level = "info", **fields: Any) -> None:
         """Log ``event`` with ``fields`` at ``level`` and hand it to every subscriber."""
         assert level in _LEVELS, level
         getattr(self.log, level)(event, **fields)

@@ -30,6 +30,7 @@ from typing import Any
 import anyio
 from pymongo import ASCENDING
 
+from .errors import PluginHostError
 from .fleet import hosts_collection_name, served_map
 
 __all__ = (
@@ -405,7 +406,7 @@ async def host_fleet_status(host: Any, name: str | None = None) -> FleetStatus:
 # -- waiting -------------------------------------------------------------------------------
 
 
-class FleetWaitError(Exception):
+class FleetWaitError(PluginHostError):
     """The fleet did not converge (base of :class:`FleetRefused` and :class:`FleetTimeout`)."""
 
 

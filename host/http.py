@@ -35,7 +35,7 @@ import traceback
 import uuid
 from collections.abc import AsyncIterator, Collection
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
@@ -47,9 +47,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .config import DEFAULT_LIMITS
 from .errors import HostClosed, PluginBusy, PluginFailed, PluginNotFound, PluginTimeout
 from .fleetview import host_fleet_status
 from .metrics import Metrics, follow_events
+
+if TYPE_CHECKING:
+    from .runtime import PluginHost
 
 __all__ = ("OPEN_ENDPOINTS", "BearerAuth", "create_app", "to_json")
 
@@ -167,11 +171,11 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def create_app(
-    host: Any,
+    host: PluginHost,
     *,
     debug: bool = False,
-    max_body_bytes: int = 1_048_576,
-    max_result_bytes: int = 4_194_304,
+    max_body_bytes: int = DEFAULT_LIMITS.max_body_bytes,
+    max_result_bytes: int = DEFAULT_LIMITS.max_result_bytes,
     metrics: Metrics | None = None,
     auth_token: str | None = None,
     open_endpoints: Collection[str] = ("healthz", "metrics"),
@@ -213,6 +217,8 @@ def create_app(
 
     if metrics.ready is None:
         metrics.ready = lambda: bool(host.is_ready) and not draining()
+    if metrics.abandoned_threads is None:
+        metrics.abandoned_threads = lambda: int(host.abandoned_threads)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -252,7 +258,7 @@ def create_app(
             except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN, too deep
                 metrics.count_call("bad_request")
                 return _error(422, "BadRequest", f"the request body is not valid JSON: {exc}")
-        current = host.registry.get(name)
+        current = host.current(name)
         version = current.version if current is not None else None
         metrics.in_flight += 1
         started = time.perf_counter()

@@ -14,16 +14,18 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from anyio.abc import TaskGroup
 
-from .compiler import Plugin, compile_plugin, compile_plugins
+from .compiler import compile_plugin, compile_plugins
+from .config import DEFAULT_LIMITS, DEFAULT_TIMEOUTS
 from .errors import CompileError, HostClosed, RecordError
-from .events import EventBus
+from .events import EventBus, Level
+from .plugin import Plugin
 from .records import PluginRecord, parse_record
 from .registry import Registry
 from .types import ContextFactory, Document
@@ -59,6 +61,10 @@ class Change:
     reason: str = "change"
 
 
+PluginStatus = Literal["serving", "degraded", "failed", "disabled"]
+"""What ``PluginInfo.status`` can be."""
+
+
 @dataclass(slots=True)
 class PluginInfo:
     """What ``PluginHost.plugins()`` reports for one name.
@@ -71,14 +77,17 @@ class PluginInfo:
         status: ``serving``, ``degraded`` (a newer record failed; the old version
             serves), ``failed`` (nothing serves) or ``disabled``.
         last_error: The latest failure for this name, if any.
+        abandoned_threads: Worker threads of this name's versions whose calls timed out
+            while blocked in C and that still run (each holds a sync-call thread slot).
     """
 
     name: str
     version: str | None = None
     revision: int | None = None
     loaded_at: datetime | None = None
-    status: str = "serving"
+    status: PluginStatus = "serving"
     last_error: str | None = None
+    abandoned_threads: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -89,6 +98,7 @@ class PluginInfo:
             "loaded_at": self.loaded_at.isoformat() if self.loaded_at else None,
             "status": self.status,
             "last_error": self.last_error,
+            "abandoned_threads": self.abandoned_threads,
         }
 
 
@@ -130,8 +140,8 @@ class Loader:
         ctx_factory: ContextFactory,
         events: EventBus,
         *,
-        exec_timeout: float = 1.0,
-        max_source_bytes: int = 1_048_576,
+        exec_timeout: float = DEFAULT_TIMEOUTS.top_level,
+        max_source_bytes: int = DEFAULT_LIMITS.max_source_bytes,
         default_max_concurrency: int | None = None,
         verifier: RecordVerifier | None = None,
     ) -> None:
@@ -179,12 +189,20 @@ class Loader:
 
     def infos(self) -> list[PluginInfo]:
         """Status of every name the loader has seen, sorted by name."""
-        return [slot.info for _, slot in sorted(self._slots.items()) if slot.info is not None]
+        return [
+            self._with_threads(slot.info)
+            for _, slot in sorted(self._slots.items())
+            if slot.info is not None
+        ]
 
     def info(self, name: str) -> PluginInfo | None:
         """Status of one name."""
         slot = self._slots.get(name)
-        return slot.info if slot else None
+        return self._with_threads(slot.info) if slot and slot.info else None
+
+    def _with_threads(self, info: PluginInfo) -> PluginInfo:
+        abandoned = self._registry.abandoned_threads(info.name)
+        return replace(info, abandoned_threads=abandoned) if abandoned else info
 
     # -- work --------------------------------------------------------------------------
 
@@ -326,7 +344,7 @@ class Loader:
         if old is None:
             # The initial load logs one summary line (`watch.started`); each version's
             # `plugin.loaded` still reaches subscribers, and the log at debug level.
-            level = "debug" if change.reason == INITIAL else "info"
+            level: Level = "debug" if change.reason == INITIAL else "info"
             self._events.emit("plugin.loaded", level, **fields)
         else:
             self._events.emit(

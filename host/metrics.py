@@ -17,7 +17,9 @@ Metrics:
 * ``plugin_host_ready`` — 1 when the host is ready (``/readyz``), else 0;
 * ``plugin_host_fleet_report_lag_seconds`` — histogram of the time from a change of what
   this host serves (or refused) to the write that reported it to the hosts collection
-  (``fleet.reported`` events' ``lag_ms``; see :mod:`host.fleet`).
+  (``fleet.reported`` events' ``lag_ms``; see :mod:`host.fleet`);
+* ``plugin_host_abandoned_threads`` — worker threads of timed-out sync calls that are
+  still blocked and hold a thread slot (see ``host.threads``).
 
 Updates are plain attribute writes on the event loop thread: no lock is needed.
 """
@@ -27,7 +29,10 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .runtime import PluginHost
 
 __all__ = ("CALL_OUTCOMES", "Histogram", "Metrics", "follow_events")
 
@@ -90,6 +95,8 @@ class Metrics:
         self.change_to_live_seconds = Histogram(LIVE_BUCKETS)
         self.report_lag_seconds = Histogram(LIVE_BUCKETS)
         self.ready = ready
+        # Issue 11 (thread limits): read at render time, like `ready`.
+        self.abandoned_threads: Callable[[], int] | None = None
 
     def count_call(self, outcome: str, seconds: float | None = None) -> None:
         """Count one call by outcome and, when it ran, observe its duration."""
@@ -149,10 +156,18 @@ class Metrics:
         if self.ready is not None:
             family("plugin_host_ready", "gauge", "1 when the host is ready to serve, else 0.")
             out.append(f"plugin_host_ready {int(self.ready())}")
+        # Issue 11 (thread limits): one gauge, kept apart for the prometheus-client port.
+        if self.abandoned_threads is not None:
+            family(
+                "plugin_host_abandoned_threads",
+                "gauge",
+                "Worker threads of timed-out sync calls still blocked, each holding a slot.",
+            )
+            out.append(f"plugin_host_abandoned_threads {self.abandoned_threads()}")
         return "\n".join(out) + "\n"
 
 
-async def follow_events(host: Any, metrics: Metrics) -> None:
+async def follow_events(host: PluginHost, metrics: Metrics) -> None:
     """Feed ``metrics`` from ``host.events()`` until cancelled (run it as a background task)."""
     async with host.events() as events:
         async for event in events:

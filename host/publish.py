@@ -20,14 +20,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import DuplicateKeyError
 
-from .fleetview import Convergence, Progress, Target, wait_for_fleet
+from .errors import PluginHostError
 from .records import is_valid_name
+
+if TYPE_CHECKING:
+    from .fleetview import Convergence, Progress
 
 __all__ = (
     "PublishError",
@@ -61,11 +64,11 @@ signature takes microseconds; load the key beforehand (in a worker thread).
 """
 
 
-class PublishError(ValueError):
+class PublishError(PluginHostError, ValueError):
     """A plugin cannot be published as given (bad name, empty source, syntax error...)."""
 
 
-class UnknownPlugin(LookupError):
+class UnknownPlugin(PluginHostError, LookupError):
     """No record with this name exists in the functions collection.
 
     Attributes:
@@ -77,7 +80,7 @@ class UnknownPlugin(LookupError):
         self.name = name
 
 
-class UnknownRevision(LookupError):
+class UnknownRevision(PluginHostError, LookupError):
     """The history holds no such revision of the plugin.
 
     Attributes:
@@ -521,6 +524,8 @@ async def wait_converged(
         FleetRefused: A live host refused the revision (it keeps serving its old one).
         FleetTimeout: Not every live host served it within ``timeout``.
     """
+    from .fleetview import Target, wait_for_fleet  # the fleet view, only when waiting
+
     items = [published] if isinstance(published, Published) else list(published)
     return await wait_for_fleet(
         db,

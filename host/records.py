@@ -19,6 +19,7 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
+from .config import DEFAULT_LIMITS
 from .errors import RecordError
 
 __all__ = ("MAX_NAME_LENGTH", "PluginRecord", "is_valid_name", "parse_record")
@@ -112,7 +113,9 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def parse_record(doc: Mapping[str, Any], *, max_source_bytes: int = 1_048_576) -> PluginRecord:
+def parse_record(
+    doc: Mapping[str, Any], *, max_source_bytes: int = DEFAULT_LIMITS.max_source_bytes
+) -> PluginRecord:
     """Validate a raw document from the functions collection.
 
     Documents shaped like the original hot-require blog post, ``{_id, fn, createdAt}``,

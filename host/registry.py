@@ -46,11 +46,13 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup
 
-from .compiler import Phase, Plugin, format_plugin_traceback, run_sync_interruptible
 from .context import Context
 from .errors import CompileError, HostClosed
 from .events import EventBus
+from .naming import format_plugin_traceback
+from .plugin import Phase, Plugin
 from .records import PluginRecord
+from .threads import run_sync_interruptible
 from .types import ContextFactory, Hook
 
 if TYPE_CHECKING:
@@ -162,6 +164,15 @@ class Registry:
         The current version, if any, is the first entry. Entries survive ``remove``.
         """
         return tuple(self._history.get(name, ()))
+
+    def abandoned_threads(self, name: str) -> int:
+        """Abandoned worker threads still running for the current and retiring ``name``."""
+        current = self._current.get(name)
+        count = current.threads.abandoned if current is not None else 0
+        for plugin in self._draining:
+            if plugin.name == name:
+                count += plugin.threads.abandoned
+        return count
 
     def retiring(self) -> tuple[Plugin, ...]:
         """Return the versions replaced or removed but not yet retired."""

@@ -17,11 +17,13 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup
 
+from .config import DEFAULT_LIMITS, DEFAULT_TIMEOUTS, UNSET, Limits, Timeouts, Unset, with_overrides
 from .dispatch import Dispatcher
 from .errors import RecordError
 from .events import EventBus, Subscription
 from .fleet import StatusReporter, StatusReporting
 from .loader import Loader, PluginInfo, RecordVerifier
+from .plugin import Plugin
 from .records import PluginRecord
 from .registry import Registry
 from .trust import SignatureVerifier, TrustedKeys, TrustError, load_public_keys
@@ -44,6 +46,9 @@ class PluginHost:
         database: A PyMongo ``AsyncDatabase`` or a Motor database; plugins get it as ``ctx.db``.
         collection: The functions collection's name.
         context: Globals for plugins: ``context={"foo": 1}`` makes ``ctx.foo == 1``.
+        limits: Sizes and counts (see :class:`~host.config.Limits`); the keyword
+            arguments below override single fields.
+        timeouts: Time bounds (see :class:`~host.config.Timeouts`); likewise.
         exec_timeout: Bound on a version's top-level code, in seconds.
         default_timeout: Per-call timeout for records that set none (None: no timeout).
         default_max_concurrency: Per-version concurrency for records that set none.
@@ -73,15 +78,17 @@ class PluginHost:
         collection: str = "functions",
         *,
         context: Mapping[str, Any] | None = None,
-        exec_timeout: float = 1.0,
-        default_timeout: float | None = None,
-        default_max_concurrency: int | None = None,
-        max_waiting: int = 1000,
-        grace_period: float = 30.0,
-        history_size: int = 5,
-        max_source_bytes: int = 1_048_576,
-        require_depth: int = 16,
-        drain_timeout: float = 30.0,
+        limits: Limits = DEFAULT_LIMITS,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        exec_timeout: float | Unset = UNSET,
+        default_timeout: float | Unset | None = UNSET,
+        default_max_concurrency: int | Unset | None = UNSET,
+        max_waiting: int | Unset = UNSET,
+        grace_period: float | Unset = UNSET,
+        history_size: int | Unset = UNSET,
+        max_source_bytes: int | Unset = UNSET,
+        require_depth: int | Unset = UNSET,
+        drain_timeout: float | Unset = UNSET,
         wait_ready: bool = True,
         verifier: RecordVerifier | None = None,
         max_await_ms: int | None = None,
@@ -90,11 +97,26 @@ class PluginHost:
         trusted_keys: TrustedKeys | Iterable[str | Path] | str | Path | None = None,
         report_status: bool | StatusReporting = False,
     ) -> None:
+        self.limits = limits = with_overrides(
+            limits,
+            max_concurrency=default_max_concurrency,
+            max_waiting=max_waiting,
+            history_size=history_size,
+            max_source_bytes=max_source_bytes,
+            require_depth=require_depth,
+        )
+        self.timeouts = timeouts = with_overrides(
+            timeouts,
+            top_level=exec_timeout,
+            call=default_timeout,
+            grace=grace_period,
+            drain=drain_timeout,
+        )
         self.database = database
         self.collection_name = collection
-        self.drain_timeout = drain_timeout
+        self.drain_timeout = timeouts.drain
         self._wait_ready = wait_ready
-        self.events_bus = EventBus(logger)
+        self._events_bus = EventBus(logger)
         # Trust: keys given as paths load in __aenter__ (file reads must not block the loop).
         self._verifier = verifier
         self._signatures: SignatureVerifier | None = None
@@ -107,39 +129,38 @@ class PluginHost:
             self._trusted_key_paths = tuple(trusted_keys)
             if not self._trusted_key_paths:
                 raise TrustError("trusted_keys is empty: give key files or folders, or None")
-        self.registry = Registry(
-            grace_period=grace_period, history_size=history_size, events=self.events_bus
+        self._registry = Registry(
+            grace_period=timeouts.grace, history_size=limits.history_size, events=self._events_bus
         )
-        self.dispatcher = Dispatcher(
-            self.registry,
+        self._dispatcher = Dispatcher(
+            self._registry,
             db=database,
             globals=context,
-            default_timeout=default_timeout,
-            default_max_concurrency=default_max_concurrency,
-            max_waiting=max_waiting,
-            require_depth=require_depth,
-            events=self.events_bus,
+            default_timeout=timeouts.call,
+            max_waiting=limits.max_waiting,
+            require_depth=limits.require_depth,
+            events=self._events_bus,
         )
-        self.loader = Loader(
-            self.registry,
-            self.dispatcher.make_context,
-            self.events_bus,
-            exec_timeout=exec_timeout,
-            max_source_bytes=max_source_bytes,
-            default_max_concurrency=default_max_concurrency,
+        self._loader = Loader(
+            self._registry,
+            self._dispatcher.make_context,
+            self._events_bus,
+            exec_timeout=timeouts.top_level,
+            max_source_bytes=limits.max_source_bytes,
+            default_max_concurrency=limits.max_concurrency,
             verifier=verifier if trusted_keys is None else self._verify_record,
         )
-        self.watcher = Watcher(
-            database[collection], self.loader, self.events_bus, max_await_ms=max_await_ms
+        self._watcher = Watcher(
+            database[collection], self._loader, self._events_bus, max_await_ms=max_await_ms
         )
         self.watchdog = (
-            LoopWatchdog(self.events_bus, threshold=loop_block_threshold)
+            LoopWatchdog(self._events_bus, threshold=loop_block_threshold)
             if loop_block_threshold is not None
             else None
         )
         options = StatusReporting() if report_status is True else report_status
         self._reporter = (
-            StatusReporter(self, database, collection, self.events_bus, options)
+            StatusReporter(self, database, collection, self._events_bus, options)
             if isinstance(options, StatusReporting)
             else None
         )
@@ -156,16 +177,16 @@ class PluginHost:
         await stack.__aenter__()
         try:
             self._tg = await stack.enter_async_context(anyio.create_task_group())
-            await stack.enter_async_context(self.registry)
-            self.loader.bind(self._tg)
+            await stack.enter_async_context(self._registry)
+            self._loader.bind(self._tg)
             if self.watchdog is not None:  # cancelled with the task group at shutdown
                 self._tg.start_soon(self.watchdog.run, name="loop watchdog")
             if self._reporter is not None:
                 await self._tg.start(self._reporter.run)
             self._watch_scope = anyio.CancelScope()
-            self._tg.start_soon(self._watch, name=f"watch {self.watcher.namespace}")
+            self._tg.start_soon(self._watch, name=f"watch {self._watcher.namespace}")
             self._stack = stack
-            self.events_bus.emit("host.started", namespace=self.watcher.namespace)
+            self._events_bus.emit("host.started", namespace=self._watcher.namespace)
             if self._wait_ready:
                 await self.ready()
         except BaseException:
@@ -189,10 +210,10 @@ class PluginHost:
             keys = await anyio.to_thread.run_sync(load_public_keys, self._trusted_key_paths)
             self._signatures = SignatureVerifier(keys)
         if self._signatures is None and not isinstance(self._verifier, SignatureVerifier):
-            self.events_bus.emit(
+            self._events_bus.emit(
                 "trust.disabled",
                 "warning",
-                namespace=self.watcher.namespace,
+                namespace=self._watcher.namespace,
                 message="plugin signatures are not checked: any writer to the collection "
                 "can run code in this host (pass trusted_keys to require signatures)",
             )
@@ -216,12 +237,12 @@ class PluginHost:
     async def _shutdown(self, stack: contextlib.AsyncExitStack) -> None:
         try:
             with anyio.CancelScope(shield=True):
-                self.dispatcher.close()
+                self._dispatcher.close()
                 if self._reporter is not None:
                     self._reporter.notify()  # draining: waiters stop counting this host
                 if self._watch_scope is not None:
                     self._watch_scope.cancel()
-                await self.registry.aclose(self.drain_timeout)
+                await self._registry.aclose(self.drain_timeout)
                 if self._reporter is not None:
                     await self._reporter.aclose()
         finally:
@@ -230,16 +251,16 @@ class PluginHost:
             if self._tg is not None:
                 self._tg.cancel_scope.cancel()
             await stack.aclose()
-            self.events_bus.emit("host.stopped", namespace=self.watcher.namespace)
+            self._events_bus.emit("host.stopped", namespace=self._watcher.namespace)
 
     async def _watch(self) -> None:
         assert self._watch_scope is not None
         with self._watch_scope:
             try:
-                await self.watcher.run()
+                await self._watcher.run()
             except WatchFatal as exc:
-                self.events_bus.emit(
-                    "watch.failed", "error", namespace=self.watcher.namespace, error=str(exc)
+                self._events_bus.emit(
+                    "watch.failed", "error", namespace=self._watcher.namespace, error=str(exc)
                 )
 
     # -- readiness -----------------------------------------------------------------------
@@ -255,14 +276,14 @@ class PluginHost:
             TimeoutError: ``timeout`` passed first.
         """
         with anyio.fail_after(timeout):
-            await self.watcher.ready.wait()
-        if self.watcher.fatal is not None:
-            raise self.watcher.fatal
+            await self._watcher.ready.wait()
+        if self._watcher.fatal is not None:
+            raise self._watcher.fatal
 
     @property
     def is_ready(self) -> bool:
         """Initial load done and the stream live right now (``/readyz``)."""
-        return self.watcher.ready.is_set() and self.watcher.fatal is None and self.watcher.live
+        return self._watcher.ready.is_set() and self._watcher.fatal is None and self._watcher.live
 
     @property
     def status_reporter(self) -> StatusReporter | None:
@@ -272,7 +293,12 @@ class PluginHost:
     @property
     def draining(self) -> bool:
         """Shutdown has begun: new calls are refused."""
-        return self.dispatcher.draining
+        return self._dispatcher.draining
+
+    @property
+    def abandoned_threads(self) -> int:
+        """Worker threads of timed-out sync calls still blocked (each holds a thread slot)."""
+        return self._dispatcher.abandoned_threads
 
     # -- work ------------------------------------------------------------------------------
 
@@ -294,20 +320,25 @@ class PluginHost:
             PluginBusy: Too many calls are queued on the plugin.
             HostClosed: The host is shutting down.
         """
-        return await self.dispatcher.call(name, args, timeout=timeout)
+        return await self._dispatcher.call(name, args, timeout=timeout)
 
     def require(self, name: str) -> CallTarget:
         """A late-bound async callable: each call goes to the version current at that moment."""
-        return self.dispatcher.require(name)
+        return self._dispatcher.require(name)
 
     def plugins(self) -> list[PluginInfo]:
         """Every known plugin: version, revision, loaded_at, status and last error."""
-        return self.loader.infos()
+        return self._loader.infos()
+
+    def current(self, name: str) -> Plugin | None:
+        """The version of ``name`` serving calls now, or None (a snapshot: it may be
+        replaced at the next await)."""
+        return self._registry.get(name)
 
     def plugin(self, name: str) -> PluginInfo | None:
         """One plugin's status, or None if the host has never seen it."""
-        return self.loader.info(name)
+        return self._loader.info(name)
 
     def events(self, buffer: int = 10_000) -> Subscription:
         """Subscribe to reload events (``async with host.events() as ev: async for e in ev``)."""
-        return self.events_bus.subscribe(buffer)
+        return self._events_bus.subscribe(buffer)

@@ -60,7 +60,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .errors import RecordError
+from .errors import PluginHostError, RecordError
 from .records import PluginRecord, is_valid_name
 
 __all__ = (
@@ -91,11 +91,11 @@ _KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
 _SIGNATURE_B64_LEN = 88  # base64 of 64 bytes, with padding
 
 
-class TrustError(ValueError):
+class TrustError(PluginHostError, ValueError):
     """A key file or a signing input is unusable; the message names the file or field."""
 
 
-class SignatureError(ValueError):
+class SignatureError(PluginHostError, ValueError):
     """A record's signature does not check out.
 
     Attributes:

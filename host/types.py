@@ -6,8 +6,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 if TYPE_CHECKING:
-    from .compiler import Plugin
     from .context import Context
+    from .plugin import Plugin
 
 __all__ = (
     "Args",

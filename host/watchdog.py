@@ -7,7 +7,7 @@ Design note — a heartbeat plus a sampling thread (the idea behind asyncio's de
 * A daemon thread wakes every ``interval``. If the stamp is older than
   ``interval + threshold``, something holds the loop. While it does, the thread samples
   the loop thread's stack (``sys._current_frames()``) and keeps the innermost frame whose
-  file name is a plugin's (``<plugin greet@r7>``, see ``host.compiler``). The dispatcher's
+  file name is a plugin's (``<plugin greet@r7>``, see ``host.naming``). The dispatcher's
   hot path does nothing extra for this.
 * When the heartbeat moves again, the thread hands one ``loop.blocked`` event (plugin,
   version, blocked_ms) to the loop with ``call_soon_threadsafe``: the event bus and its
@@ -31,10 +31,10 @@ import anyio
 import structlog
 
 from .events import EventBus
+from .naming import identify, is_plugin_file
 
 __all__ = ("LoopWatchdog",)
 
-_PLUGIN_FILE_PREFIX = "<plugin "
 _log = structlog.get_logger("host.watchdog")
 
 
@@ -142,24 +142,8 @@ def _plugin_on_stack(thread_id: int) -> tuple[str, str] | None:
     frame: FrameType | None = sys._current_frames().get(thread_id)
     while frame is not None:
         filename = frame.f_code.co_filename
-        if filename.startswith(_PLUGIN_FILE_PREFIX):
+        if is_plugin_file(filename):
             module = frame.f_globals.get("__name__")
-            return _identify(filename, module if isinstance(module, str) else "")
+            return identify(filename, module if isinstance(module, str) else "")
         frame = frame.f_back
     return None
-
-
-def _identify(filename: str, module: str) -> tuple[str, str]:
-    """Plugin name and version from a plugin file name and its module's ``__name__``.
-
-    ``<plugin greet@r7>`` with module ``plugin_host.plugins.greet.r7_3f9a1c2e`` is
-    ``greet@r7:3f9a1c2e``; ``<plugin greet:3f9a1c2e>`` (no revision) is its own version.
-    Names never contain ``@`` or ``:`` (see ``host.records``).
-    """
-    body = filename[len(_PLUGIN_FILE_PREFIX) : -1]
-    if "@r" in body:
-        name = body.rsplit("@r", 1)[0]
-        tag = module.rsplit(".", 1)[-1]
-        digest = tag.split("_", 1)[1] if "_" in tag else ""
-        return name, f"{body}:{digest}" if digest else body
-    return body.split(":", 1)[0], body

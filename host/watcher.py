@@ -37,33 +37,92 @@ Apart from the initial load and resyncs, the watcher sends no find or count: it 
 from __future__ import annotations
 
 import contextlib
+import enum
 import inspect
 import random
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import anyio
 from bson.timestamp import Timestamp
-from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
+from pymongo.errors import OperationFailure, PyMongoError
 from pymongo.read_concern import ReadConcern
 
+from .errors import PluginHostError
 from .events import EventBus
 from .loader import INITIAL, Change, Loader, change_from_event
 
 __all__ = ("WatchFatal", "Watcher")
 
-RESYNC_CODES = frozenset({260, 280, 286})
+
+class Code(enum.IntEnum):
+    """The MongoDB server error codes the change-stream policy names (error_codes.yml)."""
+
+    UNAUTHORIZED = 13
+    AUTHENTICATION_FAILED = 18
+    CAPPED_POSITION_LOST = 136
+    INVALID_RESUME_TOKEN = 260
+    CHANGE_STREAM_FATAL_ERROR = 280
+    CHANGE_STREAM_HISTORY_LOST = 286
+    CHANGE_STREAM_NEEDS_REPLICA_SET = 40573  # "Location40573": $changeStream on a standalone
+
+
+RESYNC_CODES = frozenset(
+    {Code.INVALID_RESUME_TOKEN, Code.CHANGE_STREAM_FATAL_ERROR, Code.CHANGE_STREAM_HISTORY_LOST}
+)
 FATAL_CODES = {
-    40573: "change streams need a replica set, and this MongoDB is a standalone server "
-    "(start it with --replSet and run rs.initiate())",
-    13: "the MongoDB user may not watch or read the functions collection (Unauthorized)",
-    18: "MongoDB authentication failed",
-    136: "change streams are disabled on this deployment",
+    Code.CHANGE_STREAM_NEEDS_REPLICA_SET: "change streams need a replica set, and this "
+    "MongoDB is a standalone server (start it with --replSet and run rs.initiate())",
+    Code.UNAUTHORIZED: "the MongoDB user may not watch or read the functions collection "
+    "(Unauthorized)",
+    Code.AUTHENTICATION_FAILED: "MongoDB authentication failed",
+    Code.CAPPED_POSITION_LOST: "change streams are disabled on this deployment",
 }
 
+Action = Literal["resume", "resync", "fatal"]
+"""What the watcher does after a stream error: reopen from its token after a backoff,
+reload a fresh snapshot, or stop with :class:`WatchFatal`."""
 
-class WatchFatal(RuntimeError):
+
+class Verdict(NamedTuple):
+    """The policy's answer for one error.
+
+    Attributes:
+        action: What to do.
+        detail: For ``resync``, the reason logged (``history_lost`` or ``stream_error``);
+            for ``fatal``, the operator's explanation; empty for ``resume``.
+    """
+
+    action: Action
+    detail: str = ""
+
+
+def _classify(exc: PyMongoError) -> Verdict:
+    """The change-stream error policy, in one place (like PyMongo's ``_resumable()``).
+
+    PyMongo has already resumed once on what the spec calls resumable; what reaches the
+    watcher is sorted here.
+
+    Args:
+        exc: The error the stream (or opening it, or the snapshot) raised.
+
+    Returns:
+        ``fatal`` for a deployment that cannot be watched at all; ``resync`` when the
+        resume point is gone or the stream cannot continue; ``resume`` (a backoff, then
+        ``resumeAfter``) for everything else, which is transient.
+    """
+    if isinstance(exc, OperationFailure):
+        code = exc.code
+        if code in FATAL_CODES:
+            return Verdict("fatal", FATAL_CODES[Code(code)])
+        if code in RESYNC_CODES or exc.has_error_label("NonResumableChangeStreamError"):
+            history_lost = code == Code.CHANGE_STREAM_HISTORY_LOST
+            return Verdict("resync", "history_lost" if history_lost else "stream_error")
+    return Verdict("resume")
+
+
+class WatchFatal(PluginHostError, RuntimeError):
     """The collection cannot be watched at all (configuration, not a transient fault)."""
 
 
@@ -152,20 +211,17 @@ class Watcher:
                     token=_token_str(invalidate),
                 )
                 resync_reason, start_after = "invalidate", invalidate
-            except OperationFailure as exc:
-                if exc.code in FATAL_CODES:
-                    self.fatal = WatchFatal(
-                        f"cannot watch {self.namespace}: {FATAL_CODES[exc.code]}"
-                    )
+            except PyMongoError as exc:
+                verdict = _classify(exc)
+                if verdict.action == "fatal":
+                    self.fatal = WatchFatal(f"cannot watch {self.namespace}: {verdict.detail}")
                     self.ready.set()
                     raise self.fatal from exc
-                if exc.code in RESYNC_CODES or exc.has_error_label("NonResumableChangeStreamError"):
+                if verdict.action == "resync":
                     self._resync_error = _describe(exc)
                     self._token = None
-                    resync_reason = "history_lost" if exc.code == 286 else "stream_error"
+                    resync_reason = verdict.detail
                     continue
-                attempt, backoff = await self._back_off(exc, attempt, backoff)
-            except (ConnectionFailure, PyMongoError) as exc:
                 attempt, backoff = await self._back_off(exc, attempt, backoff)
             finally:
                 self.live = False

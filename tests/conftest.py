@@ -16,10 +16,8 @@ from pymongo import AsyncMongoClient, MongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.synchronous.database import Database
 
-from host.embedded import EmbeddedMongoThread
-from tests.support import PROBE
-
-Doc = dict[str, object]
+from host.embedded import EmbeddedMongo, EmbeddedMongoThread
+from tests.support import PROBE, Db, Doc
 
 
 @pytest.fixture
@@ -119,3 +117,30 @@ def probe(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:
         yield ns
     finally:
         ns.gate.set()  # never leave a thread blocked on the gate
+
+
+@pytest.fixture
+def own_oplog_size() -> int:
+    """Oplog entries of ``own_server`` (a module may override it)."""
+    return 100
+
+
+@pytest.fixture
+async def own_server(own_oplog_size: int) -> AsyncIterator[EmbeddedMongo]:
+    """A private embedded server on this test's loop (failpoints are server-wide)."""
+    async with EmbeddedMongo(port=0, oplog_size=own_oplog_size) as server:
+        yield server
+
+
+@pytest.fixture
+async def own_client(own_server: EmbeddedMongo) -> AsyncIterator[AsyncMongoClient[Doc]]:
+    """An async client of the private server."""
+    client: AsyncMongoClient[Doc] = AsyncMongoClient(own_server.uri, serverSelectionTimeoutMS=5000)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def own_db(own_client: AsyncMongoClient[Doc]) -> Db:
+    """The ``app`` database on the private server."""
+    return own_client.app

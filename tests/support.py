@@ -8,8 +8,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
+from pymongo.asynchronous.database import AsyncDatabase
 
 from host.events import HostEvent, Subscription
+
+Doc = dict[str, Any]
+"""A MongoDB document as the tests read and write it."""
+Db = AsyncDatabase[Doc]
+"""An async PyMongo database of such documents."""
 
 PROBE = "_plugin_host_test_probe"
 """Module name of the ``probe`` fixture: plugin code imports it to signal the test."""
@@ -107,3 +113,17 @@ async def loop_ticks(interval: float = 0.001) -> AsyncIterator[Ticks]:
         tg.start_soon(ticker)
         yield ticks
         tg.cancel_scope.cancel()
+
+
+def returning(n: int) -> str:
+    """Plugin source whose async ``main`` returns ``n``."""
+    return f"async def main(ctx, args):\n    return {n}\n"
+
+
+def torn_pair(n: int, *, sync: bool = False) -> str:
+    """Plugin source whose top level sets ``A`` and ``B`` to ``n``; ``main`` returns ``(A, B)``.
+
+    A call that ever sees ``A != B`` saw a half-built version.
+    """
+    head = "def" if sync else "async def"
+    return f"A = {n}\nB = {n}\n{head} main(ctx, args):\n    return (A, B)\n"

@@ -6,15 +6,14 @@ import gc
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pymongo.synchronous.database import Database
 from typer.testing import CliRunner, Result
 
 from host.cli import app
+from tests.support import Doc
 
-Doc = dict[str, Any]
 EXAMPLES = Path(__file__).resolve().parent.parent / "plugins_examples"
 SOURCE = "async def main(ctx, args):\n    return 'v1'\n"
 
@@ -50,6 +49,16 @@ def assert_clean_error(result: Result, *needles: str) -> None:
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "error: " in result.output
+    for needle in needles:
+        assert needle in result.output, result.output
+
+
+def assert_usage_error(result: Result, option: str, *needles: str) -> None:
+    """Typer refused ``option`` as a usage error: exit 2, no traceback, naming the option."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert f"Invalid value for '{option}'" in result.output, result.output
     for needle in needles:
         assert needle in result.output, result.output
 
@@ -177,7 +186,7 @@ def test_bad_uri_is_clear() -> None:
 
 def test_call_errors_are_clear(cli: Invoke) -> None:
     """call refuses bad --args JSON, and says so when no daemon listens at --url."""
-    assert_clean_error(cli("call", "greet", "--args", "{nope"), "--args is not valid JSON")
+    assert_usage_error(cli("call", "greet", "--args", "{nope"), "--args", "not valid JSON")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -189,7 +198,9 @@ def test_daemon_option_errors_are_clear(tmp_path: Path) -> None:
     """run and dev refuse a bad --http, --log-format or plugins folder before starting."""
     runner = CliRunner()
     assert_clean_error(runner.invoke(app, ["run", "--http", "localhost"]), "HOST:PORT")
-    assert_clean_error(runner.invoke(app, ["run", "--log-format", "xml"]), "json, console or auto")
+    assert_usage_error(
+        runner.invoke(app, ["run", "--log-format", "xml"]), "--log-format", "'json', 'console'"
+    )
     missing = str(tmp_path / "none")
     assert_clean_error(runner.invoke(app, ["dev", "--plugins-dir", missing]), "does not exist")
 
@@ -206,3 +217,20 @@ def test_unknown_plugin_is_one_clear_error(cli: Invoke) -> None:
     for args in (("show",), ("rollback",), ("enable",), ("disable",), ("delete",)):
         result = cli(*args, "nope")
         assert_clean_error(result, "no plugin named 'nope'", "plugin-host list")
+
+
+def test_runtime_failure_exits_1_usage_error_exits_2() -> None:
+    """MongoDB unreachable is a runtime failure (exit 1); a bad option is a usage error (2)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    runner = CliRunner()
+    down = runner.invoke(
+        app,
+        ["list", "--mongodb-uri", f"mongodb://127.0.0.1:{port}/", "--connect-timeout", "0.2"],
+    )
+    assert_clean_error(down, "is not reachable")
+    assert down.exit_code == 1
+    bad = runner.invoke(app, ["list", "--connect-timeout", "0"])
+    assert bad.exit_code == 2
+    assert "Invalid value for '--connect-timeout'" in bad.output

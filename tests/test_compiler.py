@@ -10,8 +10,10 @@ from typing import Any
 import anyio
 import pytest
 
-from host.compiler import Phase, Plugin, compile_plugin, format_plugin_traceback
+from host.compiler import compile_plugin
 from host.errors import CompileError
+from host.naming import format_plugin_traceback
+from host.plugin import Phase, Plugin
 from host.records import PluginRecord
 from tests.support import PROBE, loop_ticks
 
@@ -148,6 +150,27 @@ async def test_blocking_c_call_at_import_is_abandoned(probe: types.SimpleNamespa
     assert not probe.stopped.is_set(), "the thread is still blocked in C"
     probe.gate.set()
     assert await anyio.to_thread.run_sync(probe.stopped.wait, 30)
+
+
+@pytest.mark.anyio
+async def test_abandoned_load_threads_keep_their_slot(probe: types.SimpleNamespace) -> None:
+    """Loads blocked in C hold their load thread until it ends; then loads fail as busy."""
+    entered: list[str] = []
+    vars(sys.modules[PROBE])["enter"] = entered.append  # list.append is atomic under the GIL
+    errors: list[CompileError] = []
+
+    async def one(n: int) -> None:
+        source = f"import {PROBE}\n{PROBE}.enter({n!r})\n{PROBE}.gate.wait()\n"
+        errors.append(await load_error(source, exec_timeout=0.05))
+
+    async with anyio.create_task_group() as tg:
+        for n in range(6):
+            tg.start_soon(one, n)
+    stages = sorted(error.stage for error in errors)
+    assert stages == ["busy", "busy", "timeout", "timeout", "timeout", "timeout"]
+    assert len(entered) == 4, "only the 4 load threads ever ran top-level code"
+    busy = next(error for error in errors if error.stage == "busy")
+    assert "all 4 worker threads are held by abandoned calls" in busy.reason
 
 
 @pytest.mark.anyio

@@ -10,9 +10,10 @@ import anyio
 import pytest
 import structlog
 
-from host.compiler import Plugin, compile_plugin
+from host.compiler import compile_plugin
 from host.context import Context
 from host.dispatch import Dispatcher, Required
+from host.plugin import Plugin
 from host.records import PluginRecord
 from host.registry import Registry
 

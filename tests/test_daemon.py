@@ -21,11 +21,10 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from host.publish import publish
 
-from .support import wait_until
+from .support import Doc, wait_until
 
 pytestmark = pytest.mark.anyio
 
-Doc = dict[str, Any]
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "plugins_examples"
 GREET_ARGS = {"firstName": "Blain", "lastName": "Smith"}

@@ -10,7 +10,7 @@ import anyio
 import pytest
 import structlog
 
-from host.compiler import Plugin, compile_plugin
+from host.compiler import compile_plugin
 from host.dispatch import Dispatcher
 from host.errors import (
     HostClosed,
@@ -20,8 +20,10 @@ from host.errors import (
     PluginTimeout,
     RequireDepthExceeded,
 )
+from host.plugin import Plugin
 from host.records import PluginRecord
 from host.registry import Registry
+from tests.support import wait_until
 
 # Generous load bound: these tests are not about load timeouts, and CI machines are busy.
 LOAD_TIMEOUT = 30.0
@@ -34,10 +36,14 @@ class Host:
         self.registry = registry
         self.dispatcher = dispatcher
 
-    async def load(self, name: str, source: str, **fields: Any) -> Plugin:
+    async def load(
+        self, name: str, source: str, *, default_max_concurrency: int | None = None, **fields: Any
+    ) -> Plugin:
         """Compile and install a version of ``name``; return it."""
         plugin = await compile_plugin(
-            PluginRecord(name=name, source=source, **fields), exec_timeout=LOAD_TIMEOUT
+            PluginRecord(name=name, source=source, **fields),
+            exec_timeout=LOAD_TIMEOUT,
+            default_max_concurrency=default_max_concurrency,
         )
         await self.registry.install(plugin, self.dispatcher.make_context)
         return plugin
@@ -49,7 +55,7 @@ def make_host(registry: Registry, **kw: Any) -> Host:
     return Host(registry, Dispatcher(registry, db="the-db", globals=kw, **options))
 
 
-DISPATCHER_OPTIONS = {"default_timeout", "max_waiting", "require_depth", "default_max_concurrency"}
+DISPATCHER_OPTIONS = {"default_timeout", "max_waiting", "require_depth"}
 
 
 @pytest.fixture
@@ -234,8 +240,10 @@ async def test_max_concurrency_queues_then_rejects(registry: Registry) -> None:
 async def test_default_max_concurrency_applies(registry: Registry) -> None:
     """default_max_concurrency limits versions whose record sets none."""
     gate = anyio.Event()
-    host = make_host(registry, gate=gate, default_max_concurrency=1, max_waiting=0)
-    plugin = await host.load("p", "async def main(ctx, a):\n    await ctx.gate.wait()\n")
+    host = make_host(registry, gate=gate, max_waiting=0)
+    plugin = await host.load(
+        "p", "async def main(ctx, a):\n    await ctx.gate.wait()\n", default_max_concurrency=1
+    )
     async with anyio.create_task_group() as tg:
         tg.start_soon(host.dispatcher.call, "p", None)
         await anyio.wait_all_tasks_blocked()
@@ -380,3 +388,56 @@ async def test_ctx_exposes_db_globals_state_and_bound_log(registry: Registry) ->
             "call_id": call_id,
         }
     ]
+
+
+BLOCKING_IN_C = """
+def main(ctx, args):
+    with ctx.lock:
+        ctx.live[0] += 1
+        ctx.peak[0] = max(ctx.peak[0], ctx.live[0])
+    try:
+        ctx.gate.wait()  # blocks in C: an injected ThreadInterrupted waits for it
+    finally:
+        with ctx.lock:
+            ctx.live[0] -= 1
+    return "done"
+"""
+
+
+@pytest.mark.anyio
+async def test_abandoned_threads_keep_their_slot(registry: Registry) -> None:
+    """Timed-out sync calls blocked in C never run more threads than the limiter allows."""
+    gate = threading.Event()
+    live, peak = [0], [0]
+    dispatcher = Dispatcher(
+        registry,
+        db=None,
+        globals={"gate": gate, "lock": threading.Lock(), "live": live, "peak": peak},
+        thread_limiter_size=2,
+    )
+    host = Host(registry, dispatcher)
+    plugin = await host.load("stuck", BLOCKING_IN_C)
+    busy: list[PluginBusy] = []
+    try:
+        for _ in range(50):
+            try:
+                await dispatcher.call("stuck", None, timeout=0.05)
+            except PluginBusy as exc:
+                busy.append(exc)
+            except PluginTimeout:
+                pass
+            assert peak[0] <= 2
+            assert dispatcher.abandoned_threads <= 2
+        assert busy, "every slot was held by an abandoned thread, yet no call got PluginBusy"
+        assert busy[-1].abandoned_threads == 2
+        assert "held by calls that timed out" in str(busy[-1])
+        assert plugin.threads.abandoned == 2
+        assert registry.abandoned_threads("stuck") == 2
+    finally:
+        gate.set()
+    await wait_until(
+        lambda: dispatcher.abandoned_threads == 0, "the abandoned threads returned their slots"
+    )
+    assert plugin.threads.abandoned == 0
+    assert peak[0] <= 2
+    assert await dispatcher.call("stuck", None, timeout=LOAD_TIMEOUT) == "done"

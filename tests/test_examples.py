@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
@@ -12,12 +11,12 @@ from pymongo.asynchronous.database import AsyncDatabase
 from host import PluginFailed, PluginHost, PluginTimeout
 from host.publish import Published, publish, publish_dir
 from host.samples import SALES, USERS, seed
+from tests.support import Doc
 
 from .support import wait_until
 
 pytestmark = pytest.mark.anyio
 
-Doc = dict[str, Any]
 EXAMPLES = Path(__file__).resolve().parent.parent / "plugins_examples"
 
 

@@ -15,12 +15,12 @@ from host import PluginHost
 from host.http import create_app
 from host.publish import publish
 from host.samples import seed
+from tests.support import Doc
 
 from .support import wait_until
 
 pytestmark = pytest.mark.anyio
 
-Doc = dict[str, Any]
 ClientFactory = Callable[..., contextlib.AbstractAsyncContextManager[httpx.AsyncClient]]
 
 GREET = """
@@ -90,7 +90,7 @@ async def test_call_returns_result_and_version(api: ClientFactory, host: PluginH
     assert reply.status_code == 200
     body = reply.json()
     assert body["result"] == ("Hello there, Blain!!! There are 13 with the same last name as you!")
-    current = host.registry.get("greet")
+    current = host.current("greet")
     assert current is not None
     assert body["version"] == current.version
     assert reply.headers["x-plugin-version"] == current.version

@@ -8,21 +8,15 @@ from typing import Any
 import anyio
 import pytest
 import structlog
-from pymongo.asynchronous.database import AsyncDatabase
 
 from host import PluginHost
-from host.compiler import Plugin, compile_plugins
+from host.compiler import compile_plugins
 from host.errors import CompileError
+from host.plugin import Plugin
 from host.records import PluginRecord
-from tests.support import PROBE, next_event, wait_until
+from tests.support import PROBE, Db, next_event, returning, wait_until
 
 pytestmark = pytest.mark.anyio
-Db = AsyncDatabase[dict[str, Any]]
-
-
-def numbered(n: int) -> str:
-    """Source whose main returns ``n``."""
-    return f"async def main(ctx, args):\n    return {n}\n"
 
 
 def rec(name: str, source: str) -> PluginRecord:
@@ -38,7 +32,7 @@ async def test_batch_runaway_record_times_out_and_the_rest_load(
         f"import {PROBE}\ntry:\n    while True:\n        pass\nfinally:\n"
         f"    {PROBE}.stopped.set()\n"
     )
-    records = [rec(f"p{i}", numbered(i)) for i in range(10)]
+    records = [rec(f"p{i}", returning(i)) for i in range(10)]
     records.insert(4, rec("spin", runaway))
     results = await compile_plugins(records, exec_timeout=0.2)
     assert len(results) == len(records)
@@ -60,7 +54,7 @@ async def test_batch_blocked_record_is_abandoned_and_the_rest_load(
     blocked = (
         f"import {PROBE}\ntry:\n    {PROBE}.gate.wait()\nfinally:\n    {PROBE}.stopped.set()\n"
     )
-    records = [rec("a", numbered(1)), rec("block", blocked), rec("b", numbered(2))]
+    records = [rec("a", returning(1)), rec("block", blocked), rec("b", returning(2))]
     results = await compile_plugins(records, exec_timeout=0.1)
     assert isinstance(results[0], Plugin)
     assert isinstance(results[1], CompileError) and results[1].stage == "timeout"
@@ -73,11 +67,11 @@ async def test_batch_blocked_record_is_abandoned_and_the_rest_load(
 async def test_batch_failures_stay_per_record() -> None:
     """Syntax, import and entrypoint errors in a batch fail only their own record."""
     records = [
-        rec("ok", numbered(1)),
+        rec("ok", returning(1)),
         rec("syntax", "def main(:\n"),
         rec("import", "raise ValueError('boom')\n"),
         rec("noentry", "x = 1\n"),
-        rec("ok2", numbered(2)),
+        rec("ok2", returning(2)),
     ]
     results = await compile_plugins(records, exec_timeout=30.0)
     stages = [r.stage if isinstance(r, CompileError) else "ok" for r in results]
@@ -87,10 +81,10 @@ async def test_batch_failures_stay_per_record() -> None:
 async def test_cold_start_of_hundreds_loads_all(db: Db) -> None:
     """A cold start of a few hundred records loads every one, with one summary line."""
     count = 300
-    await db.functions.insert_many([{"_id": f"c{i}", "source": numbered(i)} for i in range(count)])
+    await db.functions.insert_many([{"_id": f"c{i}", "source": returning(i)} for i in range(count)])
     with structlog.testing.capture_logs() as logs:
         async with PluginHost(db) as host:
-            assert len(host.registry) == count
+            assert len(host._registry) == count
             assert await host.call(f"c{count - 1}") == count - 1
             assert all(info.status == "serving" for info in host.plugins())
     started = [e for e in logs if e["event"] == "watch.started"]
@@ -103,11 +97,11 @@ async def test_cold_start_of_hundreds_loads_all(db: Db) -> None:
 
 async def test_cold_start_with_a_runaway_record(db: Db) -> None:
     """At start-up, a record looping at import fails with stage timeout; the others serve."""
-    docs = [{"_id": f"c{i}", "source": numbered(i)} for i in range(100)]
+    docs = [{"_id": f"c{i}", "source": returning(i)} for i in range(100)]
     docs.insert(50, {"_id": "spin", "source": "while True:\n    pass\n"})
     await db.functions.insert_many(docs)
     async with PluginHost(db, exec_timeout=0.2) as host:
-        assert len(host.registry) == 100
+        assert len(host._registry) == 100
         info = host.plugin("spin")
         assert info is not None and info.status == "failed"
         assert info.last_error is not None and "CPU time" in info.last_error
@@ -118,7 +112,7 @@ async def test_loaded_after_startup_logs_at_info(db: Db) -> None:
     async with PluginHost(db) as host:
         with structlog.testing.capture_logs() as logs:
             async with host.events() as events:
-                await db.functions.insert_one({"_id": "late", "source": numbered(7)})
+                await db.functions.insert_one({"_id": "late", "source": returning(7)})
                 async for event in events:
                     if event.event == "plugin.loaded":
                         break
@@ -142,11 +136,11 @@ async def test_spawn_starts_a_supervisor_lazily(db: Db) -> None:
         "    return len(ctx.state)\n"
     )
     await db.functions.insert_many(
-        [{"_id": "spawner", "source": source}, {"_id": "plain", "source": numbered(1)}]
+        [{"_id": "spawner", "source": source}, {"_id": "plain", "source": returning(1)}]
     )
     async with PluginHost(db) as host:
-        plain = host.registry.get("plain")
-        spawner = host.registry.get("spawner")
+        plain = host.current("plain")
+        spawner = host.current("spawner")
         assert plain is not None and spawner is not None
         assert plain.task_group is None, "a version that never spawns has no supervisor"
         await wait_until(lambda: host.call("spawner"), "the task spawned in setup did not run")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
@@ -26,12 +25,11 @@ from host.publish import (
     rollback,
     set_enabled,
 )
+from tests.support import Doc
 
 from .support import wait_until
 
 pytestmark = pytest.mark.anyio
-
-Doc = dict[str, Any]
 
 
 def src(value: object) -> str:
@@ -202,7 +200,7 @@ async def test_published_versions_reach_a_host(db: AsyncDatabase[Doc]) -> None:
         await wait_until(lambda: host.plugin("greet").revision == 2, "revision 2 serves")  # type: ignore[union-attr]
         assert await host.call("greet") == 2
         await set_enabled(db, "greet", False)
-        await wait_until(lambda: host.registry.get("greet") is None, "greet is unloaded")
+        await wait_until(lambda: host.current("greet") is None, "greet is unloaded")
         await set_enabled(db, "greet", True)
         await rollback(db, "greet")
         await wait_until(lambda: host.plugin("greet").revision == 3, "the rollback serves")  # type: ignore[union-attr]

@@ -23,9 +23,10 @@ from hypothesis.stateful import (
     rule,
 )
 
-from host.compiler import Phase, Plugin, compile_plugin
+from host.compiler import compile_plugin
 from host.dispatch import Dispatcher
 from host.errors import CompileError, HostClosed
+from host.plugin import Phase, Plugin
 from host.records import PluginRecord
 from host.registry import Registry
 

@@ -10,13 +10,11 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
-from pymongo.asynchronous.database import AsyncDatabase
 
 from host import PluginFailed, PluginHost, PluginNotFound
-from tests.support import events_for, next_event, wait_until
+from tests.support import Db, events_for, next_event, wait_until
 
 pytestmark = pytest.mark.anyio
-Db = AsyncDatabase[dict[str, Any]]
 
 GREET = """
 async def main(ctx, args):
@@ -139,7 +137,7 @@ async def test_in_flight_call_finishes_on_old_version(db: Db, host: PluginHost) 
     async with host.events() as events:
         await db.functions.insert_one({"_id": "slow", "source": gate_source})
         await next_event(events, "plugin.loaded")
-        old_plugin = host.registry.get("slow")
+        old_plugin = host.current("slow")
         assert old_plugin is not None
         results: list[Any] = []
         async with anyio.create_task_group() as tg:
@@ -248,7 +246,7 @@ async def test_setup_and_teardown_once_per_version_and_collected(db: Db) -> None
         await db.functions.insert_one({"_id": "hooks", "source": source.format(n=1)})
         await next_event(events, "plugin.loaded")
         for n in (2, 3):
-            current = host.registry.get("hooks")
+            current = host.current("hooks")
             assert current is not None
             refs.append(weakref.ref(current.module))
             del current

@@ -13,7 +13,6 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pymongo.asynchronous.database import AsyncDatabase
 
 from host import PluginHost, PluginNotFound, PluginRecord, RecordError
 from host.trust import (
@@ -29,9 +28,7 @@ from host.trust import (
     sign_record,
     verify_signature,
 )
-from tests.support import next_event
-
-Db = AsyncDatabase[dict[str, Any]]
+from tests.support import Db, next_event
 
 # The golden vector: any change to these bytes breaks every signature already published.
 GOLDEN_SEED = bytes(range(32))

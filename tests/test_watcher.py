@@ -2,48 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
 from pymongo import AsyncMongoClient
-from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import (
+    AutoReconnect,
+    OperationFailure,
+    PyMongoError,
+    ServerSelectionTimeoutError,
+)
 
 from host import PluginHost, PluginNotFound
 from host.embedded import EmbeddedMongo
-from tests.support import drain, next_event, wait_until
+from host.watcher import FATAL_CODES, RESYNC_CODES, Code, _classify
+from tests.support import Db, drain, next_event, returning, wait_until
 
 pytestmark = pytest.mark.anyio
-Db = AsyncDatabase[dict[str, Any]]
-
-
-def numbered(n: int) -> str:
-    """Source whose main returns ``n``."""
-    return f"async def main(ctx, args):\n    return {n}\n"
 
 
 @pytest.fixture
-async def own_server() -> AsyncIterator[EmbeddedMongo]:
-    """A private embedded server (failpoints and command counts are server-wide)."""
-    async with EmbeddedMongo(port=0, oplog_size=50) as server:
-        yield server
-
-
-@pytest.fixture
-async def own_db(own_server: EmbeddedMongo) -> AsyncIterator[Db]:
-    """A database on the private server."""
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        own_server.uri, serverSelectionTimeoutMS=5000
-    )
-    yield client.app
-    await client.close()
+def own_oplog_size() -> int:
+    """This module's private servers keep a short oplog (history-lost tests)."""
+    return 50
 
 
 async def test_writes_racing_startup_are_not_lost(db: Db) -> None:
     """Writes made while the host starts all arrive; the final state is the newest version."""
-    await db.functions.insert_many([{"_id": f"p{i}", "source": numbered(0)} for i in range(20)])
+    await db.functions.insert_many([{"_id": f"p{i}", "source": returning(0)} for i in range(20)])
     stop = anyio.Event()
     written: dict[str, int] = {}
 
@@ -52,7 +40,7 @@ async def test_writes_racing_startup_are_not_lost(db: Db) -> None:
         while not stop.is_set():
             n += 1
             name = f"p{n % 20}"
-            await db.functions.update_one({"_id": name}, {"$set": {"source": numbered(n)}})
+            await db.functions.update_one({"_id": name}, {"$set": {"source": returning(n)}})
             written[name] = n
             await anyio.lowlevel.checkpoint()
 
@@ -63,7 +51,7 @@ async def test_writes_racing_startup_are_not_lost(db: Db) -> None:
             stop.set()
             await wait_until(
                 lambda: all(
-                    (p := host.registry.get(name)) is not None and p.module.main is not None
+                    (p := host.current(name)) is not None and p.module.main is not None
                     for name in written
                 ),
                 "all plugins loaded",
@@ -80,7 +68,7 @@ async def test_writes_racing_startup_are_not_lost(db: Db) -> None:
 
 async def test_never_goes_back_to_an_older_version(db: Db) -> None:
     """While a writer increments a plugin, each caller only ever sees non-decreasing versions."""
-    await db.functions.insert_one({"_id": "mono", "source": numbered(0)})
+    await db.functions.insert_one({"_id": "mono", "source": returning(0)})
     seen: list[int] = []
     async with PluginHost(db) as host, anyio.create_task_group() as tg:
         stop = anyio.Event()
@@ -92,7 +80,7 @@ async def test_never_goes_back_to_an_older_version(db: Db) -> None:
 
         tg.start_soon(reader)
         for n in range(1, 60):
-            await db.functions.update_one({"_id": "mono"}, {"$set": {"source": numbered(n)}})
+            await db.functions.update_one({"_id": "mono"}, {"$set": {"source": returning(n)}})
         await wait_until(lambda: seen and seen[-1] == 59, "the newest version serves")
         stop.set()
     assert seen == sorted(seen), "an older version replaced a newer one"
@@ -100,7 +88,7 @@ async def test_never_goes_back_to_an_older_version(db: Db) -> None:
 
 async def test_idle_host_sends_no_find_or_count(own_server: EmbeddedMongo, own_db: Db) -> None:
     """Apart from the initial load, an idle host never reads the collection: no polling."""
-    await own_db.functions.insert_one({"_id": "idle", "source": numbered(1)})
+    await own_db.functions.insert_one({"_id": "idle", "source": returning(1)})
     async with PluginHost(own_db, max_await_ms=50) as host:
         counts = own_server.command_counts
         before = {k: counts[k] for k in ("find", "count", "aggregate", "getMore")}
@@ -116,7 +104,7 @@ async def test_idle_host_sends_no_find_or_count(own_server: EmbeddedMongo, own_d
 
 async def test_resumes_after_connection_dropped(own_server: EmbeddedMongo, own_db: Db) -> None:
     """A failpoint closing the connection on getMore is survived with nothing lost."""
-    await own_db.functions.insert_one({"_id": "r", "source": numbered(0)})
+    await own_db.functions.insert_one({"_id": "r", "source": returning(0)})
     async with PluginHost(own_db, max_await_ms=50) as host, host.events() as events:
         await own_db.client.admin.command(
             "configureFailPoint",
@@ -125,7 +113,7 @@ async def test_resumes_after_connection_dropped(own_server: EmbeddedMongo, own_d
             data={"failCommands": ["getMore"], "closeConnection": True},
         )
         for n in range(1, 6):
-            await own_db.functions.update_one({"_id": "r"}, {"$set": {"source": numbered(n)}})
+            await own_db.functions.update_one({"_id": "r"}, {"$set": {"source": returning(n)}})
 
         async def newest() -> bool:
             return bool(await host.call("r") == 5)
@@ -139,7 +127,7 @@ async def test_resumes_after_connection_dropped(own_server: EmbeddedMongo, own_d
 async def test_history_lost_resyncs_to_collection(own_server: EmbeddedMongo, own_db: Db) -> None:
     """When the resume point leaves the oplog, the host resyncs to exactly the collection."""
     await own_db.functions.insert_many(
-        [{"_id": "keep", "source": numbered(1)}, {"_id": "drop", "source": numbered(2)}]
+        [{"_id": "keep", "source": returning(1)}, {"_id": "drop", "source": returning(2)}]
     )
     async with PluginHost(own_db, max_await_ms=50) as host, host.events() as events:
         # Stall the stream so it falls behind a small oplog, then let it resume.
@@ -149,9 +137,9 @@ async def test_history_lost_resyncs_to_collection(own_server: EmbeddedMongo, own
             mode="alwaysOn",
             data={"failCommands": ["getMore", "aggregate"], "closeConnection": True},
         )
-        await wait_until(lambda: not host.watcher.live, "the stream is down")
+        await wait_until(lambda: not host._watcher.live, "the stream is down")
         await own_db.functions.delete_one({"_id": "drop"})
-        await own_db.functions.update_one({"_id": "keep"}, {"$set": {"source": numbered(10)}})
+        await own_db.functions.update_one({"_id": "keep"}, {"$set": {"source": returning(10)}})
         await own_db.junk.insert_many([{"i": i} for i in range(200)])  # push the oplog past us
         await own_db.client.admin.command("configureFailPoint", "failCommand", mode="off")
         resynced = await next_event(events, "watch.resynced", timeout=20)
@@ -164,7 +152,7 @@ async def test_history_lost_resyncs_to_collection(own_server: EmbeddedMongo, own
 
 async def test_drop_and_recreate_collection(db: Db) -> None:
     """Dropping the collection unloads its plugins; re-creating it loads them again."""
-    await db.functions.insert_one({"_id": "d", "source": numbered(1)})
+    await db.functions.insert_one({"_id": "d", "source": returning(1)})
     async with PluginHost(db) as host, host.events() as events:
         assert await host.call("d") == 1
         await db.functions.drop()
@@ -172,14 +160,14 @@ async def test_drop_and_recreate_collection(db: Db) -> None:
         await next_event(events, "plugin.unloaded", lambda e: e["plugin"] == "d")
         with pytest.raises(PluginNotFound):
             await host.call("d")
-        await db.functions.insert_one({"_id": "d", "source": numbered(2)})
+        await db.functions.insert_one({"_id": "d", "source": returning(2)})
         await next_event(events, "plugin.loaded", lambda e: e["plugin"] == "d")
         assert await host.call("d") == 2
 
 
 async def test_rename_collection_unloads(db: Db, client: AsyncMongoClient[dict[str, Any]]) -> None:
     """Renaming the functions collection away invalidates the stream and unloads its plugins."""
-    await db.functions.insert_one({"_id": "n", "source": numbered(1)})
+    await db.functions.insert_one({"_id": "n", "source": returning(1)})
     async with PluginHost(db) as host, host.events() as events:
         await client.admin.command(
             "renameCollection", f"{db.name}.functions", to=f"{db.name}.functions_old"
@@ -200,17 +188,17 @@ async def test_server_restart_with_data_dir(tmp_path: Any) -> None:
         server.uri, serverSelectionTimeoutMS=2000, connectTimeoutMS=500
     )
     db = client.app
-    await db.functions.insert_one({"_id": "s", "source": numbered(1)})
+    await db.functions.insert_one({"_id": "s", "source": returning(1)})
     try:
         async with PluginHost(db, max_await_ms=100) as host, host.events() as events:
             assert await host.call("s") == 1
             await server.aclose()
-            await wait_until(lambda: not host.watcher.live, "the host noticed the outage")
+            await wait_until(lambda: not host._watcher.live, "the host noticed the outage")
             assert await host.call("s") == 1, "the registry keeps serving during the outage"
             server = EmbeddedMongo(port=port, data_dir=data)
             await server.start()
             other: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(server.uri)
-            await other.app.functions.update_one({"_id": "s"}, {"$set": {"source": numbered(2)}})
+            await other.app.functions.update_one({"_id": "s"}, {"$set": {"source": returning(2)}})
             await other.close()
             await next_event(events, "plugin.reloaded", timeout=30)
             assert await host.call("s") == 2
@@ -219,3 +207,43 @@ async def test_server_restart_with_data_dir(tmp_path: Any) -> None:
     finally:
         await client.close()
         await server.aclose()
+
+
+def _failure(code: int, *labels: str) -> OperationFailure:
+    """A server error as PyMongo raises it: code, message and error labels."""
+    details = {"ok": 0, "code": code, "errmsg": f"error {code}", "errorLabels": list(labels)}
+    return OperationFailure(f"error {code}", code, details)
+
+
+@pytest.mark.parametrize(
+    ("error", "action", "detail"),
+    [
+        (_failure(286), "resync", "history_lost"),
+        (_failure(280), "resync", "stream_error"),
+        (_failure(260), "resync", "stream_error"),
+        (_failure(11601, "NonResumableChangeStreamError"), "resync", "stream_error"),
+        (_failure(40573), "fatal", "change streams need a replica set"),
+        (_failure(13), "fatal", "may not watch or read"),
+        (_failure(18), "fatal", "authentication failed"),
+        (_failure(136), "fatal", "change streams are disabled"),
+        (_failure(91), "resume", ""),  # ShutdownInProgress: transient
+        (_failure(11601), "resume", ""),  # Interrupted, without the non-resumable label
+        (AutoReconnect("connection reset"), "resume", ""),
+        (ServerSelectionTimeoutError("no primary"), "resume", ""),
+        (PyMongoError("anything else"), "resume", ""),
+    ],
+)
+def test_classify_sorts_stream_errors(error: PyMongoError, action: str, detail: str) -> None:
+    """The change-stream policy: each error maps to resume, resync or fatal, with its reason."""
+    verdict = _classify(error)
+    assert verdict.action == action
+    if action == "fatal":
+        assert detail in verdict.detail
+    else:
+        assert verdict.detail == detail
+
+
+def test_policy_codes_are_named() -> None:
+    """Every code the policy branches on is a named Code member (no bare numbers)."""
+    assert all(isinstance(code, Code) for code in (*RESYNC_CODES, *FATAL_CODES))
+    assert int(Code.CHANGE_STREAM_HISTORY_LOST) == 286

@@ -7,16 +7,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient
-from pymongo.asynchronous.database import AsyncDatabase
-
-from host.embedded import EmbeddedMongo
-
-Db = AsyncDatabase[dict[str, Any]]
 
 SOAK_SECONDS = 600.0
 
@@ -62,26 +54,3 @@ def reload_count(soak: bool) -> int:
     if soak:
         return 10_000
     return int(os.environ.get("PLUGIN_HOST_RELOADS", "2000"))
-
-
-@pytest.fixture
-async def own_server() -> AsyncIterator[EmbeddedMongo]:
-    """A private embedded server on this test's loop (failpoints are server-wide)."""
-    async with EmbeddedMongo(port=0, oplog_size=100) as server:
-        yield server
-
-
-@pytest.fixture
-async def own_client(own_server: EmbeddedMongo) -> AsyncIterator[AsyncMongoClient[dict[str, Any]]]:
-    """An async client of the private server."""
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        own_server.uri, serverSelectionTimeoutMS=5000
-    )
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-def own_db(own_client: AsyncMongoClient[dict[str, Any]]) -> Db:
-    """The ``app`` database on the private server."""
-    return own_client.app

@@ -4,23 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from pymongo.asynchronous.database import AsyncDatabase
-
 from host import PluginHost
 from host.records import parse_record
-
-Db = AsyncDatabase[dict[str, Any]]
+from tests.support import Db
 
 
 async def fail_command(db: Db, mode: Any, **data: Any) -> None:
     """Configure the ``failCommand`` failpoint of ``db``'s server (``mode="off"`` clears it)."""
     await db.client.admin.command("configureFailPoint", "failCommand", mode=mode, data=data)
-
-
-def numbered(n: int, *, sync: bool = False) -> str:
-    """A plugin whose top level sets A and B to ``n``; main returns ``(A, B)``."""
-    head = "def" if sync else "async def"
-    return f"A = {n}\nB = {n}\n{head} main(ctx, args):\n    return (A, B)\n"
 
 
 async def collection_versions(db: Db, collection: str = "functions") -> dict[str, str]:
@@ -35,4 +26,4 @@ async def collection_versions(db: Db, collection: str = "functions") -> dict[str
 
 def registry_versions(host: PluginHost) -> dict[str, str]:
     """name -> version of every version the host serves."""
-    return {name: plugin.version for name, plugin in host.registry.items()}
+    return {name: plugin.version for name, plugin in host._registry.items()}

@@ -7,9 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from host import PluginHost
-from tests.support import drain, loop_ticks, next_event
-
-from .helpers import Db, numbered
+from tests.support import Db, drain, loop_ticks, next_event, torn_pair
 
 pytestmark = pytest.mark.anyio
 
@@ -48,7 +46,7 @@ async def test_bad_update_fails_with_stage_and_old_version_serves(
     """A broken update → plugin.reload_failed with the right stage; the old version serves."""
     source, stage = BAD_SOURCES[case]
     async with host.events() as events:
-        await db.functions.insert_one({"_id": "p", "source": numbered(1)})
+        await db.functions.insert_one({"_id": "p", "source": torn_pair(1)})
         loaded = await next_event(events, "plugin.loaded")
         async with loop_ticks(0.005) as ticks:
             before = ticks.count
@@ -65,7 +63,7 @@ async def test_bad_update_fails_with_stage_and_old_version_serves(
     assert info.status == "degraded"
     # The host still loads good code afterwards.
     async with host.events() as events:
-        await db.functions.update_one({"_id": "p"}, {"$set": {"source": numbered(2)}})
+        await db.functions.update_one({"_id": "p"}, {"$set": {"source": torn_pair(2)}})
         await next_event(events, "plugin.reloaded")
     assert await host.call("p") == (2, 2)
 
@@ -102,6 +100,6 @@ async def test_first_version_broken_then_fixed(db: Db, host: PluginHost) -> None
         info = host.plugin("late")
         assert info is not None
         assert info.status == "failed"
-        await db.functions.update_one({"_id": "late"}, {"$set": {"source": numbered(7)}})
+        await db.functions.update_one({"_id": "late"}, {"$set": {"source": torn_pair(7)}})
         await next_event(events, "plugin.loaded")
     assert await host.call("late") == (7, 7)

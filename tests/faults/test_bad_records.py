@@ -8,9 +8,7 @@ import pytest
 from bson import Binary
 
 from host import PluginHost, PluginNotFound
-from tests.support import next_event
-
-from .helpers import Db, numbered
+from tests.support import Db, next_event, torn_pair
 
 pytestmark = pytest.mark.anyio
 
@@ -44,7 +42,7 @@ async def test_bad_field_is_rejected_and_old_version_serves(db: Db, case: str) -
     """An invalid field → plugin.rejected naming the field; the old version keeps serving."""
     update, field = BAD_FIELDS[case]
     async with PluginHost(db) as host, host.events() as events:
-        await db.functions.insert_one({"_id": "victim", "source": numbered(1)})
+        await db.functions.insert_one({"_id": "victim", "source": torn_pair(1)})
         loaded = await next_event(events, "plugin.loaded")
         unset = {k: "" for k, v in update.items() if v is None}
         change: dict[str, Any] = {"$set": {k: v for k, v in update.items() if v is not None}}
@@ -60,18 +58,18 @@ async def test_bad_field_is_rejected_and_old_version_serves(db: Db, case: str) -
         assert info is not None
         assert info.status == "degraded"
         # Nothing is wedged: a good record loads next.
-        await db.functions.replace_one({"_id": "victim"}, {"source": numbered(2)})
+        await db.functions.replace_one({"_id": "victim"}, {"source": torn_pair(2)})
         await next_event(events, "plugin.reloaded")
         assert await host.call("victim") == (2, 2)
 
 
 async def test_source_limit_is_configurable(db: Db) -> None:
     """max_source_bytes bounds the source; a record just under it loads, one over is rejected."""
-    small = numbered(1)
+    small = torn_pair(1)
     async with PluginHost(db, max_source_bytes=200) as host, host.events() as events:
         await db.functions.insert_one({"_id": "s", "source": small + "#" * (199 - len(small))})
         await next_event(events, "plugin.loaded")
-        await db.functions.update_one({"_id": "s"}, {"$set": {"source": numbered(2) + "#" * 200}})
+        await db.functions.update_one({"_id": "s"}, {"$set": {"source": torn_pair(2) + "#" * 200}})
         rejected = await next_event(events, "plugin.rejected")
         assert rejected["field"] == "source"
         assert "200" in rejected["error"]
@@ -84,15 +82,15 @@ async def test_source_limit_is_configurable(db: Db) -> None:
 async def test_bad_name_is_rejected_and_loads_nothing(db: Db, name: Any) -> None:
     """A record whose _id is not a valid plugin name → plugin.rejected on _id; nothing loads."""
     async with PluginHost(db) as host, host.events() as events:
-        await db.functions.insert_one({"_id": name, "source": numbered(1)})
+        await db.functions.insert_one({"_id": name, "source": torn_pair(1)})
         rejected = await next_event(events, "plugin.rejected")
         assert rejected["field"] == "_id"
         assert rejected["serving"] is None
-        assert len(host.registry) == 0
+        assert len(host._registry) == 0
         with pytest.raises(PluginNotFound):
             await host.call(str(name))
         # The host is fine: a good record next to it loads.
-        await db.functions.insert_one({"_id": "ok", "source": numbered(3)})
+        await db.functions.insert_one({"_id": "ok", "source": torn_pair(3)})
         await next_event(events, "plugin.loaded")
         assert await host.call("ok") == (3, 3)
 
@@ -101,15 +99,15 @@ async def test_bad_records_in_initial_load_do_not_block_good_ones(db: Db) -> Non
     """Bad records present at start-up are rejected one by one; the good ones load and serve."""
     await db.functions.insert_many(
         [
-            {"_id": "good", "source": numbered(1)},
-            {"_id": "a/b", "source": numbered(2)},
+            {"_id": "good", "source": torn_pair(1)},
+            {"_id": "a/b", "source": torn_pair(2)},
             {"_id": "bin", "source": Binary(b"x")},
-            {"_id": "late", "source": numbered(3), "timeout": "soon"},
+            {"_id": "late", "source": torn_pair(3), "timeout": "soon"},
             {"_id": "huge", "source": "#" * 2_000_000},
         ]
     )
     async with PluginHost(db) as host:
-        assert set(host.registry.names()) == {"good"}
+        assert set(host._registry.names()) == {"good"}
         assert await host.call("good") == (1, 1)
         statuses = {info.name: info.status for info in host.plugins()}
         assert statuses["good"] == "serving"

@@ -9,9 +9,7 @@ import pytest
 
 from host import PluginHost, RequireDepthExceeded
 from host.watchdog import LoopWatchdog
-from tests.support import drain, next_event, wait_until
-
-from .helpers import Db, numbered
+from tests.support import Db, drain, next_event, torn_pair, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -35,7 +33,7 @@ async def test_blocking_handler_is_reported_as_loop_blocked(db: Db) -> None:
         assert blocked["version"] == loaded["version"]
         assert blocked["blocked_ms"] > blocked["threshold_ms"]
         # The host carries on serving.
-        await db.functions.insert_one({"_id": "fine", "source": numbered(1)})
+        await db.functions.insert_one({"_id": "fine", "source": torn_pair(1)})
         await next_event(events, "plugin.loaded")
         assert await host.call("fine") == (1, 1)
 
@@ -65,15 +63,19 @@ async def test_require_cycle_is_stopped(db: Db) -> None:
     a = "async def main(ctx, args):\n    return await ctx.require('b')(args)\n"
     b = "async def main(ctx, args):\n    return await ctx.call('a', args)\n"
     await db.functions.insert_many(
-        [{"_id": "a", "source": a}, {"_id": "b", "source": b}, {"_id": "ok", "source": numbered(1)}]
+        [
+            {"_id": "a", "source": a},
+            {"_id": "b", "source": b},
+            {"_id": "ok", "source": torn_pair(1)},
+        ]
     )
     async with PluginHost(db, require_depth=8) as host:
         with pytest.raises(RequireDepthExceeded) as info:
             await host.call("a")
         assert "a" in str(info.value)
         assert await host.call("ok") == (1, 1)
-        assert host.registry.get("a") is not None
-        assert all(p.in_flight == 0 for _, p in host.registry.items())
+        assert host.current("a") is not None
+        assert all(p.in_flight == 0 for _, p in host._registry.items())
 
 
 SETUP_FAILS = """
@@ -117,9 +119,9 @@ async def test_teardown_raising_still_retires(db: Db) -> None:
     async with PluginHost(db) as host, host.events() as events:
         await db.functions.insert_one({"_id": "t", "source": bad})
         loaded = await next_event(events, "plugin.loaded")
-        old = host.registry.get("t")
+        old = host.current("t")
         assert old is not None
-        await db.functions.update_one({"_id": "t"}, {"$set": {"source": numbered(2)}})
+        await db.functions.update_one({"_id": "t"}, {"$set": {"source": torn_pair(2)}})
         failed = await next_event(events, "plugin.teardown_failed")
         retired = await next_event(events, "plugin.retired")
     assert failed["version"] == retired["version"] == loaded["version"]
@@ -176,8 +178,8 @@ async def test_failed_call_does_not_leak_in_flight(db: Db) -> None:
     )
     async with PluginHost(db) as host:
         await db.functions.insert_one({"_id": "f", "source": src})
-        await wait_until(lambda: "f" in host.registry, "loaded")
-        plugin = host.registry.get("f")
+        await wait_until(lambda: "f" in host._registry, "loaded")
+        plugin = host.current("f")
         assert plugin is not None
         with pytest.raises(Exception, match="KeyError"):
             await host.call("f", "raise")

@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 
 from host import PluginHost
 from host.http import create_app
-
-from .helpers import Db
+from tests.support import Db
 
 pytestmark = pytest.mark.anyio
 
@@ -133,7 +132,7 @@ async def test_result_not_json_serialisable(
     assert reply.status_code == 500
     error = reply.json()["error"]
     assert error["type"] == "ResultNotSerializable"
-    current = host.registry.get(name)
+    current = host.current(name)
     assert current is not None
     assert error["version"] == current.version
     await _still_serving(client)

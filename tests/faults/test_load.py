@@ -18,9 +18,9 @@ from pymongo import UpdateOne
 
 from host import PluginHost
 from host.embedded import EmbeddedMongo
-from tests.support import next_event, wait_until
+from tests.support import Db, next_event, torn_pair, wait_until
 
-from .helpers import Db, fail_command, numbered
+from .helpers import fail_command
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -69,7 +69,7 @@ async def _callers_during_reloads(
             rounds += 1
             await db.functions.bulk_write(
                 [
-                    UpdateOne({"_id": name}, {"$set": {"source": numbered(rounds, sync=i == 0)}})
+                    UpdateOne({"_id": name}, {"$set": {"source": torn_pair(rounds, sync=i == 0)}})
                     for i, name in enumerate(names)
                 ]
             )
@@ -119,7 +119,7 @@ async def test_callers_during_reloads_never_fail(
 ) -> None:
     """200 callers while 20 plugins reload every 100 ms: no failed call, no half-built version."""
     await db.functions.insert_many(
-        [{"_id": f"load{i}", "source": numbered(0)} for i in range(PLUGINS)]
+        [{"_id": f"load{i}", "source": torn_pair(0)} for i in range(PLUGINS)]
     )
     async with PluginHost(db, grace_period=5) as host:
         figures = await _callers_during_reloads(db, host, load_seconds)
@@ -139,26 +139,26 @@ async def test_reloads_do_not_leak(own_db: Db, reload_count: int, tmp_path: Path
     padding = "X = list(range(200))\n"  # a version that owns some memory of its own
     refs: list[weakref.ref[Any]] = []
     async with PluginHost(db, grace_period=1) as host, host.events() as events:
-        await db.functions.insert_one({"_id": "mem", "source": padding + numbered(0)})
+        await db.functions.insert_one({"_id": "mem", "source": padding + torn_pair(0)})
         await next_event(events, "plugin.loaded")
         warm_up = min(500, reload_count // 4)
         rss_before = 0
         for n in range(1, warm_up + reload_count + 1):
             await db.functions.update_one(
-                {"_id": "mem"}, {"$set": {"source": padding + numbered(n)}}
+                {"_id": "mem"}, {"$set": {"source": padding + torn_pair(n)}}
             )
             await next_event(events, "plugin.reloaded")
             if n % 100 == 0:
-                current = host.registry.get("mem")
+                current = host.current("mem")
                 assert current is not None
                 refs.append(weakref.ref(current.module))
                 del current
             if n == warm_up:
-                await wait_until(lambda: not host.registry.retiring(), "old versions retired")
+                await wait_until(lambda: not host._registry.retiring(), "old versions retired")
                 gc.collect()
                 rss_before = process.memory_info().rss
         assert await host.call("mem") == (warm_up + reload_count,) * 2
-        await wait_until(lambda: not host.registry.retiring(), "old versions retired")
+        await wait_until(lambda: not host._registry.retiring(), "old versions retired")
         gc.collect()
         rss_after = process.memory_info().rss
         alive = [ref for ref in refs[:-1] if ref() is not None]
@@ -184,7 +184,7 @@ async def test_soak_reloads_with_connection_faults(
 ) -> None:
     """Soak: 10 min of callers and reloads while the stream's connection drops every 10 rounds."""
     await own_db.functions.insert_many(
-        [{"_id": f"load{i}", "source": numbered(0)} for i in range(PLUGINS)]
+        [{"_id": f"load{i}", "source": torn_pair(0)} for i in range(PLUGINS)]
     )
     seconds = float(os.environ.get("PLUGIN_HOST_SOAK_SECONDS", load_seconds))
 

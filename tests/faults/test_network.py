@@ -15,9 +15,9 @@ import host.watcher as watcher_module
 from host import PluginHost, PluginNotFound
 from host.embedded import EmbeddedMongo
 from host.loader import Change, change_from_event
-from tests.support import drain, next_event, wait_until
+from tests.support import Db, drain, next_event, torn_pair, wait_until
 
-from .helpers import Db, collection_versions, fail_command, numbered, registry_versions
+from .helpers import collection_versions, fail_command, registry_versions
 
 pytestmark = pytest.mark.anyio
 
@@ -53,7 +53,7 @@ async def test_connection_closed_on_getmore_then_on_resume_aggregate(
     resumed_by: str,
 ) -> None:
     """getMore, then resume aggregates, lose the connection: every write streams once, in order."""
-    await own_db.functions.insert_one({"_id": "r", "source": numbered(0), "revision": 0})
+    await own_db.functions.insert_one({"_id": "r", "source": torn_pair(0), "revision": 0})
     streamed = _stream_revisions(monkeypatch)
     async with PluginHost(own_db, max_await_ms=50) as host, host.events() as events:
         # PyMongo resumes a getMore network error once, and retries the resume aggregate
@@ -64,7 +64,7 @@ async def test_connection_closed_on_getmore_then_on_resume_aggregate(
         )
         for n in range(1, 11):
             await own_db.functions.update_one(
-                {"_id": "r"}, {"$set": {"source": numbered(n), "revision": n}}
+                {"_id": "r"}, {"$set": {"source": torn_pair(n), "revision": n}}
             )
 
         async def newest() -> bool:
@@ -87,7 +87,7 @@ async def test_connection_closed_on_getmore_then_on_resume_aggregate(
 
 async def test_blocked_replies_do_not_stop_calls(own_server: EmbeddedMongo, own_db: Db) -> None:
     """While the server stalls the stream's replies, calls are served; the write lands after."""
-    await own_db.functions.insert_one({"_id": "b", "source": numbered(1)})
+    await own_db.functions.insert_one({"_id": "b", "source": torn_pair(1)})
     async with PluginHost(own_db, max_await_ms=50) as host, host.events() as events:
         await fail_command(
             own_db,
@@ -100,7 +100,7 @@ async def test_blocked_replies_do_not_stop_calls(own_server: EmbeddedMongo, own_
             lambda: own_server.failpoints.times_entered("failCommand") >= 1, "a reply is stalled"
         )
         # Written while the stream's reply is held back by the server.
-        await own_db.functions.update_one({"_id": "b"}, {"$set": {"source": numbered(2)}})
+        await own_db.functions.update_one({"_id": "b"}, {"$set": {"source": torn_pair(2)}})
         stalled = 0
         while own_server.failpoints.times_entered("failCommand") < 2 or stalled < 100:
             assert await host.call("b") in ((1, 1), (2, 2))
@@ -123,23 +123,23 @@ async def test_server_restarts_twice_with_changes_during_outage(tmp_path: Path) 
     )
     db = client.app
     await db.functions.insert_many(
-        [{"_id": name, "source": numbered(1)} for name in ("upd", "gone", "same")]
+        [{"_id": name, "source": torn_pair(1)} for name in ("upd", "gone", "same")]
     )
     try:
         async with PluginHost(db, max_await_ms=100) as host, host.events() as events:
             for round_ in (1, 2):
                 await server.aclose()
-                await wait_until(lambda: not host.watcher.live, "the host noticed the outage")
+                await wait_until(lambda: not host._watcher.live, "the host noticed the outage")
                 assert await host.call("same") == (1, 1), "the registry serves during the outage"
                 server = EmbeddedMongo(port=port, data_dir=data)
                 await server.start()
                 other: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(server.uri)
                 if round_ == 1:  # changes made by another client while the host is cut off
                     await other.app.functions.update_one(
-                        {"_id": "upd"}, {"$set": {"source": numbered(2)}}
+                        {"_id": "upd"}, {"$set": {"source": torn_pair(2)}}
                     )
                     await other.app.functions.delete_one({"_id": "gone"})
-                    await other.app.functions.insert_one({"_id": "new", "source": numbered(3)})
+                    await other.app.functions.insert_one({"_id": "new", "source": torn_pair(3)})
                 await other.close()
                 await wait_until(lambda: host.is_ready, "the stream is live again", timeout=30)
                 await wait_until(
@@ -174,22 +174,22 @@ async def test_history_lost_resync_mirrors_collection_exactly(
 ) -> None:
     """ChangeStreamHistoryLost → watch.resynced; the registry then equals the collection exactly."""
     await own_db.functions.insert_many(
-        [{"_id": f"p{i}", "source": numbered(i), "revision": 1} for i in range(8)]
+        [{"_id": f"p{i}", "source": torn_pair(i), "revision": 1} for i in range(8)]
     )
     async with PluginHost(own_db, max_await_ms=50) as host, host.events() as events:
-        assert len(host.registry) == 8
+        assert len(host._registry) == 8
         if cause == "oplog_rolled_over":
             await fail_command(
                 own_db, "alwaysOn", failCommands=["getMore", "aggregate"], closeConnection=True
             )
-            await wait_until(lambda: not host.watcher.live, "the stream is down")
+            await wait_until(lambda: not host._watcher.live, "the stream is down")
         # Changes the stream will never deliver: the resume point is lost.
         await own_db.functions.delete_many({"_id": {"$in": ["p0", "p1"]}})
         await own_db.functions.update_one(
-            {"_id": "p2"}, {"$set": {"source": numbered(20), "revision": 2}}
+            {"_id": "p2"}, {"$set": {"source": torn_pair(20), "revision": 2}}
         )
         await own_db.functions.update_one({"_id": "p3"}, {"$set": {"enabled": False}})
-        await own_db.functions.insert_one({"_id": "fresh", "source": numbered(9), "revision": 1})
+        await own_db.functions.insert_one({"_id": "fresh", "source": torn_pair(9), "revision": 1})
         if cause == "oplog_rolled_over":
             await own_db.junk.insert_many([{"i": i} for i in range(300)])
             await fail_command(own_db, "off")
@@ -197,29 +197,29 @@ async def test_history_lost_resync_mirrors_collection_exactly(
             await fail_command(own_db, {"times": 1}, failCommands=["getMore"], errorCode=286)
         resynced = await next_event(events, "watch.resynced", timeout=20)
         assert resynced["reason"] == "history_lost"
-        await host.loader.wait_idle()
+        await host._loader.wait_idle()
         assert registry_versions(host) == await collection_versions(own_db)
         assert set(registry_versions(host)) == {"p2", "p4", "p5", "p6", "p7", "fresh"}
         assert await host.call("p2") == (20, 20)
         # …and the stream is live again afterwards.
-        await own_db.functions.update_one({"_id": "p4"}, {"$set": {"source": numbered(40)}})
+        await own_db.functions.update_one({"_id": "p4"}, {"$set": {"source": torn_pair(40)}})
         await next_event(events, "plugin.reloaded", lambda e: e["plugin"] == "p4")
         assert await host.call("p4") == (40, 40)
 
 
 async def test_drop_and_recreate_twice_mirrors_the_collection(db: Db) -> None:
     """Policy: the registry mirrors the collection — drop unloads all, re-create loads (twice)."""
-    await db.functions.insert_many([{"_id": f"d{i}", "source": numbered(i)} for i in range(5)])
+    await db.functions.insert_many([{"_id": f"d{i}", "source": torn_pair(i)} for i in range(5)])
     async with PluginHost(db) as host, host.events() as events:
         for cycle in (1, 2):
             await db.functions.drop()
             await next_event(events, "watch.invalidated")
-            await wait_until(lambda: len(host.registry) == 0, "every plugin unloaded")
+            await wait_until(lambda: len(host._registry) == 0, "every plugin unloaded")
             with pytest.raises(PluginNotFound):
                 await host.call("d1")
             names = [f"c{cycle}_{i}" for i in range(3)]
             await db.functions.insert_many(
-                [{"_id": n, "source": numbered(10 * cycle + i)} for i, n in enumerate(names)]
+                [{"_id": n, "source": torn_pair(10 * cycle + i)} for i, n in enumerate(names)]
             )
             await wait_until(_serves_exactly(host, names), "the new collection loaded")
             assert registry_versions(host) == await collection_versions(db)
@@ -230,9 +230,9 @@ async def test_rename_over_functions_loads_the_new_contents(
     db: Db, client: AsyncMongoClient[dict[str, Any]]
 ) -> None:
     """A staging collection renamed over functions (dropTarget) is what serves next."""
-    await db.functions.insert_many([{"_id": "old1", "source": numbered(1)}])
+    await db.functions.insert_many([{"_id": "old1", "source": torn_pair(1)}])
     await db.staging.insert_many(
-        [{"_id": "s1", "source": numbered(11)}, {"_id": "s2", "source": numbered(12)}]
+        [{"_id": "s1", "source": torn_pair(11)}, {"_id": "s2", "source": torn_pair(12)}]
     )
     async with PluginHost(db) as host, host.events() as events:
         await client.admin.command(
@@ -240,13 +240,13 @@ async def test_rename_over_functions_loads_the_new_contents(
         )
         await next_event(events, "watch.invalidated")
         await wait_until(
-            lambda: set(host.registry.names()) == {"s1", "s2"}, "the renamed-in plugins serve"
+            lambda: set(host._registry.names()) == {"s1", "s2"}, "the renamed-in plugins serve"
         )
         assert registry_versions(host) == await collection_versions(db)
         with pytest.raises(PluginNotFound):
             await host.call("old1")
         # The stream follows the namespace: later writes still arrive.
-        await db.functions.update_one({"_id": "s1"}, {"$set": {"source": numbered(21)}})
+        await db.functions.update_one({"_id": "s1"}, {"$set": {"source": torn_pair(21)}})
         await next_event(events, "plugin.reloaded", lambda e: e["plugin"] == "s1")
         assert await host.call("s1") == (21, 21)
 
@@ -256,7 +256,7 @@ def _ready(host: PluginHost) -> bool:
 
 
 def _serves_exactly(host: PluginHost, names: list[str]) -> Callable[[], bool]:
-    return lambda: set(host.registry.names()) == set(names)
+    return lambda: set(host._registry.names()) == set(names)
 
 
 def _free_port() -> int:
@@ -288,10 +288,10 @@ async def test_unreachable_at_startup_then_server_appears(tmp_path: Path) -> Non
             server = EmbeddedMongo(port=port)
             await server.start()
             seed: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(server.uri)
-            await seed.app.functions.insert_one({"_id": "late", "source": numbered(5)})
+            await seed.app.functions.insert_one({"_id": "late", "source": torn_pair(5)})
             await seed.close()
             await host.ready(timeout=30)
-            await wait_until(lambda: "late" in host.registry, "the plugin loaded", timeout=20)
+            await wait_until(lambda: "late" in host._registry, "the plugin loaded", timeout=20)
             assert host.is_ready
             assert await host.call("late") == (5, 5)
     finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Any
 
 import anyio
 import httpx
@@ -13,13 +12,12 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from host.publish import publish
 
-from ..support import wait_until
+from ..support import Doc, wait_until
 from ..test_daemon import Daemon, free_port, wait_ready
 from ..test_daemon import daemons as daemons  # the fixture: started daemons are killed
 
 pytestmark = pytest.mark.anyio
 
-Doc = dict[str, Any]
 SLOW_CALLERS = 10
 FAST_CALLERS = 40
 # Slow calls run until the file named by their args exists: the test decides when they end.
