@@ -24,7 +24,7 @@ from ._common import (
     app,
     fail,
 )
-from .fleet import FleetWait, Wait, WaitTimeout, fleet_failed
+from ._fleet import FleetWait, Wait, WaitTimeout, fleet_failed
 
 if TYPE_CHECKING:
     from ..publish import Published, PublishError

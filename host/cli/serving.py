@@ -38,7 +38,7 @@ from ._common import (
     configure_logging,
     fail,
 )
-from .fleet import Heartbeat, HostId, HostTtl, ReportStatus, reporting
+from ._fleet import Heartbeat, HostId, HostTtl, ReportStatus, reporting
 
 if TYPE_CHECKING:
     import anyio
