@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .fleet import markdown_lines as fleet_lines
 from .swap import SAMPLE_EVERY
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -552,6 +553,13 @@ def markdown(report: dict[str, Any]) -> str:
             *_issue_table(results),
             "",
         ]
+        if "fleet" in results:  # bench/fleet.py: N daemons on this server
+            out += [
+                "Fleet figures (same run, see docs/fleet.md):",
+                "",
+                *fleet_lines(results["fleet"]),
+                "",
+            ]
     out += [
         "![Latency distributions](latency.png)",
         "",

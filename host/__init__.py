@@ -24,6 +24,7 @@ if _typing.TYPE_CHECKING:
     from .errors import RecordError as RecordError
     from .errors import RequireDepthExceeded as RequireDepthExceeded
     from .events import HostEvent as HostEvent
+    from .fleet import StatusReporting as StatusReporting
     from .loader import PluginInfo as PluginInfo
     from .loader import RecordVerifier as RecordVerifier
     from .records import PluginRecord as PluginRecord
@@ -48,6 +49,7 @@ _EXPORTS = {
     "RecordError": ".errors",
     "RequireDepthExceeded": ".errors",
     "HostEvent": ".events",
+    "StatusReporting": ".fleet",
     "PluginInfo": ".loader",
     "RecordVerifier": ".loader",
     "PluginRecord": ".records",
@@ -77,6 +79,7 @@ __all__ = (
     "RecordError",
     "RecordVerifier",
     "RequireDepthExceeded",
+    "StatusReporting",
     "Timeouts",
     "TrustError",
     "TrustedKeys",

@@ -36,6 +36,7 @@ from . import tracing
 from .config import DAEMON_LIMITS, DAEMON_TIMEOUTS, Limits, Timeouts
 from .connections import ConnectionGuard, accept_errors_logged, guarded_protocol
 from .errors import PluginHostError
+from .fleet import StatusReporting
 from .http import LOOPBACK_HOSTS, HttpSettings, create_app
 from .metrics import Metrics
 from .runtime import PluginHost
@@ -271,6 +272,7 @@ async def run_daemon(
     on_ready: Callable[[PluginHost], None] | None = None,
     background: Sequence[Background] = (),
     http: HttpSettings | None = None,
+    report_status: bool | StatusReporting = False,
 ) -> None:
     """Serve ``db[collection]``'s plugins over HTTP on ``sock`` until SIGTERM/SIGINT.
 
@@ -291,6 +293,8 @@ async def run_daemon(
         on_ready: Called once when the host is ready.
         background: Tasks started when ready and stopped (their event set) on shutdown.
         http: Connection timeouts and cap, allowed hosts and origins, access log.
+        report_status: Report what this host serves to the hosts collection (see
+            :mod:`host.fleet`); ``run`` and ``dev`` turn it on.
 
     Raises:
         StartupError: Not ready in time, or the collection cannot be watched.
@@ -303,6 +307,7 @@ async def run_daemon(
         limits=limits,
         timeouts=timeouts,
         trusted_keys=trusted_keys,
+        report_status=report_status,
     )
     startup_timeout = timeouts.startup
     http = http or HttpSettings()

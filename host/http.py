@@ -6,6 +6,8 @@ Routes:
   ``None``); ``?timeout=SECONDS`` overrides the plugin's timeout. Replies
   ``{"result": ..., "version": "greet@r7:3f9a1c2e"}``.
 * ``GET /functions``, ``GET /functions/{name}`` — what the registry serves.
+* ``GET /fleet`` — every host of the collection: what it serves and refused, and
+  whether each plugin has converged (:mod:`host.fleetview`; 503 if MongoDB cannot say).
 * ``GET /healthz`` (the process runs), ``GET /readyz`` (initial load done, change stream
   live, not draining), ``GET /metrics`` (Prometheus text format).
 
@@ -47,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 from bson import Decimal128, ObjectId
+from pymongo.errors import PyMongoError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -57,6 +60,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from . import tracing
 from .config import DEFAULT_LIMITS, HttpSettings
 from .errors import HostClosed, PluginBusy, PluginFailed, PluginNotFound, PluginTimeout
+from .fleetview import host_fleet_status
 from .metrics import CONTENT_TYPE, Metrics, follow_events
 
 if TYPE_CHECKING:
@@ -521,6 +525,13 @@ def create_app(
             return _error(404, "PluginNotFound", f"plugin {name!r} is not known to this host")
         return JSONResponse(info.as_dict())
 
+    async def fleet(request: Request) -> Response:
+        try:
+            view = await host_fleet_status(host, request.query_params.get("name"))
+        except PyMongoError as exc:
+            return _error(503, "FleetUnavailable", f"cannot read the hosts collection: {exc}")
+        return JSONResponse(view.as_dict())
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -542,6 +553,7 @@ def create_app(
             Route("/functions/{name}/call", call, methods=["POST"]),
             Route("/functions", list_functions, methods=["GET"]),
             Route("/functions/{name}", get_function, methods=["GET"]),
+            Route("/fleet", fleet, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),

@@ -286,6 +286,10 @@ class Loader:
                 if checked is not None:
                     await checked
         except RecordError as exc:
+            details = dict(exc.details)
+            revision = change.document.get("revision")
+            if "revision" not in details and isinstance(revision, int):
+                details["revision"] = revision  # which revision was refused (fleet status)
             self._events.emit(
                 "plugin.rejected",
                 "warning",
@@ -294,7 +298,7 @@ class Loader:
                 reason=exc.reason,
                 error=str(exc),
                 serving=serving,
-                **exc.details,
+                **details,
             )
             self._fail(slot, name, str(exc), current is not None)
             return None
@@ -323,6 +327,7 @@ class Loader:
                 serving=serving,
                 still_serving=job.had_current,
                 version=record.version,
+                revision=record.revision,
             )
             return
         except HostClosed:
@@ -336,6 +341,7 @@ class Loader:
                 serving=serving,
                 still_serving=job.had_current,
                 version=record.version,
+                revision=record.revision,
                 last_error=str(exc),
             )
             return
@@ -382,6 +388,7 @@ class Loader:
         serving: str | None,
         still_serving: bool,
         version: str | None = None,
+        revision: int | None = None,
         last_error: str | None = None,
     ) -> None:
         """Emit ``plugin.reload_failed`` for ``exc`` and record it in the name's status.
@@ -397,6 +404,8 @@ class Loader:
         fields: dict[str, Any] = {"plugin": name}
         if version is not None:
             fields["version"] = version
+        if revision is not None:
+            fields["revision"] = revision
         self._events.emit(
             "plugin.reload_failed",
             "error",

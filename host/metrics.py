@@ -13,6 +13,8 @@ Metrics (names and labels are part of the README's contract):
   ``plugin_host_plugin_call_seconds{plugin,version}`` — the same per plugin version;
 * ``plugin_host_change_to_live_seconds`` — histogram of the time from a record change
   (its ``wallTime``) to the new version serving;
+* ``plugin_host_fleet_report_lag_seconds`` — histogram of the time from a change of what
+  this host serves to its report in the hosts collection (``fleet.reported``);
 * ``plugin_host_in_flight_calls`` — HTTP calls running now;
 * ``plugin_host_ready`` — 1 when the host is ready (``/readyz``), else 0;
 * ``plugin_host_abandoned_threads`` — worker threads of timed-out sync calls that are
@@ -151,6 +153,7 @@ class Metrics:
         self.in_flight = 0
         self.call_seconds = Histogram(CALL_BUCKETS)
         self.change_to_live_seconds = Histogram(LIVE_BUCKETS)
+        self.report_lag_seconds = Histogram(LIVE_BUCKETS)
         self.per_plugin: dict[tuple[str, str], _PluginSeries] = {}
         self.retired: dict[tuple[str, str], None] = {}
         self.ready = ready
@@ -200,6 +203,10 @@ class Metrics:
                 self.change_to_live_seconds.observe(max(live_ms, 0.0) / 1000.0)
         elif event in ("plugin.reload_failed", "plugin.rejected"):
             self.reload_failures += 1
+        elif event == "fleet.reported":
+            lag_ms = fields.get("lag_ms")
+            if isinstance(lag_ms, int | float):
+                self.report_lag_seconds.observe(max(lag_ms, 0.0) / 1000.0)
         elif event in ("plugin.retired", "plugin.unloaded"):
             key = (fields.get("plugin"), fields.get("version"))
             self.per_plugin.pop(key, None)
@@ -268,6 +275,11 @@ class _Collector:
             "plugin_host_change_to_live_seconds",
             "Time from a record change to its version serving.",
             m.change_to_live_seconds,
+        )
+        yield _histogram(
+            "plugin_host_fleet_report_lag_seconds",
+            "Time from a change of what this host serves to its report in the hosts collection.",
+            m.report_lag_seconds,
         )
         yield GaugeMetricFamily(
             "plugin_host_in_flight_calls", "Calls through the HTTP API running now.", m.in_flight

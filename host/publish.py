@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import keyword
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from pymongo import ASCENDING, DESCENDING
@@ -28,6 +28,9 @@ from pymongo.errors import DuplicateKeyError
 
 from .errors import PluginHostError
 from .records import is_valid_name
+
+if TYPE_CHECKING:
+    from .fleetview import Convergence, Progress
 
 __all__ = (
     "PublishError",
@@ -47,6 +50,7 @@ __all__ = (
     "publish_file",
     "rollback",
     "set_enabled",
+    "wait_converged",
 )
 
 _MAX_ATTEMPTS = 20
@@ -489,3 +493,44 @@ async def delete(db: Any, name: str, *, collection: str = "functions") -> None:
     result = await db[collection].delete_one({"_id": name})
     if result.deleted_count == 0:
         raise UnknownPlugin(name)
+
+
+async def wait_converged(
+    db: Any,
+    published: Published | Sequence[Published],
+    *,
+    collection: str = "functions",
+    timeout: float = 60.0,  # noqa: ASYNC109 - the wait's bound is its contract
+    on_progress: Callable[[Progress], None] | None = None,
+) -> Convergence:
+    """Wait until every live host serves what was published (``push --wait`` for Python).
+
+    ::
+
+        published = await publish(db, "greet", source)
+        await wait_converged(db, published, timeout=30)
+
+    Args:
+        db: The database.
+        published: What :func:`publish` (or :func:`rollback`) returned, one or several.
+        collection: The functions collection.
+        timeout: Seconds to wait.
+        on_progress: Called with each change, e.g. ``7/8 hosts serving greet r12``.
+
+    Returns:
+        How long the fleet took and which hosts serve it.
+
+    Raises:
+        FleetRefused: A live host refused the revision (it keeps serving its old one).
+        FleetTimeout: Not every live host served it within ``timeout``.
+    """
+    from .fleetview import Target, wait_for_fleet  # the fleet view, only when waiting
+
+    items = [published] if isinstance(published, Published) else list(published)
+    return await wait_for_fleet(
+        db,
+        [Target(p.name, p.revision) for p in items],
+        collection=collection,
+        timeout=timeout,
+        on_progress=on_progress,
+    )

@@ -21,6 +21,7 @@ from .config import DEFAULT_LIMITS, DEFAULT_TIMEOUTS, UNSET, Limits, Timeouts, U
 from .dispatch import Dispatcher
 from .errors import RecordError
 from .events import EventBus, Subscription
+from .fleet import StatusReporter, StatusReporting
 from .loader import Loader, PluginInfo, RecordVerifier
 from .plugin import Plugin
 from .records import PluginRecord
@@ -67,6 +68,9 @@ class PluginHost:
         trusted_keys: Run only records signed by one of these keys: a ``TrustedKeys``, or
             key files/folders loaded (in a worker thread) on ``__aenter__``. None: signatures
             are ignored, and ``__aenter__`` emits a ``trust.disabled`` warning.
+        report_status: Keep a document in the hosts collection (``<collection>_hosts``)
+            saying what this host serves and refused (see :mod:`host.fleet`): True for the
+            defaults, a ``StatusReporting`` to tune them, False (default) for none.
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class PluginHost:
         logger: Any = None,
         loop_block_threshold: float | None = 0.1,
         trusted_keys: TrustedKeys | Iterable[str | Path] | str | Path | None = None,
+        report_status: bool | StatusReporting = False,
     ) -> None:
         self.limits = limits = with_overrides(
             limits,
@@ -157,6 +162,12 @@ class PluginHost:
             if loop_block_threshold is not None
             else None
         )
+        options = StatusReporting() if report_status is True else report_status
+        self._reporter = (
+            StatusReporter(self, database, collection, self._events_bus, options)
+            if isinstance(options, StatusReporting)
+            else None
+        )
         self._stack: contextlib.AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
         self._watch_scope: anyio.CancelScope | None = None
@@ -175,6 +186,8 @@ class PluginHost:
             self._loader.bind(self._tg)
             if self.watchdog is not None:  # cancelled with the task group at shutdown
                 self._tg.start_soon(self.watchdog.run, name="loop watchdog")
+            if self._reporter is not None:
+                await self._tg.start(self._reporter.run)
             self._watch_scope = anyio.CancelScope()
             self._tg.start_soon(self._watch, name=f"watch {self._watcher.namespace}")
             self._stack = stack
@@ -230,9 +243,13 @@ class PluginHost:
         try:
             with anyio.CancelScope(shield=True):
                 self._dispatcher.close()
+                if self._reporter is not None:
+                    self._reporter.notify()  # draining: waiters stop counting this host
                 if self._watch_scope is not None:
                     self._watch_scope.cancel()
                 await self._registry.aclose(self.drain_timeout)
+                if self._reporter is not None:
+                    await self._reporter.aclose()
         finally:
             # The task group (and the registry's) must be exited outside any scope
             # entered here, in the order they were entered.
@@ -276,6 +293,11 @@ class PluginHost:
     def is_ready(self) -> bool:
         """Initial load done and the stream live right now (``/readyz``)."""
         return self._watcher.ready.is_set() and self._watcher.fatal is None and self._watcher.live
+
+    @property
+    def status_reporter(self) -> StatusReporter | None:
+        """The status write-back to the hosts collection (None when ``report_status`` is off)."""
+        return self._reporter
 
     @property
     def draining(self) -> bool:

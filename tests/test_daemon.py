@@ -115,8 +115,8 @@ def daemons() -> Iterator[list[Daemon]]:
         daemon.stop()
 
 
-async def wait_ready(client: httpx.AsyncClient, daemon: Daemon) -> None:
-    """Poll /readyz until it says 200."""
+async def wait_ready(client: httpx.AsyncClient, daemon: Daemon, timeout: float = 30.0) -> None:
+    """Poll /readyz until it says 200 (within ``timeout`` seconds)."""
 
     async def ready() -> bool:
         assert daemon.proc.poll() is None, f"the daemon died: {daemon.output()}"
@@ -125,7 +125,7 @@ async def wait_ready(client: httpx.AsyncClient, daemon: Daemon) -> None:
         except httpx.TransportError:
             return False
 
-    await wait_until(ready, "the daemon is ready", timeout=30.0, interval=0.05)
+    await wait_until(ready, "the daemon is ready", timeout=timeout, interval=0.05)
 
 
 async def test_dev_serves_and_syncs_saved_files(tmp_path: Path, daemons: list[Daemon]) -> None:

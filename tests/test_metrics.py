@@ -29,6 +29,7 @@ DOCUMENTED = {
     "plugin_host_plugin_calls": "counter",
     "plugin_host_plugin_call_seconds": "histogram",
     "plugin_host_change_to_live_seconds": "histogram",
+    "plugin_host_fleet_report_lag_seconds": "histogram",
     "plugin_host_in_flight_calls": "gauge",
     "plugin_host_ready": "gauge",
 }
@@ -198,3 +199,14 @@ def test_optional_gauges_are_left_out_without_a_source() -> None:
     samples = _samples(Metrics(process=False).render())
     assert "plugin_host_ready" not in samples
     assert "plugin_host_abandoned_threads" not in samples
+
+
+def test_fleet_reports_observe_their_lag() -> None:
+    """fleet.reported with a lag_ms is observed in seconds; a heartbeat without one is not."""
+    metrics = Metrics(process=False)
+    metrics.on_event("fleet.reported", {"lag_ms": 12.0, "kind": "full"})
+    metrics.on_event("fleet.reported", {"kind": "heartbeat"})
+    samples = _samples(metrics.render())
+    assert samples["plugin_host_fleet_report_lag_seconds_count"] == "1.0"
+    assert samples['plugin_host_fleet_report_lag_seconds_bucket{le="0.01"}'] == "0.0"
+    assert samples['plugin_host_fleet_report_lag_seconds_bucket{le="0.025"}'] == "1.0"

@@ -34,11 +34,12 @@ def test_nothing_public_by_accident() -> None:
 def test_every_public_error_derives_from_the_root() -> None:
     """Each error class the host exports or raises on purpose derives from PluginHostError."""
     import host.daemon
+    import host.fleetview
     import host.publish
     import host.trust
     import host.watcher
 
-    modules = (host, host.daemon, host.publish, host.trust, host.watcher)
+    modules = (host, host.daemon, host.fleetview, host.publish, host.trust, host.watcher)
     errors = {
         value
         for module in modules
@@ -49,7 +50,7 @@ def test_every_public_error_derives_from_the_root() -> None:
         and value.__module__.startswith("host")  # not what they import from libraries
     }
     names = {error.__name__ for error in errors}
-    assert {"WatchFatal", "TrustError", "PublishError", "StartupError"} <= names
+    assert {"WatchFatal", "TrustError", "PublishError", "StartupError", "FleetRefused"} <= names
     strays = sorted(e.__name__ for e in errors if not issubclass(e, host.PluginHostError))
     assert strays == [], f"errors outside the PluginHostError tree: {strays}"
 

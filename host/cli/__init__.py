@@ -21,6 +21,9 @@ from . import keys as keys
 from . import calls as calls
 
 # isort: split
+from . import fleet as fleet
+
+# isort: split
 from ._common import app as app
 from ._common import configure_logging as configure_logging
 from ._common import fail as fail

@@ -24,6 +24,7 @@ from ._common import (
     app,
     fail,
 )
+from ._fleet import FleetWait, Wait, WaitTimeout, fleet_failed
 
 if TYPE_CHECKING:
     from ..publish import Published, PublishError
@@ -50,17 +51,34 @@ def push(
     collection: Collection = "functions",
     connect_timeout: ConnectTimeout = 5.0,
     sign_key: SignKey = None,
+    wait: Wait = False,
+    wait_timeout: WaitTimeout = 60.0,
 ) -> None:
-    """Publish a plugin file (or a folder of them) as a new revision (signed with --sign-key)."""
+    """Publish a plugin file (or a folder of them) as a new revision (signed with --sign-key).
+
+    With --wait: exit 0 once every live host serves it, 1 as soon as a host refuses it
+    (naming the host, stage and error) or at --timeout (naming the hosts behind).
+    """
+    from ..fleetview import FleetWaitError, Target
     from ..publish import PublishError, publish_file
     from ..trust import TrustError
 
+    fleet_wait = FleetWait(collection, wait_timeout) if wait else None
     if directory is not None:
         if name is not None or file is not None:
             raise fail("give either NAME FILE or --dir DIR, not both", usage=True)
         if not directory.is_dir():
             raise fail(f"folder {str(directory)!r} does not exist", usage=True)
-        _push_dir(directory, force, mongodb_uri, database, collection, connect_timeout, sign_key)
+        _push_dir(
+            directory,
+            force,
+            mongodb_uri,
+            database,
+            collection,
+            connect_timeout,
+            sign_key,
+            fleet_wait,
+        )
         return
     if name is None or file is None:
         raise fail(
@@ -73,9 +91,9 @@ def push(
             f"file {str(file)!r} does not exist", "check the path (relative to here)", usage=True
         )
 
-    async def job(db: Any) -> Published:
+    async def job(db: Any) -> None:
         signer = await _load_signer(sign_key)
-        return await publish_file(
+        published = await publish_file(
             db,
             file,
             name=name,
@@ -84,20 +102,24 @@ def push(
             force=force,
             sign=signer,
         )
+        if published.changed:
+            verb = "created" if published.created else "published"
+            _console.print(f"[green]{verb}[/] {name} revision {published.revision}")
+        else:
+            _console.print(
+                f"{name} is unchanged at revision {published.revision} (--force publishes anyway)"
+            )
+        if fleet_wait is not None:
+            await fleet_wait(db, [Target(published.name, published.revision)])
 
     try:
-        published = _with_db(mongodb_uri, database, connect_timeout, job)
+        _with_db(mongodb_uri, database, connect_timeout, job)
     except PublishError as exc:
         raise fail(str(exc), "fix the file and push again") from None
     except TrustError as exc:
         raise _sign_key_error(exc) from None
-    if published.changed:
-        verb = "created" if published.created else "published"
-        _console.print(f"[green]{verb}[/] {name} revision {published.revision}")
-    else:
-        _console.print(
-            f"{name} is unchanged at revision {published.revision} (--force publishes anyway)"
-        )
+    except FleetWaitError as exc:
+        raise fleet_failed(exc) from None
 
 
 def _push_dir(
@@ -108,10 +130,12 @@ def _push_dir(
     collection: str,
     timeout: float,
     sign_key: Path | None,
+    fleet_wait: FleetWait | None = None,
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from ..publish import PublishError, plugin_files, publish_dir
+    from ..fleetview import FleetWaitError, Target
+    from ..publish import Published, PublishError, plugin_files, publish_dir
     from ..trust import TrustError
 
     files = plugin_files(directory)
@@ -139,14 +163,20 @@ def _push_dir(
 
         async def job(db: Any) -> None:
             signer = await _load_signer(sign_key)
-            await publish_dir(
+            outcomes = await publish_dir(
                 db, directory, collection=collection, force=force, on_progress=step, sign=signer
             )
+            progress.stop()
+            done = [Target(o.name, o.revision) for o in outcomes if isinstance(o, Published)]
+            if fleet_wait is not None and done and not failures:
+                await fleet_wait(db, done)
 
         try:
             _with_db(uri, database, timeout, job)
         except TrustError as exc:
             raise _sign_key_error(exc) from None
+        except FleetWaitError as exc:
+            raise fleet_failed(exc) from None
     if failures:
         raise fail(
             f"{len(failures)} of {len(files)} plugins were not published", "fix them and push again"
@@ -239,40 +269,67 @@ def rollback(
     collection: Collection = "functions",
     connect_timeout: ConnectTimeout = 5.0,
     sign_key: SignKey = None,
+    wait: Wait = False,
+    wait_timeout: WaitTimeout = 60.0,
 ) -> None:
     """Publish an earlier revision's source again, as a new (higher) revision.
 
     With --sign-key the old source is signed again for its new revision (hosts with
     --trusted-keys refuse an old signature: revisions must not go backwards).
     """
+    from ..fleetview import FleetWaitError, Target
     from ..publish import UnknownRevision
     from ..publish import rollback as rollback_plugin
     from ..trust import TrustError
 
-    async def job(db: Any) -> tuple[Published, int]:
+    fleet_wait = FleetWait(collection, wait_timeout) if wait else None
+
+    async def job(db: Any) -> None:
         signer = await _load_signer(sign_key)
-        return await rollback_plugin(db, name, to=to, collection=collection, sign=signer)
+        published, source_rev = await rollback_plugin(
+            db, name, to=to, collection=collection, sign=signer
+        )
+        _console.print(
+            f"[green]rolled back[/] {name} to the source of revision {source_rev}, "
+            f"published as revision {published.revision}"
+        )
+        if fleet_wait is not None:
+            await fleet_wait(db, [Target(name, published.revision)])
 
     try:
-        published, source_rev = _with_db(mongodb_uri, database, connect_timeout, job)
+        _with_db(mongodb_uri, database, connect_timeout, job)
     except TrustError as exc:
         raise _sign_key_error(exc) from None
     except UnknownRevision as exc:
         raise fail(str(exc), "pick one with --to N") from None
-    _console.print(
-        f"[green]rolled back[/] {name} to the source of revision {source_rev}, "
-        f"published as revision {published.revision}"
-    )
+    except FleetWaitError as exc:
+        raise fleet_failed(exc) from None
 
 
-def _toggle(name: str, enabled: bool, uri: str, database: str, collection: str, t: float) -> None:
-    from ..publish import set_enabled
+def _toggle(
+    name: str,
+    enabled: bool,
+    uri: str,
+    database: str,
+    collection: str,
+    t: float,
+    fleet_wait: FleetWait | None = None,
+) -> None:
+    from ..fleetview import FleetWaitError, Target
+    from ..publish import get_record, set_enabled
 
     async def job(db: Any) -> None:
         await set_enabled(db, name, enabled, collection=collection)
+        _console.print(f"{'enabled' if enabled else 'disabled'} {name}")
+        if fleet_wait is not None:
+            revision = (await get_record(db, name, collection=collection)).get("revision")
+            target = revision if enabled and isinstance(revision, int) else None
+            await fleet_wait(db, [Target(name, target)])
 
-    _with_db(uri, database, t, job)
-    _console.print(f"{'enabled' if enabled else 'disabled'} {name}")
+    try:
+        _with_db(uri, database, t, job)
+    except FleetWaitError as exc:
+        raise fleet_failed(exc) from None
 
 
 @app.command()
@@ -282,9 +339,12 @@ def enable(
     database: Database = "app",
     collection: Collection = "functions",
     connect_timeout: ConnectTimeout = 5.0,
+    wait: Wait = False,
+    wait_timeout: WaitTimeout = 60.0,
 ) -> None:
-    """Enable a plugin: hosts load it again."""
-    _toggle(name, True, mongodb_uri, database, collection, connect_timeout)
+    """Enable a plugin: hosts load it again (--wait: until every live host serves it)."""
+    fleet_wait = FleetWait(collection, wait_timeout) if wait else None
+    _toggle(name, True, mongodb_uri, database, collection, connect_timeout, fleet_wait)
 
 
 @app.command()
@@ -294,9 +354,15 @@ def disable(
     database: Database = "app",
     collection: Collection = "functions",
     connect_timeout: ConnectTimeout = 5.0,
+    wait: Wait = False,
+    wait_timeout: WaitTimeout = 60.0,
 ) -> None:
-    """Disable a plugin: hosts unload it (the record and its history stay)."""
-    _toggle(name, False, mongodb_uri, database, collection, connect_timeout)
+    """Disable a plugin: hosts unload it (the record and its history stay).
+
+    With --wait: until no live host serves it any more.
+    """
+    fleet_wait = FleetWait(collection, wait_timeout) if wait else None
+    _toggle(name, False, mongodb_uri, database, collection, connect_timeout, fleet_wait)
 
 
 @app.command("delete")

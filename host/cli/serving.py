@@ -38,6 +38,7 @@ from ._common import (
     configure_logging,
     fail,
 )
+from ._fleet import Heartbeat, HostId, HostTtl, ReportStatus, reporting
 
 if TYPE_CHECKING:
     import anyio
@@ -67,6 +68,14 @@ def embedded_mongo(
     log_format: Annotated[
         LogFormat, typer.Option("--log-format", help="json, console or auto.")
     ] = LogFormat.AUTO,
+    ttl_monitor_period: Annotated[
+        float,
+        typer.Option(
+            "--ttl-monitor-period",
+            min=0.01,
+            help="Seconds between TTL index sweeps (mongod's ttlMonitorSleepSecs).",
+        ),
+    ] = 60.0,
 ) -> None:
     """Run the embedded MongoDB-compatible server (single-node replica set) until SIGINT/SIGTERM."""
     import anyio
@@ -81,7 +90,13 @@ def embedded_mongo(
         # The receiver opens before the server starts: a SIGTERM during start-up is queued
         # and handled once the server is up (a clean stop), never the default kill (-15).
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            server = EmbeddedMongo(port=port, data_dir=data_dir, host=bind, oplog_size=oplog_size)
+            server = EmbeddedMongo(
+                port=port,
+                data_dir=data_dir,
+                host=bind,
+                oplog_size=oplog_size,
+                ttl_monitor_period=ttl_monitor_period,
+            )
             try:
                 await server.start()
             except DataDirLocked as exc:
@@ -245,6 +260,10 @@ def run(
     allowed_origins: AllowedOrigins = "",
     access_log: AccessLog = _HTTP.access_log,
     otel: Otel = _HTTP.otel,
+    report_status: ReportStatus = True,
+    heartbeat: Heartbeat = 5.0,
+    host_ttl: HostTtl = None,
+    host_id: HostId = None,
 ) -> None:
     """Serve the plugins of a MongoDB collection over HTTP, reloading them live.
 
@@ -259,6 +278,7 @@ def run(
     _check_exposure(http, auth_token)
     opened = _parse_open_endpoints(open_endpoints)
     keys = _load_trusted(trusted_keys)
+    status_reporting = reporting(report_status, heartbeat, host_ttl, host_id)
     configure_logging(log_format.value)
     limits, timeouts = _serving_config(
         max_body_bytes,
@@ -301,6 +321,7 @@ def run(
                     access_log,
                     otel,
                 ),
+                report_status=status_reporting,
             )
         finally:
             await client.close()
@@ -384,6 +405,10 @@ def dev(
     allowed_origins: AllowedOrigins = "",
     access_log: AccessLog = _HTTP.access_log,
     otel: Otel = _HTTP.otel,
+    report_status: ReportStatus = True,
+    heartbeat: Heartbeat = 5.0,
+    host_ttl: HostTtl = None,
+    host_id: HostId = None,
 ) -> None:
     """Zero-infrastructure development: embedded MongoDB, the example plugins, HTTP, live sync.
 
@@ -411,6 +436,7 @@ def dev(
     plugins_dir = plugins_dir.resolve()
     _check_exposure(http, None)  # dev has no token: loopback only
     keys = _load_trusted(trusted_keys)
+    status_reporting = reporting(report_status, heartbeat, host_ttl, host_id)
     limits, timeouts = _serving_config(
         max_body_bytes,
         max_result_bytes,
@@ -505,6 +531,7 @@ def dev(
                     access_log,
                     otel,
                 ),
+                report_status=status_reporting,
             )
         finally:
             await client.close()

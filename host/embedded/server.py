@@ -44,6 +44,7 @@ from .failpoints import FailPoints
 from .journal import DataDirError, Journal, JournalFailed
 from .oplog import Entry, Oplog
 from .storage import CollectionInfo, Storage
+from .ttl import DEFAULT_PERIOD, TTLMonitor
 from .wire import ProtocolError, Request, encode_reply, read_request
 
 log = structlog.get_logger("host.embedded")
@@ -80,6 +81,8 @@ class EmbeddedMongo:
             (default: ``host``, or 127.0.0.1 for a wildcard bind).
         replica_set: The replica set name.
         fsync: fsync the journal on every write (survive power loss, not only kill -9).
+        ttl_monitor_period: Seconds between TTL index sweeps (mongod's
+            ``ttlMonitorSleepSecs``, 60); None: no TTL monitor.
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class EmbeddedMongo:
         advertised_host: str | None = None,
         replica_set: str = "rs0",
         fsync: bool = False,
+        ttl_monitor_period: float | None = DEFAULT_PERIOD,
     ) -> None:
         self.host = host
         self.port = port
@@ -106,6 +110,11 @@ class EmbeddedMongo:
         self.storage = Storage(self.oplog, self.journal)
         self.failpoints = FailPoints()
         self.commands = Commands(self)
+        self.ttl_monitor = (
+            TTLMonitor(self.storage, ttl_monitor_period, after_sweep=self._flush_journal)
+            if ttl_monitor_period is not None
+            else None
+        )
         self.process_id = ObjectId()
         self.topology_counter = 0
         self.closing = False
@@ -172,6 +181,10 @@ class EmbeddedMongo:
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
         self.started_at = time.monotonic()
+        if self.ttl_monitor is not None:  # cancelled by aclose() with the other tasks
+            task = asyncio.create_task(self.ttl_monitor.run(), name="embedded TTL monitor")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         log.info(
             "embedded.started",
             uri=self.uri,
@@ -236,6 +249,10 @@ class EmbeddedMongo:
             await asyncio.wait_for(self._topology_changed.wait(), max_wait)
 
     # -- durability ------------------------------------------------------------------
+
+    def _flush_journal(self) -> None:
+        if self.journal is not None:
+            self.journal.flush()
 
     def _recover(self) -> None:
         assert self.journal is not None

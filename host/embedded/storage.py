@@ -64,6 +64,10 @@ class CollectionInfo:
 
     uuid: uuidlib.UUID
     options: dict[str, Any] = field(default_factory=dict)
+    # TTL indexes: name -> (field, expireAfterSeconds). Kept here, not in the engine:
+    # mongomock would expire documents silently on access, with no oplog entry (no
+    # change event, nothing journaled). host/embedded/ttl.py deletes them instead.
+    ttl: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     @property
     def images(self) -> bool:
@@ -290,11 +294,15 @@ class Storage:
         if (db, coll) not in self.catalog:
             raise CommandError(26, f"ns does not exist: {db}.{coll}")
         specs = []
+        ttl = self.catalog[(db, coll)].ttl
         for name, raw in self.raw(db, coll).index_information().items():
             spec: dict[str, Any] = {"v": 2, "key": dict(raw["key"]), "name": name}
             for opt in ("unique", "sparse", "partialFilterExpression", "expireAfterSeconds"):
                 if opt in raw:
                     spec[opt] = raw[opt]
+            if name in ttl:
+                seconds = ttl[name][1]
+                spec["expireAfterSeconds"] = int(seconds) if seconds == int(seconds) else seconds
             specs.append(spec)
         specs.sort(key=lambda s: (s["name"] != "_id_", s["name"]))
         return specs
@@ -308,6 +316,11 @@ class Storage:
                 k: spec[k] for k in ("unique", "sparse", "partialFilterExpression") if k in spec
             }
             target.create_index(list(spec["key"].items()), name=spec["name"], **kwargs)
+            info = self.catalog.get((db, coll))
+            seconds = spec.get("expireAfterSeconds")
+            # MongoDB: a compound index ignores expireAfterSeconds (TTL is single-field).
+            if info is not None and seconds is not None and len(spec["key"]) == 1:
+                info.ttl[spec["name"]] = (next(iter(spec["key"])), float(seconds))
 
     def create_indexes(
         self, db: str, coll: str, specs: list[dict[str, Any]]
@@ -327,12 +340,28 @@ class Storage:
                 )
             if not isinstance(name, str) or not name:
                 raise CommandError(9, "Error in specification: the 'name' field is required")
+            ttl_seconds = spec.get("expireAfterSeconds")
+            if ttl_seconds is not None and (
+                isinstance(ttl_seconds, bool)
+                or not isinstance(ttl_seconds, int | float)
+                or not 0 <= ttl_seconds <= 2**31 - 1
+            ):
+                raise CommandError(
+                    67, f"TTL index 'expireAfterSeconds' option must be within [0, 2^31-1]: {name}"
+                )
             if name in existing:
                 if dict(existing[name]["key"]) != dict(key):
                     raise CommandError(
                         86,
                         f"An existing index has the same name ({name}) "
                         "but different key specification",
+                    )
+                if existing[name].get("expireAfterSeconds") != ttl_seconds:
+                    raise CommandError(
+                        85,
+                        f"An equivalent index already exists with the same name but different "
+                        f"options. Requested index: {name}, expireAfterSeconds: {ttl_seconds}; "
+                        f"existing: {existing[name].get('expireAfterSeconds')}",
                     )
                 continue
             clean = {"name": name, "key": dict(key)}
@@ -382,6 +411,7 @@ class Storage:
             self._ahead("dropIndexes", db, coll, uuid=info.uuid, extra={"names": names})
         for name in names:
             target.drop_index(name)
+            info.ttl.pop(name, None)
         return before
 
     # -- documents -------------------------------------------------------------------
@@ -875,6 +905,7 @@ class Storage:
         elif entry.op == "dropIndexes" and coll is not None:
             for name in entry.extra.get("names", []):
                 self.raw(db, coll).drop_index(name)
+                self.catalog[(db, coll)].ttl.pop(name, None)
 
     def _raw_index_specs(self, db: str, coll: str) -> list[dict[str, Any]]:
         return self.index_specs(db, coll) if (db, coll) in self.catalog else []
