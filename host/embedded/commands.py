@@ -24,7 +24,8 @@ from bson.timestamp import Timestamp
 
 from .changestream import ChangeStream, Target
 from .cursors import CursorManager
-from .errors import CommandError
+from .errors import CloseConnection, CommandError
+from .retryable import RetryHistory, StatementFault, fault_from_data, run_statements, txn_key
 from .storage import SYSTEM_DATABASES, WriteResult, filter_applies, run_pipeline
 
 if TYPE_CHECKING:
@@ -87,6 +88,7 @@ class Commands:
         self.storage = server.storage
         self.oplog = server.oplog
         self.cursors = CursorManager()
+        self.history = RetryHistory()
         self.table: dict[str, Handler] = {
             "hello": self.hello,
             "isMaster": self.hello,
@@ -149,11 +151,18 @@ class Commands:
                 "transactions are not supported by the embedded server; "
                 "run against a real replica set to use them",
             )
+        if name != "getMore" and body.get("maxTimeMS"):
+            self._max_time_fault()
         result = handler(session, db, body)
         if isinstance(result, Awaitable):
             result = await result
         self._write_concern(name, body, result)
         return result
+
+    def _max_time_fault(self) -> None:
+        """The ``maxTimeAlwaysTimeOut`` failpoint: an operation with a deadline times out."""
+        if self.server.failpoints.fire("maxTimeAlwaysTimeOut") is not None:
+            raise CommandError(50, "operation exceeded time limit")
 
     @staticmethod
     def _write_concern(name: str, body: Mapping[str, Any], reply: Reply) -> None:
@@ -638,19 +647,50 @@ class Commands:
         reply["ok"] = 1.0
         return reply
 
+    def _statements(
+        self,
+        body: Mapping[str, Any],
+        statements: list[Any],
+        run: Callable[[list[Any], bool], WriteResult],
+    ) -> WriteResult:
+        """Run a write's statements: at once, or one by one when it is a retryable write."""
+        ordered = body.get("ordered", True) is not False
+        key = txn_key(body)
+        if key is None:
+            return run(statements, ordered)
+        result, close = run_statements(
+            statements,
+            ordered=ordered,
+            key=key,
+            history=self.history,
+            execute=lambda stmt: run([stmt], True),
+            fault=self._transactional_write_fault,
+        )
+        if close:
+            raise CloseConnection()  # committed, but the client never hears of it
+        return result
+
+    def _transactional_write_fault(self) -> StatementFault | None:
+        data = self.server.failpoints.fire("onPrimaryTransactionalWrite")
+        return None if data is None else fault_from_data(data)
+
     def insert(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """insert: ``{n, writeErrors?}``."""
         coll = _name(body["insert"])
         docs = self._batch(body, "documents", "insert")
-        result = self.storage.insert(db, coll, docs, ordered=body.get("ordered", True) is not False)
+        result = self._statements(
+            body, docs, lambda items, ordered: self.storage.insert(db, coll, items, ordered=ordered)
+        )
         return self._write_reply(result)
 
     def update(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """update: ``{n, nModified, upserted?, writeErrors?}``."""
         coll = _name(body["update"])
         stmts = self._batch(body, "updates", "update")
-        result = self.storage.update(
-            db, coll, stmts, ordered=body.get("ordered", True) is not False
+        result = self._statements(
+            body,
+            stmts,
+            lambda items, ordered: self.storage.update(db, coll, items, ordered=ordered),
         )
         return self._write_reply(result, update=True)
 
@@ -658,13 +698,33 @@ class Commands:
         """delete: ``{n, writeErrors?}``."""
         coll = _name(body["delete"])
         stmts = self._batch(body, "deletes", "delete")
-        result = self.storage.delete(
-            db, coll, stmts, ordered=body.get("ordered", True) is not False
+        result = self._statements(
+            body,
+            stmts,
+            lambda items, ordered: self.storage.delete(db, coll, items, ordered=ordered),
         )
         return self._write_reply(result)
 
     def find_and_modify(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """findAndModify: ``{lastErrorObject, value}``; a duplicate key is error 11000."""
+        """findAndModify: ``{lastErrorObject, value}``; a retry replays the first reply."""
+        key = txn_key(body)
+        if key is None:
+            return self._find_and_modify(db, body)
+        recorded = self.history.get(key, 0)
+        if recorded is not None:
+            return dict(recorded)
+        fault = self._transactional_write_fault()
+        if fault is not None and fault.error is not None:
+            if fault.close_connection:
+                raise CloseConnection()
+            raise fault.error
+        reply = self._find_and_modify(db, body)
+        self.history.put(key, 0, dict(reply))
+        if fault is not None and fault.close_connection:
+            raise CloseConnection()
+        return reply
+
+    def _find_and_modify(self, db: str, body: dict[str, Any]) -> Reply:
         coll = _name(body[next(iter(body))])
         from pymongo.errors import DuplicateKeyError
 
@@ -711,7 +771,12 @@ class Commands:
             batch = abs(limit)
         return {
             **self.cursors.first_batch(
-                f"{db}.{coll}", docs, batch, single_batch=single, lsid=body.get("lsid")
+                f"{db}.{coll}",
+                docs,
+                batch,
+                single_batch=single,
+                lsid=body.get("lsid"),
+                max_time_ms=_int(body, "maxTimeMS"),
             ),
             "ok": 1.0,
         }
@@ -860,6 +925,8 @@ class Commands:
         ns = f"{db}.{coll}"
         cursor = self.cursors.get(cursor_id, ns)
         batch = _int(body, "batchSize")
+        if cursor.stream is None and (cursor.max_time_ms or body.get("maxTimeMS")):
+            self._max_time_fault()
         if cursor.stream is None:
             docs = cursor.take(batch)
             if cursor.exhausted:
@@ -878,8 +945,6 @@ class Commands:
         )
         if failpoint is not None:
             if failpoint.close_connection:
-                from .server import CloseConnection
-
                 raise CloseConnection()
             if failpoint.error is not None:
                 failpoint.error.change_stream = True

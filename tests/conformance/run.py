@@ -294,6 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per test file")
     parser.add_argument("--json", action="store_true", help="print the verdict as JSON")
     parser.add_argument(
+        "--no-rerun", action="store_true", help="do not run differing tests a second time"
+    )
+    parser.add_argument(
         "--update-ledger",
         action="store_true",
         help=f"rewrite the ledger's failures for the files run (new causes: {UNCLASSIFIED})",
@@ -334,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         verdict = compare(results, ledger, files)
         unstable = (
             []
-            if args.update_ledger
+            if args.update_ledger or args.no_rerun
             else _rerun_differences(python, tests_root, out, args.timeout, verdict, results)
         )
     except HarnessError as exc:
