@@ -27,6 +27,7 @@ from .cursors import CursorManager
 from .errors import CloseConnection, CommandError
 from .retryable import RetryHistory, StatementFault, fault_from_data, run_statements, txn_key
 from .storage import SYSTEM_DATABASES, WriteResult, filter_applies, run_pipeline
+from .views import check_view_options, find_stages, refuse_write, view_of
 
 if TYPE_CHECKING:
     from .server import EmbeddedMongo
@@ -518,16 +519,20 @@ class Commands:
         flt = _doc(body, "filter")
         out = []
         for name, info in self.storage.collections(db):
+            kind = "view" if "viewOn" in info.options else "collection"
             entry: Reply = {
                 "name": name,
-                "type": "collection",
+                "type": kind,
                 "options": dict(info.options),
-                "info": {"readOnly": False, "uuid": Binary.from_uuid(info.uuid)},
-                "idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"},
+                "info": {"readOnly": kind == "view", "uuid": Binary.from_uuid(info.uuid)},
             }
+            if kind == "collection":
+                entry["idIndex"] = {"v": 2, "key": {"_id": 1}, "name": "_id_"}
+            else:
+                del entry["info"]["uuid"]  # views have no UUID
             if flt and not filter_applies(flt, entry):
                 continue
-            out.append({"name": name, "type": "collection"} if body.get("nameOnly") else entry)
+            out.append({"name": name, "type": kind} if body.get("nameOnly") else entry)
         batch = _int(_doc(body, "cursor") or {}, "batchSize")
         return {**self.cursors.first_batch(f"{db}.$cmd.listCollections", out, batch), "ok": 1.0}
 
@@ -552,7 +557,9 @@ class Commands:
         """create, including ``changeStreamPreAndPostImages``."""
         name = _name(body["create"])
         options = {k: v for k, v in body.items() if k not in self._CREATE_GENERIC}
-        for unsupported in ("viewOn", "timeseries", "capped", "clusteredIndex", "encryptedFields"):
+        if "viewOn" in options:
+            check_view_options(options)
+        for unsupported in ("timeseries", "capped", "clusteredIndex", "encryptedFields"):
             if options.get(unsupported):
                 raise CommandError(
                     238, f"not supported by the embedded server: create with '{unsupported}'"
@@ -677,6 +684,7 @@ class Commands:
     def insert(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """insert: ``{n, writeErrors?}``."""
         coll = _name(body["insert"])
+        refuse_write(self.storage, db, coll)
         docs = self._batch(body, "documents", "insert")
         result = self._statements(
             body, docs, lambda items, ordered: self.storage.insert(db, coll, items, ordered=ordered)
@@ -686,6 +694,7 @@ class Commands:
     def update(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """update: ``{n, nModified, upserted?, writeErrors?}``."""
         coll = _name(body["update"])
+        refuse_write(self.storage, db, coll)
         stmts = self._batch(body, "updates", "update")
         result = self._statements(
             body,
@@ -697,6 +706,7 @@ class Commands:
     def delete(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """delete: ``{n, writeErrors?}``."""
         coll = _name(body["delete"])
+        refuse_write(self.storage, db, coll)
         stmts = self._batch(body, "deletes", "delete")
         result = self._statements(
             body,
@@ -726,6 +736,7 @@ class Commands:
 
     def _find_and_modify(self, db: str, body: dict[str, Any]) -> Reply:
         coll = _name(body[next(iter(body))])
+        refuse_write(self.storage, db, coll)
         from pymongo.errors import DuplicateKeyError
 
         try:
@@ -755,15 +766,22 @@ class Commands:
         if skip < 0:
             raise CommandError(2, "skip value must be non-negative")
         single = bool(body.get("singleBatch")) or limit < 0
-        docs = self.storage.find(
-            db,
-            coll,
-            _doc(body, "filter"),
-            projection=_doc(body, "projection"),
-            sort=_doc(body, "sort"),
-            skip=skip,
-            limit=abs(limit),
-        )
+        view = view_of(self.storage, db, coll)
+        if view is not None:
+            stages = find_stages(
+                _doc(body, "filter"), _doc(body, "projection"), _doc(body, "sort"), skip, limit
+            )
+            docs = self.storage.aggregate(db, view[0], view[1] + stages)
+        else:
+            docs = self.storage.find(
+                db,
+                coll,
+                _doc(body, "filter"),
+                projection=_doc(body, "projection"),
+                sort=_doc(body, "sort"),
+                skip=skip,
+                limit=abs(limit),
+            )
         batch = _int(body, "batchSize")
         if batch is not None and batch < 0:
             raise CommandError(2, "batchSize value must be non-negative")
@@ -784,6 +802,13 @@ class Commands:
     def count(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """count: ``{n}``."""
         coll = _name(body["count"])
+        view = view_of(self.storage, db, coll)
+        if view is not None:
+            stages = find_stages(
+                _doc(body, "query"), None, None, _int(body, "skip", 0) or 0,
+                _int(body, "limit", 0) or 0,
+            )  # fmt: skip
+            return {"n": len(self.storage.aggregate(db, view[0], view[1] + stages)), "ok": 1.0}
         docs = self.storage.find(
             db,
             coll,
@@ -801,6 +826,8 @@ class Commands:
             raise CommandError(14, "BSON field 'distinct.key' is missing or not a string")
         if (db, coll) not in self.storage.catalog:
             return {"values": [], "ok": 1.0}
+        if view_of(self.storage, db, coll) is not None:
+            raise CommandError(238, "not supported by the embedded server: distinct on a view")
         try:
             values = self.storage.raw(db, coll).distinct(key, _doc(body, "query") or {})
         except Exception as exc:
@@ -853,6 +880,9 @@ class Commands:
         last = next(iter(pipeline[-1])) if pipeline and isinstance(pipeline[-1], Mapping) else None
         if last == "$merge":
             raise CommandError(238, "not supported by the embedded server: $merge")
+        view = view_of(self.storage, db, coll)
+        if view is not None:
+            coll, pipeline = view[0], view[1] + pipeline
         if last != "$out":
             return self.storage.aggregate(db, coll, pipeline)
         out = pipeline[-1]["$out"]
@@ -873,6 +903,15 @@ class Commands:
         spec = pipeline[0]["$changeStream"]
         if not isinstance(spec, Mapping):
             raise CommandError(14, "$changeStream stage must be an object")
+        read_concern = body.get("readConcern")
+        level = read_concern.get("level") if isinstance(read_concern, Mapping) else None
+        if level is not None and level != "majority":
+            # mongod: the stage only supports majority (drivers do not validate it).
+            raise CommandError(
+                72,
+                "Aggregation stage $changeStream cannot run with a readConcern other than "
+                f"'majority'. Current readConcern: {level}",
+            )
         if target == 1:
             if db == "admin":
                 if not spec.get("allChangesForCluster"):

@@ -10,7 +10,7 @@ command is applied whole before the next one starts, which is what makes the opl
 order the apply order.
 
 Known gaps of the engine (each surfaces as error 238 NotImplemented naming the
-feature, never as a wrong answer): collations, pipeline-style updates, ``$redact``
+feature, never as a wrong answer): collations, ``$redact``
 and some rarer aggregation operators.
 """
 
@@ -29,6 +29,7 @@ from pymongo.errors import DuplicateKeyError, OperationFailure
 from .errors import CommandError
 from .journal import Journal
 from .oplog import Entry, Oplog
+from .pipeline import apply_update_pipeline, check_update_pipeline, rewrite_stages
 
 SYSTEM_DATABASES = frozenset({"admin", "config", "local"})
 
@@ -416,15 +417,15 @@ class Storage:
         if not isinstance(query, Mapping):
             raise CommandError(9, "update 'q' must be an object")
         if isinstance(update, list):
-            raise CommandError(238, "not supported by the embedded server: pipeline-style updates")
-        if not isinstance(update, Mapping):
+            check_update_pipeline(update)
+        elif not isinstance(update, Mapping):
             raise CommandError(9, "update 'u' must be an object")
         if stmt.get("collation"):
             raise CommandError(238, "not supported by the embedded server: collation")
         multi = bool(stmt.get("multi", False))
         upsert = bool(stmt.get("upsert", False))
         array_filters = stmt.get("arrayFilters")
-        is_replace = not any(k.startswith("$") for k in update)
+        is_replace = not isinstance(update, list) and not any(k.startswith("$") for k in update)
         if is_replace and multi:
             raise CommandError(9, "multi update is not supported for replacement-style update")
         if not is_replace and not update:
@@ -481,7 +482,7 @@ class Storage:
         info: CollectionInfo,
         before: dict[str, Any],
         query: Mapping[str, Any],
-        update: Mapping[str, Any],
+        update: Mapping[str, Any] | list[Any],
         is_replace: bool,
         array_filters: Any,
     ) -> tuple[dict[str, Any], bool]:
@@ -501,15 +502,18 @@ class Storage:
         coll: str,
         before: dict[str, Any],
         query: Mapping[str, Any],
-        update: Mapping[str, Any],
+        update: Mapping[str, Any] | list[Any],
         is_replace: bool,
         array_filters: Any,
     ) -> dict[str, Any]:
         """Apply one update or replacement to the stored ``before``; return the new document."""
         target = self.raw(db, coll)
         doc_id = before["_id"]
+        spec: Mapping[str, Any] = {}
+        computed: dict[str, Any] = {}
         try:
             if is_replace:
+                assert isinstance(update, Mapping)
                 replacement = dict(update)
                 if "_id" in replacement and replacement["_id"] != doc_id:
                     raise CommandError(
@@ -520,6 +524,9 @@ class Storage:
                 _check_field_names(replacement)
                 replacement.pop("_id", None)
                 target.replace_one({"_id": doc_id}, {"_id": doc_id, **replacement})
+            elif isinstance(update, list):
+                computed = apply_update_pipeline(before, update, self.client[db])
+                target.replace_one({"_id": doc_id}, computed)
             else:
                 spec = _expand_array_filters(update, before, array_filters)
                 if spec is update:
@@ -528,19 +535,24 @@ class Storage:
                 else:
                     target.update_one({"_id": doc_id}, dict(spec))
         except DuplicateKeyError as exc:
-            attempted = dict(update) if is_replace else _preview_update(before, query, spec)
+            if isinstance(update, list):
+                attempted = computed
+            elif is_replace:
+                attempted = dict(update)
+            else:
+                attempted = _preview_update(before, query, spec)
             raise DuplicateKeyError(str(exc), 11000, {"doc": attempted, "exclude": doc_id}) from exc
-        after = target.find_one({"_id": doc_id})
-        if after is None:  # pragma: no cover - the engine keeps the _id
+        stored = target.find_one({"_id": doc_id})
+        if stored is None:  # pragma: no cover - the engine keeps the _id
             raise CommandError(8, "document vanished during update")
-        return dict(after)
+        return dict(stored)
 
     def _upsert(
         self,
         db: str,
         coll: str,
         query: Mapping[str, Any],
-        update: Mapping[str, Any],
+        update: Mapping[str, Any] | list[Any],
         is_replace: bool,
         array_filters: Any,
     ) -> Any:
@@ -552,6 +564,17 @@ class Storage:
                 seed_id = query.get("_id") if not isinstance(query.get("_id"), Mapping) else None
                 doc = {"_id": seed_id if seed_id is not None else ObjectId(), **doc}
             _check_field_names(doc)
+            try:
+                target.insert_one(doc)
+            except DuplicateKeyError as exc:
+                raise DuplicateKeyError(str(exc), 11000, {"doc": doc}) from exc
+            new_id = doc["_id"]
+        elif isinstance(update, list):
+            seed = {k: v for k, v in query.items() if not k.startswith("$")
+                    and not isinstance(v, Mapping)}  # fmt: skip
+            doc = apply_update_pipeline(
+                {"_id": seed.pop("_id", ObjectId()), **seed}, update, self.client[db]
+            )
             try:
                 target.insert_one(doc)
             except DuplicateKeyError as exc:
@@ -604,7 +627,7 @@ class Storage:
         if remove and (new or upsert):
             raise CommandError(9, "Cannot specify both an update and remove=true")
         if isinstance(update, list):
-            raise CommandError(238, "not supported by the embedded server: pipeline-style updates")
+            check_update_pipeline(update)
         matched = self.find(db, coll, query, sort=sort, limit=1)
         last: dict[str, Any] = {"n": 0}
         value: dict[str, Any] | None = None
@@ -616,8 +639,8 @@ class Storage:
                 last["n"] = 1
                 value = before
         else:
-            assert isinstance(update, Mapping)
-            is_replace = not any(k.startswith("$") for k in update)
+            assert isinstance(update, Mapping | list)
+            is_replace = not isinstance(update, list) and not any(k.startswith("$") for k in update)
             array_filters = cmd.get("arrayFilters")
             if matched:
                 info = self.ensure(db, coll)
@@ -802,7 +825,7 @@ def run_pipeline(
     # mongomock emits a $group's accumulators before `_id`; MongoDB puts `_id` first.
     # Run the pipeline in segments that end at each $group and restore that order there.
     segments: list[list[dict[str, Any]]] = [[]]
-    for stage in pipeline:
+    for stage in rewrite_stages(pipeline):
         segments[-1].append(dict(stage))
         if "$group" in stage:
             segments.append([])

@@ -475,3 +475,49 @@ def test_group_output_puts_id_first(sync_db: Database[dict[str, Any]]) -> None:
     out = list(sync_db.g.aggregate(pipeline))
     assert out == [{"_id": 0, "total": 6}, {"_id": 1, "total": 9}]
     assert all(next(iter(doc)) == "_id" for doc in out)
+
+
+async def test_pipeline_style_updates(db: AsyncDatabase[Doc]) -> None:
+    """Updates given as stages: update, upsert and findAndModify; bad stages and _id refused."""
+    await db.c.insert_one({"_id": 1, "a": 1, "t": {"x": 5}})
+    result = await db.c.update_one(
+        {"_id": 1}, [{"$set": {"b": {"$add": ["$a", 1]}}}, {"$unset": "t"}]
+    )
+    assert result.modified_count == 1
+    assert await db.c.find_one({"_id": 1}) == {"_id": 1, "a": 1, "b": 2}
+    await db.c.update_one({"_id": 2, "a": 7}, [{"$set": {"c": "$a"}}], upsert=True)
+    assert await db.c.find_one({"_id": 2}) == {"_id": 2, "a": 7, "c": 7}
+    after = await db.c.find_one_and_update(
+        {"_id": 1}, [{"$replaceWith": {"_id": "$_id", "n": "$b"}}], return_document=True
+    )
+    assert after == {"_id": 1, "n": 2}
+    with pytest.raises(OperationFailure) as info:
+        await db.c.update_one({"_id": 1}, [{"$group": {"_id": None}}])
+    assert info.value.code == 72
+    with pytest.raises(OperationFailure) as info:
+        await db.c.update_one({"_id": 1}, [{"$set": {"_id": 9}}])
+    assert info.value.code == 66
+
+
+async def test_views_read_through_their_pipeline(db: AsyncDatabase[Doc]) -> None:
+    """A view reads its source through its pipeline; writes to it are 166; it lists as a view."""
+    await db.src.insert_many([{"_id": i, "x": i} for i in range(1, 5)])
+    await db.create_collection("big", viewOn="src", pipeline=[{"$match": {"x": {"$gt": 1}}}])
+    await db.create_collection("bigger", viewOn="big", pipeline=[{"$match": {"x": {"$gt": 2}}}])
+    assert [d["_id"] async for d in db.big.find({}, sort=[("_id", -1)])] == [4, 3, 2]
+    assert await db.big.estimated_document_count() == 3
+    assert await db.bigger.count_documents({}) == 2
+    assert [d async for d in await db.bigger.aggregate([{"$project": {"_id": 1}}])] == [
+        {"_id": 3},
+        {"_id": 4},
+    ]
+    with pytest.raises(OperationFailure) as info:
+        await db.big.insert_one({"_id": 9})
+    assert info.value.code == 166
+    listed = {c["name"]: c async for c in await db.list_collections()}
+    assert listed["big"]["type"] == "view"
+    assert listed["big"]["options"] == {
+        "viewOn": "src",
+        "pipeline": [{"$match": {"x": {"$gt": 1}}}],
+    }
+    assert listed["src"]["type"] == "collection"

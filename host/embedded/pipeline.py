@@ -1,0 +1,121 @@
+"""What the embedded server adds to the engine's aggregation: pipeline-style updates and
+``$project`` of dotted computed fields.
+
+* An update given as an array of stages (MongoDB 4.2+, ``source/crud`` "update with
+  aggregation pipeline") computes the new document by running those stages over the
+  old one. Only ``$addFields``/``$set``, ``$project``/``$unset`` and
+  ``$replaceRoot``/``$replaceWith`` are allowed, as on mongod (code 72 otherwise),
+  and the result must keep the ``_id`` (66 ImmutableField).
+* ``{$project: {"a.b": <expression>}}`` must create the embedded field ``a.b``; the
+  engine would keep a literal key ``"a.b"``. The spec is rewritten as
+  ``{a: {b: <expression>}}``, which the engine evaluates as MongoDB does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import CommandError
+
+UPDATE_STAGES = frozenset(
+    {"$addFields", "$set", "$project", "$unset", "$replaceRoot", "$replaceWith"}
+)
+
+
+def _is_inclusion(value: Any) -> bool:
+    return isinstance(value, bool | int | float)
+
+
+def nest_dotted_projection(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Rewrite computed dotted keys of a ``$project`` spec into embedded documents."""
+    if not any("." in k and not _is_inclusion(v) for k, v in spec.items()):
+        return dict(spec)
+    out: dict[str, Any] = {}
+    for key, value in spec.items():
+        if "." not in key or _is_inclusion(value):
+            out[key] = value
+            continue
+        head, rest = key.split(".", 1)
+        node = out.setdefault(head, {})
+        if not isinstance(node, dict):
+            raise CommandError(31250, f"Invalid $project :: caused by :: Path collision at {key}")
+        node.update(nest_dotted_projection({rest: value}))
+    return out
+
+
+def rewrite_stages(pipeline: list[Any]) -> list[Any]:
+    """The pipeline in the engine's terms: ``$project`` dotted computed keys nested,
+    ``$unset`` as an exclusion ``$project``, ``$replaceWith`` as ``$replaceRoot``."""
+    out = []
+    for stage in pipeline:
+        if isinstance(stage, Mapping) and isinstance(stage.get("$project"), Mapping):
+            stage = {"$project": nest_dotted_projection(stage["$project"])}
+        elif isinstance(stage, Mapping) and "$unset" in stage:
+            # {$unset: f | [f...]} is {$project: {f: 0...}} (the engine lacks $unset).
+            fields = stage["$unset"]
+            names = [fields] if isinstance(fields, str) else fields
+            if (
+                not isinstance(names, list)
+                or not names
+                or not all(isinstance(n, str) for n in names)
+            ):
+                raise CommandError(31002, "$unset specification must be a string or an array")
+            stage = {"$project": dict.fromkeys(names, 0)}
+        elif isinstance(stage, Mapping) and "$replaceWith" in stage:
+            stage = {"$replaceRoot": {"newRoot": stage["$replaceWith"]}}
+        out.append(stage)
+    return out
+
+
+def check_update_pipeline(pipeline: list[Any]) -> None:
+    """Refuse stages an update pipeline may not use (72 InvalidOptions, as mongod).
+
+    Raises:
+        CommandError: A stage is not a one-key document or is not allowed in updates.
+    """
+    for stage in pipeline:
+        if not isinstance(stage, Mapping) or len(stage) != 1:
+            raise CommandError(
+                40323, "A pipeline stage specification object must contain exactly one field."
+            )
+        name = next(iter(stage))
+        if name not in UPDATE_STAGES:
+            raise CommandError(
+                72,
+                f"{name} is not allowed to be used within an update",
+            )
+
+
+def apply_update_pipeline(
+    doc: Mapping[str, Any], pipeline: list[Any], database: Any
+) -> dict[str, Any]:
+    """The document a pipeline-style update makes of ``doc``.
+
+    Raises:
+        CommandError: A stage is not allowed, or the pipeline changed or removed ``_id``.
+    """
+    from .storage import run_pipeline
+
+    check_update_pipeline(pipeline)
+    result = run_pipeline([dict(doc)], pipeline, database)
+    if len(result) != 1:
+        raise CommandError(2, "an update pipeline must produce exactly one document")
+    after = dict(result[0])
+    if "_id" in doc and after.get("_id", doc["_id"]) != doc["_id"]:
+        raise CommandError(
+            66,
+            "Performing an update on the path '_id' would modify the immutable field '_id'",
+        )
+    if "_id" in doc and "_id" not in after:
+        after = {"_id": doc["_id"], **after}
+    return after
+
+
+__all__ = [
+    "UPDATE_STAGES",
+    "apply_update_pipeline",
+    "check_update_pipeline",
+    "nest_dotted_projection",
+    "rewrite_stages",
+]
