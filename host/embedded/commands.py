@@ -17,14 +17,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import bson
 from bson import ObjectId
 from bson.binary import Binary
 from bson.int64 import Int64
 from bson.timestamp import Timestamp
 
+from . import validation
 from .changestream import ChangeStream, Target
 from .cursors import CursorManager
 from .errors import CloseConnection, CommandError
+from .hints import apply_bounds, resolve_hint
+from .pipeline import apply_let
 from .retryable import RetryHistory, StatementFault, fault_from_data, run_statements, txn_key
 from .storage import SYSTEM_DATABASES, WriteResult, filter_applies, run_pipeline
 from .views import check_view_options, find_stages, refuse_write, view_of
@@ -40,7 +44,31 @@ ELECTION_ID = ObjectId("7fffffff0000000000000001")
 MAX_WRITE_BATCH_SIZE = 100_000
 WRITE_COMMANDS = frozenset({"insert", "update", "delete", "findAndModify"})
 
+# Commands other than the CRUD writes that take a write concern (an aggregate only
+# when it ends in $out or $merge).
+_WRITE_CONCERN_COMMANDS = frozenset(
+    {
+        "create",
+        "drop",
+        "dropDatabase",
+        "createIndexes",
+        "dropIndexes",
+        "deleteIndexes",
+        "renameCollection",
+        "collMod",
+        "aggregate",
+    }
+)
+MAX_BSON_SIZE = 16 * 1024 * 1024
+
 Reply = dict[str, Any]
+
+
+def _writes(pipeline: Any) -> bool:
+    last = pipeline[-1] if isinstance(pipeline, list) and pipeline else None
+    return isinstance(last, Mapping) and ("$out" in last or "$merge" in last)
+
+
 Handler = Callable[["Session", str, dict[str, Any]], Awaitable[Reply] | Reply]
 
 
@@ -135,13 +163,18 @@ class Commands:
             "commitTransaction": self.no_transaction,
             "abortTransaction": self.no_transaction,
             "configureFailPoint": self.configure_fail_point,
+            "explain": self.explain,
             "replSetGetStatus": self.repl_set_get_status,
             "replSetGetConfig": self.repl_set_get_config,
             "replSetInitiate": self.repl_set_initiate,
         }
 
     async def run(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """Run one command and return its reply (without cluster time)."""
+        """Run one command and return its reply (without cluster time).
+
+        A snapshot read (``readConcern.level: snapshot``) reads the latest state and
+        reports it as ``cursor.atClusterTime``, as mongod does.
+        """
         name = next(iter(body))
         handler = self.table.get(name)
         if handler is None:
@@ -152,12 +185,26 @@ class Commands:
                 "transactions are not supported by the embedded server; "
                 "run against a real replica set to use them",
             )
+        body = apply_let(name, body)
         if name != "getMore" and body.get("maxTimeMS"):
             self._max_time_fault()
-        result = handler(session, db, body)
-        if isinstance(result, Awaitable):
-            result = await result
+        token = validation.bypass.set(bool(body.get("bypassDocumentValidation")))
+        try:
+            result = handler(session, db, body)
+            if isinstance(result, Awaitable):
+                result = await result
+        finally:
+            validation.bypass.reset(token)
         self._write_concern(name, body, result)
+        read_concern = body.get("readConcern")
+        if (
+            isinstance(read_concern, Mapping)
+            and read_concern.get("level") == "snapshot"
+            and isinstance(result.get("cursor"), dict)
+        ):
+            result["cursor"]["atClusterTime"] = read_concern.get(
+                "atClusterTime", self.oplog.last_ts
+            )
         return result
 
     def _max_time_fault(self) -> None:
@@ -168,7 +215,9 @@ class Commands:
     @staticmethod
     def _write_concern(name: str, body: Mapping[str, Any], reply: Reply) -> None:
         wc = body.get("writeConcern")
-        if name not in WRITE_COMMANDS and name not in ("create", "drop", "createIndexes"):
+        if name not in WRITE_COMMANDS and name not in _WRITE_CONCERN_COMMANDS:
+            return
+        if name == "aggregate" and not _writes(body.get("pipeline")):
             return
         if isinstance(wc, Mapping) and isinstance(wc.get("w"), int) and wc["w"] > 1:
             reply["writeConcernError"] = {
@@ -686,6 +735,11 @@ class Commands:
         coll = _name(body["insert"])
         refuse_write(self.storage, db, coll)
         docs = self._batch(body, "documents", "insert")
+        for doc in docs:
+            if isinstance(doc, Mapping) and len(bson.encode(doc)) > MAX_BSON_SIZE:
+                raise CommandError(
+                    10334, f"object to insert too large. size in bytes: over {MAX_BSON_SIZE}"
+                )
         result = self._statements(
             body, docs, lambda items, ordered: self.storage.insert(db, coll, items, ordered=ordered)
         )
@@ -696,6 +750,10 @@ class Commands:
         coll = _name(body["update"])
         refuse_write(self.storage, db, coll)
         stmts = self._batch(body, "updates", "update")
+        for stmt in stmts:
+            if isinstance(stmt, Mapping) and "sort" in stmt:
+                # The sort option of update statements is MongoDB 8.0; 7.0 rejects it.
+                raise CommandError(40415, "BSON field 'update.updates.sort' is an unknown field.")
         result = self._statements(
             body,
             stmts,
@@ -772,6 +830,8 @@ class Commands:
                 _doc(body, "filter"), _doc(body, "projection"), _doc(body, "sort"), skip, limit
             )
             docs = self.storage.aggregate(db, view[0], view[1] + stages)
+        elif body.get("hint") is not None or body.get("min") or body.get("max"):
+            docs = self._hinted_find(db, coll, body, skip, abs(limit))
         else:
             docs = self.storage.find(
                 db,
@@ -798,6 +858,96 @@ class Commands:
             ),
             "ok": 1.0,
         }
+
+    _EXPLAINABLE = frozenset({"find", "aggregate", "count", "distinct"})
+
+    async def explain(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """explain of a read: runs it (reads only) and describes it as a collection scan.
+
+        The engine has no planner, so the plan is always COLLSCAN (IXSCAN with a hint);
+        writes are not explained (238) because explaining must not execute them.
+        """
+        inner = body.get("explain")
+        if not isinstance(inner, Mapping) or not inner:
+            raise CommandError(9, "explain command requires a nested object")
+        name = next(iter(inner))
+        if name not in self._EXPLAINABLE:
+            raise CommandError(238, f"not supported by the embedded server: explain of {name}")
+        verbosity = body.get("verbosity", "allPlansExecution")
+        if verbosity not in ("queryPlanner", "executionStats", "allPlansExecution"):
+            raise CommandError(2, f"verbosity string must be one of ..., got {verbosity!r}")
+        command = {**inner, "$db": db}
+        if name == "aggregate":
+            command.setdefault("cursor", {})
+        reply = self.table[name](session, db, command)
+        if isinstance(reply, Awaitable):
+            reply = await reply
+        cursor = reply.get("cursor")
+        returned = 0
+        if isinstance(cursor, Mapping):
+            returned = len(cursor.get("firstBatch", []))
+            if cursor.get("id"):  # count everything, then close what the read opened
+                more = self.cursors.get(cursor["id"], cursor["ns"])
+                returned += len(more.take(None)) if more.stream is None else 0
+                self.cursors.close(int(cursor["id"]))
+        elif "n" in reply:
+            returned = int(reply["n"])
+        elif "values" in reply:
+            returned = len(reply["values"])
+        target = inner[name]
+        namespace = f"{db}.{target}" if isinstance(target, str) else f"{db}.$cmd.aggregate"
+        stage: Reply = {"stage": "COLLSCAN", "direction": "forward"}
+        if inner.get("hint") is not None:
+            stage = {
+                "stage": "FETCH",
+                "inputStage": {"stage": "IXSCAN", "keyPattern": inner["hint"]},
+            }
+        out: Reply = {
+            "explainVersion": "1",
+            "queryPlanner": {
+                "namespace": namespace,
+                "parsedQuery": dict(inner.get("filter") or inner.get("query") or {}),
+                "winningPlan": stage,
+                "rejectedPlans": [],
+            },
+            "command": dict(inner),
+            "serverInfo": {"host": self.server.advertised, "version": SERVER_VERSION},
+            "ok": 1.0,
+        }
+        if verbosity != "queryPlanner":
+            out["executionStats"] = {
+                "executionSuccess": True,
+                "nReturned": returned,
+                "executionTimeMillis": 0,
+                "totalKeysExamined": 0,
+                "totalDocsExamined": returned,
+                "executionStages": {**stage, "nReturned": returned},
+            }
+        return out
+
+    def _hinted_find(
+        self, db: str, coll: str, body: Mapping[str, Any], skip: int, limit: int
+    ) -> list[dict[str, Any]]:
+        """A find with ``hint``/``min``/``max`` (see :mod:`.hints`)."""
+        hint = body.get("hint")
+        index = None
+        if hint is not None and (db, coll) in self.storage.catalog:
+            index = resolve_hint(f"{db}.{coll}", self.storage.index_specs(db, coll), hint)
+        sort = _doc(body, "sort")
+        if sort is None and index is not None:
+            sort = dict(index["key"])
+        natural = hint.get("$natural") if isinstance(hint, Mapping) else None
+        docs = self.storage.find(db, coll, _doc(body, "filter"), sort=sort)
+        if isinstance(natural, int | float) and natural < 0 and not body.get("sort"):
+            docs.reverse()
+        docs = apply_bounds(docs, index, _doc(body, "min"), _doc(body, "max"))
+        docs = docs[skip:]
+        if limit:
+            docs = docs[:limit]
+        projection = _doc(body, "projection")
+        if projection:
+            docs = run_pipeline(docs, [{"$project": projection}], self.storage.client[db])
+        return docs
 
     def count(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """count: ``{n}``."""
@@ -834,7 +984,11 @@ class Commands:
             from .storage import engine_error
 
             raise engine_error(exc) from exc
-        return {"values": list(values), "ok": 1.0}
+        # mongod returns the distinct values in BSON order (they are deduplicated in an
+        # ordered set); the engine returns them in hash order.
+        from mongomock.filtering import BsonComparable
+
+        return {"values": sorted(values, key=BsonComparable), "ok": 1.0}
 
     def aggregate(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """aggregate, including ``$changeStream`` on a collection, database or cluster."""

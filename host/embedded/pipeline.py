@@ -112,8 +112,71 @@ def apply_update_pipeline(
     return after
 
 
+def _bind(value: Any, let: Mapping[str, Any]) -> Any:
+    """``value`` with every ``$$name`` (and ``$$name.path``) of ``let`` made a literal."""
+    if isinstance(value, str) and value.startswith("$$"):
+        name, _, path = value[2:].partition(".")
+        if name in let:
+            bound = let[name]
+            for part in path.split(".") if path else ():
+                bound = bound.get(part) if isinstance(bound, Mapping) else None
+            return {"$literal": bound}
+        return value
+    if isinstance(value, Mapping):
+        return {k: _bind(v, let) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_bind(v, let) for v in value]
+    return value
+
+
+def _bind_filter(flt: Any, let: Mapping[str, Any]) -> Any:
+    """A query filter with ``let`` bound inside its ``$expr`` parts (elsewhere ``$$x`` is text)."""
+    if isinstance(flt, Mapping):
+        return {k: _bind(v, let) if k == "$expr" else _bind_filter(v, let) for k, v in flt.items()}
+    if isinstance(flt, list):
+        return [_bind_filter(v, let) for v in flt]
+    return flt
+
+
+def apply_let(command: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The command with its ``let`` variables bound (the engine has no user variables).
+
+    Each ``$$name`` becomes ``{$literal: value}`` in the command's filters (inside
+    ``$expr``), update pipelines and aggregation pipelines.
+
+    Raises:
+        CommandError: ``let`` is not a document.
+    """
+    let = body.get("let")
+    if let is None:
+        return body
+    if not isinstance(let, Mapping):
+        raise CommandError(14, "BSON field 'let' is the wrong type, expected an object")
+    out = dict(body)
+    if command == "find":
+        out["filter"] = _bind_filter(body.get("filter"), let)
+    elif command == "aggregate":
+        out["pipeline"] = _bind(body.get("pipeline"), let)
+    elif command in ("findAndModify", "findandmodify"):
+        out["query"] = _bind_filter(body.get("query"), let)
+        if isinstance(body.get("update"), list):
+            out["update"] = _bind(body["update"], let)
+    elif command in ("update", "delete"):
+        key = "updates" if command == "update" else "deletes"
+        stmts = []
+        for stmt in body.get(key) or []:
+            if isinstance(stmt, Mapping):
+                stmt = {**stmt, "q": _bind_filter(stmt.get("q"), let)}
+                if isinstance(stmt.get("u"), list):
+                    stmt["u"] = _bind(stmt["u"], let)
+            stmts.append(stmt)
+        out[key] = stmts
+    return out
+
+
 __all__ = [
     "UPDATE_STAGES",
+    "apply_let",
     "apply_update_pipeline",
     "check_update_pipeline",
     "nest_dotted_projection",

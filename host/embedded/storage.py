@@ -30,6 +30,7 @@ from .errors import CommandError
 from .journal import Journal
 from .oplog import Entry, Oplog
 from .pipeline import apply_update_pipeline, check_update_pipeline, rewrite_stages
+from .validation import check_document
 
 SYSTEM_DATABASES = frozenset({"admin", "config", "local"})
 
@@ -361,6 +362,7 @@ class Storage:
             if "_id" not in doc:
                 doc = {"_id": ObjectId(), **doc}
             _check_field_names(doc)
+            check_document(info.options, f"{db}.{coll}", doc)
             try:
                 target.insert_one(doc)
             except DuplicateKeyError as exc:
@@ -488,6 +490,11 @@ class Storage:
     ) -> tuple[dict[str, Any], bool]:
         """Update one stored document; log it if it changed. Returns (after, changed)."""
         after = self._apply(db, coll, before, query, update, is_replace, array_filters)
+        try:
+            check_document(info.options, f"{db}.{coll}", after, before)
+        except CommandError:
+            self.raw(db, coll).replace_one({"_id": before["_id"]}, before)  # not applied
+            raise
         changed = after != before or _types_changed(before, after)
         if changed:
             op = "replace" if is_replace else "update"
