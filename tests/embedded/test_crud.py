@@ -531,7 +531,7 @@ async def test_let_variables(db: AsyncDatabase[Doc]) -> None:
     let = {"id": 2, "bump": 5}
     expr = {"$expr": {"$eq": ["$_id", "$$id"]}}
     assert [d async for d in db.c.find(expr, let=let)] == [{"_id": 2, "x": 22}]
-    pipeline = [{"$match": expr}, {"$project": {"_id": 0, "y": "$$bump"}}]
+    pipeline: list[Doc] = [{"$match": expr}, {"$project": {"_id": 0, "y": "$$bump"}}]
     assert [d async for d in await db.c.aggregate(pipeline, let=let)] == [{"y": 5}]
     await db.c.update_one(expr, [{"$set": {"x": {"$add": ["$x", "$$bump"]}}}], let=let)
     assert await db.c.find_one({"_id": 2}) == {"_id": 2, "x": 27}
