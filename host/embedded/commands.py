@@ -28,6 +28,7 @@ from .changestream import ChangeStream, Target
 from .cursors import CursorManager
 from .errors import CloseConnection, CommandError
 from .hints import apply_bounds, resolve_hint
+from .merge import merge_into
 from .pipeline import apply_let
 from .retryable import RetryHistory, StatementFault, fault_from_data, run_statements, txn_key
 from .storage import SYSTEM_DATABASES, WriteResult, filter_applies, run_pipeline
@@ -934,13 +935,14 @@ class Commands:
         if hint is not None and (db, coll) in self.storage.catalog:
             index = resolve_hint(f"{db}.{coll}", self.storage.index_specs(db, coll), hint)
         sort = _doc(body, "sort")
-        if sort is None and index is not None:
-            sort = dict(index["key"])
         natural = hint.get("$natural") if isinstance(hint, Mapping) else None
-        docs = self.storage.find(db, coll, _doc(body, "filter"), sort=sort)
-        if isinstance(natural, int | float) and natural < 0 and not body.get("sort"):
+        order = dict(index["key"]) if index is not None else None
+        docs = self.storage.find(db, coll, _doc(body, "filter"), sort=order)
+        if isinstance(natural, int | float) and natural < 0:
             docs.reverse()
         docs = apply_bounds(docs, index, _doc(body, "min"), _doc(body, "max"))
+        if sort:  # an explicit sort wins over the index order
+            docs = run_pipeline(docs, [{"$sort": sort}], self.storage.client[db])
         docs = docs[skip:]
         if limit:
             docs = docs[:limit]
@@ -1032,11 +1034,13 @@ class Commands:
         self, db: str, coll: str, pipeline: list[Any]
     ) -> list[dict[str, Any]]:
         last = next(iter(pipeline[-1])) if pipeline and isinstance(pipeline[-1], Mapping) else None
-        if last == "$merge":
-            raise CommandError(238, "not supported by the embedded server: $merge")
         view = view_of(self.storage, db, coll)
         if view is not None:
             coll, pipeline = view[0], view[1] + pipeline
+        if last == "$merge":
+            merge_into(self.storage, db, pipeline[-1]["$merge"],
+                       self.storage.aggregate(db, coll, pipeline[:-1]))  # fmt: skip
+            return []
         if last != "$out":
             return self.storage.aggregate(db, coll, pipeline)
         out = pipeline[-1]["$out"]

@@ -471,7 +471,8 @@ def _report(
     print(
         "conformance: OK, the run matches the ledger"
         if verdict.ok
-        else "conformance: FAILED, the run differs from the ledger (see above)"
+        else "conformance: FAILED, the run differs from the ledger (see above; with "
+        "--update-ledger the ledger now lists this run's failures)"
     )
 
 

@@ -630,3 +630,21 @@ async def test_validator_enforced_unless_bypassed(db: AsyncDatabase[Doc]) -> Non
     await db.command("collMod", "v", validationAction="warn")
     await coll.insert_one({"_id": 4})  # warn: accepted
     assert await coll.count_documents({}) == 3
+
+
+async def test_merge_stage(db: AsyncDatabase[Doc]) -> None:
+    """$merge inserts unmatched results, merges matched ones, and fails on request (11000)."""
+    await db.src.insert_many([{"_id": 1, "a": 1}, {"_id": 2, "a": 2}])
+    await db.dst.insert_one({"_id": 1, "b": 9})
+    await (await db.src.aggregate([{"$merge": {"into": "dst"}}])).to_list()
+    assert await db.dst.find().sort("_id").to_list() == [
+        {"_id": 1, "b": 9, "a": 1},
+        {"_id": 2, "a": 2},
+    ]
+    await (
+        await db.src.aggregate([{"$merge": {"into": "dst", "whenMatched": "replace"}}])
+    ).to_list()
+    assert await db.dst.find_one({"_id": 1}) == {"_id": 1, "a": 1}
+    with pytest.raises(OperationFailure) as info:
+        await db.src.aggregate([{"$merge": {"into": "dst", "whenMatched": "fail"}}])
+    assert info.value.code == 11000
