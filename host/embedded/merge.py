@@ -74,9 +74,7 @@ def merge_into(storage: Storage, db: str, spec: Any, docs: list[dict[str, Any]])
             result = storage.insert(out_db, out_coll, [doc], ordered=True)
         if result.write_errors:
             error = result.write_errors[0]
-            extra: dict[str, Any] = {
-                k: error[k] for k in ("keyPattern", "keyValue") if k in error
-            }
+            extra: dict[str, Any] = {k: error[k] for k in ("keyPattern", "keyValue") if k in error}
             raise CommandError(int(error["code"]), str(error["errmsg"]), extra=extra)
 
 
