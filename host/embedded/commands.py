@@ -24,6 +24,7 @@ from bson.int64 import Int64
 from bson.timestamp import Timestamp
 
 from . import validation
+from .capped import Tail, check_capped_options, enforce_cap, is_capped
 from .changestream import ChangeStream, Target
 from .cursors import CursorManager
 from .errors import CloseConnection, CommandError
@@ -198,14 +199,12 @@ class Commands:
             validation.bypass.reset(token)
         self._write_concern(name, body, result)
         read_concern = body.get("readConcern")
-        if (
-            isinstance(read_concern, Mapping)
-            and read_concern.get("level") == "snapshot"
-            and isinstance(result.get("cursor"), dict)
-        ):
-            result["cursor"]["atClusterTime"] = read_concern.get(
-                "atClusterTime", self.oplog.last_ts
-            )
+        if isinstance(read_concern, Mapping) and read_concern.get("level") == "snapshot":
+            at = read_concern.get("atClusterTime", self.oplog.last_ts)
+            if isinstance(result.get("cursor"), dict):
+                result["cursor"]["atClusterTime"] = at
+            else:  # distinct, count: at the top level
+                result["atClusterTime"] = at
         return result
 
     def _max_time_fault(self) -> None:
@@ -609,7 +608,9 @@ class Commands:
         options = {k: v for k, v in body.items() if k not in self._CREATE_GENERIC}
         if "viewOn" in options:
             check_view_options(options)
-        for unsupported in ("timeseries", "capped", "clusteredIndex", "encryptedFields"):
+        if options.get("capped"):
+            check_capped_options(options)
+        for unsupported in ("timeseries", "clusteredIndex", "encryptedFields"):
             if options.get(unsupported):
                 raise CommandError(
                     238, f"not supported by the embedded server: create with '{unsupported}'"
@@ -744,6 +745,7 @@ class Commands:
         result = self._statements(
             body, docs, lambda items, ordered: self.storage.insert(db, coll, items, ordered=ordered)
         )
+        enforce_cap(self.storage, db, coll)
         return self._write_reply(result)
 
     def update(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
@@ -752,6 +754,13 @@ class Commands:
         refuse_write(self.storage, db, coll)
         stmts = self._batch(body, "updates", "update")
         for stmt in stmts:
+            replacement = stmt.get("u") if isinstance(stmt, Mapping) else None
+            if (
+                isinstance(replacement, Mapping)
+                and not any(k.startswith("$") for k in replacement)
+                and len(bson.encode(replacement)) > MAX_BSON_SIZE
+            ):
+                raise CommandError(17420, "Replacement document too large: over 16 MiB")
             if isinstance(stmt, Mapping) and "sort" in stmt:
                 # The sort option of update statements is MongoDB 8.0; 7.0 rejects it.
                 raise CommandError(40415, "BSON field 'update.updates.sort' is an unknown field.")
@@ -825,6 +834,8 @@ class Commands:
         if skip < 0:
             raise CommandError(2, "skip value must be non-negative")
         single = bool(body.get("singleBatch")) or limit < 0
+        if body.get("tailable"):
+            return self._tailable_find(db, coll, body, single)
         view = view_of(self.storage, db, coll)
         if view is not None:
             stages = find_stages(
@@ -925,6 +936,47 @@ class Commands:
                 "executionStages": {**stage, "nReturned": returned},
             }
         return out
+
+    def _tailable_find(self, db: str, coll: str, body: Mapping[str, Any], single: bool) -> Reply:
+        """find with ``tailable`` (capped collections only; see :mod:`.capped`)."""
+        if not is_capped(self.storage, db, coll):
+            raise CommandError(
+                2,
+                f"error processing query: ns={db}.{coll} :: caused by :: "
+                "tailable cursor requested on non capped collection",
+            )
+        tail = Tail(db, coll, _doc(body, "filter") or {}, await_data=bool(body.get("awaitData")))
+        batch = _int(body, "batchSize")
+        docs = tail.fetch(self.storage, 101 if batch is None else batch) if batch != 0 else []
+        cursor_id = 0
+        if not single:
+            cursor = self.cursors.open(f"{db}.{coll}", lsid=body.get("lsid"))
+            cursor.tail = tail
+            cursor_id = cursor.id
+        return {
+            "cursor": {"firstBatch": docs, "id": Int64(cursor_id), "ns": f"{db}.{coll}"},
+            "ok": 1.0,
+        }
+
+    async def _tailable_get_more(self, cursor: Any, body: Mapping[str, Any]) -> Reply:
+        tail: Tail = cursor.tail
+        batch = _int(body, "batchSize")
+        max_time = _int(body, "maxTimeMS")
+        deadline = time.monotonic() + (max_time if max_time is not None else 1000) / 1000
+        try:
+            docs = tail.fetch(self.storage, batch)
+            while not docs and tail.await_data and not self.server.closing:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not await self.oplog.wait(remaining):
+                    break
+                docs = tail.fetch(self.storage, batch)
+        except CommandError:
+            self.cursors.close(cursor.id)
+            raise
+        return {
+            "cursor": {"nextBatch": docs, "id": Int64(cursor.id), "ns": cursor.ns},
+            "ok": 1.0,
+        }
 
     def _hinted_find(
         self, db: str, coll: str, body: Mapping[str, Any], skip: int, limit: int
@@ -1122,6 +1174,8 @@ class Commands:
         ns = f"{db}.{coll}"
         cursor = self.cursors.get(cursor_id, ns)
         batch = _int(body, "batchSize")
+        if cursor.tail is not None:
+            return await self._tailable_get_more(cursor, body)
         if cursor.stream is None and (cursor.max_time_ms or body.get("maxTimeMS")):
             self._max_time_fault()
         if cursor.stream is None:

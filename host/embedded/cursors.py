@@ -34,6 +34,7 @@ class Cursor:
     last_used: float = field(default_factory=time.monotonic)
     exhausted: bool = False
     max_time_ms: int | None = None  # the opening command's, which bounds its getMores too
+    tail: Any = None  # a tailable cursor's capped.Tail (its position), else None
     _peeked: dict[str, Any] | None = None
 
     def take(self, batch_size: int | None) -> list[RawBSONDocument]:

@@ -33,6 +33,10 @@ from .pipeline import apply_update_pipeline, check_update_pipeline, rewrite_stag
 from .validation import check_document
 
 SYSTEM_DATABASES = frozenset({"admin", "config", "local"})
+UPDATE_OPERATORS = frozenset(
+    {"$currentDate", "$inc", "$min", "$max", "$mul", "$rename", "$set", "$setOnInsert",
+     "$unset", "$addToSet", "$pop", "$pull", "$push", "$pullAll", "$bit"}
+)  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -432,6 +436,14 @@ class Storage:
             raise CommandError(9, "multi update is not supported for replacement-style update")
         if not is_replace and not update:
             raise CommandError(9, "Update document requires atomic operators")
+        if isinstance(update, Mapping):
+            unknown = [k for k in update if k.startswith("$") and k not in UPDATE_OPERATORS]
+            if unknown:  # mongod parses the update before matching anything
+                raise CommandError(
+                    9,
+                    f"Unknown modifier: {unknown[0]}. Expected a valid update modifier or "
+                    "pipeline-style update specified as an array",
+                )
         matched = self.find(db, coll, query, limit=0 if multi else 1)
         if not matched:
             if not upsert:

@@ -648,3 +648,25 @@ async def test_merge_stage(db: AsyncDatabase[Doc]) -> None:
     with pytest.raises(OperationFailure) as info:
         await db.src.aggregate([{"$merge": {"into": "dst", "whenMatched": "fail"}}])
     assert info.value.code == 11000
+
+
+async def test_capped_collection_and_tailable_cursor(db: AsyncDatabase[Doc]) -> None:
+    """A capped collection drops its oldest documents; a tailable cursor sees new inserts."""
+    from pymongo import CursorType
+
+    coll = await db.create_collection("cap", capped=True, size=100_000, max=3)
+    await coll.insert_many([{"_id": i} for i in range(5)])
+    assert [d["_id"] async for d in coll.find()] == [2, 3, 4]
+    cursor = coll.find(cursor_type=CursorType.TAILABLE_AWAIT).max_await_time_ms(200)
+    assert [d["_id"] for d in await cursor.to_list(3)] == [2, 3, 4]
+    assert cursor.alive
+    await coll.insert_one({"_id": 5})
+    assert await cursor.next() == {"_id": 5}
+    await db.plain.insert_one({})
+    with pytest.raises(OperationFailure) as info:
+        await db.plain.find(cursor_type=CursorType.TAILABLE).to_list()
+    assert info.value.code == 2
+    with pytest.raises(OperationFailure) as info:
+        await db.create_collection("nosize", capped=True)
+    assert info.value.code == 72
+    await cursor.close()
