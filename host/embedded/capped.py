@@ -21,7 +21,7 @@ from typing import Any
 import bson
 
 from .errors import CommandError
-from .storage import Storage, filter_applies
+from .storage import Storage, filter_applies, run_pipeline
 
 
 def check_capped_options(options: Mapping[str, Any]) -> None:
@@ -70,6 +70,14 @@ class Tail:
     filter: dict[str, Any] = field(default_factory=dict)
     await_data: bool = False
     last_id: Any = _START
+    skip: int = 0  # matching documents still to skip (the find's skip)
+    remaining: int | None = None  # documents still to return (the find's limit), or None
+    projection: dict[str, Any] | None = None
+
+    @property
+    def done(self) -> bool:
+        """The find's limit is reached: the cursor closes."""
+        return self.remaining == 0
 
     def fetch(self, storage: Storage, limit: int | None) -> list[dict[str, Any]]:
         """The next documents after the position (at most ``limit``), moving past them.
@@ -87,13 +95,23 @@ class Tail:
                     f"{self.db}.{self.coll} being deleted",
                 )
             docs = docs[ids.index(self.last_id) + 1 :]
+        if self.remaining is not None:
+            limit = min(limit, self.remaining) if limit else self.remaining
         out: list[dict[str, Any]] = []
         for doc in docs:
             if limit and len(out) >= limit:
                 break
             self.last_id = doc.get("_id")
-            if not self.filter or filter_applies(self.filter, doc):
-                out.append(doc)
+            if self.filter and not filter_applies(self.filter, doc):
+                continue
+            if self.skip:
+                self.skip -= 1
+                continue
+            out.append(doc)
+        if self.remaining is not None:
+            self.remaining -= len(out)
+        if self.projection and out:
+            out = run_pipeline(out, [{"$project": self.projection}], storage.client[self.db])
         return out
 
 

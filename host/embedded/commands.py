@@ -30,7 +30,7 @@ from .cursors import CursorManager
 from .errors import CloseConnection, CommandError
 from .hints import apply_bounds, resolve_hint
 from .merge import merge_into
-from .pipeline import apply_let
+from .pipeline import apply_let, check_filters
 from .retryable import RetryHistory, StatementFault, fault_from_data, run_statements, txn_key
 from .storage import SYSTEM_DATABASES, WriteResult, filter_applies, run_pipeline
 from .views import check_view_options, find_stages, refuse_write, view_of
@@ -188,6 +188,7 @@ class Commands:
                 "run against a real replica set to use them",
             )
         body = apply_let(name, body)
+        check_filters(name, body)
         if name != "getMore" and body.get("maxTimeMS"):
             self._max_time_fault()
         token = validation.bypass.set(bool(body.get("bypassDocumentValidation")))
@@ -946,10 +947,14 @@ class Commands:
                 "tailable cursor requested on non capped collection",
             )
         tail = Tail(db, coll, _doc(body, "filter") or {}, await_data=bool(body.get("awaitData")))
+        tail.skip = _int(body, "skip", 0) or 0
+        tail.projection = _doc(body, "projection")
+        limit = abs(_int(body, "limit", 0) or 0)
+        tail.remaining = limit or None
         batch = _int(body, "batchSize")
         docs = tail.fetch(self.storage, 101 if batch is None else batch) if batch != 0 else []
         cursor_id = 0
-        if not single:
+        if not single and not tail.done:
             cursor = self.cursors.open(f"{db}.{coll}", lsid=body.get("lsid"))
             cursor.tail = tail
             cursor_id = cursor.id
@@ -973,8 +978,14 @@ class Commands:
         except CommandError:
             self.cursors.close(cursor.id)
             raise
+        if tail.done:
+            self.cursors.close(cursor.id)
         return {
-            "cursor": {"nextBatch": docs, "id": Int64(cursor.id), "ns": cursor.ns},
+            "cursor": {
+                "nextBatch": docs,
+                "id": Int64(0 if tail.done else cursor.id),
+                "ns": cursor.ns,
+            },
             "ok": 1.0,
         }
 

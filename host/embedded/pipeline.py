@@ -174,10 +174,74 @@ def apply_let(command: str, body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_TOP_LEVEL = frozenset({"$and", "$or", "$nor", "$expr", "$where", "$text", "$comment",
+                        "$jsonSchema", "$alwaysTrue", "$alwaysFalse", "$sampleRate"})  # fmt: skip
+_FIELD_LEVEL = frozenset(
+    {"$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$not", "$exists", "$type",
+     "$mod", "$regex", "$options", "$all", "$elemMatch", "$size", "$bitsAllSet",
+     "$bitsAnySet", "$bitsAllClear", "$bitsAnyClear", "$geoWithin", "$geoIntersects",
+     "$near", "$nearSphere", "$maxDistance", "$minDistance", "$within", "$box", "$center",
+     "$centerSphere", "$polygon", "$geometry", "$jsonSchema"}
+)  # fmt: skip
+
+
+def check_filter(flt: Any) -> None:
+    """Refuse unknown query operators (2 BadValue, as mongod); the engine ignores them.
+
+    Raises:
+        CommandError: An operator no MongoDB query knows.
+    """
+    if not isinstance(flt, Mapping):
+        return
+    for key, value in flt.items():
+        if key.startswith("$"):
+            if key not in _TOP_LEVEL:
+                raise CommandError(2, f"unknown top level operator: {key}")
+            if key in ("$and", "$or", "$nor") and isinstance(value, list):
+                for clause in value:
+                    check_filter(clause)
+            continue
+        _check_field(value)
+
+
+def _check_field(value: Any) -> None:
+    if not isinstance(value, Mapping) or not value or not next(iter(value)).startswith("$"):
+        return
+    for op, operand in value.items():
+        if op not in _FIELD_LEVEL:
+            raise CommandError(2, f"unknown operator: {op}")
+        if op == "$not":
+            _check_field(operand)
+        elif op == "$elemMatch" and isinstance(operand, Mapping):
+            if (
+                operand
+                and next(iter(operand)).startswith("$")
+                and next(iter(operand)) not in _TOP_LEVEL
+            ):
+                _check_field(operand)
+            else:
+                check_filter(operand)
+
+
+def check_filters(command: str, body: Mapping[str, Any]) -> None:
+    """Check the query filter of find, count, distinct and findAndModify (:func:`check_filter`).
+
+    Raises:
+        CommandError: A filter uses an unknown operator.
+    """
+    if command == "find":
+        check_filter(body.get("filter"))
+    elif command in ("count", "distinct", "findAndModify", "findandmodify"):
+        check_filter(body.get("query"))
+    # update/delete statements would need per-statement write errors: not checked yet.
+
+
 __all__ = [
     "UPDATE_STAGES",
     "apply_let",
     "apply_update_pipeline",
+    "check_filter",
+    "check_filters",
     "check_update_pipeline",
     "nest_dotted_projection",
     "rewrite_stages",

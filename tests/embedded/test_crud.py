@@ -670,3 +670,32 @@ async def test_capped_collection_and_tailable_cursor(db: AsyncDatabase[Doc]) -> 
         await db.create_collection("nosize", capped=True)
     assert info.value.code == 72
     await cursor.close()
+
+
+async def test_unknown_query_operator_refused(db: AsyncDatabase[Doc]) -> None:
+    """An unknown query operator is 2 BadValue, not an empty result."""
+    await db.c.insert_one({"x": 1})
+    with pytest.raises(OperationFailure) as info:
+        await db.c.find({"x": {"$bad": 1}}).to_list()
+    assert info.value.code == 2
+    assert "unknown operator: $bad" in str(info.value)
+    with pytest.raises(OperationFailure) as info:
+        await db.c.count_documents({"$bogus": 1})
+    assert info.value.code == 2
+    found = await db.c.find({"x": {"$not": {"$gt": 5}}, "$or": [{"x": 1}]}).to_list()
+    assert len(found) == 1
+
+
+async def test_tailable_cursor_skip_limit_and_rollover(db: AsyncDatabase[Doc]) -> None:
+    """A tailable find honours skip/limit; a cursor overtaken by the cap dies quietly (136)."""
+    from pymongo import CursorType
+
+    coll = await db.create_collection("cap2", capped=True, size=10_000, max=3)
+    await coll.insert_many([{"x": i} for i in (4, 5, 6)])
+    sliced = coll.find({}, {"_id": 0}, cursor_type=CursorType.TAILABLE, skip=1, limit=1)
+    assert await sliced.to_list() == [{"x": 5}]
+    cursor = coll.find(cursor_type=CursorType.TAILABLE)
+    assert len(await cursor.to_list()) == 3
+    await coll.insert_many([{"x": i} for i in range(7, 11)])  # its position is deleted
+    assert await cursor.to_list() == []
+    assert not cursor.alive
