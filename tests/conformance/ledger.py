@@ -39,6 +39,8 @@ class Ledger:
     suites: dict[str, list[str]]
     causes: dict[str, str]
     failures: dict[str, str]  # test id -> cause key
+    # Tests whose outcome depends on timing (test id -> cause key): counted, not compared.
+    unstable: dict[str, str] = field(default_factory=dict)
 
     def files(self, suite: str) -> list[str]:
         """The test files of ``suite`` (``all`` is every suite's files).
@@ -62,19 +64,22 @@ def load_ledger(path: Path) -> Ledger:
     data = tomllib.loads(path.read_text())
     suites = {str(k): [str(f) for f in v] for k, v in data.get("suites", {}).items()}
     causes = {str(k): str(v) for k, v in data.get("causes", {}).items()}
-    failures: dict[str, str] = {}
-    for file, tests in data.get("failures", {}).items():
-        for name, cause in tests.items():
-            failures[f"{file}::{name}"] = str(cause)
+    failures = _tests(data.get("failures", {}))
+    unstable = _tests(data.get("unstable", {}))
     problems = [
         f"{test} names cause {cause!r}, which [causes] does not define"
-        for test, cause in failures.items()
+        for test, cause in {**failures, **unstable}.items()
         if cause not in causes
     ]
+    used = set(failures.values()) | set(unstable.values())
     problems += [
         f"cause {key!r} is listed in [causes] but no failure uses it"
         for key in causes
-        if key not in set(failures.values())
+        if key not in used
+    ]
+    problems += [
+        f"{test} is listed both as a failure and as unstable"
+        for test in set(failures) & set(unstable)
     ]
     problems += [
         f"cause {key!r} is still {UNCLASSIFIED}"
@@ -83,7 +88,12 @@ def load_ledger(path: Path) -> Ledger:
     ]
     if problems:
         raise ValueError(f"invalid ledger {path}:\n  " + "\n  ".join(problems))
-    return Ledger(suites, causes, failures)
+    return Ledger(suites, causes, failures, unstable)
+
+
+def _tests(tables: Mapping[str, Mapping[str, object]]) -> dict[str, str]:
+    return {f"{file}::{name}": str(cause) for file, tests in tables.items()
+            for name, cause in tests.items()}  # fmt: skip
 
 
 def _toml_str(value: str) -> str:
@@ -96,17 +106,18 @@ def write_ledger(path: Path, ledger: Ledger, header: str) -> None:
     lines = [header.rstrip(), "", "[suites]"]
     lines += [f"{k} = {_toml_str_list(v)}" for k, v in ledger.suites.items()]
     lines += ["", "[causes]"]
-    used = set(ledger.failures.values())
+    used = set(ledger.failures.values()) | set(ledger.unstable.values())
     lines += [
         f"{_toml_str(k)} = {_toml_str(v)}" for k, v in sorted(ledger.causes.items()) if k in used
     ]
-    by_file: dict[str, list[tuple[str, str]]] = {}
-    for test_id, cause in sorted(ledger.failures.items()):
-        file, name = test_id.split("::", 1)
-        by_file.setdefault(file, []).append((name, cause))
-    for file, entries in by_file.items():
-        lines += ["", f"[failures.{_toml_str(file)}]"]
-        lines += [f"{_toml_str(name)} = {_toml_str(cause)}" for name, cause in entries]
+    for table_name, tests in (("failures", ledger.failures), ("unstable", ledger.unstable)):
+        by_file: dict[str, list[tuple[str, str]]] = {}
+        for test_id, cause in sorted(tests.items()):
+            file, name = test_id.split("::", 1)
+            by_file.setdefault(file, []).append((name, cause))
+        for file, entries in by_file.items():
+            lines += ["", f"[{table_name}.{_toml_str(file)}]"]
+            lines += [f"{_toml_str(name)} = {_toml_str(cause)}" for name, cause in entries]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -169,13 +180,18 @@ class Verdict:
 
 
 def compare(results: Iterable[Result], ledger: Ledger, files: Iterable[str]) -> Verdict:
-    """Compare a run of ``files`` with the ledger's failures for those files."""
+    """Compare a run of ``files`` with the ledger's failures for those files.
+
+    Tests the ledger lists as unstable are not compared.
+    """
     wanted = tuple(f"{f}::" for f in files)
     expected = {t for t in ledger.failures if t.startswith(wanted)}
     verdict = Verdict()
     seen = set()
     for result in results:
         seen.add(result.test_id)
+        if result.test_id in ledger.unstable:
+            continue
         listed = result.test_id in expected
         if result.outcome == "fail" and not listed:
             verdict.new_failures.append(result)

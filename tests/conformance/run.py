@@ -362,12 +362,17 @@ def _load_loose(path: Path) -> Ledger:
         return load_ledger(path)
     except ValueError:
         data = tomllib.loads(path.read_text())
-        failures = {
-            f"{file}::{n}": str(c)
-            for file, tests in data.get("failures", {}).items()
-            for n, c in tests.items()
-        }
-        return Ledger(dict(data.get("suites", {})), dict(data.get("causes", {})), failures)
+
+        def tests(table: str) -> dict[str, str]:
+            return {f"{file}::{n}": str(c) for file, entries in data.get(table, {}).items()
+                    for n, c in entries.items()}  # fmt: skip
+
+        return Ledger(
+            dict(data.get("suites", {})),
+            dict(data.get("causes", {})),
+            tests("failures"),
+            tests("unstable"),
+        )
 
 
 def _rerun_differences(
@@ -407,7 +412,7 @@ def _update(ledger: Ledger, results: list[Result], files: Sequence[str]) -> None
     prefix = tuple(f"{f}::" for f in files)
     failures = {t: c for t, c in ledger.failures.items() if not t.startswith(prefix)}
     for result in results:
-        if result.outcome == "fail":
+        if result.outcome == "fail" and result.test_id not in ledger.unstable:
             cause = ledger.failures.get(result.test_id, UNCLASSIFIED)
             failures[result.test_id] = cause
             ledger.causes.setdefault(cause, UNCLASSIFIED)

@@ -134,3 +134,21 @@ def test_ledger_round_trip_and_validation(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"'nope'(.|\n)*'used'") as info:
         load_ledger(path)
     assert "'spare'" in str(info.value)
+
+
+def test_unstable_tests_are_counted_not_compared(junit: Path, tmp_path: Path) -> None:
+    """A test listed as unstable may pass or fail; listing it twice is refused."""
+    results = parse_junit(junit, "test/test_sample.py")
+    ledger = Ledger(
+        {"ci": ["test/test_sample.py"]},
+        {"a": "cause a", "t": "timing"},
+        {"test/test_sample.py::TestThing::test_fails": "a"},
+        {"test/test_sample.py::TestBroken::test_never_runs": "t",
+         "test/test_sample.py::TestThing::test_passes": "t"},
+    )  # fmt: skip
+    assert compare(results, ledger, ["test/test_sample.py"]).ok
+    path = tmp_path / "expected.toml"
+    ledger.unstable["test/test_sample.py::TestThing::test_fails"] = "t"
+    write_ledger(path, ledger, "# h")
+    with pytest.raises(ValueError, match="both as a failure and as unstable"):
+        load_ledger(path)
