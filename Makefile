@@ -4,7 +4,7 @@ SHELL := /bin/bash
 UV = $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 PY := .venv/bin/python
 
-.PHONY: bootstrap run test lint bench soak clean
+.PHONY: bootstrap run test lint bench soak conformance conformance-nightly clean
 
 bootstrap:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -23,6 +23,13 @@ lint: bootstrap
 
 bench: bootstrap
 	$(PY) -m bench $(BENCH_ARGS)
+
+# PyMongo's own tests against the embedded server, compared with tests/conformance/expected.toml.
+conformance: bootstrap
+	$(PY) -m tests.conformance.run --suite ci $(CONFORMANCE_ARGS)
+
+conformance-nightly: bootstrap
+	$(PY) -m tests.conformance.run --suite all $(CONFORMANCE_ARGS)
 
 soak: bootstrap
 	$(PY) -m pytest tests/faults -m soak --soak $(PYTEST_ARGS)

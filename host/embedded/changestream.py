@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import bson
 from bson.binary import Binary
 from bson.timestamp import Timestamp
 
@@ -32,6 +33,7 @@ from .oplog import (
     encode_token,
 )
 from .storage import SYSTEM_DATABASES, Storage, run_pipeline
+from .wire import CODEC_OPTIONS
 
 ALLOWED_STAGES = frozenset(
     {
@@ -72,6 +74,9 @@ _OPTIONS = frozenset(
     }
 )
 _NON_RESUMABLE = ["NonResumableChangeStreamError"]
+SPLIT_STAGE = "$changeStreamSplitLargeEvent"
+SPLIT_BYTES = 16 * 1024 * 1024  # BSONObjMaxUserSize: larger events are split
+_FRAGMENT_OVERHEAD = 512  # room for _id (the token) and splitEvent in each fragment
 _KIND_START_AT = 0  # before every event stamped with that time: startAtOperationTime is inclusive
 _EXPANDED_OPS = frozenset({"create", "createIndexes", "dropIndexes", "modify"})
 
@@ -146,6 +151,12 @@ class ChangeStream:
         if self.before_change not in ("off", "whenAvailable", "required"):
             raise CommandError(2, f"unknown fullDocumentBeforeChange mode: {self.before_change!r}")
         self.expanded = bool(spec.get("showExpandedEvents", False))
+        # $changeStreamSplitLargeEvent (7.0): cut events over 16 MiB into fragments.
+        self.split = False
+        self._resume_fragment: tuple[Position, int] | None = None
+        if pipeline and isinstance(pipeline[-1], Mapping) and SPLIT_STAGE in pipeline[-1]:
+            self.split = True
+            self.pipeline = pipeline = pipeline[:-1]
         for stage in pipeline:
             if not isinstance(stage, Mapping) or len(stage) != 1:
                 raise CommandError(
@@ -156,6 +167,8 @@ class ChangeStream:
                 raise CommandError(
                     40602, "$changeStream is only valid as the first stage in a pipeline."
                 )
+            if name == SPLIT_STAGE:
+                raise CommandError(7182802, f"{SPLIT_STAGE} must be the last stage in the pipeline")
             if name not in ALLOWED_STAGES:
                 if name not in KNOWN_STAGES:
                     raise CommandError(40324, f"Unrecognized pipeline stage name: '{name}'")
@@ -198,6 +211,10 @@ class ChangeStream:
                         "cannot resume stream; the resume token was not found. "
                         f'{{_data: "{token["_data"]}"}}'
                     )
+            if ident is not None and isinstance(ident.get("f"), int):
+                # A fragment's token: resume inside that event, after this fragment.
+                self._resume_fragment = (position, ident["f"])
+                return Position(position.time, position.inc, _KIND_START_AT)
             return position
         if start_at is not None:
             if not isinstance(start_at, Timestamp):
@@ -242,7 +259,9 @@ class ChangeStream:
                 event = make()
                 self.position = position
                 passed = self._apply_pipeline(event)
-                if passed is not None:
+                if passed is not None and self.split:
+                    out += self._fragments(position, passed)
+                elif passed is not None:
                     out.append(passed)
                 if position.kind == KIND_INVALIDATE:
                     self.closed = True
@@ -273,6 +292,45 @@ class ChangeStream:
                 "retain the unmodified _id field are allowed."
             )
         return result[0]
+
+    def _fragments(self, position: Position, event: dict[str, Any]) -> list[dict[str, Any]]:
+        """``event``, or its fragments when it is over 16 MiB (mongod's split algorithm:
+        top-level fields in order, as many per fragment as fit, each with ``_id`` and
+        ``splitEvent``)."""
+        if len(bson.encode(event, codec_options=CODEC_OPTIONS)) <= SPLIT_BYTES:
+            return [event]
+        fragments: list[dict[str, Any]] = [{}]
+        size = _FRAGMENT_OVERHEAD
+        for key, value in event.items():
+            if key == "_id":
+                continue
+            field = len(bson.encode({key: value}, codec_options=CODEC_OPTIONS)) - 5
+            if size + field > SPLIT_BYTES:
+                if not fragments[-1]:
+                    raise CommandError(
+                        10334,
+                        f"BSONObjectTooLarge: the '{key}' field of a change event is "
+                        "over 16 MiB alone and cannot be split",
+                    )
+                fragments.append({})
+                size = _FRAGMENT_OVERHEAD
+            fragments[-1][key] = value
+            size += field
+        _, ident = decode_token(event["_id"])
+        op = ident.get("o") if ident else None
+        key_doc = ident.get("k") if ident else None
+        out = [
+            {
+                "_id": encode_token(position, op, key_doc, fragment=n),
+                "splitEvent": {"fragment": n, "of": len(fragments)},
+                **fields,
+            }
+            for n, fields in enumerate(fragments, start=1)
+        ]
+        if self._resume_fragment is not None and self._resume_fragment[0] == position:
+            out = out[self._resume_fragment[1] :]
+            self._resume_fragment = None
+        return out
 
     def _events(self, entry: Entry) -> list[tuple[Position, Callable[[], dict[str, Any]]]]:
         op, target = entry.op, self.target

@@ -19,15 +19,23 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import bson
 from bson import ObjectId
 from bson.binary import Binary
 from bson.int64 import Int64
 from bson.timestamp import Timestamp
 
+from . import validation
+from .capped import Tail, check_capped_options, enforce_cap, is_capped
 from .changestream import ChangeStream, Target
 from .cursors import CursorManager
-from .errors import CommandError
+from .errors import CloseConnection, CommandError
+from .hints import apply_bounds, resolve_hint
+from .merge import merge_into
+from .pipeline import apply_let, check_filters
+from .retryable import RetryHistory, StatementFault, fault_from_data, run_statements, txn_key
 from .storage import SYSTEM_DATABASES, WriteResult, filter_applies, run_pipeline
+from .views import check_view_options, find_stages, refuse_write, view_of
 
 if TYPE_CHECKING:
     from .server import EmbeddedMongo
@@ -41,7 +49,31 @@ MAX_WRITE_BATCH_SIZE = 100_000
 WRITE_COMMANDS = frozenset({"insert", "update", "delete", "findAndModify"})
 INSERT_CHUNK = 1_000  # statements applied between two yields of a big insert
 
+# Commands other than the CRUD writes that take a write concern (an aggregate only
+# when it ends in $out or $merge).
+_WRITE_CONCERN_COMMANDS = frozenset(
+    {
+        "create",
+        "drop",
+        "dropDatabase",
+        "createIndexes",
+        "dropIndexes",
+        "deleteIndexes",
+        "renameCollection",
+        "collMod",
+        "aggregate",
+    }
+)
+MAX_BSON_SIZE = 16 * 1024 * 1024
+
 Reply = dict[str, Any]
+
+
+def _writes(pipeline: Any) -> bool:
+    last = pipeline[-1] if isinstance(pipeline, list) and pipeline else None
+    return isinstance(last, Mapping) and ("$out" in last or "$merge" in last)
+
+
 Handler = Callable[["Session", str, dict[str, Any]], Awaitable[Reply] | Reply]
 
 
@@ -90,6 +122,8 @@ class Commands:
         self.storage = server.storage
         self.oplog = server.oplog
         self.cursors = CursorManager()
+        self.history = RetryHistory()
+        self.storage.on_commit(self.history.settle)
         self.table: dict[str, Handler] = {
             "hello": self.hello,
             "isMaster": self.hello,
@@ -135,13 +169,18 @@ class Commands:
             "commitTransaction": self.no_transaction,
             "abortTransaction": self.no_transaction,
             "configureFailPoint": self.configure_fail_point,
+            "explain": self.explain,
             "replSetGetStatus": self.repl_set_get_status,
             "replSetGetConfig": self.repl_set_get_config,
             "replSetInitiate": self.repl_set_initiate,
         }
 
     async def run(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """Run one command and return its reply (without cluster time)."""
+        """Run one command and return its reply (without cluster time).
+
+        A snapshot read (``readConcern.level: snapshot``) reads the latest state and
+        reports it as ``cursor.atClusterTime``, as mongod does.
+        """
         name = next(iter(body))
         handler = self.table.get(name)
         if handler is None:
@@ -152,16 +191,38 @@ class Commands:
                 "transactions are not supported by the embedded server; "
                 "run against a real replica set to use them",
             )
-        result = handler(session, db, body)
-        if isinstance(result, Awaitable):
-            result = await result
+        body = apply_let(name, body)
+        check_filters(name, body)
+        if name != "getMore" and body.get("maxTimeMS"):
+            self._max_time_fault()
+        token = validation.bypass.set(bool(body.get("bypassDocumentValidation")))
+        try:
+            result = handler(session, db, body)
+            if isinstance(result, Awaitable):
+                result = await result
+        finally:
+            validation.bypass.reset(token)
         self._write_concern(name, body, result)
+        read_concern = body.get("readConcern")
+        if isinstance(read_concern, Mapping) and read_concern.get("level") == "snapshot":
+            at = read_concern.get("atClusterTime", self.oplog.last_ts)
+            if isinstance(result.get("cursor"), dict):
+                result["cursor"]["atClusterTime"] = at
+            else:  # distinct, count: at the top level
+                result["atClusterTime"] = at
         return result
+
+    def _max_time_fault(self) -> None:
+        """The ``maxTimeAlwaysTimeOut`` failpoint: an operation with a deadline times out."""
+        if self.server.failpoints.fire("maxTimeAlwaysTimeOut") is not None:
+            raise CommandError(50, "operation exceeded time limit")
 
     @staticmethod
     def _write_concern(name: str, body: Mapping[str, Any], reply: Reply) -> None:
         wc = body.get("writeConcern")
-        if name not in WRITE_COMMANDS and name not in ("create", "drop", "createIndexes"):
+        if name not in WRITE_COMMANDS and name not in _WRITE_CONCERN_COMMANDS:
+            return
+        if name == "aggregate" and not _writes(body.get("pipeline")):
             return
         if isinstance(wc, Mapping) and isinstance(wc.get("w"), int) and wc["w"] > 1:
             reply["writeConcernError"] = {
@@ -512,16 +573,20 @@ class Commands:
         flt = _doc(body, "filter")
         out = []
         for name, info in self.storage.collections(db):
+            kind = "view" if "viewOn" in info.options else "collection"
             entry: Reply = {
                 "name": name,
-                "type": "collection",
+                "type": kind,
                 "options": dict(info.options),
-                "info": {"readOnly": False, "uuid": Binary.from_uuid(info.uuid)},
-                "idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"},
+                "info": {"readOnly": kind == "view", "uuid": Binary.from_uuid(info.uuid)},
             }
+            if kind == "collection":
+                entry["idIndex"] = {"v": 2, "key": {"_id": 1}, "name": "_id_"}
+            else:
+                del entry["info"]["uuid"]  # views have no UUID
             if flt and not filter_applies(flt, entry):
                 continue
-            out.append({"name": name, "type": "collection"} if body.get("nameOnly") else entry)
+            out.append({"name": name, "type": kind} if body.get("nameOnly") else entry)
         batch = _int(_doc(body, "cursor") or {}, "batchSize")
         return {**self.cursors.first_batch(f"{db}.$cmd.listCollections", out, batch), "ok": 1.0}
 
@@ -546,7 +611,11 @@ class Commands:
         """create, including ``changeStreamPreAndPostImages``."""
         name = _name(body["create"])
         options = {k: v for k, v in body.items() if k not in self._CREATE_GENERIC}
-        for unsupported in ("viewOn", "timeseries", "capped", "clusteredIndex", "encryptedFields"):
+        if "viewOn" in options:
+            check_view_options(options)
+        if options.get("capped"):
+            check_capped_options(options)
+        for unsupported in ("timeseries", "clusteredIndex", "encryptedFields"):
             if options.get(unsupported):
                 raise CommandError(
                     238, f"not supported by the embedded server: create with '{unsupported}'"
@@ -641,23 +710,72 @@ class Commands:
         reply["ok"] = 1.0
         return reply
 
+    def _statements(
+        self,
+        body: Mapping[str, Any],
+        statements: list[Any],
+        run: Callable[[list[Any], bool], WriteResult],
+        *,
+        start: int = 0,
+    ) -> WriteResult:
+        """Run a write's statements: at once, or one by one when it is a retryable write.
+
+        ``statements`` are the command's from index ``start`` on (a chunk of a big
+        insert): their statement ids count from there, the result's indexes from 0.
+        """
+        ordered = body.get("ordered", True) is not False
+        key = txn_key(body)
+        if key is None:
+            return run(statements, ordered)
+        result, close = run_statements(
+            statements,
+            ordered=ordered,
+            key=key,
+            history=self.history,
+            execute=lambda stmt: run([stmt], True),
+            fault=self._transactional_write_fault,
+            start=start,
+        )
+        if close:
+            # The statements committed (journaled first), but the client never hears of it.
+            self.storage.commit()
+            raise CloseConnection()
+        return result
+
+    def _transactional_write_fault(self) -> StatementFault | None:
+        data = self.server.failpoints.fire("onPrimaryTransactionalWrite")
+        return None if data is None else fault_from_data(data)
+
     async def insert(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """insert: ``{n, writeErrors?}``.
 
         A big batch is applied in chunks of :data:`INSERT_CHUNK` statements, each
         journaled (``Storage.commit``) before the loop is yielded to other connections,
-        as mongod yields between a batch's statements. If the journal fails, the chunk
-        is rolled back and its statements (and the ones after it) are reported as
-        write errors; the earlier chunks are durable and counted in ``n``.
+        as mongod yields between a batch's statements; a retryable batch records each
+        chunk's statements under their own statement ids (see :mod:`.retryable`). If the
+        journal fails, the chunk is rolled back and its statements (and the ones after
+        it) are reported as write errors; the earlier chunks are durable and counted in
+        ``n``.
         """
         coll = _name(body["insert"])
+        refuse_write(self.storage, db, coll)
         docs = self._batch(body, "documents", "insert")
+        for doc in docs:
+            if isinstance(doc, Mapping) and len(bson.encode(doc)) > MAX_BSON_SIZE:
+                raise CommandError(
+                    10334, f"object to insert too large. size in bytes: over {MAX_BSON_SIZE}"
+                )
         ordered = body.get("ordered", True) is not False
         total = WriteResult()
         for start in range(0, len(docs), INSERT_CHUNK):
             chunk = docs[start : start + INSERT_CHUNK]
             try:
-                result = self.storage.insert(db, coll, chunk, ordered=ordered)
+                result = self._statements(
+                    body,
+                    chunk,
+                    lambda items, ordered: self.storage.insert(db, coll, items, ordered=ordered),
+                    start=start,
+                )
                 if len(docs) > INSERT_CHUNK:
                     self.storage.commit()
             except CommandError as err:
@@ -675,29 +793,66 @@ class Commands:
                 break
             if start + INSERT_CHUNK < len(docs):
                 await asyncio.sleep(0)
+        enforce_cap(self.storage, db, coll)
         return self._write_reply(total)
 
     def update(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """update: ``{n, nModified, upserted?, writeErrors?}``."""
         coll = _name(body["update"])
+        refuse_write(self.storage, db, coll)
         stmts = self._batch(body, "updates", "update")
-        result = self.storage.update(
-            db, coll, stmts, ordered=body.get("ordered", True) is not False
+        for stmt in stmts:
+            replacement = stmt.get("u") if isinstance(stmt, Mapping) else None
+            if (
+                isinstance(replacement, Mapping)
+                and not any(k.startswith("$") for k in replacement)
+                and len(bson.encode(replacement)) > MAX_BSON_SIZE
+            ):
+                raise CommandError(17420, "Replacement document too large: over 16 MiB")
+            if isinstance(stmt, Mapping) and "sort" in stmt:
+                # The sort option of update statements is MongoDB 8.0; 7.0 rejects it.
+                raise CommandError(40415, "BSON field 'update.updates.sort' is an unknown field.")
+        result = self._statements(
+            body,
+            stmts,
+            lambda items, ordered: self.storage.update(db, coll, items, ordered=ordered),
         )
         return self._write_reply(result, update=True)
 
     def delete(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """delete: ``{n, writeErrors?}``."""
         coll = _name(body["delete"])
+        refuse_write(self.storage, db, coll)
         stmts = self._batch(body, "deletes", "delete")
-        result = self.storage.delete(
-            db, coll, stmts, ordered=body.get("ordered", True) is not False
+        result = self._statements(
+            body,
+            stmts,
+            lambda items, ordered: self.storage.delete(db, coll, items, ordered=ordered),
         )
         return self._write_reply(result)
 
     def find_and_modify(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """findAndModify: ``{lastErrorObject, value}``; a duplicate key is error 11000."""
+        """findAndModify: ``{lastErrorObject, value}``; a retry replays the first reply."""
+        key = txn_key(body)
+        if key is None:
+            return self._find_and_modify(db, body)
+        recorded = self.history.get(key, 0)
+        if recorded is not None:
+            return dict(recorded)
+        fault = self._transactional_write_fault()
+        if fault is not None and fault.error is not None:
+            if fault.close_connection:
+                raise CloseConnection()
+            raise fault.error
+        reply = self._find_and_modify(db, body)
+        self.history.put(key, 0, dict(reply))
+        if fault is not None and fault.close_connection:
+            raise CloseConnection()
+        return reply
+
+    def _find_and_modify(self, db: str, body: dict[str, Any]) -> Reply:
         coll = _name(body[next(iter(body))])
+        refuse_write(self.storage, db, coll)
         from pymongo.errors import DuplicateKeyError
 
         try:
@@ -727,15 +882,26 @@ class Commands:
         if skip < 0:
             raise CommandError(2, "skip value must be non-negative")
         single = bool(body.get("singleBatch")) or limit < 0
-        docs = await self.storage.find_async(
-            db,
-            coll,
-            _doc(body, "filter"),
-            projection=_doc(body, "projection"),
-            sort=_doc(body, "sort"),
-            skip=skip,
-            limit=abs(limit),
-        )
+        if body.get("tailable"):
+            return self._tailable_find(db, coll, body, single)
+        view = view_of(self.storage, db, coll)
+        if view is not None:
+            stages = find_stages(
+                _doc(body, "filter"), _doc(body, "projection"), _doc(body, "sort"), skip, limit
+            )
+            docs = self.storage.aggregate(db, view[0], view[1] + stages)
+        elif body.get("hint") is not None or body.get("min") or body.get("max"):
+            docs = self._hinted_find(db, coll, body, skip, abs(limit))
+        else:
+            docs = await self.storage.find_async(
+                db,
+                coll,
+                _doc(body, "filter"),
+                projection=_doc(body, "projection"),
+                sort=_doc(body, "sort"),
+                skip=skip,
+                limit=abs(limit),
+            )
         batch = _int(body, "batchSize")
         if batch is not None and batch < 0:
             raise CommandError(2, "batchSize value must be non-negative")
@@ -743,14 +909,168 @@ class Commands:
             batch = abs(limit)
         return {
             **self.cursors.first_batch(
-                f"{db}.{coll}", docs, batch, single_batch=single, lsid=body.get("lsid")
+                f"{db}.{coll}",
+                docs,
+                batch,
+                single_batch=single,
+                lsid=body.get("lsid"),
+                max_time_ms=_int(body, "maxTimeMS"),
             ),
             "ok": 1.0,
         }
 
+    _EXPLAINABLE = frozenset({"find", "aggregate", "count", "distinct"})
+
+    async def explain(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
+        """explain of a read: runs it (reads only) and describes it as a collection scan.
+
+        The engine has no planner, so the plan is always COLLSCAN (IXSCAN with a hint);
+        writes are not explained (238) because explaining must not execute them.
+        """
+        inner = body.get("explain")
+        if not isinstance(inner, Mapping) or not inner:
+            raise CommandError(9, "explain command requires a nested object")
+        name = next(iter(inner))
+        if name not in self._EXPLAINABLE:
+            raise CommandError(238, f"not supported by the embedded server: explain of {name}")
+        verbosity = body.get("verbosity", "allPlansExecution")
+        if verbosity not in ("queryPlanner", "executionStats", "allPlansExecution"):
+            raise CommandError(2, f"verbosity string must be one of ..., got {verbosity!r}")
+        command = {**inner, "$db": db}
+        if name == "aggregate":
+            command.setdefault("cursor", {})
+        reply = self.table[name](session, db, command)
+        if isinstance(reply, Awaitable):
+            reply = await reply
+        cursor = reply.get("cursor")
+        returned = 0
+        if isinstance(cursor, Mapping):
+            returned = len(cursor.get("firstBatch", []))
+            if cursor.get("id"):  # count everything, then close what the read opened
+                more = self.cursors.get(cursor["id"], cursor["ns"])
+                returned += len(more.take(None)) if more.stream is None else 0
+                self.cursors.close(int(cursor["id"]))
+        elif "n" in reply:
+            returned = int(reply["n"])
+        elif "values" in reply:
+            returned = len(reply["values"])
+        target = inner[name]
+        namespace = f"{db}.{target}" if isinstance(target, str) else f"{db}.$cmd.aggregate"
+        stage: Reply = {"stage": "COLLSCAN", "direction": "forward"}
+        if inner.get("hint") is not None:
+            stage = {
+                "stage": "FETCH",
+                "inputStage": {"stage": "IXSCAN", "keyPattern": inner["hint"]},
+            }
+        out: Reply = {
+            "explainVersion": "1",
+            "queryPlanner": {
+                "namespace": namespace,
+                "parsedQuery": dict(inner.get("filter") or inner.get("query") or {}),
+                "winningPlan": stage,
+                "rejectedPlans": [],
+            },
+            "command": dict(inner),
+            "serverInfo": {"host": self.server.advertised, "version": SERVER_VERSION},
+            "ok": 1.0,
+        }
+        if verbosity != "queryPlanner":
+            out["executionStats"] = {
+                "executionSuccess": True,
+                "nReturned": returned,
+                "executionTimeMillis": 0,
+                "totalKeysExamined": 0,
+                "totalDocsExamined": returned,
+                "executionStages": {**stage, "nReturned": returned},
+            }
+        return out
+
+    def _tailable_find(self, db: str, coll: str, body: Mapping[str, Any], single: bool) -> Reply:
+        """find with ``tailable`` (capped collections only; see :mod:`.capped`)."""
+        if not is_capped(self.storage, db, coll):
+            raise CommandError(
+                2,
+                f"error processing query: ns={db}.{coll} :: caused by :: "
+                "tailable cursor requested on non capped collection",
+            )
+        tail = Tail(db, coll, _doc(body, "filter") or {}, await_data=bool(body.get("awaitData")))
+        tail.skip = _int(body, "skip", 0) or 0
+        tail.projection = _doc(body, "projection")
+        limit = abs(_int(body, "limit", 0) or 0)
+        tail.remaining = limit or None
+        batch = _int(body, "batchSize")
+        docs = tail.fetch(self.storage, 101 if batch is None else batch) if batch != 0 else []
+        cursor_id = 0
+        if not single and not tail.done:
+            cursor = self.cursors.open(f"{db}.{coll}", lsid=body.get("lsid"))
+            cursor.tail = tail
+            cursor_id = cursor.id
+        return {
+            "cursor": {"firstBatch": docs, "id": Int64(cursor_id), "ns": f"{db}.{coll}"},
+            "ok": 1.0,
+        }
+
+    async def _tailable_get_more(self, cursor: Any, body: Mapping[str, Any]) -> Reply:
+        tail: Tail = cursor.tail
+        batch = _int(body, "batchSize")
+        max_time = _int(body, "maxTimeMS")
+        deadline = time.monotonic() + (max_time if max_time is not None else 1000) / 1000
+        try:
+            docs = tail.fetch(self.storage, batch)
+            while not docs and tail.await_data and not self.server.closing:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not await self.oplog.wait(remaining):
+                    break
+                docs = tail.fetch(self.storage, batch)
+        except CommandError:
+            self.cursors.close(cursor.id)
+            raise
+        if tail.done:
+            self.cursors.close(cursor.id)
+        return {
+            "cursor": {
+                "nextBatch": docs,
+                "id": Int64(0 if tail.done else cursor.id),
+                "ns": cursor.ns,
+            },
+            "ok": 1.0,
+        }
+
+    def _hinted_find(
+        self, db: str, coll: str, body: Mapping[str, Any], skip: int, limit: int
+    ) -> list[dict[str, Any]]:
+        """A find with ``hint``/``min``/``max`` (see :mod:`.hints`)."""
+        hint = body.get("hint")
+        index = None
+        if hint is not None and (db, coll) in self.storage.catalog:
+            index = resolve_hint(f"{db}.{coll}", self.storage.index_specs(db, coll), hint)
+        sort = _doc(body, "sort")
+        natural = hint.get("$natural") if isinstance(hint, Mapping) else None
+        order = dict(index["key"]) if index is not None else None
+        docs = self.storage.find(db, coll, _doc(body, "filter"), sort=order)
+        if isinstance(natural, int | float) and natural < 0:
+            docs.reverse()
+        docs = apply_bounds(docs, index, _doc(body, "min"), _doc(body, "max"))
+        if sort:  # an explicit sort wins over the index order
+            docs = run_pipeline(docs, [{"$sort": sort}], self.storage.client[db])
+        docs = docs[skip:]
+        if limit:
+            docs = docs[:limit]
+        projection = _doc(body, "projection")
+        if projection:
+            docs = run_pipeline(docs, [{"$project": projection}], self.storage.client[db])
+        return docs
+
     async def count(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """count: ``{n}``."""
         coll = _name(body["count"])
+        view = view_of(self.storage, db, coll)
+        if view is not None:
+            stages = find_stages(
+                _doc(body, "query"), None, None, _int(body, "skip", 0) or 0,
+                _int(body, "limit", 0) or 0,
+            )  # fmt: skip
+            return {"n": len(self.storage.aggregate(db, view[0], view[1] + stages)), "ok": 1.0}
         n = await self.storage.count(
             db,
             coll,
@@ -768,13 +1088,19 @@ class Commands:
             raise CommandError(14, "BSON field 'distinct.key' is missing or not a string")
         if (db, coll) not in self.storage.catalog:
             return {"values": [], "ok": 1.0}
+        if view_of(self.storage, db, coll) is not None:
+            raise CommandError(238, "not supported by the embedded server: distinct on a view")
         try:
             values = self.storage.raw(db, coll).distinct(key, _doc(body, "query") or {})
         except Exception as exc:
             from .storage import engine_error
 
             raise engine_error(exc) from exc
-        return {"values": list(values), "ok": 1.0}
+        # mongod returns the distinct values in BSON order (they are deduplicated in an
+        # ordered set); the engine returns them in hash order.
+        from mongomock.filtering import BsonComparable
+
+        return {"values": sorted(values, key=BsonComparable), "ok": 1.0}
 
     async def aggregate(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """aggregate, including ``$changeStream`` on a collection, database or cluster."""
@@ -818,8 +1144,13 @@ class Commands:
         self, db: str, coll: str, pipeline: list[Any]
     ) -> list[dict[str, Any]]:
         last = next(iter(pipeline[-1])) if pipeline and isinstance(pipeline[-1], Mapping) else None
+        view = view_of(self.storage, db, coll)
+        if view is not None:
+            coll, pipeline = view[0], view[1] + pipeline
         if last == "$merge":
-            raise CommandError(238, "not supported by the embedded server: $merge")
+            merge_into(self.storage, db, pipeline[-1]["$merge"],
+                       self.storage.aggregate(db, coll, pipeline[:-1]))  # fmt: skip
+            return []
         if last != "$out":
             return await self.storage.aggregate_async(db, coll, pipeline)
         out = pipeline[-1]["$out"]
@@ -840,6 +1171,15 @@ class Commands:
         spec = pipeline[0]["$changeStream"]
         if not isinstance(spec, Mapping):
             raise CommandError(14, "$changeStream stage must be an object")
+        read_concern = body.get("readConcern")
+        level = read_concern.get("level") if isinstance(read_concern, Mapping) else None
+        if level is not None and level != "majority":
+            # mongod: the stage only supports majority (drivers do not validate it).
+            raise CommandError(
+                72,
+                "Aggregation stage $changeStream cannot run with a readConcern other than "
+                f"'majority'. Current readConcern: {level}",
+            )
         if target == 1:
             if db == "admin":
                 if not spec.get("allChangesForCluster"):
@@ -892,6 +1232,10 @@ class Commands:
         ns = f"{db}.{coll}"
         cursor = self.cursors.get(cursor_id, ns)
         batch = _int(body, "batchSize")
+        if cursor.tail is not None:
+            return await self._tailable_get_more(cursor, body)
+        if cursor.stream is None and (cursor.max_time_ms or body.get("maxTimeMS")):
+            self._max_time_fault()
         if cursor.stream is None:
             # Encoding a big batch (up to 16 MiB) would hold the loop: off it when large.
             size = batch if batch else self.storage.readers.threshold
@@ -912,8 +1256,6 @@ class Commands:
         )
         if failpoint is not None:
             if failpoint.close_connection:
-                from .server import CloseConnection
-
                 raise CloseConnection()
             if failpoint.error is not None:
                 failpoint.error.change_stream = True

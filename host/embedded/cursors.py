@@ -33,6 +33,8 @@ class Cursor:
     lsid: Any = None
     last_used: float = field(default_factory=time.monotonic)
     exhausted: bool = False
+    max_time_ms: int | None = None  # the opening command's, which bounds its getMores too
+    tail: Any = None  # a tailable cursor's capped.Tail (its position), else None
     _peeked: dict[str, Any] | None = None
 
     def take(self, batch_size: int | None) -> list[RawBSONDocument]:
@@ -127,6 +129,7 @@ class CursorManager:
         *,
         single_batch: bool = False,
         lsid: Any = None,
+        max_time_ms: int | None = None,
     ) -> dict[str, Any]:
         """Reply ``{cursor: {firstBatch, id, ns}}`` for a buffered result."""
         cursor = Cursor(id=0, ns=ns, docs=iter(docs))
@@ -140,5 +143,6 @@ class CursorManager:
         if not cursor.exhausted and not single_batch:
             registered = self.open(ns, docs=cursor.docs, lsid=lsid)
             registered._peeked = cursor._peeked
+            registered.max_time_ms = max_time_ms
             cursor_id = registered.id
         return {"cursor": {"firstBatch": batch, "id": Int64(cursor_id), "ns": ns}}

@@ -68,6 +68,10 @@ def code_name(code: int) -> str:
     return CODE_NAMES.get(code, f"Location{code}")
 
 
+class CloseConnection(Exception):
+    """Close the client connection without replying (failpoints, fatal input)."""
+
+
 class CommandError(Exception):
     """A command failed: replied as ``ok: 0`` with ``code`` and ``codeName``.
 

@@ -16,7 +16,16 @@ from typing import Any
 
 from .errors import CommandError
 
-KNOWN = frozenset({"failCommand", "failGetMoreAfterCursorCheckout"})
+KNOWN = frozenset(
+    {
+        "failCommand",
+        "failGetMoreAfterCursorCheckout",
+        # A retryable write statement closes the connection or fails (see .retryable).
+        "onPrimaryTransactionalWrite",
+        # Every operation with maxTimeMS fails with 50 MaxTimeMSExpired.
+        "maxTimeAlwaysTimeOut",
+    }
+)
 
 
 @dataclass(slots=True)
@@ -44,6 +53,7 @@ class Action:
     block_ms: int = 0
     error: CommandError | None = None
     write_concern_error: dict[str, Any] | None = None
+    labels: list[str] | None = None  # data.errorLabels: replace the reply's labels
 
 
 class FailPoints:
@@ -105,8 +115,10 @@ class FailPoints:
             close_connection=bool(data.get("closeConnection", False)),
             block_ms=int(data.get("blockTimeMS", 0)) if data.get("blockConnection") else 0,
         )
+        labels = data.get("errorLabels")
+        if isinstance(labels, list):
+            action.labels = [str(label) for label in labels]
         if "errorCode" in data:
-            labels = data.get("errorLabels")
             action.error = CommandError(
                 int(data["errorCode"]),
                 "Failing command via 'failCommand' failpoint",
@@ -118,10 +130,22 @@ class FailPoints:
             action.close_connection or action.block_ms or action.error or action.write_concern_error
         ):
             return None
+        return action if self._enter(point) else None
+
+    def fire(self, name: str) -> dict[str, Any] | None:
+        """Enter failpoint ``name`` (no filters): its ``data`` if it fires, else None."""
+        point = self._points.get(name)
+        if point is None or not point.active or not self._enter(point):
+            return None
+        return point.data
+
+    @staticmethod
+    def _enter(point: FailPoint) -> bool:
+        """Count one pass through ``point``: False while ``skip`` lasts, else it fires."""
         if point.skip > 0:
             point.skip -= 1
-            return None
+            return False
         point.times_entered += 1
         if point.remaining is not None:
             point.remaining -= 1
-        return action
+        return True

@@ -164,14 +164,22 @@ class TokenError(ValueError):
 
 
 def encode_token(
-    position: Position, op: str | None = None, key: Mapping[str, Any] | None = None
+    position: Position,
+    op: str | None = None,
+    key: Mapping[str, Any] | None = None,
+    fragment: int | None = None,
 ) -> dict[str, Any]:
-    """Return the resume token ``{_data: hex}`` for a position and its event."""
+    """Return the resume token ``{_data: hex}`` for a position and its event.
+
+    ``fragment`` numbers the pieces of an event cut by ``$changeStreamSplitLargeEvent``.
+    """
     data = _TOKEN_HEAD.pack(position.time, position.inc, position.kind)
     if position.kind != KIND_HIGH_WATER_MARK:
         ident: dict[str, Any] = {"o": op}
         if key is not None:
             ident["k"] = dict(key)
+        if fragment is not None:
+            ident["f"] = fragment
         data += bson.encode(ident, codec_options=CODEC_OPTIONS)
     return {"_data": data.hex().upper()}
 

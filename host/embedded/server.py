@@ -27,7 +27,6 @@ import itertools
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -39,7 +38,12 @@ from bson.binary import Binary, UuidRepresentation
 from bson.int64 import Int64
 
 from .commands import WRITE_COMMANDS, Commands, Session, cluster_time_fields
-from .errors import RESUMABLE_CHANGE_STREAM_CODES, RETRYABLE_WRITE_CODES, CommandError
+from .errors import (
+    RESUMABLE_CHANGE_STREAM_CODES,
+    RETRYABLE_WRITE_CODES,
+    CloseConnection,
+    CommandError,
+)
 from .failpoints import FailPoints
 from .journal import DataDirError, Journal, JournalFailed
 from .oplog import Entry, Oplog
@@ -51,15 +55,13 @@ log = structlog.get_logger("host.embedded")
 
 DEFAULT_OPLOG_MB = 64.0
 COMPACT_JOURNAL_BYTES = 64 * 1024 * 1024
-RETRY_CACHE_SIZE = 10_000
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 HANDSHAKE_COMMANDS = frozenset({"hello", "isMaster", "ismaster"})
-# NotPrimaryError and ShutdownError codes: their replies carry topologyVersion.
-STATE_CHANGE_CODES = frozenset({91, 189, 10058, 10107, 11600, 11602, 13435, 13436})
-
-
-class CloseConnection(Exception):
-    """Close the client connection without replying (failpoints, fatal input)."""
+# mongod's NotPrimaryError category: these replies carry topologyVersion. Its
+# ShutdownError codes (91, 11600) carry it only while the server is shutting down
+# (quiesce mode); elsewhere a driver would judge them stale and not clear its pool.
+NOT_PRIMARY_CODES = frozenset({189, 10058, 10107, 11602, 13435, 13436})
+SHUTDOWN_CODES = frozenset({91, 11600})
 
 
 class EmbeddedMongo:
@@ -126,7 +128,6 @@ class EmbeddedMongo:
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._topology_changed = asyncio.Event()
-        self._retries: OrderedDict[tuple[bytes, int], dict[str, Any]] = OrderedDict()
         self._compaction: asyncio.Future[None] | None = None
         # Compact (in the background) once the journal passes this many bytes.
         self.compact_journal_bytes = COMPACT_JOURNAL_BYTES
@@ -449,21 +450,25 @@ class EmbeddedMongo:
                     raise CloseConnection()
                 if action.error is not None:
                     raise action.error
-            retry_key = self._retry_key(name, body) if has_txn else None
-            cached = self._retries.get(retry_key) if retry_key is not None else None
-            if cached is not None:
-                reply = dict(cached)
-            else:
-                reply = await self.commands.run(session, db, body)
-                # Journaled before it is acknowledged or remembered for a retry: a reply
-                # (first or replayed) never covers a write that is not on disk.
-                self.storage.commit()
-                if retry_key is not None:
-                    self._retries[retry_key] = dict(reply)
-                    if len(self._retries) > RETRY_CACHE_SIZE:
-                        self._retries.popitem(last=False)
+            reply = await self.commands.run(session, db, body)
+            # Journaled before it is acknowledged: a reply never covers a write that is
+            # not on disk (and the retryable-write history keeps only what is; see
+            # host/embedded/retryable.py).
+            self.storage.commit()
             if action is not None and action.write_concern_error is not None:
                 reply["writeConcernError"] = action.write_concern_error
+                if action.labels is not None:
+                    reply["errorLabels"] = list(action.labels)
+            wce = reply.get("writeConcernError")
+            if (
+                has_txn
+                and name in WRITE_COMMANDS
+                and isinstance(wce, Mapping)
+                and wce.get("code") in RETRYABLE_WRITE_CODES
+                and "errorLabels" not in reply
+            ):
+                # mongod labels a retryable write whose write concern failed retryably.
+                reply["errorLabels"] = ["RetryableWriteError"]
         except CloseConnection:
             raise
         except CommandError as err:
@@ -479,7 +484,7 @@ class EmbeddedMongo:
                     labels.append("ResumableChangeStreamError")
                 if labels:
                     reply["errorLabels"] = labels
-            if err.code in STATE_CHANGE_CODES:
+            if err.code in NOT_PRIMARY_CODES or (err.code in SHUTDOWN_CODES and self.closing):
                 # As mongod: a NotPrimary/Shutdown error carries the topologyVersion, so
                 # drivers can tell it is not newer than what they know and ignore it
                 # instead of marking the server Unknown (SDAM "stale errors").
@@ -535,16 +540,6 @@ class EmbeddedMongo:
         except CommandError as journal_err:
             return journal_err
         return err
-
-    @staticmethod
-    def _retry_key(name: str, body: Mapping[str, Any]) -> tuple[bytes, int] | None:
-        if name not in WRITE_COMMANDS:
-            return None
-        lsid = body.get("lsid")
-        ident = lsid.get("id") if isinstance(lsid, Mapping) else None
-        if not isinstance(ident, bytes | Binary):
-            return None
-        return bytes(ident), int(body["txnNumber"])
 
 
 def _is_exhaust_hello(request: Request, reply: Mapping[str, Any]) -> bool:

@@ -30,7 +30,7 @@ Design note: durable or rolled back. Every write is journaled before its command
     rename, dropIndexes, collMod) are journaled first and applied after.
 
 Known gaps of the engine (each surfaces as error 238 NotImplemented naming the
-feature, never as a wrong answer): collations, pipeline-style updates, ``$redact``
+feature, never as a wrong answer): collations, ``$redact``
 and some rarer aggregation operators.
 """
 
@@ -53,9 +53,15 @@ from .errors import CommandError
 from .indexes import IndexedStore, indexed_store, store_key
 from .journal import Journal, JournalFailed
 from .oplog import Entry, Oplog
+from .pipeline import apply_update_pipeline, check_update_pipeline, rewrite_stages
 from .reads import Readers
+from .validation import check_document
 
 SYSTEM_DATABASES = frozenset({"admin", "config", "local"})
+UPDATE_OPERATORS = frozenset(
+    {"$currentDate", "$inc", "$min", "$max", "$mul", "$rename", "$set", "$setOnInsert",
+     "$unset", "$addToSet", "$pop", "$pull", "$push", "$pullAll", "$bit"}
+)  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -108,6 +114,9 @@ class Storage:
         # Writes applied since the last commit (full entries, images included), oldest
         # first. Invariant: empty whenever the loop switches tasks (commit before await).
         self._pending: list[Entry] = []
+        # Called with True once the writes since the last commit are durable, with False
+        # when they were rolled back (the retryable-write history settles here).
+        self._commit_hooks: list[Callable[[bool], None]] = []
         self.readers = Readers()
 
     # -- durability --------------------------------------------------------------------
@@ -130,13 +139,22 @@ class Storage:
                 journal could not be written; the writes were rolled back.
         """
         pending, self._pending = self._pending, []
-        if self.journal is None or not pending:
-            return
-        try:
-            self.journal.flush()
-        except JournalFailed as exc:
-            self._rollback(pending)
-            raise journal_error(exc, str(self.journal.dir)) from exc
+        if self.journal is not None and pending:
+            try:
+                self.journal.flush()
+            except JournalFailed as exc:
+                self._rollback(pending)
+                for hook in self._commit_hooks:
+                    hook(False)
+                raise journal_error(exc, str(self.journal.dir)) from exc
+        for hook in self._commit_hooks:
+            hook(True)
+
+    def on_commit(self, hook: Callable[[bool], None]) -> None:
+        """Call ``hook(durable)`` at every :meth:`commit`: True when the writes since the
+        previous commit are journaled (or there is no journal), False when they were
+        rolled back."""
+        self._commit_hooks.append(hook)
 
     def _rollback(self, pending: list[Entry]) -> None:
         for entry in reversed(pending):
@@ -569,6 +587,7 @@ class Storage:
             if "_id" not in doc:
                 doc = {"_id": ObjectId(), **doc}
             _check_field_names(doc)
+            check_document(info.options, f"{db}.{coll}", doc)
             try:
                 target.insert_one(doc)
             except DuplicateKeyError as exc:
@@ -625,19 +644,27 @@ class Storage:
         if not isinstance(query, Mapping):
             raise CommandError(9, "update 'q' must be an object")
         if isinstance(update, list):
-            raise CommandError(238, "not supported by the embedded server: pipeline-style updates")
-        if not isinstance(update, Mapping):
+            check_update_pipeline(update)
+        elif not isinstance(update, Mapping):
             raise CommandError(9, "update 'u' must be an object")
         if stmt.get("collation"):
             raise CommandError(238, "not supported by the embedded server: collation")
         multi = bool(stmt.get("multi", False))
         upsert = bool(stmt.get("upsert", False))
         array_filters = stmt.get("arrayFilters")
-        is_replace = not any(k.startswith("$") for k in update)
+        is_replace = not isinstance(update, list) and not any(k.startswith("$") for k in update)
         if is_replace and multi:
             raise CommandError(9, "multi update is not supported for replacement-style update")
         if not is_replace and not update:
             raise CommandError(9, "Update document requires atomic operators")
+        if isinstance(update, Mapping):
+            unknown = [k for k in update if k.startswith("$") and k not in UPDATE_OPERATORS]
+            if unknown:  # mongod parses the update before matching anything
+                raise CommandError(
+                    9,
+                    f"Unknown modifier: {unknown[0]}. Expected a valid update modifier or "
+                    "pipeline-style update specified as an array",
+                )
         matched = self.find(db, coll, query, limit=0 if multi else 1)
         if not matched:
             if not upsert:
@@ -690,12 +717,20 @@ class Storage:
         info: CollectionInfo,
         before: dict[str, Any],
         query: Mapping[str, Any],
-        update: Mapping[str, Any],
+        update: Mapping[str, Any] | list[Any],
         is_replace: bool,
         array_filters: Any,
     ) -> tuple[dict[str, Any], bool]:
         """Update one stored document; log it if it changed. Returns (after, changed)."""
         after = self._apply(db, coll, before, query, update, is_replace, array_filters)
+        try:
+            check_document(info.options, f"{db}.{coll}", after, before)
+        except CommandError:  # the validator refused it: not applied
+            store = self.store(db, coll)
+            key = store_key(before["_id"])
+            store[key] = before
+            store.reindex(key)
+            raise
         changed = after != before or _types_changed(before, after)
         if changed:
             op = "replace" if is_replace else "update"
@@ -708,7 +743,7 @@ class Storage:
         coll: str,
         before: dict[str, Any],
         query: Mapping[str, Any],
-        update: Mapping[str, Any],
+        update: Mapping[str, Any] | list[Any],
         is_replace: bool,
         array_filters: Any,
     ) -> dict[str, Any]:
@@ -723,8 +758,11 @@ class Storage:
         key = store_key(doc_id)
         store.replace_object(key, copy.deepcopy(before))
         store.dirty.add(key)
+        spec: Mapping[str, Any] = {}
+        computed: dict[str, Any] = {}
         try:
             if is_replace:
+                assert isinstance(update, Mapping)
                 replacement = dict(update)
                 if "_id" in replacement and replacement["_id"] != doc_id:
                     raise CommandError(
@@ -735,6 +773,9 @@ class Storage:
                 _check_field_names(replacement)
                 replacement.pop("_id", None)
                 target.replace_one({"_id": doc_id}, {"_id": doc_id, **replacement})
+            elif isinstance(update, list):
+                computed = apply_update_pipeline(before, update, self.client[db])
+                target.replace_one({"_id": doc_id}, computed)
             else:
                 spec = _expand_array_filters(update, before, array_filters)
                 if spec is update:
@@ -744,7 +785,12 @@ class Storage:
                     target.update_one({"_id": doc_id}, dict(spec))
         except DuplicateKeyError as exc:
             store[key] = before
-            attempted = dict(update) if is_replace else _preview_update(before, query, spec)
+            if isinstance(update, list):
+                attempted = computed
+            elif is_replace:
+                attempted = dict(update)
+            else:
+                attempted = _preview_update(before, query, spec)
             raise DuplicateKeyError(str(exc), 11000, {"doc": attempted, "exclude": doc_id}) from exc
         except BaseException:
             store[key] = before
@@ -761,7 +807,7 @@ class Storage:
         db: str,
         coll: str,
         query: Mapping[str, Any],
-        update: Mapping[str, Any],
+        update: Mapping[str, Any] | list[Any],
         is_replace: bool,
         array_filters: Any,
     ) -> Any:
@@ -773,6 +819,17 @@ class Storage:
                 seed_id = query.get("_id") if not isinstance(query.get("_id"), Mapping) else None
                 doc = {"_id": seed_id if seed_id is not None else ObjectId(), **doc}
             _check_field_names(doc)
+            try:
+                target.insert_one(doc)
+            except DuplicateKeyError as exc:
+                raise DuplicateKeyError(str(exc), 11000, {"doc": doc}) from exc
+            new_id = doc["_id"]
+        elif isinstance(update, list):
+            seed = {k: v for k, v in query.items() if not k.startswith("$")
+                    and not isinstance(v, Mapping)}  # fmt: skip
+            doc = apply_update_pipeline(
+                {"_id": seed.pop("_id", ObjectId()), **seed}, update, self.client[db]
+            )
             try:
                 target.insert_one(doc)
             except DuplicateKeyError as exc:
@@ -825,7 +882,7 @@ class Storage:
         if remove and (new or upsert):
             raise CommandError(9, "Cannot specify both an update and remove=true")
         if isinstance(update, list):
-            raise CommandError(238, "not supported by the embedded server: pipeline-style updates")
+            check_update_pipeline(update)
         matched = self.find(db, coll, query, sort=sort, limit=1)
         last: dict[str, Any] = {"n": 0}
         value: dict[str, Any] | None = None
@@ -837,8 +894,8 @@ class Storage:
                 last["n"] = 1
                 value = before
         else:
-            assert isinstance(update, Mapping)
-            is_replace = not any(k.startswith("$") for k in update)
+            assert isinstance(update, Mapping | list)
+            is_replace = not isinstance(update, list) and not any(k.startswith("$") for k in update)
             array_filters = cmd.get("arrayFilters")
             if matched:
                 info = self.ensure(db, coll)
@@ -1048,7 +1105,7 @@ def run_pipeline(
     # mongomock emits a $group's accumulators before `_id`; MongoDB puts `_id` first.
     # Run the pipeline in segments that end at each $group and restore that order there.
     segments: list[list[dict[str, Any]]] = [[]]
-    for stage in pipeline:
+    for stage in rewrite_stages(pipeline):
         segments[-1].append(dict(stage))
         if "$group" in stage:
             segments.append([])

@@ -583,3 +583,67 @@ async def test_get_mores_issued_late_never_wait_for_the_await_timeout(
                 await wait_until(lambda: len(seen) >= len(written), "every event arrived")
                 tg.cancel_scope.cancel()
     assert seen == written
+
+
+async def test_read_concern_other_than_majority_is_refused(db: AsyncDatabase[Doc]) -> None:
+    """$changeStream with readConcern local is 72 InvalidOptions; majority is accepted."""
+    from pymongo.read_concern import ReadConcern
+
+    with pytest.raises(OperationFailure) as info:
+        await db.c.with_options(read_concern=ReadConcern("local")).watch()
+    assert info.value.code == 72
+    assert "readConcern other than 'majority'" in str(info.value)
+    async with await db.c.with_options(read_concern=ReadConcern("majority")).watch():
+        pass
+
+
+async def test_split_large_event_into_fragments(db: AsyncDatabase[Doc]) -> None:
+    """$changeStreamSplitLargeEvent cuts a 20 MiB event into 2 fragments; a token resumes."""
+    coll = await db.create_collection("big", changeStreamPreAndPostImages={"enabled": True})
+    await coll.insert_one({"_id": 1, "v": "q" * 10 * 1024 * 1024})
+    pipeline: list[Doc] = [{"$changeStreamSplitLargeEvent": {}}]
+    async with await coll.watch(pipeline, full_document_before_change="required") as stream:
+        await coll.update_one({"_id": 1}, {"$set": {"v": "z" * 10 * 1024 * 1024}})
+        first, second = await take(stream, 2)
+    assert first["splitEvent"] == {"fragment": 1, "of": 2}
+    assert second["splitEvent"] == {"fragment": 2, "of": 2}
+    assert first["operationType"] == "update"
+    assert first["updateDescription"]["updatedFields"]["v"][:1] == "z"
+    assert second["fullDocumentBeforeChange"]["v"][:1] == "q"
+    assert first["_id"] != second["_id"]
+    async with await coll.watch(
+        pipeline, full_document_before_change="required", resume_after=first["_id"]
+    ) as resumed:
+        (again,) = await take(resumed, 1)
+    assert again["splitEvent"] == {"fragment": 2, "of": 2}
+
+
+async def test_project_dotted_computed_field_nests(db: AsyncDatabase[Doc]) -> None:
+    """$project of "ns.viewOn" creates ns: {viewOn}, not a literal dotted key."""
+    pipeline: list[Doc] = [{"$project": {"operationType": "insert", "ns.viewOn": "db.coll"}}]
+    async with await db.c.watch(pipeline) as stream:
+        await db.c.insert_one({"_id": 1})
+        (event,) = await take(stream, 1)
+    assert event["ns"] == {"viewOn": "db.coll"}
+    assert "ns.viewOn" not in event
+
+
+async def test_create_view_event_with_expanded_events(db: AsyncDatabase[Doc]) -> None:
+    """Creating a view is a create event under showExpandedEvents."""
+    async with await db.watch(show_expanded_events=True) as stream:
+        await db.create_collection("v", viewOn="src", pipeline=[])
+        (event,) = await take(stream, 1)
+    assert event["operationType"] == "create"
+    assert event["ns"] == {"db": db.name, "coll": "v"}
+
+
+async def test_pipeline_update_truncates_array(db: AsyncDatabase[Doc]) -> None:
+    """A pipeline-style update that shortens an array reports truncatedArrays."""
+    await db.c.insert_one({"_id": 1, "array": ["foo", {"a": "bar"}, 1, 2, 3]})
+    async with await db.c.watch() as stream:
+        await db.c.update_one({"_id": 1}, [{"$set": {"array": ["foo", {"a": "bar"}]}}])
+        (event,) = await take(stream, 1)
+    description = event["updateDescription"]
+    assert description["updatedFields"] == {}
+    assert description["removedFields"] == []
+    assert description["truncatedArrays"] == [{"field": "array", "newSize": 2}]

@@ -6,9 +6,11 @@ import socket
 import uuid
 from typing import Any
 
+import bson
 import pytest
 from bson import Binary, ObjectId
 from bson.int64 import Int64
+from bson.timestamp import Timestamp
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import (
@@ -475,3 +477,225 @@ def test_group_output_puts_id_first(sync_db: Database[dict[str, Any]]) -> None:
     out = list(sync_db.g.aggregate(pipeline))
     assert out == [{"_id": 0, "total": 6}, {"_id": 1, "total": 9}]
     assert all(next(iter(doc)) == "_id" for doc in out)
+
+
+async def test_pipeline_style_updates(db: AsyncDatabase[Doc]) -> None:
+    """Updates given as stages: update, upsert and findAndModify; bad stages and _id refused."""
+    await db.c.insert_one({"_id": 1, "a": 1, "t": {"x": 5}})
+    result = await db.c.update_one(
+        {"_id": 1}, [{"$set": {"b": {"$add": ["$a", 1]}}}, {"$unset": "t"}]
+    )
+    assert result.modified_count == 1
+    assert await db.c.find_one({"_id": 1}) == {"_id": 1, "a": 1, "b": 2}
+    await db.c.update_one({"_id": 2, "a": 7}, [{"$set": {"c": "$a"}}], upsert=True)
+    assert await db.c.find_one({"_id": 2}) == {"_id": 2, "a": 7, "c": 7}
+    after = await db.c.find_one_and_update(
+        {"_id": 1}, [{"$replaceWith": {"_id": "$_id", "n": "$b"}}], return_document=True
+    )
+    assert after == {"_id": 1, "n": 2}
+    with pytest.raises(OperationFailure) as info:
+        await db.c.update_one({"_id": 1}, [{"$group": {"_id": None}}])
+    assert info.value.code == 72
+    with pytest.raises(OperationFailure) as info:
+        await db.c.update_one({"_id": 1}, [{"$set": {"_id": 9}}])
+    assert info.value.code == 66
+
+
+async def test_views_read_through_their_pipeline(db: AsyncDatabase[Doc]) -> None:
+    """A view reads its source through its pipeline; writes to it are 166; it lists as a view."""
+    await db.src.insert_many([{"_id": i, "x": i} for i in range(1, 5)])
+    await db.create_collection("big", viewOn="src", pipeline=[{"$match": {"x": {"$gt": 1}}}])
+    await db.create_collection("bigger", viewOn="big", pipeline=[{"$match": {"x": {"$gt": 2}}}])
+    assert [d["_id"] async for d in db.big.find({}, sort=[("_id", -1)])] == [4, 3, 2]
+    assert await db.big.estimated_document_count() == 3
+    assert await db.bigger.count_documents({}) == 2
+    assert [d async for d in await db.bigger.aggregate([{"$project": {"_id": 1}}])] == [
+        {"_id": 3},
+        {"_id": 4},
+    ]
+    with pytest.raises(OperationFailure) as info:
+        await db.big.insert_one({"_id": 9})
+    assert info.value.code == 166
+    listed = {c["name"]: c async for c in await db.list_collections()}
+    assert listed["big"]["type"] == "view"
+    assert listed["big"]["options"] == {
+        "viewOn": "src",
+        "pipeline": [{"$match": {"x": {"$gt": 1}}}],
+    }
+    assert listed["src"]["type"] == "collection"
+
+
+async def test_let_variables(db: AsyncDatabase[Doc]) -> None:
+    """The let option binds $$variables in $expr filters, pipelines and update pipelines."""
+    await db.c.insert_many([{"_id": 1, "x": 11}, {"_id": 2, "x": 22}])
+    let = {"id": 2, "bump": 5}
+    expr = {"$expr": {"$eq": ["$_id", "$$id"]}}
+    assert [d async for d in db.c.find(expr, let=let)] == [{"_id": 2, "x": 22}]
+    pipeline: list[Doc] = [{"$match": expr}, {"$project": {"_id": 0, "y": "$$bump"}}]
+    assert [d async for d in await db.c.aggregate(pipeline, let=let)] == [{"y": 5}]
+    await db.c.update_one(expr, [{"$set": {"x": {"$add": ["$x", "$$bump"]}}}], let=let)
+    assert await db.c.find_one({"_id": 2}) == {"_id": 2, "x": 27}
+    await db.c.delete_many(expr, let=let)
+    assert [d["_id"] async for d in db.c.find()] == [1]
+    # Outside $expr, "$$id" is only a string.
+    assert await db.c.find_one({"x": "$$id"}, let=let) is None
+
+
+async def test_distinct_values_in_bson_order(db: AsyncDatabase[Doc]) -> None:
+    """distinct returns its values sorted in BSON order, as mongod."""
+    await db.c.insert_many([{"x": 33}, {"x": 11}, {"x": "a"}, {"x": 22}, {"x": 11}])
+    assert await db.c.distinct("x") == [11, 22, 33, "a"]
+
+
+async def test_hint_min_max(db: AsyncDatabase[Doc]) -> None:
+    """A hint orders by its index and must exist (2); min/max bound the hinted index."""
+    await db.c.insert_many([{"num": i} for i in range(10)])
+    await db.c.create_index([("num", -1)])
+    first = await db.c.find({}, {"_id": 0}).hint([("num", -1)]).limit(1).to_list()
+    assert first == [{"num": 9}]
+    with pytest.raises(OperationFailure) as info:
+        await db.c.find({}).hint([("foo", 1)]).to_list()
+    assert info.value.code == 2
+    assert "hint provided does not correspond to an existing index" in str(info.value)
+    bounded = db.c.find({}, {"_id": 0}).hint([("num", -1)]).min([("num", 6)]).max([("num", 3)])
+    assert [d["num"] for d in await bounded.to_list()] == [6, 5, 4]
+    with pytest.raises(OperationFailure) as info:
+        await db.command({"find": "c", "min": {"num": 2}})  # PyMongo checks this too
+    assert info.value.code == 51173
+
+
+async def test_explain_reads_only(db: AsyncDatabase[Doc]) -> None:
+    """explain of a find reports executionStats; explain of a write is refused, not run."""
+    await db.c.insert_many([{"x": i} for i in range(3)])
+    plan = await db.c.find({"x": {"$gte": 1}}).explain()
+    assert plan["queryPlanner"]["namespace"] == f"{db.name}.c"
+    assert plan["executionStats"]["nReturned"] == 2
+    with pytest.raises(OperationFailure) as info:
+        await db.command({"explain": {"delete": "c", "deletes": [{"q": {}, "limit": 0}]}})
+    assert info.value.code == 238
+    assert await db.c.count_documents({}) == 3
+
+
+async def test_write_concern_on_ddl_and_out(db: AsyncDatabase[Doc]) -> None:
+    """w: 2 on one node is a writeConcernError for dropIndexes, renameCollection and $out."""
+    from pymongo.errors import WriteConcernError
+
+    await db.c.insert_one({"x": 1})
+    await db.c.create_index("x")
+    unsatisfiable = db.c.with_options(write_concern=WriteConcern(w=2))
+    with pytest.raises(WriteConcernError):
+        await unsatisfiable.drop_index("x_1")
+    with pytest.raises(WriteConcernError):
+        await unsatisfiable.aggregate([{"$out": "out"}])
+    with pytest.raises(WriteConcernError):
+        await unsatisfiable.rename("renamed")
+    assert await db.renamed.count_documents({}) == 1  # applied, as on mongod
+
+
+async def test_update_sort_large_document_and_snapshot(db: AsyncDatabase[Doc]) -> None:
+    """7.0 refuses the update sort option (40415) and documents over 16 MiB (10334);
+    snapshot reads report atClusterTime."""
+    from bson.raw_bson import RawBSONDocument
+
+    await db.c.insert_one({"_id": 1})
+    with pytest.raises(OperationFailure) as info:
+        await db.command(
+            {"update": "c", "updates": [{"q": {}, "u": {"$set": {"a": 1}}, "sort": {"_id": 1}}]}
+        )
+    assert info.value.code == 40415
+    big = RawBSONDocument(bson.encode({"_id": 2, "s": "x" * (16 * 1024 * 1024)}))
+    with pytest.raises(OperationFailure) as info:
+        await db.command({"insert": "c", "documents": [big]})
+    assert info.value.code == 10334
+    reply = await db.command({"find": "c", "readConcern": {"level": "snapshot"}})
+    assert isinstance(reply["cursor"]["atClusterTime"], Timestamp)
+
+
+async def test_validator_enforced_unless_bypassed(db: AsyncDatabase[Doc]) -> None:
+    """A validator refuses invalid inserts and updates (121); bypassDocumentValidation skips it."""
+    from pymongo.errors import WriteError
+
+    coll = await db.create_collection("v", validator={"a": {"$exists": True}})
+    await coll.insert_one({"_id": 1, "a": 1})
+    with pytest.raises(WriteError) as info:
+        await coll.insert_one({"_id": 2})
+    assert info.value.code == 121
+    with pytest.raises(WriteError) as info:
+        await coll.update_one({"_id": 1}, {"$unset": {"a": ""}})
+    assert info.value.code == 121
+    assert await coll.find_one({"_id": 1}) == {"_id": 1, "a": 1}  # the update was not applied
+    await coll.insert_one({"_id": 3}, bypass_document_validation=True)
+    await coll.update_one({"_id": 1}, {"$unset": {"a": ""}}, bypass_document_validation=True)
+    assert await coll.count_documents({"a": {"$exists": False}}) == 2
+    await db.command("collMod", "v", validationAction="warn")
+    await coll.insert_one({"_id": 4})  # warn: accepted
+    assert await coll.count_documents({}) == 3
+
+
+async def test_merge_stage(db: AsyncDatabase[Doc]) -> None:
+    """$merge inserts unmatched results, merges matched ones, and fails on request (11000)."""
+    await db.src.insert_many([{"_id": 1, "a": 1}, {"_id": 2, "a": 2}])
+    await db.dst.insert_one({"_id": 1, "b": 9})
+    await (await db.src.aggregate([{"$merge": {"into": "dst"}}])).to_list()
+    assert await db.dst.find().sort("_id").to_list() == [
+        {"_id": 1, "b": 9, "a": 1},
+        {"_id": 2, "a": 2},
+    ]
+    await (
+        await db.src.aggregate([{"$merge": {"into": "dst", "whenMatched": "replace"}}])
+    ).to_list()
+    assert await db.dst.find_one({"_id": 1}) == {"_id": 1, "a": 1}
+    with pytest.raises(OperationFailure) as info:
+        await db.src.aggregate([{"$merge": {"into": "dst", "whenMatched": "fail"}}])
+    assert info.value.code == 11000
+
+
+async def test_capped_collection_and_tailable_cursor(db: AsyncDatabase[Doc]) -> None:
+    """A capped collection drops its oldest documents; a tailable cursor sees new inserts."""
+    from pymongo import CursorType
+
+    coll = await db.create_collection("cap", capped=True, size=100_000, max=3)
+    await coll.insert_many([{"_id": i} for i in range(5)])
+    assert [d["_id"] async for d in coll.find()] == [2, 3, 4]
+    cursor = coll.find(cursor_type=CursorType.TAILABLE_AWAIT).max_await_time_ms(200)
+    assert [d["_id"] for d in await cursor.to_list(3)] == [2, 3, 4]
+    assert cursor.alive
+    await coll.insert_one({"_id": 5})
+    assert await cursor.next() == {"_id": 5}
+    await db.plain.insert_one({})
+    with pytest.raises(OperationFailure) as info:
+        await db.plain.find(cursor_type=CursorType.TAILABLE).to_list()
+    assert info.value.code == 2
+    with pytest.raises(OperationFailure) as info:
+        await db.create_collection("nosize", capped=True)
+    assert info.value.code == 72
+    await cursor.close()
+
+
+async def test_unknown_query_operator_refused(db: AsyncDatabase[Doc]) -> None:
+    """An unknown query operator is 2 BadValue, not an empty result."""
+    await db.c.insert_one({"x": 1})
+    with pytest.raises(OperationFailure) as info:
+        await db.c.find({"x": {"$bad": 1}}).to_list()
+    assert info.value.code == 2
+    assert "unknown operator: $bad" in str(info.value)
+    with pytest.raises(OperationFailure) as info:
+        await db.c.count_documents({"$bogus": 1})
+    assert info.value.code == 2
+    found = await db.c.find({"x": {"$not": {"$gt": 5}}, "$or": [{"x": 1}]}).to_list()
+    assert len(found) == 1
+
+
+async def test_tailable_cursor_skip_limit_and_rollover(db: AsyncDatabase[Doc]) -> None:
+    """A tailable find honours skip/limit; a cursor overtaken by the cap dies quietly (136)."""
+    from pymongo import CursorType
+
+    coll = await db.create_collection("cap2", capped=True, size=10_000, max=3)
+    await coll.insert_many([{"x": i} for i in (4, 5, 6)])
+    sliced = coll.find({}, {"_id": 0}, cursor_type=CursorType.TAILABLE, skip=1, limit=1)
+    assert await sliced.to_list() == [{"x": 5}]
+    cursor = coll.find(cursor_type=CursorType.TAILABLE)
+    assert len(await cursor.to_list()) == 3
+    await coll.insert_many([{"x": i} for i in range(7, 11)])  # its position is deleted
+    assert await cursor.to_list() == []
+    assert not cursor.alive

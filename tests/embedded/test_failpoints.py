@@ -10,8 +10,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from pymongo import MongoClient
-from pymongo.errors import AutoReconnect, NotPrimaryError, OperationFailure, WriteConcernError
+from pymongo import MongoClient, UpdateOne
+from pymongo.errors import (
+    AutoReconnect,
+    ExecutionTimeout,
+    NotPrimaryError,
+    OperationFailure,
+    WriteConcernError,
+)
 
 from host.embedded import EmbeddedMongoThread
 
@@ -30,11 +36,18 @@ def fault_uri() -> Iterator[str]:
 @pytest.fixture
 def admin(fault_uri: str) -> Iterator[MongoClient[Doc]]:
     """A client of the fault server; every failpoint is off again afterwards."""
+    # After a 91 ShutdownInProgress (no topologyVersion, as on mongod) PyMongo marks the
+    # server Unknown and finds it again with its next hello, up to maxAwaitTimeMS (10 s) away.
     client: MongoClient[Doc] = MongoClient(
-        fault_uri, serverSelectionTimeoutMS=5000, appname="admin"
+        fault_uri, serverSelectionTimeoutMS=20000, appname="admin"
     )
     yield client
-    for name in ("failCommand", "failGetMoreAfterCursorCheckout"):
+    for name in (
+        "failCommand",
+        "failGetMoreAfterCursorCheckout",
+        "onPrimaryTransactionalWrite",
+        "maxTimeAlwaysTimeOut",
+    ):
         client.admin.command("configureFailPoint", name, mode="off")
     client.close()
 
@@ -209,7 +222,9 @@ def test_write_concern_error(admin: MongoClient[Doc], fault_uri: str) -> None:
 
 def test_retryable_write_label_and_explicit_labels(admin: MongoClient[Doc]) -> None:
     """A retryable code on a write gets RetryableWriteError (PyMongo retries); [] removes it."""
-    configure(admin, {"times": 1}, failCommands=["insert"], errorCode=91)
+    # 10107 NotWritablePrimary: its reply carries the current topologyVersion, so PyMongo
+    # retries at once (a 91 without one makes it rediscover the server first, as on mongod).
+    configure(admin, {"times": 1}, failCommands=["insert"], errorCode=10107)
     admin.fp_retry.c.insert_one({"_id": 1})
     assert admin.fp_retry.c.count_documents({}) == 1
     configure(admin, {"times": 1}, failCommands=["insert"], errorCode=91, errorLabels=[])
@@ -231,3 +246,89 @@ def test_fail_hello(admin: MongoClient[Doc], fault_uri: str) -> None:
             sock, {"hello": 1, "client": {"application": {"name": "raw"}}, "$db": "admin"}
         )
     assert reply["code"] == 11
+
+
+def _fail_point(client: MongoClient[Doc], name: str, mode: Any, **data: Any) -> None:
+    client.admin.command("configureFailPoint", name, mode=mode, data=data)
+
+
+def test_on_primary_transactional_write_commits_then_closes(admin: MongoClient[Doc]) -> None:
+    """By default the statement commits and the connection closes; the retry replays it."""
+    _fail_point(admin, "onPrimaryTransactionalWrite", {"times": 1})
+    coll = admin.fp_optw.c
+    coll.insert_one({"_id": 1, "n": 0})
+    _fail_point(admin, "onPrimaryTransactionalWrite", {"times": 1})
+    result = coll.update_one({"_id": 1}, {"$inc": {"n": 1}})  # retried once by PyMongo
+    assert result.modified_count == 1
+    assert coll.find_one({"_id": 1}) == {"_id": 1, "n": 1}  # applied exactly once
+    admin.drop_database("fp_optw")
+
+
+def test_on_primary_transactional_write_fail_before_commit(admin: MongoClient[Doc]) -> None:
+    """failBeforeCommitExceptionCode: the statement is not applied; alwaysOn never succeeds."""
+    coll = admin.fp_optw2.c
+    coll.insert_one({"_id": 1})
+    _fail_point(admin, "onPrimaryTransactionalWrite", "alwaysOn", failBeforeCommitExceptionCode=1)
+    with pytest.raises(AutoReconnect):
+        coll.insert_one({"_id": 2})
+    admin.admin.command("configureFailPoint", "onPrimaryTransactionalWrite", mode="off")
+    assert [d["_id"] for d in coll.find()] == [1]
+    admin.drop_database("fp_optw2")
+
+
+def test_retry_replays_committed_statements_of_a_batch(admin: MongoClient[Doc]) -> None:
+    """A batch cut after its first statement: the retry replays it and runs only the rest."""
+    coll = admin.fp_optw3.c
+    coll.insert_many([{"_id": 1, "n": 0}, {"_id": 2, "n": 0}])
+    # Statement 0 commits; statement 1 fails before commit and the connection closes.
+    _fail_point(admin, "onPrimaryTransactionalWrite", {"skip": 1}, failBeforeCommitExceptionCode=1)
+    with pytest.raises(AutoReconnect):  # both attempts cut at statement 1
+        coll.bulk_write([UpdateOne({"_id": 1}, {"$inc": {"n": 1}}),
+                         UpdateOne({"_id": 2}, {"$inc": {"n": 1}})])  # fmt: skip
+    admin.admin.command("configureFailPoint", "onPrimaryTransactionalWrite", mode="off")
+    assert {d["_id"]: d["n"] for d in coll.find()} == {1: 1, 2: 0}  # once, not twice
+    admin.drop_database("fp_optw3")
+
+
+def test_retryable_write_concern_error_gets_label(admin: MongoClient[Doc]) -> None:
+    """A retryable write whose writeConcernError code is 91 is labelled and retried."""
+    configure(
+        admin,
+        {"times": 1},
+        failCommands=["insert"],
+        writeConcernError={"code": 91, "errmsg": "Replication is being shut down"},
+    )
+    admin.fp_wce91.c.insert_one({"_id": 1})  # first reply carries the wce; the retry is clean
+    assert admin.fp_wce91.c.count_documents({}) == 1
+    admin.drop_database("fp_wce91")
+
+
+def test_shutdown_error_carries_no_topology_version(
+    admin: MongoClient[Doc], fault_uri: str
+) -> None:
+    """91 from failCommand has no topologyVersion (not shutting down); 10107 has one."""
+    configure(admin, {"times": 2}, failCommands=["ping"], errorCode=91)
+    with raw_socket(fault_uri) as sock:
+        shutdown = command(sock, {"ping": 1, "$db": "admin"})
+        configure(admin, {"times": 1}, failCommands=["ping"], errorCode=10107)
+        not_primary = command(sock, {"ping": 1, "$db": "admin"}, request_id=2)
+    assert shutdown["code"] == 91
+    assert "topologyVersion" not in shutdown
+    assert not_primary["code"] == 10107
+    assert "topologyVersion" in not_primary
+
+
+def test_max_time_always_time_out(admin: MongoClient[Doc]) -> None:
+    """maxTimeAlwaysTimeOut: commands with maxTimeMS, and getMores of such a find, get 50."""
+    coll = admin.fp_maxtime.c
+    coll.insert_many([{"i": i} for i in range(5)])
+    cursor = coll.find().max_time_ms(1000).batch_size(2)
+    next(cursor)
+    admin.admin.command("configureFailPoint", "maxTimeAlwaysTimeOut", mode="alwaysOn")
+    with pytest.raises(ExecutionTimeout):
+        coll.find_one({}, max_time_ms=1000)
+    with pytest.raises(ExecutionTimeout):
+        list(cursor)  # its getMore inherits the find's deadline
+    assert coll.find_one({"i": 0}, {"_id": 0}) == {"i": 0}  # no maxTimeMS: unaffected
+    admin.admin.command("configureFailPoint", "maxTimeAlwaysTimeOut", mode="off")
+    admin.drop_database("fp_maxtime")
