@@ -164,13 +164,16 @@ async def test_concurrent_callers_during_swaps_never_fail(db: Db, host: PluginHo
         await db.functions.insert_one({"_id": "swap", "source": version_source(0)})
         await next_event(events, "plugin.loaded")
     results: list[tuple[int, int]] = []
+    served: set[int] = set()
     failures: list[BaseException] = []
     done = anyio.Event()
 
     async def caller() -> None:
         while not done.is_set():
             try:
-                results.append(await host.call("swap"))
+                result = await host.call("swap")
+                results.append(result)
+                served.add(result[0])
             except Exception as exc:
                 failures.append(exc)
             await anyio.lowlevel.checkpoint()
@@ -184,6 +187,9 @@ async def test_concurrent_callers_during_swaps_never_fail(db: Db, host: PluginHo
                 {"_id": "swap"}, {"$set": {"source": version_source(n, sync=sync)}}
             )
             await next_event(events, "plugin.reloaded", lambda e: e["plugin"] == "swap")
+        # The callers get turns after the last swap before they stop (the event can come
+        # before any of them ran again): the newest version must serve them.
+        await wait_until(lambda: 40 in served, "a call served v40")
         done.set()
     assert failures == []
     assert len(results) > 40
