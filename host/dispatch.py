@@ -36,7 +36,7 @@ from .errors import (
 )
 from .events import EventBus
 from .naming import format_plugin_traceback
-from .plugin import Plugin
+from .plugin import Plugin, is_plugin_failure
 from .registry import CURRENT_PLUGIN, Registry
 from .threads import ThreadLimiter, ThreadsExhausted, run_sync_interruptible
 from .types import Args
@@ -245,7 +245,9 @@ class Dispatcher:
             ) from None
         except RequireDepthExceeded:
             raise  # a cycle is a property of the whole chain: report it unwrapped
-        except (Exception, SystemExit) as exc:  # plugin code must never stop the host
+        except BaseException as exc:  # plugin code must never stop the host
+            if not is_plugin_failure(exc):
+                raise  # the host's cancellation: a timeout, shutdown
             raise await self._failure(plugin, exc) from exc
 
     async def _failure(self, plugin: Plugin, exc: BaseException) -> PluginFailed:

@@ -50,7 +50,7 @@ from .context import Context
 from .errors import CompileError, HostClosed
 from .events import EventBus
 from .naming import format_plugin_traceback
-from .plugin import Phase, Plugin
+from .plugin import Phase, Plugin, is_plugin_failure
 from .records import PluginRecord
 from .threads import run_sync_interruptible
 from .types import ContextFactory, Hook
@@ -360,14 +360,16 @@ class Registry:
         hook = plugin.setup
         if hook is None:
             return
-        failure: Exception | None = None
+        failure: BaseException | None = None
         state: Any = None
         token = CURRENT_PLUGIN.set(plugin)
         try:
             with anyio.move_on_after(self._setup_timeout) as scope:
                 try:
                     state = await call_hook(hook, ctx_factory(plugin))
-                except Exception as exc:
+                except BaseException as exc:  # KeyboardInterrupt, SystemExit... included
+                    if not is_plugin_failure(exc):
+                        raise  # the host's cancellation (the setup timeout, shutdown)
                     failure = exc
         finally:
             CURRENT_PLUGIN.reset(token)
@@ -445,25 +447,30 @@ class Registry:
     async def _run_teardown(
         self, plugin: Plugin, teardown: Hook, ctx_factory: ContextFactory
     ) -> None:
+        failure: BaseException | None = None
         token = CURRENT_PLUGIN.set(plugin)
         try:
             with anyio.move_on_after(self._teardown_timeout) as scope:
-                await call_hook(teardown, ctx_factory(plugin))
-        except Exception as exc:
-            tb = await anyio.to_thread.run_sync(format_plugin_traceback, exc)
+                try:
+                    await call_hook(teardown, ctx_factory(plugin))
+                except BaseException as exc:  # KeyboardInterrupt, SystemExit... included
+                    if not is_plugin_failure(exc):
+                        raise  # the teardown timeout: reported below
+                    failure = exc
+        finally:
+            CURRENT_PLUGIN.reset(token)
+        if failure is not None:
+            tb = await anyio.to_thread.run_sync(format_plugin_traceback, failure)
             self._events.emit(
                 "plugin.teardown_failed",
                 "error",
                 plugin=plugin.name,
                 version=plugin.version,
-                error_type=type(exc).__qualname__,
-                error=str(exc),
+                error_type=type(failure).__qualname__,
+                error=str(failure),
                 traceback=tb,
             )
-            return
-        finally:
-            CURRENT_PLUGIN.reset(token)
-        if scope.cancelled_caught:
+        elif scope.cancelled_caught:
             self._events.emit(
                 "plugin.teardown_failed",
                 "error",

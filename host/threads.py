@@ -253,6 +253,21 @@ class Stoppable:
             return True
 
 
+class _Raised(Exception):
+    """Carries a non-``Exception`` ``BaseException`` out of a worker thread.
+
+    asyncio hands a worker's exception to the awaiting task with ``coro.throw()``, and
+    throwing ``GeneratorExit`` into a coroutine chain *closes* it instead (CPython's
+    ``gen_throw``): the host code awaiting the thread could not even catch it. So the
+    thread boxes such exceptions and :func:`run_stoppable` re-raises the original with a
+    plain ``raise``, which propagates like any other exception.
+    """
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(repr(exc))
+        self.exc = exc
+
+
 class _InterruptibleCall(Stoppable, Generic[T]):
     """Runs one function in a worker thread and can interrupt it from the loop thread."""
 
@@ -268,6 +283,10 @@ class _InterruptibleCall(Stoppable, Generic[T]):
             raise ThreadInterrupted("the caller gave up before the thread started")
         try:
             return self._func(*self._args)
+        except (Exception, ThreadInterrupted):
+            raise
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit, GeneratorExit...
+            raise _Raised(exc) from None
         finally:
             self._finish()
 
@@ -297,8 +316,12 @@ async def run_stoppable(
     """
     await limiter.acquire()
     carrier = per_loop(_carrier, lambda: anyio.CapacityLimiter(math.inf))
+    raised: BaseException | None = None
     try:
         result = await anyio.to_thread.run_sync(run, limiter=carrier, abandon_on_cancel=True)
+    except _Raised as boxed:
+        limiter.release()
+        raised = boxed.exc
     except anyio.get_cancelled_exc_class():
         loop = asyncio.get_running_loop()
 
@@ -321,8 +344,10 @@ async def run_stoppable(
     except BaseException:
         limiter.release()
         raise
-    limiter.release()
-    return result
+    else:
+        limiter.release()
+        return result
+    raise raised  # outside the handler: no _Raised in its context
 
 
 async def run_sync_interruptible(
