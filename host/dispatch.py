@@ -5,7 +5,9 @@ This is the hot path. Its rules, on success:
 * no I/O and no logging — events are emitted only on failure and timeout;
 * no lock unless the version has a concurrency limit, and even then an uncontended
   ``acquire_nowait``;
-* no cancel scope when the call has no timeout;
+* one cancel scope per outermost call (it carries the timeout, and lets shutdown end
+  the call with ``HostClosed`` once the drain timeout passes); none for nested calls
+  without a timeout;
 * no structlog ``bind`` (``ctx.log`` is built lazily) and no string building;
 * a handful of allocations: the ``Context``, the call-chain tuple, the coroutine.
 
@@ -17,8 +19,10 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 from collections.abc import Mapping
 from contextvars import ContextVar
+from functools import partial
 from types import MappingProxyType
 from typing import Any
 
@@ -47,6 +51,30 @@ _log = structlog.get_logger("host.dispatch")
 
 _CALL_CHAIN: ContextVar[tuple[str, ...]] = ContextVar("plugin_host_call_chain", default=())
 """Names of the plugins on the current call path, outermost first."""
+
+
+class _Lease:
+    """One concurrency slot of one version, held by one call and everything it calls."""
+
+    __slots__ = ("live", "plugin")
+
+    def __init__(self, plugin: Plugin) -> None:
+        self.plugin = plugin
+        self.live = True
+
+
+_HELD: ContextVar[tuple[_Lease, ...]] = ContextVar("plugin_host_held_slots", default=())
+"""Concurrency slots held by the calls on the current call path (issue 13 item 6).
+
+THE RULE: a plugin-to-plugin call never waits for a slot that one of its callers holds.
+A call to a version whose slot is already held by a caller on its own path (a plugin
+calling itself, directly, through others or through ``asyncio.gather``) runs under that
+slot; every other call takes a slot of its own. So ``max_concurrency`` bounds the
+independent call trees running in a version, fan-out inside one tree cannot deadlock on
+its own slots, and fan-in from separate trees still queues. Tasks copy the context, so
+``gather`` children inherit the leases; a lease dies with its call (``live``), so a
+background task that outlives the call takes slots like any other caller.
+"""
 
 
 class Required:
@@ -93,6 +121,7 @@ class Dispatcher:
         require_depth: int = 16,
         thread_limiter_size: int = 40,
         events: EventBus | None = None,
+        threads: ThreadLimiter | None = None,
     ) -> None:
         """Create a dispatcher.
 
@@ -105,7 +134,9 @@ class Dispatcher:
                 ``PluginBusy``.
             require_depth: Deepest allowed chain of plugin-to-plugin calls.
             thread_limiter_size: Worker threads shared by sync plugins.
-            events: Where ``call.failed`` and ``call.timeout`` go.
+            events: Where ``call.failed``, ``call.timeout`` and ``plugin.thread_stuck`` go.
+            threads: The limiter sync calls share (overrides ``thread_limiter_size``); the
+                host passes the one its registry's hooks use.
         """
         self._registry = registry
         self._db = db
@@ -113,9 +144,15 @@ class Dispatcher:
         self._default_timeout = default_timeout
         self._max_waiting = max_waiting
         self._require_depth = require_depth
-        self._threads = ThreadLimiter(thread_limiter_size)
+        self._threads = threads if threads is not None else ThreadLimiter(thread_limiter_size)
+        # Versions with abandoned call threads, for the exit report (pruned as they end).
+        self._stuck: dict[Plugin, None] = {}
         self._ids = itertools.count(1)
         self._closed = False
+        self._aborted = False
+        # INVARIANT: holds the cancel scope of every outermost call in flight, and only
+        # those (added before the call runs, removed when it ends); loop thread only.
+        self._scopes: set[anyio.CancelScope] = set()
         self._events = events if events is not None else EventBus(_log)
 
     @property
@@ -141,6 +178,19 @@ class Dispatcher:
     def close(self) -> None:
         """Refuse new calls with ``HostClosed``; calls in flight continue."""
         self._closed = True
+
+    def abort(self) -> None:
+        """End the calls still in flight with ``HostClosed`` (the drain timeout passed).
+
+        Each outermost call runs in its own cancel scope; cancelling it cancels the whole
+        call tree (an async plugin at its next ``await``, a sync one by abandoning and
+        interrupting its thread), and the caller gets ``HostClosed``, which the HTTP API
+        answers with its JSON 503 (issue 13 item 4). Also closes the dispatcher.
+        """
+        self._closed = True
+        self._aborted = True
+        for scope in tuple(self._scopes):
+            scope.cancel()
 
     def make_context(self, plugin: Plugin) -> Context:
         """Build the ``ctx`` for a version's ``setup``/``teardown`` (a ``ContextFactory``)."""
@@ -191,11 +241,24 @@ class Dispatcher:
         chain_token = _CALL_CHAIN.set((*chain, name))
         plugin_token = CURRENT_PLUGIN.set(plugin)
         try:
-            if timeout is None:
-                return await self._run(plugin, args)
-            with anyio.move_on_after(timeout):
-                return await self._run(plugin, args)
+            if chain:  # nested: the outermost call's scope covers shutdown (see abort)
+                if timeout is None:
+                    return await self._run(plugin, args)
+                with anyio.move_on_after(timeout):
+                    return await self._run(plugin, args)
+            else:
+                deadline = math.inf if timeout is None else anyio.current_time() + timeout
+                scope = anyio.CancelScope(deadline=deadline)
+                self._scopes.add(scope)
+                try:
+                    with scope:
+                        return await self._run(plugin, args)
+                finally:
+                    self._scopes.discard(scope)
+                if self._aborted and not scope.deadline <= anyio.current_time():
+                    raise HostClosed("the plugin host stopped before the call finished")
             # Only reached when the deadline cancelled the call.
+            assert timeout is not None
             self._events.emit(
                 "call.timeout", "warning", plugin=name, version=plugin.version, timeout=timeout
             )
@@ -211,6 +274,10 @@ class Dispatcher:
         limiter = plugin.limiter
         if limiter is None:
             return await self._invoke(plugin, args)
+        held = _HELD.get()
+        for lease in held:
+            if lease.plugin is plugin and lease.live:  # re-entrant: the caller's slot covers it
+                return await self._invoke(plugin, args)
         try:
             limiter.acquire_nowait()
         except anyio.WouldBlock:
@@ -221,9 +288,13 @@ class Dispatcher:
                 await limiter.acquire()
             finally:
                 plugin.waiting -= 1
+        lease = _Lease(plugin)
+        token = _HELD.set((*held, lease))
         try:
             return await self._invoke(plugin, args)
         finally:
+            lease.live = False
+            _HELD.reset(token)
             limiter.release()
 
     async def _invoke(self, plugin: Plugin, args: Args) -> Any:
@@ -234,7 +305,12 @@ class Dispatcher:
             # Cancelling the caller (timeout, shutdown) abandons and interrupts the thread.
             # Its slot stays taken until the thread really ends (see host.threads).
             result = await run_sync_interruptible(
-                plugin.entrypoint, ctx, args, limiter=self._threads, tally=plugin.threads
+                plugin.entrypoint,
+                ctx,
+                args,
+                limiter=self._threads,
+                tally=plugin.threads,
+                on_stuck=partial(self._thread_stuck, plugin),
             )
             if inspect.iscoroutine(result):  # a callable object with an async __call__
                 result = await result
@@ -249,6 +325,26 @@ class Dispatcher:
             if not is_plugin_failure(exc):
                 raise  # the host's cancellation: a timeout, shutdown
             raise await self._failure(plugin, exc) from exc
+
+    def _thread_stuck(self, plugin: Plugin) -> None:
+        """A call's abandoned thread would not stop: say whose it is (issue 13 item 4)."""
+        self._stuck[plugin] = None
+        self._events.emit(
+            "plugin.thread_stuck",
+            "error",
+            plugin=plugin.name,
+            version=plugin.version,
+            where="call",
+            abandoned=plugin.threads.abandoned,
+            host_abandoned=self._threads.abandoned,
+            host_threads=self._threads.total,
+        )
+
+    def stuck_threads(self) -> dict[str, int]:
+        """Versions whose abandoned call threads still run: version -> thread count."""
+        for plugin in [p for p in self._stuck if p.threads.abandoned == 0]:
+            del self._stuck[plugin]
+        return {plugin.version: plugin.threads.abandoned for plugin in self._stuck}
 
     async def _failure(self, plugin: Plugin, exc: BaseException) -> PluginFailed:
         tb = await anyio.to_thread.run_sync(format_plugin_traceback, exc)

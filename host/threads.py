@@ -30,6 +30,7 @@ from anyio.lowlevel import RunVar
 
 __all__ = (
     "DEFAULT_THREADS",
+    "STUCK_AFTER",
     "Stoppable",
     "ThreadInterrupted",
     "ThreadLimiter",
@@ -59,10 +60,10 @@ def _set_async_exc(ident: int, exc: type[BaseException] | None) -> int:
 
 
 class ThreadsExhausted(Exception):
-    """Every slot of a :class:`ThreadLimiter` is held by an abandoned, still running thread.
+    """A :class:`ThreadLimiter` reached its bound on abandoned, still running threads.
 
     Attributes:
-        total: The limiter's size.
+        total: How many abandoned threads hold slots (the limiter's bound).
     """
 
     def __init__(self, total: int) -> None:
@@ -96,6 +97,10 @@ class ThreadLimiter:
     every release and every abandonment, so a waiter never sleeps behind slots that only
     abandoned threads hold: it gets :class:`ThreadsExhausted` as soon as they hold all.
     Only the event loop thread touches the counts.
+
+    HARD BOUND: ``abandoned <= in_use <= total``, so one limiter shared by every kind of
+    plugin thread (the host's: calls and hooks) bounds the abandoned threads of the
+    whole host.
 
     Args:
         total: The number of slots.
@@ -291,11 +296,16 @@ class _InterruptibleCall(Stoppable, Generic[T]):
             self._finish()
 
 
+STUCK_AFTER = 1.0
+"""Seconds an abandoned thread may take to stop before it is reported as stuck."""
+
+
 async def run_stoppable(
     work: Stoppable,
     run: Callable[[], T],
     limiter: ThreadLimiter,
     tally: ThreadTally | None = None,
+    on_stuck: Callable[[], None] | None = None,
 ) -> T:
     """Run ``run()`` (``work``'s body) in a worker thread holding one slot of ``limiter``.
 
@@ -307,12 +317,14 @@ async def run_stoppable(
         run: The callable executed in the thread (``work.run``).
         limiter: Where the slot is taken.
         tally: Also counts the thread while it is abandoned (e.g. per plugin version).
+        on_stuck: Called on the loop if the abandoned thread still runs
+            :data:`STUCK_AFTER` seconds after it was interrupted (it would not stop).
 
     Returns:
         What ``run`` returned.
 
     Raises:
-        ThreadsExhausted: Every slot is held by an abandoned thread.
+        ThreadsExhausted: The limiter's bound on abandoned threads is reached.
     """
     await limiter.acquire()
     carrier = per_loop(_carrier, lambda: anyio.CapacityLimiter(math.inf))
@@ -325,10 +337,17 @@ async def run_stoppable(
     except anyio.get_cancelled_exc_class():
         loop = asyncio.get_running_loop()
 
+        running = [True]
+
         def ended() -> None:  # on the loop: the abandoned thread returned
+            running[0] = False
             if tally is not None:
                 tally.abandoned -= 1
             limiter.abandoned_ended()
+
+        def check_stuck() -> None:
+            if running[0] and on_stuck is not None:
+                on_stuck()
 
         def thread_exit() -> None:  # in the worker thread
             with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to count
@@ -338,6 +357,8 @@ async def run_stoppable(
             if tally is not None:
                 tally.abandoned += 1
             limiter.abandoned_one()
+            if on_stuck is not None:
+                loop.call_later(STUCK_AFTER, check_stuck)
         else:
             limiter.release()
         raise
@@ -355,6 +376,7 @@ async def run_sync_interruptible(
     *args: Any,
     limiter: ThreadLimiter | None = None,
     tally: ThreadTally | None = None,
+    on_stuck: Callable[[], None] | None = None,
 ) -> T:
     """Run ``func(*args)`` in a worker thread; on cancellation, interrupt and abandon it.
 
@@ -369,14 +391,16 @@ async def run_sync_interruptible(
         limiter: Where the thread takes its slot; a per-loop limiter of
             :data:`DEFAULT_THREADS` if ``None``.
         tally: Also counts the thread while it is abandoned.
+        on_stuck: Called if the abandoned thread would not stop (see
+            :func:`run_stoppable`).
 
     Returns:
         What ``func`` returned.
 
     Raises:
-        ThreadsExhausted: Every slot of ``limiter`` is held by an abandoned thread.
+        ThreadsExhausted: ``limiter``'s bound on abandoned threads is reached.
     """
     if limiter is None:
         limiter = per_loop(_default_limiter, lambda: ThreadLimiter(DEFAULT_THREADS))
     call = _InterruptibleCall(func, args)
-    return await run_stoppable(call, call.run, limiter, tally)
+    return await run_stoppable(call, call.run, limiter, tally, on_stuck)
