@@ -6,7 +6,8 @@ The event names and their fields are a public interface (documented in the READM
 ``watch.resynced``, ``watch.invalidated``, ``plugin.loaded``, ``plugin.reloaded``,
 ``plugin.reload_failed``, ``plugin.rejected``, ``plugin.unloaded``, ``plugin.retired``,
 ``call.failed``, ``call.timeout``; and ``watch.error``, ``watch.failed``,
-``plugin.teardown_failed``, ``plugin.task_failed``, ``trust.disabled``, ``loop.blocked``.
+``plugin.teardown_failed``, ``plugin.task_failed``, ``plugin.thread_stuck``, ``trust.disabled``,
+``loop.blocked``.
 """
 
 from __future__ import annotations
