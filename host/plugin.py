@@ -11,11 +11,11 @@ import contextvars
 import enum
 import linecache
 import types
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import structlog
@@ -27,9 +27,18 @@ from .records import PluginRecord
 from .threads import ThreadTally
 from .types import Entrypoint, Hook
 
-__all__ = ("Phase", "Plugin", "is_plugin_failure", "released_entrypoint")
+__all__ = (
+    "Phase",
+    "Plugin",
+    "TaskExit",
+    "contain_task",
+    "is_plugin_failure",
+    "released_entrypoint",
+)
 
 _log = structlog.get_logger("host.plugin")
+
+T = TypeVar("T")
 
 
 def is_plugin_failure(exc: BaseException) -> bool:
@@ -59,6 +68,37 @@ def is_plugin_failure(exc: BaseException) -> bool:
     except RuntimeError:  # not asyncio: cancellation cannot be told apart, keep it
         return False
     return task is not None and task.cancelling() == 0
+
+
+class TaskExit(Exception):
+    """A raw asyncio task of plugin code raised ``KeyboardInterrupt``, ``SystemExit`` or
+    ``GeneratorExit``; the task fails with this instead (its ``__cause__``).
+
+    asyncio re-raises the first two out of the event loop (the whole host would stop),
+    and hands the third to an awaiting coroutine with ``coro.throw()``, which closes it.
+    """
+
+
+_ESCAPING = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+async def contain_task(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a plugin's raw task coroutine; turn the exceptions asyncio mishandles into
+    :class:`TaskExit` (see there).
+
+    Args:
+        coro: The coroutine the plugin gave ``create_task``.
+
+    Returns:
+        What ``coro`` returned.
+
+    Raises:
+        TaskExit: ``coro`` raised ``KeyboardInterrupt``, ``SystemExit`` or ``GeneratorExit``.
+    """
+    try:
+        return await coro
+    except _ESCAPING as exc:
+        raise TaskExit(f"a plugin task raised {type(exc).__qualname__}: {exc}") from exc
 
 
 class Phase(enum.Enum):

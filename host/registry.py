@@ -50,7 +50,7 @@ from .context import Context
 from .errors import CompileError, HostClosed
 from .events import EventBus
 from .naming import format_plugin_traceback
-from .plugin import Phase, Plugin, is_plugin_failure
+from .plugin import Phase, Plugin, contain_task, is_plugin_failure
 from .records import PluginRecord
 from .threads import ThreadLimiter, ThreadTally, run_sync_interruptible
 from .types import ContextFactory, Hook
@@ -528,15 +528,18 @@ class Registry:
         def factory(
             loop: asyncio.AbstractEventLoop, coro: _CoroutineLike[T], /, **kwargs: Any
         ) -> asyncio.Future[T]:
+            plugin = None
+            if self._factory is factory:
+                context = kwargs.get("context")
+                plugin = CURRENT_PLUGIN.get() if context is None else context.get(CURRENT_PLUGIN)
+                if plugin is not None and inspect.iscoroutine(coro):
+                    coro = contain_task(coro)  # its BaseExceptions must not stop the loop
             if prev is None:
                 task: asyncio.Future[T] = asyncio.Task(coro, loop=loop, **kwargs)
             else:
                 task = prev(loop, coro, **kwargs)
-            if self._factory is factory:
-                context = kwargs.get("context")
-                plugin = CURRENT_PLUGIN.get() if context is None else context.get(CURRENT_PLUGIN)
-                if plugin is not None and isinstance(task, asyncio.Task):
-                    plugin.track(task)
+            if plugin is not None and isinstance(task, asyncio.Task):
+                plugin.track(task)
             return task
 
         self._loop = loop

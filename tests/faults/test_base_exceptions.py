@@ -159,3 +159,38 @@ async def test_host_timeouts_still_travel_as_cancellation(db: Db) -> None:
         assert plugin is not None
         await wait_until(lambda: plugin.in_flight == 0, "the cancelled call ended")
         assert [e.event for e in await drain(events) if e.event == "call.failed"] == []
+
+
+@KINDS
+async def test_raw_asyncio_task_raising_a_base_exception_cannot_stop_the_host(
+    db: Db, kind: str
+) -> None:
+    """A raw create_task of plugin code raising one never reaches the loop; awaited, it fails.
+
+    KeyboardInterrupt and SystemExit would leave the event loop (the host stops) and a
+    GeneratorExit thrown into the awaiting call would close it: those three arrive as
+    TaskExit. The others stay as they are.
+    """
+    src = (
+        PRELUDE
+        + "import asyncio\n"
+        + hook("async def", "boom", RAISES[kind])
+        + "async def main(ctx, args):\n"
+        "    task = asyncio.get_running_loop().create_task(boom(ctx))\n"
+        "    if args == 'await':\n"
+        "        await task\n"
+        "    while not task.done():\n"
+        "        await asyncio.sleep(0)\n"
+        "    return type(task.exception()).__name__\n"
+    )
+    contained = kind in ("KeyboardInterrupt", "SystemExit", "GeneratorExit")
+    expected = "TaskExit" if contained else kind
+    async with PluginHost(db) as host, host.events() as events:
+        await db.functions.insert_one({"_id": "raw", "source": src})
+        await next_event(events, "plugin.loaded")
+        if kind != "CancelledError":  # a cancelled task has no exception() to retrieve
+            assert await host.call("raw") == expected
+        with pytest.raises(PluginFailed) as caught:
+            await host.call("raw", "await")
+        assert caught.value.error_type == expected
+        assert host.is_ready
