@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 import structlog
 
@@ -556,3 +557,41 @@ async def test_hooks_and_calls_share_one_bound_on_abandoned_threads() -> None:
             gate.set()
         await wait_until(lambda: limiter.in_use == 0, "the stuck threads ended")
         assert dispatcher.stuck_threads() == {}
+
+
+@pytest.mark.anyio
+async def test_abort_ends_calls_in_flight_with_host_closed(registry: Registry) -> None:
+    """abort(): async, sync (blocked in C) and fanned-out calls end with HostClosed, no residue."""
+    gate = threading.Event()
+    forever = anyio.Event()
+    host = make_host(registry, gate=gate, forever=forever)
+    await host.load("wait", "async def main(ctx, a):\n    await ctx.forever.wait()\n")
+    await host.load("block", "def main(ctx, a):\n    ctx.gate.wait()\n")
+    await host.load(
+        "fan",
+        "import asyncio\nasync def main(ctx, a):\n"
+        "    await asyncio.gather(ctx.call('wait'), ctx.call('wait'))\n",
+    )
+    outcomes: dict[str, BaseException] = {}
+
+    async def call(name: str) -> None:
+        try:
+            await host.dispatcher.call(name, None)
+        except HostClosed as exc:
+            outcomes[name] = exc
+            await anyio.lowlevel.checkpoint()  # the task is not left cancelled: it goes on
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for name in ("wait", "block", "fan"):
+                tg.start_soon(call, name)
+            await wait_until(lambda: registry.get("wait").in_flight == 3, "calls in flight")  # type: ignore[union-attr]
+            host.dispatcher.abort()
+    finally:
+        gate.set()
+    assert sorted(outcomes) == ["block", "fan", "wait"]
+    assert "stopped before the call finished" in str(outcomes["wait"])
+    with pytest.raises(HostClosed):
+        await host.dispatcher.call("wait", None)
+    for name in ("wait", "block", "fan"):
+        assert registry.get(name).in_flight == 0  # type: ignore[union-attr]
