@@ -24,6 +24,9 @@ import os
 import re
 import signal
 import socket
+import sys
+import threading
+import time
 from collections.abc import Callable, Collection, Coroutine, Generator, Sequence
 from typing import Any
 
@@ -416,6 +419,7 @@ async def run_daemon(
     if provider is not None:
         tracing.disable()
         await anyio.to_thread.run_sync(provider.shutdown)  # flushes the last spans
+    _bound_exit(0 if problem is None else 1, host)
     if problem is None:
         _log.info("daemon.stopped")
         return
@@ -434,6 +438,40 @@ async def run_daemon(
         f"{mongodb} is not reachable: not ready within {startup_timeout:g} s{last}",
         "check that MongoDB runs and --mongodb-uri is right; --startup-timeout 0 waits forever",
     )
+
+
+EXIT_GRACE = 2.0
+"""Seconds the process may live after the daemon stopped before its exit is forced."""
+
+
+def _bound_exit(code: int, host: PluginHost) -> None:
+    """Make sure the process exits soon, whatever plugin threads still do (issue 13 #4).
+
+    anyio's worker threads are not daemon threads, so the interpreter waits at exit for
+    every one of them, including a thread abandoned in ``time.sleep(40)`` or in a plugin
+    loop that swallows the interrupt: the process lived until SIGKILL. The drain timeout
+    already ended every call (``Dispatcher.abort``); this daemon thread ends the process
+    :data:`EXIT_GRACE` seconds later with ``os._exit(code)`` if it is still alive then,
+    after logging ``daemon.exit_forced`` with the versions whose threads would not stop.
+    A process that exits by itself first takes this thread with it.
+
+    Args:
+        code: The exit code the process would have had.
+        host: The stopped host (for the report).
+    """
+    stuck = host.stuck_threads()
+    main = threading.main_thread()
+
+    def force() -> None:
+        time.sleep(EXIT_GRACE)
+        alive = [t.name for t in threading.enumerate() if t is not main and not t.daemon]
+        _log.error("daemon.exit_forced", code=code, stuck_threads=stuck, threads=alive)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+    threading.Thread(target=force, name="plugin-host exit bound", daemon=True).start()
 
 
 def _netloc(address: Any) -> str:

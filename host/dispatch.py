@@ -5,7 +5,8 @@ This is the hot path. Its rules, on success:
 * no I/O and no logging — events are emitted only on failure and timeout;
 * no lock unless the version has a concurrency limit, and even then an uncontended
   ``acquire_nowait``;
-* no cancel scope when the call has no timeout;
+* no cancel scope when the call has no timeout (an outermost call registers its task in
+  a dict instead, so that shutdown can end it: see ``abort``);
 * no structlog ``bind`` (``ctx.log`` is built lazily) and no string building;
 * a handful of allocations: the ``Context``, the call-chain tuple, the coroutine.
 
@@ -15,10 +16,12 @@ Failures are slow on purpose: the traceback is formatted in a worker thread beca
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import itertools
 from collections.abc import Mapping
 from contextvars import ContextVar
+from functools import partial
 from types import MappingProxyType
 from typing import Any
 
@@ -36,7 +39,7 @@ from .errors import (
 )
 from .events import EventBus
 from .naming import format_plugin_traceback
-from .plugin import Plugin
+from .plugin import Plugin, is_plugin_failure
 from .registry import CURRENT_PLUGIN, Registry
 from .threads import ThreadLimiter, ThreadsExhausted, run_sync_interruptible
 from .types import Args
@@ -47,6 +50,30 @@ _log = structlog.get_logger("host.dispatch")
 
 _CALL_CHAIN: ContextVar[tuple[str, ...]] = ContextVar("plugin_host_call_chain", default=())
 """Names of the plugins on the current call path, outermost first."""
+
+
+class _Lease:
+    """One concurrency slot of one version, held by one call and everything it calls."""
+
+    __slots__ = ("live", "plugin")
+
+    def __init__(self, plugin: Plugin) -> None:
+        self.plugin = plugin
+        self.live = True
+
+
+_HELD: ContextVar[tuple[_Lease, ...]] = ContextVar("plugin_host_held_slots", default=())
+"""Concurrency slots held by the calls on the current call path (issue 13 item 6).
+
+THE RULE: a plugin-to-plugin call never waits for a slot that one of its callers holds.
+A call to a version whose slot is already held by a caller on its own path (a plugin
+calling itself, directly, through others or through ``asyncio.gather``) runs under that
+slot; every other call takes a slot of its own. So ``max_concurrency`` bounds the
+independent call trees running in a version, fan-out inside one tree cannot deadlock on
+its own slots, and fan-in from separate trees still queues. Tasks copy the context, so
+``gather`` children inherit the leases; a lease dies with its call (``live``), so a
+background task that outlives the call takes slots like any other caller.
+"""
 
 
 class Required:
@@ -93,6 +120,7 @@ class Dispatcher:
         require_depth: int = 16,
         thread_limiter_size: int = 40,
         events: EventBus | None = None,
+        threads: ThreadLimiter | None = None,
     ) -> None:
         """Create a dispatcher.
 
@@ -105,7 +133,9 @@ class Dispatcher:
                 ``PluginBusy``.
             require_depth: Deepest allowed chain of plugin-to-plugin calls.
             thread_limiter_size: Worker threads shared by sync plugins.
-            events: Where ``call.failed`` and ``call.timeout`` go.
+            events: Where ``call.failed``, ``call.timeout`` and ``plugin.thread_stuck`` go.
+            threads: The limiter sync calls share (overrides ``thread_limiter_size``); the
+                host passes the one its registry's hooks use.
         """
         self._registry = registry
         self._db = db
@@ -113,9 +143,17 @@ class Dispatcher:
         self._default_timeout = default_timeout
         self._max_waiting = max_waiting
         self._require_depth = require_depth
-        self._threads = ThreadLimiter(thread_limiter_size)
+        self._threads = threads if threads is not None else ThreadLimiter(thread_limiter_size)
+        # Versions with abandoned call threads, for the exit report (pruned as they end).
+        self._stuck: dict[Plugin, None] = {}
         self._ids = itertools.count(1)
         self._closed = False
+        # INVARIANT: _calls holds the task of every outermost call in flight, and only
+        # those (added before the call runs, removed when it ends); _aborted holds the
+        # ones abort() cancelled whose call frame has not yet turned that into
+        # HostClosed. Loop thread only.
+        self._calls: dict[asyncio.Task[Any], None] = {}
+        self._aborted: set[asyncio.Task[Any]] = set()
         self._events = events if events is not None else EventBus(_log)
 
     @property
@@ -141,6 +179,21 @@ class Dispatcher:
     def close(self) -> None:
         """Refuse new calls with ``HostClosed``; calls in flight continue."""
         self._closed = True
+
+    def abort(self) -> None:
+        """End the calls still in flight with ``HostClosed`` (the drain timeout passed).
+
+        Each outermost call's task is cancelled (asyncio's ``Task.cancel``: a cancel scope
+        per call would cost the hot path ~15 µs). The cancellation travels through the
+        whole call tree like any host cancellation (an async plugin at its next
+        ``await``, a sync one by abandoning and interrupting its thread), and the call's
+        own frame turns it back into ``HostClosed`` (``uncancel``), which the HTTP API
+        answers with its JSON 503 (issue 13 item 4). Also closes the dispatcher.
+        """
+        self._closed = True
+        for task in tuple(self._calls):
+            self._aborted.add(task)
+            task.cancel()
 
     def make_context(self, plugin: Plugin) -> Context:
         """Build the ``ctx`` for a version's ``setup``/``teardown`` (a ``ContextFactory``)."""
@@ -190,6 +243,11 @@ class Dispatcher:
         plugin.begin_call()
         chain_token = _CALL_CHAIN.set((*chain, name))
         plugin_token = CURRENT_PLUGIN.set(plugin)
+        # An outermost call registers its task, so that abort() can end it (nested calls
+        # run in its task or in tasks it awaits, e.g. gather's, and end with it).
+        task = None if chain else asyncio.current_task()
+        if task is not None:
+            self._calls[task] = None
         try:
             if timeout is None:
                 return await self._run(plugin, args)
@@ -200,7 +258,17 @@ class Dispatcher:
                 "call.timeout", "warning", plugin=name, version=plugin.version, timeout=timeout
             )
             raise PluginTimeout(name, plugin.version, timeout)
+        except asyncio.CancelledError:
+            if task is None or task not in self._aborted:
+                raise
+            self._aborted.discard(task)
+            task.uncancel()  # abort()'s cancel was for this frame only, and ends here
+            raise HostClosed("the plugin host stopped before the call finished") from None
         finally:
+            if task is not None:
+                self._calls.pop(task, None)
+                if self._aborted:  # cancelled, but the call ended before it arrived
+                    self._aborted.discard(task)
             CURRENT_PLUGIN.reset(plugin_token)
             _CALL_CHAIN.reset(chain_token)
             plugin.end_call()
@@ -211,6 +279,10 @@ class Dispatcher:
         limiter = plugin.limiter
         if limiter is None:
             return await self._invoke(plugin, args)
+        held = _HELD.get()
+        for lease in held:
+            if lease.plugin is plugin and lease.live:  # re-entrant: the caller's slot covers it
+                return await self._invoke(plugin, args)
         try:
             limiter.acquire_nowait()
         except anyio.WouldBlock:
@@ -221,9 +293,13 @@ class Dispatcher:
                 await limiter.acquire()
             finally:
                 plugin.waiting -= 1
+        lease = _Lease(plugin)
+        token = _HELD.set((*held, lease))
         try:
             return await self._invoke(plugin, args)
         finally:
+            lease.live = False
+            _HELD.reset(token)
             limiter.release()
 
     async def _invoke(self, plugin: Plugin, args: Args) -> Any:
@@ -234,7 +310,12 @@ class Dispatcher:
             # Cancelling the caller (timeout, shutdown) abandons and interrupts the thread.
             # Its slot stays taken until the thread really ends (see host.threads).
             result = await run_sync_interruptible(
-                plugin.entrypoint, ctx, args, limiter=self._threads, tally=plugin.threads
+                plugin.entrypoint,
+                ctx,
+                args,
+                limiter=self._threads,
+                tally=plugin.threads,
+                on_stuck=partial(self._thread_stuck, plugin),
             )
             if inspect.iscoroutine(result):  # a callable object with an async __call__
                 result = await result
@@ -245,8 +326,30 @@ class Dispatcher:
             ) from None
         except RequireDepthExceeded:
             raise  # a cycle is a property of the whole chain: report it unwrapped
-        except (Exception, SystemExit) as exc:  # plugin code must never stop the host
+        except BaseException as exc:  # plugin code must never stop the host
+            if not is_plugin_failure(exc):
+                raise  # the host's cancellation: a timeout, shutdown
             raise await self._failure(plugin, exc) from exc
+
+    def _thread_stuck(self, plugin: Plugin) -> None:
+        """A call's abandoned thread would not stop: say whose it is (issue 13 item 4)."""
+        self._stuck[plugin] = None
+        self._events.emit(
+            "plugin.thread_stuck",
+            "error",
+            plugin=plugin.name,
+            version=plugin.version,
+            where="call",
+            abandoned=plugin.threads.abandoned,
+            host_abandoned=self._threads.abandoned,
+            host_threads=self._threads.total,
+        )
+
+    def stuck_threads(self) -> dict[str, int]:
+        """Versions whose abandoned call threads still run: version -> thread count."""
+        for plugin in [p for p in self._stuck if p.threads.abandoned == 0]:
+            del self._stuck[plugin]
+        return {plugin.version: plugin.threads.abandoned for plugin in self._stuck}
 
     async def _failure(self, plugin: Plugin, exc: BaseException) -> PluginFailed:
         tb = await anyio.to_thread.run_sync(format_plugin_traceback, exc)

@@ -6,7 +6,8 @@ The event names and their fields are a public interface (documented in the READM
 ``watch.resynced``, ``watch.invalidated``, ``plugin.loaded``, ``plugin.reloaded``,
 ``plugin.reload_failed``, ``plugin.rejected``, ``plugin.unloaded``, ``plugin.retired``,
 ``call.failed``, ``call.timeout``; and ``watch.error``, ``watch.failed``,
-``plugin.teardown_failed``, ``plugin.task_failed``, ``trust.disabled``, ``loop.blocked``.
+``plugin.teardown_failed``, ``plugin.task_failed``, ``plugin.thread_stuck``, ``trust.disabled``,
+``loop.blocked``.
 """
 
 from __future__ import annotations
@@ -22,11 +23,68 @@ import anyio
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-__all__ = ("EventBus", "HostEvent", "Level", "Subscription")
+__all__ = (
+    "MAX_EVENT_NAME_CHARS",
+    "MAX_EVENT_VALUE_CHARS",
+    "EventBus",
+    "HostEvent",
+    "Level",
+    "Subscription",
+    "clip_fields",
+)
 
 Level = Literal["debug", "info", "warning", "error"]
 """The log levels of host events."""
 _LEVELS = frozenset(get_args(Level))
+
+
+MAX_EVENT_NAME_CHARS = 200
+"""Longest name-like field kept in an event (plugin, version, _id...); names are <= 128."""
+MAX_EVENT_VALUE_CHARS = 16_384
+"""Longest other string kept in an event (errors, tracebacks)."""
+MAX_EVENT_ITEMS = 100
+"""Most items of a list or tuple field kept in an event."""
+_NAME_FIELDS = frozenset(
+    {"plugin", "version", "old_version", "new_version", "serving", "name", "_id", "field"}
+)
+
+
+def _clip_str(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    half = limit // 2  # keep both ends: a traceback's last frames say the most
+    return f"{text[:half]}...({len(text) - 2 * half} chars cut)...{text[-half:]}"
+
+
+def _clip(value: Any, limit: int) -> Any:
+    if isinstance(value, str):
+        return _clip_str(value, limit)
+    if isinstance(value, list | tuple):
+        items = [_clip(item, MAX_EVENT_NAME_CHARS) for item in value[:MAX_EVENT_ITEMS]]
+        if len(value) > MAX_EVENT_ITEMS:
+            items.append(f"...({len(value) - MAX_EVENT_ITEMS} more)")
+        return items
+    return value
+
+
+def clip_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``fields`` with long strings and lists cut, so no input can flood the logs.
+
+    A record's ``_id`` or a plugin's error can be as large as the input allows (a 1 MB
+    ``_id`` once produced 40 MB of logs); every event goes through here first, before
+    any handler, subscriber or check sees it.
+
+    Args:
+        fields: An event's fields.
+
+    Returns:
+        A new dict: names cut to :data:`MAX_EVENT_NAME_CHARS`, other strings to
+        :data:`MAX_EVENT_VALUE_CHARS`, lists to :data:`MAX_EVENT_ITEMS` items.
+    """
+    return {
+        key: _clip(value, MAX_EVENT_NAME_CHARS if key in _NAME_FIELDS else MAX_EVENT_VALUE_CHARS)
+        for key, value in fields.items()
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +176,7 @@ class EventBus:
     def emit(self, event: str, level: Level = "info", **fields: Any) -> None:
         """Log ``event`` with ``fields`` at ``level`` and hand it to every subscriber."""
         assert level in _LEVELS, level
+        fields = clip_fields(fields)
         getattr(self.log, level)(event, **fields)
         if self._subscribers:
             item = HostEvent(event, fields)

@@ -40,7 +40,7 @@ from .errors import CompileError, HostClosed, RecordError
 from .events import EventBus, Level
 from .plugin import Plugin
 from .precompile import CompilerProcesses
-from .records import PluginRecord, parse_record
+from .records import PluginRecord, describe_id, parse_record
 from .registry import Registry
 from .types import ContextFactory, Document
 
@@ -229,6 +229,31 @@ class Loader:
     def _with_threads(self, info: PluginInfo) -> PluginInfo:
         abandoned = self._registry.abandoned_threads(info.name)
         return replace(info, abandoned_threads=abandoned) if abandoned else info
+
+    def refuse_id(self, raw_id: object, reason: str) -> None:
+        """Refuse a record whose ``_id`` is not a string, naming that exact ``_id``.
+
+        Such a record is never given a name: stringifying ``5``, ``None`` or ``True`` would
+        make it collide with the plugins named "5", "None" or "True" (unload them, mark
+        them degraded, hide them at start-up). Nothing in the loader or the registry is
+        touched; the refusal is only an event (a delete of such a record is ignored: it
+        never loaded).
+
+        Args:
+            raw_id: The document's ``_id``.
+            reason: The change that brought it (``insert``, ``update``, ``initial``...).
+        """
+        described = describe_id(raw_id)
+        self._events.emit(
+            "plugin.rejected",
+            "warning",
+            plugin=None,
+            _id=described,
+            field="_id",
+            reason=reason,
+            error=f"record _id {described}: must be a string (it is the plugin name)",
+            serving=None,
+        )
 
     # -- work --------------------------------------------------------------------------
 
@@ -528,7 +553,7 @@ def change_from_event(event: Mapping[str, Any]) -> Change | None:
     key = event.get("documentKey") or {}
     name = key.get("_id")
     if not isinstance(name, str):
-        name = str(name)
+        return None  # never a plugin name: see Loader.refuse_id (issue 13 item 7)
     wall = event.get("wallTime")
     if op in ("insert", "update", "replace"):
         doc = event.get("fullDocument")

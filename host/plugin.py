@@ -11,11 +11,11 @@ import contextvars
 import enum
 import linecache
 import types
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import structlog
@@ -27,9 +27,78 @@ from .records import PluginRecord
 from .threads import ThreadTally
 from .types import Entrypoint, Hook
 
-__all__ = ("Phase", "Plugin", "released_entrypoint")
+__all__ = (
+    "Phase",
+    "Plugin",
+    "TaskExit",
+    "contain_task",
+    "is_plugin_failure",
+    "released_entrypoint",
+)
 
 _log = structlog.get_logger("host.plugin")
+
+T = TypeVar("T")
+
+
+def is_plugin_failure(exc: BaseException) -> bool:
+    """Tell whether ``exc``, raised out of plugin code, is the plugin's failure.
+
+    Everything plugin code raises is its own failure, ``BaseException`` subclasses
+    included (``KeyboardInterrupt``, ``SystemExit`` from a library's ``sys.exit()``,
+    ``GeneratorExit``, a custom subclass): none of them may stop, hang or wedge the host.
+    The one exception is the host's own cancellation (a timeout, a retirement, shutdown),
+    which must travel on as cancellation so that anyio's cancel scopes see it.
+
+    Design note: under asyncio an anyio cancel scope cancels its task with
+    ``Task.cancel()``, so while the host's cancellation propagates the task's
+    ``cancelling()`` count is above zero; a ``CancelledError`` that plugin code raised by
+    itself leaves it at zero (https://docs.python.org/3/library/asyncio-task.html#asyncio.Task.cancelling).
+
+    Args:
+        exc: What plugin code raised (as seen by the awaiting host code).
+
+    Returns:
+        ``False`` only for the host's own cancellation in flight.
+    """
+    if not isinstance(exc, anyio.get_cancelled_exc_class()):
+        return True
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # not asyncio: cancellation cannot be told apart, keep it
+        return False
+    return task is not None and task.cancelling() == 0
+
+
+class TaskExit(Exception):
+    """A raw asyncio task of plugin code raised ``KeyboardInterrupt``, ``SystemExit`` or
+    ``GeneratorExit``; the task fails with this instead (its ``__cause__``).
+
+    asyncio re-raises the first two out of the event loop (the whole host would stop),
+    and hands the third to an awaiting coroutine with ``coro.throw()``, which closes it.
+    """
+
+
+_ESCAPING = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+async def contain_task(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a plugin's raw task coroutine; turn the exceptions asyncio mishandles into
+    :class:`TaskExit` (see there).
+
+    Args:
+        coro: The coroutine the plugin gave ``create_task``.
+
+    Returns:
+        What ``coro`` returned.
+
+    Raises:
+        TaskExit: ``coro`` raised ``KeyboardInterrupt``, ``SystemExit`` or ``GeneratorExit``.
+    """
+    try:
+        return await coro
+    except _ESCAPING as exc:
+        raise TaskExit(f"a plugin task raised {type(exc).__qualname__}: {exc}") from exc
 
 
 class Phase(enum.Enum):
@@ -183,7 +252,9 @@ class Plugin:
     ) -> None:
         try:
             await func(*args)
-        except Exception as exc:
+        except BaseException as exc:
+            if not is_plugin_failure(exc):
+                raise  # the version retires: its supervisor cancels the task
             # Formatting may read library source files: keep that I/O off the loop.
             tb = await anyio.to_thread.run_sync(format_plugin_traceback, exc)
             _log.error(

@@ -22,7 +22,7 @@ from typing import Any
 from .config import DEFAULT_LIMITS
 from .errors import RecordError
 
-__all__ = ("MAX_NAME_LENGTH", "PluginRecord", "is_valid_name", "parse_record")
+__all__ = ("MAX_NAME_LENGTH", "PluginRecord", "describe_id", "is_valid_name", "parse_record")
 
 MAX_NAME_LENGTH = 128
 _NAME_RE = re.compile(rf"[A-Za-z0-9_.\-]{{1,{MAX_NAME_LENGTH}}}")
@@ -42,6 +42,29 @@ def is_valid_name(name: object) -> bool:
         ``True`` if the name is valid.
     """
     return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None and name.strip(".") != ""
+
+
+def describe_id(value: object, limit: int = 80) -> str:
+    """Name a document's ``_id`` exactly and briefly, for events and errors.
+
+    A non-string ``_id`` keeps its type, so ``5``, ``"5"``, ``None`` and ``True`` never
+    read alike: ``int 5``, ``'5'``, ``NoneType None``, ``bool True``,
+    ``ObjectId ObjectId('...')``. Long values are cut to ``limit`` characters.
+
+    Args:
+        value: The ``_id``.
+        limit: Longest representation kept.
+
+    Returns:
+        The description.
+    """
+    try:
+        text = repr(value)
+    except Exception as exc:  # a hostile __repr__ (not from BSON, but be safe)
+        text = f"<unrepresentable: {type(exc).__name__}>"
+    if len(text) > limit:
+        text = f"{text[:limit]}...(+{len(text) - limit} chars)"
+    return text if isinstance(value, str) else f"{type(value).__name__} {text}"
 
 
 def _content_hash(source: str, entrypoint: str) -> str:
@@ -75,7 +98,8 @@ class PluginRecord:
     enabled: bool = True
     revision: int | None = None
     created_at: datetime | None = None
-    updated_at: datetime | None = None
+    # Not compared: a change to ``updatedAt`` alone is not a new version (no reload).
+    updated_at: datetime | None = field(default=None, compare=False)
     timeout: float | None = None
     max_concurrency: int | None = None
     meta: Mapping[str, Any] = field(default_factory=lambda: _EMPTY_META, hash=False)
@@ -139,7 +163,9 @@ def parse_record(
     if raw_name is None:
         raise RecordError(None, "_id", "is required (it is the plugin name)")
     if not isinstance(raw_name, str):
-        raise RecordError(None, "_id", f"must be a string, got {_type_name(raw_name)}")
+        raise RecordError(
+            None, "_id", f"must be a string, got {describe_id(raw_name)} (it is the plugin name)"
+        )
     if not is_valid_name(raw_name):
         raise RecordError(
             None,

@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import inspect
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
@@ -50,9 +50,9 @@ from .context import Context
 from .errors import CompileError, HostClosed
 from .events import EventBus
 from .naming import format_plugin_traceback
-from .plugin import Phase, Plugin
+from .plugin import Phase, Plugin, contain_task, is_plugin_failure
 from .records import PluginRecord
-from .threads import run_sync_interruptible
+from .threads import ThreadLimiter, ThreadTally, run_sync_interruptible
 from .types import ContextFactory, Hook
 
 if TYPE_CHECKING:
@@ -79,19 +79,31 @@ def _untracked() -> Iterator[None]:
         CURRENT_PLUGIN.reset(token)
 
 
-async def call_hook(hook: Hook, ctx: Context) -> Any:
+async def call_hook(
+    hook: Hook,
+    ctx: Context,
+    *,
+    limiter: ThreadLimiter | None = None,
+    tally: ThreadTally | None = None,
+    on_stuck: Callable[[], None] | None = None,
+) -> Any:
     """Run a ``setup``/``teardown`` hook: async on the loop, sync in a worker thread.
 
     Args:
         hook: The hook.
         ctx: Its context.
+        limiter: Where a sync hook takes its thread slot (a per-loop default if None).
+        tally: Counts the hook's thread while it is abandoned (the version's).
+        on_stuck: Called if the hook's thread is abandoned and would not stop.
 
     Returns:
         What the hook returned.
     """
     if inspect.iscoroutinefunction(hook):
         return await hook(ctx)
-    result = await run_sync_interruptible(hook, ctx)
+    result = await run_sync_interruptible(
+        hook, ctx, limiter=limiter, tally=tally, on_stuck=on_stuck
+    )
     if inspect.isawaitable(result):
         result = await result
     return result
@@ -115,6 +127,7 @@ class Registry:
         setup_timeout: float | None = 30.0,
         teardown_timeout: float = 10.0,
         events: EventBus | None = None,
+        threads: ThreadLimiter | None = None,
     ) -> None:
         """Create an empty registry.
 
@@ -123,7 +136,10 @@ class Registry:
             history_size: Records kept per name for rollback (``history``).
             setup_timeout: Bound on a version's ``setup`` hook; ``None`` for none.
             teardown_timeout: Bound on ``teardown`` and on cancelling the version's tasks.
-            events: Where ``plugin.retired`` and ``plugin.teardown_failed`` go.
+            events: Where ``plugin.retired``, ``plugin.teardown_failed`` and
+                ``plugin.thread_stuck`` go.
+            threads: Where sync hooks take their thread slot: the host shares one limiter
+                between calls and hooks, so it bounds every abandoned plugin thread.
         """
         if history_size < 1:
             raise ValueError(f"history_size must be >= 1, got {history_size}")
@@ -132,6 +148,7 @@ class Registry:
         self._setup_timeout = setup_timeout
         self._teardown_timeout = teardown_timeout
         self._events = events if events is not None else EventBus(_log)
+        self._threads = threads
         self._current: dict[str, Plugin] = {}
         self._history: dict[str, deque[PluginRecord]] = {}
         self._locks: dict[str, anyio.Lock] = {}
@@ -360,14 +377,18 @@ class Registry:
         hook = plugin.setup
         if hook is None:
             return
-        failure: Exception | None = None
+        failure: BaseException | None = None
         state: Any = None
         token = CURRENT_PLUGIN.set(plugin)
         try:
             with anyio.move_on_after(self._setup_timeout) as scope:
                 try:
-                    state = await call_hook(hook, ctx_factory(plugin))
-                except Exception as exc:
+                    state = await call_hook(
+                        hook, ctx_factory(plugin), **self._hook_threads(plugin, "setup")
+                    )
+                except BaseException as exc:  # KeyboardInterrupt, SystemExit... included
+                    if not is_plugin_failure(exc):
+                        raise  # the host's cancellation (the setup timeout, shutdown)
                     failure = exc
         finally:
             CURRENT_PLUGIN.reset(token)
@@ -388,6 +409,20 @@ class Registry:
                 tb,
             ) from failure
         plugin.state = state
+
+    def _hook_threads(self, plugin: Plugin, hook: str) -> dict[str, Any]:
+        def stuck() -> None:
+            self._events.emit(
+                "plugin.thread_stuck",
+                "error",
+                plugin=plugin.name,
+                version=plugin.version,
+                where=hook,
+                abandoned=plugin.threads.abandoned,
+                host_abandoned=self._threads.abandoned if self._threads is not None else None,
+            )
+
+        return {"limiter": self._threads, "tally": plugin.threads, "on_stuck": stuck}
 
     def _schedule_retirement(self, plugin: Plugin, grace: float) -> None:
         if plugin.phase is not Phase.LIVE:  # invariant (2): at most one retirement
@@ -445,25 +480,32 @@ class Registry:
     async def _run_teardown(
         self, plugin: Plugin, teardown: Hook, ctx_factory: ContextFactory
     ) -> None:
+        failure: BaseException | None = None
         token = CURRENT_PLUGIN.set(plugin)
         try:
             with anyio.move_on_after(self._teardown_timeout) as scope:
-                await call_hook(teardown, ctx_factory(plugin))
-        except Exception as exc:
-            tb = await anyio.to_thread.run_sync(format_plugin_traceback, exc)
+                try:
+                    await call_hook(
+                        teardown, ctx_factory(plugin), **self._hook_threads(plugin, "teardown")
+                    )
+                except BaseException as exc:  # KeyboardInterrupt, SystemExit... included
+                    if not is_plugin_failure(exc):
+                        raise  # the teardown timeout: reported below
+                    failure = exc
+        finally:
+            CURRENT_PLUGIN.reset(token)
+        if failure is not None:
+            tb = await anyio.to_thread.run_sync(format_plugin_traceback, failure)
             self._events.emit(
                 "plugin.teardown_failed",
                 "error",
                 plugin=plugin.name,
                 version=plugin.version,
-                error_type=type(exc).__qualname__,
-                error=str(exc),
+                error_type=type(failure).__qualname__,
+                error=str(failure),
                 traceback=tb,
             )
-            return
-        finally:
-            CURRENT_PLUGIN.reset(token)
-        if scope.cancelled_caught:
+        elif scope.cancelled_caught:
             self._events.emit(
                 "plugin.teardown_failed",
                 "error",
@@ -486,15 +528,18 @@ class Registry:
         def factory(
             loop: asyncio.AbstractEventLoop, coro: _CoroutineLike[T], /, **kwargs: Any
         ) -> asyncio.Future[T]:
+            plugin = None
+            if self._factory is factory:
+                context = kwargs.get("context")
+                plugin = CURRENT_PLUGIN.get() if context is None else context.get(CURRENT_PLUGIN)
+                if plugin is not None and inspect.iscoroutine(coro):
+                    coro = contain_task(coro)  # its BaseExceptions must not stop the loop
             if prev is None:
                 task: asyncio.Future[T] = asyncio.Task(coro, loop=loop, **kwargs)
             else:
                 task = prev(loop, coro, **kwargs)
-            if self._factory is factory:
-                context = kwargs.get("context")
-                plugin = CURRENT_PLUGIN.get() if context is None else context.get(CURRENT_PLUGIN)
-                if plugin is not None and isinstance(task, asyncio.Task):
-                    plugin.track(task)
+            if plugin is not None and isinstance(task, asyncio.Task):
+                plugin.track(task)
             return task
 
         self._loop = loop

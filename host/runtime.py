@@ -26,6 +26,7 @@ from .loader import Loader, PluginInfo, RecordVerifier
 from .plugin import Plugin
 from .records import PluginRecord
 from .registry import Registry
+from .threads import DEFAULT_THREADS, ThreadLimiter
 from .trust import SignatureVerifier, TrustedKeys, TrustError, load_public_keys
 from .types import Args, CallTarget
 from .watchdog import LoopWatchdog
@@ -132,8 +133,13 @@ class PluginHost:
             self._trusted_key_paths = tuple(trusted_keys)
             if not self._trusted_key_paths:
                 raise TrustError("trusted_keys is empty: give key files or folders, or None")
+        # One thread limiter for calls and hooks: it bounds the host's abandoned threads.
+        threads = ThreadLimiter(DEFAULT_THREADS)
         self._registry = Registry(
-            grace_period=timeouts.grace, history_size=limits.history_size, events=self._events_bus
+            grace_period=timeouts.grace,
+            history_size=limits.history_size,
+            events=self._events_bus,
+            threads=threads,
         )
         self._dispatcher = Dispatcher(
             self._registry,
@@ -143,6 +149,7 @@ class PluginHost:
             max_waiting=limits.max_waiting,
             require_depth=limits.require_depth,
             events=self._events_bus,
+            threads=threads,
         )
         self._loader = Loader(
             self._registry,
@@ -248,6 +255,9 @@ class PluginHost:
                 if self._watch_scope is not None:
                     self._watch_scope.cancel()
                 await self._registry.aclose(self.drain_timeout)
+                # Calls still running after the drain get HostClosed (their threads are
+                # abandoned and interrupted): nothing in flight outlives the host.
+                self._dispatcher.abort()
                 if self._reporter is not None:
                     await self._reporter.aclose()
         finally:
@@ -303,6 +313,10 @@ class PluginHost:
     def draining(self) -> bool:
         """Shutdown has begun: new calls are refused."""
         return self._dispatcher.draining
+
+    def stuck_threads(self) -> dict[str, int]:
+        """Versions whose abandoned call threads would not stop: version -> threads."""
+        return self._dispatcher.stuck_threads()
 
     @property
     def abandoned_threads(self) -> int:

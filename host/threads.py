@@ -30,6 +30,7 @@ from anyio.lowlevel import RunVar
 
 __all__ = (
     "DEFAULT_THREADS",
+    "STUCK_AFTER",
     "Stoppable",
     "ThreadInterrupted",
     "ThreadLimiter",
@@ -59,10 +60,10 @@ def _set_async_exc(ident: int, exc: type[BaseException] | None) -> int:
 
 
 class ThreadsExhausted(Exception):
-    """Every slot of a :class:`ThreadLimiter` is held by an abandoned, still running thread.
+    """A :class:`ThreadLimiter` reached its bound on abandoned, still running threads.
 
     Attributes:
-        total: The limiter's size.
+        total: How many abandoned threads hold slots (the limiter's bound).
     """
 
     def __init__(self, total: int) -> None:
@@ -96,6 +97,10 @@ class ThreadLimiter:
     every release and every abandonment, so a waiter never sleeps behind slots that only
     abandoned threads hold: it gets :class:`ThreadsExhausted` as soon as they hold all.
     Only the event loop thread touches the counts.
+
+    HARD BOUND: ``abandoned <= in_use <= total``, so one limiter shared by every kind of
+    plugin thread (the host's: calls and hooks) bounds the abandoned threads of the
+    whole host.
 
     Args:
         total: The number of slots.
@@ -253,6 +258,21 @@ class Stoppable:
             return True
 
 
+class _Raised(Exception):
+    """Carries a non-``Exception`` ``BaseException`` out of a worker thread.
+
+    asyncio hands a worker's exception to the awaiting task with ``coro.throw()``, and
+    throwing ``GeneratorExit`` into a coroutine chain *closes* it instead (CPython's
+    ``gen_throw``): the host code awaiting the thread could not even catch it. So the
+    thread boxes such exceptions and :func:`run_stoppable` re-raises the original with a
+    plain ``raise``, which propagates like any other exception.
+    """
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(repr(exc))
+        self.exc = exc
+
+
 class _InterruptibleCall(Stoppable, Generic[T]):
     """Runs one function in a worker thread and can interrupt it from the loop thread."""
 
@@ -268,8 +288,16 @@ class _InterruptibleCall(Stoppable, Generic[T]):
             raise ThreadInterrupted("the caller gave up before the thread started")
         try:
             return self._func(*self._args)
+        except (Exception, ThreadInterrupted):
+            raise
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit, GeneratorExit...
+            raise _Raised(exc) from None
         finally:
             self._finish()
+
+
+STUCK_AFTER = 1.0
+"""Seconds an abandoned thread may take to stop before it is reported as stuck."""
 
 
 async def run_stoppable(
@@ -277,6 +305,7 @@ async def run_stoppable(
     run: Callable[[], T],
     limiter: ThreadLimiter,
     tally: ThreadTally | None = None,
+    on_stuck: Callable[[], None] | None = None,
 ) -> T:
     """Run ``run()`` (``work``'s body) in a worker thread holding one slot of ``limiter``.
 
@@ -288,24 +317,37 @@ async def run_stoppable(
         run: The callable executed in the thread (``work.run``).
         limiter: Where the slot is taken.
         tally: Also counts the thread while it is abandoned (e.g. per plugin version).
+        on_stuck: Called on the loop if the abandoned thread still runs
+            :data:`STUCK_AFTER` seconds after it was interrupted (it would not stop).
 
     Returns:
         What ``run`` returned.
 
     Raises:
-        ThreadsExhausted: Every slot is held by an abandoned thread.
+        ThreadsExhausted: The limiter's bound on abandoned threads is reached.
     """
     await limiter.acquire()
     carrier = per_loop(_carrier, lambda: anyio.CapacityLimiter(math.inf))
+    raised: BaseException | None = None
     try:
         result = await anyio.to_thread.run_sync(run, limiter=carrier, abandon_on_cancel=True)
+    except _Raised as boxed:
+        limiter.release()
+        raised = boxed.exc
     except anyio.get_cancelled_exc_class():
         loop = asyncio.get_running_loop()
 
+        running = [True]
+
         def ended() -> None:  # on the loop: the abandoned thread returned
+            running[0] = False
             if tally is not None:
                 tally.abandoned -= 1
             limiter.abandoned_ended()
+
+        def check_stuck() -> None:
+            if running[0] and on_stuck is not None:
+                on_stuck()
 
         def thread_exit() -> None:  # in the worker thread
             with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to count
@@ -315,14 +357,18 @@ async def run_stoppable(
             if tally is not None:
                 tally.abandoned += 1
             limiter.abandoned_one()
+            if on_stuck is not None:
+                loop.call_later(STUCK_AFTER, check_stuck)
         else:
             limiter.release()
         raise
     except BaseException:
         limiter.release()
         raise
-    limiter.release()
-    return result
+    else:
+        limiter.release()
+        return result
+    raise raised  # outside the handler: no _Raised in its context
 
 
 async def run_sync_interruptible(
@@ -330,6 +376,7 @@ async def run_sync_interruptible(
     *args: Any,
     limiter: ThreadLimiter | None = None,
     tally: ThreadTally | None = None,
+    on_stuck: Callable[[], None] | None = None,
 ) -> T:
     """Run ``func(*args)`` in a worker thread; on cancellation, interrupt and abandon it.
 
@@ -344,14 +391,16 @@ async def run_sync_interruptible(
         limiter: Where the thread takes its slot; a per-loop limiter of
             :data:`DEFAULT_THREADS` if ``None``.
         tally: Also counts the thread while it is abandoned.
+        on_stuck: Called if the abandoned thread would not stop (see
+            :func:`run_stoppable`).
 
     Returns:
         What ``func`` returned.
 
     Raises:
-        ThreadsExhausted: Every slot of ``limiter`` is held by an abandoned thread.
+        ThreadsExhausted: ``limiter``'s bound on abandoned threads is reached.
     """
     if limiter is None:
         limiter = per_loop(_default_limiter, lambda: ThreadLimiter(DEFAULT_THREADS))
     call = _InterruptibleCall(func, args)
-    return await run_stoppable(call, call.run, limiter, tally)
+    return await run_stoppable(call, call.run, limiter, tally, on_stuck)

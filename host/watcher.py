@@ -291,7 +291,9 @@ class Watcher:
         changes = []
         for doc in docs:
             name = doc.get("_id")
-            name = name if isinstance(name, str) else str(name)
+            if not isinstance(name, str):  # never a name: it would collide (issue 13 #7)
+                self._loader.refuse_id(name, reason)
+                continue
             names.add(name)
             changes.append(Change(name, doc, None, reason))
         self._loader.submit_many(changes)  # compiled in batches: few thread hops
@@ -350,6 +352,12 @@ class Watcher:
             key = _ts_key(event.get("clusterTime"))
             if self._floor is not None and key is not None and key <= self._floor:
                 continue  # already reflected by the snapshot
+            if op in ("insert", "update", "replace", "delete"):
+                raw_id = (event.get("documentKey") or {}).get("_id")
+                if not isinstance(raw_id, str):
+                    if op != "delete":  # a delete of a record that never loaded: nothing to do
+                        self._loader.refuse_id(raw_id, op)
+                    continue
             change = change_from_event(event)
             if change is not None:
                 self._loader.submit(change)

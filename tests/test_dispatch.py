@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 import structlog
 
@@ -20,10 +21,12 @@ from host.errors import (
     PluginTimeout,
     RequireDepthExceeded,
 )
+from host.events import EventBus
 from host.plugin import Plugin
 from host.records import PluginRecord
 from host.registry import Registry
-from tests.support import wait_until
+from host.threads import ThreadLimiter
+from tests.support import next_event, wait_until
 
 # Generous load bound: these tests are not about load timeouts, and CI machines are busy.
 LOAD_TIMEOUT = 30.0
@@ -441,3 +444,154 @@ async def test_abandoned_threads_keep_their_slot(registry: Registry) -> None:
     assert plugin.threads.abandoned == 0
     assert peak[0] <= 2
     assert await dispatcher.call("stuck", None, timeout=LOAD_TIMEOUT) == "done"
+
+
+FAN = (
+    "import asyncio\n"
+    "async def main(ctx, n):\n"
+    "    if n == 0:\n"
+    "        return 1\n"
+    "    a, b = await asyncio.gather(ctx.call('fan', n - 1), ctx.call('fan', n - 1))\n"
+    "    return a + b + 1\n"
+)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("limit", "depth"), [(64, 7), (2, 3), (1, 4)])
+async def test_fan_out_to_itself_never_waits_for_its_own_slots(
+    registry: Registry, limit: int, depth: int
+) -> None:
+    """A plugin calling itself twice through gather (2**(d+1)-1 calls) finishes under any limit."""
+    host = make_host(registry, default_timeout=20.0)
+    plugin = await host.load("fan", FAN, max_concurrency=limit)
+    assert await host.dispatcher.call("fan", depth) == 2 ** (depth + 1) - 1
+    assert plugin.in_flight == 0 and plugin.waiting == 0
+    # Independent callers still share the limit: three fan trees at once all finish.
+    results: list[int] = []
+
+    async def tree() -> None:
+        results.append(await host.dispatcher.call("fan", 2))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(tree)
+    assert results == [7, 7, 7]
+
+
+@pytest.mark.anyio
+async def test_fan_in_still_honours_the_limit_of_a_shared_callee(registry: Registry) -> None:
+    """a gathers b and c, both call d (max 1); 4 trees at once: all finish, d runs one at a time."""
+    box = {"running": 0, "peak": 0}
+    host = make_host(registry, box=box, default_timeout=20.0)
+    await host.load(
+        "d",
+        "import asyncio\n"
+        "async def main(ctx, x):\n"
+        "    ctx.box['running'] += 1\n"
+        "    ctx.box['peak'] = max(ctx.box['peak'], ctx.box['running'])\n"
+        "    await asyncio.sleep(0.01)\n"
+        "    ctx.box['running'] -= 1\n"
+        "    return x\n",
+        max_concurrency=1,
+    )
+    for name in ("b", "c"):
+        await host.load(name, "async def main(ctx, x):\n    return await ctx.call('d', x)\n")
+    await host.load(
+        "a",
+        "import asyncio\n"
+        "async def main(ctx, x):\n"
+        "    return sum(await asyncio.gather(ctx.call('b', x), ctx.call('c', x)))\n",
+        max_concurrency=1,
+    )
+    results: list[int] = []
+
+    async def tree(n: int) -> None:
+        results.append(await host.dispatcher.call("a", n))
+
+    async with anyio.create_task_group() as tg:
+        for n in range(4):
+            tg.start_soon(tree, n)
+    assert sorted(results) == [0, 2, 4, 6]
+    assert box["peak"] == 1, "d ran concurrently although its limit is 1"
+
+
+@pytest.mark.anyio
+async def test_hooks_and_calls_share_one_bound_on_abandoned_threads() -> None:
+    """A stuck sync teardown and a stuck sync call hold the host's 2 slots: then PluginBusy.
+
+    Each abandoned thread that would not stop is reported as plugin.thread_stuck, naming
+    the plugin, the version and where it was (teardown or call).
+    """
+    gate = threading.Event()
+    limiter = ThreadLimiter(2)
+    events = EventBus()
+    async with (
+        Registry(grace_period=0.0, teardown_timeout=0.05, events=events, threads=limiter) as reg,
+        events.subscribe() as seen,
+    ):
+        dispatcher = Dispatcher(
+            reg, db=None, globals={"gate": gate}, events=events, threads=limiter
+        )
+        host = Host(reg, dispatcher)
+        blocked = "def main(ctx, a):\n    ctx.gate.wait()\n"
+        old = await host.load(
+            "t", "def teardown(ctx):\n    ctx.gate.wait()\n" + blocked, revision=1
+        )
+        try:
+            await host.load("t", blocked, revision=2)  # the old version tears down: stuck
+            await old.wait_retired()
+            assert limiter.abandoned == 1
+            with pytest.raises(PluginTimeout):
+                await dispatcher.call("t", None, timeout=0.05)
+            assert limiter.abandoned == 2
+            with pytest.raises(PluginBusy) as info:
+                await dispatcher.call("t", None, timeout=0.05)
+            assert info.value.abandoned_threads == 2
+            stuck = [await next_event(seen, "plugin.thread_stuck") for _ in range(2)]
+            assert sorted((e["where"], e["version"]) for e in stuck) == [
+                ("call", reg.get("t").version),  # type: ignore[union-attr]
+                ("teardown", old.version),
+            ]
+            assert dispatcher.stuck_threads() == {reg.get("t").version: 1}  # type: ignore[union-attr]
+        finally:
+            gate.set()
+        await wait_until(lambda: limiter.in_use == 0, "the stuck threads ended")
+        assert dispatcher.stuck_threads() == {}
+
+
+@pytest.mark.anyio
+async def test_abort_ends_calls_in_flight_with_host_closed(registry: Registry) -> None:
+    """abort(): async, sync (blocked in C) and fanned-out calls end with HostClosed, no residue."""
+    gate = threading.Event()
+    forever = anyio.Event()
+    host = make_host(registry, gate=gate, forever=forever)
+    await host.load("wait", "async def main(ctx, a):\n    await ctx.forever.wait()\n")
+    await host.load("block", "def main(ctx, a):\n    ctx.gate.wait()\n")
+    await host.load(
+        "fan",
+        "import asyncio\nasync def main(ctx, a):\n"
+        "    await asyncio.gather(ctx.call('wait'), ctx.call('wait'))\n",
+    )
+    outcomes: dict[str, BaseException] = {}
+
+    async def call(name: str) -> None:
+        try:
+            await host.dispatcher.call(name, None)
+        except HostClosed as exc:
+            outcomes[name] = exc
+            await anyio.lowlevel.checkpoint()  # the task is not left cancelled: it goes on
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for name in ("wait", "block", "fan"):
+                tg.start_soon(call, name)
+            await wait_until(lambda: registry.get("wait").in_flight == 3, "calls in flight")  # type: ignore[union-attr]
+            host.dispatcher.abort()
+    finally:
+        gate.set()
+    assert sorted(outcomes) == ["block", "fan", "wait"]
+    assert "stopped before the call finished" in str(outcomes["wait"])
+    with pytest.raises(HostClosed):
+        await host.dispatcher.call("wait", None)
+    for name in ("wait", "block", "fan"):
+        assert registry.get(name).in_flight == 0  # type: ignore[union-attr]

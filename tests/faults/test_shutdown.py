@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
@@ -126,3 +127,71 @@ async def test_sigterm_under_load_drains_refuses_and_tears_down_once(
     _, err = daemon.output()
     assert "Traceback" not in err, err
     print(f"\n{len(refused)} refused with 503, {len(late_refusals)} after the listener closed")
+
+
+SLEEPER = """
+import time
+
+
+def main(ctx, args):
+    time.sleep(40)  # blocked in C: the interrupt cannot reach it
+    return "slept"
+"""
+# Swallows the interrupt the host injects, and keeps spinning: a thread that will not stop.
+SPINNER = """
+def main(ctx, args):
+    while True:
+        try:
+            while True:
+                pass
+        except BaseException:
+            continue
+"""
+
+
+async def test_sigterm_exit_is_bounded_whatever_plugin_threads_do(
+    mongo_uri: str, db: AsyncDatabase[Doc], tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """time.sleep(40) in flight and a spinning thread: JSON 503, exit 0, the culprit named."""
+    await publish(db, "sleeper", SLEEPER)
+    spinner = await publish(db, "spinner", SPINNER)
+    port = free_port()
+    daemon = Daemon.run(tmp_path, mongo_uri, db.name, f"127.0.0.1:{port}", "--drain-timeout", "1")
+    daemons.append(daemon)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        await wait_ready(client, daemon)
+        timed_out = await client.post("/functions/spinner/call?timeout=0.2", json=None)
+        assert timed_out.status_code == 504, timed_out.text
+
+        def stuck_logged() -> bool:
+            return '"event": "plugin.thread_stuck"' in daemon.output()[0]
+
+        await wait_until(stuck_logged, "the stuck spinner thread is reported", timeout=20)
+        replies: list[httpx.Response] = []
+        async with anyio.create_task_group() as tg:
+
+            async def sleep_call() -> None:
+                replies.append(await client.post("/functions/sleeper/call", json=None))
+
+            tg.start_soon(sleep_call)
+
+            async def in_flight() -> bool:
+                return "plugin_host_in_flight_calls 1" in (await client.get("/metrics")).text
+
+            await wait_until(in_flight, "the sleeping call is in flight")
+            daemon.proc.send_signal(signal.SIGTERM)
+        reply = replies[0]
+        assert reply.status_code == 503, reply.text
+        assert reply.headers["content-type"].startswith("application/json")
+        assert reply.json()["error"]["type"] == "HostClosed"
+    # Without the exit bound the process lived until time.sleep(40) returned (and, with
+    # the spinner, forever); 20 s is a deadline for the wait, not a measured figure.
+    assert await daemon.exit_code(timeout=20) == 0
+    out, _ = daemon.output()
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    stuck = [e for e in events if e["event"] == "plugin.thread_stuck"]
+    assert stuck[0]["plugin"] == "spinner"
+    assert stuck[0]["version"].startswith(f"spinner@r{spinner.revision}:")
+    forced = [e for e in events if e["event"] == "daemon.exit_forced"]
+    assert len(forced) == 1
+    assert stuck[0]["version"] in forced[0]["stuck_threads"]
