@@ -416,7 +416,8 @@ def create_app(
                 "closed", 503, "HostClosed", "the plugin host is draining: retry on another one"
             )
         timeout: float | None = None
-        raw_timeout = request.query_params.get("timeout")
+        # Most calls have no query string: skip building QueryParams for them.
+        raw_timeout = request.query_params.get("timeout") if request.scope["query_string"] else None
         if raw_timeout is not None:
             try:
                 timeout = float(raw_timeout)

@@ -113,6 +113,32 @@ async def test_timeout_raises_plugin_timeout_and_logs(registry: Registry) -> Non
 
 
 @pytest.mark.anyio
+async def test_outer_cancellation_is_not_a_plugin_timeout(registry: Registry) -> None:
+    """An enclosing cancel scope that fires first cancels the call: no PluginTimeout, no
+    call.timeout, the version's in-flight count back to 0."""
+    host = make_host(registry)
+    plugin = await host.load(
+        "slow", "import anyio\nasync def main(ctx, a):\n    await anyio.sleep_forever()\n"
+    )
+    with structlog.testing.capture_logs() as logs:
+        with anyio.move_on_after(0.05) as outer:
+            await host.dispatcher.call("slow", None, timeout=30)
+    assert outer.cancelled_caught
+    assert [e for e in logs if e["event"] == "call.timeout"] == []
+    assert plugin.in_flight == 0
+
+
+@pytest.mark.anyio
+async def test_a_plugins_own_timeout_error_is_a_failure(registry: Registry) -> None:
+    """TimeoutError raised by plugin code inside a call with a deadline is PluginFailed."""
+    host = make_host(registry)
+    await host.load("raises", "async def main(ctx, a):\n    raise TimeoutError('upstream')\n")
+    with pytest.raises(PluginFailed) as info:
+        await host.dispatcher.call("raises", None, timeout=30)
+    assert (info.value.error_type, info.value.error_message) == ("TimeoutError", "upstream")
+
+
+@pytest.mark.anyio
 async def test_record_and_default_timeouts_apply(registry: Registry) -> None:
     """Without a per-call timeout, the record's timeout, then the default, applies."""
     host = make_host(registry, default_timeout=0.05)
