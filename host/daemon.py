@@ -276,6 +276,7 @@ async def run_daemon(
     background: Sequence[Background] = (),
     http: HttpSettings | None = None,
     report_status: bool | StatusReporting = False,
+    bound_exit: bool = False,
 ) -> None:
     """Serve ``db[collection]``'s plugins over HTTP on ``sock`` until SIGTERM/SIGINT.
 
@@ -298,6 +299,9 @@ async def run_daemon(
         http: Connection timeouts and cap, allowed hosts and origins, access log.
         report_status: Report what this host serves to the hosts collection (see
             :mod:`host.fleet`); ``run`` and ``dev`` turn it on.
+        bound_exit: This process ends at most :data:`EXIT_GRACE` seconds after the
+            daemon stops, whatever plugin threads still do (``os._exit``): for the CLI's
+            own process only, never for a process that goes on after the daemon.
 
     Raises:
         StartupError: Not ready in time, or the collection cannot be watched.
@@ -419,7 +423,8 @@ async def run_daemon(
     if provider is not None:
         tracing.disable()
         await anyio.to_thread.run_sync(provider.shutdown)  # flushes the last spans
-    _bound_exit(0 if problem is None else 1, host)
+    if bound_exit:
+        _bound_exit(0 if problem is None else 1, host)
     if problem is None:
         _log.info("daemon.stopped")
         return

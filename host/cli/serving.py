@@ -322,6 +322,7 @@ def run(
                     otel,
                 ),
                 report_status=status_reporting,
+                bound_exit=True,
             )
         finally:
             await client.close()
@@ -532,6 +533,7 @@ def dev(
                     otel,
                 ),
                 report_status=status_reporting,
+                bound_exit=True,
             )
         finally:
             await client.close()
