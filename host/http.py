@@ -47,6 +47,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import structlog
 from bson import Decimal128, ObjectId
 from pymongo.errors import PyMongoError
@@ -102,7 +103,13 @@ def _default(value: Any) -> Any:
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, set | frozenset):
-        return sorted(value, key=repr)
+        # Sorted when the members order naturally (strings, or numbers); otherwise in
+        # iteration order. Never by repr(): a plugin's slow __repr__ once held the loop
+        # for seconds, outside any timeout.
+        try:
+            return sorted(value)
+        except TypeError:
+            return list(value)
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
@@ -114,6 +121,92 @@ def to_json(value: Any) -> bytes:
         ValueError: The value holds NaN or infinity.
     """
     return json.dumps(value, default=_default, allow_nan=False, ensure_ascii=False).encode()
+
+
+class ResultTooLarge(ValueError):
+    """A result's JSON passed the size limit (``size`` bytes encoded when it stopped)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"over the limit after {size} bytes")
+        self.size = size
+
+
+class ResultEncodingTimeout(TimeoutError):
+    """Encoding a result did not finish within what was left of the call's timeout."""
+
+
+SMALL_RESULT_NODES = 2_048
+"""Results with at most this many containers and scalars are encoded in one C call."""
+_ENCODE_STEP = 4_096  # chunks of the pure-Python encoder between two loop turns
+
+
+def _is_small(value: Any, limit: int) -> bool:
+    # Walks at most SMALL_RESULT_NODES nodes: a bounded look, cheap for the usual result.
+    budget = SMALL_RESULT_NODES
+    text = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        budget -= 1
+        if budget < 0:
+            return False
+        if isinstance(item, str | bytes):
+            text += len(item)
+            if text * 6 > limit:  # a character can take 6 bytes as JSON (\u escapes)
+                return False
+        elif isinstance(item, dict):
+            if len(item) > budget:
+                return False
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple | set | frozenset):
+            if len(item) > budget:
+                return False
+            stack.extend(item)
+    return True
+
+
+async def encode_result(value: Any, limit: int, deadline: float | None = None) -> bytes:
+    """Encode a call result like :func:`to_json`, bounded in size and in time.
+
+    A small result (a bounded look says so) is encoded in one C call. A large one is
+    encoded in chunks by the pure-Python encoder, the loop getting a turn between steps,
+    and it stops as soon as the JSON passes ``limit`` bytes or ``deadline`` passes, so a
+    huge or pathological result can neither stall the loop nor outlive the call's timeout.
+
+    Args:
+        value: The result.
+        limit: Largest accepted JSON, in bytes.
+        deadline: ``time.perf_counter()`` by which encoding must be done (None: no bound).
+
+    Returns:
+        The JSON (at most ``limit`` bytes).
+
+    Raises:
+        ResultTooLarge: The JSON passed ``limit``.
+        ResultEncodingTimeout: The deadline passed while encoding.
+        TypeError: The value holds something JSON cannot express.
+        ValueError: The value holds NaN or infinity.
+    """
+    if _is_small(value, limit):
+        content = to_json(value)
+        if len(content) > limit:
+            raise ResultTooLarge(len(content))
+        return content
+    encoder = json.JSONEncoder(default=_default, allow_nan=False, ensure_ascii=False)
+    parts: list[bytes] = []
+    size = 0
+    for n, chunk in enumerate(encoder.iterencode(value), 1):
+        data = chunk.encode()
+        size += len(data)
+        if size > limit:
+            raise ResultTooLarge(size)
+        parts.append(data)
+        if n % _ENCODE_STEP == 0:
+            if deadline is not None and time.perf_counter() > deadline:
+                raise ResultEncodingTimeout("encoding the result took past the call's timeout")
+            await anyio.lowlevel.checkpoint()
+    return b"".join(parts)
 
 
 class _BadConstant(ValueError):
@@ -486,8 +579,35 @@ def create_app(
         finally:
             metrics.in_flight -= 1
         metrics.count_call("ok", time.perf_counter() - started, plugin=name, version=version)
+        budget = timeout if timeout is not None else host.timeouts.call
         try:
-            content = to_json({"result": result, "version": version})
+            content = await encode_result(
+                {"result": result, "version": version},
+                max_result_bytes,
+                None if budget is None else started + budget,
+            )
+        except ResultTooLarge as exc:
+            _log.warning(
+                "http.result_too_large",
+                plugin=name,
+                version=version,
+                size=exc.size,
+                limit=max_result_bytes,
+            )
+            return _error(
+                500,
+                "ResultTooLarge",
+                f"plugin {version or name} returned a result of over {max_result_bytes} bytes "
+                f"as JSON (stopped encoding at {exc.size} bytes)",
+                version=version,
+                size=exc.size,
+                limit=max_result_bytes,
+            ), version
+        except ResultEncodingTimeout as exc:
+            _log.warning("http.result_encoding_timeout", plugin=name, version=version)
+            return _error(
+                504, "PluginTimeout", f"plugin {version or name}: {exc}", version=version
+            ), version
         except (TypeError, ValueError, RecursionError) as exc:
             _log.warning("http.result_not_json", plugin=name, version=version, error=str(exc))
             return _error(
@@ -495,23 +615,6 @@ def create_app(
                 "ResultNotSerializable",
                 f"plugin {version or name} returned a result that is not JSON-serialisable: {exc}",
                 version=version,
-            ), version
-        if len(content) > max_result_bytes:
-            _log.warning(
-                "http.result_too_large",
-                plugin=name,
-                version=version,
-                size=len(content),
-                limit=max_result_bytes,
-            )
-            return _error(
-                500,
-                "ResultTooLarge",
-                f"plugin {version or name} returned a result of {len(content)} bytes as JSON, "
-                f"over the limit of {max_result_bytes} bytes",
-                version=version,
-                size=len(content),
-                limit=max_result_bytes,
             ), version
         headers = {"X-Plugin-Version": version or ""}
         return Response(content, 200, media_type="application/json", headers=headers), version
