@@ -417,7 +417,12 @@ class EmbeddedMongo:
         except (ConnectionError, asyncio.CancelledError):
             pass
         except Exception:  # never let one connection take the server down
-            log.exception("embedded.connection_failed", peer=peer_str)
+            if writer.is_closing():
+                # The peer went away mid-reply. asyncio raises ConnectionError for that,
+                # uvloop (the dev daemon's loop) RuntimeError("... the handler is closed").
+                log.debug("embedded.connection_lost", peer=peer_str)
+            else:
+                log.exception("embedded.connection_failed", peer=peer_str)
         finally:
             self._writers.discard(writer)
             self._tasks.discard(task)
