@@ -8,6 +8,7 @@ import threading
 import types
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import structlog
@@ -45,6 +46,23 @@ def mongo_uri() -> Iterator[str]:
 def using_embedded() -> bool:
     """True when the suite runs against the embedded server (not ``MONGODB_URI``)."""
     return not os.environ.get("MONGODB_URI")
+
+
+@pytest.fixture(autouse=True)
+def _embedded_only(request: pytest.FixtureRequest, using_embedded: bool) -> None:
+    """Skip tests marked ``embedded_only(reason)`` when the suite runs on ``MONGODB_URI``."""
+    marker = request.node.get_closest_marker("embedded_only")
+    if marker is not None and not using_embedded:
+        pytest.skip(f"embedded server only: {marker.args[0] if marker.args else ''}")
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path) -> Iterator[Path]:
+    """A data directory on a 2 MiB tmpfs (mounted by the test as root; skipped otherwise)."""
+    from tests.embedded.support import tmpfs
+
+    with tmpfs(tmp_path / "tiny", "2m") as mount:
+        yield mount
 
 
 @pytest.fixture

@@ -23,14 +23,10 @@ from .support import wait_until
 Doc = dict[str, Any]
 N = 100_000
 # Loading 100k documents through the driver takes a while on a busy 2-core machine.
-pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(autouse=True)
-def _embedded_only(using_embedded: bool) -> None:
-    """The embedded server's scheduling is what these tests are about."""
-    if not using_embedded:
-        pytest.skip("head-of-line blocking in the embedded server")
+pytestmark = [
+    pytest.mark.timeout(300),
+    pytest.mark.embedded_only("head-of-line blocking in the embedded server"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,7 @@ from pymongo.errors import DuplicateKeyError
 Doc = dict[str, Any]
 
 
-@pytest.fixture(autouse=True)
-def _embedded_only(using_embedded: bool) -> None:
-    """The CLI's server is what these tests are about."""
-    if not using_embedded:
-        pytest.skip("durability of the embedded server's data directory")
+pytestmark = pytest.mark.embedded_only("durability of the embedded server's data directory")
 
 
 def _cli() -> list[str]:

@@ -20,23 +20,9 @@ from host.embedded import EmbeddedMongoThread
 from host.embedded.journal import JOURNAL, Journal, JournalFailed
 from host.embedded.server import EmbeddedMongo
 
-from .support import command, raw_socket, remount, tmpfs
+from .support import command, raw_socket, remount
 
 Doc = dict[str, Any]
-
-
-@pytest.fixture(autouse=True)
-def _embedded_only(using_embedded: bool) -> None:
-    """The embedded server's own data directory is what these tests are about."""
-    if not using_embedded:
-        pytest.skip("durability of the embedded server's data directory")
-
-
-@pytest.fixture
-def tiny_dir(tmp_path: Path) -> Iterator[Path]:
-    """A data directory on a 2 MiB tmpfs (root only: skipped visibly otherwise)."""
-    with tmpfs(tmp_path / "tiny", "2m") as mount:
-        yield mount
 
 
 @contextmanager
@@ -181,4 +167,7 @@ async def test_compaction_keeps_every_write(tmp_path: Path) -> None:
     assert docs == [{"_id": i, "n": i} for i in range(300)]
 
 
-pytestmark = pytest.mark.anyio
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.embedded_only("durability of the embedded server's data directory"),
+]

@@ -14,16 +14,9 @@ from host.embedded import EmbeddedMongoThread
 from host.embedded.ttl import TTLMonitor, expired
 from tests.support import wait_until
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.embedded_only("the embedded server's TTL monitor")]
 
 Doc = dict[str, Any]
-
-
-@pytest.fixture(autouse=True)
-def _embedded_only(using_embedded: bool) -> None:
-    """The embedded server's own monitor is what these tests are about."""
-    if not using_embedded:
-        pytest.skip("the embedded server's TTL monitor")
 
 
 def _now() -> datetime:

@@ -8,31 +8,18 @@ full disk (which must fail naming the disk, not the port), then a restart with r
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pymongo.errors import OperationFailure
 
-from tests.embedded.support import remount, tmpfs
+from tests.embedded.support import remount
 from tests.embedded.test_durability import Server, _cli
 
-
-@pytest.fixture(autouse=True)
-def _embedded_only(using_embedded: bool) -> None:
-    """The embedded server's data directory is what this is about."""
-    if not using_embedded:
-        pytest.skip("durability of the embedded server's data directory")
-
-
-@pytest.fixture
-def tiny_dir(tmp_path: Path) -> Iterator[Path]:
-    """A data directory on a 2 MiB tmpfs."""
-    with tmpfs(tmp_path / "tiny", "2m") as mount:
-        yield mount
-
-
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [
+    pytest.mark.timeout(240),
+    pytest.mark.embedded_only("durability of the embedded server's data directory"),
+]
 
 
 def test_full_disk_loses_no_acknowledged_write(tiny_dir: Path) -> None:
