@@ -547,6 +547,9 @@ def create_app(
                 return refuse(
                     "bad_request", 422, "BadRequest", f"the request body is not valid JSON: {exc}"
                 )
+        # Nothing awaits between this lookup and the dispatcher's own (host.call reaches
+        # Registry.get before its first suspension, and a swap is one assignment on this
+        # loop), so this is the version that serves the call.
         current = host.current(name)
         version = current.version if current is not None else None
         metrics.in_flight += 1
