@@ -11,6 +11,7 @@ import anyio
 from pymongo.asynchronous.database import AsyncDatabase
 
 from host.events import HostEvent, Subscription
+from host.fleet import hosts_collection_name
 
 Doc = dict[str, Any]
 """A MongoDB document as the tests read and write it."""
@@ -127,3 +128,24 @@ def torn_pair(n: int, *, sync: bool = False) -> str:
     """
     head = "def" if sync else "async def"
     return f"A = {n}\nB = {n}\n{head} main(ctx, args):\n    return (A, B)\n"
+
+
+@contextlib.asynccontextmanager
+async def status_writes_fail(db: Any, collection: str = "functions") -> AsyncIterator[None]:
+    """While the block runs, every update and createIndexes on the hosts collection beside
+    ``db[collection]`` fails with 13 Unauthorized (a ``failCommand`` failpoint)."""
+    admin = db.client.admin
+    await admin.command(
+        "configureFailPoint",
+        "failCommand",
+        mode="alwaysOn",
+        data={
+            "failCommands": ["update", "createIndexes"],
+            "errorCode": 13,
+            "namespace": f"{db.name}.{hosts_collection_name(collection)}",
+        },
+    )
+    try:
+        yield
+    finally:
+        await admin.command("configureFailPoint", "failCommand", mode="off")

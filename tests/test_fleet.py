@@ -15,7 +15,7 @@ from host.fleetview import fleet_status
 from host.metrics import Metrics, follow_events
 from host.publish import publish
 
-from .support import next_event, wait_until
+from .support import next_event, status_writes_fail, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -41,21 +41,8 @@ async def host_doc(db: AsyncDatabase[Doc], host: PluginHost) -> Doc | None:
 @pytest.fixture
 async def failpoint(db: AsyncDatabase[Doc]) -> AsyncIterator[None]:
     """Makes every update and createIndexes on the hosts collection fail (Unauthorized)."""
-    admin = db.client.admin
-    await admin.command(
-        "configureFailPoint",
-        "failCommand",
-        mode="alwaysOn",
-        data={
-            "failCommands": ["update", "createIndexes"],
-            "errorCode": 13,
-            "namespace": f"{db.name}.{hosts_collection_name('functions')}",
-        },
-    )
-    try:
+    async with status_writes_fail(db):
         yield
-    finally:
-        await admin.command("configureFailPoint", "failCommand", mode="off")
 
 
 def test_options_are_checked() -> None:

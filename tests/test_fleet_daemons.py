@@ -21,7 +21,7 @@ from host.fleet import hosts_collection_name
 from host.fleetview import FleetStatus, fleet_status
 from host.publish import publish
 
-from .support import wait_until
+from .support import status_writes_fail, wait_until
 from .test_daemon import Daemon, daemons, free_port, wait_ready
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -164,18 +164,7 @@ async def test_host_whose_status_writes_fail_keeps_serving(
 ) -> None:
     """A daemon that cannot write its status serves anyway and logs fleet.report_failed once."""
     await publish(db, "greet", GOOD.format(value=1))
-    admin = db.client.admin
-    await admin.command(
-        "configureFailPoint",
-        "failCommand",
-        mode="alwaysOn",
-        data={
-            "failCommands": ["update", "createIndexes"],
-            "errorCode": 13,
-            "namespace": f"{db.name}.{hosts_collection_name('functions')}",
-        },
-    )
-    try:
+    async with status_writes_fail(db):
         port = free_port()
         daemon = Daemon.run(tmp_path, mongo_uri, db.name, f"127.0.0.1:{port}", *FAST)
         daemons.append(daemon)
@@ -199,5 +188,3 @@ async def test_host_whose_status_writes_fail_keeps_serving(
             assert len(failures()) == 1
             record = json.loads(failures()[0])
             assert record["level"] == "warning" and "hint" in record
-    finally:
-        await admin.command("configureFailPoint", "failCommand", mode="off")
