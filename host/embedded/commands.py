@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import bson
 from bson import ObjectId
@@ -74,6 +74,7 @@ def _writes(pipeline: Any) -> bool:
     return isinstance(last, Mapping) and ("$out" in last or "$merge" in last)
 
 
+_B = TypeVar("_B")  # a getMore batch (documents, or change events and their token)
 Handler = Callable[["Session", str, dict[str, Any]], Awaitable[Reply] | Reply]
 
 
@@ -1010,18 +1011,36 @@ class Commands:
             "ok": 1.0,
         }
 
+    async def _await_data(
+        self, fetch: Callable[[], _B], ready: Callable[[_B], bool], body: Mapping[str, Any]
+    ) -> _B:
+        """An awaitData getMore's batch: ``fetch()`` now, and again after each oplog append
+        until ``ready(batch)``, the ``maxTimeMS`` wait (1 s by default) ends or the server
+        closes. MongoDB's rule: the wait is a maximum, so a batch with data returns at once.
+
+        ``fetch`` runs before each wait with no await in between, and ``Oplog.wait`` takes
+        the append event before it suspends, so an append can never fall between the check
+        and the wait (no missed wake-up).
+        """
+        max_time = _int(body, "maxTimeMS")
+        deadline = time.monotonic() + (max_time if max_time is not None else 1000) / 1000
+        found = fetch()
+        while not ready(found) and not self.server.closing:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not await self.oplog.wait(remaining):
+                break
+            found = fetch()
+        return found
+
     async def _tailable_get_more(self, cursor: Any, body: Mapping[str, Any]) -> Reply:
         tail: Tail = cursor.tail
         batch = _int(body, "batchSize")
-        max_time = _int(body, "maxTimeMS")
-        deadline = time.monotonic() + (max_time if max_time is not None else 1000) / 1000
         try:
-            docs = tail.fetch(self.storage, batch)
-            while not docs and tail.await_data and not self.server.closing:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not await self.oplog.wait(remaining):
-                    break
-                docs = tail.fetch(self.storage, batch)
+            docs = await self._await_data(
+                lambda: tail.fetch(self.storage, batch),
+                lambda docs: bool(docs) or not tail.await_data,
+                body,
+            )
         except CommandError:
             self.cursors.close(cursor.id)
             raise
@@ -1260,15 +1279,12 @@ class Commands:
             if failpoint.error is not None:
                 failpoint.error.change_stream = True
                 raise failpoint.error
-        max_time = _int(body, "maxTimeMS")
-        deadline = time.monotonic() + (max_time if max_time is not None else 1000) / 1000
         try:
-            events, token = stream.next_batch(batch)
-            while not events and not stream.closed and not self.server.closing:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not await self.oplog.wait(remaining):
-                    break
-                events, token = stream.next_batch(batch)
+            events, token = await self._await_data(
+                lambda: stream.next_batch(batch),
+                lambda found: bool(found[0]) or stream.closed,
+                body,
+            )
         except CommandError as exc:
             self.cursors.close(cursor.id)
             exc.change_stream = True
