@@ -34,7 +34,13 @@ from .hints import apply_bounds, resolve_hint
 from .merge import merge_into
 from .pipeline import apply_let, check_filters
 from .retryable import RetryHistory, StatementFault, fault_from_data, run_statements, txn_key
-from .storage import SYSTEM_DATABASES, WriteResult, filter_applies, run_pipeline
+from .storage import (
+    SYSTEM_DATABASES,
+    WriteResult,
+    filter_applies,
+    refuse_collation,
+    run_pipeline,
+)
 from .views import check_view_options, find_stages, refuse_write, view_of
 
 if TYPE_CHECKING:
@@ -194,6 +200,9 @@ class Commands:
             )
         body = apply_let(name, body)
         check_filters(name, body)
+        # find, count, distinct, aggregate and findAndModify carry it at the top level;
+        # update and delete statements per statement (checked by the storage).
+        refuse_collation(body.get("collation"))
         if name != "getMore" and body.get("maxTimeMS"):
             self._max_time_fault()
         token = validation.bypass.set(bool(body.get("bypassDocumentValidation")))
@@ -876,8 +885,6 @@ class Commands:
     async def find(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """find with filter, projection, sort, skip, limit, batchSize and singleBatch."""
         coll = _name(body["find"])
-        if body.get("collation"):
-            raise CommandError(238, "not supported by the embedded server: collation")
         limit = _int(body, "limit", 0) or 0
         skip = _int(body, "skip", 0) or 0
         if skip < 0:

@@ -30,7 +30,7 @@ Design note: durable or rolled back. Every write is journaled before its command
     rename, dropIndexes, collMod) are journaled first and applied after.
 
 Known gaps of the engine (each surfaces as error 238 NotImplemented naming the
-feature, never as a wrong answer): collations, ``$redact``
+feature, never as a wrong answer): collations other than ``simple``, ``$redact``
 and some rarer aggregation operators.
 """
 
@@ -90,6 +90,22 @@ class WriteResult:
     n_modified: int = 0
     upserted: list[dict[str, Any]] = field(default_factory=list)
     write_errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+def refuse_collation(collation: Any) -> None:
+    """Refuse a collation the engine cannot honour, rather than ignore it.
+
+    The engine compares strings by code point, which is exactly the ``simple``
+    collation, so that one (or none) is accepted; any other would give a wrong answer.
+
+    Raises:
+        CommandError: 238 NotImplemented for any other collation.
+    """
+    if not collation:
+        return
+    if isinstance(collation, Mapping) and dict(collation) == {"locale": "simple"}:
+        return
+    raise CommandError(238, "not supported by the embedded server: collation")
 
 
 def engine_error(exc: Exception) -> CommandError:
@@ -294,15 +310,20 @@ class Storage:
             # One oplog entry, as MongoDB: the rename carries the dropped target's UUID.
             del self.catalog[(dst_db, dst)]
             self.client[dst_db].drop_collection(dst)
+        self._move_collection(src_db, src, dst_db, dst)
+
+    def _move_collection(self, src_db: str, src: str, dst_db: str, dst: str) -> None:
+        # Shared by rename and its journal replay. The index specs are read while the
+        # source is still in the catalog (index_specs looks it up there), then the
+        # documents, catalog entry and indexes move together.
         docs = list(self.raw(src_db, src).find())
         indexes = self.index_specs(src_db, src)
         self.client[src_db].drop_collection(src)
-        del self.catalog[(src_db, src)]
-        self.catalog[(dst_db, dst)] = info
-        target = self.client[dst_db][dst]
+        self.catalog[(dst_db, dst)] = self.catalog.pop((src_db, src))
+        self.client[dst_db].drop_collection(dst)
         self.client[dst_db].create_collection(dst)
         if docs:
-            target.insert_many(docs)
+            self.raw(dst_db, dst).insert_many(docs)
         self._apply_index_specs(dst_db, dst, indexes)
 
     # -- indexes ---------------------------------------------------------------------
@@ -647,8 +668,7 @@ class Storage:
             check_update_pipeline(update)
         elif not isinstance(update, Mapping):
             raise CommandError(9, "update 'u' must be an object")
-        if stmt.get("collation"):
-            raise CommandError(238, "not supported by the embedded server: collation")
+        refuse_collation(stmt.get("collation"))
         multi = bool(stmt.get("multi", False))
         upsert = bool(stmt.get("upsert", False))
         array_filters = stmt.get("arrayFilters")
@@ -855,6 +875,7 @@ class Storage:
         def delete_one(index: int, stmt: Any, result: WriteResult) -> None:
             if not isinstance(stmt, Mapping) or not isinstance(stmt.get("q", {}), Mapping):
                 raise CommandError(9, "delete statement must be an object with a 'q' object")
+            refuse_collation(stmt.get("collation"))
             limit = stmt.get("limit", 0)
             if limit not in (0, 1):
                 raise CommandError(
@@ -947,25 +968,14 @@ class Storage:
             self.client.drop_database(db)
         elif entry.op == "rename" and coll is not None:
             to = entry.extra["to"]
-            info = self.catalog.pop((db, coll))
-            docs = list(self.raw(db, coll).find())
-            indexes = [s for s in self._raw_index_specs(db, coll)]
-            self.client[db].drop_collection(coll)
-            self.catalog[(to["db"], to["coll"])] = info
-            self.client[to["db"]].drop_collection(to["coll"])
-            self.client[to["db"]].create_collection(to["coll"])
-            if docs:
-                self.raw(to["db"], to["coll"]).insert_many(docs)
-            self._apply_index_specs(to["db"], to["coll"], indexes)
+            self.catalog.pop((to["db"], to["coll"]), None)  # a dropped target
+            self._move_collection(db, coll, to["db"], to["coll"])
         elif entry.op == "createIndexes" and coll is not None:
             self._apply_index_specs(db, coll, entry.extra.get("indexes", []))
         elif entry.op == "dropIndexes" and coll is not None:
             for name in entry.extra.get("names", []):
                 self.raw(db, coll).drop_index(name)
                 self.catalog[(db, coll)].ttl.pop(name, None)
-
-    def _raw_index_specs(self, db: str, coll: str) -> list[dict[str, Any]]:
-        return self.index_specs(db, coll) if (db, coll) in self.catalog else []
 
     def dump(
         self,

@@ -19,6 +19,7 @@ from pymongo.errors import (
     DuplicateKeyError,
     OperationFailure,
     WriteConcernError,
+    WriteError,
 )
 from pymongo.synchronous.database import Database
 from pymongo.write_concern import WriteConcern
@@ -699,3 +700,37 @@ async def test_tailable_cursor_skip_limit_and_rollover(db: AsyncDatabase[Doc]) -
     await coll.insert_many([{"x": i} for i in range(7, 11)])  # its position is deleted
     assert await cursor.to_list() == []
     assert not cursor.alive
+
+
+async def test_collations_are_refused_never_ignored(db: AsyncDatabase[Doc]) -> None:
+    """A non-simple collation is refused (238) by every command that takes one, deletes too."""
+    from pymongo.collation import Collation
+
+    await db.c.insert_many([{"s": "a"}, {"s": "A"}])
+    fold = Collation(locale="en", strength=2)  # would match both "a" and "A"
+    attempts = [
+        db.c.find({"s": "a"}, collation=fold).to_list(),
+        db.c.count_documents({"s": "a"}, collation=fold),
+        db.c.distinct("s", {"s": "a"}, collation=fold),
+        db.c.aggregate([{"$match": {"s": "a"}}], collation=fold),
+        db.c.find_one_and_delete({"s": "a"}, collation=fold),
+    ]
+    for attempt in attempts:
+        with pytest.raises(OperationFailure) as info:
+            await attempt
+        assert info.value.code == 238, info.value
+        assert "collation" in str(info.value)
+    for write in (
+        db.c.delete_many({"s": "a"}, collation=fold),
+        db.c.delete_one({"s": "a"}, collation=fold),
+        db.c.update_many({"s": "a"}, {"$set": {"t": 1}}, collation=fold),
+    ):
+        with pytest.raises(WriteError) as werr:
+            await write
+        assert werr.value.code == 238, werr.value
+    assert sorted(d["s"] for d in await db.c.find({}, {"_id": 0}).to_list()) == ["A", "a"]
+    assert await db.c.count_documents({"t": 1}) == 0
+    # The simple collation is the engine's own code-point order: accepted.
+    simple = Collation(locale="simple")
+    assert await db.c.count_documents({"s": "a"}, collation=simple) == 1
+    assert (await db.c.delete_one({"s": "a"}, collation=simple)).deleted_count == 1

@@ -167,6 +167,30 @@ async def test_compaction_keeps_every_write(tmp_path: Path) -> None:
     assert docs == [{"_id": i, "n": i} for i in range(300)]
 
 
+def test_replayed_rename_keeps_indexes_and_drops_the_target(tmp_path: Path) -> None:
+    """A rename replayed from the journal keeps the source's indexes and drops the target."""
+    with served(tmp_path) as (_, client):
+        client.app.src.insert_many([{"_id": i, "k": i} for i in range(3)])
+        client.app.src.create_index("k", unique=True, name="k_unique")
+        client.app.dst.insert_one({"_id": "old"})
+        client.admin.command(
+            {"renameCollection": "app.src", "to": "app.moved", "dropTarget": False}
+        )
+        client.app.dst.drop()
+        client.app.other.insert_one({"_id": 1})
+        client.admin.command(
+            {"renameCollection": "app.other", "to": "app.moved2", "dropTarget": True}
+        )
+        before = sorted(ix["name"] for ix in client.app.moved.list_indexes())
+    assert before == ["_id_", "k_unique"]
+    with served(tmp_path) as (_, client):  # recovery replays the journal
+        assert sorted(client.app.list_collection_names()) == ["moved", "moved2"]
+        assert sorted(ix["name"] for ix in client.app.moved.list_indexes()) == before
+        assert [d["_id"] for d in client.app.moved.find().sort("_id", 1)] == [0, 1, 2]
+        with pytest.raises(WriteError):  # the unique index is enforced, not just listed
+            client.app.moved.insert_one({"k": 1})
+
+
 pytestmark = [
     pytest.mark.anyio,
     pytest.mark.embedded_only("durability of the embedded server's data directory"),
