@@ -4,15 +4,16 @@ The shapes follow the MongoDB command reference and the drivers' specs (handshak
 ``source/mongodb-handshake``, server monitoring in ``source/server-discovery-and-monitoring``,
 CRUD in ``source/crud``). ``$clusterTime``, ``operationTime`` and error labels are
 added by :mod:`.server` around every reply.
+
+This module holds the command table, the CRUD and cursor handlers (reads, writes,
+getMore, change streams); :mod:`.admin` answers the handshake, diagnostic and
+replica-set commands and :mod:`.catalog` the catalog and index commands.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import os
-import platform
-import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -20,13 +21,15 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import bson
-from bson import ObjectId
 from bson.binary import Binary
 from bson.int64 import Int64
 from bson.timestamp import Timestamp
 
 from . import validation
-from .capped import Tail, check_capped_options, enforce_cap, is_capped
+from .admin import MAX_WRITE_BATCH_SIZE, SERVER_VERSION, AdminCommands
+from .body import doc_field, int_field, name_field
+from .capped import Tail, enforce_cap, is_capped
+from .catalog import CatalogCommands
 from .changestream import ChangeStream, Target
 from .cursors import CursorManager
 from .errors import CloseConnection, CommandError
@@ -37,21 +40,14 @@ from .retryable import RetryHistory, StatementFault, fault_from_data, run_statem
 from .storage import (
     SYSTEM_DATABASES,
     WriteResult,
-    filter_applies,
     refuse_collation,
     run_pipeline,
 )
-from .views import check_view_options, find_stages, refuse_write, view_of
+from .views import find_stages, refuse_write, view_of
 
 if TYPE_CHECKING:
     from .server import EmbeddedMongo
 
-SERVER_VERSION = "7.0.14"
-VERSION_ARRAY = [7, 0, 14, 0]
-MAX_WIRE_VERSION = 21  # MongoDB 7.0
-FEATURE_COMPATIBILITY_VERSION = "7.0"
-ELECTION_ID = ObjectId("7fffffff0000000000000001")
-MAX_WRITE_BATCH_SIZE = 100_000
 WRITE_COMMANDS = frozenset({"insert", "update", "delete", "findAndModify"})
 INSERT_CHUNK = 1_000  # statements applied between two yields of a big insert
 
@@ -97,30 +93,6 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def _name(value: Any, what: str = "collection") -> str:
-    if not isinstance(value, str) or not value:
-        raise CommandError(73, f"{what} name must be a non-empty string, got {value!r}")
-    return value
-
-
-def _int(body: Mapping[str, Any], key: str, default: int | None = None) -> int | None:
-    value = body.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise CommandError(14, f"BSON field '{key}' is the wrong type, expected a number")
-    return int(value)
-
-
-def _doc(body: Mapping[str, Any], key: str) -> dict[str, Any] | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        raise CommandError(14, f"BSON field '{key}' is the wrong type, expected an object")
-    return dict(value)
-
-
 class Commands:
     """The command table of one server."""
 
@@ -131,28 +103,11 @@ class Commands:
         self.cursors = CursorManager()
         self.history = RetryHistory()
         self.storage.on_commit(self.history.settle)
+        self.admin = AdminCommands(server)
+        self.catalog = CatalogCommands(server, self.cursors)
         self.table: dict[str, Handler] = {
-            "hello": self.hello,
-            "isMaster": self.hello,
-            "ismaster": self.hello,
-            "ping": self.ok,
-            "buildInfo": self.build_info,
-            "buildinfo": self.build_info,
-            "hostInfo": self.host_info,
-            "getParameter": self.get_parameter,
-            "getCmdLineOpts": self.get_cmd_line_opts,
-            "getLog": self.get_log,
-            "serverStatus": self.server_status,
-            "whatsmyuri": self.whatsmyuri,
-            "connectionStatus": self.connection_status,
-            "listDatabases": self.list_databases,
-            "listCollections": self.list_collections,
-            "create": self.create,
-            "collMod": self.coll_mod,
-            "drop": self.drop,
-            "dropDatabase": self.drop_database,
-            "renameCollection": self.rename_collection,
-            "dbStats": self.db_stats,
+            **self.admin.table(),
+            **self.catalog.table(),
             "insert": self.insert,
             "update": self.update,
             "delete": self.delete,
@@ -164,22 +119,7 @@ class Commands:
             "distinct": self.distinct,
             "findAndModify": self.find_and_modify,
             "findandmodify": self.find_and_modify,
-            "createIndexes": self.create_indexes,
-            "listIndexes": self.list_indexes,
-            "dropIndexes": self.drop_indexes,
-            "deleteIndexes": self.drop_indexes,
-            "endSessions": self.ok,
-            "killAllSessions": self.ok,
-            "killSessions": self.ok,
-            "refreshSessions": self.ok,
-            "startSession": self.start_session,
-            "commitTransaction": self.no_transaction,
-            "abortTransaction": self.no_transaction,
-            "configureFailPoint": self.configure_fail_point,
             "explain": self.explain,
-            "replSetGetStatus": self.repl_set_get_status,
-            "replSetGetConfig": self.repl_set_get_config,
-            "replSetInitiate": self.repl_set_initiate,
         }
 
     async def run(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
@@ -242,456 +182,6 @@ class Commands:
                 "(this is a single-node replica set)",
                 "errInfo": {"writeConcern": dict(wc)},
             }
-
-    # -- handshake and diagnostics -----------------------------------------------------
-
-    def ok(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """Commands that need no work."""
-        return {"ok": 1.0}
-
-    async def hello(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """hello / isMaster: a replica-set primary; awaitable with ``maxAwaitTimeMS``."""
-        server = self.server
-        client = body.get("client")
-        if session.app_name is None and isinstance(client, Mapping):
-            app = client.get("application")
-            if isinstance(app, Mapping) and isinstance(app.get("name"), str):
-                session.app_name = app["name"]
-        tv = body.get("topologyVersion")
-        wait_ms = body.get("maxAwaitTimeMS")
-        if (
-            isinstance(tv, Mapping)
-            and isinstance(wait_ms, int)
-            and (
-                tv.get("processId") == server.process_id
-                and tv.get("counter") == server.topology_counter
-            )
-        ):
-            await server.wait_topology_change(wait_ms / 1000)
-        name = next(iter(body))
-        last = self.oplog.last_ts
-        now = _now()
-        reply: Reply = {}
-        if name == "hello":
-            reply["isWritablePrimary"] = True
-        else:
-            reply["ismaster"] = True
-        if body.get("helloOk"):
-            reply["helloOk"] = True
-        addr = server.advertised
-        reply.update(
-            {
-                "topologyVersion": {
-                    "processId": server.process_id,
-                    "counter": Int64(server.topology_counter),
-                },
-                "hosts": [addr],
-                "setName": server.replica_set,
-                "setVersion": 1,
-                "secondary": False,
-                "primary": addr,
-                "me": addr,
-                "electionId": ELECTION_ID,
-                "lastWrite": {
-                    "opTime": {"ts": last, "t": Int64(1)},
-                    "lastWriteDate": now,
-                    "majorityOpTime": {"ts": last, "t": Int64(1)},
-                    "majorityWriteDate": now,
-                },
-                "maxBsonObjectSize": 16 * 1024 * 1024,
-                "maxMessageSizeBytes": 48_000_000,
-                "maxWriteBatchSize": MAX_WRITE_BATCH_SIZE,
-                "localTime": now,
-                "logicalSessionTimeoutMinutes": 30,
-                "connectionId": session.connection_id,
-                "minWireVersion": 0,
-                "maxWireVersion": MAX_WIRE_VERSION,
-                "readOnly": False,
-                "ok": 1.0,
-            }
-        )
-        return reply
-
-    def build_info(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """buildInfo: version fields consistent with the advertised wire version."""
-        return {
-            "version": SERVER_VERSION,
-            "gitVersion": "plugin-host-embedded",
-            "versionArray": VERSION_ARRAY,
-            "modules": [],
-            "allocator": "system",
-            "javascriptEngine": "none",
-            "sysInfo": "deprecated",
-            "bits": 64,
-            "debug": False,
-            "maxBsonObjectSize": 16 * 1024 * 1024,
-            "storageEngines": ["embedded"],
-            "openssl": {"running": "disabled", "compiled": "disabled"},
-            "buildEnvironment": {"target_os": platform.system().lower(), "distmod": "embedded"},
-            "ok": 1.0,
-        }
-
-    def host_info(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """hostInfo."""
-        return {
-            "system": {
-                "currentTime": _now(),
-                "hostname": socket.gethostname(),
-                "cpuAddrSize": 64,
-                "numCores": os.cpu_count() or 1,
-                "cpuArch": platform.machine(),
-            },
-            "os": {
-                "type": platform.system(),
-                "name": platform.platform(),
-                "version": platform.release(),
-            },
-            "extra": {},
-            "ok": 1.0,
-        }
-
-    _PARAMETERS: dict[str, Any] = {
-        "featureCompatibilityVersion": {"version": FEATURE_COMPATIBILITY_VERSION},
-        "enableTestCommands": 1,
-        "authenticationMechanisms": [],
-        "transactionLifetimeLimitSeconds": 60,
-    }
-
-    def get_parameter(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """getParameter: ``'*'`` or named parameters."""
-        if body["getParameter"] == "*" or body.get("allParameters"):
-            return {**self._PARAMETERS, "ok": 1.0}
-        wanted = [
-            k
-            for k in body
-            if k
-            not in ("getParameter", "$db", "lsid", "$clusterTime", "$readPreference", "comment")
-        ]
-        reply: Reply = {}
-        for key in wanted:
-            if key not in self._PARAMETERS:
-                raise CommandError(72, f"no option found to get: {key}")
-            reply[key] = self._PARAMETERS[key]
-        reply["ok"] = 1.0
-        return reply
-
-    def get_cmd_line_opts(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """getCmdLineOpts."""
-        return {"argv": [], "parsed": {}, "ok": 1.0}
-
-    def get_log(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """getLog: no log lines are kept; ``'*'`` lists the log names."""
-        which = body["getLog"]
-        if which == "*":
-            return {"names": ["global", "startupWarnings"], "ok": 1.0}
-        if which not in ("global", "startupWarnings"):
-            raise CommandError(2, f"No log named '{which}'")
-        return {"totalLinesWritten": 0, "log": [], "ok": 1.0}
-
-    def server_status(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """serverStatus: the minimal sections tools look at."""
-        uptime = time.monotonic() - self.server.started_at
-        return {
-            "host": self.server.advertised,
-            "version": SERVER_VERSION,
-            "process": "mongod",
-            "pid": Int64(os.getpid()),
-            "uptime": float(int(uptime)),
-            "uptimeMillis": Int64(int(uptime * 1000)),
-            "uptimeEstimate": Int64(int(uptime)),
-            "localTime": _now(),
-            "connections": {
-                "current": self.server.connection_count,
-                "available": 1000,
-                "totalCreated": self.server.connections_created,
-            },
-            "repl": {
-                "setName": self.server.replica_set,
-                "isWritablePrimary": True,
-                "primary": self.server.advertised,
-            },
-            "storageEngine": {"name": "embedded", "persistent": self.server.data_dir is not None},
-            "ok": 1.0,
-        }
-
-    def whatsmyuri(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """whatsmyuri."""
-        return {"you": session.peer, "ok": 1.0}
-
-    def connection_status(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """connectionStatus: no authentication, so nobody is authenticated."""
-        return {"authInfo": {"authenticatedUsers": [], "authenticatedUserRoles": []}, "ok": 1.0}
-
-    def start_session(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """startSession."""
-        import uuid
-
-        return {"id": {"id": Binary.from_uuid(uuid.uuid4())}, "timeoutMinutes": 30, "ok": 1.0}
-
-    def no_transaction(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """commit/abortTransaction: no transaction can be open here (see :meth:`run`)."""
-        raise CommandError(
-            251,
-            f"Given transaction number {body.get('txnNumber')} does not match "
-            "any in-progress transactions (the embedded server does not support "
-            "transactions)",
-        )
-
-    # -- replica set (one member, always primary) ------------------------------------
-    # mongosh's rs.status() / rs.conf() / rs.initiate() and container health checks
-    # (`mongosh --eval "rs.status().ok"`) use these; shapes follow MongoDB 7.0's replies.
-
-    @staticmethod
-    def _admin_only(name: str, db: str) -> None:
-        if db != "admin":
-            raise CommandError(13, f"{name} may only be run against the admin database.")
-
-    def repl_set_get_status(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """replSetGetStatus: one healthy PRIMARY member (``self: true``)."""
-        self._admin_only("replSetGetStatus", db)
-        last = self.oplog.last_ts
-        now = _now()
-        optime = {"ts": last, "t": Int64(1)}
-        uptime = int(time.monotonic() - self.server.started_at)
-        return {
-            "set": self.server.replica_set,
-            "date": now,
-            "myState": 1,
-            "term": Int64(1),
-            "syncSourceHost": "",
-            "syncSourceId": -1,
-            "heartbeatIntervalMillis": Int64(2000),
-            "majorityVoteCount": 1,
-            "writeMajorityCount": 1,
-            "votingMembersCount": 1,
-            "writableVotingMembersCount": 1,
-            "optimes": {
-                "lastCommittedOpTime": optime,
-                "lastCommittedWallTime": now,
-                "readConcernMajorityOpTime": optime,
-                "appliedOpTime": optime,
-                "durableOpTime": optime,
-                "lastAppliedWallTime": now,
-                "lastDurableWallTime": now,
-            },
-            "members": [
-                {
-                    "_id": 0,
-                    "name": self.server.advertised,
-                    "health": 1.0,
-                    "state": 1,
-                    "stateStr": "PRIMARY",
-                    "uptime": uptime,
-                    "optime": optime,
-                    "optimeDate": now,
-                    "lastAppliedWallTime": now,
-                    "lastDurableWallTime": now,
-                    "syncSourceHost": "",
-                    "syncSourceId": -1,
-                    "infoMessage": "",
-                    "electionTime": Timestamp(int(time.time()) - uptime, 1),
-                    "electionDate": now,
-                    "configVersion": 1,
-                    "configTerm": 1,
-                    "self": True,
-                    "lastHeartbeatMessage": "",
-                }
-            ],
-            "ok": 1.0,
-        }
-
-    def repl_set_get_config(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """replSetGetConfig: a one-member configuration."""
-        self._admin_only("replSetGetConfig", db)
-        return {
-            "config": {
-                "_id": self.server.replica_set,
-                "version": 1,
-                "term": 1,
-                "members": [
-                    {
-                        "_id": 0,
-                        "host": self.server.advertised,
-                        "arbiterOnly": False,
-                        "buildIndexes": True,
-                        "hidden": False,
-                        "priority": 1.0,
-                        "tags": {},
-                        "secondaryDelaySecs": Int64(0),
-                        "votes": 1,
-                    }
-                ],
-                "protocolVersion": Int64(1),
-                "writeConcernMajorityJournalDefault": True,
-                "settings": {
-                    "chainingAllowed": True,
-                    "heartbeatIntervalMillis": 2000,
-                    "heartbeatTimeoutSecs": 10,
-                    "electionTimeoutMillis": 10000,
-                    "catchUpTimeoutMillis": -1,
-                    "catchUpTakeoverDelayMillis": 30000,
-                    "getLastErrorModes": {},
-                    "getLastErrorDefaults": {"w": 1, "wtimeout": 0},
-                    "replicaSetId": self.server.process_id,
-                },
-            },
-            "ok": 1.0,
-        }
-
-    def repl_set_initiate(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """replSetInitiate: the set is always initiated (23 AlreadyInitialized, as MongoDB)."""
-        self._admin_only("replSetInitiate", db)
-        raise CommandError(23, "already initialized")
-
-    def configure_fail_point(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """configureFailPoint (admin only)."""
-        if db != "admin":
-            raise CommandError(13, "configureFailPoint may only be run against the admin database.")
-        count = self.server.failpoints.configure(
-            body["configureFailPoint"], body.get("mode"), body.get("data")
-        )
-        return {"count": count, "ok": 1.0}
-
-    # -- catalog -----------------------------------------------------------------------
-
-    def list_databases(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """listDatabases."""
-        entries = []
-        flt = _doc(body, "filter")
-        for name in self.storage.databases():
-            size = (
-                sum(
-                    len(self.storage.raw(name, c).find_one() or {})
-                    for c, _ in self.storage.collections(name)
-                )
-                * 256
-            )
-            entry: Reply = {"name": name, "sizeOnDisk": float(max(size, 8192)), "empty": False}
-            if flt and not filter_applies(flt, entry):
-                continue
-            entries.append({"name": name} if body.get("nameOnly") else entry)
-        total = float(sum(float(e["sizeOnDisk"]) for e in entries if "sizeOnDisk" in e))
-        return {
-            "databases": entries,
-            "totalSize": total,
-            "totalSizeMb": Int64(int(total) >> 20),
-            "ok": 1.0,
-        }
-
-    def list_collections(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """listCollections, with filter and nameOnly."""
-        flt = _doc(body, "filter")
-        out = []
-        for name, info in self.storage.collections(db):
-            kind = "view" if "viewOn" in info.options else "collection"
-            entry: Reply = {
-                "name": name,
-                "type": kind,
-                "options": dict(info.options),
-                "info": {"readOnly": kind == "view", "uuid": Binary.from_uuid(info.uuid)},
-            }
-            if kind == "collection":
-                entry["idIndex"] = {"v": 2, "key": {"_id": 1}, "name": "_id_"}
-            else:
-                del entry["info"]["uuid"]  # views have no UUID
-            if flt and not filter_applies(flt, entry):
-                continue
-            out.append({"name": name, "type": kind} if body.get("nameOnly") else entry)
-        batch = _int(_doc(body, "cursor") or {}, "batchSize")
-        return {**self.cursors.first_batch(f"{db}.$cmd.listCollections", out, batch), "ok": 1.0}
-
-    _CREATE_GENERIC = frozenset(
-        {
-            "create",
-            "$db",
-            "lsid",
-            "$clusterTime",
-            "$readPreference",
-            "writeConcern",
-            "comment",
-            "txnNumber",
-            "apiVersion",
-            "apiStrict",
-            "apiDeprecationErrors",
-            "maxTimeMS",
-        }
-    )
-
-    def create(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """create, including ``changeStreamPreAndPostImages``."""
-        name = _name(body["create"])
-        options = {k: v for k, v in body.items() if k not in self._CREATE_GENERIC}
-        if "viewOn" in options:
-            check_view_options(options)
-        if options.get("capped"):
-            check_capped_options(options)
-        for unsupported in ("timeseries", "clusteredIndex", "encryptedFields"):
-            if options.get(unsupported):
-                raise CommandError(
-                    238, f"not supported by the embedded server: create with '{unsupported}'"
-                )
-        self.storage.create_collection(db, name, options)
-        return {"ok": 1.0}
-
-    def coll_mod(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """collMod: ``changeStreamPreAndPostImages`` (other options are accepted and stored)."""
-        name = _name(body["collMod"])
-        options = {k: v for k, v in body.items() if k not in self._CREATE_GENERIC | {"collMod"}}
-        self.storage.coll_mod(db, name, options)
-        return {"ok": 1.0}
-
-    def drop(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """drop: ``{ns, nIndexesWas}``; a missing collection is not an error (7.0)."""
-        name = _name(body["drop"])
-        n_indexes = self.storage.drop_collection(db, name)
-        if n_indexes is None:
-            return {"ok": 1.0}
-        return {"nIndexesWas": n_indexes, "ns": f"{db}.{name}", "ok": 1.0}
-
-    def drop_database(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """dropDatabase: drop events per collection, then dropDatabase."""
-        if db in SYSTEM_DATABASES and db != "config":
-            raise CommandError(20, f"Dropping the '{db}' database is prohibited.")
-        if not self.storage.collections(db):
-            return {"ok": 1.0}
-        self.storage.drop_database(db)
-        return {"dropped": db, "ok": 1.0}
-
-    def rename_collection(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """renameCollection (admin only): ``{renameCollection: "db.a", to: "db.b"}``."""
-        if db != "admin":
-            raise CommandError(13, "renameCollection may only be run against the admin database.")
-        src, dst = body.get("renameCollection"), body.get("to")
-        if not isinstance(src, str) or "." not in src or not isinstance(dst, str) or "." not in dst:
-            raise CommandError(
-                73, "renameCollection and to must be full namespaces 'db.collection'"
-            )
-        src_db, src_coll = src.split(".", 1)
-        dst_db, dst_coll = dst.split(".", 1)
-        self.storage.rename_collection(
-            src_db, src_coll, dst_db, dst_coll, drop_target=bool(body.get("dropTarget", False))
-        )
-        return {"ok": 1.0}
-
-    def db_stats(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """dbStats (approximate sizes)."""
-        colls = self.storage.collections(db)
-        objects = sum(self.storage.raw(db, c).count_documents({}) for c, _ in colls)
-        indexes = sum(len(self.storage.raw(db, c).index_information()) for c, _ in colls)
-        return {
-            "db": db,
-            "collections": len(colls),
-            "views": 0,
-            "objects": objects,
-            "avgObjSize": 0.0,
-            "dataSize": 0.0,
-            "storageSize": 0.0,
-            "indexes": indexes,
-            "indexSize": 0.0,
-            "totalSize": 0.0,
-            "scaleFactor": 1,
-            "ok": 1.0,
-        }
 
     # -- writes ------------------------------------------------------------------------
 
@@ -767,7 +257,7 @@ class Commands:
         it) are reported as write errors; the earlier chunks are durable and counted in
         ``n``.
         """
-        coll = _name(body["insert"])
+        coll = name_field(body["insert"])
         refuse_write(self.storage, db, coll)
         docs = self._batch(body, "documents", "insert")
         for doc in docs:
@@ -808,7 +298,7 @@ class Commands:
 
     def update(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """update: ``{n, nModified, upserted?, writeErrors?}``."""
-        coll = _name(body["update"])
+        coll = name_field(body["update"])
         refuse_write(self.storage, db, coll)
         stmts = self._batch(body, "updates", "update")
         for stmt in stmts:
@@ -831,7 +321,7 @@ class Commands:
 
     def delete(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """delete: ``{n, writeErrors?}``."""
-        coll = _name(body["delete"])
+        coll = name_field(body["delete"])
         refuse_write(self.storage, db, coll)
         stmts = self._batch(body, "deletes", "delete")
         result = self._statements(
@@ -861,7 +351,7 @@ class Commands:
         return reply
 
     def _find_and_modify(self, db: str, body: dict[str, Any]) -> Reply:
-        coll = _name(body[next(iter(body))])
+        coll = name_field(body[next(iter(body))])
         refuse_write(self.storage, db, coll)
         from pymongo.errors import DuplicateKeyError
 
@@ -884,9 +374,9 @@ class Commands:
 
     async def find(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """find with filter, projection, sort, skip, limit, batchSize and singleBatch."""
-        coll = _name(body["find"])
-        limit = _int(body, "limit", 0) or 0
-        skip = _int(body, "skip", 0) or 0
+        coll = name_field(body["find"])
+        limit = int_field(body, "limit", 0) or 0
+        skip = int_field(body, "skip", 0) or 0
         if skip < 0:
             raise CommandError(2, "skip value must be non-negative")
         single = bool(body.get("singleBatch")) or limit < 0
@@ -895,7 +385,11 @@ class Commands:
         view = view_of(self.storage, db, coll)
         if view is not None:
             stages = find_stages(
-                _doc(body, "filter"), _doc(body, "projection"), _doc(body, "sort"), skip, limit
+                doc_field(body, "filter"),
+                doc_field(body, "projection"),
+                doc_field(body, "sort"),
+                skip,
+                limit,
             )
             docs = self.storage.aggregate(db, view[0], view[1] + stages)
         elif body.get("hint") is not None or body.get("min") or body.get("max"):
@@ -904,13 +398,13 @@ class Commands:
             docs = await self.storage.find_async(
                 db,
                 coll,
-                _doc(body, "filter"),
-                projection=_doc(body, "projection"),
-                sort=_doc(body, "sort"),
+                doc_field(body, "filter"),
+                projection=doc_field(body, "projection"),
+                sort=doc_field(body, "sort"),
                 skip=skip,
                 limit=abs(limit),
             )
-        batch = _int(body, "batchSize")
+        batch = int_field(body, "batchSize")
         if batch is not None and batch < 0:
             raise CommandError(2, "batchSize value must be non-negative")
         if limit and (batch is None or batch > abs(limit)):
@@ -922,7 +416,7 @@ class Commands:
                 batch,
                 single_batch=single,
                 lsid=body.get("lsid"),
-                max_time_ms=_int(body, "maxTimeMS"),
+                max_time_ms=int_field(body, "maxTimeMS"),
             ),
             "ok": 1.0,
         }
@@ -1001,12 +495,14 @@ class Commands:
                 f"error processing query: ns={db}.{coll} :: caused by :: "
                 "tailable cursor requested on non capped collection",
             )
-        tail = Tail(db, coll, _doc(body, "filter") or {}, await_data=bool(body.get("awaitData")))
-        tail.skip = _int(body, "skip", 0) or 0
-        tail.projection = _doc(body, "projection")
-        limit = abs(_int(body, "limit", 0) or 0)
+        tail = Tail(
+            db, coll, doc_field(body, "filter") or {}, await_data=bool(body.get("awaitData"))
+        )
+        tail.skip = int_field(body, "skip", 0) or 0
+        tail.projection = doc_field(body, "projection")
+        limit = abs(int_field(body, "limit", 0) or 0)
         tail.remaining = limit or None
-        batch = _int(body, "batchSize")
+        batch = int_field(body, "batchSize")
         docs = tail.fetch(self.storage, 101 if batch is None else batch) if batch != 0 else []
         cursor_id = 0
         if not single and not tail.done:
@@ -1029,7 +525,7 @@ class Commands:
         the append event before it suspends, so an append can never fall between the check
         and the wait (no missed wake-up).
         """
-        max_time = _int(body, "maxTimeMS")
+        max_time = int_field(body, "maxTimeMS")
         deadline = time.monotonic() + (max_time if max_time is not None else 1000) / 1000
         found = fetch()
         while not ready(found) and not self.server.closing:
@@ -1041,7 +537,7 @@ class Commands:
 
     async def _tailable_get_more(self, cursor: Any, body: Mapping[str, Any]) -> Reply:
         tail: Tail = cursor.tail
-        batch = _int(body, "batchSize")
+        batch = int_field(body, "batchSize")
         try:
             docs = await self._await_data(
                 lambda: tail.fetch(self.storage, batch),
@@ -1070,45 +566,45 @@ class Commands:
         index = None
         if hint is not None and (db, coll) in self.storage.catalog:
             index = resolve_hint(f"{db}.{coll}", self.storage.index_specs(db, coll), hint)
-        sort = _doc(body, "sort")
+        sort = doc_field(body, "sort")
         natural = hint.get("$natural") if isinstance(hint, Mapping) else None
         order = dict(index["key"]) if index is not None else None
-        docs = self.storage.find(db, coll, _doc(body, "filter"), sort=order)
+        docs = self.storage.find(db, coll, doc_field(body, "filter"), sort=order)
         if isinstance(natural, int | float) and natural < 0:
             docs.reverse()
-        docs = apply_bounds(docs, index, _doc(body, "min"), _doc(body, "max"))
+        docs = apply_bounds(docs, index, doc_field(body, "min"), doc_field(body, "max"))
         if sort:  # an explicit sort wins over the index order
             docs = run_pipeline(docs, [{"$sort": sort}], self.storage.client[db])
         docs = docs[skip:]
         if limit:
             docs = docs[:limit]
-        projection = _doc(body, "projection")
+        projection = doc_field(body, "projection")
         if projection:
             docs = run_pipeline(docs, [{"$project": projection}], self.storage.client[db])
         return docs
 
     async def count(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """count: ``{n}``."""
-        coll = _name(body["count"])
+        coll = name_field(body["count"])
         view = view_of(self.storage, db, coll)
         if view is not None:
             stages = find_stages(
-                _doc(body, "query"), None, None, _int(body, "skip", 0) or 0,
-                _int(body, "limit", 0) or 0,
+                doc_field(body, "query"), None, None, int_field(body, "skip", 0) or 0,
+                int_field(body, "limit", 0) or 0,
             )  # fmt: skip
             return {"n": len(self.storage.aggregate(db, view[0], view[1] + stages)), "ok": 1.0}
         n = await self.storage.count(
             db,
             coll,
-            _doc(body, "query"),
-            skip=_int(body, "skip", 0) or 0,
-            limit=abs(_int(body, "limit", 0) or 0),
+            doc_field(body, "query"),
+            skip=int_field(body, "skip", 0) or 0,
+            limit=abs(int_field(body, "limit", 0) or 0),
         )
         return {"n": n, "ok": 1.0}
 
     def distinct(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """distinct: ``{values}``."""
-        coll = _name(body["distinct"])
+        coll = name_field(body["distinct"])
         key = body.get("key")
         if not isinstance(key, str):
             raise CommandError(14, "BSON field 'distinct.key' is missing or not a string")
@@ -1117,7 +613,7 @@ class Commands:
         if view_of(self.storage, db, coll) is not None:
             raise CommandError(238, "not supported by the embedded server: distinct on a view")
         try:
-            values = self.storage.raw(db, coll).distinct(key, _doc(body, "query") or {})
+            values = self.storage.raw(db, coll).distinct(key, doc_field(body, "query") or {})
         except Exception as exc:
             from .storage import engine_error
 
@@ -1134,12 +630,12 @@ class Commands:
         pipeline = body.get("pipeline")
         if not isinstance(pipeline, list):
             raise CommandError(14, "'pipeline' option must be specified as an array")
-        cursor_opts = _doc(body, "cursor")
+        cursor_opts = doc_field(body, "cursor")
         if cursor_opts is None and not body.get("explain"):
             raise CommandError(
                 9, "The 'cursor' option is required, except for aggregate with the explain argument"
             )
-        batch = _int(cursor_opts or {}, "batchSize")
+        batch = int_field(cursor_opts or {}, "batchSize")
         stages = [next(iter(s)) if isinstance(s, Mapping) and s else None for s in pipeline]
         if "$changeStream" in stages:
             if stages[0] != "$changeStream":
@@ -1161,7 +657,7 @@ class Commands:
                     f"aggregate starting with {stages[0] if stages else 'nothing'}",
                 )
         else:
-            coll = _name(target)
+            coll = name_field(target)
             ns = f"{db}.{coll}"
             result = await self._collection_aggregate(db, coll, pipeline)
         return {**self.cursors.first_batch(ns, result, batch, lsid=body.get("lsid")), "ok": 1.0}
@@ -1184,7 +680,7 @@ class Commands:
             (db, out) if isinstance(out, str) else (out.get("db", db), out.get("coll"))
         )
         docs = self.storage.aggregate(db, coll, pipeline[:-1])
-        self.storage.drop_collection(out_db, _name(out_coll))
+        self.storage.drop_collection(out_db, name_field(out_coll))
         if docs:
             self.storage.insert(out_db, out_coll, docs, ordered=True)
         else:
@@ -1222,7 +718,7 @@ class Commands:
                     )
                 stream_target = Target(db, None)
         else:
-            coll = _name(target)
+            coll = name_field(target)
             if db in SYSTEM_DATABASES or coll.startswith("system."):
                 raise CommandError(
                     73, f"$changeStream may not be opened on the internal {db}.{coll}"
@@ -1257,7 +753,7 @@ class Commands:
             )
         ns = f"{db}.{coll}"
         cursor = self.cursors.get(cursor_id, ns)
-        batch = _int(body, "batchSize")
+        batch = int_field(body, "batchSize")
         if cursor.tail is not None:
             return await self._tailable_get_more(cursor, body)
         if cursor.stream is None and (cursor.max_time_ms or body.get("maxTimeMS")):
@@ -1324,38 +820,6 @@ class Commands:
             "cursorsUnknown": [],
             "ok": 1.0,
         }
-
-    # -- indexes -----------------------------------------------------------------------
-
-    def create_indexes(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """createIndexes: ``{numIndexesBefore, numIndexesAfter, createdCollection...}``."""
-        coll = _name(body["createIndexes"])
-        specs = body.get("indexes")
-        if not isinstance(specs, list) or not specs:
-            raise CommandError(2, "Must specify at least one index to create")
-        before, after, created = self.storage.create_indexes(db, coll, specs)
-        reply: Reply = {
-            "numIndexesBefore": before,
-            "numIndexesAfter": after,
-            "createdCollectionAutomatically": created,
-        }
-        if before == after:
-            reply["note"] = "all indexes already exist"
-        reply["ok"] = 1.0
-        return reply
-
-    def list_indexes(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """listIndexes; error 26 on a missing collection."""
-        coll = _name(body["listIndexes"])
-        specs = self.storage.index_specs(db, coll)
-        batch = _int(_doc(body, "cursor") or {}, "batchSize")
-        return {**self.cursors.first_batch(f"{db}.{coll}", specs, batch), "ok": 1.0}
-
-    def drop_indexes(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
-        """dropIndexes: ``{nIndexesWas}``."""
-        coll = _name(body[next(iter(body))])
-        before = self.storage.drop_indexes(db, coll, body.get("index"))
-        return {"nIndexesWas": before, "ok": 1.0}
 
 
 def cluster_time_fields(ts: Timestamp) -> Reply:
