@@ -17,7 +17,6 @@ import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import bson
@@ -87,10 +86,6 @@ class Session:
     connection_id: int
     peer: str
     app_name: str | None = None
-
-
-def _now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 class Commands:
