@@ -21,7 +21,8 @@ from typing import Any
 import bson
 
 from .errors import CommandError
-from .storage import Storage, filter_applies, run_pipeline
+from .indexes import filter_applies
+from .storage import Storage, run_pipeline
 
 
 def check_capped_options(options: Mapping[str, Any]) -> None:

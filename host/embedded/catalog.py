@@ -15,7 +15,8 @@ from bson.int64 import Int64
 from .body import doc_field, int_field, name_field
 from .capped import check_capped_options
 from .errors import CommandError
-from .storage import SYSTEM_DATABASES, filter_applies
+from .indexes import filter_applies
+from .storage import SYSTEM_DATABASES
 from .views import check_view_options
 
 if TYPE_CHECKING:

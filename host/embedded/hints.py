@@ -17,7 +17,7 @@ from typing import Any
 from mongomock.filtering import bson_compare
 
 from .errors import CommandError
-from .storage import _get_path
+from .updates import get_path
 
 
 def resolve_hint(ns: str, specs: list[dict[str, Any]], hint: Any) -> dict[str, Any] | None:
@@ -45,7 +45,7 @@ def resolve_hint(ns: str, specs: list[dict[str, Any]], hint: Any) -> dict[str, A
 def _compare(key: Mapping[str, Any], a: Mapping[str, Any], b: Mapping[str, Any]) -> int:
     """Compare the index keys of ``a`` and ``b`` in the order of index ``key``."""
     for field, direction in key.items():
-        x, y = _get_path(a, field), _get_path(b, field)
+        x, y = get_path(a, field), get_path(b, field)
         if bson_compare(operator.lt, x, y):  # type: ignore[no-untyped-call]
             less = -1
         elif bson_compare(operator.gt, x, y):  # type: ignore[no-untyped-call]

@@ -301,6 +301,11 @@ def indexed_store(client: mongomock.MongoClient[Any], db: str, coll: str) -> Ind
     return store
 
 
+def filter_applies(query: Mapping[str, Any], doc: Mapping[str, Any]) -> bool:
+    """Whether ``doc`` matches the query filter ``query``, by the engine's rules."""
+    return bool(filtering.filter_applies(query, doc))  # type: ignore[no-untyped-call]
+
+
 def match(spec: Mapping[str, Any], docs: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """The documents of ``docs`` that ``spec`` matches, by mongomock's matcher."""
     applies = filtering.filter_applies

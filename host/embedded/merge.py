@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import CommandError
-from .storage import Storage, _get_path
+from .storage import Storage
+from .updates import get_path
 
 
 def merge_into(storage: Storage, db: str, spec: Any, docs: list[dict[str, Any]]) -> None:
@@ -49,7 +50,7 @@ def merge_into(storage: Storage, db: str, spec: Any, docs: list[dict[str, Any]])
         raise CommandError(9, f"$merge whenNotMatched: unknown mode {not_matched!r}")
     storage.ensure(out_db, out_coll)
     for doc in docs:
-        key = {f: _get_path(doc, f) for f in fields}
+        key = {f: get_path(doc, f) for f in fields}
         existing = storage.find(out_db, out_coll, key, limit=1)
         if existing:
             if matched == "keepExisting":

@@ -36,7 +36,8 @@ def check_document(
     Raises:
         CommandError: 121 when the document does not match the validator.
     """
-    from .storage import engine_error, filter_applies
+    from .indexes import filter_applies
+    from .storage import engine_error
 
     validator = options.get("validator")
     if not isinstance(validator, Mapping) or not validator or bypass.get():
