@@ -24,6 +24,9 @@ from . import calls as calls
 from . import fleet as fleet
 
 # isort: split
+from . import triggers as triggers
+
+# isort: split
 from ._common import app as app
 from ._common import configure_logging as configure_logging
 from ._common import fail as fail
