@@ -371,5 +371,6 @@ class Dispatcher:
             version=plugin.version,
             error_type=error_type,
             error=error,
+            traceback=tb,  # the plugin's own frames: the console shows the last one
         )
         return PluginFailed(plugin.name, plugin.version, error_type, error, tb)
