@@ -33,6 +33,7 @@ import datetime as dt
 import itertools
 import json
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -62,7 +63,7 @@ WRITE_TIMEOUT_S = 10.0
 KEEPALIVE_S = 15.0
 """A comment line is sent after this long without an event (proxies, dead peers)."""
 TICK_S = 0.5
-"""How often an idle writer looks at the draining flag."""
+"""How often idle writers are woken to look at the draining flag and their keepalive."""
 HUB_BUFFER = 10_000
 """Events the hub itself may be behind the bus (it never is, short of a stalled loop)."""
 
@@ -183,13 +184,27 @@ class EventHub:
 
     async def run(self) -> None:
         """Follow the bus until cancelled (run it as a background task)."""
-        async with self._subscribe(HUB_BUFFER) as events:
+        async with self._subscribe(HUB_BUFFER) as events, anyio.create_task_group() as tg:
+            tg.start_soon(self._tick)
             seen_dropped = 0
-            async for event in events:
-                if events.dropped != seen_dropped:  # the hub itself fell behind the bus
-                    self._publish_gap(events.dropped - seen_dropped)
-                    seen_dropped = events.dropped
-                self.publish(event)
+            async for first in events:
+                # Everything already buffered goes out as one batch: the writers wake
+                # once per batch, not once per event.
+                event: HostEvent | None = first
+                while event is not None:
+                    if events.dropped != seen_dropped:  # the hub itself fell behind the bus
+                        self._publish_gap(events.dropped - seen_dropped)
+                        seen_dropped = events.dropped
+                    self.publish(event)
+                    event = events.receive_nowait()
+
+    async def _tick(self) -> None:
+        # Idle writers wait on their wake event only (no timer each); this wakes them
+        # every TICK_S to look at the draining flag and their keepalive.
+        while True:
+            await anyio.sleep(TICK_S)
+            for client in tuple(self._clients):
+                client.wake.set()
 
     def publish(self, event: HostEvent) -> None:
         """Number ``event``, remember it and offer it to every client (never waits)."""
@@ -268,7 +283,7 @@ class EventHub:
         self._clients.add(client)  # no await since the backlog: no event falls between
         try:
             await self._write(send, b": plugin-host events\n\n" + b"".join(first))
-            idle = 0.0
+            last_write = time.monotonic()
             while True:
                 if client.overflowed:
                     _log.warning(
@@ -293,16 +308,14 @@ class EventHub:
                     client.sent += len(client.queue)
                     client.queue.clear()
                     await self._write(send, chunk)
-                    idle = 0.0
+                    last_write = time.monotonic()
+                    continue
+                if time.monotonic() - last_write >= KEEPALIVE_S:
+                    await self._write(send, b": keepalive\n\n")
+                    last_write = time.monotonic()
                     continue
                 client.wake = anyio.Event()
-                with anyio.move_on_after(TICK_S) as scope:
-                    await client.wake.wait()
-                if scope.cancelled_caught:
-                    idle += TICK_S
-                    if idle >= KEEPALIVE_S:
-                        await self._write(send, b": keepalive\n\n")
-                        idle = 0.0
+                await client.wake.wait()  # an event, or the hub's tick
         finally:
             self._clients.discard(client)
 
