@@ -22,7 +22,14 @@ from typing import Any
 from .config import DEFAULT_LIMITS
 from .errors import RecordError
 
-__all__ = ("MAX_NAME_LENGTH", "PluginRecord", "describe_id", "is_valid_name", "parse_record")
+__all__ = (
+    "MAX_NAME_LENGTH",
+    "PluginRecord",
+    "RolloutPolicy",
+    "describe_id",
+    "is_valid_name",
+    "parse_record",
+)
 
 MAX_NAME_LENGTH = 128
 _NAME_RE = re.compile(rf"[A-Za-z0-9_.\-]{{1,{MAX_NAME_LENGTH}}}")
@@ -126,6 +133,24 @@ class PluginRecord:
     def version(self) -> str:
         """Display version: ``greet@r7:3f9a1c2e``, or ``greet:3f9a1c2e`` without revision."""
         return self._version
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutPolicy:
+    """When a host aborts a rollout's candidate on its own (``rollout.policy`` of a record).
+
+    Attributes:
+        max_error_rate: Abort when the candidate's error rate (0..1) is over this and worse
+            than the stable version's; None: no error-rate limit.
+        min_calls: Judge only after this many candidate calls in the window.
+        max_p99_ms: Abort when the candidate's p99 latency is over this; None: no limit.
+        window_s: The sliding window of the statistics, in seconds.
+    """
+
+    max_error_rate: float | None = None
+    min_calls: int = 20
+    max_p99_ms: float | None = None
+    window_s: float = 60.0
 
 
 def _type_name(value: object) -> str:

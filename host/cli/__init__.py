@@ -21,6 +21,9 @@ from . import keys as keys
 from . import calls as calls
 
 # isort: split
+from . import rollouts as rollouts
+
+# isort: split
 from . import fleet as fleet
 
 # isort: split
