@@ -67,7 +67,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import tracing
 from .config import DEFAULT_LIMITS, HttpSettings
-from .console import CONSOLE_PATHS, SECURITY_HEADERS, static_file
+from .console import CONFIG_PATH, CONSOLE_PATHS, SECURITY_HEADERS, static_file
 from .console.actions import ActionError, rollout_action
 from .console.rates import CallRates
 from .errors import HostClosed, PluginBusy, PluginFailed, PluginNotFound, PluginTimeout
@@ -677,6 +677,9 @@ def create_app(
             return _error(404, "NotFound", f"no console file {request.url.path[:200]!r}")
         return Response(found[0], media_type=found[1], headers=SECURITY_HEADERS)
 
+    async def console_config(request: Request) -> Response:
+        return JSONResponse({"auth_required": auth_token is not None}, headers=SECURITY_HEADERS)
+
     async def stats(request: Request) -> Response:
         return JSONResponse(rates.as_dict([info.name for info in host.plugins()]))
 
@@ -760,6 +763,7 @@ def create_app(
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             Route("/", console_file, methods=["GET"]),
             Route("/console", console_file, methods=["GET"]),
+            Route(CONFIG_PATH, console_config, methods=["GET"]),
             Route("/console/{file}", console_file, methods=["GET"]),
             Route("/stats", stats, methods=["GET"]),
             Route("/events", events, methods=["GET"]),

@@ -13,7 +13,7 @@ from importlib import resources
 
 import anyio
 
-__all__ = ("CONSOLE_PATHS", "SECURITY_HEADERS", "STATIC_FILES", "static_file")
+__all__ = ("CONFIG_PATH", "CONSOLE_PATHS", "SECURITY_HEADERS", "STATIC_FILES", "static_file")
 
 STATIC_FILES = {
     "index.html": "text/html; charset=utf-8",
@@ -26,7 +26,10 @@ STATIC_FILES = {
 }
 """Every file of the console and its ``Content-Type`` (nothing else is served)."""
 
-CONSOLE_PATHS = ("/", "/console", *(f"/console/{name}" for name in STATIC_FILES))
+CONFIG_PATH = "/console/config.json"
+"""Open: ``{"auth_required": bool}``, so the page asks for the token before any data route."""
+
+CONSOLE_PATHS = ("/", "/console", CONFIG_PATH, *(f"/console/{name}" for name in STATIC_FILES))
 """The console's paths: open routes (they hold no data)."""
 
 SECURITY_HEADERS = {

@@ -16,7 +16,13 @@ const state = {
   triggersError: null,
   results: {}, // per plugin: the last rollout action's outcome, shown under its buttons
   asked: false,
+  needsToken: false, // the daemon requires a token (GET /console/config.json)
 };
+
+// No data request while the daemon wants a token and the tab has none: it would only 401.
+function blocked() {
+  return state.needsToken && !getToken();
+}
 
 function banner(text) {
   const node = $("banner");
@@ -51,6 +57,7 @@ function preserving(render) {
 }
 
 function render() {
+  updateTokenButton();
   preserving(() => {
     const rollouts = rolloutsOf(state.fleet);
     $("plugins-body").replaceChildren(...renderPlugins($("plugins-body"), state.functions, state.stats, rollouts));
@@ -62,6 +69,7 @@ function render() {
 }
 
 async function refreshPlugins() {
+  if (blocked()) return;
   try {
     const [functions, stats] = await Promise.all([request("/functions"), request("/stats")]);
     state.functions = functions.functions;
@@ -73,6 +81,7 @@ async function refreshPlugins() {
 }
 
 async function refreshFleet() {
+  if (blocked()) return;
   try {
     state.fleet = await request("/fleet");
     state.fleetError = null;
@@ -82,6 +91,7 @@ async function refreshFleet() {
 }
 
 async function refreshTriggers() {
+  if (blocked()) return;
   try {
     state.triggers = (await request("/triggers")).triggers;
     state.triggersError = null;
@@ -168,6 +178,8 @@ function setLive(up) {
 let stream = null;
 function restartStream() {
   if (stream) stream.stop();
+  stream = null;
+  if (blocked()) return;
   stream = follow(onEvent, (up, err) => {
     setLive(up);
     if (err) unauthorized(err);
@@ -192,10 +204,27 @@ function start() {
     restartStream();
     refreshAll();
   });
+  // Enter submits a dialog's form with its one submit button; Cancel (and Escape) close it.
+  for (const button of document.querySelectorAll("dialog button.cancel")) {
+    button.addEventListener("click", () => button.closest("dialog").close("cancel"));
+  }
   $("clear-events").addEventListener("click", () => $("events-list").replaceChildren());
   updateTokenButton();
-  refreshAll();
-  restartStream();
+  // Ask for the token before the first data request (no 401 to recover from).
+  request("/console/config.json")
+    .then((config) => {
+      state.needsToken = Boolean(config.auth_required);
+      if (blocked()) {
+        state.asked = true;
+        askToken(); // its close handler starts the refreshes and the stream
+      }
+    })
+    .catch((err) => banner(`✖ ${err.message}`))
+    .finally(() => {
+      if (blocked()) return;
+      refreshAll();
+      restartStream();
+    });
   setInterval(async () => {
     await refreshPlugins();
     render();

@@ -92,11 +92,12 @@ function fleetCell(host, name, plugin) {
   const parts = [];
   if (refused && (servingRev === null || servingRev < refused.revision) && (latest === null || latest === undefined || refused.revision >= latest)) {
     parts.push(badge("✖", `refused r${refused.revision}`, "bad", refused.error || ""));
-    parts.push(el("div", { class: "error-text bad", text: `${refused.stage || "error"}: ${refused.error || ""}` }));
+    const error = `${refused.stage || "error"}: ${refused.error || ""}`;
+    parts.push(el("div", { class: "error-text bad", title: error, text: error.length > 90 ? `${error.slice(0, 89)}…` : error }));
   }
   if (servingRev === null) parts.unshift(el("span", { class: "muted", text: "— none" }));
   else if (latest === null || latest === undefined || servingRev >= latest) parts.unshift(badge("✓", `r${servingRev}`, "ok", served.version));
-  else parts.unshift(badge("⏳", `behind: r${servingRev} (latest r${latest})`, "warn", served.version));
+  else parts.unshift(badge("↓", `behind: r${servingRev} (latest r${latest})`, "warn", served.version));
   const candidate = served?.candidate;
   if (candidate) parts.push(el("div", { class: "warn", text: `⇄ ${candidate.mode} ${shortVersion(candidate.version)} ${candidate.weight} %` }));
   return el("td", { "data-host": host.id, "data-plugin": name }, parts);
@@ -150,19 +151,20 @@ export function rolloutsOf(fleet) {
 }
 
 function statsTable(stats) {
-  const rows = [
-    ["Calls", (s) => (s?.calls ?? "—")],
-    ["Failures", (s) => (s?.failures ?? "—")],
-    ["Timeouts", (s) => (s?.timeouts ?? "—")],
+  const columns = [
+    ["Calls", (s) => s?.calls ?? "—"],
+    ["Failures", (s) => s?.failures ?? "—"],
+    ["Timeouts", (s) => s?.timeouts ?? "—"],
     ["Error rate", (s) => fmtPct(s?.error_rate)],
     ["p50", (s) => fmtMs(s?.p50_ms)],
     ["p99", (s) => fmtMs(s?.p99_ms)],
   ];
+  const line = (label, s) => el("tr", {}, el("th", { scope: "row", text: label }), columns.map(([, f]) => el("td", { class: "num", text: String(f(s)) })));
   return el(
     "table",
     { class: "side-by-side" },
-    el("thead", {}, el("tr", {}, el("th", { scope: "col", text: "" }), el("th", { scope: "col", class: "num", text: "stable" }), el("th", { scope: "col", class: "num", text: "candidate" }))),
-    el("tbody", {}, rows.map(([label, f]) => el("tr", {}, el("th", { scope: "row", text: label }), el("td", { class: "num", text: String(f(stats?.stable)) }), el("td", { class: "num", text: String(f(stats?.candidate)) })))),
+    el("thead", {}, el("tr", {}, el("th", { scope: "col", text: "version" }), columns.map(([label]) => el("th", { scope: "col", class: "num", text: label })))),
+    el("tbody", {}, line("stable", stats?.stable), line("candidate", stats?.candidate)),
   );
 }
 
