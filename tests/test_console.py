@@ -67,7 +67,7 @@ async def test_page_and_files_are_open_and_data_routes_are_not(db: Db) -> None:
 
 
 def test_every_file_the_page_loads_is_shipped() -> None:
-    """Each /console/ file named by index.html or imported by a module is in STATIC_FILES."""
+    """Each /console/ path named by the page or imported by a module is a console route."""
     folder = resources.files("host.console")
     named: set[str] = set()
     for name in STATIC_FILES:
@@ -75,7 +75,8 @@ def test_every_file_the_page_loads_is_shipped() -> None:
         named |= set(re.findall(r'"/console/([\w.-]+)"', text))
         named |= set(re.findall(r'from "\./([\w.-]+)"', text))
     assert named, "the page names no file"
-    assert named <= set(STATIC_FILES), named - set(STATIC_FILES)
+    served = {path.removeprefix("/console/") for path in CONSOLE_PATHS}  # files + config.json
+    assert named <= served, named - served
 
 
 async def test_stats_counts_calls_errors_and_the_last_traceback(db: Db) -> None:
