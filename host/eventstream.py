@@ -17,6 +17,8 @@ Design (calls must not slow down, whatever the clients do):
 * The hub's task numbers each event, keeps the last :data:`RECENT` ones in a ring (the
   backlog a new client may ask for, and what a reconnecting ``Last-Event-ID`` replays),
   and offers the event to each client's bounded queue, again without waiting.
+* Each client gets at most one write per :data:`FLUSH_S` (what arrived meanwhile goes
+  out together), so a flood of events costs the loop a bounded number of writes.
 * A client whose queue is full is *overflowed*: its writer sends a final ``note``
   (``reason: "slow"``), ends the response and logs ``eventstream.dropped``. A client whose
   socket takes no bytes for :data:`WRITE_TIMEOUT_S` is dropped the same way (no note: it
@@ -62,6 +64,8 @@ WRITE_TIMEOUT_S = 10.0
 """A client whose socket takes nothing for this long is dropped."""
 KEEPALIVE_S = 15.0
 """A comment line is sent after this long without an event (proxies, dead peers)."""
+FLUSH_S = 0.05
+"""Shortest time between two writes to one client (events in between go out together)."""
 TICK_S = 0.5
 """How often idle writers are woken to look at the draining flag and their keepalive."""
 HUB_BUFFER = 10_000
@@ -304,6 +308,12 @@ class EventHub:
                     await self._write(send, sse_message("note", note))
                     return
                 if client.queue:
+                    # At most one write per FLUSH_S per client: under a flood of events a
+                    # client costs the loop FLUSH_S^-1 writes a second, not one per event.
+                    early = FLUSH_S - (time.monotonic() - last_write)
+                    if early > 0:
+                        await anyio.sleep(early)
+                        continue  # overflowed or draining meanwhile: looked at first
                     chunk = b"".join(item.message for item in client.queue)
                     client.sent += len(client.queue)
                     client.queue.clear()
