@@ -27,17 +27,19 @@ from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import DuplicateKeyError
 
 from .errors import PluginHostError
-from .records import is_valid_name
+from .records import PluginRecord, is_valid_name
 
 if TYPE_CHECKING:
     from .fleetview import Convergence, Progress
 
 __all__ = (
+    "NoRollout",
     "PublishError",
     "Published",
     "Signer",
     "UnknownPlugin",
     "UnknownRevision",
+    "abort_rollout",
     "delete",
     "get_record",
     "history",
@@ -77,6 +79,18 @@ class UnknownPlugin(PluginHostError, LookupError):
 
     def __init__(self, name: str) -> None:
         super().__init__(f"no plugin named {name!r} in the functions collection")
+        self.name = name
+
+
+class NoRollout(PluginHostError, LookupError):
+    """The plugin has no rollout running (nothing to promote, abort or re-weight).
+
+    Attributes:
+        name: The plugin name.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"plugin {name!r} has no rollout running")
         self.name = name
 
 
@@ -534,3 +548,73 @@ async def wait_converged(
         timeout=timeout,
         on_progress=on_progress,
     )
+
+
+async def abort_rollout(
+    db: Any,
+    name: str,
+    *,
+    reason: str = "by operator",
+    by: str = "cli",
+    stats: Mapping[str, Any] | None = None,
+    expected_revision: int | None = None,
+    collection: str = "functions",
+) -> bool:
+    """End a plugin's rollout: drop its candidate and record why (issue 16).
+
+    A compare-and-set on ``rollout.revision``: of several hosts (or operators) aborting
+    the same candidate, exactly one records the abort in ``last_rollout``; the others get
+    False. Every host follows the change through its change stream.
+
+    Args:
+        db: The database.
+        name: The plugin name.
+        reason: Why, e.g. ``error rate 1.00 > 0.05 after 20 calls (stable 0.00)``.
+        by: Who: a host id (an automatic abort) or ``cli``/a user.
+        stats: ``{stable: <Stats>, candidate: <Stats>}`` at the time of the abort.
+        expected_revision: Abort only this candidate revision (None: whichever runs).
+        collection: The functions collection.
+
+    Returns:
+        True iff this call recorded the abort.
+
+    Raises:
+        NoRollout: No rollout runs (only when ``expected_revision`` is None).
+    """
+    coll = db[collection]
+    doc = await coll.find_one({"_id": name}, {"rollout": 1})
+    rollout = doc.get("rollout") if doc is not None else None
+    if not isinstance(rollout, Mapping) or not isinstance(rollout.get("revision"), int):
+        if expected_revision is None:
+            raise NoRollout(name)
+        return False
+    revision = rollout["revision"] if expected_revision is None else expected_revision
+    version = None
+    if rollout.get("revision") == revision and isinstance(rollout.get("source"), str):
+        entrypoint = rollout.get("entrypoint")
+        version = PluginRecord(
+            name=name,
+            source=rollout["source"],
+            entrypoint=entrypoint if isinstance(entrypoint, str) else "main",
+            revision=revision,
+        ).version
+    now = datetime.now(UTC)
+    result = await coll.update_one(
+        {"_id": name, "rollout.revision": revision},
+        {
+            "$unset": {"rollout": ""},
+            "$set": {
+                "updatedAt": now,
+                "last_rollout": {
+                    "revision": revision,
+                    "version": version,
+                    "outcome": "aborted",
+                    "reason": reason,
+                    "by": by,
+                    "at": now,
+                    "stats": dict(stats) if stats is not None else None,
+                },
+            },
+        },
+    )
+    return bool(result.modified_count == 1)
