@@ -432,3 +432,168 @@ async def test_served_version_comes_from_the_router(db: Db) -> None:
             assert candidate is not None
             assert (served[0] == candidate.version) == (result == "candidate")
             assert revision_of(served[0]) in (1, 2)
+
+
+async def test_promotion_and_abort_racing_new_pushes_never_serve_older(db: Db) -> None:
+    """Pushes, rollouts, aborts and promotions race callers: no call is served by a version
+    older than the stable one, and the stable revision never goes backwards."""
+    import random
+
+    import anyio
+
+    await publish(db, "p", value_source("v"))
+    async with PluginHost(db) as host:
+        stop = anyio.Event()
+        violations: list[str] = []
+        calls = 0
+
+        async def caller() -> None:
+            nonlocal calls
+            highest = 0
+            while not stop.is_set():
+                current = host.current("p")
+                assert current is not None and current.record.revision is not None
+                stable = current.record.revision
+                served: list[str] = []
+                await host.call("p", served=served)
+                calls += 1
+                if revision_of(served[0]) < stable:
+                    violations.append(f"{served[0]} served while r{stable} was stable")
+                if stable < highest:
+                    violations.append(f"stable went back from r{highest} to r{stable}")
+                highest = max(highest, stable)
+                await anyio.lowlevel.checkpoint()
+
+        async def writer() -> None:
+            rng = random.Random(16)
+            for i in range(80):
+                record = await db.functions.find_one({"_id": "p"})
+                assert record is not None
+                rollout = record.get("rollout")
+                op = rng.choice(("push", "start", "abort", "promote", "weight"))
+                if op == "push":
+                    published = await publish(db, "p", value_source(f"push{i}"))
+                    # What a rollout-aware publish does in the same write (contract).
+                    await db.functions.update_one(
+                        {"_id": "p", "rollout.revision": {"$lte": published.revision}},
+                        {"$unset": {"rollout": ""}},
+                    )
+                elif op == "start" and rollout is None:
+                    await start(db, "p", value_source(f"cand{i}"), weight=rng.choice((10, 50)))
+                elif op == "abort" and rollout is not None:
+                    await abort_rollout(db, "p", expected_revision=rollout["revision"])
+                elif op == "promote" and rollout is not None:
+                    await promote(db, "p", rollout["revision"])
+                elif op == "weight" and rollout is not None:
+                    await db.functions.update_one(
+                        {"_id": "p", "rollout.revision": rollout["revision"]},
+                        {"$set": {"rollout.weight": rng.choice((0, 25, 100))}},
+                    )
+                await anyio.sleep(rng.random() * 0.005)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(caller)
+            await writer()
+            final = await db.functions.find_one({"_id": "p"})
+            assert final is not None
+
+            def converged() -> bool:
+                current = host.current("p")
+                return current is not None and current.record.revision == final["revision"]
+
+            await wait_until(converged, "the host serves the newest stable revision")
+            stop.set()
+        assert calls > 100
+        assert violations == []
+
+
+async def test_registry_candidate_invariants_under_load() -> None:
+    """Registry invariants (6)-(8): a newer stable drops an older candidate in the swap step,
+    promote and remove keep rollouts and candidates in step, and concurrent callers only
+    ever see the stable or a newer candidate."""
+    import anyio
+
+    from host.compiler import compile_plugin
+    from host.dispatch import Dispatcher
+    from host.registry import Registry
+
+    def record(revision: int, tag: str) -> Any:
+        return parse_record({"_id": "p", "source": value_source(tag), "revision": revision})
+
+    def rollout_of(stable: int, revision: int) -> Any:
+        doc = {
+            "_id": "p",
+            "source": value_source("s"),
+            "revision": stable,
+            "rollout": {
+                "revision": revision,
+                "source": value_source(f"c{revision}"),
+                "mode": "canary",
+                "weight": 50,
+            },
+        }
+        return parse_record(doc).rollout
+
+    async with Registry(grace_period=0.05) as registry:
+        dispatcher = Dispatcher(registry, db=None)
+        violations: list[str] = []
+        stop = anyio.Event()
+
+        def check() -> None:
+            stable, candidate = registry.get("p"), registry.candidate("p")
+            live = registry.rollouts.get("p")
+            if (candidate is None) != (live is None) or (live and live.candidate is not candidate):
+                violations.append("rollouts and candidates out of step")
+            if stable is None and candidate is not None:
+                violations.append("a candidate without a stable version")
+            if (
+                stable
+                and candidate
+                and (candidate.record.revision or 0) <= (stable.record.revision or 0)
+            ):
+                violations.append(f"{candidate.version} older than {stable.version}")
+
+        async def caller() -> None:
+            while not stop.is_set():
+                check()
+                stable = registry.get("p")
+                if stable is not None:
+                    served: list[str] = []
+                    await dispatcher.call("p", served=served)
+                    if revision_of(served[0]) < (stable.record.revision or 0):
+                        violations.append(f"served {served[0]} below {stable.version}")
+                await anyio.lowlevel.checkpoint()
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(caller)
+            revision = 1
+            for step in range(30):
+                await registry.install(
+                    await compile_plugin(record(revision, "s")), dispatcher.make_context
+                )
+                spec = rollout_of(revision, revision + 1)
+                candidate = await compile_plugin(spec.candidate)
+                await registry.install_candidate(candidate, dispatcher.make_context, spec, 0.0)
+                check()
+                await anyio.sleep(0.001)
+                if step % 3 == 0:
+                    promoted, _ = await registry.promote("p")
+                    assert promoted is candidate and registry.get("p") is candidate
+                    revision += 1
+                elif step % 3 == 1:
+                    # A plain push of a newer stable: the candidate goes in the same step.
+                    revision += 2
+                    await registry.install(
+                        await compile_plugin(record(revision, "s")), dispatcher.make_context
+                    )
+                    assert registry.candidate("p") is None and "p" not in registry.rollouts
+                    assert candidate.phase.value in ("retiring", "retired")
+                else:
+                    assert await registry.remove_candidate("p") is not None
+                    revision += 1
+                check()
+                await anyio.sleep(0.001)
+            stop.set()
+        assert violations == []
