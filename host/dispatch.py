@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from functools import partial
 from types import MappingProxyType
@@ -32,6 +33,7 @@ from .context import Context
 from .errors import (
     HostClosed,
     PluginBusy,
+    PluginError,
     PluginFailed,
     PluginNotFound,
     PluginTimeout,
@@ -41,6 +43,7 @@ from .events import EventBus
 from .naming import format_plugin_traceback
 from .plugin import Plugin, is_plugin_failure
 from .registry import CURRENT_PLUGIN, Registry
+from .rollout import FAILED, OK, TIMEOUT, LiveRollout, pick_version
 from .threads import ThreadLimiter, ThreadsExhausted, run_sync_interruptible
 from .types import Args
 
@@ -155,6 +158,11 @@ class Dispatcher:
         self._calls: dict[asyncio.Task[Any], None] = {}
         self._aborted: set[asyncio.Task[Any]] = set()
         self._events = events if events is not None else EventBus(_log)
+        # Progressive delivery: the registry's routing states (one per name with a
+        # candidate; the same dict object for the registry's whole life).
+        self._rollouts = registry.rollouts
+        self.on_rollout_abort: Callable[[LiveRollout, str], None] | None = None
+        """Called once when a candidate breaks its policy (routing already stopped)."""
 
     @property
     def db(self) -> Any:
@@ -203,14 +211,28 @@ class Dispatcher:
         """Return a late-bound handle on plugin ``name``."""
         return Required(self, name)
 
-    async def call(self, name: str, args: Args = None, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - per-call timeout is the public contract
-        """Call the current version of plugin ``name``.
+    async def call(
+        self,
+        name: str,
+        args: Args = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - per-call timeout is the public contract
+        version: str | None = None,
+        key: object = None,
+        served: list[str] | None = None,
+    ) -> Any:
+        """Call the current version of plugin ``name`` (or its rollout's candidate).
 
         Args:
             name: The plugin name.
             args: The plugin's argument.
             timeout: Seconds before the call is cancelled; if ``None``, the record's
                 ``timeout``, else the dispatcher default, else no timeout.
+            version: Run this version (``7``, ``r7``, ``greet@r7`` or the full version):
+                the stable one or the rollout's candidate.
+            key: The sticky routing key (else ``args[sticky_key]`` of the rollout).
+            served: If given, the version that serves the call is appended to it (as
+                routed here, so it is the version that actually ran).
 
         Returns:
             What the plugin returned.
@@ -218,6 +240,7 @@ class Dispatcher:
         Raises:
             HostClosed: The dispatcher is closed.
             PluginNotFound: No version of ``name`` is loaded.
+            VersionNotLive: ``version`` names no version this host holds.
             PluginBusy: The version is saturated and ``max_waiting`` calls are queued.
             PluginTimeout: The call did not finish in time.
             PluginFailed: The plugin raised; carries the plugin traceback.
@@ -230,6 +253,15 @@ class Dispatcher:
         plugin = self._registry.get(name)
         if plugin is None:
             raise PluginNotFound(name)
+        live = None
+        if version is not None or self._rollouts:  # progressive delivery (host.rollout)
+            live = self._rollouts.get(name)
+            if version is not None:
+                plugin = pick_version(name, version, plugin, live)
+            elif live is not None:
+                plugin = live.choose(plugin, args, key)
+        if served is not None:
+            served.append(plugin.version)
         chain = _CALL_CHAIN.get()
         if len(chain) >= self._require_depth:
             raise RequireDepthExceeded((*chain, name), self._require_depth)
@@ -248,6 +280,9 @@ class Dispatcher:
         task = None if chain else asyncio.current_task()
         if task is not None:
             self._calls[task] = None
+        # Statistics only while a rollout runs: a rollout-free call pays for none of it.
+        started = time.perf_counter() if live is not None else 0.0
+        outcome = OK
         try:
             if timeout is None:
                 return await self._run(plugin, args)
@@ -266,8 +301,17 @@ class Dispatcher:
             self._events.emit(
                 "call.timeout", "warning", plugin=name, version=plugin.version, timeout=timeout
             )
+            outcome = TIMEOUT
             raise PluginTimeout(name, plugin.version, timeout)
+        except PluginFailed:
+            outcome = FAILED
+            raise
+        except PluginError:  # busy, a require cycle...: not a judgement of the version
+            if outcome != TIMEOUT:
+                outcome = -1
+            raise
         except asyncio.CancelledError:
+            outcome = -1
             if task is None or task not in self._aborted:
                 raise
             self._aborted.discard(task)
@@ -281,6 +325,15 @@ class Dispatcher:
             CURRENT_PLUGIN.reset(plugin_token)
             _CALL_CHAIN.reset(chain_token)
             plugin.end_call()
+            if live is not None and outcome >= 0:
+                self._judge(live, plugin, outcome, started)
+
+    def _judge(self, live: LiveRollout, plugin: Plugin, outcome: int, started: float) -> None:
+        """Count a call of a version under rollout; abort the candidate if it broke policy."""
+        now = time.perf_counter()
+        reason = live.record(plugin, outcome, now - started, now)
+        if reason is not None and self.on_rollout_abort is not None:
+            self.on_rollout_abort(live, reason)
 
     async def _run(self, plugin: Plugin, args: Args) -> Any:
         # The compiler sets the version's limiter once (its record's max_concurrency, or

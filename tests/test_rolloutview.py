@@ -123,6 +123,7 @@ def test_the_fleet_view_sums_the_rollout_over_live_hosts() -> None:
         "name": "greet", "revision": 7, "candidate": True, "stage": "import",
         "error": "No module named 'nope'", "version": "greet@r7:11111111",
     }  # fmt: skip
+    stable_refusal = {"name": "greet", "revision": 5, "stage": "setup", "error": "old"}
     view = summarize(
         "app.functions",
         [RECORD],
@@ -131,7 +132,7 @@ def test_the_fleet_view_sums_the_rollout_over_live_hosts() -> None:
                                          "candidate": stats(10, 1, 5.0)}),
             host_doc("b:1", per_version={"stable": stats(180, 2, 8.0),
                                          "candidate": stats(20, 0, 4.0)}),
-            host_doc("c:1", candidate=None, refused=[refused]),
+            host_doc("c:1", candidate=None, refused=[refused, stable_refusal]),
             host_doc("dead:1", age=60, per_version={"stable": stats(999, 999, 999.0)}),
         ],
         NOW,
@@ -161,6 +162,8 @@ def test_the_fleet_view_sums_the_rollout_over_live_hosts() -> None:
     assert shape["plugins"]["greet"]["rollout"]["stats"]["candidate"]["calls"] == 30
     assert shape["plugins"]["greet"]["last_rollout"]["at"] == STARTED.isoformat()
     hosts = {h["id"]: h for h in shape["hosts"]}
+    assert hosts["c:1"]["refused"]["greet"]["revision"] == 5  # both refusals are kept
+    assert hosts["c:1"]["refused_candidates"]["greet"]["revision"] == 7
     assert hosts["a:1"]["plugins"]["greet"]["candidate"]["revision"] == 7
     assert hosts["a:1"]["plugins"]["greet"]["stats"]["candidate"]["calls"] == 10
 

@@ -1,0 +1,382 @@
+"""Progressive delivery on one host: routing between two live versions, and judging them.
+
+A record may carry a candidate beside its stable version (``rollout``, see
+:mod:`host.records`). The registry holds both compiled versions and one
+:class:`LiveRollout` per name that has a candidate; the dispatcher asks it which version
+serves each call and tells it how each call ended.
+
+Routing, per call (issue 16 item 2):
+
+* **pinned** — the caller names a version (``7``, ``r7``, ``greet@r7`` or
+  ``greet@r7:3f9a1c2e``): that version, or :class:`~host.errors.VersionNotLive`;
+* **sticky** — the call has a key (``X-Plugin-Key``, or ``args[sticky_key]``): the
+  candidate iff ``sticky_fraction(name, candidate revision, key) < weight / 100``. The
+  fraction depends only on the plugin, the candidate's revision and the key, so every
+  host routes a key alike, and raising the weight only moves keys from stable to
+  candidate;
+* **weighted** — otherwise the candidate with probability ``weight / 100``.
+
+Statistics (issue 16 item 4): :class:`VersionStats` is a ring of per-second buckets
+(calls, failures, timeouts, slow calls, a log-scale latency histogram) with running
+totals over the window, so recording a call and judging the policy are O(1); reading a
+percentile scans the histogram (only for reports and abort reasons).
+
+INVARIANT (loop thread only, no await inside any method): once :meth:`LiveRollout.abort`
+has run, ``routing`` is False and ``choose`` returns the stable version for every
+unpinned call; nothing sets it back (a new candidate is a new ``LiveRollout``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from collections.abc import Callable
+from typing import Any
+
+from .errors import VersionNotLive
+from .plugin import Plugin
+from .records import Rollout
+
+__all__ = (
+    "FAILED",
+    "OK",
+    "TIMEOUT",
+    "LiveRollout",
+    "VersionStats",
+    "matches_version",
+    "pick_version",
+    "sticky_fraction",
+)
+
+OK, FAILED, TIMEOUT = 0, 1, 2
+"""How a call ended, for :meth:`VersionStats.record`."""
+
+_HIST_MIN_MS = 0.01
+_HIST_STEPS_PER_DOUBLING = 4  # buckets ~19% wide
+_HIST_SIZE = 100  # 0.01 ms .. ~330 s
+_LOG_SCALE = _HIST_STEPS_PER_DOUBLING / math.log(2.0)
+
+
+def _bucket(ms: float) -> int:
+    if ms <= _HIST_MIN_MS:
+        return 0
+    index = int(math.log(ms / _HIST_MIN_MS) * _LOG_SCALE) + 1
+    return index if index < _HIST_SIZE else _HIST_SIZE - 1
+
+
+def _upper_ms(index: int) -> float:
+    return float(_HIST_MIN_MS * 2.0 ** (index / _HIST_STEPS_PER_DOUBLING))
+
+
+def sticky_fraction(name: str, revision: int, key: object) -> float:
+    """Where a key falls in [0, 1) for a candidate: the same on every host.
+
+    The first 8 bytes of the SHA-256 of the compact UTF-8 JSON array
+    ``[name, revision, str(key)]``, as a fraction of 2**64 (the rollout contract).
+
+    Args:
+        name: The plugin name.
+        revision: The candidate's revision.
+        key: The routing key (any value; ``str()`` of it is hashed).
+
+    Returns:
+        The fraction; the candidate serves the key iff it is below ``weight / 100``.
+    """
+    data = json.dumps([name, revision, str(key)], ensure_ascii=False, separators=(",", ":"))
+    digest = hashlib.sha256(data.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def matches_version(wanted: str, plugin: Plugin) -> bool:
+    """Tell whether a pinned version (``7``, ``r7``, ``greet@r7``, full) names ``plugin``."""
+    record = plugin.record
+    if wanted == record.version:
+        return True
+    rest = wanted
+    prefix = record.name + "@"
+    if rest.startswith(prefix):
+        rest = rest[len(prefix) :]
+    if rest.startswith("r"):
+        rest = rest[1:]
+    return rest.isdigit() and len(rest) < 20 and int(rest) == record.revision
+
+
+def pick_version(name: str, wanted: str, stable: Plugin, live: LiveRollout | None) -> Plugin:
+    """The version a pinned call runs on.
+
+    Args:
+        name: The plugin name.
+        wanted: What the caller asked for.
+        stable: The stable version.
+        live: The rollout, if one runs (its candidate may be pinned, even at weight 0 or
+            after an automatic abort, until the record drops it).
+
+    Returns:
+        The version.
+
+    Raises:
+        VersionNotLive: Neither version matches; the error names both.
+    """
+    if matches_version(wanted, stable):
+        return stable
+    if live is not None and matches_version(wanted, live.candidate):
+        return live.candidate
+    held = [stable.version]
+    if live is not None:
+        held.append(f"{live.candidate.version} ({live.mode} candidate)")
+    raise VersionNotLive(name, wanted, held)
+
+
+class VersionStats:
+    """Sliding-window statistics of one live version (see the module docstring).
+
+    Args:
+        window_s: The window, rounded up to whole seconds.
+        slow_ms: Calls slower than this count as slow (the policy's ``max_p99_ms``).
+        now: The current monotonic time (``time.perf_counter()``).
+    """
+
+    __slots__ = (
+        "_buckets",
+        "_second",
+        "calls",
+        "failures",
+        "hist",
+        "size",
+        "slow",
+        "slow_ms",
+        "timeouts",
+    )
+
+    def __init__(self, window_s: float, slow_ms: float, now: float) -> None:
+        self.size = max(1, math.ceil(window_s))
+        # bucket = [calls, failures, timeouts, slow, histogram]
+        self._buckets: list[list[Any]] = [[0, 0, 0, 0, None] for _ in range(self.size)]
+        self._second = int(now)
+        self.calls = self.failures = self.timeouts = self.slow = 0
+        self.hist = [0] * _HIST_SIZE
+        self.slow_ms = slow_ms
+
+    def _advance(self, second: int) -> None:
+        """Expire the buckets older than the window (they leave the running totals)."""
+        steps = min(second - self._second, self.size)
+        for k in range(1, steps + 1):
+            bucket = self._buckets[(self._second + k) % self.size]
+            if bucket[0]:
+                self.calls -= bucket[0]
+                self.failures -= bucket[1]
+                self.timeouts -= bucket[2]
+                self.slow -= bucket[3]
+                hist = self.hist
+                for index, count in enumerate(bucket[4]):
+                    if count:
+                        hist[index] -= count
+                bucket[0] = bucket[1] = bucket[2] = bucket[3] = 0
+                bucket[4] = None
+        self._second = second
+
+    def record(self, outcome: int, elapsed: float, now: float) -> None:
+        """Count one call.
+
+        Args:
+            outcome: ``OK``, ``FAILED`` or ``TIMEOUT``.
+            elapsed: Its duration in seconds.
+            now: When it ended (``time.perf_counter()``).
+        """
+        second = int(now)
+        if second > self._second:
+            self._advance(second)
+        bucket = self._buckets[second % self.size]
+        bucket[0] += 1
+        self.calls += 1
+        if outcome == FAILED:
+            bucket[1] += 1
+            self.failures += 1
+        elif outcome == TIMEOUT:
+            bucket[2] += 1
+            self.timeouts += 1
+        ms = elapsed * 1000.0
+        if ms > self.slow_ms:
+            bucket[3] += 1
+            self.slow += 1
+        index = _bucket(ms)
+        hist = bucket[4]
+        if hist is None:
+            hist = bucket[4] = [0] * _HIST_SIZE
+        hist[index] += 1
+        self.hist[index] += 1
+
+    @property
+    def error_rate(self) -> float:
+        """Failures and timeouts over calls in the window (0 with no calls)."""
+        return (self.failures + self.timeouts) / self.calls if self.calls else 0.0
+
+    def percentile_ms(self, q: float) -> float | None:
+        """The ``q`` quantile (0..1) of the window's latencies, as a bucket's upper bound."""
+        if not self.calls:
+            return None
+        rank = max(1, math.ceil(q * self.calls))
+        seen = 0
+        for index, count in enumerate(self.hist):
+            seen += count
+            if seen >= rank:
+                return round(_upper_ms(index), 3)
+        return round(_upper_ms(_HIST_SIZE - 1), 3)  # pragma: no cover - counts add up
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """The contract's ``<Stats>`` over the window.
+
+        Returns:
+            ``{calls, failures, timeouts, error_rate, p50_ms, p99_ms}``.
+        """
+        second = int(now)
+        if second > self._second:
+            self._advance(second)
+        return {
+            "calls": self.calls,
+            "failures": self.failures,
+            "timeouts": self.timeouts,
+            "error_rate": round(self.error_rate, 4),
+            "p50_ms": self.percentile_ms(0.50),
+            "p99_ms": self.percentile_ms(0.99),
+        }
+
+
+class LiveRollout:
+    """The routing state and statistics of one running rollout on this host.
+
+    Args:
+        spec: The record's rollout.
+        candidate: The candidate's compiled, installed version.
+        now: The current monotonic time (``time.perf_counter()``).
+    """
+
+    __slots__ = (
+        "abort_reason",
+        "candidate",
+        "candidate_stats",
+        "mirror",
+        "routing",
+        "spec",
+        "stable_stats",
+        "sticky_key",
+        "threshold",
+    )
+
+    def __init__(self, spec: Rollout, candidate: Plugin, now: float) -> None:
+        self.candidate = candidate
+        window = spec.policy.window_s
+        slow = spec.policy.max_p99_ms if spec.policy.max_p99_ms is not None else math.inf
+        self.stable_stats = VersionStats(window, slow, now)
+        self.candidate_stats = VersionStats(window, slow, now)
+        self.abort_reason: str | None = None
+        self.spec = spec
+        self.routing = False
+        self.mirror = False
+        self.threshold = 0.0
+        self.sticky_key: str | None = None
+        self.update(spec)
+
+    @property
+    def name(self) -> str:
+        """The plugin name."""
+        return self.candidate.name
+
+    @property
+    def mode(self) -> str:
+        """``canary`` or ``shadow``."""
+        return self.spec.mode
+
+    @property
+    def revision(self) -> int:
+        """The candidate's revision."""
+        return self.spec.revision
+
+    def update(self, spec: Rollout) -> None:
+        """Take a new weight, mode, sticky key or policy of the same candidate."""
+        self.spec = spec
+        self.threshold = spec.weight / 100.0
+        self.sticky_key = spec.sticky_key
+        active = self.abort_reason is None and self.threshold > 0.0
+        self.routing = active and spec.mode == "canary"
+        self.mirror = active and spec.mode == "shadow"
+
+    def choose(self, stable: Plugin, args: Any, key: object) -> Plugin:
+        """The version an unpinned call runs on (sticky, else weighted)."""
+        if not self.routing:
+            return stable
+        if key is None and self.sticky_key is not None and isinstance(args, dict):
+            key = args.get(self.sticky_key)
+        if key is not None:
+            chosen = sticky_fraction(self.candidate.name, self.spec.revision, key)
+        else:
+            chosen = random.random()
+        return self.candidate if chosen < self.threshold else stable
+
+    def record(self, plugin: Plugin, outcome: int, elapsed: float, now: float) -> str | None:
+        """Count a call of either version; judge the candidate's policy.
+
+        Args:
+            plugin: The version that served the call.
+            outcome: ``OK``, ``FAILED`` or ``TIMEOUT``.
+            elapsed: Its duration in seconds.
+            now: When it ended.
+
+        Returns:
+            Why the candidate must be aborted, the first time it breaks its policy
+            (routing has then already stopped); else None.
+        """
+        if plugin is not self.candidate:
+            self.stable_stats.record(outcome, elapsed, now)
+            return None
+        stats = self.candidate_stats
+        stats.record(outcome, elapsed, now)
+        policy = self.spec.policy
+        if self.abort_reason is not None or stats.calls < policy.min_calls:
+            return None
+        reason = None
+        if policy.max_error_rate is not None:
+            rate = stats.error_rate
+            stable_rate = self.stable_stats.error_rate
+            if rate > policy.max_error_rate and rate > stable_rate:
+                reason = (
+                    f"error rate {rate:.2f} > {policy.max_error_rate:.2f} after "
+                    f"{stats.calls} calls (stable {stable_rate:.2f})"
+                )
+        if reason is None and policy.max_p99_ms is not None and stats.slow * 100 > stats.calls:
+            reason = (
+                f"p99 {stats.percentile_ms(0.99)} ms > {policy.max_p99_ms:g} ms after "
+                f"{stats.calls} calls ({stats.slow} slower than {policy.max_p99_ms:g} ms)"
+            )
+        if reason is not None:
+            self.abort(reason)
+        return reason
+
+    def abort(self, reason: str) -> None:
+        """Stop routing and mirroring to the candidate at once (see the INVARIANT)."""
+        if self.abort_reason is None:
+            self.abort_reason = reason
+        self.routing = False
+        self.mirror = False
+
+    def stats(self, now: float) -> dict[str, Any]:
+        """``{stable: <Stats>, candidate: <Stats>}`` over the window."""
+        return {
+            "stable": self.stable_stats.snapshot(now),
+            "candidate": self.candidate_stats.snapshot(now),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """``{version, revision, mode, weight}`` for the hosts document."""
+        return {
+            "version": self.candidate.version,
+            "revision": self.spec.revision,
+            "mode": self.spec.mode,
+            "weight": self.spec.weight,
+        }
+
+
+AbortHandler = Callable[[LiveRollout, str], None]
+"""Called by the dispatcher when a host-side abort decision is taken (see runtime)."""
