@@ -325,15 +325,11 @@ class Dispatcher:
             CURRENT_PLUGIN.reset(plugin_token)
             _CALL_CHAIN.reset(chain_token)
             plugin.end_call()
+            # A version under rollout: count the call; the candidate may break policy.
             if live is not None and outcome >= 0:
-                self._judge(live, plugin, outcome, started)
-
-    def _judge(self, live: LiveRollout, plugin: Plugin, outcome: int, started: float) -> None:
-        """Count a call of a version under rollout; abort the candidate if it broke policy."""
-        now = time.perf_counter()
-        reason = live.record(plugin, outcome, now - started, now)
-        if reason is not None and self.on_rollout_abort is not None:
-            self.on_rollout_abort(live, reason)
+                reason = live.record(plugin, outcome, started)
+                if reason is not None and self.on_rollout_abort is not None:
+                    self.on_rollout_abort(live, reason)
 
     async def _run(self, plugin: Plugin, args: Args) -> Any:
         # The compiler sets the version's limiter once (its record's max_concurrency, or
