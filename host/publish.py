@@ -27,7 +27,8 @@ from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import DuplicateKeyError
 
 from .errors import PluginHostError
-from .records import PluginRecord, is_valid_name
+from .records import is_valid_name
+from .rollout import write_abort
 
 if TYPE_CHECKING:
     from .fleetview import Convergence, Progress
@@ -581,40 +582,11 @@ async def abort_rollout(
     Raises:
         NoRollout: No rollout runs (only when ``expected_revision`` is None).
     """
-    coll = db[collection]
-    doc = await coll.find_one({"_id": name}, {"rollout": 1})
-    rollout = doc.get("rollout") if doc is not None else None
-    if not isinstance(rollout, Mapping) or not isinstance(rollout.get("revision"), int):
-        if expected_revision is None:
+    revision = expected_revision
+    if revision is None:
+        doc = await db[collection].find_one({"_id": name}, {"rollout.revision": 1})
+        rollout = doc.get("rollout") if doc is not None else None
+        revision = rollout.get("revision") if isinstance(rollout, Mapping) else None
+        if not isinstance(revision, int):
             raise NoRollout(name)
-        return False
-    revision = rollout["revision"] if expected_revision is None else expected_revision
-    version = None
-    if rollout.get("revision") == revision and isinstance(rollout.get("source"), str):
-        entrypoint = rollout.get("entrypoint")
-        version = PluginRecord(
-            name=name,
-            source=rollout["source"],
-            entrypoint=entrypoint if isinstance(entrypoint, str) else "main",
-            revision=revision,
-        ).version
-    now = datetime.now(UTC)
-    result = await coll.update_one(
-        {"_id": name, "rollout.revision": revision},
-        {
-            "$unset": {"rollout": ""},
-            "$set": {
-                "updatedAt": now,
-                "last_rollout": {
-                    "revision": revision,
-                    "version": version,
-                    "outcome": "aborted",
-                    "reason": reason,
-                    "by": by,
-                    "at": now,
-                    "stats": dict(stats) if stats is not None else None,
-                },
-            },
-        },
-    )
-    return bool(result.modified_count == 1)
+    return await write_abort(db[collection], name, revision, reason=reason, by=by, stats=stats)

@@ -34,12 +34,13 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from .errors import VersionNotLive
 from .plugin import Plugin
-from .records import Rollout
+from .records import PluginRecord, Rollout
 
 __all__ = (
     "FAILED",
@@ -50,6 +51,7 @@ __all__ = (
     "matches_version",
     "pick_version",
     "sticky_fraction",
+    "write_abort",
 )
 
 OK, FAILED, TIMEOUT = 0, 1, 2
@@ -430,3 +432,63 @@ class LiveRollout:
 
 AbortHandler = Callable[[LiveRollout, str], None]
 """Called by the dispatcher when a host-side abort decision is taken (see runtime)."""
+
+
+async def write_abort(
+    collection: Any,
+    name: str,
+    revision: int,
+    *,
+    reason: str,
+    by: str,
+    stats: Mapping[str, Any] | None = None,
+) -> bool:
+    """Record the abort of candidate ``revision`` of ``name``: the contract's compare-and-set.
+
+    ``update_one({_id, "rollout.revision": R}, {$unset: rollout, $set: last_rollout})``:
+    of several writers aborting the same candidate (hosts that detected it, operators),
+    exactly one modifies the record; every host follows it through its change stream.
+    (``host.publish.abort_rollout`` is the public operation; the runtime calls this, as
+    it may not import the publishing tools.)
+
+    Args:
+        collection: The functions collection (async PyMongo).
+        name: The plugin name.
+        revision: The candidate's revision.
+        reason: Why, e.g. ``error rate 1.00 > 0.05 after 20 calls (stable 0.00)``.
+        by: Who: a host id (an automatic abort) or ``cli``/a user.
+        stats: ``{stable: <Stats>, candidate: <Stats>}`` at the time of the abort.
+
+    Returns:
+        True iff this call recorded the abort.
+    """
+    doc = await collection.find_one({"_id": name, "rollout.revision": revision}, {"rollout": 1})
+    rollout = doc.get("rollout") if doc is not None else None
+    if not isinstance(rollout, Mapping):
+        return False  # already ended (or never this revision)
+    version = None
+    source, entrypoint = rollout.get("source"), rollout.get("entrypoint")
+    if isinstance(source, str):
+        version = PluginRecord(
+            name, source, entrypoint if isinstance(entrypoint, str) else "main", revision=revision
+        ).version
+    now = datetime.now(UTC)
+    result = await collection.update_one(
+        {"_id": name, "rollout.revision": revision},
+        {
+            "$unset": {"rollout": ""},
+            "$set": {
+                "updatedAt": now,
+                "last_rollout": {
+                    "revision": revision,
+                    "version": version,
+                    "outcome": "aborted",
+                    "reason": reason,
+                    "by": by,
+                    "at": now,
+                    "stats": dict(stats) if stats is not None else None,
+                },
+            },
+        },
+    )
+    return bool(result.modified_count == 1)
