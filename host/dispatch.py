@@ -163,6 +163,8 @@ class Dispatcher:
         self._rollouts = registry.rollouts
         self.on_rollout_abort: Callable[[LiveRollout, str], None] | None = None
         """Called once when a candidate breaks its policy (routing already stopped)."""
+        self.on_mirror: Callable[[LiveRollout, Any, Any], None] | None = None
+        """Called after the stable version answered a call while a shadow runs."""
 
     @property
     def db(self) -> Any:
@@ -285,7 +287,12 @@ class Dispatcher:
         outcome = OK
         try:
             if timeout is None:
-                return await self._run(plugin, args)
+                if live is None:
+                    return await self._run(plugin, args)
+                result = await self._run(plugin, args)
+                if live.mirror:  # a shadow runs: maybe mirror this call, off this path
+                    self._mirror(live, plugin, args, result)
+                return result
             # asyncio's own timeout: one timer handle per call, about a quarter of the cost
             # of an anyio cancel scope with a deadline (the default 30 s timeout is on every
             # daemon call). It follows the cancel-counting protocol (Task.uncancel), so an
@@ -294,7 +301,10 @@ class Dispatcher:
             deadline = asyncio.timeout(timeout)
             try:
                 async with deadline:
-                    return await self._run(plugin, args)
+                    result = await self._run(plugin, args)
+                if live is not None and live.mirror:
+                    self._mirror(live, plugin, args, result)
+                return result
             except TimeoutError:
                 if not deadline.expired():
                     raise
@@ -325,15 +335,16 @@ class Dispatcher:
             CURRENT_PLUGIN.reset(plugin_token)
             _CALL_CHAIN.reset(chain_token)
             plugin.end_call()
+            # A version under rollout: count the call; the candidate may break policy.
             if live is not None and outcome >= 0:
-                self._judge(live, plugin, outcome, started)
+                reason = live.record(plugin, outcome, started)
+                if reason is not None and self.on_rollout_abort is not None:
+                    self.on_rollout_abort(live, reason)
 
-    def _judge(self, live: LiveRollout, plugin: Plugin, outcome: int, started: float) -> None:
-        """Count a call of a version under rollout; abort the candidate if it broke policy."""
-        now = time.perf_counter()
-        reason = live.record(plugin, outcome, now - started, now)
-        if reason is not None and self.on_rollout_abort is not None:
-            self.on_rollout_abort(live, reason)
+    def _mirror(self, live: LiveRollout, plugin: Plugin, args: Args, result: Any) -> None:
+        """Hand a call the stable version answered to the shadow runner (it samples)."""
+        if plugin is not live.candidate and self.on_mirror is not None:
+            self.on_mirror(live, args, result)
 
     async def _run(self, plugin: Plugin, args: Args) -> Any:
         # The compiler sets the version's limiter once (its record's max_concurrency, or
@@ -365,7 +376,7 @@ class Dispatcher:
             limiter.release()
 
     async def _invoke(self, plugin: Plugin, args: Args) -> Any:
-        ctx = Context(plugin, self, next(self._ids))
+        ctx = Context(plugin, plugin.caller or self, next(self._ids))
         try:
             if plugin.is_async:
                 return await plugin.entrypoint(ctx, args)

@@ -459,6 +459,8 @@ def create_app(
         metrics.ready = lambda: bool(host.is_ready) and not draining()
     if metrics.abandoned_threads is None:
         metrics.abandoned_threads = lambda: int(host.abandoned_threads)
+    if metrics.shadow is None:
+        metrics.shadow = host.shadow_counts
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:

@@ -159,8 +159,9 @@ class Loader:
         candidate_verifier: The check of a rollout's candidate (its signature is checked
             over its own fields, and nothing is remembered as accepted); ``verifier`` if
             None.
-        candidate_ctx_factory: Builds ``ctx`` for a candidate's hooks, given its mode
-            (a shadow's refuses writes); ``ctx_factory`` if None.
+        prepare_candidate: Readies a compiled candidate for its mode (a shadow's
+            ``ctx.db`` refuses writes) and returns the ``ctx`` factory of its hooks;
+            ``ctx_factory`` is used if None.
         compile_timeout: Bound on compiling one source in a compiler process, in seconds
             (``host.precompile``; small sources compile on the loop and need none).
     """
@@ -177,11 +178,11 @@ class Loader:
         verifier: RecordVerifier | None = None,
         compile_timeout: float = DEFAULT_TIMEOUTS.compile,
         candidate_verifier: RecordVerifier | None = None,
-        candidate_ctx_factory: Callable[[str], ContextFactory] | None = None,
+        prepare_candidate: Callable[[Plugin, str], ContextFactory] | None = None,
     ) -> None:
         self._registry = registry
         self._candidate_verifier = candidate_verifier if candidate_verifier else verifier
-        self._candidate_ctx = candidate_ctx_factory
+        self._prepare_candidate = prepare_candidate
         self._processes = CompilerProcesses(compile_timeout=compile_timeout)
         self._ctx_factory = ctx_factory
         self._events = events
@@ -505,6 +506,8 @@ class Loader:
                 return
             if live is not None and live.candidate.record == spec.candidate:
                 before = live.spec
+                if before.mode != spec.mode and self._prepare_candidate is not None:
+                    self._prepare_candidate(live.candidate, spec.mode)  # shadow <-> canary
                 live.update(spec)
                 if before.weight != spec.weight or before.mode != spec.mode:
                     self._events.emit(
@@ -561,15 +564,17 @@ class Loader:
             )
             await self._end_candidate(change, "refused")
             return
-        ctx_factory = (
-            self._candidate_ctx(spec.mode) if self._candidate_ctx is not None else self._ctx_factory
-        )
         try:
             plugin = await compile_plugin(
                 candidate,
                 exec_timeout=self._exec_timeout,
                 default_max_concurrency=self._default_max_concurrency,
                 processes=self._processes,
+            )
+            ctx_factory = (
+                self._prepare_candidate(plugin, spec.mode)
+                if self._prepare_candidate is not None
+                else self._ctx_factory
             )
             live = await self._registry.install_candidate(
                 plugin, ctx_factory, spec, time.perf_counter()

@@ -29,7 +29,7 @@ from pymongo.errors import DuplicateKeyError
 
 from .errors import PluginHostError
 from .records import ROLLOUT_MODES, RolloutPolicy, is_valid_name
-from .rollouts import NoRollout, RolloutRunning, abort_rollout, ended
+from .rollout_record import NoRollout, RolloutRunning, abort_rollout, ended
 
 if TYPE_CHECKING:
     from .fleetview import Convergence, Progress
@@ -605,7 +605,7 @@ async def wait_converged(
 
 
 # -- rollouts (issue 16): a candidate beside the stable version ------------------------------
-# The record layout and the compare-and-set rules are in host/rollouts.py (and design.md).
+# The record layout and the compare-and-set rules: host/rollout_record.py and design.md.
 
 
 def _check_weight(name: str, weight: float, what: str = "weight") -> float:

@@ -437,6 +437,7 @@ class Registry:
             if candidate is None:
                 raise LookupError(f"plugin {name!r} has no candidate to promote")
             del self.rollouts[name]
+            candidate.caller = None  # a promoted shadow serves with the host's own ctx.db
             old = self._current.get(name)
             self._current[name] = candidate  # THE SWAP
             self._remember(candidate)

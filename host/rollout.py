@@ -32,12 +32,15 @@ import hashlib
 import json
 import math
 import random
-from collections.abc import Callable
+import re
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from .errors import VersionNotLive
 from .plugin import Plugin
-from .records import Rollout
+from .records import PluginRecord, Rollout
 
 __all__ = (
     "FAILED",
@@ -48,6 +51,7 @@ __all__ = (
     "matches_version",
     "pick_version",
     "sticky_fraction",
+    "write_abort",
 )
 
 OK, FAILED, TIMEOUT = 0, 1, 2
@@ -57,13 +61,10 @@ _HIST_MIN_MS = 0.01
 _HIST_STEPS_PER_DOUBLING = 4  # buckets ~19% wide
 _HIST_SIZE = 100  # 0.01 ms .. ~330 s
 _LOG_SCALE = _HIST_STEPS_PER_DOUBLING / math.log(2.0)
-
-
-def _bucket(ms: float) -> int:
-    if ms <= _HIST_MIN_MS:
-        return 0
-    index = int(math.log(ms / _HIST_MIN_MS) * _LOG_SCALE) + 1
-    return index if index < _HIST_SIZE else _HIST_SIZE - 1
+_INV_MIN = 1.0 / _HIST_MIN_MS
+_ZEROS = [0] * _HIST_SIZE
+_log = math.log
+_now = time.perf_counter
 
 
 def _upper_ms(index: int) -> float:
@@ -86,7 +87,46 @@ def sticky_fraction(name: str, revision: int, key: object) -> float:
     """
     data = json.dumps([name, revision, str(key)], ensure_ascii=False, separators=(",", ":"))
     digest = hashlib.sha256(data.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
+    return int.from_bytes(digest[:8], "big") / _TWO_64
+
+
+_TWO_64 = 2.0**64
+_PLAIN_KEY = re.compile(r"[ !#-\[\]-~]*")  # printable ASCII but '"' and '\\': JSON as-is
+_STICKY_CACHE_SIZE = 4096
+
+
+class _StickyRouter:
+    """``sticky_fraction`` for one (name, revision), with a bounded memo of recent keys.
+
+    The same bytes as :func:`sticky_fraction`: plugin names need no JSON escaping, and a
+    key of printable ASCII without quote or backslash neither; other keys go through
+    ``json.dumps``.
+    """
+
+    __slots__ = ("_memo", "_name", "_prefix", "_revision")
+
+    def __init__(self, name: str, revision: int) -> None:
+        self._name = name
+        self._revision = revision
+        self._prefix = json.dumps([name, revision], separators=(",", ":"))[:-1] + ',"'
+        self._memo: dict[object, float] = {}
+
+    def fraction(self, key: object) -> float:
+        memo = self._memo
+        value = memo.get(key) if isinstance(key, str) else None
+        if value is not None:
+            return value
+        text = str(key)
+        if _PLAIN_KEY.fullmatch(text):
+            data = (self._prefix + text + '"]').encode("ascii")
+            value = int.from_bytes(hashlib.sha256(data).digest()[:8], "big") / _TWO_64
+        else:
+            value = sticky_fraction(self._name, self._revision, key)
+        if isinstance(key, str):
+            if len(memo) >= _STICKY_CACHE_SIZE:
+                memo.clear()
+            memo[key] = value
+        return value
 
 
 def matches_version(wanted: str, plugin: Plugin) -> bool:
@@ -132,6 +172,10 @@ def pick_version(name: str, wanted: str, stable: Plugin, live: LiveRollout | Non
 class VersionStats:
     """Sliding-window statistics of one live version (see the module docstring).
 
+    Per-second buckets in parallel lists (calls, failures, timeouts, slow calls, a latency
+    histogram), plus running totals of the counters over the window; the histogram is
+    summed over the buckets only when a percentile is read (reports, abort reasons).
+
     Args:
         window_s: The window, rounded up to whole seconds.
         slow_ms: Calls slower than this count as slow (the policy's ``max_p99_ms``).
@@ -139,11 +183,15 @@ class VersionStats:
     """
 
     __slots__ = (
-        "_buckets",
+        "_calls",
+        "_failures",
+        "_hist",
         "_second",
+        "_slot",
+        "_slow",
+        "_timeouts",
         "calls",
         "failures",
-        "hist",
         "size",
         "slow",
         "slow_ms",
@@ -151,34 +199,35 @@ class VersionStats:
     )
 
     def __init__(self, window_s: float, slow_ms: float, now: float) -> None:
-        self.size = max(1, math.ceil(window_s))
-        # bucket = [calls, failures, timeouts, slow, histogram]
-        self._buckets: list[list[Any]] = [[0, 0, 0, 0, None] for _ in range(self.size)]
+        self.size = size = max(1, math.ceil(window_s))
+        self._calls = [0] * size
+        self._failures = [0] * size
+        self._timeouts = [0] * size
+        self._slow = [0] * size
+        self._hist = [[0] * _HIST_SIZE for _ in range(size)]
         self._second = int(now)
+        self._slot = self._second % size
         self.calls = self.failures = self.timeouts = self.slow = 0
-        self.hist = [0] * _HIST_SIZE
         self.slow_ms = slow_ms
 
     def _advance(self, second: int) -> None:
         """Expire the buckets older than the window (they leave the running totals)."""
-        steps = min(second - self._second, self.size)
-        for k in range(1, steps + 1):
-            bucket = self._buckets[(self._second + k) % self.size]
-            if bucket[0]:
-                self.calls -= bucket[0]
-                self.failures -= bucket[1]
-                self.timeouts -= bucket[2]
-                self.slow -= bucket[3]
-                hist = self.hist
-                for index, count in enumerate(bucket[4]):
-                    if count:
-                        hist[index] -= count
-                bucket[0] = bucket[1] = bucket[2] = bucket[3] = 0
-                bucket[4] = None
-        self._second = second
+        size = self.size
+        for k in range(1, min(second - self._second, size) + 1):
+            i = (self._second + k) % size
+            if self._calls[i]:
+                self.calls -= self._calls[i]
+                self.failures -= self._failures[i]
+                self.timeouts -= self._timeouts[i]
+                self.slow -= self._slow[i]
+                self._calls[i] = self._failures[i] = self._timeouts[i] = self._slow[i] = 0
+                self._hist[i][:] = _ZEROS
+        if second > self._second:
+            self._second = second
+            self._slot = second % size
 
     def record(self, outcome: int, elapsed: float, now: float) -> None:
-        """Count one call.
+        """Count one call (hot path while a rollout runs: a few list increments).
 
         Args:
             outcome: ``OK``, ``FAILED`` or ``TIMEOUT``.
@@ -186,27 +235,32 @@ class VersionStats:
             now: When it ended (``time.perf_counter()``).
         """
         second = int(now)
-        if second > self._second:
+        if second != self._second:
             self._advance(second)
-        bucket = self._buckets[second % self.size]
-        bucket[0] += 1
+        i = self._slot
+        self._calls[i] += 1
         self.calls += 1
-        if outcome == FAILED:
-            bucket[1] += 1
-            self.failures += 1
-        elif outcome == TIMEOUT:
-            bucket[2] += 1
-            self.timeouts += 1
+        if outcome:
+            if outcome == FAILED:
+                self._failures[i] += 1
+                self.failures += 1
+            else:
+                self._timeouts[i] += 1
+                self.timeouts += 1
         ms = elapsed * 1000.0
         if ms > self.slow_ms:
-            bucket[3] += 1
+            self._slow[i] += 1
             self.slow += 1
-        index = _bucket(ms)
-        hist = bucket[4]
-        if hist is None:
-            hist = bucket[4] = [0] * _HIST_SIZE
-        hist[index] += 1
-        self.hist[index] += 1
+        if ms > _HIST_MIN_MS:
+            index = int(_log(ms * _INV_MIN) * _LOG_SCALE) + 1
+            self._hist[i][index if index < _HIST_SIZE else _HIST_SIZE - 1] += 1
+        else:
+            self._hist[i][0] += 1
+
+    @property
+    def hist(self) -> list[int]:
+        """The latency histogram over the window (summed over the buckets)."""
+        return [sum(column) for column in zip(*self._hist, strict=True)]
 
     @property
     def error_rate(self) -> float:
@@ -231,9 +285,8 @@ class VersionStats:
         Returns:
             ``{calls, failures, timeouts, error_rate, p50_ms, p99_ms}``.
         """
-        second = int(now)
-        if second > self._second:
-            self._advance(second)
+        if int(now) > self._second:
+            self._advance(int(now))
         return {
             "calls": self.calls,
             "failures": self.failures,
@@ -261,6 +314,7 @@ class LiveRollout:
         "routing",
         "spec",
         "stable_stats",
+        "sticky",
         "sticky_key",
         "threshold",
     )
@@ -277,6 +331,7 @@ class LiveRollout:
         self.mirror = False
         self.threshold = 0.0
         self.sticky_key: str | None = None
+        self.sticky = _StickyRouter(candidate.name, spec.revision)
         self.update(spec)
 
     @property
@@ -309,30 +364,27 @@ class LiveRollout:
             return stable
         if key is None and self.sticky_key is not None and isinstance(args, dict):
             key = args.get(self.sticky_key)
-        if key is not None:
-            chosen = sticky_fraction(self.candidate.name, self.spec.revision, key)
-        else:
-            chosen = random.random()
+        chosen = self.sticky.fraction(key) if key is not None else random.random()
         return self.candidate if chosen < self.threshold else stable
 
-    def record(self, plugin: Plugin, outcome: int, elapsed: float, now: float) -> str | None:
+    def record(self, plugin: Plugin, outcome: int, started: float) -> str | None:
         """Count a call of either version; judge the candidate's policy.
 
         Args:
             plugin: The version that served the call.
             outcome: ``OK``, ``FAILED`` or ``TIMEOUT``.
-            elapsed: Its duration in seconds.
-            now: When it ended.
+            started: When it started (``time.perf_counter()``).
 
         Returns:
             Why the candidate must be aborted, the first time it breaks its policy
             (routing has then already stopped); else None.
         """
+        now = _now()
         if plugin is not self.candidate:
-            self.stable_stats.record(outcome, elapsed, now)
+            self.stable_stats.record(outcome, now - started, now)
             return None
         stats = self.candidate_stats
-        stats.record(outcome, elapsed, now)
+        stats.record(outcome, now - started, now)
         policy = self.spec.policy
         if self.abort_reason is not None or stats.calls < policy.min_calls:
             return None
@@ -380,3 +432,63 @@ class LiveRollout:
 
 AbortHandler = Callable[[LiveRollout, str], None]
 """Called by the dispatcher when a host-side abort decision is taken (see runtime)."""
+
+
+async def write_abort(
+    collection: Any,
+    name: str,
+    revision: int,
+    *,
+    reason: str,
+    by: str,
+    stats: Mapping[str, Any] | None = None,
+) -> bool:
+    """Record the abort of candidate ``revision`` of ``name``: the contract's compare-and-set.
+
+    ``update_one({_id, "rollout.revision": R}, {$unset: rollout, $set: last_rollout})``:
+    of several writers aborting the same candidate (hosts that detected it, operators),
+    exactly one modifies the record; every host follows it through its change stream.
+    (``host.publish.abort_rollout`` is the public operation; the runtime calls this, as
+    it may not import the publishing tools.)
+
+    Args:
+        collection: The functions collection (async PyMongo).
+        name: The plugin name.
+        revision: The candidate's revision.
+        reason: Why, e.g. ``error rate 1.00 > 0.05 after 20 calls (stable 0.00)``.
+        by: Who: a host id (an automatic abort) or ``cli``/a user.
+        stats: ``{stable: <Stats>, candidate: <Stats>}`` at the time of the abort.
+
+    Returns:
+        True iff this call recorded the abort.
+    """
+    doc = await collection.find_one({"_id": name, "rollout.revision": revision}, {"rollout": 1})
+    rollout = doc.get("rollout") if doc is not None else None
+    if not isinstance(rollout, Mapping):
+        return False  # already ended (or never this revision)
+    version = None
+    source, entrypoint = rollout.get("source"), rollout.get("entrypoint")
+    if isinstance(source, str):
+        version = PluginRecord(
+            name, source, entrypoint if isinstance(entrypoint, str) else "main", revision=revision
+        ).version
+    now = datetime.now(UTC)
+    result = await collection.update_one(
+        {"_id": name, "rollout.revision": revision},
+        {
+            "$unset": {"rollout": ""},
+            "$set": {
+                "updatedAt": now,
+                "last_rollout": {
+                    "revision": revision,
+                    "version": version,
+                    "outcome": "aborted",
+                    "reason": reason,
+                    "by": by,
+                    "at": now,
+                    "stats": dict(stats) if stats is not None else None,
+                },
+            },
+        },
+    )
+    return bool(result.modified_count == 1)

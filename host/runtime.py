@@ -22,6 +22,7 @@ import structlog
 from anyio.abc import TaskGroup
 
 from .config import DEFAULT_LIMITS, DEFAULT_TIMEOUTS, UNSET, Limits, Timeouts, Unset, with_overrides
+from .context import Context
 from .dispatch import Dispatcher
 from .errors import RecordError
 from .events import EventBus, Subscription
@@ -30,10 +31,11 @@ from .loader import Loader, PluginInfo, RecordVerifier
 from .plugin import Plugin
 from .records import PluginRecord
 from .registry import Registry
-from .rollout import LiveRollout
+from .rollout import LiveRollout, write_abort
+from .shadow import ReadOnlyDatabase, ShadowCaller, ShadowRunner
 from .threads import DEFAULT_THREADS, ThreadLimiter
 from .trust import SignatureVerifier, TrustedKeys, TrustError, load_public_keys
-from .types import Args, CallTarget
+from .types import Args, CallTarget, ContextFactory
 from .watchdog import LoopWatchdog
 from .watcher import Watcher, WatchFatal
 
@@ -166,8 +168,11 @@ class PluginHost:
             verifier=verifier if trusted_keys is None else self._verify_record,
             compile_timeout=timeouts.compile,
             candidate_verifier=verifier if trusted_keys is None else self._verify_candidate,
+            prepare_candidate=self._prepare_candidate,
         )
         self._dispatcher.on_rollout_abort = self._rollout_abort
+        self._shadow = ShadowRunner(self._dispatcher, self._events_bus)
+        self._dispatcher.on_mirror = self._shadow.offer
         self._watcher = Watcher(
             database[collection], self._loader, self._events_bus, max_await_ms=max_await_ms
         )
@@ -204,6 +209,7 @@ class PluginHost:
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             await stack.enter_async_context(self._registry)
             self._loader.bind(self._tg)
+            self._shadow.start(self._tg)
             if self.watchdog is not None:  # cancelled with the task group at shutdown
                 self._tg.start_soon(self.watchdog.run, name="loop watchdog")
             if self._reporter is not None:
@@ -264,11 +270,26 @@ class PluginHost:
             if checked is not None:
                 await checked
 
+    def _prepare_candidate(self, plugin: Plugin, mode: str) -> ContextFactory:
+        """A shadow's contexts get a read-only ``ctx.db``; a canary's are the usual ones."""
+        if mode != "shadow":
+            plugin.caller = None
+            return self._dispatcher.make_context
+        readonly = ReadOnlyDatabase(self.database, self._shadow.refused_write(plugin.name))
+        caller = ShadowCaller(self._dispatcher, readonly)
+        plugin.caller = caller
+        return lambda version: Context(version, caller)
+
+    def shadow_counts(self) -> dict[str, dict[str, int]]:
+        """Shadow comparisons per plugin: ``{match, mismatch, candidate_error, dropped,
+        refused_writes}`` (counters since the host started)."""
+        return {name: dict(counts) for name, counts in self._shadow.counts.items()}
+
     def _rollout_abort(self, live: LiveRollout, reason: str) -> None:
         """A candidate broke its policy here: routing has stopped; record the abort.
 
         Runs on the call's path, so it only logs and starts the write: the write is a
-        compare-and-set on the candidate's revision (``host.rollouts.abort_rollout``), so
+        compare-and-set on the candidate's revision (``host.rollout.write_abort``), so
         when several hosts detect the same candidate, one abort is recorded.
         """
         stats = live.stats(time.perf_counter())
@@ -286,17 +307,14 @@ class PluginHost:
             self._tg.start_soon(self._write_abort, live, reason, stats, name="rollout abort")
 
     async def _write_abort(self, live: LiveRollout, reason: str, stats: dict[str, Any]) -> None:
-        from .rollouts import abort_rollout  # the runtime may not import host.publish
-
         try:
-            recorded = await abort_rollout(
-                self.database,
+            recorded = await write_abort(
+                self.database[self.collection_name],
                 live.name,
+                live.revision,
                 reason=reason,
                 by=self.host_id,
                 stats=stats,
-                expected_revision=live.revision,
-                collection=self.collection_name,
             )
         except Exception as exc:  # the host keeps not routing to it; say the write failed
             self._events_bus.emit(

@@ -92,6 +92,18 @@ def test_sticky_fraction_is_the_contract_hash() -> None:
     assert sticky_fraction("greet", 7, 42) == sticky_fraction("greet", 7, "42")
 
 
+@pytest.mark.parametrize(
+    "key", ["user-1", "", 'quote"d', "back\\slash", "h\u00e9", "\x7f", "tab\t", 42, 4.5, True]
+)
+def test_router_fast_path_hashes_like_the_contract(key: object) -> None:
+    """The router's fast path and memo give exactly the contract's sticky fraction."""
+    from host.rollout import _StickyRouter
+
+    router = _StickyRouter("greet.v2", 7)
+    assert router.fraction(key) == sticky_fraction("greet.v2", 7, key)
+    assert router.fraction(key) == sticky_fraction("greet.v2", 7, key)  # memoized
+
+
 def test_stats_window_expires_old_seconds() -> None:
     """Calls older than the window leave the totals; the histogram gives sane percentiles."""
     stats = VersionStats(window_s=3, slow_ms=50.0, now=100.0)

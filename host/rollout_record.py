@@ -13,9 +13,10 @@ So exactly one writer ends a given rollout, and the same update that ends it wri
 ``last_rollout`` (outcome, reason, by whom, when, statistics): there is never a record
 without a rollout whose ``last_rollout`` is missing or names another outcome.
 
-This module holds what a host needs too: :func:`abort_rollout` is the automatic abort's
-write, so it lives below the publishing tools (:mod:`host.publish` re-exports it; the
-runtime may not import :mod:`host.publish`, see ``tests/test_layering.py``).
+:mod:`host.publish` re-exports what is here. The abort's compare-and-set is
+:func:`host.rollout.write_abort`, which hosts call for an automatic abort (the runtime may
+not import :mod:`host.publish`, see ``tests/test_layering.py``); :func:`abort_rollout`
+adds the operator's checks around it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 from .errors import PluginHostError
 from .records import PluginRecord
+from .rollout import write_abort
 
 __all__ = (
     "OUTCOMES",
@@ -188,15 +190,5 @@ async def abort_rollout(
     revision = rollout["revision"]
     if expected_revision is not None and revision != expected_revision:
         return False
-    now = datetime.now(UTC)
-    result = await coll.update_one(
-        {"_id": name, "rollout.revision": revision},
-        {
-            "$unset": {"rollout": ""},
-            "$set": {
-                "last_rollout": ended(name, rollout, "aborted", reason, by, stats, now),
-                "updatedAt": now,
-            },
-        },
-    )
-    return bool(result.modified_count == 1)
+    # The compare-and-set itself is the hosts' (host.rollout.write_abort): one abort write.
+    return await write_abort(coll, name, revision, reason=reason, by=by, stats=stats)
