@@ -7,14 +7,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 from host.fleet import hosts_collection_name
 from host.fleetview import FleetRefused, Progress, Target, fleet_status, summarize, wait_for_fleet
+from host.http import create_app
 from host.publish import abort_rollout, publish, start_rollout
 from host.rolloutview import sum_stats
 
-from .support import Db, returning
+from .support import Db, returning, wait_until
+from .test_fleet_cli import two_hosts
 
 pytestmark = pytest.mark.anyio
 
@@ -250,3 +253,31 @@ async def test_waiting_for_a_candidate_converges_or_names_the_refusal(db: Db) ->
     )
     with pytest.raises(FleetRefused, match="refused greet r8 at stage compile"):
         await wait_for_fleet(db, [Target("greet", 6, candidate=8)], timeout=15)
+
+
+async def test_get_fleet_sums_what_real_hosts_report(db: Db) -> None:
+    """Two real hosts serve a canary; GET /fleet sums their per-version calls."""
+    await publish(db, "greet", returning(1))
+    async with two_hosts(db) as hosts:
+        started = await start_rollout(db, "greet", returning(2), weight=50)
+        await wait_for_fleet(db, [Target("greet", 1, candidate=started.revision)], timeout=15)
+        served = [await hosts[i % 2].call("greet", {"userId": f"u{i}"}) for i in range(40)]
+        assert set(served) <= {1, 2}
+        app = create_app(hosts[0])
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://plugin-host") as client,
+        ):
+
+            async def summed() -> dict[str, Any] | None:
+                rollout = (await client.get("/fleet")).json()["plugins"]["greet"]["rollout"]
+                stats = rollout["stats"]
+                total = stats["stable"]["calls"] + stats["candidate"]["calls"]
+                return rollout if total == 40 else None
+
+            rollout = await wait_until(summed, "both hosts report their 40 calls", timeout=15)
+        assert rollout["hosts_holding"] == 2 and rollout["stats"]["hosts"] == 2
+        assert rollout["stats"]["candidate"]["calls"] == served.count(2)
+        assert rollout["stats"]["stable"]["calls"] == served.count(1)
+        assert rollout["stats"]["candidate"]["failures"] == 0
