@@ -143,6 +143,27 @@ async def test_weight_and_abort_with_wait(mongo_uri: str, db: Db, tmp_path: Path
         assert "no rollout running (stable r1); the last rollout, r2, was aborted" in again.stderr
 
 
+@pytest.mark.timeout(180)  # CLI subprocesses; slow on a busy machine
+async def test_a_refused_candidate_fails_the_wait(mongo_uri: str, db: Db, tmp_path: Path) -> None:
+    """`push --canary --wait` exits 1 naming each host that refused the candidate."""
+    await publish(db, "greet", GOOD)
+    async with two_hosts(db) as hosts:
+        broken = write(tmp_path, "v2.py", "import plugin_host_no_such_module\n\n" + GOOD)
+        pushed = await cli(
+            mongo_uri, db.name, "push", "greet", str(broken), "--canary", "10", "--wait"
+        )
+        assert pushed.returncode == 1, (pushed.stdout, pushed.stderr)
+        for host in hosts:
+            assert host.status_reporter is not None
+            assert f"host {host.status_reporter.host_id} refused greet r2 at stage import" in (
+                pushed.stderr
+            )
+            assert await host.call("greet", {"firstName": "Ada"}) == "Hello, Ada!"
+        view = json.loads((await cli(mongo_uri, db.name, "status", "--json")).stdout)
+        rollout = view["plugins"]["greet"]["rollout"]
+        assert rollout["hosts_holding"] == 0 and len(rollout["refused"]) == 2
+
+
 def walker(mongo_uri: str, database: str, *args: str) -> subprocess.Popen[str]:
     """A `plugin-host rollout ...` subprocess (its own process group, for SIGINT)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -170,6 +191,7 @@ async def finished(process: subprocess.Popen[str]) -> tuple[int, str, str]:
     return process.returncode, out, err
 
 
+@pytest.mark.timeout(180)  # CLI subprocesses; slow on a busy machine
 async def test_the_walker_stops_at_once_when_a_host_aborts(mongo_uri: str, db: Db) -> None:
     """`rollout --steps` exits 1 naming who aborted, without waiting for its interval."""
     await publish(db, "greet", returning(1))
@@ -188,6 +210,7 @@ async def test_the_walker_stops_at_once_when_a_host_aborts(mongo_uri: str, db: D
     assert "the stable version serves every call" in err
 
 
+@pytest.mark.timeout(180)  # CLI subprocesses; slow on a busy machine
 async def test_an_interrupted_walker_leaves_the_rollout_where_it_was(
     mongo_uri: str, db: Db
 ) -> None:
