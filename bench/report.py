@@ -207,7 +207,7 @@ GOALS = (
     ),
     Goal(
         "rollout_shadow_ratio",
-        "stable calls with a 10% shadow over none",
+        "caller's path of stable calls with a 10% shadow over none",
         1.05,
         "x",
         False,

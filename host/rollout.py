@@ -45,6 +45,7 @@ from .records import PluginRecord, Rollout
 __all__ = (
     "FAILED",
     "OK",
+    "STABLE_SAMPLE",
     "TIMEOUT",
     "LiveRollout",
     "VersionStats",
@@ -56,6 +57,9 @@ __all__ = (
 
 OK, FAILED, TIMEOUT = 0, 1, 2
 """How a call ended, for :meth:`VersionStats.record`."""
+
+STABLE_SAMPLE = 8
+"""One successful stable call in this many is recorded (weighted); see ``LiveRollout.record``."""
 
 _HIST_MIN_MS = 0.01
 _HIST_STEPS_PER_DOUBLING = 4  # buckets ~19% wide
@@ -226,20 +230,21 @@ class VersionStats:
             self._second = second
             self._slot = second % size
 
-    def record(self, outcome: int, elapsed: float, now: float) -> None:
+    def record(self, outcome: int, elapsed: float, now: float, weight: int = 1) -> None:
         """Count one call (hot path while a rollout runs: a few list increments).
 
         Args:
             outcome: ``OK``, ``FAILED`` or ``TIMEOUT``.
             elapsed: Its duration in seconds.
             now: When it ended (``time.perf_counter()``).
+            weight: How many calls it stands for (a sampled successful stable call).
         """
         second = int(now)
         if second != self._second:
             self._advance(second)
         i = self._slot
-        self._calls[i] += 1
-        self.calls += 1
+        self._calls[i] += weight
+        self.calls += weight
         if outcome:
             if outcome == FAILED:
                 self._failures[i] += 1
@@ -249,13 +254,13 @@ class VersionStats:
                 self.timeouts += 1
         ms = elapsed * 1000.0
         if ms > self.slow_ms:
-            self._slow[i] += 1
-            self.slow += 1
+            self._slow[i] += weight
+            self.slow += weight
         if ms > _HIST_MIN_MS:
             index = int(_log(ms * _INV_MIN) * _LOG_SCALE) + 1
-            self._hist[i][index if index < _HIST_SIZE else _HIST_SIZE - 1] += 1
+            self._hist[i][index if index < _HIST_SIZE else _HIST_SIZE - 1] += weight
         else:
-            self._hist[i][0] += 1
+            self._hist[i][0] += weight
 
     @property
     def hist(self) -> list[int]:
@@ -307,6 +312,7 @@ class LiveRollout:
     """
 
     __slots__ = (
+        "_skipped",
         "abort_reason",
         "candidate",
         "candidate_stats",
@@ -326,6 +332,7 @@ class LiveRollout:
         self.stable_stats = VersionStats(window, slow, now)
         self.candidate_stats = VersionStats(window, slow, now)
         self.abort_reason: str | None = None
+        self._skipped = 0
         self.spec = spec
         self.routing = False
         self.mirror = False
@@ -379,10 +386,21 @@ class LiveRollout:
             Why the candidate must be aborted, the first time it breaks its policy
             (routing has then already stopped); else None.
         """
-        now = _now()
         if plugin is not self.candidate:
-            self.stable_stats.record(outcome, now - started, now)
+            # The stable serves most calls: its successes are sampled, one in
+            # STABLE_SAMPLE counted with that weight (failures and timeouts all, with
+            # weight 1), so its error rate and latencies stay unbiased estimates.
+            weight = 1
+            if outcome == OK:
+                self._skipped += 1
+                if self._skipped < STABLE_SAMPLE:
+                    return None
+                self._skipped = 0
+                weight = STABLE_SAMPLE
+            now = _now()
+            self.stable_stats.record(outcome, now - started, now, weight)
             return None
+        now = _now()
         stats = self.candidate_stats
         stats.record(outcome, now - started, now)
         policy = self.spec.policy

@@ -3,10 +3,10 @@
 Design note — off the caller's path, bounded, side-effect free:
 
 * The dispatcher hands a sampled call to :meth:`ShadowRunner.offer` *after* the stable
-  version answered (the caller's result is already computed). ``offer`` only puts
-  ``(rollout, args, result)`` on a bounded queue (``send_nowait``); when the queue is full
-  the mirror is dropped and counted (``dropped``), so a slow candidate can never slow
-  callers down or grow memory.
+  version answered (the caller's result is already computed). ``offer`` only appends
+  ``(rollout, args, result)`` to a bounded queue and wakes an idle worker; when the queue
+  is full the mirror is dropped and counted (``dropped``), so a slow candidate can never
+  slow callers down or grow memory.
 * A fixed pool of worker tasks (the concurrency bound), started in the host's task group
   with no plugin in their context, runs each mirror as a pinned call of the candidate
   under its own timeout, then compares the two results as canonical JSON. Counters per
@@ -29,12 +29,12 @@ import json
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .errors import PluginHostError
 from .events import EventBus
@@ -253,35 +253,23 @@ class ShadowRunner:
         self._interval = mismatch_interval
         self._max_chars = max_event_chars
         self._queue_size = queue_size
-        self._send: MemoryObjectSendStream[_Mirror] | None = None
+        # INVARIANT: a worker is in _idle only while it waits for work, and then the
+        # queue is empty; offer() wakes one idle worker per mirror it queues.
+        self._queue: deque[_Mirror] = deque()
+        self._idle: list[anyio.Event] = []
+        self._running = False
         self._last_event: dict[str, float] = {}
         self.counts: dict[str, dict[str, int]] = {}
         """``{plugin: {match, mismatch, candidate_error, dropped, refused_writes}}``."""
         self._started = False
 
     def start(self, task_group: TaskGroup) -> None:
-        """Start the worker pool in ``task_group`` (the host's; no plugin in context).
-
-        The queue lives as long as the pool: both close when the task group ends.
-        """
+        """Start the worker pool in ``task_group`` (the host's; no plugin in context)."""
         if self._started:
             return
-        self._started = True
-        send, receive = anyio.create_memory_object_stream[_Mirror](self._queue_size)
-        self._send = send
-        task_group.start_soon(self._run, send, receive, name="shadow workers")
-
-    async def _run(
-        self, send: MemoryObjectSendStream[_Mirror], receive: MemoryObjectReceiveStream[_Mirror]
-    ) -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-                for i in range(self._workers):
-                    tg.start_soon(self._work, receive, name=f"shadow worker {i}")
-        finally:
-            self._send = None
-            send.close()
-            receive.close()
+        self._started = self._running = True
+        for i in range(self._workers):
+            task_group.start_soon(self._work, name=f"shadow worker {i}")
 
     def _count(self, name: str, outcome: str) -> None:
         counts = self.counts.get(name)
@@ -297,17 +285,27 @@ class ShadowRunner:
         """Maybe mirror a call the stable version answered (the sampling happens here)."""
         if random.random() >= live.threshold:
             return
-        send = self._send
-        try:
-            if send is None:
-                raise anyio.WouldBlock  # not started, or stopped
-            send.send_nowait((live, args, result))
-        except (anyio.WouldBlock, anyio.ClosedResourceError):
+        if not self._running or len(self._queue) >= self._queue_size:
             self._count(live.name, "dropped")
+            return
+        self._queue.append((live, args, result))
+        if self._idle:
+            self._idle.pop().set()
 
-    async def _work(self, receive: MemoryObjectReceiveStream[_Mirror]) -> None:
-        async for live, args, expected in receive:
-            await self._mirror(live, args, expected)
+    async def _work(self) -> None:
+        # A plain deque and one event per idle worker: a memory object stream's hand-off
+        # costs tens of µs per item under asyncio, a loop-time cost every mirror pays.
+        queue = self._queue
+        try:
+            while True:
+                while queue:
+                    await self._mirror(*queue.popleft())
+                wake = anyio.Event()
+                self._idle.append(wake)
+                await wake.wait()
+        finally:
+            self._running = False
+            self._queue.clear()
 
     async def _mirror(self, live: LiveRollout, args: Any, expected: Any) -> None:
         name = live.name

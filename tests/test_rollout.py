@@ -14,7 +14,7 @@ from host.errors import VersionNotLive
 from host.fleet import StatusReporting
 from host.publish import abort_rollout, publish
 from host.records import RolloutPolicy, parse_record
-from host.rollout import FAILED, OK, VersionStats, sticky_fraction
+from host.rollout import FAILED, OK, STABLE_SAMPLE, VersionStats, sticky_fraction
 from host.trust import TrustedKeys, sign_record
 from tests.support import Db, next_event, wait_until
 
@@ -287,18 +287,18 @@ async def test_promote_reuses_the_candidate_and_reports(db: Db) -> None:
         started = await next_event(events, "rollout.started")
         candidate = host.candidate("p")
         assert candidate is not None and started["candidate"] == candidate.version
-        for _ in range(40):
-            await host.call("p")
+        results = Counter([await host.call("p") for _ in range(80)])
         reporter = host.status_reporter
         assert reporter is not None
 
         async def entry() -> dict[str, Any] | None:
             doc = await db[reporter.collection_name].find_one({"_id": reporter.host_id})
+            # Every candidate call is counted; the stable's successes are sampled one in
+            # STABLE_SAMPLE (weighted).
             for item in (doc or {}).get("plugins", ()):
-                if item["name"] == "p" and item.get("candidate"):
-                    stats = item["stats"]
-                    if stats["stable"]["calls"] + stats["candidate"]["calls"] >= 40:
-                        return dict(item)
+                stats = item.get("stats") or {}
+                if stats and stats["candidate"]["calls"] == results["candidate"]:
+                    return dict(item)
             return None
 
         item = await wait_until(entry, "the hosts doc shows the candidate and its stats")
@@ -308,6 +308,9 @@ async def test_promote_reuses_the_candidate_and_reports(db: Db) -> None:
             "mode": "canary",
             "weight": 30.0,
         }
+        stable_calls = item["stats"]["stable"]["calls"]
+        assert results["stable"] - STABLE_SAMPLE < stable_calls <= results["stable"]
+        assert stable_calls % STABLE_SAMPLE == 0
         assert set(item["stats"]["candidate"]) == {
             "calls",
             "failures",
