@@ -82,6 +82,7 @@ class HostStatus:
         plugins: ``{name: {"version", "revision"}}`` it serves.
         refused: ``{name: {"revision", "version", "stage", "error", "at"}}``: the last
             version of each plugin it refused.
+        refused_candidates: As ``refused``, for rollout candidates it refused.
         candidates: ``{name: {"version", "revision", "mode", "weight"}}``: the rollout
             candidates it holds beside the stable versions.
         stats: ``{name: {"stable": <Stats>, "candidate": <Stats>}}`` while a rollout runs.
@@ -101,6 +102,7 @@ class HostStatus:
     seq: int
     plugins: Mapping[str, Mapping[str, Any]]
     refused: Mapping[str, Mapping[str, Any]]
+    refused_candidates: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     candidates: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     stats: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -129,8 +131,8 @@ class HostStatus:
 
     def candidate_refusal(self, name: str, revision: Any) -> Mapping[str, Any] | None:
         """Its refusal of candidate ``revision`` (or newer) of ``name``, unless it holds it."""
-        refused = self.refused.get(name)
-        if refused is None or not refused.get("candidate") or not isinstance(revision, int):
+        refused = self.refused_candidates.get(name)
+        if refused is None or not isinstance(revision, int):
             return None
         refused_rev = refused.get("revision")
         if not isinstance(refused_rev, int) or refused_rev < revision:
@@ -163,11 +165,16 @@ class HostStatus:
             "ttl_s": self.ttl_s,
             "seq": self.seq,
             "plugins": {n: self._plugin_dict(n, p) for n, p in sorted(self.plugins.items())},
-            "refused": {
-                name: {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in r.items()}
-                for name, r in sorted(self.refused.items())
-            },
+            "refused": _refusals(self.refused),
+            "refused_candidates": _refusals(self.refused_candidates),
         }
+
+
+def _refusals(refused: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    return {
+        name: {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in r.items()}
+        for name, r in sorted(refused.items())
+    }
 
 
 def host_status(doc: Mapping[str, Any], server_now: datetime) -> HostStatus:
@@ -177,9 +184,12 @@ def host_status(doc: Mapping[str, Any], server_now: datetime) -> HostStatus:
     interval = float(doc.get("heartbeat_s") or 5.0)
     ttl = float(doc.get("ttl_s") or 3 * interval)
     refused: dict[str, Mapping[str, Any]] = {}
+    refused_candidates: dict[str, Mapping[str, Any]] = {}
     for item in doc.get("refused") or ():
         if isinstance(item, Mapping) and isinstance(item.get("name"), str):
-            refused[item["name"]] = {k: v for k, v in item.items() if k != "name"}
+            # A candidate's refusal and the stable version's are kept apart (issue 16).
+            into = refused_candidates if item.get("candidate") else refused
+            into[item["name"]] = {k: v for k, v in item.items() if k != "name"}
     pid = doc.get("pid")
     seq = doc.get("seq")
     return HostStatus(
@@ -197,6 +207,7 @@ def host_status(doc: Mapping[str, Any], server_now: datetime) -> HostStatus:
         seq=seq if isinstance(seq, int) else 0,
         plugins=served_map(doc),
         refused=refused,
+        refused_candidates=refused_candidates,
         candidates=plugin_reports(doc, "candidate"),
         stats=plugin_reports(doc, "stats"),
     )

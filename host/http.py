@@ -70,7 +70,14 @@ from .config import DEFAULT_LIMITS, HttpSettings
 from .console import CONFIG_PATH, CONSOLE_PATHS, SECURITY_HEADERS, static_file
 from .console.actions import ActionError, rollout_action
 from .console.rates import CallRates
-from .errors import HostClosed, PluginBusy, PluginFailed, PluginNotFound, PluginTimeout
+from .errors import (
+    HostClosed,
+    PluginBusy,
+    PluginFailed,
+    PluginNotFound,
+    PluginTimeout,
+    VersionNotLive,
+)
 from .eventstream import RECENT, EventHub
 from .fleetview import host_fleet_status
 from .metrics import CONTENT_TYPE, Metrics, follow_events
@@ -480,6 +487,8 @@ def create_app(
         metrics.ready = lambda: bool(host.is_ready) and not draining()
     if metrics.abandoned_threads is None:
         metrics.abandoned_threads = lambda: int(host.abandoned_threads)
+    if metrics.shadow is None:
+        metrics.shadow = host.shadow_counts
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -579,17 +588,27 @@ def create_app(
                 return refuse(
                     "bad_request", 422, "BadRequest", f"the request body is not valid JSON: {exc}"
                 )
-        # Nothing awaits between this lookup and the dispatcher's own (host.call reaches
-        # Registry.get before its first suspension, and a swap is one assignment on this
-        # loop), so this is the version that serves the call.
-        current = host.current(name)
-        version = current.version if current is not None else None
+        # The dispatcher names the version it routed the call to (a rollout may send it
+        # to the candidate, X-Plugin-Version pins one, X-Plugin-Key makes it sticky).
+        pins = request.headers
+        served: list[str] = []
+        version: str | None = None
         metrics.in_flight += 1
         started = time.perf_counter()
         try:
-            result = await host.call(name, args, timeout=timeout)
+            result = await host.call(
+                name,
+                args,
+                timeout=timeout,
+                version=pins.get("x-plugin-version"),
+                key=pins.get("x-plugin-key"),
+                served=served,
+            )
         except PluginNotFound as exc:
             return refuse("not_found", 404, "PluginNotFound", str(exc))
+        except VersionNotLive as exc:
+            metrics.count_call("bad_request")
+            return _error(409, "VersionNotLive", str(exc), live=list(exc.live)), None
         except PluginTimeout as exc:
             elapsed = time.perf_counter() - started
             metrics.count_call("timeout", elapsed, plugin=name, version=exc.version)
@@ -607,12 +626,14 @@ def create_app(
                 extra["traceback"] = exc.traceback
             return _error(500, exc.error_type, exc.error_message, **extra), exc.version
         except Exception as exc:  # RequireDepthExceeded and the like: still the call's fault
+            version = served[0] if served else None
             elapsed = time.perf_counter() - started
             metrics.count_call("failed", elapsed, plugin=name, version=version)
             extra = {"traceback": await anyio.to_thread.run_sync(_format, exc)} if debug else {}
             return _error(500, type(exc).__name__, str(exc), **extra), version
         finally:
             metrics.in_flight -= 1
+        version = served[0]
         metrics.count_call("ok", time.perf_counter() - started, plugin=name, version=version)
         budget = timeout if timeout is not None else host.timeouts.call
         try:

@@ -28,8 +28,8 @@ from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import DuplicateKeyError
 
 from .errors import PluginHostError
-from .records import RolloutPolicy, is_valid_name
-from .rollouts import MODES, NoRollout, RolloutRunning, abort_rollout, ended, policy_document
+from .records import ROLLOUT_MODES, RolloutPolicy, is_valid_name
+from .rollout_record import NoRollout, RolloutRunning, abort_rollout, ended
 
 if TYPE_CHECKING:
     from .fleetview import Convergence, Progress
@@ -605,7 +605,7 @@ async def wait_converged(
 
 
 # -- rollouts (issue 16): a candidate beside the stable version ------------------------------
-# The record layout and the compare-and-set rules are in host/rollouts.py (and design.md).
+# The record layout and the compare-and-set rules: host/rollout_record.py and design.md.
 
 
 def _check_weight(name: str, weight: float, what: str = "weight") -> float:
@@ -663,15 +663,12 @@ async def start_rollout(
         RolloutRunning: A rollout is running already.
     """
     _check(name, source, entrypoint, check_syntax)
-    if mode not in MODES:
+    if mode not in ROLLOUT_MODES:
         raise PublishError(f"plugin {name!r}: rollout mode must be canary or shadow, got {mode!r}")
     share = _check_weight(name, weight)
     if sticky_key is not None and (not isinstance(sticky_key, str) or not sticky_key):
         raise PublishError(f"plugin {name!r}: the sticky key must be a non-empty args field name")
-    try:
-        policy_doc = policy_document(policy, name=name)
-    except ValueError as exc:
-        raise PublishError(str(exc)) from None
+    policy_doc = (policy or RolloutPolicy()).as_document()  # checked when it was made
     coll = db[collection]
     hist = db[history_collection_name(collection)]
     await hist.create_index([("name", ASCENDING), ("revision", DESCENDING)], unique=True)

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from .rollouts import candidate_version
+from .rollout_record import candidate_version
 
 __all__ = ("SUMMED", "last_rollout_view", "plugin_reports", "rollout_view", "sum_stats")
 

@@ -165,7 +165,7 @@ def _print_status_table(view: FleetStatus) -> None:
         if lines:
             _console.print(f"[bold]{escape(name)}[/]")
             for line in lines:
-                _console.print(escape(line))
+                _console.print(escape(line), highlight=False)
     if not view.hosts:
         _console.print(f"no host reports to {view.namespace}_hosts (run `plugin-host run`)")
         return

@@ -13,34 +13,31 @@ So exactly one writer ends a given rollout, and the same update that ends it wri
 ``last_rollout`` (outcome, reason, by whom, when, statistics): there is never a record
 without a rollout whose ``last_rollout`` is missing or names another outcome.
 
-This module holds what a host needs too: :func:`abort_rollout` is the automatic abort's
-write, so it lives below the publishing tools (:mod:`host.publish` re-exports it; the
-runtime may not import :mod:`host.publish`, see ``tests/test_layering.py``).
+:mod:`host.publish` re-exports what is here. The abort's compare-and-set is
+:func:`host.rollout.write_abort`, which hosts call for an automatic abort (the runtime may
+not import :mod:`host.publish`, see ``tests/test_layering.py``); :func:`abort_rollout`
+adds the operator's checks around it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from .errors import PluginHostError
-from .records import PluginRecord, RolloutPolicy
+from .records import PluginRecord
+from .rollout import write_abort
 
 __all__ = (
-    "MODES",
     "OUTCOMES",
     "NoRollout",
     "RolloutRunning",
     "abort_rollout",
     "candidate_version",
     "ended",
-    "policy_document",
 )
 
-MODES = ("canary", "shadow")
-"""``rollout.mode``: a canary serves a share of calls; a shadow serves no one (mirrored)."""
 OUTCOMES = ("promoted", "aborted", "superseded")
 """``last_rollout.outcome``."""
 
@@ -107,38 +104,6 @@ def candidate_version(name: str, rollout: Mapping[str, Any]) -> str:
     if not isinstance(source, str) or not isinstance(revision, int):
         return f"{name}@r{revision}"
     return PluginRecord(name, source, entrypoint, revision=revision).version
-
-
-def policy_document(policy: RolloutPolicy | None, *, name: str = "?") -> dict[str, Any]:
-    """``rollout.policy`` for ``policy`` (None: the defaults), checked field by field.
-
-    Raises:
-        ValueError: A field is out of range (the message names it and the plugin).
-    """
-    policy = policy or RolloutPolicy()
-
-    def bad(field: str, why: str) -> ValueError:
-        return ValueError(f"plugin {name!r}: rollout policy {field} {why}")
-
-    rate = policy.max_error_rate
-    if rate is not None and not (isinstance(rate, int | float) and 0 <= rate <= 1):
-        raise bad("max_error_rate", f"must be a rate from 0 to 1 (0.05 = 5%), got {rate!r}")
-    if isinstance(policy.min_calls, bool) or not (
-        isinstance(policy.min_calls, int) and policy.min_calls >= 1
-    ):
-        raise bad("min_calls", f"must be a whole number >= 1, got {policy.min_calls!r}")
-    p99 = policy.max_p99_ms
-    if p99 is not None and not (isinstance(p99, int | float) and math.isfinite(p99) and p99 > 0):
-        raise bad("max_p99_ms", f"must be a positive number of milliseconds, got {p99!r}")
-    window = policy.window_s
-    if not (isinstance(window, int | float) and math.isfinite(window) and window > 0):
-        raise bad("window_s", f"must be a positive number of seconds, got {window!r}")
-    return {
-        "max_error_rate": None if rate is None else float(rate),
-        "min_calls": policy.min_calls,
-        "max_p99_ms": None if p99 is None else float(p99),
-        "window_s": float(window),
-    }
 
 
 def ended(
@@ -225,15 +190,5 @@ async def abort_rollout(
     revision = rollout["revision"]
     if expected_revision is not None and revision != expected_revision:
         return False
-    now = datetime.now(UTC)
-    result = await coll.update_one(
-        {"_id": name, "rollout.revision": revision},
-        {
-            "$unset": {"rollout": ""},
-            "$set": {
-                "last_rollout": ended(name, rollout, "aborted", reason, by, stats, now),
-                "updatedAt": now,
-            },
-        },
-    )
-    return bool(result.modified_count == 1)
+    # The compare-and-set itself is the hosts' (host.rollout.write_abort): one abort write.
+    return await write_abort(coll, name, revision, reason=reason, by=by, stats=stats)
