@@ -290,7 +290,11 @@ def test_screenshots(browser: Browser, console: Console) -> None:
         for _ in range(30):
             assert client.post("/functions/greet/call", json=args, headers=auth).is_success
         client.post("/functions/greet/call", json={"firstName": "Ada"}, headers=auth)
-    console.db(lambda db: publish.start_rollout(db, "pushed", VERSION.format(n=3), weight=10))
+    console.db(lambda db: publish.start_rollout(db, "pushed", VERSION.format(n=3), weight=30))
+    with httpx.Client(base_url=console.url, timeout=10) as client:
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        for _ in range(60):  # some for the candidate: the stats side by side have numbers
+            assert client.post("/functions/pushed/call", headers=auth).is_success
     shots = (
         (ROOT / "docs" / "console.png", 1280, 800),
         (ROOT / "docs" / "console-narrow.png", 420, 900),
@@ -301,9 +305,9 @@ def test_screenshots(browser: Browser, console: Console) -> None:
             greet = row(tab.page, "greet")
             expect(greet.locator(".last-error")).to_contain_text("KeyError")
             expect(greet.locator("td.num").first).not_to_have_text("0.00")
-            expect(
-                tab.page.locator('#rollouts-body article[data-rollout="pushed"]')
-            ).to_be_visible()
+            running = tab.page.locator('#rollouts-body article[data-rollout="pushed"]')
+            calls = running.locator("table.side-by-side tbody tr").nth(1).locator("td").first
+            expect(calls).not_to_have_text("0")  # the hosts reported the candidate's calls
             tab.page.screenshot(path=str(path))
         finally:
             tab.page.context.close()

@@ -22,12 +22,15 @@ function lastErrorEl(name, last, fallback) {
   if (!last) {
     return fallback ? el("span", { class: "error-text bad", text: `✖ ${fallback}` }) : el("span", { class: "muted", text: "none" });
   }
-  const head = `✖ ${last.error_type}: ${last.error}`;
+  const full = `✖ ${last.error_type}: ${last.error}`;
+  // Long errors keep both ends (the exception is at the end); all of it when opened.
+  const head = full.length > 110 ? `${full.slice(0, 40)}…${full.slice(-69)}` : full;
   const details = el(
     "details",
     { "data-key": `tb-${name}` },
     el("summary", { "data-key": `tb-${name}` }, el("span", { class: "error-text bad", text: head }), " ", timeEl(last.at)),
     el("p", { class: "muted", text: `${last.event}${last.version ? ` · ${last.version}` : ""}` }),
+    full !== head ? el("p", { class: "error-text", text: full }) : null,
     last.traceback ? tracebackEl(last.traceback) : el("p", { class: "muted", text: "no traceback" }),
   );
   return details;
@@ -223,7 +226,7 @@ export function renderRollouts(container, fleet, stats, functions, onAction, las
   for (const [name, plugin] of Object.entries(fleet?.plugins || {}).sort()) {
     const last = plugin.last_rollout;
     if (!last || rollouts[name]) continue;
-    const icon = last.outcome === "promoted" ? "✓" : last.outcome === "aborted" ? "⏹" : "↷";
+    const icon = last.outcome === "promoted" ? "✓" : last.outcome === "aborted" ? "■" : "↷";
     ended.push(el("li", { "data-last-rollout": name }, badge(icon, `${name} ${last.version || `r${last.revision}`} ${last.outcome}`, last.outcome === "promoted" ? "ok" : "warn"), ` by ${last.by || "?"} `, timeEl(last.at), last.reason ? ` — ${last.reason}` : "", lastResult[name]?.text ? el("span", { class: lastResult[name].ok ? "ok" : "bad", text: ` (${lastResult[name].text})` }) : null));
   }
   if (!sections.length) sections.push(el("p", { class: "muted", text: fleet ? "No rollout running." : "Waiting for GET /fleet…" }));
@@ -279,8 +282,8 @@ const EVENT_ICONS = [
   ["plugin.loaded", "↻", "ok"],
   ["plugin.unloaded", "○", "muted"],
   ["plugin.retired", "○", "muted"],
-  ["rollout.aborted", "⏹", "bad"],
-  ["rollout.auto_abort", "⏹", "bad"],
+  ["rollout.aborted", "■", "bad"],
+  ["rollout.auto_abort", "■", "bad"],
   ["rollout.promoted", "✓", "ok"],
   ["rollout.", "⇄", "warn"],
   ["trigger.history_lost", "⚠", "bad"],
