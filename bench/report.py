@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .fleet import markdown_lines as fleet_lines
+from .rollout import markdown_lines as rollout_lines
 from .swap import SAMPLE_EVERY
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -179,6 +180,38 @@ GOALS = (
         "ms",
         False,
         _http_p99_delta,
+    ),
+    Goal(
+        "rollout_routing_delta",
+        "a 10% canary's routing + statistics cost per call over no rollout",
+        1.0,
+        "µs",
+        False,
+        lambda r: _get(r, "rollout", "routing", "canary_delta_us"),
+    ),
+    Goal(
+        "rollout_detect_local",
+        "failing candidate out of rotation after its min_calls-th call (worst round)",
+        100.0,
+        "ms",
+        False,
+        lambda r: _get(r, "rollout", "detection", "local_ms", "max"),
+    ),
+    Goal(
+        "rollout_detect_fleet",
+        "failing candidate dropped by a second host (worst round)",
+        1000.0,
+        "ms",
+        False,
+        lambda r: _get(r, "rollout", "detection", "fleet_ms", "max"),
+    ),
+    Goal(
+        "rollout_shadow_ratio",
+        "caller's path of stable calls with a 10% shadow over none",
+        1.05,
+        "x",
+        False,
+        lambda r: _get(r, "rollout", "shadow", "ratio"),
     ),
 )
 
@@ -560,6 +593,8 @@ def markdown(report: dict[str, Any]) -> str:
                 *fleet_lines(results["fleet"]),
                 "",
             ]
+        if "rollout" in results:  # bench/rollout.py: progressive delivery
+            out += ["Rollout figures (same run):", "", *rollout_lines(results["rollout"]), ""]
     out += [
         "![Latency distributions](latency.png)",
         "",

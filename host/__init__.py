@@ -23,11 +23,13 @@ if _typing.TYPE_CHECKING:
     from .errors import PluginTimeout as PluginTimeout
     from .errors import RecordError as RecordError
     from .errors import RequireDepthExceeded as RequireDepthExceeded
+    from .errors import VersionNotLive as VersionNotLive
     from .events import HostEvent as HostEvent
     from .fleet import StatusReporting as StatusReporting
     from .loader import PluginInfo as PluginInfo
     from .loader import RecordVerifier as RecordVerifier
     from .records import PluginRecord as PluginRecord
+    from .records import RolloutPolicy as RolloutPolicy
     from .records import parse_record as parse_record
     from .runtime import PluginHost as PluginHost
     from .trust import TrustedKeys as TrustedKeys
@@ -48,11 +50,13 @@ _EXPORTS = {
     "PluginTimeout": ".errors",
     "RecordError": ".errors",
     "RequireDepthExceeded": ".errors",
+    "VersionNotLive": ".errors",
     "HostEvent": ".events",
     "StatusReporting": ".fleet",
     "PluginInfo": ".loader",
     "RecordVerifier": ".loader",
     "PluginRecord": ".records",
+    "RolloutPolicy": ".records",
     "parse_record": ".records",
     "PluginHost": ".runtime",
     "TrustedKeys": ".trust",
@@ -79,10 +83,12 @@ __all__ = (
     "RecordError",
     "RecordVerifier",
     "RequireDepthExceeded",
+    "RolloutPolicy",
     "StatusReporting",
     "Timeouts",
     "TrustError",
     "TrustedKeys",
+    "VersionNotLive",
     "WatchFatal",
     "parse_record",
 )

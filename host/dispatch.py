@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from functools import partial
 from types import MappingProxyType
@@ -32,6 +33,7 @@ from .context import Context
 from .errors import (
     HostClosed,
     PluginBusy,
+    PluginError,
     PluginFailed,
     PluginNotFound,
     PluginTimeout,
@@ -41,6 +43,7 @@ from .events import EventBus
 from .naming import format_plugin_traceback
 from .plugin import Plugin, is_plugin_failure
 from .registry import CURRENT_PLUGIN, Registry
+from .rollout import FAILED, OK, TIMEOUT, LiveRollout, pick_version
 from .threads import ThreadLimiter, ThreadsExhausted, run_sync_interruptible
 from .types import Args
 
@@ -155,6 +158,13 @@ class Dispatcher:
         self._calls: dict[asyncio.Task[Any], None] = {}
         self._aborted: set[asyncio.Task[Any]] = set()
         self._events = events if events is not None else EventBus(_log)
+        # Progressive delivery: the registry's routing states (one per name with a
+        # candidate; the same dict object for the registry's whole life).
+        self._rollouts = registry.rollouts
+        self.on_rollout_abort: Callable[[LiveRollout, str], None] | None = None
+        """Called once when a candidate breaks its policy (routing already stopped)."""
+        self.on_mirror: Callable[[LiveRollout, Any, Any], None] | None = None
+        """Called after the stable version answered a call while a shadow runs."""
 
     @property
     def db(self) -> Any:
@@ -203,14 +213,28 @@ class Dispatcher:
         """Return a late-bound handle on plugin ``name``."""
         return Required(self, name)
 
-    async def call(self, name: str, args: Args = None, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - per-call timeout is the public contract
-        """Call the current version of plugin ``name``.
+    async def call(
+        self,
+        name: str,
+        args: Args = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - per-call timeout is the public contract
+        version: str | None = None,
+        key: object = None,
+        served: list[str] | None = None,
+    ) -> Any:
+        """Call the current version of plugin ``name`` (or its rollout's candidate).
 
         Args:
             name: The plugin name.
             args: The plugin's argument.
             timeout: Seconds before the call is cancelled; if ``None``, the record's
                 ``timeout``, else the dispatcher default, else no timeout.
+            version: Run this version (``7``, ``r7``, ``greet@r7`` or the full version):
+                the stable one or the rollout's candidate.
+            key: The sticky routing key (else ``args[sticky_key]`` of the rollout).
+            served: If given, the version that serves the call is appended to it (as
+                routed here, so it is the version that actually ran).
 
         Returns:
             What the plugin returned.
@@ -218,6 +242,7 @@ class Dispatcher:
         Raises:
             HostClosed: The dispatcher is closed.
             PluginNotFound: No version of ``name`` is loaded.
+            VersionNotLive: ``version`` names no version this host holds.
             PluginBusy: The version is saturated and ``max_waiting`` calls are queued.
             PluginTimeout: The call did not finish in time.
             PluginFailed: The plugin raised; carries the plugin traceback.
@@ -230,6 +255,15 @@ class Dispatcher:
         plugin = self._registry.get(name)
         if plugin is None:
             raise PluginNotFound(name)
+        live = None
+        if version is not None or self._rollouts:  # progressive delivery (host.rollout)
+            live = self._rollouts.get(name)
+            if version is not None:
+                plugin = pick_version(name, version, plugin, live)
+            elif live is not None:
+                plugin = live.choose(plugin, args, key)
+        if served is not None:
+            served.append(plugin.version)
         chain = _CALL_CHAIN.get()
         if len(chain) >= self._require_depth:
             raise RequireDepthExceeded((*chain, name), self._require_depth)
@@ -248,9 +282,17 @@ class Dispatcher:
         task = None if chain else asyncio.current_task()
         if task is not None:
             self._calls[task] = None
+        # Statistics only while a rollout runs: a rollout-free call pays for none of it.
+        started = time.perf_counter() if live is not None else 0.0
+        outcome = OK
         try:
             if timeout is None:
-                return await self._run(plugin, args)
+                if live is None:
+                    return await self._run(plugin, args)
+                result = await self._run(plugin, args)
+                if live.mirror:  # a shadow runs: maybe mirror this call, off this path
+                    self._mirror(live, plugin, args, result)
+                return result
             # asyncio's own timeout: one timer handle per call, about a quarter of the cost
             # of an anyio cancel scope with a deadline (the default 30 s timeout is on every
             # daemon call). It follows the cancel-counting protocol (Task.uncancel), so an
@@ -259,15 +301,27 @@ class Dispatcher:
             deadline = asyncio.timeout(timeout)
             try:
                 async with deadline:
-                    return await self._run(plugin, args)
+                    result = await self._run(plugin, args)
+                if live is not None and live.mirror:
+                    self._mirror(live, plugin, args, result)
+                return result
             except TimeoutError:
                 if not deadline.expired():
                     raise
             self._events.emit(
                 "call.timeout", "warning", plugin=name, version=plugin.version, timeout=timeout
             )
+            outcome = TIMEOUT
             raise PluginTimeout(name, plugin.version, timeout)
+        except PluginFailed:
+            outcome = FAILED
+            raise
+        except PluginError:  # busy, a require cycle...: not a judgement of the version
+            if outcome != TIMEOUT:
+                outcome = -1
+            raise
         except asyncio.CancelledError:
+            outcome = -1
             if task is None or task not in self._aborted:
                 raise
             self._aborted.discard(task)
@@ -281,6 +335,16 @@ class Dispatcher:
             CURRENT_PLUGIN.reset(plugin_token)
             _CALL_CHAIN.reset(chain_token)
             plugin.end_call()
+            # A version under rollout: count the call; the candidate may break policy.
+            if live is not None and outcome >= 0:
+                reason = live.record(plugin, outcome, started)
+                if reason is not None and self.on_rollout_abort is not None:
+                    self.on_rollout_abort(live, reason)
+
+    def _mirror(self, live: LiveRollout, plugin: Plugin, args: Args, result: Any) -> None:
+        """Hand a call the stable version answered to the shadow runner (it samples)."""
+        if plugin is not live.candidate and self.on_mirror is not None:
+            self.on_mirror(live, args, result)
 
     async def _run(self, plugin: Plugin, args: Args) -> Any:
         # The compiler sets the version's limiter once (its record's max_concurrency, or
@@ -312,7 +376,7 @@ class Dispatcher:
             limiter.release()
 
     async def _invoke(self, plugin: Plugin, args: Args) -> Any:
-        ctx = Context(plugin, self, next(self._ids))
+        ctx = Context(plugin, plugin.caller or self, next(self._ids))
         try:
             if plugin.is_async:
                 return await plugin.entrypoint(ctx, args)
@@ -371,5 +435,6 @@ class Dispatcher:
             version=plugin.version,
             error_type=error_type,
             error=error,
+            traceback=tb,  # the plugin's own frames: the console shows the last one
         )
         return PluginFailed(plugin.name, plugin.version, error_type, error, tb)

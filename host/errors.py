@@ -30,6 +30,7 @@ __all__ = (
     "PluginTimeout",
     "RecordError",
     "RequireDepthExceeded",
+    "VersionNotLive",
 )
 
 CompileStage = Literal["syntax", "compile", "import", "timeout", "entrypoint", "setup", "busy"]
@@ -147,6 +148,25 @@ class RequireDepthExceeded(PluginError):
         super().__init__(
             f"plugin call depth exceeded the limit of {limit}: " + " -> ".join(self.chain)
         )
+
+
+class VersionNotLive(PluginError, LookupError):
+    """A call pinned a version of a plugin that this host does not hold (issue 16).
+
+    Attributes:
+        name: The plugin name.
+        wanted: The version asked for (``7``, ``r7``, ``greet@r7`` or a full version).
+        live: The versions this host can serve now, stable first.
+    """
+
+    def __init__(self, name: str, wanted: str, live: Sequence[str]) -> None:
+        held = ", ".join(live) if live else "none"
+        super().__init__(
+            f"plugin {name!r} has no live version matching {wanted[:100]!r}; live: {held}"
+        )
+        self.name = name
+        self.wanted = wanted
+        self.live = tuple(live)
 
 
 class HostClosed(PluginError):

@@ -135,6 +135,13 @@ class Subscription:
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             self._bus._subscribers.discard(self)
 
+    def receive_nowait(self) -> HostEvent | None:
+        """The next buffered event without waiting, or None when none is buffered."""
+        try:
+            return self._receive.receive_nowait()
+        except (anyio.WouldBlock, anyio.EndOfStream):
+            return None
+
     def close(self) -> None:
         """Stop receiving events; iteration ends after what is buffered."""
         self._bus._subscribers.discard(self)

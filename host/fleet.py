@@ -6,8 +6,15 @@ The hosts collection sits beside the functions collection (``functions`` →
     {_id: "web-1:4242:9f3a", instance: "9f3a…", hostname, pid, version: "0.1.0",
      namespace: "app.functions", started_at, ready, draining,
      heartbeat: <server time>, heartbeat_s: 5.0, ttl_s: 15.0, seq: 17,
-     plugins: [{name, version: "greet@r7:3f9a1c2e", revision: 7}],
-     refused: [{name, revision, version, stage, error, at}]}
+     plugins: [{name, version: "greet@r7:3f9a1c2e", revision: 7,
+                candidate: {version, revision, mode, weight} | null,
+                stats: {stable: <Stats>, candidate: <Stats>} | null}],
+     refused: [{name, revision, version, stage, error, at, candidate?: true}]}
+
+``candidate`` and ``stats`` are the plugin's running rollout as this host sees it
+(issue 16; ``<Stats>`` is ``{calls, failures, timeouts, error_rate, p50_ms, p99_ms}`` over
+the policy's window). While a rollout runs, every heartbeat is a full write, so the
+statistics are at most one heartbeat old.
 
 ``heartbeat`` is set by the server (``$currentDate``), so readers judge a host's age
 against the server's clock and the hosts' clocks do not matter. A TTL index on
@@ -61,6 +68,7 @@ from pymongo.errors import OperationFailure, PyMongoError
 
 from .events import EventBus, HostEvent, Subscription
 from .loader import PluginInfo
+from .rollout import LiveRollout
 
 __all__ = (
     "HOSTS_SUFFIX",
@@ -84,6 +92,11 @@ _STATE_EVENTS = frozenset(
         "plugin.unloaded",
         "plugin.reload_failed",
         "plugin.rejected",
+        "rollout.started",
+        "rollout.weight_changed",
+        "rollout.promoted",
+        "rollout.aborted",
+        "rollout.auto_abort",
         "watch.started",
         "watch.resynced",
         "watch.invalidated",
@@ -156,6 +169,7 @@ class Refusal:
             ``signature``, ``validate``...
         error: What went wrong (one line, truncated).
         at: When (this host's clock).
+        candidate: It was a rollout's candidate (the stable version kept serving).
     """
 
     name: str
@@ -164,10 +178,11 @@ class Refusal:
     stage: str
     error: str
     at: datetime
+    candidate: bool = False
 
     def as_document(self) -> dict[str, Any]:
         """The form stored in the hosts collection."""
-        return {
+        doc = {
             "name": self.name,
             "revision": self.revision,
             "version": self.version,
@@ -175,6 +190,9 @@ class Refusal:
             "error": self.error,
             "at": self.at,
         }
+        if self.candidate:
+            doc["candidate"] = True
+        return doc
 
 
 class ReportedHost(Protocol):
@@ -190,6 +208,9 @@ class ReportedHost(Protocol):
 
     def plugins(self) -> list[PluginInfo]:
         """What the host knows of each plugin."""
+
+    def rollouts(self) -> Mapping[str, LiveRollout]:
+        """The rollouts running on the host, by plugin name."""
 
 
 def _revision_of(event: HostEvent) -> int | None:
@@ -210,7 +231,7 @@ def refusal_from_event(event: HostEvent) -> Refusal | None:
         return None
     if event.event == "plugin.rejected":
         field_name = str(event.get("field") or "record")
-        stage = "signature" if field_name == "signature" else "validate"
+        stage = "signature" if field_name.endswith("signature") else "validate"
     else:
         stage = str(event.get("stage") or "unknown")
     version = event.get("version")
@@ -222,6 +243,7 @@ def refusal_from_event(event: HostEvent) -> Refusal | None:
         stage=stage,
         error=error[:_ERROR_LIMIT],
         at=event.at,
+        candidate=bool(event.get("candidate")),
     )
 
 
@@ -336,7 +358,9 @@ class StatusReporter:
                 continue
             refusal = refusal_from_event(event)
             if refusal is not None:
-                self._state.refused[refusal.name] = refusal
+                # A candidate's refusal does not hide the stable version's, nor the reverse.
+                key = f"{refusal.name}\x00candidate" if refusal.candidate else refusal.name
+                self._state.refused[key] = refusal
             self._mark_dirty()
 
     # -- writes --------------------------------------------------------------------------
@@ -356,10 +380,19 @@ class StatusReporter:
 
     def _document(self) -> dict[str, Any]:
         served = []
+        rollouts = self._host.rollouts()
+        now = time.perf_counter()
         for info in sorted(self._host.plugins(), key=lambda i: i.name):
             if info.version is not None and info.status in ("serving", "degraded"):
+                live = rollouts.get(info.name)
                 served.append(
-                    {"name": info.name, "version": info.version, "revision": info.revision}
+                    {
+                        "name": info.name,
+                        "version": info.version,
+                        "revision": info.revision,
+                        "candidate": live.describe() if live is not None else None,
+                        "stats": live.stats(now) if live is not None else None,
+                    }
                 )
         return {
             **self._identity,
@@ -387,7 +420,8 @@ class StatusReporter:
 
     async def _write(self) -> None:
         dirty_since = self._state.dirty_since
-        full = dirty_since is not None or self._need_full
+        # While a rollout runs, every heartbeat carries fresh statistics (a full write).
+        full = dirty_since is not None or self._need_full or bool(self._host.rollouts())
         self._state.dirty_since = None
         self.seq += 1
         started = time.monotonic()

@@ -32,6 +32,7 @@ from pymongo import ASCENDING
 
 from .errors import PluginHostError
 from .fleet import hosts_collection_name, served_map
+from .rolloutview import last_rollout_view, plugin_reports, rollout_view
 
 __all__ = (
     "Convergence",
@@ -81,6 +82,10 @@ class HostStatus:
         plugins: ``{name: {"version", "revision"}}`` it serves.
         refused: ``{name: {"revision", "version", "stage", "error", "at"}}``: the last
             version of each plugin it refused.
+        refused_candidates: As ``refused``, for rollout candidates it refused.
+        candidates: ``{name: {"version", "revision", "mode", "weight"}}``: the rollout
+            candidates it holds beside the stable versions.
+        stats: ``{name: {"stable": <Stats>, "candidate": <Stats>}}`` while a rollout runs.
     """
 
     id: str
@@ -97,6 +102,9 @@ class HostStatus:
     seq: int
     plugins: Mapping[str, Mapping[str, Any]]
     refused: Mapping[str, Mapping[str, Any]]
+    refused_candidates: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    candidates: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    stats: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def counted(self) -> bool:
@@ -121,6 +129,26 @@ class HostStatus:
             return None  # it refused once, then took a later one (or the same, retried)
         return refused
 
+    def candidate_refusal(self, name: str, revision: Any) -> Mapping[str, Any] | None:
+        """Its refusal of candidate ``revision`` (or newer) of ``name``, unless it holds it."""
+        refused = self.refused_candidates.get(name)
+        if refused is None or not isinstance(revision, int):
+            return None
+        refused_rev = refused.get("revision")
+        if not isinstance(refused_rev, int) or refused_rev < revision:
+            return None
+        if (self.candidates.get(name) or {}).get("revision") == revision:
+            return None
+        return refused
+
+    def _plugin_dict(self, name: str, served: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(served)
+        if name in self.candidates:
+            out["candidate"] = dict(self.candidates[name])
+        if name in self.stats:
+            out["stats"] = dict(self.stats[name])
+        return out
+
     def as_dict(self) -> dict[str, Any]:
         """The JSON shape of ``status --json`` / ``GET /fleet``."""
         return {
@@ -136,12 +164,17 @@ class HostStatus:
             "heartbeat_s": self.heartbeat_s,
             "ttl_s": self.ttl_s,
             "seq": self.seq,
-            "plugins": {name: dict(p) for name, p in sorted(self.plugins.items())},
-            "refused": {
-                name: {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in r.items()}
-                for name, r in sorted(self.refused.items())
-            },
+            "plugins": {n: self._plugin_dict(n, p) for n, p in sorted(self.plugins.items())},
+            "refused": _refusals(self.refused),
+            "refused_candidates": _refusals(self.refused_candidates),
         }
+
+
+def _refusals(refused: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    return {
+        name: {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in r.items()}
+        for name, r in sorted(refused.items())
+    }
 
 
 def host_status(doc: Mapping[str, Any], server_now: datetime) -> HostStatus:
@@ -151,9 +184,12 @@ def host_status(doc: Mapping[str, Any], server_now: datetime) -> HostStatus:
     interval = float(doc.get("heartbeat_s") or 5.0)
     ttl = float(doc.get("ttl_s") or 3 * interval)
     refused: dict[str, Mapping[str, Any]] = {}
+    refused_candidates: dict[str, Mapping[str, Any]] = {}
     for item in doc.get("refused") or ():
         if isinstance(item, Mapping) and isinstance(item.get("name"), str):
-            refused[item["name"]] = {k: v for k, v in item.items() if k != "name"}
+            # A candidate's refusal and the stable version's are kept apart (issue 16).
+            into = refused_candidates if item.get("candidate") else refused
+            into[item["name"]] = {k: v for k, v in item.items() if k != "name"}
     pid = doc.get("pid")
     seq = doc.get("seq")
     return HostStatus(
@@ -171,6 +207,9 @@ def host_status(doc: Mapping[str, Any], server_now: datetime) -> HostStatus:
         seq=seq if isinstance(seq, int) else 0,
         plugins=served_map(doc),
         refused=refused,
+        refused_candidates=refused_candidates,
+        candidates=plugin_reports(doc, "candidate"),
+        stats=plugin_reports(doc, "stats"),
     )
 
 
@@ -189,6 +228,9 @@ class PluginFleet:
         rejected: ``{"host", "revision", "stage", "error"}`` of live hosts that refused
             ``revision`` and serve an older one.
         converged: At least one live host, and every one of them serves ``revision``.
+        rollout: The running rollout, summed over the live hosts (see
+            :func:`host.rolloutview.rollout_view`); None when there is none.
+        last_rollout: How the previous rollout ended (the record's ``last_rollout``).
     """
 
     name: str
@@ -199,6 +241,8 @@ class PluginFleet:
     behind: tuple[tuple[str, int | None], ...]
     rejected: tuple[Mapping[str, Any], ...]
     converged: bool
+    rollout: Mapping[str, Any] | None = None
+    last_rollout: Mapping[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON shape of ``status --json`` / ``GET /fleet``."""
@@ -210,6 +254,8 @@ class PluginFleet:
             "converged": self.converged,
             "behind": [{"host": h, "revision": r} for h, r in self.behind],
             "rejected": [dict(r) for r in self.rejected],
+            "rollout": dict(self.rollout) if self.rollout is not None else None,
+            "last_rollout": dict(self.last_rollout) if self.last_rollout is not None else None,
         }
 
 
@@ -221,15 +267,30 @@ class Target:
         name: The plugin.
         revision: The revision every host must serve (or a newer one); None: the plugin
             must be unloaded everywhere (after ``disable`` or ``delete``).
+        candidate: A rollout's candidate revision every host must hold beside it.
+        weight: ... at this weight (percent).
+        without: A candidate revision no host may hold any more (after an abort).
     """
 
     name: str
     revision: int | None
+    candidate: int | None = None
+    weight: float | None = None
+    without: int | None = None
 
     @property
     def label(self) -> str:
-        """``greet r12``, or ``greet unloaded``."""
-        return f"{self.name} r{self.revision}" if self.revision is not None else f"{self.name} off"
+        """``greet r12``, ``greet r12 + candidate r13 at 5%``, or ``greet off``."""
+        if self.revision is None:
+            return f"{self.name} off"
+        label = f"{self.name} r{self.revision}"
+        if self.candidate is not None:
+            label += f" + candidate r{self.candidate}"
+            if self.weight is not None:
+                label += f" at {self.weight:g}%"
+        if self.without is not None:
+            label += f" without candidate r{self.without}"
+        return label
 
 
 def _judge(host: HostStatus, target: Target) -> tuple[bool, Mapping[str, Any] | None]:
@@ -237,13 +298,33 @@ def _judge(host: HostStatus, target: Target) -> tuple[bool, Mapping[str, Any] | 
     serving = host.serving_revision(target.name)
     if target.revision is None:
         return serving is None and target.name not in host.plugins, None
-    if serving is not None and serving >= target.revision:
+    if serving is None or serving < target.revision:
+        return False, host.refusal(target.name, target.revision)
+    held = host.candidates.get(target.name) or {}
+    if target.without is not None and held.get("revision") == target.without:
+        return False, None
+    if target.candidate is None:
         return True, None
-    return False, host.refusal(target.name, target.revision)
+    if held.get("revision") != target.candidate:
+        return False, host.candidate_refusal(target.name, target.candidate)
+    weight = held.get("weight")
+    if target.weight is not None and not (
+        isinstance(weight, int | float) and abs(weight - target.weight) < 1e-9
+    ):
+        return False, None
+    return True, None
 
 
-def plugin_fleet(target: Target, enabled: bool, hosts: Sequence[HostStatus]) -> PluginFleet:
-    """Summarize one plugin over ``hosts`` against what it should be (``target``)."""
+def plugin_fleet(
+    target: Target,
+    enabled: bool,
+    hosts: Sequence[HostStatus],
+    record: Mapping[str, Any] | None = None,
+) -> PluginFleet:
+    """Summarize one plugin over ``hosts`` against what it should be (``target``).
+
+    ``record`` (its ``rollout`` and ``last_rollout``) adds the rollout view.
+    """
     counted = [h for h in hosts if h.counted]
     serving = 0
     behind: list[tuple[str, int | None]] = []
@@ -272,7 +353,18 @@ def plugin_fleet(target: Target, enabled: bool, hosts: Sequence[HostStatus]) -> 
         behind=tuple(behind),
         rejected=tuple(rejected),
         converged=bool(counted) and serving == len(counted),
+        rollout=_rollout_of(target.name, record, counted),
+        last_rollout=last_rollout_view((record or {}).get("last_rollout")),
     )
+
+
+def _rollout_of(
+    name: str, record: Mapping[str, Any] | None, counted: Sequence[HostStatus]
+) -> dict[str, Any] | None:
+    rollout = (record or {}).get("rollout")
+    if not isinstance(rollout, Mapping) or not isinstance(rollout.get("revision"), int):
+        return None
+    return rollout_view(name, rollout, counted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,7 +411,8 @@ def summarize(
 
     Args:
         namespace: ``db.collection`` of the functions.
-        records: Function records (``_id``, ``revision``, ``enabled``).
+        records: Function records (``_id``, ``revision``, ``enabled``; ``rollout`` and
+            ``last_rollout`` for the rollout view).
         host_docs: Hosts-collection documents.
         server_now: The server's clock.
         name: Only this plugin (None: all).
@@ -331,17 +424,19 @@ def summarize(
         sorted((host_status(d, server_now) for d in host_docs), key=lambda h: (h.hostname, h.id))
     )
     wanted: dict[str, tuple[Target, bool]] = {}
+    by_name: dict[str, Mapping[str, Any]] = {}
     for rec in records:
         rec_name = str(rec.get("_id"))
         revision = rec.get("revision")
         enabled = rec.get("enabled", True) is not False
         rev = revision if isinstance(revision, int) else None
         wanted[rec_name] = (Target(rec_name, rev if enabled else None), enabled)
+        by_name[rec_name] = rec
     for host in hosts:  # served but deleted from the collection: must unload everywhere
         for served in host.plugins:
             wanted.setdefault(served, (Target(served, None), False))
     plugins = {
-        n: plugin_fleet(target, enabled, hosts)
+        n: plugin_fleet(target, enabled, hosts, by_name.get(n))
         for n, (target, enabled) in wanted.items()
         if name is None or n == name
     }
@@ -377,7 +472,7 @@ async def fleet_status(
     """
     hosts_name = hosts_collection or hosts_collection_name(collection)
     query: dict[str, Any] = {} if name is None else {"_id": name}
-    projection = {"revision": 1, "enabled": 1}
+    projection = {"revision": 1, "enabled": 1, "rollout": 1, "last_rollout": 1}
     records = [r async for r in db[collection].find(query, projection).sort("_id", ASCENDING)]
     docs = [d async for d in db[hosts_name].find({})]
     server_now, _ = await _server_clock(db)
@@ -477,11 +572,7 @@ class Progress:
         """``7/8 hosts serving greet r12`` (the progress line of ``push --wait``)."""
         if len(self.targets) == 1:
             target = self.targets[0]
-            what = (
-                f"{target.name} r{target.revision}"
-                if target.revision is not None
-                else f"without {target.name}"
-            )
+            what = target.label if target.revision is not None else f"without {target.name}"
         else:
             what = f"all {len(self.targets)} plugins"
         return f"{self.serving}/{self.alive} hosts serving {what}"

@@ -10,6 +10,12 @@ Routes:
   whether each plugin has converged (:mod:`host.fleetview`; 503 if MongoDB cannot say).
 * ``GET /healthz`` (the process runs), ``GET /readyz`` (initial load done, change stream
   live, not draining), ``GET /metrics`` (Prometheus text format).
+* The console (:mod:`host.console`): ``GET /`` and ``/console`` (the page, open: it holds
+  no data), ``GET /stats`` (per-plugin calls/s, error rate, p50/p99 and their series),
+  ``GET /events`` (the host's events as server-sent events, :mod:`host.eventstream`),
+  ``GET /triggers`` (:func:`host.triggerview.trigger_status`; ``?plugin=`` filters) and
+  ``POST /functions/{name}/rollout`` (promote, abort, set weight:
+  :mod:`host.console.actions`).
 
 Every error reply is ``{"error": {"type": ..., "message": ...}}`` with a status that says
 who should act: 401 missing or wrong bearer token, 403 a ``Host`` or ``Origin`` that is not
@@ -41,6 +47,7 @@ import json
 import math
 import time
 import traceback
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection
 from decimal import Decimal
@@ -60,9 +67,21 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import tracing
 from .config import DEFAULT_LIMITS, HttpSettings
-from .errors import HostClosed, PluginBusy, PluginFailed, PluginNotFound, PluginTimeout
+from .console import CONFIG_PATH, CONSOLE_PATHS, SECURITY_HEADERS, static_file
+from .console.actions import ActionError, rollout_action
+from .console.rates import CallRates
+from .errors import (
+    HostClosed,
+    PluginBusy,
+    PluginFailed,
+    PluginNotFound,
+    PluginTimeout,
+    VersionNotLive,
+)
+from .eventstream import RECENT, EventHub
 from .fleetview import host_fleet_status
 from .metrics import CONTENT_TYPE, Metrics, follow_events
+from .triggerview import trigger_status
 
 if TYPE_CHECKING:
     from .runtime import PluginHost
@@ -249,14 +268,24 @@ class BearerAuth:
         app: The application to protect.
         token: The shared secret.
         open_paths: Exact paths that need no token (``/healthz``...).
+        query_token_paths: Exact paths that also accept the token as ``?token=`` (the
+            event stream: a browser's ``EventSource`` cannot send headers).
     """
 
-    def __init__(self, app: ASGIApp, token: str, open_paths: Collection[str] = ()) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        token: str,
+        open_paths: Collection[str] = (),
+        query_token_paths: Collection[str] = (),
+    ) -> None:
         if not token:
             raise ValueError("the auth token must not be empty")
         self.app = app
         self._expected = f"Bearer {token}".encode()
+        self._token = token.encode()
         self._open = frozenset(open_paths)
+        self._query = frozenset(query_token_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Check the token, then hand the request to the app (or reply 401)."""
@@ -268,7 +297,7 @@ class BearerAuth:
             if key == b"authorization":
                 given = value
                 break
-        if not hmac.compare_digest(given, self._expected):
+        if not hmac.compare_digest(given, self._expected) and not self._query_token(scope):
             reply = JSONResponse(
                 {"error": {"type": "Unauthorized", "message": "unauthorized"}},
                 401,
@@ -277,6 +306,12 @@ class BearerAuth:
             await reply(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+    def _query_token(self, scope: Scope) -> bool:
+        if scope.get("path") not in self._query or not scope.get("query_string"):
+            return False
+        query = urllib.parse.parse_qs(scope["query_string"].decode("latin-1"))
+        return any(hmac.compare_digest(t.encode(), self._token) for t in query.get("token", ()))
 
 
 def _host_name(value: str) -> str:
@@ -452,14 +487,20 @@ def create_app(
         metrics.ready = lambda: bool(host.is_ready) and not draining()
     if metrics.abandoned_threads is None:
         metrics.abandoned_threads = lambda: int(host.abandoned_threads)
+    if metrics.shadow is None:
+        metrics.shadow = host.shadow_counts
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         async with anyio.create_task_group() as tg:
             tg.start_soon(follow_events, host, metrics)
+            tg.start_soon(rates.run, host)
+            tg.start_soon(hub.run)
             yield
             tg.cancel_scope.cancel()
 
+    rates = CallRates(metrics)
+    hub = EventHub(host.events, draining)
     call_ids = itertools.count(1)
 
     async def call(request: Request) -> Response:
@@ -547,17 +588,27 @@ def create_app(
                 return refuse(
                     "bad_request", 422, "BadRequest", f"the request body is not valid JSON: {exc}"
                 )
-        # Nothing awaits between this lookup and the dispatcher's own (host.call reaches
-        # Registry.get before its first suspension, and a swap is one assignment on this
-        # loop), so this is the version that serves the call.
-        current = host.current(name)
-        version = current.version if current is not None else None
+        # The dispatcher names the version it routed the call to (a rollout may send it
+        # to the candidate, X-Plugin-Version pins one, X-Plugin-Key makes it sticky).
+        pins = request.headers
+        served: list[str] = []
+        version: str | None = None
         metrics.in_flight += 1
         started = time.perf_counter()
         try:
-            result = await host.call(name, args, timeout=timeout)
+            result = await host.call(
+                name,
+                args,
+                timeout=timeout,
+                version=pins.get("x-plugin-version"),
+                key=pins.get("x-plugin-key"),
+                served=served,
+            )
         except PluginNotFound as exc:
             return refuse("not_found", 404, "PluginNotFound", str(exc))
+        except VersionNotLive as exc:
+            metrics.count_call("bad_request")
+            return _error(409, "VersionNotLive", str(exc), live=list(exc.live)), None
         except PluginTimeout as exc:
             elapsed = time.perf_counter() - started
             metrics.count_call("timeout", elapsed, plugin=name, version=exc.version)
@@ -575,12 +626,14 @@ def create_app(
                 extra["traceback"] = exc.traceback
             return _error(500, exc.error_type, exc.error_message, **extra), exc.version
         except Exception as exc:  # RequireDepthExceeded and the like: still the call's fault
+            version = served[0] if served else None
             elapsed = time.perf_counter() - started
             metrics.count_call("failed", elapsed, plugin=name, version=version)
             extra = {"traceback": await anyio.to_thread.run_sync(_format, exc)} if debug else {}
             return _error(500, type(exc).__name__, str(exc), **extra), version
         finally:
             metrics.in_flight -= 1
+        version = served[0]
         metrics.count_call("ok", time.perf_counter() - started, plugin=name, version=version)
         budget = timeout if timeout is not None else host.timeouts.call
         try:
@@ -639,6 +692,71 @@ def create_app(
             return _error(503, "FleetUnavailable", f"cannot read the hosts collection: {exc}")
         return JSONResponse(view.as_dict())
 
+    async def console_file(request: Request) -> Response:
+        found = await static_file(request.path_params.get("file", "index.html"))
+        if found is None:
+            return _error(404, "NotFound", f"no console file {request.url.path[:200]!r}")
+        return Response(found[0], media_type=found[1], headers=SECURITY_HEADERS)
+
+    async def console_config(request: Request) -> Response:
+        return JSONResponse({"auth_required": auth_token is not None}, headers=SECURITY_HEADERS)
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse(rates.as_dict([info.name for info in host.plugins()]))
+
+    async def events(request: Request) -> Response:
+        params = request.query_params
+        last_id = request.headers.get("last-event-id") or params.get("last_id")
+        backlog = params.get("backlog", "0")
+        if not backlog.isdigit() or (last_id is not None and not last_id.isdigit()):
+            return _error(
+                422, "BadRequest", "backlog and Last-Event-ID must be whole numbers (0 or more)"
+            )
+        client = request.client
+        return hub.response(
+            prefixes=params.getlist("event"),
+            backlog=min(int(backlog), RECENT),
+            last_id=None if last_id is None else int(last_id),
+            peer=f"{client.host}:{client.port}" if client else "",
+        )
+
+    async def triggers(request: Request) -> Response:
+        try:
+            rows = await trigger_status(
+                host.database,
+                collection=host.collection_name,
+                plugin=request.query_params.get("plugin"),
+            )
+        except PyMongoError as exc:
+            return _error(503, "TriggersUnavailable", f"cannot read the trigger state: {exc}")
+        body = to_json({"triggers": [row.as_dict() for row in rows]})
+        return Response(body, media_type="application/json")
+
+    async def rollout(request: Request) -> Response:
+        if not _is_json(request.headers.get("content-type")):
+            return _error(
+                415, "UnsupportedMediaType", "a rollout action's body must be application/json"
+            )
+        try:
+            body = _parse_json(await _read_body(request, max_body_bytes))
+            reply = await rollout_action(
+                host.database,
+                request.path_params["name"],
+                body,
+                collection=host.collection_name,
+                by="console",
+            )
+        except _BodyTooLarge:
+            return _error(413, "BodyTooLarge", f"the body is larger than {max_body_bytes} bytes")
+        except ValueError as exc:
+            return _error(422, "BadRequest", f"the request body is not valid JSON: {exc}")
+        except ActionError as exc:
+            return _error(exc.status, exc.kind, exc.message)
+        except PyMongoError as exc:
+            return _error(503, "RolloutUnavailable", f"cannot update the record: {exc}")
+        _log.info("http.rollout_action", **reply)
+        return Response(to_json(reply), media_type="application/json")
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -664,19 +782,32 @@ def create_app(
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
+            Route("/", console_file, methods=["GET"]),
+            Route("/console", console_file, methods=["GET"]),
+            Route(CONFIG_PATH, console_config, methods=["GET"]),
+            Route("/console/{file}", console_file, methods=["GET"]),
+            Route("/stats", stats, methods=["GET"]),
+            Route("/events", events, methods=["GET"]),
+            Route("/triggers", triggers, methods=["GET"]),
+            Route("/functions/{name}/rollout", rollout, methods=["POST"]),
         ],
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_exception},
     )
     if auth_token is not None:
         app.add_middleware(
-            BearerAuth, token=auth_token, open_paths=[f"/{name}" for name in open_endpoints]
+            BearerAuth,
+            token=auth_token,
+            open_paths=[*(f"/{name}" for name in open_endpoints), *CONSOLE_PATHS],
+            query_token_paths=["/events"],
         )
     if allowed_hosts is not None or allowed_origins:
         # Added last, so it runs first: a foreign page learns nothing, not even a 401.
         app.add_middleware(SiteGuard, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
     app.state.draining = False
     app.state.metrics = metrics
+    app.state.rates = rates
+    app.state.events = hub
     app.state.host = host
     return app
 

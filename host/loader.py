@@ -19,6 +19,15 @@ install takes its per-name lock without a checkpoint when uncontended, and with 
 ``setup`` hook the swap happens in that same step. Only sources that could stall the
 loop (large, or with many f-string placeholders) and top levels that run code pay for
 isolation: a compiler process, then a worker thread under the CPU-time bound.
+
+Candidates (issue 16). After the stable version of a change is settled, the same worker
+settles the record's ``rollout`` (:meth:`Loader._sync_candidate`): it compiles and
+installs a new candidate beside the stable (``rollout.started``), takes a new weight of
+the same candidate (``rollout.weight_changed``), drops a candidate the record no longer
+carries (``rollout.aborted``), or, when the new stable record is the candidate itself,
+promotes the compiled candidate in place (``rollout.promoted``: no recompile, its state
+kept). A refused candidate is reported like any refusal, with ``candidate: true``; the
+stable version keeps serving everything.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from .plugin import Plugin
 from .precompile import CompilerProcesses
 from .records import PluginRecord, describe_id, parse_record
 from .registry import Registry
+from .rollout import LiveRollout
 from .types import ContextFactory, Document
 
 __all__ = ("BATCH_SIZE", "INITIAL", "Change", "Loader", "PluginInfo", "RecordVerifier")
@@ -146,6 +156,12 @@ class Loader:
         max_source_bytes: Largest accepted ``source``.
         default_max_concurrency: ``max_concurrency`` for records that set none.
         verifier: Optional check run on each record before compiling (signatures).
+        candidate_verifier: The check of a rollout's candidate (its signature is checked
+            over its own fields, and nothing is remembered as accepted); ``verifier`` if
+            None.
+        prepare_candidate: Readies a compiled candidate for its mode (a shadow's
+            ``ctx.db`` refuses writes) and returns the ``ctx`` factory of its hooks;
+            ``ctx_factory`` is used if None.
         compile_timeout: Bound on compiling one source in a compiler process, in seconds
             (``host.precompile``; small sources compile on the loop and need none).
     """
@@ -161,8 +177,12 @@ class Loader:
         default_max_concurrency: int | None = None,
         verifier: RecordVerifier | None = None,
         compile_timeout: float = DEFAULT_TIMEOUTS.compile,
+        candidate_verifier: RecordVerifier | None = None,
+        prepare_candidate: Callable[[Plugin, str], ContextFactory] | None = None,
     ) -> None:
         self._registry = registry
+        self._candidate_verifier = candidate_verifier if candidate_verifier else verifier
+        self._prepare_candidate = prepare_candidate
         self._processes = CompilerProcesses(compile_timeout=compile_timeout)
         self._ctx_factory = ctx_factory
         self._events = events
@@ -305,26 +325,20 @@ class Loader:
                 await self._unload(name, slot, "disabled", record=record)
                 return None
             if current is not None and current.record == record:
-                return None  # nothing that matters changed (e.g. only updatedAt was touched)
+                # Nothing that matters changed for the stable version (e.g. only
+                # updatedAt was touched, or only the rollout's weight).
+                await self._sync_candidate(change, record)
+                return None
             if self._verifier is not None:
                 checked = self._verifier(record, current.record if current else None)
                 if checked is not None:
                     await checked
+            candidate = self._registry.candidate(name)
+            if candidate is not None and candidate.record == record:
+                await self._promote(change, slot, record)
+                return None
         except RecordError as exc:
-            details = dict(exc.details)
-            revision = change.document.get("revision")
-            if "revision" not in details and isinstance(revision, int):
-                details["revision"] = revision  # which revision was refused (fleet status)
-            self._events.emit(
-                "plugin.rejected",
-                "warning",
-                plugin=name,
-                field=exc.field,
-                reason=exc.reason,
-                error=str(exc),
-                serving=serving,
-                **details,
-            )
+            self._rejected(name, exc, serving, change.document.get("revision"))
             self._fail(slot, name, str(exc), current is not None)
             return None
         except Exception as exc:  # a verifier (or validation) bug must not stop the host
@@ -333,6 +347,32 @@ class Loader:
             )
             return None
         return _Job(change, slot, record, serving, current is not None, time.perf_counter())
+
+    def _rejected(
+        self,
+        name: str,
+        exc: RecordError,
+        serving: str | None,
+        revision: object,
+        *,
+        field: str | None = None,
+        **extra: Any,
+    ) -> None:
+        """Emit ``plugin.rejected`` for a record (or a candidate) that failed its checks."""
+        details = dict(exc.details)
+        if "revision" not in details and isinstance(revision, int):
+            details["revision"] = revision  # which revision was refused (fleet status)
+        self._events.emit(
+            "plugin.rejected",
+            "warning",
+            plugin=name,
+            field=exc.field if field is None else field,
+            reason=exc.reason,
+            error=str(exc),
+            serving=serving,
+            **extra,
+            **details,
+        )
 
     async def _install(self, job: _Job, compiled: Plugin | CompileError) -> None:
         """Install a compiled version (or report its failure) and emit the event."""
@@ -393,6 +433,7 @@ class Loader:
             loaded_at=plugin.loaded_at,
             status="serving",
         )
+        await self._sync_candidate(change, record)
         if old is None:
             # The initial load logs one summary line (`watch.started`); each version's
             # `plugin.loaded` still reaches subscribers, and the log at debug level.
@@ -441,6 +482,178 @@ class Loader:
             serving=serving,
         )
         self._fail(slot, name, error if last_error is None else last_error, still_serving)
+
+    # -- candidates (issue 16) --------------------------------------------------------------
+
+    async def _sync_candidate(self, change: Change, record: PluginRecord) -> None:
+        """Make the held candidate match ``record.rollout`` (see the module docstring)."""
+        name = record.name
+        live = self._registry.rollouts.get(name)
+        spec = record.rollout
+        try:
+            if record.rollout_error is not None:
+                raw = (change.document or {}).get("rollout")
+                revision = raw.get("revision") if isinstance(raw, Mapping) else None
+                self._rejected(
+                    name, record.rollout_error, self._serving(name), revision, candidate=True
+                )
+                if live is not None:
+                    await self._end_candidate(change, "refused: the rollout is invalid")
+                return
+            if spec is None:
+                if live is not None:
+                    await self._end_candidate(change, None)
+                return
+            if live is not None and live.candidate.record == spec.candidate:
+                before = live.spec
+                if before.mode != spec.mode and self._prepare_candidate is not None:
+                    self._prepare_candidate(live.candidate, spec.mode)  # shadow <-> canary
+                live.update(spec)
+                if before.weight != spec.weight or before.mode != spec.mode:
+                    self._events.emit(
+                        "rollout.weight_changed",
+                        plugin=name,
+                        candidate=live.candidate.version,
+                        mode=spec.mode,
+                        weight=spec.weight,
+                        previous_weight=before.weight,
+                        previous_mode=before.mode,
+                    )
+                return
+            if live is not None:  # a new candidate replaces the one held
+                await self._end_candidate(change, "superseded by a new candidate")
+            await self._start_candidate(change, record)
+        except HostClosed:
+            raise
+        except Exception as exc:  # a host bug must not stop the loader
+            self._events.emit(
+                "plugin.reload_failed",
+                "error",
+                plugin=name,
+                stage="internal",
+                error=f"{type(exc).__name__}: {exc}",
+                traceback="".join(traceback.format_exception(exc)),
+                serving=self._serving(name),
+                candidate=True,
+            )
+
+    def _serving(self, name: str) -> str | None:
+        current = self._registry.get(name)
+        return current.version if current is not None else None
+
+    async def _start_candidate(self, change: Change, record: PluginRecord) -> None:
+        spec = record.rollout
+        assert spec is not None
+        name = record.name
+        candidate = spec.candidate
+        serving = self._serving(name)
+        try:
+            if self._candidate_verifier is not None:
+                checked = self._candidate_verifier(candidate, record)
+                if checked is not None:
+                    await checked
+        except RecordError as exc:
+            self._rejected(
+                name,
+                exc,
+                serving,
+                candidate.revision,
+                field=f"rollout.{exc.field}",
+                candidate=True,
+                version=candidate.version,
+            )
+            await self._end_candidate(change, "refused")
+            return
+        try:
+            plugin = await compile_plugin(
+                candidate,
+                exec_timeout=self._exec_timeout,
+                default_max_concurrency=self._default_max_concurrency,
+                processes=self._processes,
+            )
+            ctx_factory = (
+                self._prepare_candidate(plugin, spec.mode)
+                if self._prepare_candidate is not None
+                else self._ctx_factory
+            )
+            live = await self._registry.install_candidate(
+                plugin, ctx_factory, spec, time.perf_counter()
+            )
+        except (CompileError, LookupError) as exc:
+            stage = exc.stage if isinstance(exc, CompileError) else "install"
+            self._events.emit(
+                "plugin.reload_failed",
+                "error",
+                plugin=name,
+                version=candidate.version,
+                revision=candidate.revision,
+                stage=stage,
+                error=str(exc),
+                traceback=exc.traceback if isinstance(exc, CompileError) else "",
+                serving=serving,
+                candidate=True,
+            )
+            await self._end_candidate(change, "refused")
+            return
+        self._events.emit(
+            "rollout.started",
+            plugin=name,
+            candidate=live.candidate.version,
+            stable=serving,
+            mode=spec.mode,
+            weight=spec.weight,
+            sticky_key=spec.sticky_key,
+            policy=spec.policy.as_document(),
+        )
+
+    async def _end_candidate(self, change: Change, why: str | None) -> None:
+        """Drop the held candidate; say how the rollout ended (from ``last_rollout``)."""
+        live = await self._registry.remove_candidate(change.name)
+        if live is not None:
+            self._rollout_ended(change, live, why)
+
+    def _rollout_ended(self, change: Change, live: LiveRollout, why: str | None) -> None:
+        last = (change.document or {}).get("last_rollout")
+        if not isinstance(last, Mapping) or last.get("revision") != live.revision:
+            last = {}
+        outcome = str(last.get("outcome") or ("promoted" if why == "promoted" else "aborted"))
+        reason = last.get("reason") or why or live.abort_reason or "the record dropped it"
+        self._events.emit(
+            "rollout.promoted" if outcome == "promoted" else "rollout.aborted",
+            plugin=change.name,
+            candidate=live.candidate.version,
+            revision=live.revision,
+            outcome=outcome,
+            reason=str(reason),
+            by=last.get("by"),
+            stats=last.get("stats") or live.stats(time.perf_counter()),
+        )
+
+    async def _promote(self, change: Change, slot: _Slot, record: PluginRecord) -> None:
+        """The new stable record is the held candidate: promote it without recompiling."""
+        name = record.name
+        live = self._registry.rollouts.get(name)
+        promoted, old = await self._registry.promote(name)
+        slot.info = PluginInfo(
+            name=name,
+            version=promoted.version,
+            revision=record.revision,
+            loaded_at=promoted.loaded_at,
+            status="serving",
+        )
+        self._events.emit(
+            "plugin.reloaded",
+            plugin=name,
+            version=promoted.version,
+            revision=record.revision,
+            old_version=old.version if old is not None else None,
+            new_version=promoted.version,
+            reason=change.reason,
+            promoted=True,
+        )
+        if live is not None:
+            self._rollout_ended(change, live, "promoted")
+        await self._sync_candidate(change, record)
 
     # -- batches (initial load, resync) ---------------------------------------------------
 

@@ -17,6 +17,12 @@ Metrics (names and labels are part of the README's contract):
   this host serves to its report in the hosts collection (``fleet.reported``);
 * ``plugin_host_in_flight_calls`` — HTTP calls running now;
 * ``plugin_host_ready`` — 1 when the host is ready (``/readyz``), else 0;
+* ``plugin_host_rollout_aborts_total`` — candidates this host took out of rotation
+  because they broke their policy (``rollout.auto_abort``);
+* ``plugin_host_shadow_calls_total{plugin,outcome}`` — mirrored calls of shadow
+  candidates by outcome: ``match``, ``mismatch``, ``candidate_error``, ``dropped`` (the
+  mirror queue was full); ``plugin_host_shadow_refused_writes_total{plugin}`` — writes a
+  shadow attempted through its read-only ``ctx.db`` (issue 16);
 * ``plugin_host_abandoned_threads`` — worker threads of timed-out sync calls that are
   still blocked and hold a thread slot (see ``host.threads``);
 * the standard ``process_*`` (resident memory, open descriptors, CPU...), ``python_gc_*``
@@ -37,7 +43,7 @@ metric families when ``/metrics`` is scraped.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -159,6 +165,9 @@ class Metrics:
         self.ready = ready
         # Read at render time, like `ready` (the host's count of abandoned worker threads).
         self.abandoned_threads: Callable[[], int] | None = None
+        # Read at render time too: the host's shadow counters ({plugin: {outcome: n}}).
+        self.shadow: Callable[[], Mapping[str, Mapping[str, int]]] | None = None
+        self.rollout_aborts = 0
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         # The process collector reads /proc: rendered apart, in a worker thread.
@@ -203,6 +212,8 @@ class Metrics:
                 self.change_to_live_seconds.observe(max(live_ms, 0.0) / 1000.0)
         elif event in ("plugin.reload_failed", "plugin.rejected"):
             self.reload_failures += 1
+        elif event == "rollout.auto_abort":
+            self.rollout_aborts += 1
         elif event == "fleet.reported":
             lag_ms = fields.get("lag_ms")
             if isinstance(lag_ms, int | float):
@@ -288,12 +299,40 @@ class _Collector:
             yield GaugeMetricFamily(
                 "plugin_host_ready", "1 when the host is ready to serve, else 0.", int(m.ready())
             )
+        yield _counter(
+            "plugin_host_rollout_aborts",
+            "Candidates taken out of rotation by this host for breaking their policy.",
+            m.rollout_aborts,
+        )
+        if m.shadow is not None:
+            yield from _shadow_families(m.shadow())
         if m.abandoned_threads is not None:
             yield GaugeMetricFamily(
                 "plugin_host_abandoned_threads",
                 "Worker threads of timed-out sync calls still blocked, each holding a slot.",
                 m.abandoned_threads(),
             )
+
+
+def _shadow_families(counts: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]:
+    calls = CounterMetricFamily(
+        "plugin_host_shadow_calls",
+        "Mirrored calls of shadow candidates, by outcome of the comparison.",
+        labels=["plugin", "outcome"],
+    )
+    refused = CounterMetricFamily(
+        "plugin_host_shadow_refused_writes",
+        "Writes shadow candidates attempted through their read-only ctx.db.",
+        labels=["plugin"],
+    )
+    for plugin, by_outcome in sorted(counts.items()):
+        for outcome, n in by_outcome.items():
+            if outcome == "refused_writes":
+                refused.add_metric([plugin], n)
+            else:
+                calls.add_metric([plugin, outcome], n)
+    yield calls
+    yield refused
 
 
 def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:

@@ -25,7 +25,7 @@ from .errors import PluginError
 from .naming import format_plugin_traceback, plugin_filename
 from .records import PluginRecord
 from .threads import ThreadTally
-from .types import Entrypoint, Hook
+from .types import Caller, Entrypoint, Hook
 
 __all__ = (
     "Phase",
@@ -146,6 +146,8 @@ class Plugin:
         tasks: asyncio tasks created by this version's code, cancelled at retirement.
         threads: Counts this version's abandoned worker threads that still run (sync calls
             that timed out while blocked in C).
+        caller: What its calls' ``ctx`` is built on when not the dispatcher itself: a
+            shadow candidate's read-only caller (``host.shadow``); None otherwise.
     """
 
     record: PluginRecord
@@ -164,6 +166,7 @@ class Plugin:
     task_group: TaskGroup | None = field(default=None, init=False)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set, init=False)
     threads: ThreadTally = field(default_factory=ThreadTally, init=False)
+    caller: Caller | None = field(default=None, init=False)
     drained: anyio.Event | None = field(default=None, init=False)
     # Set by the registry while the version is installed: starts its supervisor on the
     # first ``spawn`` (most versions never spawn, so none is started for them).
@@ -297,6 +300,7 @@ class Plugin:
         self.teardown = None
         self.state = None
         self.task_group = None
+        self.caller = None
         self.supervise = None
         self.spawn_queue.clear()
         self.tasks.clear()

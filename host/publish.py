@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import keyword
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,17 +28,22 @@ from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import DuplicateKeyError
 
 from .errors import PluginHostError
-from .records import is_valid_name
+from .records import ROLLOUT_MODES, RolloutPolicy, is_valid_name
+from .rollout_record import NoRollout, RolloutRunning, abort_rollout, ended
 
 if TYPE_CHECKING:
     from .fleetview import Convergence, Progress
 
 __all__ = (
+    "NoRollout",
     "PublishError",
     "Published",
+    "RolloutPolicy",
+    "RolloutRunning",
     "Signer",
     "UnknownPlugin",
     "UnknownRevision",
+    "abort_rollout",
     "delete",
     "get_record",
     "history",
@@ -45,11 +51,15 @@ __all__ = (
     "list_records",
     "plugin_files",
     "plugin_name",
+    "promote",
     "publish",
     "publish_dir",
     "publish_file",
+    "read_source",
     "rollback",
     "set_enabled",
+    "set_rollout_weight",
+    "start_rollout",
     "wait_converged",
 )
 
@@ -146,6 +156,53 @@ async def _last_history_revision(hist: Any, name: str) -> int:
     return revision if isinstance(revision, int) else 0
 
 
+async def _add_history(
+    hist: Any, name: str, revision: int, source: str, entrypoint: str, at: datetime, **extra: Any
+) -> None:
+    """Append a revision to the history (after the record's compare-and-set won)."""
+    # A duplicate only happens after a crash between the two writes: the entry is there.
+    with contextlib.suppress(DuplicateKeyError):
+        await hist.insert_one(
+            {
+                "name": name,
+                "revision": revision,
+                "source": source,
+                "entrypoint": entrypoint,
+                "publishedAt": at,
+                **extra,
+            }
+        )
+
+
+def _rollout_of(record: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The record's running rollout (a mapping with an int ``revision``), or None."""
+    rollout = (record or {}).get("rollout")
+    if isinstance(rollout, Mapping) and isinstance(rollout.get("revision"), int):
+        return rollout
+    return None
+
+
+def _rollout_filter(record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The compare-and-set clause pinning the record's rollout as read (``None``: absent too)."""
+    raw = (record or {}).get("rollout")
+    if raw is None:
+        return {"rollout": None}
+    rollout = _rollout_of(record)
+    # A malformed sub-document (hosts refuse its candidate) is pinned by its whole value.
+    return {"rollout": raw} if rollout is None else {"rollout.revision": rollout["revision"]}
+
+
+async def _next_revision(hist: Any, name: str, record: Mapping[str, Any] | None) -> int:
+    """One above the record's revision, its candidate's and its history's."""
+    revision = (record or {}).get("revision")
+    rollout = _rollout_of(record)
+    return 1 + max(
+        revision if isinstance(revision, int) else 0,
+        rollout["revision"] if rollout is not None else 0,
+        await _last_history_revision(hist, name),
+    )
+
+
 async def publish(
     db: Any,
     name: str,
@@ -187,9 +244,11 @@ async def publish(
         current: Mapping[str, Any] | None = await coll.find_one({"_id": name})
         current_rev = current.get("revision") if current else None
         effective_entry = entrypoint or (current or {}).get("entrypoint") or "main"
+        rollout = _rollout_of(current)
         if (
             current is not None
             and not force
+            and rollout is None  # with a rollout running, a publish always ends it
             and (current.get("source") or current.get("fn")) == source
             and (current.get("entrypoint") or "main") == effective_entry
             and isinstance(current_rev, int)
@@ -201,10 +260,12 @@ async def publish(
             )
         ):
             return Published(name, current_rev, changed=False)
-        base = current_rev if isinstance(current_rev, int) else 0
-        revision = max(base, await _last_history_revision(hist, name)) + 1
+        revision = await _next_revision(hist, name, current)
         now = datetime.now(UTC)
         fields: dict[str, Any] = {"source": source, "revision": revision, "updatedAt": now}
+        if rollout is not None:  # the new revision is stable: end the rollout in this write
+            reason = f"superseded by r{revision}, published while it ran"
+            fields["last_rollout"] = ended(name, rollout, "superseded", reason, "publish", at=now)
         if entrypoint is not None:
             fields["entrypoint"] = entrypoint
         unset: dict[str, Any] = {}
@@ -223,22 +284,18 @@ async def publish(
             update: dict[str, Any] = {"$set": fields}
             if "fn" in current:  # a blog-shaped record: 'source' replaces its 'fn'
                 unset["fn"] = ""
+            if "rollout" in current:
+                unset["rollout"] = ""
             if unset:
                 update["$unset"] = unset
-            result = await coll.update_one({"_id": name, "revision": current_rev}, update)
+            # Pin the rollout read too: a concurrent start, promote or abort makes this retry,
+            # so exactly one outcome is recorded for a rollout.
+            result = await coll.update_one(
+                {"_id": name, "revision": current_rev, **_rollout_filter(current)}, update
+            )
             if result.matched_count == 0:
                 continue  # a concurrent publish won the compare-and-set: try again on top
-        # A duplicate only happens after a crash between the two writes: the entry is there.
-        with contextlib.suppress(DuplicateKeyError):
-            await hist.insert_one(
-                {
-                    "name": name,
-                    "revision": revision,
-                    "source": source,
-                    "entrypoint": effective_entry,
-                    "publishedAt": now,
-                }
-            )
+        await _add_history(hist, name, revision, source, effective_entry, now)
         return Published(name, revision, changed=True, created=current is None)
     raise PublishError(  # pragma: no cover - needs 20 lost races in a row
         f"plugin {name!r}: gave up after {_MAX_ATTEMPTS} concurrent publishes won the race"
@@ -272,6 +329,22 @@ def plugin_name(path: str | Path) -> str | None:
     return p.stem
 
 
+async def read_source(path: str | Path) -> str:
+    """A plugin file's text (read without blocking the event loop).
+
+    Raises:
+        PublishError: The file does not exist, is not UTF-8 or cannot be read.
+    """
+    try:
+        return await anyio.Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PublishError(f"file {str(path)!r} does not exist") from None
+    except UnicodeDecodeError:
+        raise PublishError(f"file {str(path)!r} is not UTF-8 text") from None
+    except OSError as exc:
+        raise PublishError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
+
+
 async def publish_file(
     db: Any,
     path: str | Path,
@@ -300,14 +373,7 @@ async def publish_file(
         PublishError: The file cannot be read or its content is not a valid plugin.
     """
     name = name or Path(path).stem
-    try:
-        source = await anyio.Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PublishError(f"file {str(path)!r} does not exist") from None
-    except UnicodeDecodeError:
-        raise PublishError(f"file {str(path)!r} is not UTF-8 text") from None
-    except OSError as exc:
-        raise PublishError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    source = await read_source(path)
     return await publish(
         db, name, source, entrypoint=entrypoint, collection=collection, force=force, sign=sign
     )
@@ -449,11 +515,13 @@ async def rollback(
     if to is None:
         current_rev = (current or {}).get("revision")
         ceiling = current_rev if isinstance(current_rev, int) else None
-        older = [e for e in entries if ceiling is None or e["revision"] < ceiling]
+        # A rollout's candidate that was never promoted never was stable: not a way back.
+        was_stable = [e for e in entries if not e.get("rollout") or "promotedAt" in e]
+        older = [e for e in was_stable if ceiling is None or e["revision"] < ceiling]
         if ceiling is not None and current is not None:
             target = older[0] if older else None
         else:  # deleted record: restore the newest published revision
-            target = entries[0] if entries else None
+            target = was_stable[0] if was_stable else None
     else:
         target = next((e for e in entries if e["revision"] == to), None)
     if target is None:
@@ -534,3 +602,271 @@ async def wait_converged(
         timeout=timeout,
         on_progress=on_progress,
     )
+
+
+# -- rollouts (issue 16): a candidate beside the stable version ------------------------------
+# The record layout and the compare-and-set rules: host/rollout_record.py and design.md.
+
+
+def _check_weight(name: str, weight: float, what: str = "weight") -> float:
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, int | float)
+        or not (math.isfinite(weight) and 0 <= weight <= 100)
+    ):
+        raise PublishError(
+            f"plugin {name!r}: rollout {what} must be a percent 0-100, got {weight!r}"
+        )
+    return float(weight)
+
+
+async def start_rollout(
+    db: Any,
+    name: str,
+    source: str,
+    *,
+    mode: str = "canary",
+    weight: float,
+    sticky_key: str | None = None,
+    policy: RolloutPolicy | None = None,
+    entrypoint: str | None = None,
+    sign: Signer | None = None,
+    collection: str = "functions",
+    check_syntax: bool = True,
+) -> Published:
+    """Start a rollout: ``source`` becomes a candidate beside the stable version.
+
+    The candidate takes the next revision (the counter :func:`publish` uses) and goes into
+    the history like any revision (with ``"rollout": mode``). Hosts compile it and route
+    ``weight`` percent of calls to it (canary) or mirror that share to it (shadow).
+
+    Args:
+        db: The database.
+        name: The plugin; it must have a stable version already.
+        source: The candidate's source.
+        mode: ``"canary"`` or ``"shadow"``.
+        weight: Percent of calls (0-100) routed to (canary) or mirrored to (shadow) it.
+        sticky_key: The args field whose value keeps a caller on one version.
+        policy: When hosts abort it on their own (None: the defaults, no limit set).
+        entrypoint: The candidate's entrypoint (None: the stable version's).
+        sign: As :func:`publish`, over the candidate's name, source, entrypoint and revision.
+        collection: The functions collection.
+        check_syntax: As :func:`publish`.
+
+    Returns:
+        The candidate (``revision`` is the candidate's revision).
+
+    Raises:
+        PublishError: Bad name, source, mode, weight, sticky key or policy, or the
+            candidate is identical to the stable version.
+        UnknownPlugin: No record: publish a stable version first.
+        RolloutRunning: A rollout is running already.
+    """
+    _check(name, source, entrypoint, check_syntax)
+    if mode not in ROLLOUT_MODES:
+        raise PublishError(f"plugin {name!r}: rollout mode must be canary or shadow, got {mode!r}")
+    share = _check_weight(name, weight)
+    if sticky_key is not None and (not isinstance(sticky_key, str) or not sticky_key):
+        raise PublishError(f"plugin {name!r}: the sticky key must be a non-empty args field name")
+    policy_doc = (policy or RolloutPolicy()).as_document()  # checked when it was made
+    coll = db[collection]
+    hist = db[history_collection_name(collection)]
+    await hist.create_index([("name", ASCENDING), ("revision", DESCENDING)], unique=True)
+    for _ in range(_MAX_ATTEMPTS):
+        current: Mapping[str, Any] | None = await coll.find_one({"_id": name})
+        if current is None:
+            raise UnknownPlugin(name)
+        stable = current.get("revision")
+        running = _rollout_of(current)
+        if running is not None:
+            raise RolloutRunning(name, running["revision"], stable)
+        if not isinstance(stable, int):
+            raise PublishError(f"plugin {name!r}: the record has no revision; push it first")
+        effective_entry = entrypoint or current.get("entrypoint") or "main"
+        if (current.get("source") or current.get("fn")) == source and (
+            current.get("entrypoint") or "main"
+        ) == effective_entry:
+            raise PublishError(
+                f"plugin {name!r}: the candidate is identical to the stable r{stable}"
+            )
+        revision = await _next_revision(hist, name, current)
+        now = datetime.now(UTC)
+        rollout = {
+            "revision": revision,
+            "source": source,
+            "entrypoint": effective_entry,
+            "signature": sign(name, source, effective_entry, revision) if sign else None,
+            "mode": mode,
+            "weight": share,
+            "sticky_key": sticky_key,
+            "policy": policy_doc,
+            "started_at": now,
+            "updated_at": now,
+            "steps": None,
+        }
+        result = await coll.update_one(
+            {"_id": name, "revision": stable, **_rollout_filter(current)},
+            {"$set": {"rollout": rollout, "updatedAt": now}},
+        )
+        if result.matched_count == 0:
+            continue  # a publish or another rollout won: look again (and maybe refuse)
+        await _add_history(hist, name, revision, source, effective_entry, now, rollout=mode)
+        return Published(name, revision, changed=True)
+    raise PublishError(  # pragma: no cover - needs 20 lost races in a row
+        f"plugin {name!r}: gave up after {_MAX_ATTEMPTS} concurrent writes won the race"
+    )
+
+
+async def _running(coll: Any, name: str, revision: int | None) -> Mapping[str, Any]:
+    """The record, which has a rollout (of ``revision`` if given), or :class:`NoRollout`."""
+    current = await coll.find_one({"_id": name})
+    if current is None:
+        raise UnknownPlugin(name)
+    rollout = _rollout_of(current)
+    if rollout is None or (revision is not None and rollout["revision"] != revision):
+        raise NoRollout(
+            name,
+            revision=revision,
+            stable=current.get("revision"),
+            last=current.get("last_rollout"),
+            running=rollout["revision"] if rollout is not None else None,
+        )
+    return dict(current)
+
+
+async def _ended_since(coll: Any, name: str, revision: int) -> NoRollout:
+    """Why the rollout of ``revision`` is gone (someone ended it between read and write)."""
+    current = await coll.find_one({"_id": name}, {"revision": 1, "rollout": 1, "last_rollout": 1})
+    rollout = _rollout_of(current)
+    return NoRollout(
+        name,
+        revision=revision,
+        stable=(current or {}).get("revision"),
+        last=(current or {}).get("last_rollout"),
+        running=rollout["revision"] if rollout is not None else None,
+    )
+
+
+async def set_rollout_weight(
+    db: Any,
+    name: str,
+    weight: float,
+    *,
+    revision: int | None = None,
+    steps: Mapping[str, Any] | None = None,
+    collection: str = "functions",
+) -> None:
+    """Change the weight of ``name``'s running rollout (a compare-and-set on its revision).
+
+    Args:
+        db: The database.
+        name: The plugin.
+        weight: The new percent (0-100).
+        revision: Only if this candidate revision is the one running (a ``--steps``
+            walker must never move a rollout started after its own ended).
+        steps: ``{"weights", "interval_s", "next_at"}`` of a walker (informational), or
+            None to clear it.
+        collection: The functions collection.
+
+    Raises:
+        PublishError: The weight is not a percent.
+        NoRollout: No rollout (of ``revision``) is running.
+    """
+    share = _check_weight(name, weight)
+    coll = db[collection]
+    current = await _running(coll, name, revision)
+    candidate = current["rollout"]["revision"]
+    now = datetime.now(UTC)
+    result = await coll.update_one(
+        {"_id": name, "rollout.revision": candidate},
+        {
+            "$set": {
+                "rollout.weight": share,
+                "rollout.updated_at": now,
+                "rollout.steps": dict(steps) if steps is not None else None,
+                "updatedAt": now,
+            }
+        },
+    )
+    if result.matched_count == 0:
+        raise await _ended_since(coll, name, candidate)
+
+
+async def promote(
+    db: Any,
+    name: str,
+    *,
+    canary: float | None = None,
+    revision: int | None = None,
+    by: str = "cli",
+    stats: Mapping[str, Any] | None = None,
+    collection: str = "functions",
+) -> Published:
+    """Make the candidate the stable version (or, with ``canary``, turn it into a canary).
+
+    The candidate becomes the record's ``source``, ``entrypoint``, ``revision`` and
+    ``signature`` (it was signed for that revision when the rollout started) in one
+    compare-and-set on its revision, which also unsets ``rollout`` and records
+    ``last_rollout`` (outcome ``promoted``).
+
+    Args:
+        db: The database.
+        name: The plugin.
+        canary: Instead of promoting to stable: make the candidate (a shadow, usually) a
+            canary serving this percent of calls.
+        revision: Only if this candidate revision is the one running.
+        by: Who promotes (``last_rollout.by``).
+        stats: Both versions' statistics to keep in ``last_rollout`` (see
+            :mod:`host.fleetview`), if known.
+        collection: The functions collection.
+
+    Returns:
+        The candidate's revision, now stable (or now a canary).
+
+    Raises:
+        PublishError: ``canary`` is not a percent.
+        NoRollout: No rollout (of ``revision``) is running, or it ended meanwhile.
+    """
+    share = _check_weight(name, canary, "canary weight") if canary is not None else None
+    coll = db[collection]
+    current = await _running(coll, name, revision)
+    rollout = current["rollout"]
+    candidate = rollout["revision"]
+    now = datetime.now(UTC)
+    update: dict[str, Any]
+    if share is not None:
+        update = {
+            "$set": {
+                "rollout.mode": "canary",
+                "rollout.weight": share,
+                "rollout.updated_at": now,
+                "updatedAt": now,
+            }
+        }
+    else:
+        stable = current.get("revision")
+        fields: dict[str, Any] = {
+            "source": rollout["source"],
+            "entrypoint": rollout.get("entrypoint") or "main",
+            "revision": candidate,
+            "updatedAt": now,
+            "last_rollout": ended(
+                name, rollout, "promoted", f"promoted over r{stable}", by, stats, now
+            ),
+        }
+        unset: dict[str, Any] = {"rollout": ""}
+        if rollout.get("signature"):
+            fields["signature"] = rollout["signature"]
+        else:
+            unset["signature"] = ""
+        if "fn" in current:
+            unset["fn"] = ""
+        update = {"$set": fields, "$unset": unset}
+    result = await coll.update_one({"_id": name, "rollout.revision": candidate}, update)
+    if result.matched_count == 0:
+        raise await _ended_since(coll, name, candidate)
+    if share is None:  # rollback() may go back to it: it was stable once
+        await db[history_collection_name(collection)].update_one(
+            {"name": name, "revision": candidate}, {"$set": {"promotedAt": now}}
+        )
+    return Published(name, candidate, changed=True)

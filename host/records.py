@@ -14,15 +14,23 @@ import keyword
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeGuard
 
 from .config import DEFAULT_LIMITS
 from .errors import RecordError
 
-__all__ = ("MAX_NAME_LENGTH", "PluginRecord", "describe_id", "is_valid_name", "parse_record")
+__all__ = (
+    "MAX_NAME_LENGTH",
+    "PluginRecord",
+    "Rollout",
+    "RolloutPolicy",
+    "describe_id",
+    "is_valid_name",
+    "parse_record",
+)
 
 MAX_NAME_LENGTH = 128
 _NAME_RE = re.compile(rf"[A-Za-z0-9_.\-]{{1,{MAX_NAME_LENGTH}}}")
@@ -90,6 +98,10 @@ class PluginRecord:
         max_concurrency: Maximum concurrent calls of one version, if set.
         meta: Free-form metadata (a read-only shallow copy).
         signature: Ed25519 signature over the canonical record, if signed.
+        rollout: The candidate running beside this version (issue 16), if any; not
+            compared, so a weight change never reloads the stable version.
+        rollout_error: Why the record's ``rollout`` was refused (the stable version
+            still serves); not compared.
     """
 
     name: str
@@ -104,6 +116,8 @@ class PluginRecord:
     max_concurrency: int | None = None
     meta: Mapping[str, Any] = field(default_factory=lambda: _EMPTY_META, hash=False)
     signature: str | None = None
+    rollout: Rollout | None = field(default=None, compare=False, hash=False, repr=False)
+    rollout_error: RecordError | None = field(default=None, compare=False, hash=False, repr=False)
     # Derived once: versions are read in logs, errors and module names.
     _hash: str = field(init=False, repr=False, compare=False, hash=False)
     _version: str = field(init=False, repr=False, compare=False, hash=False)
@@ -128,6 +142,82 @@ class PluginRecord:
         return self._version
 
 
+ROLLOUT_MODES = ("canary", "shadow")
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutPolicy:
+    """When a host aborts a candidate on its own (issue 16).
+
+    Attributes:
+        max_error_rate: Abort when the candidate's error rate over the window is above
+            this (0..1) and above the stable version's; None: never on errors.
+        min_calls: Judge only once the candidate served this many calls in the window.
+        max_p99_ms: Abort when the candidate's p99 latency over the window is above
+            this many milliseconds; None: never on latency.
+        window_s: Length of the sliding window of the statistics, in seconds.
+    """
+
+    max_error_rate: float | None = None
+    min_calls: int = 20
+    max_p99_ms: float | None = None
+    window_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name, value, low, high in (
+            ("max_error_rate", self.max_error_rate, 0.0, 1.0),
+            ("max_p99_ms", self.max_p99_ms, 0.0, math.inf),
+        ):
+            if value is None:
+                continue
+            if not _is_number(value) or not (low <= value <= high) or math.isnan(value):
+                raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+        if not _is_int(self.min_calls) or self.min_calls < 1:
+            raise ValueError(f"min_calls must be an integer >= 1, got {self.min_calls!r}")
+        if not _is_number(self.window_s) or not (1.0 <= self.window_s <= 3600.0):
+            raise ValueError(
+                f"window_s must be a number of seconds in [1, 3600], got {self.window_s!r}"
+            )
+
+    def as_document(self) -> dict[str, Any]:
+        """The form stored in ``rollout.policy``."""
+        return {
+            "max_error_rate": self.max_error_rate,
+            "min_calls": self.min_calls,
+            "max_p99_ms": self.max_p99_ms,
+            "window_s": self.window_s,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """A record's ``rollout``: a candidate version and how calls reach it.
+
+    Attributes:
+        candidate: The candidate as a record of its own: the stable record's fields with
+            the candidate's source, entrypoint, revision and signature.
+        mode: ``canary`` (serves ``weight`` percent of calls) or ``shadow`` (serves no
+            one; ``weight`` percent of calls are mirrored to it).
+        weight: Percent, 0 to 100.
+        sticky_key: The args field whose value routes a call (``X-Plugin-Key`` wins).
+        policy: When a host aborts the candidate.
+        started_at: When the rollout started, if recorded.
+    """
+
+    candidate: PluginRecord
+    mode: str
+    weight: float
+    sticky_key: str | None
+    policy: RolloutPolicy
+    started_at: datetime | None = None
+
+    @property
+    def revision(self) -> int:
+        """The candidate's revision."""
+        assert self.candidate.revision is not None  # parse_rollout requires it
+        return self.candidate.revision
+
+
 def _type_name(value: object) -> str:
     return type(value).__name__
 
@@ -135,6 +225,10 @@ def _type_name(value: object) -> str:
 def _is_int(value: object) -> bool:
     # bool is an int subclass in Python but never a sensible count or revision.
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, float)
 
 
 def parse_record(
@@ -180,13 +274,7 @@ def parse_record(
 
     source = _parse_source(doc, fail, max_source_bytes)
 
-    entrypoint = doc.get("entrypoint")
-    if entrypoint is None:
-        entrypoint = "main"
-    elif not isinstance(entrypoint, str):
-        raise fail("entrypoint", f"must be a string, got {_type_name(entrypoint)}")
-    elif not entrypoint.isidentifier() or keyword.iskeyword(entrypoint):
-        raise fail("entrypoint", f"must be a Python identifier, got {entrypoint!r}")
+    entrypoint = _parse_entrypoint(doc.get("entrypoint"), fail)
 
     enabled = doc.get("enabled")
     if enabled is None:
@@ -235,7 +323,7 @@ def parse_record(
     if signature is not None and not isinstance(signature, str):
         raise fail("signature", f"must be a string, got {_type_name(signature)}")
 
-    return PluginRecord(
+    record = PluginRecord(
         name=name,
         source=source,
         entrypoint=entrypoint,
@@ -248,6 +336,104 @@ def parse_record(
         meta=meta,
         signature=signature,
     )
+    raw_rollout = doc.get("rollout")
+    if raw_rollout is None:
+        return record
+    # An invalid rollout refuses only the candidate: the stable version still serves.
+    try:
+        rollout = _parse_rollout(record, raw_rollout, max_source_bytes)
+    except RecordError as exc:
+        return replace(record, rollout_error=exc)
+    return replace(record, rollout=rollout)
+
+
+def _parse_rollout(stable: PluginRecord, raw: object, max_source_bytes: int) -> Rollout:
+    """Validate ``rollout``; every error names the field (``rollout.weight``...)."""
+    name = stable.name
+
+    def fail(field_name: str, reason: str) -> RecordError:
+        return RecordError(name, f"rollout.{field_name}" if field_name else "rollout", reason)
+
+    if not isinstance(raw, Mapping):
+        raise fail("", f"must be a document, got {_type_name(raw)}")
+    revision = raw.get("revision")
+    if revision is None:
+        raise fail("revision", "is required (the candidate's revision)")
+    if not _is_int(revision):
+        raise fail("revision", f"must be an integer, got {_type_name(revision)}")
+    if stable.revision is not None and revision <= stable.revision:
+        raise fail(
+            "revision",
+            f"must be above the stable revision {stable.revision}, got {revision}",
+        )
+    if revision < 0:
+        raise fail("revision", f"must be >= 0, got {revision}")
+    if raw.get("source") is None:
+        raise fail("source", "is required (the candidate's source)")
+    source = _parse_source(
+        {"source": raw.get("source")},
+        lambda _f, reason: fail("source", reason),
+        max_source_bytes,
+    )
+    entrypoint = _parse_entrypoint(raw.get("entrypoint"), fail)
+    signature = raw.get("signature")
+    if signature is not None and not isinstance(signature, str):
+        raise fail("signature", f"must be a string, got {_type_name(signature)}")
+    mode = raw.get("mode")
+    if mode not in ROLLOUT_MODES:
+        raise fail("mode", f"must be 'canary' or 'shadow', got {mode!r}")
+    weight = raw.get("weight")
+    if not _is_number(weight) or not (0.0 <= weight <= 100.0) or math.isnan(weight):
+        raise fail("weight", f"must be a percentage from 0 to 100, got {weight!r}")
+    sticky_key = raw.get("sticky_key")
+    if sticky_key is not None and (not isinstance(sticky_key, str) or not sticky_key):
+        raise fail("sticky_key", f"must be a non-empty string, got {sticky_key!r}")
+    started_at = raw.get("started_at")
+    if started_at is not None and not isinstance(started_at, datetime):
+        raise fail("started_at", f"must be a date, got {_type_name(started_at)}")
+    policy = _parse_policy(raw.get("policy"), fail)
+    candidate = replace(
+        stable,
+        source=source,
+        entrypoint=entrypoint,
+        revision=revision,
+        signature=signature,
+        rollout=None,
+        rollout_error=None,
+    )
+    return Rollout(candidate, mode, float(weight), sticky_key, policy, started_at)
+
+
+def _parse_policy(raw: object, fail: Callable[[str, str], RecordError]) -> RolloutPolicy:
+    if raw is None:
+        return RolloutPolicy()
+    if not isinstance(raw, Mapping):
+        raise fail("policy", f"must be a document, got {_type_name(raw)}")
+    values: dict[str, Any] = {}
+    for key in ("max_error_rate", "min_calls", "max_p99_ms", "window_s"):
+        value = raw.get(key)
+        if value is None:
+            continue
+        if key == "min_calls" and not _is_int(value):
+            raise fail(f"policy.{key}", f"must be an integer, got {_type_name(value)}")
+        if not _is_number(value):
+            raise fail(f"policy.{key}", f"must be a number, got {_type_name(value)}")
+        values[key] = value if key == "min_calls" else float(value)
+    try:
+        return RolloutPolicy(**values)
+    except ValueError as exc:
+        field_name = str(exc).partition(" ")[0]
+        raise fail(f"policy.{field_name}", str(exc).partition(" ")[2]) from None
+
+
+def _parse_entrypoint(entrypoint: object, fail: Callable[[str, str], RecordError]) -> str:
+    if entrypoint is None:
+        return "main"
+    if not isinstance(entrypoint, str):
+        raise fail("entrypoint", f"must be a string, got {_type_name(entrypoint)}")
+    if not entrypoint.isidentifier() or keyword.iskeyword(entrypoint):
+        raise fail("entrypoint", f"must be a Python identifier, got {entrypoint!r}")
+    return entrypoint
 
 
 def _parse_source(

@@ -29,6 +29,21 @@ INVARIANTS (checked by the state machine in tests/test_registry.py):
       ``aclose`` drain timeout) ends;
   (4) len(history(name)) <= history_size;
   (5) a retired version holds no module, entrypoint, hooks or state.
+
+Candidates (issue 16, progressive delivery). A name may hold a second live version, its
+rollout's candidate, beside the current (stable) one; ``rollouts[name]`` is its routing
+state (:class:`host.rollout.LiveRollout`), which the dispatcher reads on every call.
+  (6) ``rollouts[name]`` exists iff ``_candidates[name]`` does, and holds that very
+      version; it is LIVE, it is never the current version, and a name has a candidate
+      only while it has a current version. The two dicts change together, in one step
+      with no await between them;
+  (7) a candidate's revision is above the current version's: installing a stable version
+      whose revision is not below the candidate's drops the candidate in the same step
+      as the swap, so no call is routed to a version older than the newest;
+  (8) ``promote`` moves the candidate to current in one step (the old stable retires
+      like any replaced version), so a call sees the old stable, the candidate, or the
+      promoted version — never no version;
+  (9) candidates retire exactly like replaced versions (invariants 2, 3 and 5 hold).
 """
 
 from __future__ import annotations
@@ -51,7 +66,8 @@ from .errors import CompileError, HostClosed
 from .events import EventBus
 from .naming import format_plugin_traceback
 from .plugin import Phase, Plugin, contain_task, is_plugin_failure
-from .records import PluginRecord
+from .records import PluginRecord, Rollout
+from .rollout import LiveRollout
 from .threads import ThreadLimiter, ThreadTally, run_sync_interruptible
 from .types import ContextFactory, Hook
 
@@ -150,6 +166,10 @@ class Registry:
         self._events = events if events is not None else EventBus(_log)
         self._threads = threads
         self._current: dict[str, Plugin] = {}
+        self._candidates: dict[str, Plugin] = {}
+        # Read by the dispatcher on every call (an empty dict costs one truth test);
+        # never rebound, so a reference taken once stays valid. Invariant (6).
+        self.rollouts: dict[str, LiveRollout] = {}
         self._history: dict[str, deque[PluginRecord]] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self._factories: dict[Plugin, ContextFactory] = {}
@@ -175,6 +195,10 @@ class Registry:
         """Return a snapshot of ``(name, current version)`` pairs."""
         return tuple(self._current.items())
 
+    def candidate(self, name: str) -> Plugin | None:
+        """Return the rollout candidate of ``name``, or ``None``."""
+        return self._candidates.get(name)
+
     def history(self, name: str) -> tuple[PluginRecord, ...]:
         """Return the records of the last versions that went live for ``name``, newest first.
 
@@ -186,6 +210,9 @@ class Registry:
         """Abandoned worker threads still running for the current and retiring ``name``."""
         current = self._current.get(name)
         count = current.threads.abandoned if current is not None else 0
+        candidate = self._candidates.get(name)
+        if candidate is not None:
+            count += candidate.threads.abandoned
         for plugin in self._draining:
             if plugin.name == name:
                 count += plugin.threads.abandoned
@@ -265,8 +292,10 @@ class Registry:
         deadline = anyio.current_time() + drain_timeout
         for scope in self._draining.values():
             scope.deadline = min(scope.deadline, deadline)
-        current = tuple(self._current.values())
+        current = (*self._current.values(), *self._candidates.values())
         self._current.clear()
+        self._candidates.clear()
+        self.rollouts.clear()
         for plugin in current:
             self._schedule_retirement(plugin, drain_timeout)
 
@@ -293,27 +322,20 @@ class Registry:
             raise ValueError(f"{plugin!r} was already installed; compile a new version")
         name = plugin.name
         async with self._lock_for(name):
-            plugin.phase = Phase.STARTING
-            # The supervisor (the task group of ctx.spawn) starts on the first spawn:
-            # a cold start of thousands of versions that never spawn starts none.
-            plugin.supervise = self._start_supervisor
-            try:
-                await self._run_setup(plugin, ctx_factory)
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await self._finish_retirement(plugin, run_teardown=False)
-                raise
-            self._factories[plugin] = ctx_factory
-            plugin.phase = Phase.LIVE
+            await self._start(plugin, ctx_factory)
             if self._closed:  # closed while setup ran: it went up, so it must come down
                 self._schedule_retirement(plugin, 0.0)
                 raise HostClosed("the registry closed while the version was starting")
             old = self._current.get(name)
             self._current[name] = plugin  # THE SWAP: one assignment, no await around it
-            records = self._history.get(name)
-            if records is None:
-                records = self._history[name] = deque(maxlen=self._history_size)
-            records.appendleft(plugin.record)
+            candidate = self._candidates.get(name)
+            if candidate is not None and (
+                plugin.record.revision is None
+                or candidate.record.revision is None
+                or candidate.record.revision <= plugin.record.revision
+            ):
+                self._drop_candidate(name)  # invariant (7), same step as the swap
+            self._remember(plugin)
             if old is not None:
                 self._schedule_retirement(old, self._grace)
         return old
@@ -330,9 +352,114 @@ class Registry:
         self._require_open()
         async with self._lock_for(name):
             old = self._current.pop(name, None)
+            self._drop_candidate(name)  # invariant (6): no candidate without a stable
             if old is not None:
                 self._schedule_retirement(old, self._grace)
         return old
+
+    # ---------------------------------------------------------------- candidates
+
+    async def install_candidate(
+        self, plugin: Plugin, ctx_factory: ContextFactory, spec: Rollout, now: float
+    ) -> LiveRollout:
+        """Run a candidate's ``setup``, then route to it per ``spec`` beside the stable.
+
+        A candidate already held for the name is replaced (and retires).
+
+        Args:
+            plugin: The freshly compiled candidate (never installed before).
+            ctx_factory: Builds the ``ctx`` of its hooks (a shadow's refuses writes).
+            spec: The record's rollout.
+            now: ``time.perf_counter()``, where its statistics start.
+
+        Returns:
+            The rollout's routing state.
+
+        Raises:
+            CompileError: ``stage="setup"``: setup failed; the stable serves everything.
+            LookupError: The name has no current version, or one whose revision is not
+                below the candidate's (invariants 6 and 7).
+            HostClosed: If the registry is closed.
+            ValueError: If ``plugin`` was installed before.
+        """
+        self._require_open()
+        if plugin.phase is not Phase.LOADED:
+            raise ValueError(f"{plugin!r} was already installed; compile a new version")
+        name = plugin.name
+        async with self._lock_for(name):
+            await self._start(plugin, ctx_factory)
+            stable = self._current.get(name)
+            refusal = None
+            if self._closed:
+                refusal = "the registry closed while the candidate was starting"
+            elif stable is None:
+                refusal = f"plugin {name!r} has no stable version to run a candidate beside"
+            elif (
+                stable.record.revision is not None
+                and plugin.record.revision is not None
+                and plugin.record.revision <= stable.record.revision
+            ):
+                refusal = f"candidate {plugin.version} is not newer than {stable.version}"
+            if refusal is not None:
+                self._schedule_retirement(plugin, 0.0)
+                if self._closed:
+                    raise HostClosed(refusal)
+                raise LookupError(refusal)
+            self._drop_candidate(name)
+            live = LiveRollout(spec, plugin, now)
+            self._candidates[name] = plugin  # invariant (6): both in one step
+            self.rollouts[name] = live
+        return live
+
+    async def remove_candidate(self, name: str) -> LiveRollout | None:
+        """Stop routing to ``name``'s candidate and retire it.
+
+        Returns:
+            The rollout it ended, or None if there was no candidate.
+        """
+        self._require_open()
+        async with self._lock_for(name):
+            return self._drop_candidate(name)
+
+    async def promote(self, name: str) -> tuple[Plugin, Plugin | None]:
+        """Make ``name``'s candidate its current version (invariant 8).
+
+        Returns:
+            ``(promoted, old)``: the new current version and the one it replaced (now
+            retiring, or None).
+
+        Raises:
+            LookupError: ``name`` has no candidate.
+        """
+        self._require_open()
+        async with self._lock_for(name):
+            candidate = self._candidates.pop(name, None)
+            if candidate is None:
+                raise LookupError(f"plugin {name!r} has no candidate to promote")
+            del self.rollouts[name]
+            candidate.caller = None  # a promoted shadow serves with the host's own ctx.db
+            old = self._current.get(name)
+            self._current[name] = candidate  # THE SWAP
+            self._remember(candidate)
+            if old is not None:
+                self._schedule_retirement(old, self._grace)
+        return candidate, old
+
+    def _remember(self, plugin: Plugin) -> None:
+        """Put a version that just went current into its name's history (invariant 4)."""
+        records = self._history.get(plugin.name)
+        if records is None:
+            records = self._history[plugin.name] = deque(maxlen=self._history_size)
+        records.appendleft(plugin.record)
+
+    def _drop_candidate(self, name: str) -> LiveRollout | None:
+        candidate = self._candidates.pop(name, None)
+        if candidate is None:
+            return None
+        live = self.rollouts.pop(name)
+        live.abort("dropped")  # calls holding the routing state stop choosing it
+        self._schedule_retirement(candidate, self._grace)
+        return live
 
     # ---------------------------------------------------------------- internals
 
@@ -350,6 +477,21 @@ class Registry:
             # (a cold start installs thousands of names, each lock taken once).
             lock = self._locks[name] = anyio.Lock(fast_acquire=True)
         return lock
+
+    async def _start(self, plugin: Plugin, ctx_factory: ContextFactory) -> None:
+        """Run ``setup`` (under the name's lock); LIVE on success, released on failure."""
+        plugin.phase = Phase.STARTING
+        # The supervisor (the task group of ctx.spawn) starts on the first spawn:
+        # a cold start of thousands of versions that never spawn starts none.
+        plugin.supervise = self._start_supervisor
+        try:
+            await self._run_setup(plugin, ctx_factory)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._finish_retirement(plugin, run_teardown=False)
+            raise
+        self._factories[plugin] = ctx_factory
+        plugin.phase = Phase.LIVE
 
     def _start_supervisor(self, plugin: Plugin) -> None:
         """Start the version's supervisor (its first ``ctx.spawn``); see ``Plugin.spawn``."""

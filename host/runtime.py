@@ -8,6 +8,10 @@ version once → close the stream. The caller owns the MongoDB client and closes
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
+import socket
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -18,6 +22,7 @@ import structlog
 from anyio.abc import TaskGroup
 
 from .config import DEFAULT_LIMITS, DEFAULT_TIMEOUTS, UNSET, Limits, Timeouts, Unset, with_overrides
+from .context import Context
 from .dispatch import Dispatcher
 from .errors import RecordError
 from .events import EventBus, Subscription
@@ -26,9 +31,11 @@ from .loader import Loader, PluginInfo, RecordVerifier
 from .plugin import Plugin
 from .records import PluginRecord
 from .registry import Registry
+from .rollout import LiveRollout, write_abort
+from .shadow import ReadOnlyDatabase, ShadowCaller, ShadowRunner
 from .threads import DEFAULT_THREADS, ThreadLimiter
 from .trust import SignatureVerifier, TrustedKeys, TrustError, load_public_keys
-from .types import Args, CallTarget
+from .types import Args, CallTarget, ContextFactory
 from .watchdog import LoopWatchdog
 from .watcher import Watcher, WatchFatal
 
@@ -160,7 +167,12 @@ class PluginHost:
             default_max_concurrency=limits.max_concurrency,
             verifier=verifier if trusted_keys is None else self._verify_record,
             compile_timeout=timeouts.compile,
+            candidate_verifier=verifier if trusted_keys is None else self._verify_candidate,
+            prepare_candidate=self._prepare_candidate,
         )
+        self._dispatcher.on_rollout_abort = self._rollout_abort
+        self._shadow = ShadowRunner(self._dispatcher, self._events_bus)
+        self._dispatcher.on_mirror = self._shadow.offer
         self._watcher = Watcher(
             database[collection], self._loader, self._events_bus, max_await_ms=max_await_ms
         )
@@ -175,6 +187,12 @@ class PluginHost:
             if isinstance(options, StatusReporting)
             else None
         )
+        self.host_id = (
+            self._reporter.host_id
+            if self._reporter is not None
+            else f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        )
+        """Who this host is in the hosts collection and in ``last_rollout.by``."""
         self._stack: contextlib.AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
         self._watch_scope: anyio.CancelScope | None = None
@@ -191,6 +209,7 @@ class PluginHost:
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             await stack.enter_async_context(self._registry)
             self._loader.bind(self._tg)
+            self._shadow.start(self._tg)
             if self.watchdog is not None:  # cancelled with the task group at shutdown
                 self._tg.start_soon(self.watchdog.run, name="loop watchdog")
             if self._reporter is not None:
@@ -239,6 +258,80 @@ class PluginHost:
             checked = self._verifier(record, current)
             if checked is not None:
                 await checked
+
+    async def _verify_candidate(self, candidate: PluginRecord, stable: PluginRecord | None) -> None:
+        # As _verify_record, for a rollout's candidate: its own signature, not remembered.
+        if self._signatures is None:
+            raise RecordError(candidate.name, "signature", "the trusted keys are not loaded yet")
+        assert stable is not None  # a candidate always runs beside a stable version
+        self._signatures.check_candidate(candidate, stable)
+        if self._verifier is not None:
+            checked = self._verifier(candidate, stable)
+            if checked is not None:
+                await checked
+
+    def _prepare_candidate(self, plugin: Plugin, mode: str) -> ContextFactory:
+        """A shadow's contexts get a read-only ``ctx.db``; a canary's are the usual ones."""
+        if mode != "shadow":
+            plugin.caller = None
+            return self._dispatcher.make_context
+        readonly = ReadOnlyDatabase(self.database, self._shadow.refused_write(plugin.name))
+        caller = ShadowCaller(self._dispatcher, readonly)
+        plugin.caller = caller
+        return lambda version: Context(version, caller)
+
+    def shadow_counts(self) -> dict[str, dict[str, int]]:
+        """Shadow comparisons per plugin: ``{match, mismatch, candidate_error, dropped,
+        refused_writes}`` (counters since the host started)."""
+        return {name: dict(counts) for name, counts in self._shadow.counts.items()}
+
+    def _rollout_abort(self, live: LiveRollout, reason: str) -> None:
+        """A candidate broke its policy here: routing has stopped; record the abort.
+
+        Runs on the call's path, so it only logs and starts the write: the write is a
+        compare-and-set on the candidate's revision (``host.rollout.write_abort``), so
+        when several hosts detect the same candidate, one abort is recorded.
+        """
+        stats = live.stats(time.perf_counter())
+        self._events_bus.emit(
+            "rollout.auto_abort",
+            "warning",
+            plugin=live.name,
+            candidate=live.candidate.version,
+            revision=live.revision,
+            reason=reason,
+            stats=stats,
+            by=self.host_id,
+        )
+        if self._tg is not None:
+            self._tg.start_soon(self._write_abort, live, reason, stats, name="rollout abort")
+
+    async def _write_abort(self, live: LiveRollout, reason: str, stats: dict[str, Any]) -> None:
+        try:
+            recorded = await write_abort(
+                self.database[self.collection_name],
+                live.name,
+                live.revision,
+                reason=reason,
+                by=self.host_id,
+                stats=stats,
+            )
+        except Exception as exc:  # the host keeps not routing to it; say the write failed
+            self._events_bus.emit(
+                "rollout.abort_write_failed",
+                "error",
+                plugin=live.name,
+                candidate=live.candidate.version,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return
+        self._events_bus.emit(
+            "rollout.abort_written",
+            "debug",
+            plugin=live.name,
+            candidate=live.candidate.version,
+            recorded=recorded,
+        )
 
     @property
     def trusted_keys(self) -> TrustedKeys | None:
@@ -325,25 +418,56 @@ class PluginHost:
 
     # -- work ------------------------------------------------------------------------------
 
-    async def call(self, name: str, args: Args = None, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - per-call timeout is the public contract
-        """Call the current version of plugin ``name``.
+    async def call(
+        self,
+        name: str,
+        args: Args = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - per-call timeout is the public contract
+        version: str | None = None,
+        key: object = None,
+        served: list[str] | None = None,
+    ) -> Any:
+        """Call the current version of plugin ``name`` (or its rollout's candidate).
 
         Args:
             name: The plugin name.
             args: Passed to the entrypoint as ``args``.
             timeout: Seconds; overrides the record's and the host's default.
+            version: Pin a version: ``7``, ``r7``, ``greet@r7`` or ``greet@r7:3f9a1c2e``
+                (the stable version or the rollout's candidate).
+            key: Sticky routing key for a rollout (else the rollout's ``sticky_key``
+                field of ``args``): the same key gets the same version on every host.
+            served: If given, the version that serves the call is appended to it.
 
         Returns:
             What the entrypoint returned.
 
         Raises:
             PluginNotFound: No version of ``name`` is loaded.
+            VersionNotLive: ``version`` names no version this host holds.
             PluginTimeout: The call ran out of time.
             PluginFailed: The plugin raised; carries its traceback.
             PluginBusy: Too many calls are queued on the plugin.
             HostClosed: The host is shutting down.
         """
-        return await self._dispatcher.call(name, args, timeout=timeout)
+        if version is None and key is None and served is None:
+            return await self._dispatcher.call(name, args, timeout=timeout)
+        return await self._dispatcher.call(
+            name, args, timeout=timeout, version=version, key=key, served=served
+        )
+
+    def rollouts(self) -> dict[str, LiveRollout]:
+        """The rollouts running on this host, by plugin name (a snapshot)."""
+        return dict(self._registry.rollouts)
+
+    def rollout(self, name: str) -> LiveRollout | None:
+        """The rollout running for ``name`` on this host (routing state and statistics)."""
+        return self._registry.rollouts.get(name)
+
+    def candidate(self, name: str) -> Plugin | None:
+        """The rollout candidate of ``name`` this host holds, or None."""
+        return self._registry.candidate(name)
 
     def require(self, name: str) -> CallTarget:
         """A late-bound async callable: each call goes to the version current at that moment."""

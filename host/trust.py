@@ -488,6 +488,38 @@ class SignatureVerifier:
         Raises:
             RecordError: The record is refused; field ``signature``.
         """
+        self.check(record, current)
+
+    def check_candidate(self, candidate: PluginRecord, stable: PluginRecord) -> None:
+        """Accept or refuse a rollout's candidate (issue 16).
+
+        The candidate's signature must cover its own name, source, entrypoint and
+        revision, and the replay rules hold as for any record; but its revision is not
+        remembered as accepted, so the stable version (an older revision) may still be
+        reloaded after the candidate is aborted.
+
+        Args:
+            candidate: The candidate's record (``Rollout.candidate``).
+            stable: The record it runs beside.
+
+        Raises:
+            RecordError: The candidate is refused; field ``signature``.
+        """
+        self.check(candidate, stable, remember=False)
+
+    def check(
+        self, record: PluginRecord, current: PluginRecord | None, *, remember: bool = True
+    ) -> None:
+        """Accept ``record`` or raise; see the class docstring.
+
+        Args:
+            record: The validated record about to compile.
+            current: The serving version's record, if any.
+            remember: Raise the name's replay floor to this revision when accepted.
+
+        Raises:
+            RecordError: The record is refused; field ``signature``.
+        """
         try:
             kid = verify_signature(
                 self._trusted,
@@ -530,7 +562,8 @@ class SignatureVerifier:
                     revision=record.revision,
                     accepted_revision=floor[0],
                 )
-        self._accepted[record.name] = (record.revision, digest)
+        if remember:
+            self._accepted[record.name] = (record.revision, digest)
 
 
 def _digest(record: PluginRecord, revision: int) -> bytes:

@@ -188,6 +188,7 @@ async def test_dev_serves_and_syncs_saved_files(tmp_path: Path, daemons: list[Da
     out, err = daemon.output()
     assert "plugin.reloaded" in out
     assert "curl -s -X POST" in out
+    assert f"console: http://127.0.0.1:{http_port}/console" in out  # what `make run` prints
     assert "Traceback" not in err
 
 

@@ -209,6 +209,7 @@ async def test_failure_carries_the_plugin_traceback(registry: Registry) -> None:
             "version": plugin.version,
             "error_type": "ZeroDivisionError",
             "error": "division by zero",
+            "traceback": error.traceback,
         }
     ]
     assert await host.dispatcher.call("div", 2) == 0.5  # the host is unharmed

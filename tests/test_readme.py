@@ -54,3 +54,32 @@ def test_readme_example_runs(index: int, readme_uri: str, monkeypatch: pytest.Mo
             await client.close()
 
     asyncio.run(as_plugin())
+
+
+COMMANDS = re.findall(r"^\$ plugin-host (.+)$", README.read_text(), flags=re.M)
+
+
+def _parse_command_line(line: str) -> None:
+    """Parse ``plugin-host LINE`` as the CLI would, without running it (raises if wrong)."""
+    import shlex
+
+    import typer.core
+    import typer.main
+
+    from host.cli import app
+
+    group = typer.main.get_command(app)
+    assert isinstance(group, typer.core.TyperGroup)
+    args = shlex.split(line, comments=True)
+    name, command, rest = group.resolve_command(typer.Context(group), args)
+    assert command is not None and name is not None, line
+    command.make_context(name, rest)
+
+
+def test_readme_cli_commands_parse() -> None:
+    """Every `$ plugin-host ...` line of the README names a real command and real options."""
+    assert len(COMMANDS) >= 8
+    for line in COMMANDS:
+        _parse_command_line(line)
+    with pytest.raises(Exception, match="No such option: --stepz"):  # the check can fail
+        _parse_command_line("rollout greet --stepz 5,25")

@@ -21,7 +21,13 @@ from . import keys as keys
 from . import calls as calls
 
 # isort: split
+from . import rollouts as rollouts
+
+# isort: split
 from . import fleet as fleet
+
+# isort: split
+from . import triggers as triggers
 
 # isort: split
 from ._common import app as app

@@ -19,7 +19,7 @@ from ._common import _console, _errors, fail
 
 if TYPE_CHECKING:
     from ..fleet import StatusReporting
-    from ..fleetview import FleetWaitError, Progress, Target
+    from ..fleetview import Convergence, FleetWaitError, Progress, Target
 
 __all__ = (
     "FleetWait",
@@ -95,12 +95,16 @@ class FleetWait:
         timeout: Seconds to wait.
     """
 
-    def __init__(self, collection: str, timeout: float) -> None:
+    def __init__(self, collection: str, timeout: float, *, quiet: bool = False) -> None:
         self.collection = collection
         self.timeout = timeout
+        self.quiet = quiet  # --json: the caller prints the outcome; progress stays on stderr
 
-    async def __call__(self, db: Any, targets: list[Target]) -> None:
+    async def __call__(self, db: Any, targets: list[Target]) -> Convergence:
         """Wait (progress on stderr), then print how long the fleet took.
+
+        Returns:
+            How long the fleet took, and which hosts serve the targets.
 
         Raises:
             FleetRefused: A live host refused a target (see :func:`fleet_failed`).
@@ -125,16 +129,19 @@ class FleetWait:
             done = await wait_for_fleet(
                 db, targets, collection=self.collection, timeout=self.timeout, on_progress=show
             )
+        if self.quiet:
+            return done
         if len(targets) > 1:
             what = f"{len(targets)} plugins"
         elif targets[0].revision is not None:
-            what = f"{targets[0].name} r{targets[0].revision}"
+            what = targets[0].label
         else:
             what = f"without {targets[0].name}"
         _console.print(
             f"[green]converged[/] in {done.seconds * 1000:.0f} ms: "
             f"{len(done.hosts)}/{len(done.hosts)} hosts serving {what}"
         )
+        return done
 
 
 def fleet_failed(exc: FleetWaitError) -> typer.Exit:

@@ -20,7 +20,9 @@ from ._common import (
 )
 
 if TYPE_CHECKING:
-    from ..fleetview import FleetStatus, HostStatus
+    from collections.abc import Mapping
+
+    from ..fleetview import FleetStatus, HostStatus, PluginFleet
 
 __all__ = ("status",)
 
@@ -65,6 +67,57 @@ def _revision(revision: int | None, enabled: bool) -> str:
     return "disabled" if not enabled else "-"
 
 
+def _stats_line(label: str, stats: Mapping[str, Any]) -> str:
+    p99 = stats.get("p99_ms")
+    latency = f", p99 {p99:.1f} ms" if isinstance(p99, int | float) else ""
+    return (
+        f"{label}: {stats.get('calls', 0)} calls, {stats.get('failures', 0)} failures, "
+        f"{stats.get('timeouts', 0)} timeouts, error rate {100 * stats.get('error_rate', 0):.1f}%"
+        f"{latency}"
+    )
+
+
+def _rollout_lines(p: PluginFleet) -> list[str]:
+    """The rollout of one plugin, and how the last one ended: indented lines."""
+    from .rollouts import policy_text
+
+    lines: list[str] = []
+    r = p.rollout
+    if r is not None:
+        sticky = f", sticky on {r['sticky_key']}" if r.get("sticky_key") else ""
+        signed = ", signed" if r.get("signed") else ""
+        lines.append(
+            f"  rollout: {r['mode']} {r['version']} at {r['weight']:g}%{sticky}{signed}; "
+            f"{r['hosts_holding']}/{r['hosts_alive']} hosts hold it; "
+            f"{policy_text(r.get('policy') or {})}"
+        )
+        steps = r.get("steps")
+        if isinstance(steps, dict) and steps.get("weights"):
+            weights = ", ".join(f"{w:g}" for w in steps["weights"])
+            lines.append(
+                f"  steps: {weights} % every {steps.get('interval_s'):g} s, "
+                f"next at {steps.get('next_at')}"
+            )
+        stats = r["stats"]
+        lines.append("  " + _stats_line(f"stable    r{p.revision}", stats["stable"]))
+        lines.append("  " + _stats_line(f"candidate r{r['revision']}", stats["candidate"]))
+        lines.append(
+            f"  (summed over {stats['hosts']} hosts: counts add up, p99 is the highest host's)"
+        )
+        for refusal in r.get("refused") or ():
+            lines.append(
+                f"  refused candidate: {refusal['host']} r{refusal['revision']} at stage "
+                f"{refusal['stage']}: {refusal['error']}"
+            )
+    last = p.last_rollout
+    if last is not None:
+        lines.append(
+            f"  last rollout: r{last.get('revision')} {last.get('outcome')} by {last.get('by')} "
+            f"at {last.get('at')}: {last.get('reason')}"
+        )
+    return lines
+
+
 def _print_status_plain(view: FleetStatus) -> None:
     if not view.hosts:
         print(f"no host reports to {view.namespace}_hosts (run `plugin-host run`)")
@@ -79,6 +132,8 @@ def _print_status_plain(view: FleetStatus) -> None:
             print(f"  behind: {host} on {on}")
         for r in p.rejected:
             print(f"  refused: {r['host']} r{r['revision']} at stage {r['stage']}: {r['error']}")
+        for line in _rollout_lines(p):
+            print(line)
     for h in view.hosts:
         print(f"host {h.id} pid {h.pid} {_host_state(h)}, {len(h.plugins)} plugins")
     for h in view.late:
@@ -103,6 +158,14 @@ def _print_status_table(view: FleetStatus) -> None:
             "[green]yes[/]" if p.converged else "[yellow]no[/]",
         )
     _console.print(plugins)
+    from rich.markup import escape
+
+    for name, p in sorted(view.plugins.items()):
+        lines = _rollout_lines(p)
+        if lines:
+            _console.print(f"[bold]{escape(name)}[/]")
+            for line in lines:
+                _console.print(escape(line), highlight=False)
     if not view.hosts:
         _console.print(f"no host reports to {view.namespace}_hosts (run `plugin-host run`)")
         return

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -25,6 +26,7 @@ from ._common import (
     fail,
 )
 from ._fleet import FleetWait, Wait, WaitTimeout, fleet_failed
+from .rollouts import AsJson, Canary, MaxErrorRate, MaxP99Ms, MinCalls, Shadow, StickyKey
 
 if TYPE_CHECKING:
     from ..publish import Published, PublishError
@@ -53,20 +55,43 @@ def push(
     sign_key: SignKey = None,
     wait: Wait = False,
     wait_timeout: WaitTimeout = 60.0,
+    canary: Canary = None,
+    shadow: Shadow = None,
+    sticky_key: StickyKey = None,
+    max_error_rate: MaxErrorRate = None,
+    min_calls: MinCalls = None,
+    max_p99_ms: MaxP99Ms = None,
+    as_json: AsJson = False,
 ) -> None:
     """Publish a plugin file (or a folder of them) as a new revision (signed with --sign-key).
 
     With --wait: exit 0 once every live host serves it, 1 as soon as a host refuses it
     (naming the host, stage and error) or at --timeout (naming the hosts behind).
+
+    With --canary PERCENT or --shadow FRACTION: start a rollout instead; the file becomes
+    a candidate beside the stable version (see `rollout`, `promote`, `abort`).
     """
     from ..fleetview import FleetWaitError, Target
     from ..publish import PublishError, publish_file
     from ..trust import TrustError
 
-    fleet_wait = FleetWait(collection, wait_timeout) if wait else None
+    fleet_wait = FleetWait(collection, wait_timeout, quiet=as_json) if wait else None
+    rollout_options = (sticky_key, max_error_rate, min_calls, max_p99_ms)
+    if canary is not None and shadow is not None:
+        raise fail("give --canary or --shadow, not both", usage=True)
+    if canary is None and shadow is None and any(o is not None for o in rollout_options):
+        raise fail(
+            "--sticky-key, --max-error-rate, --min-calls and --max-p99-ms go with --canary",
+            "plugin-host push greet greet.py --canary 5 --max-error-rate 0.05",
+            usage=True,
+        )
     if directory is not None:
         if name is not None or file is not None:
             raise fail("give either NAME FILE or --dir DIR, not both", usage=True)
+        if canary is not None or shadow is not None:
+            raise fail("a rollout is for one plugin: push NAME FILE --canary P", usage=True)
+        if as_json:
+            raise fail("--json goes with push NAME FILE", usage=True)
         if not directory.is_dir():
             raise fail(f"folder {str(directory)!r} does not exist", usage=True)
         _push_dir(
@@ -90,6 +115,31 @@ def push(
         raise fail(
             f"file {str(file)!r} does not exist", "check the path (relative to here)", usage=True
         )
+    if canary is not None or shadow is not None:
+        from ..records import RolloutPolicy
+        from .rollouts import start_from_file
+
+        start_from_file(
+            name,
+            file,
+            canary=canary,
+            shadow=shadow,
+            sticky_key=sticky_key,
+            policy=RolloutPolicy(
+                max_error_rate=max_error_rate,
+                max_p99_ms=max_p99_ms,
+                **({"min_calls": min_calls} if min_calls is not None else {}),
+            ),
+            entrypoint=entrypoint,
+            uri=mongodb_uri,
+            database=database,
+            collection=collection,
+            timeout=connect_timeout,
+            sign_key=sign_key,
+            fleet_wait=fleet_wait,
+            as_json=as_json,
+        )
+        return
 
     async def job(db: Any) -> None:
         signer = await _load_signer(sign_key)
@@ -102,7 +152,20 @@ def push(
             force=force,
             sign=signer,
         )
-        if published.changed:
+        if as_json:
+            print(
+                json.dumps(
+                    {
+                        "name": name,
+                        "action": "published",
+                        "revision": published.revision,
+                        "changed": published.changed,
+                        "created": published.created,
+                    }
+                ),
+                flush=True,
+            )
+        elif published.changed:
             verb = "created" if published.created else "published"
             _console.print(f"[green]{verb}[/] {name} revision {published.revision}")
         else:

@@ -556,12 +556,14 @@ def _print_banner(url: str, mongo_uri: str, database: str, collection: str, fold
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold cyan")
     grid.add_column()
-    grid.add_row("HTTP", f"{url}  (GET /functions, /metrics, /readyz)")
+    grid.add_row("Console", f"{url}/console  (live plugins, fleet, rollouts, triggers, events)")
+    grid.add_row("HTTP", f"{url}  (GET /functions, /metrics, /readyz, /events)")
     grid.add_row("MongoDB", f"{mongo_uri}  (database {database}, collection {collection})")
     grid.add_row("Plugins", f"{shown}/  — every save is published and hot-swapped")
     _console.print(Panel(grid, title="plugin-host dev is ready", expand=False))
     body = json.dumps({"firstName": "Blain", "lastName": "Smith"})
-    # Plain print: a wrapped curl line would not paste.
+    # Plain print: a wrapped curl line (or URL) would not paste.
+    print(f"console: {url}/console", flush=True)
     print(
         f"curl -s -X POST {url}/functions/greet/call -H 'content-type: application/json' "
         f"-d '{body}'",

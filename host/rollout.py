@@ -1,0 +1,512 @@
+"""Progressive delivery on one host: routing between two live versions, and judging them.
+
+A record may carry a candidate beside its stable version (``rollout``, see
+:mod:`host.records`). The registry holds both compiled versions and one
+:class:`LiveRollout` per name that has a candidate; the dispatcher asks it which version
+serves each call and tells it how each call ended.
+
+Routing, per call (issue 16 item 2):
+
+* **pinned** — the caller names a version (``7``, ``r7``, ``greet@r7`` or
+  ``greet@r7:3f9a1c2e``): that version, or :class:`~host.errors.VersionNotLive`;
+* **sticky** — the call has a key (``X-Plugin-Key``, or ``args[sticky_key]``): the
+  candidate iff ``sticky_fraction(name, candidate revision, key) < weight / 100``. The
+  fraction depends only on the plugin, the candidate's revision and the key, so every
+  host routes a key alike, and raising the weight only moves keys from stable to
+  candidate;
+* **weighted** — otherwise the candidate with probability ``weight / 100``.
+
+Statistics (issue 16 item 4): :class:`VersionStats` is a ring of per-second buckets
+(calls, failures, timeouts, slow calls, a log-scale latency histogram) with running
+totals over the window, so recording a call and judging the policy are O(1); reading a
+percentile scans the histogram (only for reports and abort reasons).
+
+INVARIANT (loop thread only, no await inside any method): once :meth:`LiveRollout.abort`
+has run, ``routing`` is False and ``choose`` returns the stable version for every
+unpinned call; nothing sets it back (a new candidate is a new ``LiveRollout``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from .errors import VersionNotLive
+from .plugin import Plugin
+from .records import PluginRecord, Rollout
+
+__all__ = (
+    "FAILED",
+    "OK",
+    "STABLE_SAMPLE",
+    "TIMEOUT",
+    "LiveRollout",
+    "VersionStats",
+    "matches_version",
+    "pick_version",
+    "sticky_fraction",
+    "write_abort",
+)
+
+OK, FAILED, TIMEOUT = 0, 1, 2
+"""How a call ended, for :meth:`VersionStats.record`."""
+
+STABLE_SAMPLE = 8
+"""One successful stable call in this many is recorded (weighted); see ``LiveRollout.record``."""
+
+_HIST_MIN_MS = 0.01
+_HIST_STEPS_PER_DOUBLING = 4  # buckets ~19% wide
+_HIST_SIZE = 100  # 0.01 ms .. ~330 s
+_LOG_SCALE = _HIST_STEPS_PER_DOUBLING / math.log(2.0)
+_INV_MIN = 1.0 / _HIST_MIN_MS
+_ZEROS = [0] * _HIST_SIZE
+_log = math.log
+_now = time.perf_counter
+
+
+def _upper_ms(index: int) -> float:
+    return float(_HIST_MIN_MS * 2.0 ** (index / _HIST_STEPS_PER_DOUBLING))
+
+
+def sticky_fraction(name: str, revision: int, key: object) -> float:
+    """Where a key falls in [0, 1) for a candidate: the same on every host.
+
+    The first 8 bytes of the SHA-256 of the compact UTF-8 JSON array
+    ``[name, revision, str(key)]``, as a fraction of 2**64 (the rollout contract).
+
+    Args:
+        name: The plugin name.
+        revision: The candidate's revision.
+        key: The routing key (any value; ``str()`` of it is hashed).
+
+    Returns:
+        The fraction; the candidate serves the key iff it is below ``weight / 100``.
+    """
+    data = json.dumps([name, revision, str(key)], ensure_ascii=False, separators=(",", ":"))
+    digest = hashlib.sha256(data.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / _TWO_64
+
+
+_TWO_64 = 2.0**64
+_PLAIN_KEY = re.compile(r"[ !#-\[\]-~]*")  # printable ASCII but '"' and '\\': JSON as-is
+_STICKY_CACHE_SIZE = 4096
+
+
+class _StickyRouter:
+    """``sticky_fraction`` for one (name, revision), with a bounded memo of recent keys.
+
+    The same bytes as :func:`sticky_fraction`: plugin names need no JSON escaping, and a
+    key of printable ASCII without quote or backslash neither; other keys go through
+    ``json.dumps``.
+    """
+
+    __slots__ = ("_memo", "_name", "_prefix", "_revision")
+
+    def __init__(self, name: str, revision: int) -> None:
+        self._name = name
+        self._revision = revision
+        self._prefix = json.dumps([name, revision], separators=(",", ":"))[:-1] + ',"'
+        self._memo: dict[object, float] = {}
+
+    def fraction(self, key: object) -> float:
+        memo = self._memo
+        value = memo.get(key) if isinstance(key, str) else None
+        if value is not None:
+            return value
+        text = str(key)
+        if _PLAIN_KEY.fullmatch(text):
+            data = (self._prefix + text + '"]').encode("ascii")
+            value = int.from_bytes(hashlib.sha256(data).digest()[:8], "big") / _TWO_64
+        else:
+            value = sticky_fraction(self._name, self._revision, key)
+        if isinstance(key, str):
+            if len(memo) >= _STICKY_CACHE_SIZE:
+                memo.clear()
+            memo[key] = value
+        return value
+
+
+def matches_version(wanted: str, plugin: Plugin) -> bool:
+    """Tell whether a pinned version (``7``, ``r7``, ``greet@r7``, full) names ``plugin``."""
+    record = plugin.record
+    if wanted == record.version:
+        return True
+    rest = wanted
+    prefix = record.name + "@"
+    if rest.startswith(prefix):
+        rest = rest[len(prefix) :]
+    if rest.startswith("r"):
+        rest = rest[1:]
+    return rest.isdigit() and len(rest) < 20 and int(rest) == record.revision
+
+
+def pick_version(name: str, wanted: str, stable: Plugin, live: LiveRollout | None) -> Plugin:
+    """The version a pinned call runs on.
+
+    Args:
+        name: The plugin name.
+        wanted: What the caller asked for.
+        stable: The stable version.
+        live: The rollout, if one runs (its candidate may be pinned, even at weight 0 or
+            after an automatic abort, until the record drops it).
+
+    Returns:
+        The version.
+
+    Raises:
+        VersionNotLive: Neither version matches; the error names both.
+    """
+    if matches_version(wanted, stable):
+        return stable
+    if live is not None and matches_version(wanted, live.candidate):
+        return live.candidate
+    held = [stable.version]
+    if live is not None:
+        held.append(f"{live.candidate.version} ({live.mode} candidate)")
+    raise VersionNotLive(name, wanted, held)
+
+
+class VersionStats:
+    """Sliding-window statistics of one live version (see the module docstring).
+
+    Per-second buckets in parallel lists (calls, failures, timeouts, slow calls, a latency
+    histogram), plus running totals of the counters over the window; the histogram is
+    summed over the buckets only when a percentile is read (reports, abort reasons).
+
+    Args:
+        window_s: The window, rounded up to whole seconds.
+        slow_ms: Calls slower than this count as slow (the policy's ``max_p99_ms``).
+        now: The current monotonic time (``time.perf_counter()``).
+    """
+
+    __slots__ = (
+        "_calls",
+        "_failures",
+        "_hist",
+        "_second",
+        "_slot",
+        "_slow",
+        "_timeouts",
+        "calls",
+        "failures",
+        "size",
+        "slow",
+        "slow_ms",
+        "timeouts",
+    )
+
+    def __init__(self, window_s: float, slow_ms: float, now: float) -> None:
+        self.size = size = max(1, math.ceil(window_s))
+        self._calls = [0] * size
+        self._failures = [0] * size
+        self._timeouts = [0] * size
+        self._slow = [0] * size
+        self._hist = [[0] * _HIST_SIZE for _ in range(size)]
+        self._second = int(now)
+        self._slot = self._second % size
+        self.calls = self.failures = self.timeouts = self.slow = 0
+        self.slow_ms = slow_ms
+
+    def _advance(self, second: int) -> None:
+        """Expire the buckets older than the window (they leave the running totals)."""
+        size = self.size
+        for k in range(1, min(second - self._second, size) + 1):
+            i = (self._second + k) % size
+            if self._calls[i]:
+                self.calls -= self._calls[i]
+                self.failures -= self._failures[i]
+                self.timeouts -= self._timeouts[i]
+                self.slow -= self._slow[i]
+                self._calls[i] = self._failures[i] = self._timeouts[i] = self._slow[i] = 0
+                self._hist[i][:] = _ZEROS
+        if second > self._second:
+            self._second = second
+            self._slot = second % size
+
+    def record(self, outcome: int, elapsed: float, now: float, weight: int = 1) -> None:
+        """Count one call (hot path while a rollout runs: a few list increments).
+
+        Args:
+            outcome: ``OK``, ``FAILED`` or ``TIMEOUT``.
+            elapsed: Its duration in seconds.
+            now: When it ended (``time.perf_counter()``).
+            weight: How many calls it stands for (a sampled successful stable call).
+        """
+        second = int(now)
+        if second != self._second:
+            self._advance(second)
+        i = self._slot
+        self._calls[i] += weight
+        self.calls += weight
+        if outcome:
+            if outcome == FAILED:
+                self._failures[i] += 1
+                self.failures += 1
+            else:
+                self._timeouts[i] += 1
+                self.timeouts += 1
+        ms = elapsed * 1000.0
+        if ms > self.slow_ms:
+            self._slow[i] += weight
+            self.slow += weight
+        if ms > _HIST_MIN_MS:
+            index = int(_log(ms * _INV_MIN) * _LOG_SCALE) + 1
+            self._hist[i][index if index < _HIST_SIZE else _HIST_SIZE - 1] += weight
+        else:
+            self._hist[i][0] += weight
+
+    @property
+    def hist(self) -> list[int]:
+        """The latency histogram over the window (summed over the buckets)."""
+        return [sum(column) for column in zip(*self._hist, strict=True)]
+
+    @property
+    def error_rate(self) -> float:
+        """Failures and timeouts over calls in the window (0 with no calls)."""
+        return (self.failures + self.timeouts) / self.calls if self.calls else 0.0
+
+    def percentile_ms(self, q: float) -> float | None:
+        """The ``q`` quantile (0..1) of the window's latencies, as a bucket's upper bound."""
+        if not self.calls:
+            return None
+        rank = max(1, math.ceil(q * self.calls))
+        seen = 0
+        for index, count in enumerate(self.hist):
+            seen += count
+            if seen >= rank:
+                return round(_upper_ms(index), 3)
+        return round(_upper_ms(_HIST_SIZE - 1), 3)  # pragma: no cover - counts add up
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """The contract's ``<Stats>`` over the window.
+
+        Returns:
+            ``{calls, failures, timeouts, error_rate, p50_ms, p99_ms}``.
+        """
+        if int(now) > self._second:
+            self._advance(int(now))
+        return {
+            "calls": self.calls,
+            "failures": self.failures,
+            "timeouts": self.timeouts,
+            "error_rate": round(self.error_rate, 4),
+            "p50_ms": self.percentile_ms(0.50),
+            "p99_ms": self.percentile_ms(0.99),
+        }
+
+
+class LiveRollout:
+    """The routing state and statistics of one running rollout on this host.
+
+    Args:
+        spec: The record's rollout.
+        candidate: The candidate's compiled, installed version.
+        now: The current monotonic time (``time.perf_counter()``).
+    """
+
+    __slots__ = (
+        "_skipped",
+        "abort_reason",
+        "candidate",
+        "candidate_stats",
+        "mirror",
+        "routing",
+        "spec",
+        "stable_stats",
+        "sticky",
+        "sticky_key",
+        "threshold",
+    )
+
+    def __init__(self, spec: Rollout, candidate: Plugin, now: float) -> None:
+        self.candidate = candidate
+        window = spec.policy.window_s
+        slow = spec.policy.max_p99_ms if spec.policy.max_p99_ms is not None else math.inf
+        self.stable_stats = VersionStats(window, slow, now)
+        self.candidate_stats = VersionStats(window, slow, now)
+        self.abort_reason: str | None = None
+        self._skipped = 0
+        self.spec = spec
+        self.routing = False
+        self.mirror = False
+        self.threshold = 0.0
+        self.sticky_key: str | None = None
+        self.sticky = _StickyRouter(candidate.name, spec.revision)
+        self.update(spec)
+
+    @property
+    def name(self) -> str:
+        """The plugin name."""
+        return self.candidate.name
+
+    @property
+    def mode(self) -> str:
+        """``canary`` or ``shadow``."""
+        return self.spec.mode
+
+    @property
+    def revision(self) -> int:
+        """The candidate's revision."""
+        return self.spec.revision
+
+    def update(self, spec: Rollout) -> None:
+        """Take a new weight, mode, sticky key or policy of the same candidate."""
+        self.spec = spec
+        self.threshold = spec.weight / 100.0
+        self.sticky_key = spec.sticky_key
+        active = self.abort_reason is None and self.threshold > 0.0
+        self.routing = active and spec.mode == "canary"
+        self.mirror = active and spec.mode == "shadow"
+
+    def choose(self, stable: Plugin, args: Any, key: object) -> Plugin:
+        """The version an unpinned call runs on (sticky, else weighted)."""
+        if not self.routing:
+            return stable
+        if key is None and self.sticky_key is not None and isinstance(args, dict):
+            key = args.get(self.sticky_key)
+        chosen = self.sticky.fraction(key) if key is not None else random.random()
+        return self.candidate if chosen < self.threshold else stable
+
+    def record(self, plugin: Plugin, outcome: int, started: float) -> str | None:
+        """Count a call of either version; judge the candidate's policy.
+
+        Args:
+            plugin: The version that served the call.
+            outcome: ``OK``, ``FAILED`` or ``TIMEOUT``.
+            started: When it started (``time.perf_counter()``).
+
+        Returns:
+            Why the candidate must be aborted, the first time it breaks its policy
+            (routing has then already stopped); else None.
+        """
+        if plugin is not self.candidate:
+            # The stable serves most calls: its successes are sampled, one in
+            # STABLE_SAMPLE counted with that weight (failures and timeouts all, with
+            # weight 1), so its error rate and latencies stay unbiased estimates.
+            weight = 1
+            if outcome == OK:
+                self._skipped += 1
+                if self._skipped < STABLE_SAMPLE:
+                    return None
+                self._skipped = 0
+                weight = STABLE_SAMPLE
+            now = _now()
+            self.stable_stats.record(outcome, now - started, now, weight)
+            return None
+        now = _now()
+        stats = self.candidate_stats
+        stats.record(outcome, now - started, now)
+        policy = self.spec.policy
+        if self.abort_reason is not None or stats.calls < policy.min_calls:
+            return None
+        reason = None
+        if policy.max_error_rate is not None:
+            rate = stats.error_rate
+            stable_rate = self.stable_stats.error_rate
+            if rate > policy.max_error_rate and rate > stable_rate:
+                reason = (
+                    f"error rate {rate:.2f} > {policy.max_error_rate:.2f} after "
+                    f"{stats.calls} calls (stable {stable_rate:.2f})"
+                )
+        if reason is None and policy.max_p99_ms is not None and stats.slow * 100 > stats.calls:
+            reason = (
+                f"p99 {stats.percentile_ms(0.99)} ms > {policy.max_p99_ms:g} ms after "
+                f"{stats.calls} calls ({stats.slow} slower than {policy.max_p99_ms:g} ms)"
+            )
+        if reason is not None:
+            self.abort(reason)
+        return reason
+
+    def abort(self, reason: str) -> None:
+        """Stop routing and mirroring to the candidate at once (see the INVARIANT)."""
+        if self.abort_reason is None:
+            self.abort_reason = reason
+        self.routing = False
+        self.mirror = False
+
+    def stats(self, now: float) -> dict[str, Any]:
+        """``{stable: <Stats>, candidate: <Stats>}`` over the window."""
+        return {
+            "stable": self.stable_stats.snapshot(now),
+            "candidate": self.candidate_stats.snapshot(now),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """``{version, revision, mode, weight}`` for the hosts document."""
+        return {
+            "version": self.candidate.version,
+            "revision": self.spec.revision,
+            "mode": self.spec.mode,
+            "weight": self.spec.weight,
+        }
+
+
+AbortHandler = Callable[[LiveRollout, str], None]
+"""Called by the dispatcher when a host-side abort decision is taken (see runtime)."""
+
+
+async def write_abort(
+    collection: Any,
+    name: str,
+    revision: int,
+    *,
+    reason: str,
+    by: str,
+    stats: Mapping[str, Any] | None = None,
+) -> bool:
+    """Record the abort of candidate ``revision`` of ``name``: the contract's compare-and-set.
+
+    ``update_one({_id, "rollout.revision": R}, {$unset: rollout, $set: last_rollout})``:
+    of several writers aborting the same candidate (hosts that detected it, operators),
+    exactly one modifies the record; every host follows it through its change stream.
+    (``host.publish.abort_rollout`` is the public operation; the runtime calls this, as
+    it may not import the publishing tools.)
+
+    Args:
+        collection: The functions collection (async PyMongo).
+        name: The plugin name.
+        revision: The candidate's revision.
+        reason: Why, e.g. ``error rate 1.00 > 0.05 after 20 calls (stable 0.00)``.
+        by: Who: a host id (an automatic abort) or ``cli``/a user.
+        stats: ``{stable: <Stats>, candidate: <Stats>}`` at the time of the abort.
+
+    Returns:
+        True iff this call recorded the abort.
+    """
+    doc = await collection.find_one({"_id": name, "rollout.revision": revision}, {"rollout": 1})
+    rollout = doc.get("rollout") if doc is not None else None
+    if not isinstance(rollout, Mapping):
+        return False  # already ended (or never this revision)
+    version = None
+    source, entrypoint = rollout.get("source"), rollout.get("entrypoint")
+    if isinstance(source, str):
+        version = PluginRecord(
+            name, source, entrypoint if isinstance(entrypoint, str) else "main", revision=revision
+        ).version
+    now = datetime.now(UTC)
+    result = await collection.update_one(
+        {"_id": name, "rollout.revision": revision},
+        {
+            "$unset": {"rollout": ""},
+            "$set": {
+                "updatedAt": now,
+                "last_rollout": {
+                    "revision": revision,
+                    "version": version,
+                    "outcome": "aborted",
+                    "reason": reason,
+                    "by": by,
+                    "at": now,
+                    "stats": dict(stats) if stats is not None else None,
+                },
+            },
+        },
+    )
+    return bool(result.modified_count == 1)

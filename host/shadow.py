@@ -1,0 +1,351 @@
+"""Shadow runs (issue 16 item 5): mirror a sample of calls to a candidate that serves no one.
+
+Design note — off the caller's path, bounded, side-effect free:
+
+* The dispatcher hands a sampled call to :meth:`ShadowRunner.offer` *after* the stable
+  version answered (the caller's result is already computed). ``offer`` only appends
+  ``(rollout, args, result)`` to a bounded queue and wakes an idle worker; when the queue
+  is full the mirror is dropped and counted (``dropped``), so a slow candidate can never
+  slow callers down or grow memory.
+* A fixed pool of worker tasks (the concurrency bound), started in the host's task group
+  with no plugin in their context, runs each mirror as a pinned call of the candidate
+  under its own timeout, then compares the two results as canonical JSON. Counters per
+  plugin: ``match``, ``mismatch``, ``candidate_error``, ``dropped``, ``refused_writes``.
+* A ``shadow.mismatch`` event is sampled (at most one per plugin per
+  ``mismatch_interval`` seconds) and size-bounded (both results cut to
+  ``max_event_chars``).
+* A shadow's ``ctx.db`` is a :class:`ReadOnlyDatabase`: reads pass through, any write
+  raises :class:`ShadowWriteRefused` and is counted as a refused side effect. It guards
+  against accidental writes through the handle the host gives; it is not a sandbox
+  (plugin code runs in-process and could open its own client).
+
+INVARIANT: at most ``workers`` mirrors run at once and at most ``queue_size`` wait; the
+counters only grow, and are touched on the loop thread only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from .errors import PluginHostError
+from .events import EventBus
+from .rollout import LiveRollout
+from .types import Args, CallTarget
+
+if TYPE_CHECKING:
+    from .dispatch import Dispatcher
+
+_Mirror = tuple[LiveRollout, Any, Any]
+
+__all__ = (
+    "SHADOW_OUTCOMES",
+    "ReadOnlyDatabase",
+    "ShadowCaller",
+    "ShadowRunner",
+    "ShadowWriteRefused",
+)
+
+SHADOW_OUTCOMES = ("match", "mismatch", "candidate_error", "dropped", "refused_writes")
+
+_READ_METHODS = frozenset(
+    {
+        "find",
+        "find_one",
+        "find_raw_batches",
+        "count_documents",
+        "estimated_document_count",
+        "distinct",
+        "list_indexes",
+        "index_information",
+        "options",
+        "watch",
+        "name",
+        "full_name",
+        "codec_options",
+        "read_preference",
+        "read_concern",
+        "write_concern",
+    }
+)
+_READ_COMMANDS = frozenset(
+    {"ping", "buildinfo", "listcollections", "dbstats", "collstats", "count", "distinct", "find"}
+)
+
+
+class ShadowWriteRefused(PluginHostError, PermissionError):
+    """A shadow candidate tried to write through ``ctx.db``; shadows must not change data.
+
+    Attributes:
+        operation: What it tried, e.g. ``users.insert_one``.
+    """
+
+    def __init__(self, operation: str) -> None:
+        super().__init__(
+            f"{operation} refused: this version runs as a shadow (a mirror of real calls), "
+            "and a shadow's ctx.db is read-only"
+        )
+        self.operation = operation
+
+
+class _ReadOnlyCollection:
+    """A collection whose read methods pass through; every other method refuses."""
+
+    __slots__ = ("_coll", "_refused")
+
+    def __init__(self, coll: Any, refused: Callable[[str], None]) -> None:
+        self._coll = coll
+        self._refused = refused
+
+    def aggregate(self, pipeline: Any, *args: Any, **kwargs: Any) -> Any:
+        """``aggregate`` without ``$out``/``$merge`` stages (those write)."""
+        for stage in pipeline or ():
+            if isinstance(stage, Mapping) and ({"$out", "$merge"} & set(stage)):
+                self._refuse(f"{self._coll.name}.aggregate with $out/$merge")
+        return self._coll.aggregate(pipeline, *args, **kwargs)
+
+    def _refuse(self, operation: str) -> None:
+        self._refused(operation)
+        raise ShadowWriteRefused(operation)
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr in _READ_METHODS:
+            return getattr(self._coll, attr)
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        value = getattr(self._coll, attr)
+        if callable(value) and not hasattr(value, "find"):  # a method, not a sub-collection
+            operation = f"{self._coll.name}.{attr}"
+
+            def refuse(*_args: Any, **_kwargs: Any) -> Any:
+                self._refuse(operation)
+
+            return refuse
+        return _ReadOnlyCollection(value, self._refused)  # db.a.b: a sub-collection
+
+    def __getitem__(self, name: str) -> _ReadOnlyCollection:
+        return _ReadOnlyCollection(self._coll[name], self._refused)
+
+
+class ReadOnlyDatabase:
+    """The ``ctx.db`` of a shadow: reads pass through, writes raise ``ShadowWriteRefused``.
+
+    Args:
+        db: The host's database.
+        refused: Called with the operation's name for each refused write.
+    """
+
+    __slots__ = ("_db", "_refused")
+
+    def __init__(self, db: Any, refused: Callable[[str], None]) -> None:
+        self._db = db
+        self._refused = refused
+
+    @property
+    def name(self) -> str:
+        """The database name."""
+        return str(self._db.name)
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        if attr in ("list_collection_names", "list_collections", "get_collection"):
+            if attr == "get_collection":
+                return lambda name, *a, **k: _ReadOnlyCollection(
+                    self._db.get_collection(name, *a, **k), self._refused
+                )
+            return getattr(self._db, attr)
+        if attr == "command":
+            return self._command
+        if attr in ("client", "drop_collection", "create_collection", "dereference"):
+            return self._refusing(f"db.{attr}")
+        return _ReadOnlyCollection(self._db[attr], self._refused)
+
+    def __getitem__(self, name: str) -> _ReadOnlyCollection:
+        return _ReadOnlyCollection(self._db[name], self._refused)
+
+    def _refusing(self, operation: str) -> Callable[..., Any]:
+        def refuse(*_args: Any, **_kwargs: Any) -> Any:
+            self._refused(operation)
+            raise ShadowWriteRefused(operation)
+
+        return refuse
+
+    async def _command(self, command: Any, *args: Any, **kwargs: Any) -> Any:
+        name = command if isinstance(command, str) else next(iter(command), "")
+        if str(name).lower() not in _READ_COMMANDS:
+            self._refused(f"db.command({name!r})")
+            raise ShadowWriteRefused(f"db.command({name!r})")
+        return await self._db.command(command, *args, **kwargs)
+
+
+class ShadowCaller:
+    """The ``Caller`` of a shadow's contexts: the dispatcher, with a read-only ``db``.
+
+    Plugin-to-plugin calls from a shadow go to the other plugins as usual (their own
+    ``ctx.db`` is theirs): only the shadow's own handle is read-only.
+
+    Args:
+        dispatcher: The host's dispatcher.
+        db: The shadow's read-only database.
+    """
+
+    __slots__ = ("_dispatcher", "db")
+
+    def __init__(self, dispatcher: Dispatcher, db: ReadOnlyDatabase) -> None:
+        self._dispatcher = dispatcher
+        self.db = db
+
+    @property
+    def globals(self) -> Mapping[str, Any]:
+        """Host globals exposed as attributes of ``ctx``."""
+        return self._dispatcher.globals
+
+    async def call(self, name: str, args: Args, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - per-call timeout is the public contract
+        """Call the current version of plugin ``name``."""
+        return await self._dispatcher.call(name, args, timeout=timeout)
+
+    def require(self, name: str) -> CallTarget:
+        """Return a late-bound handle on plugin ``name``."""
+        return self._dispatcher.require(name)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=repr, separators=(",", ":"))
+
+
+class ShadowRunner:
+    """Runs sampled mirror calls of shadow candidates (see the module docstring).
+
+    Args:
+        dispatcher: Runs the mirrored (pinned) calls.
+        events: Where ``shadow.mismatch`` goes.
+        workers: Mirrors running at once at most.
+        queue_size: Mirrors waiting at most (more are dropped, counted).
+        timeout: Each mirror's own timeout, in seconds.
+        mismatch_interval: At most one ``shadow.mismatch`` event per plugin this often.
+        max_event_chars: Each result in the event is cut to this many characters.
+    """
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        events: EventBus,
+        *,
+        workers: int = 4,
+        queue_size: int = 256,
+        timeout: float = 10.0,
+        mismatch_interval: float = 1.0,
+        max_event_chars: int = 2000,
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._events = events
+        self._workers = workers
+        self._timeout = timeout
+        self._interval = mismatch_interval
+        self._max_chars = max_event_chars
+        self._queue_size = queue_size
+        # INVARIANT: a worker is in _idle only while it waits for work, and then the
+        # queue is empty; offer() wakes one idle worker per mirror it queues.
+        self._queue: deque[_Mirror] = deque()
+        self._idle: list[anyio.Event] = []
+        self._running = False
+        self._last_event: dict[str, float] = {}
+        self.counts: dict[str, dict[str, int]] = {}
+        """``{plugin: {match, mismatch, candidate_error, dropped, refused_writes}}``."""
+        self._started = False
+
+    def start(self, task_group: TaskGroup) -> None:
+        """Start the worker pool in ``task_group`` (the host's; no plugin in context)."""
+        if self._started:
+            return
+        self._started = self._running = True
+        for i in range(self._workers):
+            task_group.start_soon(self._work, name=f"shadow worker {i}")
+
+    def _count(self, name: str, outcome: str) -> None:
+        counts = self.counts.get(name)
+        if counts is None:
+            counts = self.counts[name] = dict.fromkeys(SHADOW_OUTCOMES, 0)
+        counts[outcome] += 1
+
+    def refused_write(self, name: str) -> Callable[[str], None]:
+        """The ``refused`` callback of plugin ``name``'s :class:`ReadOnlyDatabase`."""
+        return lambda _operation: self._count(name, "refused_writes")
+
+    def offer(self, live: LiveRollout, args: Any, result: Any) -> None:
+        """Maybe mirror a call the stable version answered (the sampling happens here)."""
+        if random.random() >= live.threshold:
+            return
+        if not self._running or len(self._queue) >= self._queue_size:
+            self._count(live.name, "dropped")
+            return
+        self._queue.append((live, args, result))
+        if self._idle:
+            self._idle.pop().set()
+
+    async def _work(self) -> None:
+        # A plain deque and one event per idle worker: a memory object stream's hand-off
+        # costs tens of µs per item under asyncio, a loop-time cost every mirror pays.
+        queue = self._queue
+        try:
+            while True:
+                while queue:
+                    await self._mirror(*queue.popleft())
+                wake = anyio.Event()
+                self._idle.append(wake)
+                await wake.wait()
+        finally:
+            self._running = False
+            self._queue.clear()
+
+    async def _mirror(self, live: LiveRollout, args: Any, expected: Any) -> None:
+        name = live.name
+        if not live.mirror:  # aborted or promoted while queued
+            return
+        try:
+            got = await self._dispatcher.call(
+                name, args, version=live.candidate.version, timeout=self._timeout
+            )
+        except Exception as exc:  # PluginFailed, PluginTimeout, VersionNotLive...
+            self._count(name, "candidate_error")
+            del exc
+            return
+        try:
+            same = _canonical(got) == _canonical(expected)
+        except (TypeError, ValueError, RecursionError):
+            same = False
+        if same:
+            self._count(name, "match")
+            return
+        self._count(name, "mismatch")
+        now = time.monotonic()
+        if now - self._last_event.get(name, -math.inf) >= self._interval:
+            self._last_event[name] = now
+            self._events.emit(
+                "shadow.mismatch",
+                "warning",
+                plugin=name,
+                stable=self._cut(expected),
+                candidate=self._cut(got),
+                candidate_version=live.candidate.version,
+                args=self._cut(args),
+                mismatches=self.counts[name]["mismatch"],
+            )
+
+    def _cut(self, value: Any) -> str:
+        try:
+            text = _canonical(value)
+        except (TypeError, ValueError, RecursionError) as exc:
+            text = f"<not JSON: {type(exc).__name__}>"
+        if len(text) > self._max_chars:
+            text = f"{text[: self._max_chars]}...(+{len(text) - self._max_chars} chars)"
+        return text

@@ -1,0 +1,99 @@
+"""Shadow runs (issue 16 item 5): mirrored calls, JSON comparison, a read-only ctx.db."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from host import PluginHost
+from host.metrics import Metrics
+from host.publish import publish
+from tests.support import Db, next_event, wait_until
+
+from .rollout_support import promote, start
+
+pytestmark = pytest.mark.anyio
+
+STABLE = "async def main(ctx, args):\n    return {'x': args['x']}\n"
+SHADOW = """
+async def main(ctx, args):
+    try:
+        await ctx.db.audit.insert_one({"x": args["x"]})
+    except PermissionError:
+        pass
+    await ctx.db.audit.count_documents({})  # reads pass through
+    x = args["x"]
+    return {"x": x if x % 2 == 0 else -x}
+"""
+RAISING_SHADOW = "async def main(ctx, args):\n    raise ValueError('shadow bug')\n"
+
+
+async def test_shadow_never_writes_and_counts_mismatches(db: Db) -> None:
+    """A 100% shadow serves no caller; its writes are refused and counted, and its results
+    are compared with the stable's: matches, mismatches and a sampled, bounded event."""
+    await publish(db, "p", STABLE)
+    async with PluginHost(db) as host, host.events() as events:
+        revision = await start(db, "p", SHADOW, weight=100, mode="shadow")
+        await next_event(events, "rollout.started")
+        stable = host.current("p")
+        assert stable is not None
+        for x in range(40):
+            served: list[str] = []
+            assert await host.call("p", {"x": x}, served=served) == {"x": x}
+            assert served == [stable.version]
+
+        def compared() -> bool:
+            counts = host.shadow_counts().get("p", {})
+            return counts.get("match", 0) + counts.get("mismatch", 0) == 40
+
+        await wait_until(compared, "all 40 mirrors are compared")
+        counts = host.shadow_counts()["p"]
+        assert counts["match"] == 20 and counts["mismatch"] == 20
+        assert counts["refused_writes"] == 40 and counts["candidate_error"] == 0
+        assert await db.audit.count_documents({}) == 0
+        mismatch = await next_event(events, "shadow.mismatch")
+        stable_x = json.loads(mismatch["stable"])["x"]
+        assert stable_x % 2 == 1 and json.loads(mismatch["candidate"]) == {"x": -stable_x}
+        assert mismatch["args"] == json.dumps({"x": stable_x}, separators=(",", ":"))
+        assert mismatch["candidate_version"].startswith(f"p@r{revision}:")
+        live = host.rollout("p")
+        assert live is not None and live.candidate_stats.calls == 40
+
+        metrics = Metrics(process=False)
+        metrics.shadow = host.shadow_counts
+        text = metrics.render()
+        assert 'plugin_host_shadow_calls_total{outcome="mismatch",plugin="p"} 20.0' in text
+        assert 'plugin_host_shadow_refused_writes_total{plugin="p"} 40.0' in text
+
+
+async def test_shadow_errors_are_counted_and_promoted_shadow_can_write(db: Db) -> None:
+    """A failing shadow counts candidate errors; a promoted shadow gets the real ctx.db."""
+    writer = (
+        "async def main(ctx, args):\n"
+        "    await ctx.db.audit.insert_one({'x': args})\n"
+        "    return args\n"
+    )
+    await publish(db, "p", "async def main(ctx, args):\n    return args\n")
+    await publish(db, "q", "async def main(ctx, args):\n    return args\n")
+    async with PluginHost(db) as host, host.events() as events:
+        await start(db, "q", RAISING_SHADOW, weight=100, mode="shadow")
+        await next_event(events, "rollout.started")
+        for x in range(10):
+            assert await host.call("q", x) == x
+        await wait_until(
+            lambda: host.shadow_counts().get("q", {}).get("candidate_error") == 10,
+            "the shadow's failures are counted",
+        )
+        revision = await start(db, "p", writer, weight=100, mode="shadow")
+        await next_event(events, "rollout.started", lambda e: e["plugin"] == "p")
+        assert await host.call("p", 1) == 1
+        await wait_until(
+            lambda: host.shadow_counts().get("p", {}).get("candidate_error") == 1,
+            "the refused write fails the mirrored call",
+        )
+        assert await db.audit.count_documents({}) == 0
+        assert await promote(db, "p", revision)
+        await next_event(events, "rollout.promoted", lambda e: e["plugin"] == "p")
+        assert await host.call("p", 2) == 2
+        assert await db.audit.count_documents({"x": 2}) == 1
