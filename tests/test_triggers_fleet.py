@@ -1,4 +1,4 @@
-"""Triggers across hosts (several PluginHosts in one process): leases, takeover, hand-over, spread."""
+"""Triggers across hosts (several PluginHosts in one process): lease, takeover, spread."""
 
 from __future__ import annotations
 
