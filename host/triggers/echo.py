@@ -8,7 +8,7 @@ run) when the same document's events keep arriving with a ``wallTime`` inside th
 the handler of the previous event of that document, ``threshold`` times in a row. That
 is the signature of ``on_change`` updating its own document: each write happens while
 the handler runs, and causes the next event. Atlas warns about the same recursion
-(https://www.mongodb.com/docs/atlas/atlas-ui/triggers/database-triggers/).
+(https://mongodb.com/docs/atlas/atlas-ui/triggers).
 
 Limits, stated: the test compares the server's ``wallTime`` with this host's clock (a
 skew of more than a few milliseconds hides or fakes a chain); a document written by
