@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from .options import TriggerOptions
     from .stats import TriggerStats
 
-__all__ = ("HISTORY_LOST_CODES", "Runner", "event_id_of")
+__all__ = ("HISTORY_LOST_CODES", "Runner", "document_key", "event_id_of", "handle_event")
 
 HISTORY_LOST_CODES = frozenset({260, 280, 286})
 """InvalidResumeToken, ChangeStreamFatalError, ChangeStreamHistoryLost: cannot resume."""
@@ -97,6 +97,28 @@ def _key_of(spec: TriggerSpec) -> Callable[[Mapping[str, Any], int], Any]:
     if spec.ordered == "none":
         return lambda _event, seq: seq
     return document_key
+
+
+async def handle_event(
+    dispatcher: Dispatcher,
+    plugin: Plugin,
+    tid: str,
+    spec: TriggerSpec,
+    event: Mapping[str, Any],
+    *,
+    event_id: str,
+    attempt: int,
+) -> None:
+    """Run one delivery of ``event`` through ``plugin``'s handler of trigger ``tid``.
+
+    Raises:
+        PluginError: The handler failed (``PluginFailed``), timed out, or is missing.
+    """
+    handler = plugin.module.__dict__.get(spec.entrypoint)
+    if not callable(handler):  # the compiler refuses such versions; a released one has none
+        raise PluginError(f"trigger {tid}: {plugin.version} has no handler {spec.entrypoint!r}")
+    ctx = EventContext(plugin, dispatcher, trigger=tid, event_id=event_id, attempt=attempt)
+    await dispatcher.run_handler(plugin, handler, ctx, event, timeout=plugin.record.timeout)
 
 
 class Runner:
@@ -282,7 +304,7 @@ class Runner:
     async def _read(self, tg: Any) -> None:
         backoff = 0.05
         rescan = False
-        while True:
+        while not self.stopping:
             try:
                 stream = await self._open()
                 async with stream:
@@ -461,7 +483,6 @@ class Runner:
             if plugin is None or self._stopping:
                 return False  # disabled or unloaded: paused, the event stays pending
             version = plugin.version
-            handler = plugin.module.__dict__.get(spec.entrypoint)
             if attempt == 1:
                 self._observe_lag(event)
                 echo_key = document_key(event)
@@ -470,15 +491,14 @@ class Runner:
             self._running += 1
             self._stats.in_flight += 1
             try:
-                if not callable(handler):
-                    raise PluginError(
-                        f"trigger {self.tid}: {plugin.version} has no handler {spec.entrypoint!r}"
-                    )
-                ctx = EventContext(
-                    plugin, self._dispatcher, trigger=self.tid, event_id=event_id, attempt=attempt
-                )
-                await self._dispatcher.run_handler(
-                    plugin, handler, ctx, event, timeout=plugin.record.timeout
+                await handle_event(
+                    self._dispatcher,
+                    plugin,
+                    self.tid,
+                    spec,
+                    event,
+                    event_id=event_id,
+                    attempt=attempt,
                 )
                 self._echoed(echo_key, started, chain)
                 return True
@@ -646,7 +666,9 @@ class Runner:
                     window.moved = anyio.Event()
                     await window.moved.wait()
             now = time.monotonic()
-            dirty = window.checkpoint != self._written
+            # Events covered: write now. Only the idle stream's token moved (it moves with
+            # every write to the cluster, ours included): wait for the renewal.
+            dirty = window.covered != covered_at_write and window.checkpoint != self._written
             if not dirty and now - self._last_renewal < renew_every:
                 continue
             elapsed = now - rate_at
