@@ -389,8 +389,9 @@ class Runner:
             trigger=self.tid,
             plugin=self.plugin,
             policy=policy,
-            gap_from=gap_from.isoformat() if gap_from is not None else None,
-            gap_to=now.isoformat(),
+            # The contract's names: the gap runs from the checkpoint's time to now.
+            **{"from": gap_from.isoformat() if gap_from is not None else None},
+            to=now.isoformat(),
             code=exc.code,
             error=str(exc)[:_ERROR_CHARS],
         )
