@@ -162,3 +162,30 @@ async def test_a_dead_letter_replays_through_the_current_version(db: Db) -> None
     assert doc is not None and doc["event_id"] == letter["event_id"]["_data"]
     owner = await state(db, "p/orders")
     assert owner is not None and owner["owner"] is None  # the replaying host took no lease
+
+
+TOTAL = f"""
+import asyncio
+import {PROBE} as probe
+
+async def on_change(ctx, event):
+    probe.active += 1
+    probe.peak = max(probe.peak, probe.active)
+    await asyncio.sleep(0.001)
+    probe.log.append(event["documentKey"]["_id"])
+    probe.active -= 1
+"""
+
+
+async def test_total_order_runs_one_event_at_a_time_in_commit_order(db: Db, probe: Any) -> None:
+    """ordered=total: one handler at a time, in commit order, whatever the documents."""
+    module = sys.modules[PROBE]
+    module.__dict__.update(log=[], active=0, peak=0)
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    await db.docs.insert_many([{"_id": i} for i in range(60)])
+    trigger = {"collection": "docs", "ordered": "total", "start_at": start}
+    await db.functions.insert_one(record("tot", TOTAL, trigger))
+    async with PluginHost(db, triggers=FAST):
+        await wait_until(lambda: len(module.log) >= 60, "every insert handled")
+    assert module.log == list(range(60))
+    assert module.peak == 1
