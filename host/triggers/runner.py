@@ -171,8 +171,11 @@ class Runner:
         self._options = options
         self.lease = lease
         self._window = Window(options.window)
-        self._window.checkpoint = doc.get("checkpoint")
-        self._window.checkpoint_time = doc.get("checkpoint_time")
+        # A token resumes only the collection it came from: a trigger moved to another
+        # collection starts afresh there (from now, or start_at).
+        same = doc.get("checkpoint_collection") in (None, spec.collection)
+        self._window.checkpoint = doc.get("checkpoint") if same else None
+        self._window.checkpoint_time = doc.get("checkpoint_time") if same else None
         self._written = self._window.checkpoint
         self._read_token: Mapping[str, Any] | None = self._window.checkpoint
         self._processed = int(doc.get("processed") or 0)
@@ -180,7 +183,7 @@ class Runner:
         self._dead_letters = int(doc.get("dead_letters") or 0)
         self._history: list[Any] = list(doc.get("history_lost") or [])[-_HISTORY_KEPT:]
         # Events the previous owner finished beyond its final checkpoint (a clean hand-over).
-        self._skip: set[str] = {str(e) for e in doc.get("done_ahead") or ()}
+        self._skip: set[str] = {str(e) for e in doc.get("done_ahead") or ()} if same else set()
         self._key = _key_of(spec)
         self._echo = EchoDetector() if spec.ordered != "none" else None
         self._echo_warned = False
@@ -610,6 +613,7 @@ class Runner:
         window = self._window
         return {
             "checkpoint": window.checkpoint,
+            "checkpoint_collection": self.spec.collection,
             "checkpoint_time": window.checkpoint_time,
             "status": status,
             "error": self._error,
