@@ -329,7 +329,12 @@ class Runner:
                     backoff = min(backoff * 2, 5.0)
                     continue
                 policy = self.spec.on_history_lost
-                await self._history_lost(exc, policy)
+                try:
+                    await self._history_lost(exc, policy)
+                except PyMongoError as write_error:  # recording it failed: try it all again
+                    if not await self._transient(write_error, backoff):
+                        return
+                    continue
                 if policy == "fail":
                     return
                 rescan = policy == "rescan"
