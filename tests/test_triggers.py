@@ -15,6 +15,7 @@ from tests.support import PROBE, Db, next_event, wait_until
 from tests.triggers_support import (
     FAST,
     RECORDER,
+    app_client,
     duplicates,
     record,
     state,
@@ -189,3 +190,31 @@ async def test_total_order_runs_one_event_at_a_time_in_commit_order(db: Db, prob
         await wait_until(lambda: len(module.log) >= 60, "every insert handled")
     assert module.log == list(range(60))
     assert module.peak == 1
+
+
+@pytest.mark.embedded_only("failCommand with appName")
+async def test_stream_errors_reopen_from_the_last_read_event(db: Db, mongo_uri: str) -> None:
+    """getMores failing (non-resumable) make the trigger reopen its stream; nothing lost or
+    repeated."""
+    await db.functions.insert_one(record("e", RECORDER, {"collection": "orders"}))
+    async with app_client(mongo_uri, "flaky") as client:
+        flaky = client[db.name]
+        host = PluginHost(flaky, triggers=FAST)
+        async with host.events() as events, host:
+            await wait_running(db, "e/orders")
+            await db.orders.insert_many([{"_id": i} for i in range(50)])
+            await wait_seen(db, 50)
+            await db.client.admin.command(
+                "configureFailPoint",
+                "failCommand",
+                mode={"times": 4},
+                data={"failCommands": ["getMore"], "errorCode": 2, "appName": "flaky"},
+            )
+            try:
+                await db.orders.insert_many([{"_id": i} for i in range(50, 100)])
+                await next_event(events, "trigger.stream_error")
+                await wait_seen(db, 100)
+            finally:
+                await db.client.admin.command("configureFailPoint", "failCommand", mode="off")
+    assert sorted(await db.seen.distinct("key")) == list(range(100))
+    assert await duplicates(db) == []
