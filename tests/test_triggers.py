@@ -218,3 +218,19 @@ async def test_stream_errors_reopen_from_the_last_read_event(db: Db, mongo_uri: 
                 await db.client.admin.command("configureFailPoint", "failCommand", mode="off")
     assert sorted(await db.seen.distinct("key")) == list(range(100))
     assert await duplicates(db) == []
+
+
+async def test_unordered_events_of_one_document_may_overlap(db: Db, probe: Any) -> None:
+    """ordered=none: events of the same document run concurrently (no per-key queue)."""
+    module = sys.modules[PROBE]
+    module.__dict__.update(log=[], running=set(), overlaps=0, peak=0)
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    await db.docs.insert_one({"_id": "one", "n": -1})
+    for n in range(30):
+        await db.docs.update_one({"_id": "one"}, {"$set": {"n": n}})
+    trigger = {"collection": "docs", "operations": ["update"], "ordered": "none", "start_at": start}
+    await db.functions.insert_one(record("free", ORDER, trigger))
+    async with PluginHost(db, triggers=FAST):
+        await wait_until(lambda: len(module.log) >= 30, "every update handled")
+    assert sorted(n for _, n in module.log) == list(range(30))
+    assert module.overlaps > 0
