@@ -42,7 +42,6 @@ import anyio
 from anyio.abc import TaskStatus
 from pymongo.errors import PyMongoError
 
-from ..fleetview import host_status
 from ..records import TriggerSpec
 from .lease import (
     LeaseHolder,
@@ -243,6 +242,8 @@ class TriggerEngine:
         """Plugin -> ids of the live, not draining hosts serving it (None: unknown)."""
         if self._hosts is None:
             return None
+        from ..fleetview import host_status  # only hosts that report read it
+
         docs = [d async for d in self._hosts.find({}, {"refused": 0})]
         now = await server_now(self._db)
         serving: dict[str, set[str]] = {}
