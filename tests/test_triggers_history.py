@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import datetime
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from host import PluginHost
-from tests.support import Db, next_event, wait_until
+from tests.support import PROBE, Db, next_event, wait_until
 from tests.triggers_support import FAST, RECORDER, record, state, wait_running, wait_seen
 
 pytestmark = [pytest.mark.anyio, pytest.mark.embedded_only("a tiny oplog (oplog_max_entries)")]
@@ -91,17 +92,34 @@ async def test_fail_stops_the_trigger_loudly(own_db: Db) -> None:
     assert doc["history_lost"][0]["policy"] == "fail"
 
 
-async def test_rescan_runs_the_handler_over_the_current_documents(own_db: Db) -> None:
+IN_MEMORY = f"""
+import {PROBE} as probe
+
+async def on_change(ctx, event):
+    probe.log.append((event["operationType"], event["documentKey"]["_id"], ctx.event_id))
+"""
+# The rescan's handler keeps what it sees in memory: writing 200 documents into a 40-entry
+# oplog would push the new stream's own start out again (each loss is reported and
+# rescanned: see docs/design.md).
+
+
+async def test_rescan_runs_the_handler_over_the_current_documents(own_db: Db, probe: Any) -> None:
     """rescan: every current document reaches the handler as a 'rescan' event, then the stream."""
+    module = sys.modules[PROBE]
+    module.__dict__["log"] = []
     old = await lose_history(own_db, "rescan")
+    await own_db.functions.update_one({"_id": "h"}, {"$set": {"source": IN_MEMORY}})
     host = PluginHost(own_db, triggers=FAST)
     async with host.events() as events, host:
         lost = await next_event(events, "trigger.history_lost")
-        await wait_seen(own_db, 200, op="rescan")
+        await wait_until(
+            lambda: sum(op == "rescan" for op, _, _ in module.log) >= 200, "200 rescan events"
+        )
         await wait_new_start(own_db, old)  # the rescan done, the checkpoint passes it
         await own_db.orders.insert_one({"_id": 1000})
-        await wait_seen(own_db, 1, key=1000, op="insert")
+        await wait_until(lambda: ("insert", 1000) in {e[:2] for e in module.log}, "insert 1000")
     assert lost["policy"] == "rescan"
-    assert sorted(await own_db.seen.distinct("key", {"op": "rescan"})) == list(range(200))
-    event_ids = await own_db.seen.distinct("event_id", {"op": "rescan"})
-    assert len(event_ids) == 200 and all(e.startswith("rescan:") for e in event_ids)
+    rescanned = [(key, event_id) for op, key, event_id in module.log if op == "rescan"]
+    assert sorted(key for key, _ in rescanned) == list(range(200))
+    assert all(event_id.startswith("rescan:") for _, event_id in rescanned)
+    assert len({event_id for _, event_id in rescanned}) == 200
