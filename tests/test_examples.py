@@ -109,3 +109,25 @@ def test_sample_data_shape() -> None:
     """The sample users hold 13 Smiths; every sale has a region, product and amount."""
     assert sum(u["lastName"] == "Smith" for u in USERS) == 13
     assert all({"region", "product", "amount", "quantity"} <= set(s) for s in SALES)
+
+
+def region_totals(sales: list[Doc] | tuple[Doc, ...]) -> list[dict[str, object]]:
+    """sales_by_region's answer recomputed from the sales themselves."""
+    totals: dict[str, tuple[float, int]] = {}
+    for sale in sales:
+        amount, orders = totals.get(sale["region"], (0.0, 0))
+        totals[sale["region"]] = (amount + sale["amount"], orders + 1)
+    return [
+        {"region": region, "total": round(amount, 2), "orders": orders}
+        for region, (amount, orders) in sorted(totals.items())
+    ]
+
+
+async def test_sales_by_region_reconciles_sales_that_predate_it(host: PluginHost) -> None:
+    """On load, sales_by_region counts the seeded sales: its totals equal a recomputation."""
+    expected = region_totals(SALES)
+
+    async def settled() -> bool:
+        return bool(await host.call("sales_by_region") == expected)
+
+    await wait_until(settled, "sales_by_region matches the seeded sales", timeout=20)
