@@ -16,6 +16,7 @@ abandoned: the load fails on time and the thread exits whenever the C call retur
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import time
@@ -31,7 +32,7 @@ from anyio.abc import TaskGroup
 from anyio.lowlevel import RunVar
 
 from .config import DEFAULT_TIMEOUTS
-from .errors import CompileError
+from .errors import CompileError, PluginError
 from .naming import format_plugin_traceback, module_name, plugin_filename
 from .plugin import Plugin, released_entrypoint
 from .precompile import (
@@ -579,10 +580,17 @@ def _prepare(record: PluginRecord, code: types.CodeType | None = None) -> tuple[
     return plugin, _Loader(record, module, filename, code)
 
 
+def _trigger_only(name: str, entrypoint: str, *_args: Any) -> Any:
+    """Stands in for the call entrypoint of a plugin that only declares triggers."""
+    raise PluginError(f"plugin {name!r} has no {entrypoint!r} to call: it only handles triggers")
+
+
 def _resolve(plugin: Plugin) -> None:
     record = plugin.record
     namespace = plugin.module.__dict__
     entrypoint = _resolve_callable(record, namespace, record.entrypoint)
+    if entrypoint is None and record.triggers:
+        entrypoint = functools.partial(_trigger_only, record.name, record.entrypoint)
     if entrypoint is None:
         raise CompileError(
             record.name,
@@ -601,6 +609,20 @@ def _resolve(plugin: Plugin) -> None:
     plugin.is_async = inspect.iscoroutinefunction(entrypoint)
     plugin.setup = _resolve_callable(record, namespace, "setup")
     plugin.teardown = _resolve_callable(record, namespace, "teardown")
+    for spec in record.triggers:  # a trigger's handler must exist before the version serves
+        handler = _resolve_callable(record, namespace, spec.entrypoint)
+        if (
+            handler is None
+            or inspect.isgeneratorfunction(handler)
+            or inspect.isasyncgenfunction(handler)
+        ):
+            raise CompileError(
+                record.name,
+                record.version,
+                "entrypoint",
+                f"trigger {spec.name!r}: handler {spec.entrypoint!r} is "
+                + ("not defined at the top level" if handler is None else "a generator function"),
+            )
 
 
 def _finish(plugin: Plugin, default_max_concurrency: int | None, seconds: float) -> Plugin:

@@ -20,7 +20,7 @@ from .types import Args, Caller, CallTarget
 if TYPE_CHECKING:
     from .plugin import Plugin
 
-__all__ = ("Context",)
+__all__ = ("Context", "EventContext")
 
 
 class Context:
@@ -74,11 +74,12 @@ class Context:
         """A structlog logger bound to ``plugin``, ``version`` and ``call_id``."""
         log = self._log
         if log is None:
-            plugin = self._plugin
-            log = self._log = structlog.get_logger("plugin").bind(
-                plugin=plugin.name, version=plugin.version, call_id=self.call_id
-            )
+            log = self._log = structlog.get_logger("plugin").bind(**self._log_fields())
         return log
+
+    def _log_fields(self) -> dict[str, Any]:
+        plugin = self._plugin
+        return {"plugin": plugin.name, "version": plugin.version, "call_id": self.call_id}
 
     async def call(self, name: str, args: Args = None, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - per-call timeout is the public contract
         """Call the current version of another plugin.
@@ -150,3 +151,47 @@ class Context:
 
     def __repr__(self) -> str:
         return f"<Context {self._plugin.version} call_id={self.call_id}>"
+
+
+class EventContext(Context):
+    """What a trigger handler sees as ``ctx``: a :class:`Context` plus the event's identity.
+
+    Attributes:
+        event_id: The change event's resume token as a string (its ``_data``): the same on
+            every delivery of the event, so a handler can use it as an idempotency key.
+        attempt: 1 for the first delivery of the event, 2 for the first retry, and so on.
+        trigger: The trigger id, ``"<plugin>/<name>"``.
+    """
+
+    __slots__ = ("attempt", "event_id", "trigger")
+
+    def __init__(
+        self, plugin: Plugin, caller: Caller, *, trigger: str, event_id: str, attempt: int
+    ) -> None:
+        """Bind a context to one delivery of one event.
+
+        Args:
+            plugin: The version handling the event.
+            caller: The dispatcher.
+            trigger: The trigger id.
+            event_id: The event's resume token, as a string.
+            attempt: The delivery attempt, from 1.
+        """
+        super().__init__(plugin, caller)
+        self.trigger = trigger
+        self.event_id = event_id
+        self.attempt = attempt
+
+    def _log_fields(self) -> dict[str, Any]:
+        # ctx.log is bound to the trigger, the event and the attempt too.
+        plugin = self._plugin
+        return {
+            "plugin": plugin.name,
+            "version": plugin.version,
+            "trigger": self.trigger,
+            "event_id": self.event_id,
+            "attempt": self.attempt,
+        }
+
+    def __repr__(self) -> str:
+        return f"<EventContext {self._plugin.version} {self.trigger} attempt={self.attempt}>"

@@ -41,8 +41,9 @@ from .connections import ConnectionGuard, accept_errors_logged, guarded_protocol
 from .errors import PluginHostError
 from .fleet import StatusReporting
 from .http import LOOPBACK_HOSTS, HttpSettings, create_app
-from .metrics import Metrics
+from .metrics import Metrics, follow_triggers
 from .runtime import PluginHost
+from .triggers import TriggerOptions
 from .trust import TrustedKeys
 from .watcher import WatchFatal
 
@@ -277,6 +278,7 @@ async def run_daemon(
     http: HttpSettings | None = None,
     report_status: bool | StatusReporting = False,
     bound_exit: bool = False,
+    triggers: bool | TriggerOptions = True,
 ) -> None:
     """Serve ``db[collection]``'s plugins over HTTP on ``sock`` until SIGTERM/SIGINT.
 
@@ -302,6 +304,8 @@ async def run_daemon(
         bound_exit: This process ends at most :data:`EXIT_GRACE` seconds after the
             daemon stops, whatever plugin threads still do (``os._exit``): for the CLI's
             own process only, never for a process that goes on after the daemon.
+        triggers: Run the plugins' change-stream triggers (see :mod:`host.triggers`);
+            on SIGTERM they drain with the calls (final checkpoint, lease released).
 
     Raises:
         StartupError: Not ready in time, or the collection cannot be watched.
@@ -315,6 +319,7 @@ async def run_daemon(
         timeouts=timeouts,
         trusted_keys=trusted_keys,
         report_status=report_status,
+        triggers=triggers,
     )
     startup_timeout = timeouts.startup
     http = http or HttpSettings()
@@ -341,6 +346,7 @@ async def run_daemon(
             raise StartupError(f"--otel: {exc}", "pip install 'plugin-host[otel]'") from None
         tracing.enable(provider)
     metrics = Metrics()
+    follow_triggers(host.triggers.stats if host.triggers is not None else None, metrics)
     app = create_app(
         host,
         debug=debug,

@@ -42,7 +42,7 @@ from .naming import format_plugin_traceback
 from .plugin import Plugin, is_plugin_failure
 from .registry import CURRENT_PLUGIN, Registry
 from .threads import ThreadLimiter, ThreadsExhausted, run_sync_interruptible
-from .types import Args
+from .types import Args, Entrypoint
 
 __all__ = ("Dispatcher", "Required")
 
@@ -311,15 +311,79 @@ class Dispatcher:
             _HELD.reset(token)
             limiter.release()
 
-    async def _invoke(self, plugin: Plugin, args: Args) -> Any:
-        ctx = Context(plugin, self, next(self._ids))
+    async def run_handler(
+        self,
+        plugin: Plugin,
+        handler: Entrypoint,
+        ctx: Context,
+        payload: Any,
+        *,
+        timeout: float | None,  # noqa: ASYNC109 - the record's per-call bound
+    ) -> Any:
+        """Run another module-level function of a version (a trigger's handler) as a call.
+
+        Counted in the version's ``in_flight`` (so it finishes on the version it started
+        on), on the version's call path (``ctx.call`` depth), sync code in a worker thread;
+        not limited by the version's ``max_concurrency`` (the trigger has its own), and
+        emits no ``call.*`` event (the trigger reports its own failures).
+
+        Args:
+            plugin: The version.
+            handler: The function, from the version's module.
+            ctx: Its context (an ``EventContext``).
+            payload: Its second argument (the change event).
+            timeout: Seconds before it is cancelled, or None.
+
+        Returns:
+            What the handler returned.
+
+        Raises:
+            PluginTimeout: It ran out of time.
+            PluginFailed: It raised; carries the plugin traceback.
+            PluginBusy: Every worker thread for sync code is held by abandoned calls.
+        """
+        plugin.begin_call()
+        chain_token = _CALL_CHAIN.set((plugin.name,))
+        plugin_token = CURRENT_PLUGIN.set(plugin)
         try:
-            if plugin.is_async:
-                return await plugin.entrypoint(ctx, args)
+            if timeout is None:
+                return await self._invoke(plugin, payload, ctx, handler)
+            deadline = asyncio.timeout(timeout)
+            try:
+                async with deadline:
+                    return await self._invoke(plugin, payload, ctx, handler)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+            raise PluginTimeout(plugin.name, plugin.version, timeout)
+        finally:
+            CURRENT_PLUGIN.reset(plugin_token)
+            _CALL_CHAIN.reset(chain_token)
+            plugin.end_call()
+
+    async def _invoke(
+        self,
+        plugin: Plugin,
+        args: Args,
+        ctx: Context | None = None,
+        handler: Entrypoint | None = None,
+    ) -> Any:
+        # ``handler`` set: a trigger's handler (run_handler), else the entrypoint (a call).
+        if ctx is None:
+            ctx = Context(plugin, self, next(self._ids))
+        try:
+            if handler is None:
+                if plugin.is_async:
+                    return await plugin.entrypoint(ctx, args)
+                func = plugin.entrypoint
+            elif inspect.iscoroutinefunction(handler):
+                return await handler(ctx, args)
+            else:
+                func = handler
             # Cancelling the caller (timeout, shutdown) abandons and interrupts the thread.
             # Its slot stays taken until the thread really ends (see host.threads).
             result = await run_sync_interruptible(
-                plugin.entrypoint,
+                func,
                 ctx,
                 args,
                 limiter=self._threads,
@@ -338,7 +402,7 @@ class Dispatcher:
         except BaseException as exc:  # plugin code must never stop the host
             if not is_plugin_failure(exc):
                 raise  # the host's cancellation: a timeout, shutdown
-            raise await self._failure(plugin, exc) from exc
+            raise await self._failure(plugin, exc, report=handler is None) from exc
 
     def _thread_stuck(self, plugin: Plugin) -> None:
         """A call's abandoned thread would not stop: say whose it is (issue 13 item 4)."""
@@ -360,16 +424,19 @@ class Dispatcher:
             del self._stuck[plugin]
         return {plugin.version: plugin.threads.abandoned for plugin in self._stuck}
 
-    async def _failure(self, plugin: Plugin, exc: BaseException) -> PluginFailed:
+    async def _failure(
+        self, plugin: Plugin, exc: BaseException, *, report: bool = True
+    ) -> PluginFailed:
         tb = await anyio.to_thread.run_sync(format_plugin_traceback, exc)
         error_type = type(exc).__qualname__
         error = str(exc)
-        self._events.emit(
-            "call.failed",
-            "error",
-            plugin=plugin.name,
-            version=plugin.version,
-            error_type=error_type,
-            error=error,
-        )
+        if report:
+            self._events.emit(
+                "call.failed",
+                "error",
+                plugin=plugin.name,
+                version=plugin.version,
+                error_type=error_type,
+                error=error,
+            )
         return PluginFailed(plugin.name, plugin.version, error_type, error, tb)

@@ -19,6 +19,15 @@ Metrics (names and labels are part of the README's contract):
 * ``plugin_host_ready`` — 1 when the host is ready (``/readyz``), else 0;
 * ``plugin_host_abandoned_threads`` — worker threads of timed-out sync calls that are
   still blocked and hold a thread slot (see ``host.threads``);
+* ``plugin_host_trigger_events_total{trigger}`` — change events handled (or dead-lettered)
+  by this host's triggers; ``rate()`` of it is events/s;
+* ``plugin_host_trigger_dead_letters_total{trigger}`` — events dead-lettered;
+* ``plugin_host_trigger_history_lost_total{trigger}`` — times a trigger's resume point had
+  left the oplog (``trigger.history_lost``);
+* ``plugin_host_trigger_lag_seconds`` — histogram of the time from an event's cluster
+  time (its ``wallTime``) to its handler's start;
+* ``plugin_host_trigger_in_flight`` — trigger handlers running now;
+* ``plugin_host_triggers_owned`` — triggers whose lease this host holds;
 * the standard ``process_*`` (resident memory, open descriptors, CPU...), ``python_gc_*``
   and ``python_info`` collectors of ``prometheus-client``.
 
@@ -50,11 +59,20 @@ from prometheus_client.metrics_core import (
 )
 
 from . import tracing
+from .triggers.stats import TriggerStats
 
 if TYPE_CHECKING:
     from .runtime import PluginHost
 
-__all__ = ("CALL_BUCKETS", "CALL_OUTCOMES", "CONTENT_TYPE", "Histogram", "Metrics", "follow_events")
+__all__ = (
+    "CALL_BUCKETS",
+    "CALL_OUTCOMES",
+    "CONTENT_TYPE",
+    "Histogram",
+    "Metrics",
+    "follow_events",
+    "follow_triggers",
+)
 
 CALL_OUTCOMES = ("ok", "not_found", "timeout", "failed", "busy", "closed", "bad_request")
 
@@ -159,6 +177,10 @@ class Metrics:
         self.ready = ready
         # Read at render time, like `ready` (the host's count of abandoned worker threads).
         self.abandoned_threads: Callable[[], int] | None = None
+        # The trigger engine's counts (None: the host runs no trigger engine); see
+        # follow_triggers.
+        self.triggers: TriggerStats | None = None
+        self.trigger_lag_seconds = Histogram(CALL_BUCKETS)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         # The process collector reads /proc: rendered apart, in a worker thread.
@@ -294,6 +316,42 @@ class _Collector:
                 "Worker threads of timed-out sync calls still blocked, each holding a slot.",
                 m.abandoned_threads(),
             )
+        if m.triggers is not None:
+            yield from _trigger_families(m.triggers, m.trigger_lag_seconds)
+
+
+def follow_triggers(stats: TriggerStats | None, metrics: Metrics) -> None:
+    """Expose a trigger engine's counts (``host.trigger_stats``) in ``metrics``."""
+    metrics.triggers = stats
+    if stats is not None:
+        stats.lag_observer = metrics.trigger_lag_seconds.observe
+
+
+def _trigger_families(t: TriggerStats, lag: Histogram) -> Iterator[Metric]:
+    for name, help_text, counts in (
+        ("plugin_host_trigger_events", "Change events handled by triggers.", t.events),
+        ("plugin_host_trigger_dead_letters", "Events dead-lettered by triggers.", t.dead_letters),
+        (
+            "plugin_host_trigger_history_lost",
+            "Times a trigger's resume point had left the oplog.",
+            t.history_losses,
+        ),
+    ):
+        family = CounterMetricFamily(name, help_text, labels=["trigger"])
+        for trigger, n in list(counts.items()):
+            family.add_metric([trigger], n)
+        yield family
+    yield _histogram(
+        "plugin_host_trigger_lag_seconds",
+        "Time from a change event's cluster time to its handler's start.",
+        lag,
+    )
+    yield GaugeMetricFamily(
+        "plugin_host_trigger_in_flight", "Trigger handlers running now.", t.in_flight
+    )
+    yield GaugeMetricFamily(
+        "plugin_host_triggers_owned", "Triggers whose lease this host holds.", t.owned
+    )
 
 
 def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:

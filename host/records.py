@@ -22,7 +22,15 @@ from typing import Any
 from .config import DEFAULT_LIMITS
 from .errors import RecordError
 
-__all__ = ("MAX_NAME_LENGTH", "PluginRecord", "describe_id", "is_valid_name", "parse_record")
+__all__ = (
+    "MAX_NAME_LENGTH",
+    "PluginRecord",
+    "TriggerSpec",
+    "describe_id",
+    "is_valid_name",
+    "parse_record",
+    "parse_triggers",
+)
 
 MAX_NAME_LENGTH = 128
 _NAME_RE = re.compile(rf"[A-Za-z0-9_.\-]{{1,{MAX_NAME_LENGTH}}}")
@@ -90,6 +98,7 @@ class PluginRecord:
         max_concurrency: Maximum concurrent calls of one version, if set.
         meta: Free-form metadata (a read-only shallow copy).
         signature: Ed25519 signature over the canonical record, if signed.
+        triggers: Change-stream triggers the version declares (see :class:`TriggerSpec`).
     """
 
     name: str
@@ -104,6 +113,7 @@ class PluginRecord:
     max_concurrency: int | None = None
     meta: Mapping[str, Any] = field(default_factory=lambda: _EMPTY_META, hash=False)
     signature: str | None = None
+    triggers: tuple[TriggerSpec, ...] = field(default=(), hash=False)
     # Derived once: versions are read in logs, errors and module names.
     _hash: str = field(init=False, repr=False, compare=False, hash=False)
     _version: str = field(init=False, repr=False, compare=False, hash=False)
@@ -235,6 +245,8 @@ def parse_record(
     if signature is not None and not isinstance(signature, str):
         raise fail("signature", f"must be a string, got {_type_name(signature)}")
 
+    triggers = parse_triggers(name, doc.get("triggers"))
+
     return PluginRecord(
         name=name,
         source=source,
@@ -247,6 +259,7 @@ def parse_record(
         max_concurrency=max_concurrency,
         meta=meta,
         signature=signature,
+        triggers=triggers,
     )
 
 
@@ -283,3 +296,233 @@ def _parse_source(
             f"is {size} bytes of UTF-8, larger than the limit of {max_source_bytes} bytes",
         )
     return source
+
+
+# -- triggers (issue 17) -----------------------------------------------------------------
+
+TRIGGER_OPERATIONS = ("insert", "update", "replace", "delete")
+TRIGGER_FULL_DOCUMENT = ("default", "updateLookup", "whenAvailable", "required")
+TRIGGER_ORDERINGS = ("per_key", "total", "none")
+TRIGGER_HISTORY_POLICIES = ("resume_from_now", "fail", "rescan")
+MAX_TRIGGERS = 100
+"""Most triggers one record may declare."""
+MAX_TRIGGER_CONCURRENCY = 10_000
+MAX_TRIGGER_ATTEMPTS = 1_000
+# Collections the host itself writes beside the functions collection: a trigger on one of
+# them would feed on the host's own bookkeeping (the state write of each batch, say).
+_HOST_SUFFIXES = ("_triggers", "_deadletters", "_hosts")
+_TRIGGER_FIELDS = frozenset(
+    {
+        "name",
+        "collection",
+        "operations",
+        "match",
+        "project",
+        "full_document",
+        "entrypoint",
+        "ordered",
+        "max_concurrency",
+        "max_attempts",
+        "on_history_lost",
+        "start_at",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerSpec:
+    """One change-stream trigger declared by a record (``triggers: [...]``).
+
+    Attributes:
+        name: Unique within the record (default: the collection); the trigger id is
+            ``"<plugin>/<name>"``.
+        collection: The watched collection, in the functions collection's database.
+        operations: Operation types delivered (a subset of insert/update/replace/delete).
+        match: Extra ``$match`` stage on the change events, if any.
+        project: ``$project`` stage on the change events, if any.
+        full_document: The change stream's ``fullDocument`` option.
+        entrypoint: The module-level function called per event (``on_change``).
+        ordered: ``per_key`` (one document key at a time, in commit order), ``total``
+            (one event at a time) or ``none``.
+        max_concurrency: Events handled at once (1 for ``total``).
+        max_attempts: Attempts before an event is dead-lettered.
+        on_history_lost: ``resume_from_now``, ``fail`` or ``rescan``.
+        start_at: Where a trigger without a checkpoint starts (None: from now).
+    """
+
+    name: str
+    collection: str
+    operations: tuple[str, ...] = TRIGGER_OPERATIONS
+    match: Mapping[str, Any] | None = field(default=None, hash=False)
+    project: Mapping[str, Any] | None = field(default=None, hash=False)
+    full_document: str = "default"
+    entrypoint: str = "on_change"
+    ordered: str = "per_key"
+    max_concurrency: int = 64
+    max_attempts: int = 5
+    on_history_lost: str = "resume_from_now"
+    start_at: datetime | None = None
+
+    def as_document(self) -> dict[str, Any]:
+        """Every field with its effective value (the form that is signed and stored)."""
+        return {
+            "name": self.name,
+            "collection": self.collection,
+            "operations": list(self.operations),
+            "match": None if self.match is None else dict(self.match),
+            "project": None if self.project is None else dict(self.project),
+            "full_document": self.full_document,
+            "entrypoint": self.entrypoint,
+            "ordered": self.ordered,
+            "max_concurrency": self.max_concurrency,
+            "max_attempts": self.max_attempts,
+            "on_history_lost": self.on_history_lost,
+            "start_at": self.start_at,
+        }
+
+
+def _valid_collection(value: str) -> str | None:
+    """Why ``value`` is not a usable collection name for a trigger, or None."""
+    if not value or len(value) > 255:
+        return "must be 1 to 255 characters"
+    if "\x00" in value or "$" in value:
+        return "must not contain '$' or NUL"
+    if value.startswith(".") or value.endswith(".") or value.startswith("system."):
+        return "must not start or end with '.' nor start with 'system.'"
+    if value.endswith(_HOST_SUFFIXES):
+        return (
+            f"{value!r} ends with {', '.join(_HOST_SUFFIXES)}: the host writes those "
+            "collections itself (a trigger on them would feed on its own bookkeeping)"
+        )
+    return None
+
+
+def _choice(
+    spec: Mapping[str, Any], key: str, choices: tuple[str, ...], fail: Callable[[str, str], Any]
+) -> str:
+    value = spec.get(key)
+    if value is None:
+        return choices[0]
+    if not isinstance(value, str) or value not in choices:
+        raise fail(key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _bounded_int(
+    spec: Mapping[str, Any], key: str, default: int, top: int, fail: Callable[[str, str], Any]
+) -> int:
+    value = spec.get(key)
+    if value is None:
+        return default
+    if not _is_int(value):
+        raise fail(key, f"must be an integer, got {_type_name(value)}")
+    if not 1 <= value <= top:
+        raise fail(key, f"must be 1 to {top}, got {value}")
+    return int(value)
+
+
+def _parse_trigger(name: str, index: int, spec: object) -> TriggerSpec:
+    def fail(key: str, reason: str) -> RecordError:
+        return RecordError(
+            name, f"triggers[{index}].{key}" if key else f"triggers[{index}]", reason
+        )
+
+    if not isinstance(spec, Mapping):
+        raise fail("", f"must be a document, got {_type_name(spec)}")
+    unknown = sorted(str(k) for k in spec if k not in _TRIGGER_FIELDS)
+    if unknown:  # unlike record fields: a misspelt option would silently change delivery
+        raise fail(
+            unknown[0], f"is not a trigger option (known: {', '.join(sorted(_TRIGGER_FIELDS))})"
+        )
+    collection = spec.get("collection")
+    if not isinstance(collection, str):
+        raise fail("collection", f"is required and must be a string, got {_type_name(collection)}")
+    problem = _valid_collection(collection)
+    if problem is not None:
+        raise fail("collection", problem)
+    trigger_name = spec.get("name")
+    if trigger_name is None:
+        trigger_name = collection
+    elif not isinstance(trigger_name, str) or not is_valid_name(trigger_name):
+        raise fail(
+            "name",
+            f"must be 1-{MAX_NAME_LENGTH} letters, digits, '_', '.' or '-', got {trigger_name!r}",
+        )
+    if not is_valid_name(trigger_name):
+        raise fail("name", f"defaults to the collection {collection!r}, not a valid name: set one")
+    operations: tuple[str, ...] = TRIGGER_OPERATIONS
+    raw_ops = spec.get("operations")
+    if raw_ops is not None:
+        if not isinstance(raw_ops, list | tuple) or not raw_ops:
+            raise fail("operations", "must be a non-empty list of operation types")
+        for op in raw_ops:
+            if op not in TRIGGER_OPERATIONS:
+                raise fail(
+                    "operations", f"unknown operation {op!r} (use {', '.join(TRIGGER_OPERATIONS)})"
+                )
+        operations = tuple(op for op in TRIGGER_OPERATIONS if op in raw_ops)
+    stages: dict[str, Mapping[str, Any] | None] = {}
+    for key in ("match", "project"):
+        value = spec.get(key)
+        if value is not None and not isinstance(value, Mapping):
+            raise fail(key, f"must be a document, got {_type_name(value)}")
+        stages[key] = None if value is None else MappingProxyType(dict(value))
+    entrypoint = spec.get("entrypoint")
+    if entrypoint is None:
+        entrypoint = "on_change"
+    elif (
+        not isinstance(entrypoint, str)
+        or not entrypoint.isidentifier()
+        or keyword.iskeyword(entrypoint)
+    ):
+        raise fail("entrypoint", f"must be a Python identifier, got {entrypoint!r}")
+    ordered = _choice(spec, "ordered", TRIGGER_ORDERINGS, fail)
+    start_at = spec.get("start_at")
+    if start_at is not None and not isinstance(start_at, datetime):
+        raise fail("start_at", f"must be a date, got {_type_name(start_at)}")
+    return TriggerSpec(
+        name=trigger_name,
+        collection=collection,
+        operations=operations,
+        match=stages["match"],
+        project=stages["project"],
+        full_document=_choice(spec, "full_document", TRIGGER_FULL_DOCUMENT, fail),
+        entrypoint=entrypoint,
+        ordered=ordered,
+        max_concurrency=_bounded_int(spec, "max_concurrency", 64, MAX_TRIGGER_CONCURRENCY, fail),
+        max_attempts=_bounded_int(spec, "max_attempts", 5, MAX_TRIGGER_ATTEMPTS, fail),
+        on_history_lost=_choice(spec, "on_history_lost", TRIGGER_HISTORY_POLICIES, fail),
+        start_at=start_at,
+    )
+
+
+def parse_triggers(name: str, raw: object) -> tuple[TriggerSpec, ...]:
+    """Validate a record's ``triggers`` field.
+
+    Args:
+        name: The plugin name (for errors).
+        raw: The field's value; ``None`` (absent) means no trigger.
+
+    Returns:
+        The triggers, in declaration order.
+
+    Raises:
+        RecordError: The field, or one trigger's option (``triggers[i].option``), is invalid.
+    """
+    if raw is None:
+        return ()
+    if not isinstance(raw, list | tuple):
+        raise RecordError(name, "triggers", f"must be a list of documents, got {_type_name(raw)}")
+    if len(raw) > MAX_TRIGGERS:
+        raise RecordError(name, "triggers", f"has {len(raw)} triggers, more than {MAX_TRIGGERS}")
+    specs = tuple(_parse_trigger(name, i, spec) for i, spec in enumerate(raw))
+    seen: set[str] = set()
+    for i, spec in enumerate(specs):
+        if spec.name in seen:
+            raise RecordError(
+                name,
+                f"triggers[{i}].name",
+                f"{spec.name!r} is declared twice (names must be unique)",
+            )
+        seen.add(spec.name)
+    return specs

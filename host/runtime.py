@@ -27,6 +27,7 @@ from .plugin import Plugin
 from .records import PluginRecord
 from .registry import Registry
 from .threads import DEFAULT_THREADS, ThreadLimiter
+from .triggers import TriggerEngine, TriggerOptions
 from .trust import SignatureVerifier, TrustedKeys, TrustError, load_public_keys
 from .types import Args, CallTarget
 from .watchdog import LoopWatchdog
@@ -72,6 +73,10 @@ class PluginHost:
         report_status: Keep a document in the hosts collection (``<collection>_hosts``)
             saying what this host serves and refused (see :mod:`host.fleet`): True for the
             defaults, a ``StatusReporting`` to tune them, False (default) for none.
+        triggers: Run the change-stream triggers the plugins declare (see
+            :mod:`host.triggers`): True (default) with the defaults, a ``TriggerOptions``
+            to tune them, False for none. With ``report_status`` on, triggers spread over
+            the hosts that report to the same hosts collection.
     """
 
     def __init__(
@@ -99,6 +104,7 @@ class PluginHost:
         loop_block_threshold: float | None = 0.1,
         trusted_keys: TrustedKeys | Iterable[str | Path] | str | Path | None = None,
         report_status: bool | StatusReporting = False,
+        triggers: bool | TriggerOptions = True,
     ) -> None:
         self.limits = limits = with_overrides(
             limits,
@@ -175,6 +181,24 @@ class PluginHost:
             if isinstance(options, StatusReporting)
             else None
         )
+        trigger_options = TriggerOptions() if triggers is True else triggers
+        self._triggers = (
+            TriggerEngine(
+                database,
+                collection,
+                registry=self._registry,
+                dispatcher=self._dispatcher,
+                events=self._events_bus,
+                options=trigger_options,
+                host_id=self._reporter.host_id if self._reporter is not None else None,
+                hosts_collection=(
+                    self._reporter.collection_name if self._reporter is not None else None
+                ),
+                drain_timeout=timeouts.drain,
+            )
+            if isinstance(trigger_options, TriggerOptions)
+            else None
+        )
         self._stack: contextlib.AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
         self._watch_scope: anyio.CancelScope | None = None
@@ -195,6 +219,8 @@ class PluginHost:
                 self._tg.start_soon(self.watchdog.run, name="loop watchdog")
             if self._reporter is not None:
                 await self._tg.start(self._reporter.run)
+            if self._triggers is not None:
+                await self._tg.start(self._triggers.run)
             self._watch_scope = anyio.CancelScope()
             self._tg.start_soon(self._watch, name=f"watch {self._watcher.namespace}")
             self._stack = stack
@@ -254,6 +280,8 @@ class PluginHost:
                     self._reporter.notify()  # draining: waiters stop counting this host
                 if self._watch_scope is not None:
                     self._watch_scope.cancel()
+                if self._triggers is not None:  # events in flight finish on their version
+                    await self._triggers.aclose(self.drain_timeout)
                 await self._registry.aclose(self.drain_timeout)
                 # Calls still running after the drain get HostClosed (their threads are
                 # abandoned and interrupted): nothing in flight outlives the host.
@@ -308,6 +336,11 @@ class PluginHost:
     def status_reporter(self) -> StatusReporter | None:
         """The status write-back to the hosts collection (None when ``report_status`` is off)."""
         return self._reporter
+
+    @property
+    def triggers(self) -> TriggerEngine | None:
+        """The trigger engine (None with ``triggers=False``): ``owned()``, ``stats``."""
+        return self._triggers
 
     @property
     def draining(self) -> bool:

@@ -26,6 +26,15 @@ record's effective ones, byte for byte as stored (no newline or Unicode normalis
   revision would let an old signed record replace a newer one, so a signed record
   without a revision is refused.
 
+**Triggers** (issue 17). A record that declares ``triggers`` signs them too: the JSON
+object above gains a fifth key, ``"triggers"`` (last in sorted order), whose value is
+the list of the record's triggers with every option at its effective value
+(``TriggerSpec.as_document()``: defaults filled in, ``operations`` in the order insert,
+update, replace, delete), in MongoDB Extended JSON v2 *canonical* mode
+(``{"$numberInt": "5"}``, ``{"$date": {"$numberLong": ...}}``), keys sorted at every
+level. A record without triggers has the four-key payload above, so every signature
+made before triggers existed stays valid.
+
 Other fields (``enabled``, ``timeout``, ``max_concurrency``, ``meta``, dates) are not
 signed: they cannot make the host run code that was not signed, and changing them
 (enable/disable) needs no key.
@@ -53,15 +62,16 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+from bson import json_util
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .errors import PluginHostError, RecordError
-from .records import PluginRecord, is_valid_name
+from .records import PluginRecord, TriggerSpec, is_valid_name
 
 __all__ = (
     "MAX_SIGNED_REVISION",
@@ -115,7 +125,13 @@ class SignatureError(PluginHostError, ValueError):
 # -- the payload and the signature field -----------------------------------------------
 
 
-def canonical_payload(name: str, source: str, entrypoint: str, revision: int) -> bytes:
+def canonical_payload(
+    name: str,
+    source: str,
+    entrypoint: str,
+    revision: int,
+    triggers: Sequence[TriggerSpec] = (),
+) -> bytes:
     """The exact bytes a record's signature covers (see the module docstring).
 
     Args:
@@ -123,6 +139,7 @@ def canonical_payload(name: str, source: str, entrypoint: str, revision: int) ->
         source: The plugin source, as stored.
         entrypoint: The effective entrypoint (``"main"`` when the record sets none).
         revision: The record's revision, 0 to ``MAX_SIGNED_REVISION``.
+        triggers: The record's triggers (signed only when there is at least one).
 
     Returns:
         ``PAYLOAD_PREFIX`` followed by the canonical JSON, UTF-8 encoded.
@@ -140,16 +157,28 @@ def canonical_payload(name: str, source: str, entrypoint: str, revision: int) ->
         raise TrustError(f"cannot sign: revision must be an integer, got {type(revision).__name__}")
     if not 0 <= revision <= MAX_SIGNED_REVISION:
         raise TrustError(f"cannot sign: revision must be 0 to 2**53 - 1, got {revision}")
-    body = json.dumps(
-        {"entrypoint": entrypoint, "name": name, "revision": revision, "source": source},
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    fields: dict[str, object] = {
+        "entrypoint": entrypoint,
+        "name": name,
+        "revision": revision,
+        "source": source,
+    }
+    if triggers:
+        fields["triggers"] = _triggers_value(triggers)
+    body = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     try:
         return PAYLOAD_PREFIX + body.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise TrustError(f"cannot sign: text is not valid Unicode ({exc.reason})") from None
+
+
+def _triggers_value(triggers: Sequence[TriggerSpec]) -> object:
+    # Canonical Extended JSON keeps BSON types apart (an int 5 is not a double 5.0) and
+    # is text JSON can sort; decoded back, it nests as plain lists and dicts.
+    text = json_util.dumps(
+        [spec.as_document() for spec in triggers], json_options=json_util.CANONICAL_JSON_OPTIONS
+    )
+    return json.loads(text)
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -159,7 +188,12 @@ def key_id(public_key: Ed25519PublicKey) -> str:
 
 
 def sign_record(
-    private_key: Ed25519PrivateKey, name: str, source: str, entrypoint: str, revision: int
+    private_key: Ed25519PrivateKey,
+    name: str,
+    source: str,
+    entrypoint: str,
+    revision: int,
+    triggers: Sequence[TriggerSpec] = (),
 ) -> str:
     """Sign a record's content for publishing.
 
@@ -169,6 +203,7 @@ def sign_record(
         source: The source exactly as it will be stored.
         entrypoint: The effective entrypoint (``"main"`` if the record sets none).
         revision: The revision the record will carry; sign again for every revision.
+        triggers: The record's triggers, parsed (``PluginRecord.triggers``).
 
     Returns:
         The value of the record's ``signature`` field: ``"ed25519:<key_id>:<base64>"``.
@@ -176,7 +211,7 @@ def sign_record(
     Raises:
         TrustError: An argument cannot be signed (see :func:`canonical_payload`).
     """
-    payload = canonical_payload(name, source, entrypoint, revision)
+    payload = canonical_payload(name, source, entrypoint, revision, triggers)
     signature = base64.b64encode(private_key.sign(payload)).decode("ascii")
     return f"{_SCHEME}:{key_id(private_key.public_key())}:{signature}"
 
@@ -213,6 +248,7 @@ def verify_signature(
     source: str,
     entrypoint: str,
     revision: int | None,
+    triggers: Sequence[TriggerSpec] = (),
 ) -> str:
     """Check a signature field against a record's content (no replay check).
 
@@ -223,6 +259,7 @@ def verify_signature(
         source: The source as stored.
         entrypoint: The effective entrypoint.
         revision: The record's revision.
+        triggers: The record's triggers.
 
     Returns:
         The id of the key that signed it.
@@ -246,7 +283,7 @@ def verify_signature(
             kid,
         )
     try:
-        payload = canonical_payload(name, source, entrypoint, revision)
+        payload = canonical_payload(name, source, entrypoint, revision, triggers)
     except TrustError as exc:
         raise SignatureError("malformed", f"cannot be checked: {exc}", kid) from None
     try:
@@ -496,6 +533,7 @@ class SignatureVerifier:
                 source=record.source,
                 entrypoint=record.entrypoint,
                 revision=record.revision,
+                triggers=record.triggers,
             )
         except SignatureError as exc:
             raise _refusal(record.name, exc.code, exc.reason, exc.key_id) from None
@@ -535,7 +573,9 @@ class SignatureVerifier:
 
 def _digest(record: PluginRecord, revision: int) -> bytes:
     try:
-        payload = canonical_payload(record.name, record.source, record.entrypoint, revision)
+        payload = canonical_payload(
+            record.name, record.source, record.entrypoint, revision, record.triggers
+        )
     except TrustError:
         payload = b""  # unsignable (a legacy record): never equal to a signed one's
     return hashlib.sha256(payload).digest()

@@ -1,0 +1,319 @@
+"""The trigger engine: which of the declared triggers this host runs, and their runners.
+
+The engine is a component of :class:`~host.PluginHost` with a narrow interface:
+``run()`` in the host's task group, ``aclose(timeout)`` in its shutdown (after the
+dispatcher stops taking calls and before the registry retires versions, so that events
+in flight finish on their version), ``owned()`` and ``stats``.
+
+Design note — spreading triggers over the fleet:
+
+* Every ``poll`` seconds (and at once after a version goes live or is unloaded) the
+  engine lists the triggers the current versions declare, and the live hosts that serve
+  each plugin (the hosts collection, :mod:`host.fleetview`; this host alone when it does
+  not report its status).
+* The *preferred* host of a trigger is the rendezvous-hash winner among those hosts
+  (:func:`~host.triggers.lease.preferred_owner`). It takes a free lease at once; another
+  host takes a released one (or creates a missing one) only after ``takeover_grace``,
+  in case the preferred host cannot; an *expired* lease (its owner stopped renewing) is
+  anyone's at once, so a dead owner's triggers move within about the TTL.
+* A holder that is not the preferred host for two polls in a row hands the trigger over:
+  it drains it (events in flight finish, final checkpoint, release), and the preferred
+  host takes it at its next poll. So triggers spread as hosts join, and come back
+  together as they leave.
+* A trigger whose version's history policy ``fail`` stopped it keeps ``status: failed``
+  in its state; no host starts it again until a new version of the plugin is current
+  (``failed_version`` differs), so a failure is loud and stays visible.
+* Disabling (or deleting) a plugin stops its runners with ``status: paused``: the
+  checkpoint stays, and the trigger resumes from it when the plugin comes back.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskStatus
+from pymongo.errors import PyMongoError
+
+from ..fleetview import host_status
+from ..records import TriggerSpec
+from .lease import (
+    LeaseHolder,
+    deadletters_collection_name,
+    preferred_owner,
+    server_now,
+    state_collection_name,
+    trigger_id,
+)
+from .options import TriggerOptions
+from .runner import Runner
+from .stats import TriggerStats
+
+if TYPE_CHECKING:
+    from ..dispatch import Dispatcher
+    from ..events import EventBus
+    from ..registry import Registry
+
+__all__ = ("TriggerEngine",)
+
+_WAKE_EVENTS = frozenset({"plugin.loaded", "plugin.reloaded", "plugin.unloaded"})
+
+
+@dataclass(slots=True)
+class _Running:
+    runner: Runner
+    plugin: str
+    spec: TriggerSpec
+    done: anyio.Event
+    not_preferred: int = 0
+
+
+class TriggerEngine:
+    """Runs the triggers of the current plugin versions that this host holds leases for.
+
+    Args:
+        database: The database of the functions collection.
+        collection: The functions collection's name.
+        registry: The host's registry (current versions).
+        dispatcher: The host's dispatcher (runs the handlers).
+        events: The host's event bus.
+        options: Tuning.
+        host_id: This host's owner id (the status reporter's, so the hosts collection
+            names the same host); default ``hostname:pid:random``.
+        hosts_collection: The hosts collection to spread over, or None to run alone.
+        drain_timeout: How long a stopping runner lets its events in flight finish.
+    """
+
+    def __init__(
+        self,
+        database: Any,
+        collection: str,
+        *,
+        registry: Registry,
+        dispatcher: Dispatcher,
+        events: EventBus,
+        options: TriggerOptions,
+        host_id: str | None = None,
+        hosts_collection: str | None = None,
+        drain_timeout: float = 10.0,
+    ) -> None:
+        self._db = database
+        self._drain_timeout = drain_timeout
+        self._registry = registry
+        self._dispatcher = dispatcher
+        self._events = events
+        self.options = options
+        self.host_id = (
+            options.host_id
+            or host_id
+            or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        )
+        self.state_collection = state_collection_name(collection)
+        self.deadletters_collection = deadletters_collection_name(collection)
+        self._state = database[self.state_collection]
+        self._deadletters = database[self.deadletters_collection]
+        self._functions = collection
+        self._hosts = database[hosts_collection] if hosts_collection is not None else None
+        self.stats = TriggerStats()
+        # INVARIANT: _running holds exactly the triggers whose runner task is alive here
+        # (added before the task starts, removed when it ends); a trigger id is in it at
+        # most once, so this host never runs two runners of one trigger.
+        self._running: dict[str, _Running] = {}
+        self._first_seen: dict[str, float] = {}
+        self._wake = anyio.Event()
+        self._closing = False
+        self._tg: Any = None
+        self._stopped = anyio.Event()
+
+    # -- public ----------------------------------------------------------------------
+
+    def owned(self) -> dict[str, str]:
+        """Triggers running on this host now: trigger id -> plugin."""
+        return {tid: r.plugin for tid, r in self._running.items()}
+
+    @property
+    def in_flight(self) -> int:
+        """Trigger handlers running now on this host."""
+        return self.stats.in_flight
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Reconcile the triggers this host runs until :meth:`aclose`."""
+        subscription = self._events.subscribe(0)
+        try:
+            async with subscription, anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._follow, subscription)
+                task_status.started()
+                while not self._closing:
+                    try:
+                        await self._reconcile()
+                    except PyMongoError as exc:
+                        self._events.emit("trigger.poll_failed", "warning", error=str(exc))
+                    with anyio.move_on_after(self.options.poll_seconds):
+                        await self._wake.wait()
+                    self._wake = anyio.Event()
+                await self._wait_runners()
+                tg.cancel_scope.cancel()
+        finally:
+            self._stopped.set()
+
+    async def aclose(self, timeout: float) -> None:  # noqa: ASYNC109 - the drain bound
+        """Drain: every runner stops reading, finishes its events in flight (up to
+        ``timeout`` seconds), writes its final checkpoint and releases its lease."""
+        self._closing = True
+        for running in self._running.values():
+            running.runner.stop("waiting")
+        self._wake.set()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(timeout + 6.0):
+            await self._wait_runners()
+            if self._tg is not None:
+                await self._stopped.wait()
+
+    # -- internals ---------------------------------------------------------------------
+
+    async def _follow(self, subscription: Any) -> None:
+        async for event in subscription:
+            if event.event in _WAKE_EVENTS:
+                self._wake.set()
+
+    async def _wait_runners(self) -> None:
+        for running in tuple(self._running.values()):
+            await running.done.wait()
+
+    def _declared(self) -> dict[str, tuple[str, TriggerSpec, str]]:
+        out: dict[str, tuple[str, TriggerSpec, str]] = {}
+        for name, plugin in self._registry.items():
+            for spec in plugin.record.triggers:
+                out[trigger_id(name, spec.name)] = (name, spec, plugin.version)
+        return out
+
+    async def _live_hosts(self) -> dict[str, set[str]] | None:
+        """Plugin -> ids of the live, not draining hosts serving it (None: unknown)."""
+        if self._hosts is None:
+            return None
+        docs = [d async for d in self._hosts.find({}, {"refused": 0})]
+        now = await server_now(self._db)
+        serving: dict[str, set[str]] = {}
+        for doc in docs:
+            status = host_status(doc, now)
+            if not status.counted:
+                continue
+            for plugin in status.plugins:
+                serving.setdefault(plugin, set()).add(status.id)
+        return serving
+
+    async def _reconcile(self) -> None:
+        declared = self._declared()
+        # Stop what is no longer declared as it runs (plugin disabled, trigger changed).
+        for tid, running in tuple(self._running.items()):
+            wanted = declared.get(tid)
+            if wanted is None:
+                running.runner.stop("paused")
+            elif wanted[1] != running.spec:
+                running.runner.stop("waiting")  # restarts from its checkpoint, new spec
+        now = anyio.current_time()
+        for tid in tuple(self._first_seen):
+            if tid not in declared:
+                del self._first_seen[tid]
+        if not declared or self._closing:
+            return
+        hosts = await self._live_hosts()
+        docs = {
+            d["_id"]: d
+            async for d in self._state.find(
+                {"_id": {"$in": list(declared)}},
+                {"owner": 1, "status": 1, "failed_version": 1, "lease_expires": 1},
+            )
+        }
+        for tid, (plugin, spec, version) in declared.items():
+            self._first_seen.setdefault(tid, now)
+            serving = {self.host_id} | (hosts or {}).get(plugin, set())
+            preferred = preferred_owner(tid, serving) == self.host_id
+            current = self._running.get(tid)
+            if current is not None:
+                current.not_preferred = 0 if preferred else current.not_preferred + 1
+                if current.not_preferred >= 2:
+                    current.runner.stop("waiting")  # hand over to the preferred host
+                continue
+            doc = docs.get(tid)
+            failed = doc is not None and doc.get("status") == "failed"
+            if failed and doc is not None and doc.get("failed_version") == version:
+                continue
+            if doc is not None and doc.get("owner") not in (None, self.host_id):
+                # Held by another host: only an expired lease is worth a try (the
+                # acquisition re-checks it against the server's clock).
+                expires = doc.get("lease_expires")
+                if expires is not None and not self._may_be_expired(expires):
+                    continue
+            waited = now - self._first_seen[tid] >= self.options.grace_seconds
+            if not preferred and doc is None and not waited:
+                continue
+            await self._try_start(tid, plugin, spec, preferred=preferred)
+
+    def _may_be_expired(self, expires: Any) -> bool:
+        # A cheap pre-filter with this host's clock (generous by a TTL); the CAS decides.
+        if expires.tzinfo is None:
+            expires = expires.replace(tzinfo=UTC)
+        slack = timedelta(seconds=self.options.lease_ttl)
+        return bool(expires - slack <= datetime.now(UTC))
+
+    async def _try_start(
+        self, tid: str, plugin: str, spec: TriggerSpec, *, preferred: bool
+    ) -> None:
+        lease = LeaseHolder(self._state, self._db, tid, self.host_id, self.options.lease_ttl)
+        fields: Mapping[str, Any] = {
+            "plugin": plugin,
+            "name": spec.name,
+            "collection": spec.collection,
+            "status": "running",
+            "error": None,
+        }
+        grace = 0.0 if preferred else self.options.grace_seconds
+        doc = await lease.acquire(fields, grace=grace, create=True)
+        if doc is None or self._closing:
+            if doc is not None:
+                await lease.release({"status": "waiting"})
+            return
+        self._events.emit(
+            "trigger.lease_acquired",
+            trigger=tid,
+            plugin=plugin,
+            host=self.host_id,
+            epoch=lease.epoch,
+            preferred=preferred,
+        )
+        runner = Runner(
+            tid,
+            plugin,
+            spec,
+            db=self._db,
+            state=self._state,
+            deadletters=self._deadletters,
+            registry=self._registry,
+            dispatcher=self._dispatcher,
+            events=self._events,
+            stats=self.stats,
+            options=self.options,
+            lease=lease,
+            doc=doc,
+        )
+        running = self._running[tid] = _Running(runner, plugin, spec, anyio.Event())
+        self.stats.owned = len(self._running)
+        assert self._tg is not None
+        self._tg.start_soon(self._run_one, tid, running, name=f"trigger {tid}")
+
+    async def _run_one(self, tid: str, running: _Running) -> None:
+        try:
+            await running.runner.run(drain_timeout=self._drain_timeout)
+        finally:
+            if self._running.get(tid) is running:
+                del self._running[tid]
+            self.stats.owned = len(self._running)
+            running.done.set()
+            self._wake.set()  # a paused/handed-over/changed trigger may restart at once

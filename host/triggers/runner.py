@@ -1,0 +1,647 @@
+"""One trigger running on this host: its change stream, workers, checkpoint and lease.
+
+A :class:`Runner` runs while this host holds the trigger's lease (see
+:mod:`host.triggers.lease`) and stops for one of four reasons: the engine asks it to
+(drain, hand-over, plugin disabled or changed), the lease is lost, the history policy
+``fail`` stops it, or the host is cancelled.
+
+Design note — delivery (https://www.mongodb.com/docs/manual/changeStreams/ and
+https://www.mongodb.com/docs/manual/changeStreams/#resume-a-change-stream):
+
+* The stream opens with ``startAfter`` the checkpoint (``startAfter`` also resumes past
+  an ``invalidate``); a trigger without one opens "now" (or at ``start_at``, as
+  ``startAtOperationTime``) and its first checkpoint is the stream's initial
+  ``postBatchResumeToken``, written at once, so "now" is fixed durably before any event.
+* Events enter the :class:`~host.triggers.window.Window` in stream order; one worker
+  task per key with pending events handles them one at a time, so ordering per key
+  holds; a capacity limiter bounds the handlers running at once (``max_concurrency``).
+* A transient error reopens the stream after a backoff from the *last read* token (not
+  the checkpoint): events already in the window are not read twice. PyMongo has already
+  retried once what the spec calls resumable.
+* ``ChangeStreamHistoryLost`` (286) and the other "cannot resume" answers (260 invalid
+  token, 280 fatal) follow the trigger's ``on_history_lost`` policy; never a silent stop.
+* Stop with drain: reading stops, no new event starts, events in flight finish (each
+  on the version it started on: the dispatcher counts it in that version's in-flight
+  calls), the final watermark is written and the lease released in the same write. So a
+  clean stop repeats nothing that finished; the events not started are the next
+  owner's.
+* Which version handles an event is decided when each attempt starts (the registry's
+  current version then): a new version takes the next events, in-flight ones finish on
+  theirs, and a refused version never becomes current, so the old one keeps handling.
+  Rollouts (a canary's share of events) will plug in at :meth:`Runner._version_for`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import traceback as tb_module
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import bson
+from bson.timestamp import Timestamp
+from pymongo.errors import OperationFailure, PyMongoError
+
+from ..context import EventContext
+from ..errors import PluginError, PluginFailed
+from ..records import TriggerSpec
+from .lease import LeaseHolder, server_now
+from .window import Slot, Window
+
+if TYPE_CHECKING:
+    from ..dispatch import Dispatcher
+    from ..events import EventBus
+    from ..plugin import Plugin
+    from ..registry import Registry
+    from .options import TriggerOptions
+    from .stats import TriggerStats
+
+__all__ = ("HISTORY_LOST_CODES", "Runner", "event_id_of")
+
+HISTORY_LOST_CODES = frozenset({260, 280, 286})
+"""InvalidResumeToken, ChangeStreamFatalError, ChangeStreamHistoryLost: cannot resume."""
+_HISTORY_KEPT = 20
+_ERROR_CHARS = 2_000
+
+
+def event_id_of(token: Any) -> str:
+    """A resume token as the string handed to handlers as ``ctx.event_id``."""
+    if isinstance(token, Mapping) and isinstance(token.get("_data"), str):
+        return str(token["_data"])
+    return json.dumps(token, default=str, sort_keys=True)
+
+
+def _as_datetime(value: Any) -> datetime | None:
+    if isinstance(value, Timestamp):
+        return value.as_datetime()
+    if isinstance(value, datetime):
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    return None
+
+
+def _key_of(spec: TriggerSpec) -> Callable[[Mapping[str, Any], int], Any]:
+    if spec.ordered == "total":
+        return lambda _event, _seq: None
+    if spec.ordered == "none":
+        return lambda _event, seq: seq
+
+    def per_key(event: Mapping[str, Any], _seq: int) -> Any:
+        key = event.get("documentKey")
+        # BSON bytes: equal keys are equal bytes (1 and 1.0 differ, as in MongoDB).
+        return bson.encode(key) if isinstance(key, Mapping) else repr(key)
+
+    return per_key
+
+
+class Runner:
+    """Runs one trigger while this host holds its lease.
+
+    Args:
+        tid: The trigger id.
+        plugin: The plugin declaring it.
+        spec: Its declaration (as of the version that started the runner).
+        db: The database of the functions collection (and of the watched collection).
+        state: The state collection.
+        deadletters: The dead-letter collection.
+        registry: Where the current version is looked up per attempt.
+        dispatcher: Runs the handlers.
+        events: The host's event bus.
+        stats: The engine's counters (metrics).
+        options: The engine's options.
+        lease: This host's lease (already acquired).
+        doc: The state document as the acquisition returned it.
+    """
+
+    def __init__(
+        self,
+        tid: str,
+        plugin: str,
+        spec: TriggerSpec,
+        *,
+        db: Any,
+        state: Any,
+        deadletters: Any,
+        registry: Registry,
+        dispatcher: Dispatcher,
+        events: EventBus,
+        stats: TriggerStats,
+        options: TriggerOptions,
+        lease: LeaseHolder,
+        doc: Mapping[str, Any],
+    ) -> None:
+        self.tid = tid
+        self.plugin = plugin
+        self.spec = spec
+        self._db = db
+        self._coll = db[spec.collection]
+        self._state = state
+        self._deadletters = deadletters
+        self._registry = registry
+        self._dispatcher = dispatcher
+        self._events = events
+        self._stats = stats
+        self._options = options
+        self.lease = lease
+        self._window = Window(options.window)
+        self._window.checkpoint = doc.get("checkpoint")
+        self._window.checkpoint_time = doc.get("checkpoint_time")
+        self._written = self._window.checkpoint
+        self._read_token: Mapping[str, Any] | None = self._window.checkpoint
+        self._processed = int(doc.get("processed") or 0)
+        self._failed_attempts = int(doc.get("failed_attempts") or 0)
+        self._dead_letters = int(doc.get("dead_letters") or 0)
+        self._history: list[Any] = list(doc.get("history_lost") or [])[-_HISTORY_KEPT:]
+        # Events the previous owner finished beyond its final checkpoint (a clean hand-over).
+        self._skip: set[str] = {str(e) for e in doc.get("done_ahead") or ()}
+        self._key = _key_of(spec)
+        concurrency = 1 if spec.ordered == "total" else spec.max_concurrency
+        self._limiter = anyio.CapacityLimiter(concurrency)
+        self._running = 0  # handlers running now (this trigger)
+        self._workers = 0  # key workers alive
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._stopping = False
+        self._read_scope = anyio.CancelScope()
+        self._status = "running"
+        self._error: str | None = None
+        self._lag_ms: float | None = None
+        self._rate: float | None = None
+        self.lost = False
+        """The lease was lost (another host may run the trigger now)."""
+        self.failed = False
+        """The history policy ``fail`` stopped the trigger."""
+        self.stop_status = "waiting"
+        """The status written when the runner releases the lease."""
+
+    # -- control ---------------------------------------------------------------------
+
+    def stop(self, status: str = "waiting", error: str | None = None) -> None:
+        """Stop reading; finish the events in flight, checkpoint and release (see run)."""
+        self._stopping = True
+        self.stop_status = status
+        if error is not None:
+            self._error = error
+        self._read_scope.cancel()
+
+    @property
+    def stopping(self) -> bool:
+        """Stop requested (or the lease lost): no new event starts."""
+        return self._stopping
+
+    @property
+    def in_flight(self) -> int:
+        """Handlers of this trigger running now."""
+        return self._running
+
+    async def run(self, drain_timeout: float) -> None:
+        """Run until stopped, the lease is lost or the history policy fails the trigger.
+
+        Args:
+            drain_timeout: How long events in flight may run once stopped.
+        """
+        self._events.emit(
+            "trigger.started",
+            trigger=self.tid,
+            plugin=self.plugin,
+            collection=self.spec.collection,
+            ordered=self.spec.ordered,
+            resumed=self._window.checkpoint is not None,
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keep_lease, tg.cancel_scope)
+                with self._read_scope:
+                    await self._read(tg)
+                self._stopping = True
+                with anyio.move_on_after(drain_timeout):
+                    await self._idle.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._finish()
+
+    async def _finish(self) -> None:
+        if not self.lost:
+            try:
+                with anyio.move_on_after(5.0):
+                    released = await self.lease.release(
+                        self._fields(self.stop_status if not self.failed else "failed")
+                    )
+                    if not released:
+                        self._lease_lost("release")
+            except PyMongoError as exc:
+                self._events.emit(
+                    "trigger.release_failed", "warning", trigger=self.tid, error=str(exc)
+                )
+        self._events.emit(
+            "trigger.stopped",
+            "error" if self.failed else "info",
+            trigger=self.tid,
+            plugin=self.plugin,
+            status="failed" if self.failed else self.stop_status,
+            lease_lost=self.lost,
+            processed=self._processed,
+            error=self._error,
+        )
+
+    # -- the stream ------------------------------------------------------------------
+
+    def _pipeline(self) -> list[dict[str, Any]]:
+        spec = self.spec
+        pipeline: list[dict[str, Any]] = []
+        if len(spec.operations) < 4:
+            pipeline.append({"$match": {"operationType": {"$in": list(spec.operations)}}})
+        if spec.match is not None:
+            pipeline.append({"$match": dict(spec.match)})
+        if spec.project is not None:
+            pipeline.append({"$project": dict(spec.project)})
+        return pipeline
+
+    async def _open(self) -> Any:
+        kwargs: dict[str, Any] = {"full_document": self.spec.full_document}
+        if self.spec.full_document == "default":
+            kwargs["full_document"] = None
+        if self._options.max_await_ms is not None:
+            kwargs["max_await_time_ms"] = self._options.max_await_ms
+        if self._read_token is not None:
+            kwargs["start_after"] = self._read_token
+        elif self.spec.start_at is not None and self._window.checkpoint is None:
+            at = self.spec.start_at
+            at = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+            kwargs["start_at_operation_time"] = Timestamp(int(at.timestamp()), 0)
+        return await self._coll.watch(self._pipeline(), **kwargs)
+
+    async def _read(self, tg: Any) -> None:
+        backoff = 0.05
+        rescan = False
+        while True:
+            try:
+                stream = await self._open()
+                async with stream:
+                    backoff = 0.05
+                    if self._read_token is None:
+                        # "Now" (or start_at) is fixed by the stream's first token.
+                        start = stream.resume_token
+                        if rescan:
+                            await self._rescan(start, tg)
+                            rescan = False
+                        self._read_token = start
+                        self._window.mark(start)
+                        await self._checkpoint()
+                    await self._follow(stream, tg)
+            except OperationFailure as exc:
+                if exc.code not in HISTORY_LOST_CODES or self._read_token is None:
+                    if not await self._transient(exc, backoff):
+                        return
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                policy = self.spec.on_history_lost
+                await self._history_lost(exc, policy)
+                if policy == "fail":
+                    return
+                rescan = policy == "rescan"
+                self._read_token = None
+            except PyMongoError as exc:
+                if not await self._transient(exc, backoff):
+                    return
+                backoff = min(backoff * 2, 5.0)
+
+    async def _transient(self, exc: PyMongoError, backoff: float) -> bool:
+        self._events.emit(
+            "trigger.stream_error", "warning", trigger=self.tid, error=str(exc)[:_ERROR_CHARS]
+        )
+        await anyio.sleep(backoff)
+        return not self._stopping
+
+    async def _follow(self, stream: Any, tg: Any) -> None:
+        window = self._window
+        while True:
+            await window.wait_room()
+            event = await stream.try_next()
+            if event is None:
+                if window.advance_idle(stream.resume_token):
+                    self._read_token = stream.resume_token
+                continue
+            token = event.get("_id")
+            self._read_token = token
+            if event.get("operationType") == "invalidate":
+                return  # reopen with startAfter the invalidate token
+            self._admit(event, token, tg)
+
+    def _admit(self, event: Mapping[str, Any], token: Any, tg: Any) -> None:
+        window = self._window
+        key = self._key(event, window.next_seq)
+        if self._skip and token is not None:
+            event_id = event_id_of(token)
+            if event_id in self._skip:
+                self._skip.discard(event_id)
+                if window.skip(key, event, token):
+                    return
+        if window.add(key, event, token):
+            if self._workers == 0:
+                self._idle = anyio.Event()
+            self._workers += 1
+            tg.start_soon(self._work, key)
+
+    # -- history lost ------------------------------------------------------------------
+
+    async def _history_lost(self, exc: OperationFailure, policy: str) -> None:
+        now = await server_now(self._db)
+        gap_from = _as_datetime(self._window.checkpoint_time)
+        self._history = [
+            *self._history,
+            {"from": gap_from, "to": now, "at": now, "policy": policy},
+        ][-_HISTORY_KEPT:]
+        self._stats.history_lost(self.tid)
+        self._events.emit(
+            "trigger.history_lost",
+            "error" if policy == "fail" else "warning",
+            trigger=self.tid,
+            plugin=self.plugin,
+            policy=policy,
+            gap_from=gap_from.isoformat() if gap_from is not None else None,
+            gap_to=now.isoformat(),
+            code=exc.code,
+            error=str(exc)[:_ERROR_CHARS],
+        )
+        if policy == "fail":
+            self.failed = True
+            self._error = f"change stream history lost (code {exc.code}): {exc}"[:_ERROR_CHARS]
+            self._stopping = True
+        else:
+            # The old checkpoint is gone from the oplog: from here on the stream's new
+            # start is the point to resume from (written once the window passes it).
+            await self._checkpoint()
+
+    async def _rescan(self, start: Any, tg: Any) -> None:
+        """Feed the current documents that match to the handler (policy ``rescan``).
+
+        They enter the window before the stream's events, with no resume token: the
+        checkpoint cannot pass them, so a crash during the rescan starts it again.
+        """
+        spec = self.spec
+        ns = {"db": self._db.name, "coll": spec.collection}
+        pipeline: list[dict[str, Any]] = [
+            {
+                "$replaceWith": {
+                    "_id": None,
+                    "operationType": {"$literal": "rescan"},
+                    "fullDocument": "$$ROOT",
+                    "documentKey": {"_id": "$_id"},
+                    "ns": {"$literal": ns},
+                }
+            }
+        ]
+        if spec.match is not None:
+            pipeline.append({"$match": dict(spec.match)})
+        if spec.project is not None:
+            pipeline.append({"$project": dict(spec.project)})
+        prefix = f"rescan:{event_id_of(start)}:"
+        cursor = await self._coll.aggregate(pipeline)
+        async for event in cursor:
+            await self._window.wait_room()
+            key = event.get("documentKey", {}).get("_id")
+            event["_id"] = {"_data": prefix + event_id_of({"k": repr(key)})}
+            self._admit(event, None, tg)
+
+    # -- workers -----------------------------------------------------------------------
+
+    async def _work(self, key: Any) -> None:
+        window = self._window
+        try:
+            while not self._stopping:
+                slot = window.head(key)
+                if slot is None:
+                    return
+                async with self._limiter:
+                    if self.stopping:  # stopped while waiting for a slot
+                        return
+                    done = await self._deliver(slot)
+                if not done:
+                    return
+                window.finish(slot)
+                self._processed += 1
+                self._stats.handled(self.tid)
+        finally:
+            self._workers -= 1
+            if self._workers == 0:
+                self._idle.set()
+
+    def _version_for(self, slot: Slot) -> Plugin | None:
+        """The version that handles the next attempt of ``slot``: the current one.
+
+        The hook for rollouts: a canary would pick the candidate here for its share of
+        events (e.g. by a hash of the event's key).
+        """
+        return self._registry.get(self.plugin)
+
+    async def _deliver(self, slot: Slot) -> bool:
+        """Handle one event: attempts with backoff, then a dead letter.
+
+        Returns:
+            True once the event is done (handled or dead-lettered); False if the runner
+            stopped first (the event is left for the next start, uncovered).
+        """
+        spec = self.spec
+        event = slot.event
+        event_id = event_id_of(event.get("_id"))
+        failure: PluginError | None = None
+        first_failed: datetime | None = None
+        version = ""
+        for attempt in range(1, spec.max_attempts + 1):
+            plugin = self._version_for(slot)
+            if plugin is None or self._stopping:
+                return False  # disabled or unloaded: paused, the event stays pending
+            version = plugin.version
+            handler = plugin.module.__dict__.get(spec.entrypoint)
+            if attempt == 1:
+                self._observe_lag(event)
+            self._running += 1
+            self._stats.in_flight += 1
+            try:
+                if not callable(handler):
+                    raise PluginError(
+                        f"trigger {self.tid}: {plugin.version} has no handler {spec.entrypoint!r}"
+                    )
+                ctx = EventContext(
+                    plugin, self._dispatcher, trigger=self.tid, event_id=event_id, attempt=attempt
+                )
+                await self._dispatcher.run_handler(
+                    plugin, handler, ctx, event, timeout=plugin.record.timeout
+                )
+                return True
+            except PluginError as exc:
+                failure = exc
+            finally:
+                self._running -= 1
+                self._stats.in_flight -= 1
+            first_failed = first_failed or datetime.now(UTC)
+            self._failed_attempts += 1
+            self._events.emit(
+                "trigger.failed",
+                "warning",
+                trigger=self.tid,
+                plugin=self.plugin,
+                version=version,
+                event_id=event_id,
+                attempt=attempt,
+                max_attempts=spec.max_attempts,
+                error=str(failure)[:_ERROR_CHARS],
+            )
+            if attempt < spec.max_attempts:
+                delay = self._options.retry_backoff * 2 ** (attempt - 1)
+                await anyio.sleep(min(delay, self._options.retry_backoff_max))
+        assert failure is not None
+        return await self._dead_letter(event, event_id, failure, version, first_failed)
+
+    def _observe_lag(self, event: Mapping[str, Any]) -> None:
+        when = _as_datetime(event.get("wallTime")) or _as_datetime(event.get("clusterTime"))
+        if when is None:
+            return  # a rescan's synthetic event
+        lag = (datetime.now(UTC) - when).total_seconds()
+        self._lag_ms = max(lag, 0.0) * 1000.0
+        self._stats.observe_lag(lag)
+
+    async def _dead_letter(
+        self,
+        event: Mapping[str, Any],
+        event_id: str,
+        failure: PluginError,
+        version: str,
+        first_failed: datetime | None,
+    ) -> bool:
+        if isinstance(failure, PluginFailed):
+            lines = failure.traceback.splitlines()
+        else:
+            lines = tb_module.format_exception_only(failure)
+        now = datetime.now(UTC)
+        letter = {
+            "trigger": self.tid,
+            "plugin": self.plugin,
+            "event_id": event.get("_id"),
+            "event": dict(event),
+            "error": str(failure)[:_ERROR_CHARS],
+            "traceback": lines[-200:],
+            "attempts": self.spec.max_attempts,
+            "version": version,
+            "first_failed_at": first_failed or now,
+            "last_failed_at": now,
+        }
+        delay = self._options.retry_backoff
+        while True:  # the event is done only once its dead letter is stored
+            try:
+                await self._deadletters.insert_one(letter)
+                break
+            except PyMongoError as exc:
+                self._events.emit(
+                    "trigger.dead_letter_failed", "error", trigger=self.tid, error=str(exc)
+                )
+                if self._stopping:
+                    return False
+                await anyio.sleep(delay)
+                delay = min(delay * 2, self._options.retry_backoff_max)
+        self._dead_letters += 1
+        self._stats.dead_lettered(self.tid)
+        self._events.emit(
+            "trigger.dead_lettered",
+            "error",
+            trigger=self.tid,
+            plugin=self.plugin,
+            version=version,
+            event_id=event_id,
+            attempts=self.spec.max_attempts,
+            error=str(failure)[:_ERROR_CHARS],
+        )
+        return True
+
+    # -- checkpoint and lease ------------------------------------------------------------
+
+    def _fields(self, status: str) -> dict[str, Any]:
+        window = self._window
+        return {
+            "checkpoint": window.checkpoint,
+            "checkpoint_time": window.checkpoint_time,
+            "status": status,
+            "error": self._error,
+            "processed": self._processed,
+            "failed_attempts": self._failed_attempts,
+            "dead_letters": self._dead_letters,
+            "lag_ms": self._lag_ms,
+            "events_per_s": self._rate,
+            "history_lost": self._history,
+            "failed_version": self._failed_version() if self.failed else None,
+            "done_ahead": [event_id_of(t) for t in window.done_ahead()] + sorted(self._skip),
+        }
+
+    def _failed_version(self) -> str | None:
+        plugin = self._registry.get(self.plugin)
+        return plugin.version if plugin is not None else None
+
+    async def _checkpoint(self) -> bool:
+        # trigger.checkpoint is debug only (the contract: too chatty for info).
+        written = await self.lease.write(self._fields(self._status))
+        if not written:
+            self._lease_lost("checkpoint")
+            return False
+        self._written = self._window.checkpoint
+        self._last_renewal = time.monotonic()
+        self._events.emit("trigger.checkpoint", "debug", trigger=self.tid)
+        return True
+
+    def _lease_lost(self, where: str) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        self._stopping = True
+        self._events.emit(
+            "trigger.lease_lost", "warning", trigger=self.tid, plugin=self.plugin, where=where
+        )
+
+    async def _keep_lease(self, scope: anyio.CancelScope) -> None:
+        """Write the checkpoint in batches and renew the lease; stop all at a lost lease.
+
+        A batch is written when ``checkpoint_every`` events were covered since the last
+        write, or ``checkpoint_interval`` seconds passed with the watermark moved; the
+        lease is renewed with it, or alone every third of the TTL.
+        """
+        options = self._options
+        window = self._window
+        renew_every = options.lease_ttl / 3
+        self._last_renewal = time.monotonic()
+        covered_at_write = window.covered
+        rate_at = time.monotonic()
+        while True:
+            deadline = min(options.checkpoint_interval, renew_every)
+            with anyio.move_on_after(deadline):
+                while window.covered - covered_at_write < options.checkpoint_every:
+                    window.moved = anyio.Event()
+                    await window.moved.wait()
+            now = time.monotonic()
+            dirty = window.checkpoint != self._written
+            if not dirty and now - self._last_renewal < renew_every:
+                continue
+            elapsed = now - rate_at
+            if elapsed > 0:
+                self._rate = (window.covered - covered_at_write) / elapsed
+            try:
+                if not await self._checkpoint():
+                    scope.cancel()
+                    return
+            except PyMongoError as exc:
+                self._events.emit(
+                    "trigger.checkpoint_failed", "warning", trigger=self.tid, error=str(exc)
+                )
+                if time.monotonic() - self._last_renewal > options.lease_ttl:
+                    self._lease_lost("renewal")  # another host may hold it by now
+                    scope.cancel()
+                    return
+                await anyio.sleep(min(renew_every, 1.0))
+                continue
+            covered_at_write = window.covered
+            rate_at = now
+            if not math.isfinite(self._rate or 0.0):
+                self._rate = None

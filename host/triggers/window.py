@@ -1,0 +1,190 @@
+"""The delivery window of one trigger: ordering per key and the low-watermark checkpoint.
+
+Design note — at least once, with a low-watermark:
+
+* Events are numbered in stream order (the order of the change stream, which is the
+  commit order: https://www.mongodb.com/docs/manual/changeStreams/ "change streams ...
+  guarantee the total ordering of changes"). Each enters the window when it is read and
+  is *done* once its handler succeeded or its dead letter was written.
+* INVARIANT (low-watermark): ``checkpoint`` is the resume token of an event E such that
+  E and every event before E are done. It only moves forward. An event after a
+  not-yet-done one is never covered by it, however early it finished.
+* INVARIANT (per key): events with the same key run one at a time, in stream order
+  (``per_key``: the ``documentKey``; ``total``: one key for all; ``none``: a key per event).
+  Different keys run concurrently, at most ``max_concurrency`` handlers at once.
+* Memory is bounded: at most ``capacity`` events are in the window (read but not covered
+  by the watermark); the reader waits for room.
+
+What a crash repeats: the events after the last *written* checkpoint — those in the
+window at the crash (at most ``capacity``) plus those done since the last write (at most
+one batch: ``checkpoint_every`` events or ``checkpoint_interval`` seconds). A clean stop
+writes the final watermark together with the tokens of the events done *beyond* it
+(``done_ahead``: they finished while an earlier event had not started); the next owner
+skips those when it reads them again, so a clean hand-over repeats nothing that finished.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+__all__ = ("Slot", "Window")
+
+_MARK = object()
+"""The key of a stream-start mark (never handled, so in no key's queue)."""
+
+
+@dataclass(slots=True, eq=False)
+class Slot:
+    """One event in the window.
+
+    Attributes:
+        seq: Its stream position.
+        key: Its ordering key.
+        event: The change event.
+        token: Its resume token (None for a synthetic event, e.g. a rescan's: the
+            watermark does not move past it, and then stays below the events after it).
+        done: Handled (or dead-lettered).
+    """
+
+    seq: int
+    key: Any
+    event: Mapping[str, Any]
+    token: Mapping[str, Any] | None
+    done: bool = False
+
+
+@dataclass(slots=True)
+class Window:
+    """The events of one trigger between the checkpoint and the stream's read position."""
+
+    capacity: int
+    _seq: int = 0
+    _slots: deque[Slot] = field(default_factory=deque)
+    _by_key: dict[Any, deque[Slot]] = field(default_factory=dict)
+    _room: anyio.Event = field(default_factory=anyio.Event)
+    checkpoint: Mapping[str, Any] | None = None
+    """Resume token of the low-watermark (None: nothing new since the window started)."""
+    checkpoint_time: Any = None
+    """Cluster time of the watermark event (``clusterTime``), or None."""
+    covered: int = 0
+    """Events the watermark moved past since the window started."""
+    moved: anyio.Event = field(default_factory=anyio.Event)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in the window: every event read is covered by the watermark."""
+        return not self._slots
+
+    async def wait_room(self) -> None:
+        """Wait until the window has room for one more event."""
+        while len(self._slots) >= self.capacity:
+            self._room = anyio.Event()
+            await self._room.wait()
+
+    def add(self, key: Any, event: Mapping[str, Any], token: Mapping[str, Any] | None) -> bool:
+        """Put an event in the window.
+
+        Returns:
+            True if its key had nothing pending (the caller starts a worker for the key);
+            False if a worker of the key is running and will reach it.
+        """
+        self._seq += 1
+        slot = Slot(self._seq, key, event, token)
+        self._slots.append(slot)
+        queue = self._by_key.get(key)
+        if queue is None:
+            self._by_key[key] = deque((slot,))
+            return True
+        queue.append(slot)
+        return False
+
+    @property
+    def next_seq(self) -> int:
+        """The stream position the next event added gets."""
+        return self._seq + 1
+
+    def mark(self, token: Mapping[str, Any] | None) -> None:
+        """Add a point the watermark may move to once everything before it is done.
+
+        Used for a stream's start token: the checkpoint reaches it at once when the
+        window is empty, or after the events before it (a rescan's) are done.
+        """
+        if token is None:
+            return
+        self._seq += 1
+        self._slots.append(Slot(self._seq, _MARK, {}, token, done=True))
+        self._advance()
+
+    def head(self, key: Any) -> Slot | None:
+        """The oldest unfinished event of ``key`` (what its worker handles next)."""
+        queue = self._by_key.get(key)
+        return queue[0] if queue else None
+
+    def finish(self, slot: Slot) -> None:
+        """Mark ``slot`` done; drop it from its key's queue; advance the watermark."""
+        slot.done = True
+        queue = self._by_key[slot.key]
+        queue.popleft()
+        if not queue:
+            del self._by_key[slot.key]
+        self._advance()
+
+    def _advance(self) -> None:
+        moved = False
+        while self._slots and self._slots[0].done:
+            head = self._slots.popleft()
+            if head.token is not None:
+                self.checkpoint = head.token
+                self.checkpoint_time = head.event.get("clusterTime")
+            self.covered += 1
+            moved = True
+        if moved:
+            self._room.set()
+            self.moved.set()
+
+    def done_ahead(self) -> list[Mapping[str, Any]]:
+        """Tokens of the events done but not covered (one before them is still pending).
+
+        Written with the final checkpoint, so that the next owner, which re-reads them
+        from the checkpoint, skips them: a clean hand-over repeats nothing that finished.
+        """
+        return [
+            s.token for s in self._slots if s.done and s.token is not None and s.key is not _MARK
+        ]
+
+    def skip(self, key: Any, event: Mapping[str, Any], token: Mapping[str, Any] | None) -> bool:
+        """Put an event in the window as already done (the previous owner finished it).
+
+        Only when its key has nothing pending (the previous owner handled the key's
+        earlier events too, per key order); otherwise the caller handles it normally.
+
+        Returns:
+            True if it was added as done.
+        """
+        if key in self._by_key:
+            return False
+        self.add(key, event, token)
+        slot = self._by_key[key][0]
+        self.finish(slot)
+        return True
+
+    def advance_idle(self, token: Mapping[str, Any] | None) -> bool:
+        """Move the watermark to the stream's post-batch token when nothing is pending.
+
+        A stream whose events are all filtered out still advances its resume token
+        (``postBatchResumeToken``); keeping the checkpoint there keeps it inside the
+        oplog window. Returns True if the checkpoint moved.
+        """
+        if token is None or self._slots or token == self.checkpoint:
+            return False
+        self.checkpoint = token
+        self.moved.set()
+        return True

@@ -1,0 +1,127 @@
+"""Triggers on one host: delivery at least once, order per key, retries, dead letters."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from host import PluginHost
+from tests.support import PROBE, Db, next_event, wait_until
+from tests.triggers_support import (
+    FAST,
+    RECORDER,
+    duplicates,
+    record,
+    state,
+    wait_running,
+    wait_seen,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_thousand_inserts_are_each_handled_once(db: Db) -> None:
+    """1,000 inserts reach the handler once each when nothing fails, and the checkpoint follows."""
+    await db.functions.insert_one(record("rec", RECORDER, {"collection": "orders"}))
+    async with PluginHost(db, triggers=FAST) as host:
+        await wait_running(db, "rec/orders")
+        await db.orders.insert_many([{"_id": i} for i in range(1000)])
+        await wait_seen(db, 1000)
+
+        async def checkpointed() -> bool:
+            doc = await state(db, "rec/orders")
+            return doc is not None and doc["processed"] == 1000
+
+        await wait_until(checkpointed, "the state counts 1,000 processed events")
+        assert host.triggers is not None and host.triggers.owned() == {"rec/orders": "rec"}
+    assert await db.seen.count_documents({}) == 1000
+    assert await duplicates(db) == []
+    assert sorted(await db.seen.distinct("key")) == list(range(1000))
+    assert await db.seen.count_documents({"attempt": {"$ne": 1}}) == 0
+    doc = await state(db, "rec/orders")
+    assert doc is not None
+    assert doc["owner"] is None  # released at the clean stop
+    assert doc["status"] == "waiting"
+    assert doc["checkpoint"] is not None
+
+
+ORDER = f"""
+import asyncio, random
+import {PROBE} as probe
+
+async def on_change(ctx, event):
+    key = event["documentKey"]["_id"]
+    if key in probe.running:
+        probe.overlaps += 1
+    probe.running.add(key)
+    probe.peak = max(probe.peak, len(probe.running))
+    await asyncio.sleep(random.random() * 0.003)
+    probe.log.append((key, event["updateDescription"]["updatedFields"]["n"]))
+    probe.running.discard(key)
+"""
+
+
+async def test_per_key_order_holds_under_concurrency(db: Db, probe: Any) -> None:
+    """Events of one document run one at a time in commit order; different documents overlap."""
+    module = sys.modules[PROBE]
+    module.__dict__.update(log=[], running=set(), overlaps=0, peak=0)
+    keys, rounds = 20, 30
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    await db.docs.insert_many([{"_id": k, "n": -1} for k in range(keys)])
+    for n in range(rounds):
+        for k in range(keys):
+            await db.docs.update_one({"_id": k}, {"$set": {"n": n}})
+    trigger = {"collection": "docs", "operations": ["update"], "start_at": start}
+    await db.functions.insert_one(record("order", ORDER, trigger))
+    async with PluginHost(db, triggers=FAST):
+        await wait_until(lambda: len(module.log) >= keys * rounds, "every update handled")
+    by_key: dict[int, list[int]] = {}
+    for key, n in module.log:
+        by_key.setdefault(key, []).append(n)
+    assert by_key == {k: list(range(rounds)) for k in range(keys)}
+    assert module.overlaps == 0
+    assert module.peak > 1  # different keys did run concurrently
+
+
+POISON = """
+async def on_change(ctx, event):
+    doc = event["fullDocument"]
+    if doc.get("poison"):
+        raise ValueError(f"cannot digest {doc['_id']}")
+    await ctx.db.seen.insert_one({"event_id": ctx.event_id, "key": doc["_id"]})
+"""
+
+
+async def test_a_poison_event_is_dead_lettered_while_the_rest_flow(db: Db) -> None:
+    """A handler failing on one event is retried max_attempts times, then dead-lettered."""
+    trigger = {"collection": "orders", "max_attempts": 3, "operations": ["insert"]}
+    await db.functions.insert_one(record("p", POISON, trigger))
+    async with PluginHost(db, triggers=FAST) as host, host.events() as events:
+        await wait_running(db, "p/orders")
+        await db.orders.insert_many([{"_id": i, "poison": i == 5} for i in range(20)])
+        letter_event = await next_event(events, "trigger.dead_lettered")
+        await wait_seen(db, 19)
+
+        async def counted() -> bool:
+            doc = await state(db, "p/orders")
+            return doc is not None and doc["processed"] == 20 and doc["dead_letters"] == 1
+
+        await wait_until(counted, "the state counts 20 events and one dead letter")
+    assert letter_event["attempts"] == 3
+    letters = [d async for d in db.functions_deadletters.find({})]
+    assert len(letters) == 1
+    letter = letters[0]
+    assert letter["trigger"] == "p/orders" and letter["plugin"] == "p"
+    assert letter["attempts"] == 3
+    assert letter["event"]["fullDocument"]["_id"] == 5
+    assert letter["event_id"] == letter["event"]["_id"]
+    assert "cannot digest 5" in letter["error"]
+    assert any("ValueError" in line for line in letter["traceback"])
+    assert letter["version"].startswith("p:")
+    assert letter["first_failed_at"] <= letter["last_failed_at"]
+    assert sorted(await db.seen.distinct("key")) == [i for i in range(20) if i != 5]
+    doc = await state(db, "p/orders")
+    assert doc is not None and doc["failed_attempts"] == 3
