@@ -16,7 +16,9 @@ from ._common import (
     ConnectTimeout,
     Database,
     MongoUri,
+    TrustedKeyPaths,
     _console,
+    _load_trusted,
     _with_db,
     app,
     fail,
@@ -25,7 +27,7 @@ from ._common import (
 if TYPE_CHECKING:
     from bson import ObjectId
 
-    from ..deadletters import DeadLetter
+    from ..deadletters import DeadLetter, RetryOutcome
     from ..triggerview import TriggerStatus
 
 __all__ = ("deadletter_app", "triggers")
@@ -178,6 +180,22 @@ def _selection(name: str, ids: list[str] | None, every: bool, *, required: bool)
     return parsed
 
 
+def _logs_to_stderr() -> None:
+    """The host this command starts logs warnings and errors to stderr (stdout is output)."""
+    import logging
+
+    import structlog
+
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+    )
+
+
 def _missing(wanted: Sequence[ObjectId] | None, found: Sequence[str]) -> list[str]:
     if wanted is None:
         return []
@@ -256,3 +274,64 @@ def drop(
         print(f"dropped {dropped} dead letter{'s' if dropped != 1 else ''} of {name}")
     if missing:
         raise fail(f"no dead letter of {name} with id {', '.join(missing)}")
+
+
+@deadletter_app.command()
+def retry(
+    name: TriggerName,
+    ids: Ids = None,
+    every: All = False,
+    trusted_keys: TrustedKeyPaths = None,
+    as_json: AsJson = False,
+    mongodb_uri: MongoUri = DEFAULT_URI,
+    database: Database = "app",
+    collection: Collection = "functions",
+    connect_timeout: ConnectTimeout = 5.0,
+) -> None:
+    """Run dead letters again through the plugin's current version; delete each that succeeds.
+
+    The handler runs in this process (the collection's plugins are loaded here, triggers
+    off) with the event's own ctx.event_id; a crash before the delete leaves the dead
+    letter in place, so a retry may repeat an event, never lose one.
+    """
+    from ..deadletters import host_deliverer, list_dead_letters, retry_dead_letters
+    from ..runtime import PluginHost
+
+    wanted = _selection(name, ids, every, required=True)
+    keys = _load_trusted(trusted_keys)
+    _logs_to_stderr()
+
+    async def job(db: Any) -> tuple[list[RetryOutcome], list[str]]:
+        present = [
+            d.id for d in await list_dead_letters(db, name, collection=collection, ids=wanted)
+        ]
+        if not present:
+            return [], _missing(wanted, present)
+        async with PluginHost(db, collection, trusted_keys=keys, triggers=False) as host:
+            outcomes = await retry_dead_letters(
+                db, name, host_deliverer(host), collection=collection, ids=wanted
+            )
+        return outcomes, _missing(wanted, present)
+
+    outcomes, missing = _with_db(mongodb_uri, database, connect_timeout, job)
+    if as_json:
+        _emit({"outcomes": [o.as_dict() for o in outcomes], "missing": missing})
+    else:
+        if not outcomes and not missing:
+            print(f"no dead letters for {name}")
+        for o in outcomes:
+            detail = {
+                "succeeded": f"succeeded on {o.version} (attempt {o.attempt}); deleted",
+                "failed": f"failed again (attempt {o.attempt}): {o.error}",
+                "claimed": "skipped: another retry is running it",
+            }[o.outcome]
+            print(f"{o.id} {o.trigger}: {detail}")
+    if missing:
+        raise fail(f"no dead letter of {name} with id {', '.join(missing)}")
+    failed = [o for o in outcomes if o.outcome != "succeeded"]
+    if failed:
+        raise fail(
+            f"{len(failed)} of {len(outcomes)} dead letters of {name} did not succeed; "
+            "they are kept",
+            f"`plugin-host deadletter list {name} --full` shows the errors",
+        )
