@@ -7,7 +7,7 @@ The event names and their fields are a public interface (documented in the READM
 ``plugin.reload_failed``, ``plugin.rejected``, ``plugin.unloaded``, ``plugin.retired``,
 ``call.failed``, ``call.timeout``; and ``watch.error``, ``watch.failed``,
 ``plugin.teardown_failed``, ``plugin.task_failed``, ``plugin.thread_stuck``, ``trust.disabled``,
-``loop.blocked``.
+``loop.blocked``; and the triggers' ``trigger.*`` events (see :mod:`host.triggers`).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from host import PluginHost
+from host.metrics import Metrics, follow_triggers
 from tests.support import PROBE, Db, next_event, wait_until
 from tests.triggers_support import (
     FAST,
@@ -99,7 +100,10 @@ async def test_a_poison_event_is_dead_lettered_while_the_rest_flow(db: Db) -> No
     """A handler failing on one event is retried max_attempts times, then dead-lettered."""
     trigger = {"collection": "orders", "max_attempts": 3, "operations": ["insert"]}
     await db.functions.insert_one(record("p", POISON, trigger))
+    metrics = Metrics(process=False)
     async with PluginHost(db, triggers=FAST) as host, host.events() as events:
+        assert host.triggers is not None
+        follow_triggers(host.triggers.stats, metrics)
         await wait_running(db, "p/orders")
         await db.orders.insert_many([{"_id": i, "poison": i == 5} for i in range(20)])
         letter_event = await next_event(events, "trigger.dead_lettered")
@@ -110,6 +114,12 @@ async def test_a_poison_event_is_dead_lettered_while_the_rest_flow(db: Db) -> No
             return doc is not None and doc["processed"] == 20 and doc["dead_letters"] == 1
 
         await wait_until(counted, "the state counts 20 events and one dead letter")
+        text = metrics.render()
+    assert 'plugin_host_trigger_events_total{trigger="p/orders"} 20.0' in text
+    assert 'plugin_host_trigger_dead_letters_total{trigger="p/orders"} 1.0' in text
+    assert "plugin_host_trigger_lag_seconds_count 20.0" in text
+    assert "plugin_host_trigger_in_flight 0.0" in text
+    assert "plugin_host_triggers_owned 1.0" in text
     assert letter_event["attempts"] == 3
     letters = [d async for d in db.functions_deadletters.find({})]
     assert len(letters) == 1

@@ -49,6 +49,7 @@ from pymongo.errors import OperationFailure, PyMongoError
 from ..context import EventContext
 from ..errors import PluginError, PluginFailed
 from ..records import TriggerSpec
+from .echo import EchoDetector
 from .lease import LeaseHolder, server_now
 from .window import Slot, Window
 
@@ -83,18 +84,19 @@ def _as_datetime(value: Any) -> datetime | None:
     return None
 
 
+def document_key(event: Mapping[str, Any], _seq: int = 0) -> Any:
+    """An event's ``documentKey`` as a hashable key (BSON bytes: 1 and 1.0 differ, as in
+    MongoDB)."""
+    key = event.get("documentKey")
+    return bson.encode(key) if isinstance(key, Mapping) else repr(key)
+
+
 def _key_of(spec: TriggerSpec) -> Callable[[Mapping[str, Any], int], Any]:
     if spec.ordered == "total":
         return lambda _event, _seq: None
     if spec.ordered == "none":
         return lambda _event, seq: seq
-
-    def per_key(event: Mapping[str, Any], _seq: int) -> Any:
-        key = event.get("documentKey")
-        # BSON bytes: equal keys are equal bytes (1 and 1.0 differ, as in MongoDB).
-        return bson.encode(key) if isinstance(key, Mapping) else repr(key)
-
-    return per_key
+    return document_key
 
 
 class Runner:
@@ -158,6 +160,8 @@ class Runner:
         # Events the previous owner finished beyond its final checkpoint (a clean hand-over).
         self._skip: set[str] = {str(e) for e in doc.get("done_ahead") or ()}
         self._key = _key_of(spec)
+        self._echo = EchoDetector() if spec.ordered != "none" else None
+        self._echo_warned = False
         concurrency = 1 if spec.ordered == "total" else spec.max_concurrency
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._running = 0  # handlers running now (this trigger)
@@ -460,6 +464,9 @@ class Runner:
             handler = plugin.module.__dict__.get(spec.entrypoint)
             if attempt == 1:
                 self._observe_lag(event)
+                echo_key = document_key(event)
+                chain = self._echo.check(echo_key, event) if self._echo is not None else 0
+                started = time.time()
             self._running += 1
             self._stats.in_flight += 1
             try:
@@ -473,6 +480,7 @@ class Runner:
                 await self._dispatcher.run_handler(
                     plugin, handler, ctx, event, timeout=plugin.record.timeout
                 )
+                self._echoed(echo_key, started, chain)
                 return True
             except PluginError as exc:
                 failure = exc
@@ -497,6 +505,23 @@ class Runner:
                 await anyio.sleep(min(delay, self._options.retry_backoff_max))
         assert failure is not None
         return await self._dead_letter(event, event_id, failure, version, first_failed)
+
+    def _echoed(self, key: Any, started: float, chain: int) -> None:
+        if self._echo is None:
+            return
+        self._echo.handled(key, started, time.time(), chain)
+        if chain >= self._echo.threshold and not self._echo_warned:
+            self._echo_warned = True
+            self._events.emit(
+                "trigger.recursion_suspected",
+                "warning",
+                trigger=self.tid,
+                plugin=self.plugin,
+                collection=self.spec.collection,
+                chain=chain,
+                message="events of one document keep arriving while its handler runs: "
+                "does the handler write the document that triggers it?",
+            )
 
     def _observe_lag(self, event: Mapping[str, Any]) -> None:
         when = _as_datetime(event.get("wallTime")) or _as_datetime(event.get("clusterTime"))
