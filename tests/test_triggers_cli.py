@@ -19,7 +19,7 @@ from .test_fleet_daemons import cli
 from .test_triggerview import beat, dead_letter, server_now, state
 from .triggers_support import FAST, record, wait_running
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]  # CLI subprocesses on a busy machine
 
 
 async def test_triggers_lists_owner_lag_dead_letters_and_gaps(mongo_uri: str, db: Db) -> None:

@@ -28,9 +28,37 @@ if TYPE_CHECKING:
     from bson import ObjectId
 
     from ..deadletters import DeadLetter, RetryOutcome
+    from ..triggers import TriggerOptions
     from ..triggerview import TriggerStatus
 
-__all__ = ("deadletter_app", "triggers")
+__all__ = ("RunTriggers", "TriggerLeaseTtl", "deadletter_app", "trigger_options", "triggers")
+
+# -- the daemon's trigger options (``run``) -----------------------------------------------
+
+RunTriggers = Annotated[
+    bool,
+    typer.Option(
+        "--triggers/--no-triggers",
+        help="Run the change-stream triggers the plugins declare (`plugin-host triggers`).",
+    ),
+]
+TriggerLeaseTtl = Annotated[
+    float,
+    typer.Option(
+        "--trigger-lease-ttl",
+        min=0.1,
+        help="Seconds a trigger lease lasts unrenewed: a dead owner's triggers move within "
+        "about this time.",
+    ),
+]
+
+
+def trigger_options(enabled: bool, lease_ttl: float) -> TriggerOptions | bool:
+    """What ``run_daemon(triggers=...)`` takes for ``--triggers`` and ``--trigger-lease-ttl``."""
+    from ..triggers import TriggerOptions
+
+    return TriggerOptions(lease_ttl=lease_ttl) if enabled else False
+
 
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 TriggerName = Annotated[
@@ -196,10 +224,15 @@ def _logs_to_stderr() -> None:
     )
 
 
-def _missing(wanted: Sequence[ObjectId] | None, found: Sequence[str]) -> list[str]:
+async def _missing(
+    db: Any, name: str, collection: str, wanted: Sequence[ObjectId] | None
+) -> list[str]:
+    """The ids of ``wanted`` that are not dead letters of ``name`` (none for "all")."""
+    from ..deadletters import list_dead_letters
+
     if wanted is None:
         return []
-    have = set(found)
+    have = {d.id for d in await list_dead_letters(db, name, collection=collection, ids=wanted)}
     return [str(oid) for oid in wanted if str(oid) not in have]
 
 
@@ -256,16 +289,13 @@ def drop(
     connect_timeout: ConnectTimeout = 5.0,
 ) -> None:
     """Delete dead letters for good: their events will not run."""
-    from ..deadletters import drop_dead_letters, list_dead_letters
+    from ..deadletters import drop_dead_letters
 
     wanted = _selection(name, ids, every, required=True)
 
     async def job(db: Any) -> tuple[int, list[str]]:
-        present = [
-            d.id for d in await list_dead_letters(db, name, collection=collection, ids=wanted)
-        ]
-        dropped = await drop_dead_letters(db, name, collection=collection, ids=wanted)
-        return dropped, _missing(wanted, present)
+        missing = await _missing(db, name, collection, wanted)
+        return await drop_dead_letters(db, name, collection=collection, ids=wanted), missing
 
     dropped, missing = _with_db(mongodb_uri, database, connect_timeout, job)
     if as_json:
@@ -302,16 +332,14 @@ def retry(
     _logs_to_stderr()
 
     async def job(db: Any) -> tuple[list[RetryOutcome], list[str]]:
-        present = [
-            d.id for d in await list_dead_letters(db, name, collection=collection, ids=wanted)
-        ]
-        if not present:
-            return [], _missing(wanted, present)
+        missing = await _missing(db, name, collection, wanted)
+        if not await list_dead_letters(db, name, collection=collection, ids=wanted, limit=1):
+            return [], missing  # nothing to run: do not load the plugins
         async with PluginHost(db, collection, trusted_keys=keys, triggers=False) as host:
             outcomes = await retry_dead_letters(
                 db, name, host_deliverer(host), collection=collection, ids=wanted
             )
-        return outcomes, _missing(wanted, present)
+        return outcomes, missing
 
     outcomes, missing = _with_db(mongodb_uri, database, connect_timeout, job)
     if as_json:
