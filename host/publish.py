@@ -27,8 +27,8 @@ import anyio
 from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import DuplicateKeyError
 
-from .errors import PluginHostError
-from .records import is_valid_name
+from .errors import PluginHostError, RecordError
+from .records import is_valid_name, parse_triggers
 
 if TYPE_CHECKING:
     from .fleetview import Convergence, Progress
@@ -186,6 +186,11 @@ async def publish(
             given with ``sign`` (the signer does not cover triggers yet).
     """
     _check(name, source, entrypoint, check_syntax)
+    if triggers:
+        try:  # refused here rather than by every host (which would keep the old version)
+            parse_triggers(name, list(triggers))
+        except RecordError as exc:
+            raise PublishError(str(exc)) from None
     if triggers and sign is not None:
         raise PublishError(
             f"plugin {name!r}: cannot sign a record with triggers here yet (the signature "

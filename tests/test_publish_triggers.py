@@ -49,3 +49,10 @@ async def test_signing_a_record_with_triggers_is_refused_clearly(db: Db) -> None
     """publish refuses to sign triggers the signature would not cover (rather than be refused)."""
     with pytest.raises(PublishError, match="cannot sign a record with triggers"):
         await publish(db, "agg", WITH, sign=lambda *_: "x", triggers=[{"collection": "s"}])
+
+
+async def test_a_bad_declaration_is_refused_at_publish(db: Db) -> None:
+    """publish validates TRIGGERS as the hosts would, naming the option, and writes nothing."""
+    with pytest.raises(PublishError, match=r"triggers\[0\]\.ordered"):
+        await publish(db, "agg", WITH, triggers=[{"collection": "s", "ordered": "sideways"}])
+    assert await db.functions.find_one({"_id": "agg"}) is None
