@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -135,3 +136,56 @@ async def test_a_poison_event_is_dead_lettered_while_the_rest_flow(db: Db) -> No
     assert sorted(await db.seen.distinct("key")) == [i for i in range(20) if i != 5]
     doc = await state(db, "p/orders")
     assert doc is not None and doc["failed_attempts"] == 3
+
+
+async def test_a_dead_letter_replays_through_the_current_version(db: Db) -> None:
+    """handle() reruns a stored event with its own event_id on the version now current,
+    from a host that takes no lease (acquire=False)."""
+    trigger = {"collection": "orders", "max_attempts": 1, "operations": ["insert"]}
+    await db.functions.insert_one(record("p", POISON, trigger))
+    async with PluginHost(db, triggers=FAST) as host, host.events() as events:
+        await wait_running(db, "p/orders")
+        await db.orders.insert_one({"_id": 1, "poison": True})
+        await next_event(events, "trigger.dead_lettered")
+    letter = await db.functions_deadletters.find_one({})
+    assert letter is not None
+    fixed = POISON.replace('doc.get("poison")', "False")
+    await db.functions.update_one({"_id": "p"}, {"$set": {"source": fixed}})
+    tool = dataclasses.replace(FAST, acquire=False)
+    async with PluginHost(db, triggers=tool) as replayer:
+        assert replayer.triggers is not None
+        with pytest.raises(KeyError, match="no/such"):
+            await replayer.triggers.handle("no/such", letter["event"])
+        await replayer.triggers.handle("p/orders", letter["event"])
+        assert replayer.triggers.owned() == {}
+    doc = await db.seen.find_one({"key": 1})
+    assert doc is not None and doc["event_id"] == letter["event_id"]["_data"]
+    owner = await state(db, "p/orders")
+    assert owner is not None and owner["owner"] is None  # the replaying host took no lease
+
+
+TOTAL = f"""
+import asyncio
+import {PROBE} as probe
+
+async def on_change(ctx, event):
+    probe.active += 1
+    probe.peak = max(probe.peak, probe.active)
+    await asyncio.sleep(0.001)
+    probe.log.append(event["documentKey"]["_id"])
+    probe.active -= 1
+"""
+
+
+async def test_total_order_runs_one_event_at_a_time_in_commit_order(db: Db, probe: Any) -> None:
+    """ordered=total: one handler at a time, in commit order, whatever the documents."""
+    module = sys.modules[PROBE]
+    module.__dict__.update(log=[], active=0, peak=0)
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    await db.docs.insert_many([{"_id": i} for i in range(60)])
+    trigger = {"collection": "docs", "ordered": "total", "start_at": start}
+    await db.functions.insert_one(record("tot", TOTAL, trigger))
+    async with PluginHost(db, triggers=FAST):
+        await wait_until(lambda: len(module.log) >= 60, "every insert handled")
+    assert module.log == list(range(60))
+    assert module.peak == 1

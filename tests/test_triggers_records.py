@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from host import PluginHost
 from host.errors import RecordError
 from host.records import TriggerSpec, parse_record
+from host.triggers.lease import preferred_owner
 from host.triggers.window import Window
 from host.trust import SignatureVerifier, TrustedKeys, canonical_payload, sign_record
 from tests.support import Db, drain, next_event, wait_until
@@ -210,3 +211,20 @@ async def test_a_trigger_writing_elsewhere_is_not_warned_about(db: Db) -> None:
         seen = [event.event for event in await drain(events)]
     assert "trigger.recursion_suspected" not in seen
     assert "trigger.started" in seen  # the subscription did see the trigger's events
+
+
+@given(
+    st.sets(st.text(alphabet="abcdef", min_size=1, max_size=4), min_size=2, max_size=6),
+    st.integers(min_value=0, max_value=5),
+)
+def test_rendezvous_moves_only_the_triggers_of_a_leaving_host(hosts: set[str], pick: int) -> None:
+    """Removing one host reassigns only the triggers it was preferred for."""
+    leaving = sorted(hosts)[pick % len(hosts)]
+    rest = hosts - {leaving}
+    for n in range(50):
+        tid = f"p/t{n}"
+        before = preferred_owner(tid, hosts)
+        after = preferred_owner(tid, rest)
+        assert before in hosts and after in rest
+        if before != leaving:
+            assert after == before

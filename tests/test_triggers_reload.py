@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from host import PluginHost
-from tests.support import PROBE, Db, next_event, wait_until
+from tests.support import PROBE, Db, drain, next_event, wait_until
 from tests.triggers_support import (
     FAST,
     RECORDER,
@@ -112,3 +112,27 @@ async def test_a_bad_trigger_refuses_the_version_and_the_old_one_serves(db: Db) 
         assert host.triggers is not None and host.triggers.owned() == {"b/orders": "b"}
     assert rejected["field"] == "triggers[0].ordered"
     assert "sometimes" in rejected["error"]
+
+
+async def test_a_changed_declaration_restarts_the_trigger_on_its_new_collection(db: Db) -> None:
+    """A version moving trigger 't' to another collection: it restarts there, from now."""
+    await db.functions.insert_one(record("m", RECORDER, {"name": "t", "collection": "a"}))
+    host = PluginHost(db, triggers=FAST)
+    async with host.events() as events, host:
+        await wait_running(db, "m/t")
+        await db.a.insert_one({"_id": "in-a"})
+        await wait_seen(db, 1)
+        moved = [{"name": "t", "collection": "b"}]
+        await db.functions.update_one({"_id": "m"}, {"$set": {"triggers": moved}})
+
+        async def restarted() -> bool:
+            doc = await state(db, "m/t")
+            return doc is not None and doc.get("checkpoint_collection") == "b"
+
+        await wait_until(restarted, "the trigger restarted on collection b")
+        await db.b.insert_one({"_id": "in-b"})
+        await wait_seen(db, 1, key="in-b")
+        seen = [e.event for e in await drain(events)]
+    assert "trigger.history_lost" not in seen
+    assert seen.count("trigger.started") == 2  # on a, then on b
+    assert sorted(await db.seen.distinct("key")) == ["in-a", "in-b"]

@@ -8,7 +8,7 @@ from host.triggers import TriggerOptions
 from tests.support import Db, Doc, wait_until
 
 FAST = TriggerOptions(
-    lease_ttl=1.0,
+    lease_ttl=3.0,
     poll_interval=0.05,
     takeover_grace=0.3,
     checkpoint_interval=0.05,

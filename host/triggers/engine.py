@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -52,7 +53,7 @@ from .lease import (
     trigger_id,
 )
 from .options import TriggerOptions
-from .runner import Runner
+from .runner import Runner, event_id_of, handle_event
 from .stats import TriggerStats
 
 if TYPE_CHECKING:
@@ -61,6 +62,12 @@ if TYPE_CHECKING:
     from ..registry import Registry
 
 __all__ = ("TriggerEngine",)
+
+
+def _format(exc: BaseException) -> str:
+    # Reads source files (linecache): call it from a worker thread.
+    return "".join(traceback.format_exception(exc))
+
 
 _WAKE_EVENTS = frozenset({"plugin.loaded", "plugin.reloaded", "plugin.unloaded"})
 
@@ -142,6 +149,36 @@ class TriggerEngine:
         """Trigger handlers running now on this host."""
         return self.stats.in_flight
 
+    async def handle(self, tid: str, event: Mapping[str, Any]) -> None:
+        """Run one event through the current version's handler of trigger ``tid``, once.
+
+        For re-running a dead letter (``deadletter retry``): ``ctx.event_id`` is the
+        event's own (its ``_id``), ``ctx.attempt`` is 1. No lease is needed or taken, and
+        the checkpoint does not move.
+
+        Args:
+            tid: The trigger id, ``"<plugin>/<name>"``.
+            event: The change event (as stored in the dead letter).
+
+        Raises:
+            KeyError: No current version declares trigger ``tid``.
+            PluginError: The handler failed (``PluginFailed`` carries its traceback) or
+                timed out.
+        """
+        declared = self._declared().get(tid)
+        plugin = self._registry.get(declared[0]) if declared is not None else None
+        if declared is None or plugin is None:
+            raise KeyError(f"no current plugin version declares trigger {tid!r}")
+        await handle_event(
+            self._dispatcher,
+            plugin,
+            tid,
+            declared[1],
+            event,
+            event_id=event_id_of(event.get("_id")),
+            attempt=1,
+        )
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Reconcile the triggers this host runs until :meth:`aclose`."""
         subscription = self._events.subscribe(0)
@@ -152,9 +189,17 @@ class TriggerEngine:
                 task_status.started()
                 while not self._closing:
                     try:
-                        await self._reconcile()
+                        if self.options.acquire:
+                            await self._reconcile()
                     except PyMongoError as exc:
                         self._events.emit("trigger.poll_failed", "warning", error=str(exc))
+                    except Exception as exc:  # a bug must not stop the host's calls
+                        self._events.emit(
+                            "trigger.poll_failed",
+                            "error",
+                            error=f"{type(exc).__qualname__}: {exc}",
+                            traceback=await anyio.to_thread.run_sync(_format, exc),
+                        )
                     with anyio.move_on_after(self.options.poll_seconds):
                         await self._wake.wait()
                     self._wake = anyio.Event()
@@ -311,6 +356,16 @@ class TriggerEngine:
     async def _run_one(self, tid: str, running: _Running) -> None:
         try:
             await running.runner.run(drain_timeout=self._drain_timeout)
+        except Exception as exc:  # a bug or an unexpected error: this trigger, not the host
+            self._events.emit(
+                "trigger.crashed",
+                "error",
+                trigger=tid,
+                plugin=running.plugin,
+                error_type=type(exc).__qualname__,
+                error=str(exc),
+                traceback=await anyio.to_thread.run_sync(_format, exc),
+            )
         finally:
             if self._running.get(tid) is running:
                 del self._running[tid]

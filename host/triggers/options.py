@@ -29,6 +29,8 @@ class TriggerOptions:
         max_await_ms: ``maxAwaitTimeMS`` of the triggers' getMores (server default if None).
         host_id: This host's owner id in leases (default: the status reporter's host id,
             else ``hostname:pid:random``).
+        acquire: Take leases and run triggers (False: only :meth:`TriggerEngine.handle`
+            works, e.g. for a tool that retries dead letters beside the fleet).
     """
 
     lease_ttl: float = 15.0
@@ -41,6 +43,7 @@ class TriggerOptions:
     retry_backoff_max: float = 10.0
     max_await_ms: int | None = None
     host_id: str | None = None
+    acquire: bool = True
 
     def __post_init__(self) -> None:
         for name in ("lease_ttl", "checkpoint_interval", "retry_backoff", "retry_backoff_max"):

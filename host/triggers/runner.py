@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from .options import TriggerOptions
     from .stats import TriggerStats
 
-__all__ = ("HISTORY_LOST_CODES", "Runner", "event_id_of")
+__all__ = ("HISTORY_LOST_CODES", "Runner", "document_key", "event_id_of", "handle_event")
 
 HISTORY_LOST_CODES = frozenset({260, 280, 286})
 """InvalidResumeToken, ChangeStreamFatalError, ChangeStreamHistoryLost: cannot resume."""
@@ -97,6 +97,28 @@ def _key_of(spec: TriggerSpec) -> Callable[[Mapping[str, Any], int], Any]:
     if spec.ordered == "none":
         return lambda _event, seq: seq
     return document_key
+
+
+async def handle_event(
+    dispatcher: Dispatcher,
+    plugin: Plugin,
+    tid: str,
+    spec: TriggerSpec,
+    event: Mapping[str, Any],
+    *,
+    event_id: str,
+    attempt: int,
+) -> None:
+    """Run one delivery of ``event`` through ``plugin``'s handler of trigger ``tid``.
+
+    Raises:
+        PluginError: The handler failed (``PluginFailed``), timed out, or is missing.
+    """
+    handler = plugin.module.__dict__.get(spec.entrypoint)
+    if not callable(handler):  # the compiler refuses such versions; a released one has none
+        raise PluginError(f"trigger {tid}: {plugin.version} has no handler {spec.entrypoint!r}")
+    ctx = EventContext(plugin, dispatcher, trigger=tid, event_id=event_id, attempt=attempt)
+    await dispatcher.run_handler(plugin, handler, ctx, event, timeout=plugin.record.timeout)
 
 
 class Runner:
@@ -149,8 +171,11 @@ class Runner:
         self._options = options
         self.lease = lease
         self._window = Window(options.window)
-        self._window.checkpoint = doc.get("checkpoint")
-        self._window.checkpoint_time = doc.get("checkpoint_time")
+        # A token resumes only the collection it came from: a trigger moved to another
+        # collection starts afresh there (from now, or start_at).
+        same = doc.get("checkpoint_collection") in (None, spec.collection)
+        self._window.checkpoint = doc.get("checkpoint") if same else None
+        self._window.checkpoint_time = doc.get("checkpoint_time") if same else None
         self._written = self._window.checkpoint
         self._read_token: Mapping[str, Any] | None = self._window.checkpoint
         self._processed = int(doc.get("processed") or 0)
@@ -158,7 +183,7 @@ class Runner:
         self._dead_letters = int(doc.get("dead_letters") or 0)
         self._history: list[Any] = list(doc.get("history_lost") or [])[-_HISTORY_KEPT:]
         # Events the previous owner finished beyond its final checkpoint (a clean hand-over).
-        self._skip: set[str] = {str(e) for e in doc.get("done_ahead") or ()}
+        self._skip: set[str] = {str(e) for e in doc.get("done_ahead") or ()} if same else set()
         self._key = _key_of(spec)
         self._echo = EchoDetector() if spec.ordered != "none" else None
         self._echo_warned = False
@@ -282,7 +307,7 @@ class Runner:
     async def _read(self, tg: Any) -> None:
         backoff = 0.05
         rescan = False
-        while True:
+        while not self.stopping:
             try:
                 stream = await self._open()
                 async with stream:
@@ -304,7 +329,12 @@ class Runner:
                     backoff = min(backoff * 2, 5.0)
                     continue
                 policy = self.spec.on_history_lost
-                await self._history_lost(exc, policy)
+                try:
+                    await self._history_lost(exc, policy)
+                except PyMongoError as write_error:  # recording it failed: try it all again
+                    if not await self._transient(write_error, backoff):
+                        return
+                    continue
                 if policy == "fail":
                     return
                 rescan = policy == "rescan"
@@ -367,8 +397,9 @@ class Runner:
             trigger=self.tid,
             plugin=self.plugin,
             policy=policy,
-            gap_from=gap_from.isoformat() if gap_from is not None else None,
-            gap_to=now.isoformat(),
+            # The contract's names: the gap runs from the checkpoint's time to now.
+            **{"from": gap_from.isoformat() if gap_from is not None else None},
+            to=now.isoformat(),
             code=exc.code,
             error=str(exc)[:_ERROR_CHARS],
         )
@@ -461,7 +492,6 @@ class Runner:
             if plugin is None or self._stopping:
                 return False  # disabled or unloaded: paused, the event stays pending
             version = plugin.version
-            handler = plugin.module.__dict__.get(spec.entrypoint)
             if attempt == 1:
                 self._observe_lag(event)
                 echo_key = document_key(event)
@@ -470,15 +500,14 @@ class Runner:
             self._running += 1
             self._stats.in_flight += 1
             try:
-                if not callable(handler):
-                    raise PluginError(
-                        f"trigger {self.tid}: {plugin.version} has no handler {spec.entrypoint!r}"
-                    )
-                ctx = EventContext(
-                    plugin, self._dispatcher, trigger=self.tid, event_id=event_id, attempt=attempt
-                )
-                await self._dispatcher.run_handler(
-                    plugin, handler, ctx, event, timeout=plugin.record.timeout
+                await handle_event(
+                    self._dispatcher,
+                    plugin,
+                    self.tid,
+                    spec,
+                    event,
+                    event_id=event_id,
+                    attempt=attempt,
                 )
                 self._echoed(echo_key, started, chain)
                 return True
@@ -589,6 +618,7 @@ class Runner:
         window = self._window
         return {
             "checkpoint": window.checkpoint,
+            "checkpoint_collection": self.spec.collection,
             "checkpoint_time": window.checkpoint_time,
             "status": status,
             "error": self._error,
@@ -646,7 +676,9 @@ class Runner:
                     window.moved = anyio.Event()
                     await window.moved.wait()
             now = time.monotonic()
-            dirty = window.checkpoint != self._written
+            # Events covered: write now. Only the idle stream's token moved (it moves with
+            # every write to the cluster, ours included): wait for the renewal.
+            dirty = window.covered != covered_at_write and window.checkpoint != self._written
             if not dirty and now - self._last_renewal < renew_every:
                 continue
             elapsed = now - rate_at
