@@ -135,8 +135,8 @@ async def all_delivered(db: Db, sales: Sales) -> None:
     assert len(await db.seen.distinct("event_id")) == sales.events
 
 
-async def totals_match(db: Db) -> bool:
-    """sales_by_region equals a recomputation from ``sales``."""
+async def totals_diff(db: Db) -> dict[str, Any]:
+    """Where sales_by_region differs from a recomputation from ``sales`` (empty: nowhere)."""
     expected: dict[str, tuple[int, int]] = {}
     async for sale in db.sales.find():
         total, orders = expected.get(sale["region"], (0, 0))
@@ -145,7 +145,29 @@ async def totals_match(db: Db) -> bool:
         row["_id"]: (row["total"], row["orders"])
         async for row in db.sales_by_region.find({"orders": {"$gt": 0}})
     }
-    return got == expected
+    return {
+        r: (got.get(r), expected.get(r))
+        for r in set(got) | set(expected)
+        if got.get(r) != expected.get(r)
+    }
+
+
+async def wait_totals(db: Db) -> None:
+    """Wait until sales_by_region equals a recomputation; say where it differs if not."""
+
+    async def match() -> bool:
+        return not await totals_diff(db)
+
+    try:
+        await wait_until(match, "the totals match the sales", timeout=120, interval=0.2)
+    except AssertionError:
+        state = await db.functions_triggers.find_one({"_id": "sales_by_region/sales"})
+        pending = await db.sales_by_region_ledger.count_documents({"done": False})
+        dead = await db.functions_deadletters.distinct("error")
+        raise AssertionError(
+            f"totals differ (got, expected): {await totals_diff(db)}; "
+            f"half-done ledger entries: {pending}; dead letters: {dead}; state: {state}"
+        ) from None
 
 
 async def repeats(db: Db) -> list[Doc]:
@@ -187,7 +209,7 @@ async def test_kill_9_mid_burst_then_restart_loses_nothing(
     await sales.burst(100)  # written while no host runs
     async with daemon(tmp_path, mongo_uri, db, daemons, "second"):
         await all_delivered(db, sales)
-        await wait_until(lambda: totals_match(db), "the totals match the sales", timeout=60)
+        await wait_totals(db)
     again = await repeats(db)
     assert all(at_or_after(d["ct"], checkpoint) for d in again), (checkpoint, again)
     uncovered = [  # what the first daemon handled past the checkpoint it had written
@@ -228,7 +250,7 @@ async def test_kill_9_of_the_lease_holder_the_other_host_takes_over(
 
         await wait_until(taken_over, "the survivor owns every trigger", timeout=60)
         await all_delivered(db, sales)
-        await wait_until(lambda: totals_match(db), "the totals match the sales", timeout=60)
+        await wait_totals(db)
     assert len(await db.seen.distinct("key")) == len(sales.keys)
     survivor_pid = ids[survivor_id].proc.pid
     assert await db.seen.count_documents({"pid": survivor_pid}) > 0
