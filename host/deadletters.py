@@ -49,11 +49,10 @@ from typing import TYPE_CHECKING, Any
 from bson import ObjectId
 from bson.errors import InvalidId
 
-from .context import EventContext
 from .errors import PluginFailed, PluginHostError
 from .fleetview import _server_clock
 from .triggers.lease import deadletters_collection_name
-from .triggers.runner import event_id_of
+from .triggers.runner import event_id_of, handle_event
 
 if TYPE_CHECKING:
     from .runtime import PluginHost
@@ -121,20 +120,19 @@ def host_deliverer(host: PluginHost) -> Deliver:
             raise NotDeliverable(
                 f"{plugin.version} no longer declares trigger {trigger!r}", plugin.version
             )
-        handler = plugin.module.__dict__.get(spec.entrypoint)
-        if not callable(handler):  # pragma: no cover - the compiler refuses such a version
-            raise NotDeliverable(f"{plugin.version} has no {spec.entrypoint!r}", plugin.version)
-        # The host's dispatcher, exactly as a trigger runner calls it (no public handle yet).
-        dispatcher = host._dispatcher
-        ctx = EventContext(
+        event = doc.get("event") if isinstance(doc.get("event"), Mapping) else {}
+        assert isinstance(event, Mapping)
+        # The host's dispatcher, exactly as a runner delivers (TriggerEngine.handle does
+        # the same but always with attempt 1; a retry is attempt n + 1).
+        await handle_event(
+            host._dispatcher,
             plugin,
-            dispatcher,
-            trigger=trigger,
-            event_id=event_id_of(doc.get("event_id")),
+            trigger,
+            spec,
+            event,
+            event_id=event_id_of(doc.get("event_id", event.get("_id"))),
             attempt=attempt,
         )
-        event = doc.get("event") if isinstance(doc.get("event"), Mapping) else {}
-        await dispatcher.run_handler(plugin, handler, ctx, event, timeout=plugin.record.timeout)
         return plugin.version
 
     return deliver
