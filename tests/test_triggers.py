@@ -15,6 +15,7 @@ from tests.support import PROBE, Db, next_event, wait_until
 from tests.triggers_support import (
     FAST,
     RECORDER,
+    app_client,
     duplicates,
     record,
     state,
@@ -25,13 +26,14 @@ from tests.triggers_support import (
 pytestmark = pytest.mark.anyio
 
 
+@pytest.mark.timeout(240)  # 2,000 writes: slow on a loaded machine, never a timing check
 async def test_a_thousand_inserts_are_each_handled_once(db: Db) -> None:
     """1,000 inserts reach the handler once each when nothing fails, and the checkpoint follows."""
     await db.functions.insert_one(record("rec", RECORDER, {"collection": "orders"}))
     async with PluginHost(db, triggers=FAST) as host:
         await wait_running(db, "rec/orders")
         await db.orders.insert_many([{"_id": i} for i in range(1000)])
-        await wait_seen(db, 1000)
+        await wait_seen(db, 1000, timeout=200)
 
         async def checkpointed() -> bool:
             doc = await state(db, "rec/orders")
@@ -189,3 +191,47 @@ async def test_total_order_runs_one_event_at_a_time_in_commit_order(db: Db, prob
         await wait_until(lambda: len(module.log) >= 60, "every insert handled")
     assert module.log == list(range(60))
     assert module.peak == 1
+
+
+@pytest.mark.embedded_only("failCommand with appName")
+async def test_stream_errors_reopen_from_the_last_read_event(db: Db, mongo_uri: str) -> None:
+    """getMores failing (non-resumable) make the trigger reopen its stream; nothing lost or
+    repeated."""
+    await db.functions.insert_one(record("e", RECORDER, {"collection": "orders"}))
+    async with app_client(mongo_uri, "flaky") as client:
+        flaky = client[db.name]
+        host = PluginHost(flaky, triggers=FAST)
+        async with host.events() as events, host:
+            await wait_running(db, "e/orders")
+            await db.orders.insert_many([{"_id": i} for i in range(50)])
+            await wait_seen(db, 50)
+            await db.client.admin.command(
+                "configureFailPoint",
+                "failCommand",
+                mode={"times": 4},
+                data={"failCommands": ["getMore"], "errorCode": 2, "appName": "flaky"},
+            )
+            try:
+                await db.orders.insert_many([{"_id": i} for i in range(50, 100)])
+                await next_event(events, "trigger.stream_error")
+                await wait_seen(db, 100)
+            finally:
+                await db.client.admin.command("configureFailPoint", "failCommand", mode="off")
+    assert sorted(await db.seen.distinct("key")) == list(range(100))
+    assert await duplicates(db) == []
+
+
+async def test_unordered_events_of_one_document_may_overlap(db: Db, probe: Any) -> None:
+    """ordered=none: events of the same document run concurrently (no per-key queue)."""
+    module = sys.modules[PROBE]
+    module.__dict__.update(log=[], running=set(), overlaps=0, peak=0)
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    await db.docs.insert_one({"_id": "one", "n": -1})
+    for n in range(30):
+        await db.docs.update_one({"_id": "one"}, {"$set": {"n": n}})
+    trigger = {"collection": "docs", "operations": ["update"], "ordered": "none", "start_at": start}
+    await db.functions.insert_one(record("free", ORDER, trigger))
+    async with PluginHost(db, triggers=FAST):
+        await wait_until(lambda: len(module.log) >= 30, "every update handled")
+    assert sorted(n for _, n in module.log) == list(range(30))
+    assert module.overlaps > 0

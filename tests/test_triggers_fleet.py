@@ -9,16 +9,16 @@ from typing import Any
 
 import anyio
 import pytest
-from pymongo import AsyncMongoClient
 
 from host import PluginHost
 from host.fleet import StatusReporting
 from host.triggers import TriggerOptions
 from host.triggers.lease import preferred_owner
-from tests.support import Db, Doc, next_event, wait_until
+from tests.support import Db, next_event, wait_until
 from tests.triggers_support import (
     FAST,
     RECORDER,
+    app_client,
     duplicates,
     record,
     wait_running,
@@ -41,18 +41,6 @@ async def on_change(ctx, event):
 def options(host_id: str) -> TriggerOptions:
     """The fast test options, as host ``host_id``."""
     return dataclasses.replace(FAST, host_id=host_id)
-
-
-@contextlib.asynccontextmanager
-async def app_client(mongo_uri: str, app_name: str) -> AsyncIterator[AsyncMongoClient[Doc]]:
-    """A client whose commands carry ``appName`` (so a failpoint can pick one host)."""
-    client: AsyncMongoClient[Doc] = AsyncMongoClient(
-        mongo_uri, appname=app_name, serverSelectionTimeoutMS=5000
-    )
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 @contextlib.asynccontextmanager

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
+
+from pymongo import AsyncMongoClient
 
 from host.triggers import TriggerOptions
 from tests.support import Db, Doc, wait_until
@@ -72,3 +76,15 @@ async def duplicates(db: Db) -> list[Doc]:
         {"$match": {"n": {"$gt": 1}}},
     ]
     return [d async for d in await db.seen.aggregate(pipeline)]
+
+
+@contextlib.asynccontextmanager
+async def app_client(mongo_uri: str, app_name: str) -> AsyncIterator[AsyncMongoClient[Doc]]:
+    """A client whose commands carry ``appName`` (so a failpoint can pick one host)."""
+    client: AsyncMongoClient[Doc] = AsyncMongoClient(
+        mongo_uri, appname=app_name, serverSelectionTimeoutMS=5000
+    )
+    try:
+        yield client
+    finally:
+        await client.close()

@@ -35,14 +35,13 @@ import socket
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskStatus
 from pymongo.errors import PyMongoError
 
-from ..fleetview import host_status
 from ..records import TriggerSpec
 from .lease import (
     LeaseHolder,
@@ -188,9 +187,10 @@ class TriggerEngine:
                 tg.start_soon(self._follow, subscription)
                 task_status.started()
                 while not self._closing:
+                    delay = self.options.poll_seconds
                     try:
                         if self.options.acquire:
-                            await self._reconcile()
+                            delay = min(delay, await self._reconcile())
                     except PyMongoError as exc:
                         self._events.emit("trigger.poll_failed", "warning", error=str(exc))
                     except Exception as exc:  # a bug must not stop the host's calls
@@ -200,7 +200,7 @@ class TriggerEngine:
                             error=f"{type(exc).__qualname__}: {exc}",
                             traceback=await anyio.to_thread.run_sync(_format, exc),
                         )
-                    with anyio.move_on_after(self.options.poll_seconds):
+                    with anyio.move_on_after(delay):
                         await self._wake.wait()
                     self._wake = anyio.Event()
                 await self._wait_runners()
@@ -242,6 +242,8 @@ class TriggerEngine:
         """Plugin -> ids of the live, not draining hosts serving it (None: unknown)."""
         if self._hosts is None:
             return None
+        from ..fleetview import host_status  # only hosts that report read it
+
         docs = [d async for d in self._hosts.find({}, {"refused": 0})]
         now = await server_now(self._db)
         serving: dict[str, set[str]] = {}
@@ -253,7 +255,14 @@ class TriggerEngine:
                 serving.setdefault(plugin, set()).add(status.id)
         return serving
 
-    async def _reconcile(self) -> None:
+    async def _reconcile(self) -> float:
+        """Start, stop and hand over runners; return when to look again (seconds).
+
+        The next look is at the poll interval, or just after the earliest expiry of a
+        lease another host holds on a trigger declared here (so a dead owner's trigger
+        moves within about the TTL, not the TTL plus a poll).
+        """
+        next_look = self.options.poll_seconds
         declared = self._declared()
         # Stop what is no longer declared as it runs (plugin disabled, trigger changed).
         for tid, running in tuple(self._running.items()):
@@ -267,8 +276,9 @@ class TriggerEngine:
             if tid not in declared:
                 del self._first_seen[tid]
         if not declared or self._closing:
-            return
+            return next_look
         hosts = await self._live_hosts()
+        clock = await server_now(self._db)
         docs = {
             d["_id"]: d
             async for d in self._state.find(
@@ -292,21 +302,25 @@ class TriggerEngine:
                 continue
             if doc is not None and doc.get("owner") not in (None, self.host_id):
                 # Held by another host: only an expired lease is worth a try (the
-                # acquisition re-checks it against the server's clock).
-                expires = doc.get("lease_expires")
-                if expires is not None and not self._may_be_expired(expires):
+                # acquisition re-checks it in its compare-and-set).
+                left = self._lease_left(doc.get("lease_expires"), clock)
+                if left > 0:
+                    next_look = min(next_look, left + 0.05)
                     continue
             waited = now - self._first_seen[tid] >= self.options.grace_seconds
             if not preferred and doc is None and not waited:
                 continue
             await self._try_start(tid, plugin, spec, preferred=preferred)
+        return next_look
 
-    def _may_be_expired(self, expires: Any) -> bool:
-        # A cheap pre-filter with this host's clock (generous by a TTL); the CAS decides.
+    @staticmethod
+    def _lease_left(expires: Any, clock: datetime) -> float:
+        """Seconds until a lease expires by the server's clock (<= 0: expired)."""
+        if not isinstance(expires, datetime):
+            return 0.0
         if expires.tzinfo is None:
             expires = expires.replace(tzinfo=UTC)
-        slack = timedelta(seconds=self.options.lease_ttl)
-        return bool(expires - slack <= datetime.now(UTC))
+        return float((expires - clock).total_seconds())
 
     async def _try_start(
         self, tid: str, plugin: str, spec: TriggerSpec, *, preferred: bool

@@ -187,6 +187,7 @@ class Runner:
         self._key = _key_of(spec)
         self._echo = EchoDetector() if spec.ordered != "none" else None
         self._echo_warned = False
+        self._write_lock = anyio.Lock()
         concurrency = 1 if spec.ordered == "total" else spec.max_concurrency
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._running = 0  # handlers running now (this trigger)
@@ -637,8 +638,10 @@ class Runner:
         return plugin.version if plugin is not None else None
 
     async def _checkpoint(self) -> bool:
-        # trigger.checkpoint is debug only (the contract: too chatty for info).
-        written = await self.lease.write(self._fields(self._status))
+        # One write at a time (the reader's first checkpoint and the batches): a stored
+        # checkpoint never goes back. trigger.checkpoint is debug only (the contract).
+        async with self._write_lock:
+            written = await self.lease.write(self._fields(self._status))
         if not written:
             self._lease_lost("checkpoint")
             return False
