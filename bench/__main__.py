@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import coldstart, fleet, http, latency, report, rollout, startup, swap, throughput
+from . import coldstart, fleet, http, latency, report, rollout, startup, swap, throughput, triggers
 from .common import Config, Target, configure_logging, embedded_server, machine_info
 from .readme_section import update_readme
 
@@ -37,6 +37,7 @@ GROUPS: dict[str, Callable[[Target, Config], Awaitable[dict[str, Any]]]] = {
     "http": http.run,
     "fleet": fleet.run,
     "rollout": rollout.run,
+    "triggers": triggers.run,
 }
 
 NOTES = """\

@@ -56,9 +56,12 @@ def _source(i: int) -> str:
     return f"async def main(ctx, args):\n    return {i}\n"
 
 
-def _daemon(uri: str, db_name: str, log: Path) -> subprocess.Popen[bytes]:
+def _daemon(
+    uri: str, db_name: str, log: Path, extra: Sequence[str] = ()
+) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "host.cli", "run", "--mongodb-uri", uri, "--database", db_name]
     cmd += ["--http", "127.0.0.1:0", "--log-format", "json", "--heartbeat", str(HEARTBEAT)]
+    cmd += extra  # later options win: callers may override the heartbeat
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log.open("wb") as out:
         return subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -66,12 +69,13 @@ def _daemon(uri: str, db_name: str, log: Path) -> subprocess.Popen[bytes]:
 
 @contextlib.asynccontextmanager
 async def daemons(
-    uri: str, db: AsyncDatabase[Doc], n: int, logs: Path
+    uri: str, db: AsyncDatabase[Doc], n: int, logs: Path, extra: Sequence[str] = ()
 ) -> AsyncIterator[tuple[list[subprocess.Popen[bytes]], float]]:
-    """Start ``n`` daemons; yield them and the seconds until all ``n`` reported ready."""
+    """Start ``n`` daemons (``extra``: more ``run`` options); yield them and the seconds
+    until all ``n`` reported ready."""
     await asyncio.to_thread(logs.mkdir, parents=True, exist_ok=True)
     started = time.perf_counter()
-    procs = [_daemon(uri, db.name, logs / f"daemon{i}.log") for i in range(n)]
+    procs = [_daemon(uri, db.name, logs / f"daemon{i}.log", extra) for i in range(n)]
     try:
         deadline = started + START_TIMEOUT
         while True:

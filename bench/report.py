@@ -16,6 +16,7 @@ from typing import Any
 from .fleet import markdown_lines as fleet_lines
 from .rollout import markdown_lines as rollout_lines
 from .swap import SAMPLE_EVERY
+from .triggers import markdown_lines as trigger_lines
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -147,6 +148,46 @@ GOALS: tuple[Goal, ...] = (
 
 def _http_ratio(conns: str) -> Callable[[dict[str, Any]], float | None]:
     return lambda r: _get(r, "http", "default", "ratio", conns, "req_per_s")
+
+
+def _failover_over_ttl(r: dict[str, Any]) -> float | None:
+    over = _get(r, "triggers", "failover", "over_ttl_s")
+    return float(over) if isinstance(over, int | float) else None
+
+
+def _trigger_lost(r: dict[str, Any]) -> float | None:
+    lost = _get(r, "triggers", "failover", "lost")
+    return float(lost) if isinstance(lost, int) else None
+
+
+GOALS = (
+    *GOALS,
+    Goal(
+        "trigger_lag_p99",
+        "trigger lag p99, insert ack → handler start, light load",
+        10.0,
+        "ms",
+        False,
+        lambda r: _get(r, "triggers", "lag", "lag_ms", "p99"),
+    ),
+    Goal(
+        "trigger_throughput_ratio",
+        "no-op trigger events/s vs a bare PyMongo watch() loop (per_key)",
+        0.8,
+        "x",
+        True,
+        lambda r: _get(r, "triggers", "throughput", "ratio_per_key"),
+    ),
+    Goal(
+        "trigger_failover_over_ttl",
+        "kill -9 of the trigger owner → survivor holds the lease, beyond the lease TTL",
+        1.0,
+        "s",
+        False,
+        _failover_over_ttl,
+    ),
+    Goal("trigger_events_lost", "trigger events lost in failover", 0.0, "", False, _trigger_lost),
+)
 
 
 def _http_p99_delta(r: dict[str, Any]) -> float | None:
@@ -586,6 +627,8 @@ def markdown(report: dict[str, Any]) -> str:
             *_issue_table(results),
             "",
         ]
+        if "triggers" in results:  # bench/triggers.py
+            out += ["Trigger figures (same run):", "", *trigger_lines(results["triggers"]), ""]
         if "fleet" in results:  # bench/fleet.py: N daemons on this server
             out += [
                 "Fleet figures (same run, see docs/fleet.md):",

@@ -14,7 +14,8 @@ is deleted only *after* the handler returned, and only by the retry that claimed
    Two concurrent retries of the same dead letter cannot both run it; a retry that died
    mid-way leaves a claim that expires, so the dead letter is never stuck.
 2. **deliver**: the caller's ``deliver`` runs the stored event through the plugin's
-   current version, with the same ``ctx.event_id`` and ``ctx.attempt`` = attempts + 1.
+   current version, with the same ``ctx.event_id`` and ``ctx.attempt`` = attempts + 1
+   (:func:`host_deliverer`: through a :class:`~host.PluginHost` of the caller's own).
 3. **settle**, conditional on the claim token: success deletes the dead letter; failure
    records the new error, traceback and attempt count and releases the claim.
 
@@ -25,6 +26,15 @@ again: a retry can repeat a delivery, never lose one. Handlers are idempotent on
 The retry runs the event *after* later events on the same document key have run: a
 retried event is out of order by nature. Handlers that must not apply stale data should
 read the document's current state (the example aggregator does).
+
+Why the retry runs in the caller's process, not on the trigger's owner: a dead letter
+must stay retryable when no host runs its trigger (the plugin disabled, the trigger
+failed, the fleet down), and the caller wants the outcome and an exit code, not a
+request that some host may pick up later. ``plugin-host deadletter retry`` loads the
+collection's current versions in a :class:`~host.PluginHost` of its own with triggers
+off (the same record parsing, compilation and ``--trusted-keys`` check a daemon applies)
+and runs the handler through its dispatcher exactly as a runner does. What differs from
+a daemon is only the process: host globals (``context=``) of the daemons are not there.
 """
 
 from __future__ import annotations
@@ -34,21 +44,27 @@ import traceback as tb
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bson import ObjectId
 from bson.errors import InvalidId
 
-from .errors import PluginHostError
+from .errors import PluginFailed, PluginHostError
 from .fleetview import _server_clock
-from .triggerview import deadletters_collection_name
+from .triggers.lease import deadletters_collection_name
+from .triggers.runner import event_id_of, handle_event
+
+if TYPE_CHECKING:
+    from .runtime import PluginHost
 
 __all__ = (
     "DeadLetter",
     "DeadLetterError",
     "Deliver",
+    "NotDeliverable",
     "RetryOutcome",
     "drop_dead_letters",
+    "host_deliverer",
     "list_dead_letters",
     "parse_ids",
     "retry_dead_letters",
@@ -64,6 +80,62 @@ Deliver = Callable[[Mapping[str, Any], int], Awaitable[str | None]]
 
 class DeadLetterError(PluginHostError, ValueError):
     """A bad dead-letter selection (a malformed id, an empty name)."""
+
+
+class NotDeliverable(PluginHostError):
+    """The event cannot run now: its plugin is not loaded or no longer declares the trigger.
+
+    Attributes:
+        version: The plugin's current version, if it has one.
+    """
+
+    def __init__(self, message: str, version: str | None = None) -> None:
+        super().__init__(message)
+        self.version = version
+
+
+def host_deliverer(host: PluginHost) -> Deliver:
+    """A :data:`Deliver` running events on ``host``'s current versions, as a runner would.
+
+    Args:
+        host: A started host over the trigger's functions collection (``triggers=False``:
+            the retry must not take leases).
+
+    Returns:
+        The deliver function: the handler gets an ``EventContext`` with the event's own
+        ``event_id`` and the given attempt; the record's ``timeout`` bounds it.
+    """
+
+    async def deliver(doc: Mapping[str, Any], attempt: int) -> str:
+        trigger = str(doc.get("trigger") or "")
+        plugin_name, _, name = trigger.partition("/")
+        plugin = host.current(plugin_name)
+        if plugin is None:
+            raise NotDeliverable(
+                f"plugin {plugin_name!r} is not loaded (disabled, deleted or refused: "
+                "`plugin-host status` says which)"
+            )
+        spec = next((t for t in plugin.record.triggers if t.name == name), None)
+        if spec is None:
+            raise NotDeliverable(
+                f"{plugin.version} no longer declares trigger {trigger!r}", plugin.version
+            )
+        event = doc.get("event") if isinstance(doc.get("event"), Mapping) else {}
+        assert isinstance(event, Mapping)
+        # The host's dispatcher, exactly as a runner delivers (TriggerEngine.handle does
+        # the same but always with attempt 1; a retry is attempt n + 1).
+        await handle_event(
+            host._dispatcher,
+            plugin,
+            trigger,
+            spec,
+            event,
+            event_id=event_id_of(doc.get("event_id", event.get("_id"))),
+            attempt=attempt,
+        )
+        return plugin.version
+
+    return deliver
 
 
 def selector(name: str) -> dict[str, Any]:
@@ -325,14 +397,19 @@ async def retry_dead_letters(
         try:
             version = await deliver(claimed, attempt)
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            error = str(exc) if isinstance(exc, PluginHostError) else f"{type(exc).__name__}: {exc}"
+            lines = (
+                exc.traceback.splitlines()
+                if isinstance(exc, PluginFailed)
+                else tb.format_exception(exc)
+            )
             failed_at, _ = await _server_clock(db)
             await coll.update_one(
                 {"_id": oid, "retry_claim": token},
                 {
                     "$set": {
                         "error": error,
-                        "traceback": tb.format_exception(exc),
+                        "traceback": lines[-200:],
                         "last_failed_at": failed_at,
                         **({"version": v} if (v := getattr(exc, "version", None)) else {}),
                     },
@@ -340,7 +417,16 @@ async def retry_dead_letters(
                     "$unset": {"retry_claim": "", "retry_until": ""},
                 },
             )
-            outcomes.append(RetryOutcome(letter.id, letter.trigger, "failed", attempt, None, error))
+            outcomes.append(
+                RetryOutcome(
+                    letter.id,
+                    letter.trigger,
+                    "failed",
+                    attempt,
+                    getattr(exc, "version", None),
+                    error,
+                )
+            )
             continue
         await coll.delete_one({"_id": oid, "retry_claim": token})
         outcomes.append(RetryOutcome(letter.id, letter.trigger, "succeeded", attempt, version))

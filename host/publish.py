@@ -14,6 +14,7 @@ the change stream like on any other publish.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import keyword
 import math
@@ -27,8 +28,8 @@ import anyio
 from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import DuplicateKeyError
 
-from .errors import PluginHostError
-from .records import ROLLOUT_MODES, RolloutPolicy, is_valid_name
+from .errors import PluginHostError, RecordError
+from .records import ROLLOUT_MODES, RolloutPolicy, is_valid_name, parse_triggers
 from .rollout_record import NoRollout, RolloutRunning, abort_rollout, ended
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ __all__ = (
     "UnknownPlugin",
     "UnknownRevision",
     "abort_rollout",
+    "declared_triggers",
     "delete",
     "get_record",
     "history",
@@ -213,6 +215,7 @@ async def publish(
     force: bool = False,
     check_syntax: bool = True,
     sign: Signer | None = None,
+    triggers: Sequence[Mapping[str, Any]] | None = None,
 ) -> Published:
     """Insert or update plugin ``name`` with a new, higher revision.
 
@@ -229,14 +232,27 @@ async def publish(
             each revision tried; the result is written as ``signature`` in the same write
             as the source and revision. An unchanged record is still republished when it
             is unsigned or signed by another key.
+        triggers: The record's change-stream triggers, written in the same write as the
+            revision (``[]`` removes them); None keeps the record's.
 
     Returns:
         What was published.
 
     Raises:
-        PublishError: The name, source or entrypoint is invalid.
+        PublishError: The name, source or entrypoint is invalid, or ``triggers`` is
+            given with ``sign`` (the signer does not cover triggers yet).
     """
     _check(name, source, entrypoint, check_syntax)
+    if triggers:
+        try:  # refused here rather than by every host (which would keep the old version)
+            parse_triggers(name, list(triggers))
+        except RecordError as exc:
+            raise PublishError(str(exc)) from None
+    if triggers and sign is not None:
+        raise PublishError(
+            f"plugin {name!r}: cannot sign a record with triggers here yet (the signature "
+            "must cover them); publish it unsigned or sign it with host.trust"
+        )
     coll = db[collection]
     hist = db[history_collection_name(collection)]
     await hist.create_index([("name", ASCENDING), ("revision", DESCENDING)], unique=True)
@@ -252,6 +268,7 @@ async def publish(
             and (current.get("source") or current.get("fn")) == source
             and (current.get("entrypoint") or "main") == effective_entry
             and isinstance(current_rev, int)
+            and (triggers is None or list(current.get("triggers") or []) == list(triggers))
             # Ed25519 is deterministic: the same key signs the same content identically,
             # so an unsigned record or one signed by another key is not "unchanged".
             and (
@@ -269,6 +286,10 @@ async def publish(
         if entrypoint is not None:
             fields["entrypoint"] = entrypoint
         unset: dict[str, Any] = {}
+        if triggers:
+            fields["triggers"] = [dict(t) for t in triggers]
+        elif triggers is not None and current is not None and "triggers" in current:
+            unset["triggers"] = ""
         if sign is not None:
             # Pin the signed entrypoint in the same write, so what is stored is what was signed.
             fields["entrypoint"] = effective_entry
@@ -300,6 +321,43 @@ async def publish(
     raise PublishError(  # pragma: no cover - needs 20 lost races in a row
         f"plugin {name!r}: gave up after {_MAX_ATTEMPTS} concurrent publishes won the race"
     )
+
+
+def declared_triggers(source: str, name: str = "plugin") -> list[dict[str, Any]]:
+    """The triggers a plugin file declares in a top-level ``TRIGGERS = [...]`` literal.
+
+    A file publishes its triggers with its source (``push``, ``push --dir``, dev mode), so
+    the file stays the one place a plugin is defined.
+
+    Args:
+        source: The plugin source (already known to compile).
+        name: The plugin, for the error message.
+
+    Returns:
+        The declared triggers (``[]`` when the file declares none).
+
+    Raises:
+        PublishError: ``TRIGGERS`` is not a literal list of dicts.
+    """
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []  # publish reports the syntax error itself
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "TRIGGERS" for t in node.targets
+        ):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                value = None
+            if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+                raise PublishError(
+                    f"plugin {name!r}: TRIGGERS (line {node.lineno}) must be a literal list of "
+                    "dicts, e.g. TRIGGERS = [{'collection': 'orders'}]"
+                )
+            return value
+    return []
 
 
 def plugin_files(directory: str | Path) -> list[tuple[str, Path]]:
@@ -374,8 +432,17 @@ async def publish_file(
     """
     name = name or Path(path).stem
     source = await read_source(path)
+    triggers = declared_triggers(source, name)
     return await publish(
-        db, name, source, entrypoint=entrypoint, collection=collection, force=force, sign=sign
+        db,
+        name,
+        source,
+        entrypoint=entrypoint,
+        collection=collection,
+        force=force,
+        sign=sign,
+        # None for a file without triggers: a signed push keeps working as before it.
+        triggers=triggers or (None if sign is not None else []),
     )
 
 

@@ -27,28 +27,14 @@ from bson.timestamp import Timestamp
 
 from .fleet import hosts_collection_name
 from .fleetview import _server_clock, host_status
+from .triggers.lease import deadletters_collection_name, state_collection_name
 
 __all__ = (
     "HistoryGap",
     "TriggerStatus",
-    "deadletters_collection_name",
     "summarize_triggers",
     "trigger_status",
-    "triggers_collection_name",
 )
-
-TRIGGERS_SUFFIX = "_triggers"
-DEADLETTERS_SUFFIX = "_deadletters"
-
-
-def triggers_collection_name(collection: str) -> str:
-    """The trigger state collection paired with ``collection`` (``functions_triggers``)."""
-    return f"{collection}{TRIGGERS_SUFFIX}"
-
-
-def deadletters_collection_name(collection: str) -> str:
-    """The dead-letter collection paired with ``collection`` (``functions_deadletters``)."""
-    return f"{collection}{DEADLETTERS_SUFFIX}"
 
 
 def _when(value: Any) -> datetime | None:
@@ -314,7 +300,7 @@ async def trigger_status(
         One :class:`TriggerStatus` per trigger, sorted by id.
     """
     query: dict[str, Any] = {} if plugin is None else {"plugin": plugin}
-    states = await db[triggers_collection_name(collection)].find(query).to_list(None)
+    states = await db[state_collection_name(collection)].find(query).to_list(None)
     pipeline: list[dict[str, Any]] = []
     if plugin is not None:
         pipeline.append({"$match": {"plugin": plugin}})

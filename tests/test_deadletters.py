@@ -18,7 +18,7 @@ from host.deadletters import (
     retry_dead_letters,
     selector,
 )
-from host.triggerview import deadletters_collection_name
+from host.triggers import deadletters_collection_name
 
 from .support import Db
 from .test_triggerview import dead_letter

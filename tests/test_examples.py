@@ -109,3 +109,50 @@ def test_sample_data_shape() -> None:
     """The sample users hold 13 Smiths; every sale has a region, product and amount."""
     assert sum(u["lastName"] == "Smith" for u in USERS) == 13
     assert all({"region", "product", "amount", "quantity"} <= set(s) for s in SALES)
+
+
+def region_totals(sales: list[Doc] | tuple[Doc, ...]) -> list[dict[str, object]]:
+    """sales_by_region's answer recomputed from the sales themselves."""
+    totals: dict[str, tuple[float, int]] = {}
+    for sale in sales:
+        amount, orders = totals.get(sale["region"], (0.0, 0))
+        totals[sale["region"]] = (amount + sale["amount"], orders + 1)
+    return [
+        {"region": region, "total": round(amount, 2), "orders": orders}
+        for region, (amount, orders) in sorted(totals.items())
+    ]
+
+
+async def test_sales_by_region_reconciles_sales_that_predate_it(host: PluginHost) -> None:
+    """On load, sales_by_region counts the seeded sales: its totals equal a recomputation."""
+    expected = region_totals(SALES)
+
+    async def settled() -> bool:
+        return bool(await host.call("sales_by_region") == expected)
+
+    await wait_until(settled, "sales_by_region matches the seeded sales", timeout=20)
+
+
+async def test_sales_by_region_follows_inserts_updates_and_deletes(
+    host: PluginHost, db: AsyncDatabase[Doc]
+) -> None:
+    """The trigger keeps sales_by_region equal to a recomputation as sales change."""
+    await wait_until(
+        lambda: _matches(host, db), "sales_by_region matches the seeded sales", timeout=20
+    )
+    await db.sales.insert_many(
+        [{"_id": f"new-{i}", "region": "mars", "amount": 10 * i} for i in range(1, 6)]
+    )
+    await db.sales.update_one({"_id": "new-1"}, {"$set": {"region": "emea", "amount": 7}})
+    await db.sales.replace_one({"_id": "new-2"}, {"region": "venus", "amount": 1})
+    await db.sales.delete_one({"_id": "new-3"})
+    await db.sales.delete_many({"region": "apac"})
+    await wait_until(lambda: _matches(host, db), "sales_by_region follows the changes", timeout=30)
+    regions = {row["region"] for row in await host.call("sales_by_region")}
+    assert {"mars", "venus"} <= regions and "apac" not in regions
+
+
+async def _matches(host: PluginHost, db: AsyncDatabase[Doc]) -> bool:
+    """sales_by_region's answer equals a recomputation from the sales collection now."""
+    expected = region_totals(await db.sales.find().to_list(None))
+    return bool(await host.call("sales_by_region") == expected)

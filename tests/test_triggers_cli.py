@@ -10,26 +10,29 @@ from datetime import timedelta
 import anyio
 import pytest
 
-from host.triggerview import deadletters_collection_name, triggers_collection_name
+from host import PluginHost
+from host.triggers import deadletters_collection_name, state_collection_name
+from host.triggers.runner import event_id_of
 
-from .support import Db
+from .support import Db, Doc, wait_until
 from .test_fleet_daemons import cli
 from .test_triggerview import beat, dead_letter, server_now, state
+from .triggers_support import FAST, record, wait_running
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]  # CLI subprocesses on a busy machine
 
 
 async def test_triggers_lists_owner_lag_dead_letters_and_gaps(mongo_uri: str, db: Db) -> None:
     """`triggers` shows owner, lag, dead letters and history-lost gaps per trigger (and --json)."""
     now = await server_now(db)
-    await beat(db, "a:1")
+    await beat(db, "a:1", ttl=3600)  # alive for the whole test, however slow the machine
     gap = {"from": now - timedelta(seconds=30), "to": now, "at": now, "policy": "resume_from_now"}
-    await db[triggers_collection_name("functions")].insert_many(
+    await db[state_collection_name("functions")].insert_many(
         [
             state(
                 "agg/sales",
                 owner="a:1",
-                lease_expires=now + timedelta(seconds=30),
+                lease_expires=now + timedelta(seconds=3600),
                 lag_ms=3.25,
                 processed=7,
                 history_lost=[gap],
@@ -108,7 +111,14 @@ async def test_usage_errors_exit_2_and_runtime_errors_exit_1(mongo_uri: str, db:
 
 
 @pytest.mark.parametrize(
-    "command", [["triggers"], ["deadletter"], ["deadletter", "list"], ["deadletter", "drop"]]
+    "command",
+    [
+        ["triggers"],
+        ["deadletter"],
+        ["deadletter", "list"],
+        ["deadletter", "drop"],
+        ["deadletter", "retry"],
+    ],
 )
 async def test_every_trigger_command_has_help(command: list[str]) -> None:
     """--help works on each trigger command and names its purpose."""
@@ -124,3 +134,83 @@ async def test_every_trigger_command_has_help(command: list[str]) -> None:
     assert result.returncode == 0, result.stderr
     assert "Usage:" in result.stdout
     assert ("--json" in result.stdout) == (command != ["deadletter"])
+
+
+FLAKY = """
+async def on_change(ctx, event):
+    if await ctx.db.flags.find_one({"_id": "broken"}):
+        raise RuntimeError("broken on purpose")
+    await ctx.db.seen.insert_one(
+        {"event_id": ctx.event_id, "attempt": ctx.attempt, "key": event["documentKey"]["_id"],
+         "version": ctx.version}
+    )
+"""
+"""A handler that fails while the ``broken`` flag exists, and records each success."""
+
+
+async def dead_lettered(db: Db, keys: list[int]) -> list[Doc]:
+    """Run FLAKY with the flag up over inserts of ``keys``: their dead letters."""
+    await db.flags.insert_one({"_id": "broken"})
+    await db.functions.insert_one(
+        record("flaky", FLAKY, {"collection": "orders", "max_attempts": 2})
+    )
+    letters = db[deadletters_collection_name("functions")]
+    async with PluginHost(db, triggers=FAST):
+        await wait_running(db, "flaky/orders")
+        await db.orders.insert_many([{"_id": k} for k in keys])
+
+        async def all_dead() -> bool:
+            return await letters.count_documents({}) == len(keys)
+
+        await wait_until(all_dead, f"{len(keys)} dead letters", timeout=30)
+    return await letters.find().sort("_id", 1).to_list(None)
+
+
+async def test_deadletter_retry_runs_the_current_version_with_the_same_event_id(
+    mongo_uri: str, db: Db
+) -> None:
+    """retry re-runs the stored event (same ctx.event_id, next attempt); success deletes it."""
+    letters = await dead_lettered(db, [1, 2])
+    assert [d["attempts"] for d in letters] == [2, 2]
+    one = str(letters[0]["_id"])
+
+    still = await cli(mongo_uri, db.name, "deadletter", "retry", "flaky/orders", "--id", one)
+    assert still.returncode == 1
+    assert "failed again (attempt 3)" in still.stdout and "broken on purpose" in still.stdout
+    assert "1 of 1 dead letters of flaky/orders did not succeed" in still.stderr
+    kept = await db[deadletters_collection_name("functions")].find_one({"_id": letters[0]["_id"]})
+    assert kept is not None and kept["attempts"] == 3
+    assert any("broken on purpose" in line for line in kept["traceback"])
+
+    await db.flags.delete_one({"_id": "broken"})
+    await db.functions.update_one(  # a fixed version: the retry must run this one
+        {"_id": "flaky"}, {"$set": {"source": FLAKY + "\n# fixed\n", "revision": 2}}
+    )
+    done = await cli(mongo_uri, db.name, "deadletter", "retry", "flaky", "--all", "--json")
+    assert done.returncode == 0, done.stderr
+    outcomes = {o["id"]: o for o in json.loads(done.stdout)["outcomes"]}
+    assert {i: (o["outcome"], o["attempt"]) for i, o in outcomes.items()} == {
+        one: ("succeeded", 4),
+        str(letters[1]["_id"]): ("succeeded", 3),
+    }
+    assert all(o["version"].startswith("flaky@r2:") for o in outcomes.values())
+    seen = {s["key"]: s for s in await db.seen.find().to_list(None)}
+    assert {k: s["event_id"] for k, s in seen.items()} == {
+        d["event"]["documentKey"]["_id"]: event_id_of(d["event_id"]) for d in letters
+    }
+    assert {k: s["attempt"] for k, s in seen.items()} == {
+        d["event"]["documentKey"]["_id"]: outcomes[str(d["_id"])]["attempt"] for d in letters
+    }
+    assert await db[deadletters_collection_name("functions")].count_documents({}) == 0
+
+
+async def test_deadletter_retry_of_an_unloaded_plugin_keeps_the_dead_letter(
+    mongo_uri: str, db: Db
+) -> None:
+    """A dead letter whose plugin is disabled stays, with a clear error, and the command exits 1."""
+    await dead_lettered(db, [7])
+    await db.functions.update_one({"_id": "flaky"}, {"$set": {"enabled": False}})
+    result = await cli(mongo_uri, db.name, "deadletter", "retry", "flaky/orders", "--all")
+    assert result.returncode == 1
+    assert "plugin 'flaky' is not loaded" in result.stdout
+    assert await db[deadletters_collection_name("functions")].count_documents({}) == 1

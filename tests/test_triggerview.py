@@ -9,12 +9,8 @@ from bson import ObjectId
 from bson.timestamp import Timestamp
 
 from host.fleet import hosts_collection_name
-from host.triggerview import (
-    deadletters_collection_name,
-    summarize_triggers,
-    trigger_status,
-    triggers_collection_name,
-)
+from host.triggers import deadletters_collection_name, state_collection_name
+from host.triggerview import summarize_triggers, trigger_status
 
 from .support import Db, Doc
 
@@ -94,7 +90,7 @@ async def test_owner_liveness_lease_and_dead_letters_come_from_the_server(db: Db
     now = await server_now(db)
     await beat(db, "a:1")
     await beat(db, "b:1", age=60)
-    await db[triggers_collection_name("functions")].insert_many(
+    await db[state_collection_name("functions")].insert_many(
         [
             state(
                 "agg/sales",
@@ -148,7 +144,7 @@ async def test_history_lost_gaps_are_listed_with_their_length(db: Db) -> None:
         "at": NOW + timedelta(seconds=1),
         "policy": "resume_from_now",
     }
-    await db[triggers_collection_name("functions")].insert_one(
+    await db[state_collection_name("functions")].insert_one(
         state("agg/sales", history_lost=[gap, {"from": None, "to": NOW, "policy": "rescan"}])
     )
     (row,) = await trigger_status(db)

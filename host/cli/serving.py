@@ -39,6 +39,7 @@ from ._common import (
     fail,
 )
 from ._fleet import Heartbeat, HostId, HostTtl, ReportStatus, reporting
+from .triggers import RunTriggers, TriggerLeaseTtl, trigger_options
 
 if TYPE_CHECKING:
     import anyio
@@ -264,6 +265,8 @@ def run(
     heartbeat: Heartbeat = 5.0,
     host_ttl: HostTtl = None,
     host_id: HostId = None,
+    run_triggers: RunTriggers = True,
+    trigger_lease_ttl: TriggerLeaseTtl = 15.0,
 ) -> None:
     """Serve the plugins of a MongoDB collection over HTTP, reloading them live.
 
@@ -323,6 +326,7 @@ def run(
                 ),
                 report_status=status_reporting,
                 bound_exit=True,
+                triggers=trigger_options(run_triggers, trigger_lease_ttl),
             )
         finally:
             await client.close()

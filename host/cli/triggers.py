@@ -16,7 +16,9 @@ from ._common import (
     ConnectTimeout,
     Database,
     MongoUri,
+    TrustedKeyPaths,
     _console,
+    _load_trusted,
     _with_db,
     app,
     fail,
@@ -25,10 +27,38 @@ from ._common import (
 if TYPE_CHECKING:
     from bson import ObjectId
 
-    from ..deadletters import DeadLetter
+    from ..deadletters import DeadLetter, RetryOutcome
+    from ..triggers import TriggerOptions
     from ..triggerview import TriggerStatus
 
-__all__ = ("deadletter_app", "triggers")
+__all__ = ("RunTriggers", "TriggerLeaseTtl", "deadletter_app", "trigger_options", "triggers")
+
+# -- the daemon's trigger options (``run``) -----------------------------------------------
+
+RunTriggers = Annotated[
+    bool,
+    typer.Option(
+        "--triggers/--no-triggers",
+        help="Run the change-stream triggers the plugins declare (`plugin-host triggers`).",
+    ),
+]
+TriggerLeaseTtl = Annotated[
+    float,
+    typer.Option(
+        "--trigger-lease-ttl",
+        min=0.1,
+        help="Seconds a trigger lease lasts unrenewed: a dead owner's triggers move within "
+        "about this time.",
+    ),
+]
+
+
+def trigger_options(enabled: bool, lease_ttl: float) -> TriggerOptions | bool:
+    """What ``run_daemon(triggers=...)`` takes for ``--triggers`` and ``--trigger-lease-ttl``."""
+    from ..triggers import TriggerOptions
+
+    return TriggerOptions(lease_ttl=lease_ttl) if enabled else False
+
 
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 TriggerName = Annotated[
@@ -178,10 +208,31 @@ def _selection(name: str, ids: list[str] | None, every: bool, *, required: bool)
     return parsed
 
 
-def _missing(wanted: Sequence[ObjectId] | None, found: Sequence[str]) -> list[str]:
+def _logs_to_stderr() -> None:
+    """The host this command starts logs warnings and errors to stderr (stdout is output)."""
+    import logging
+
+    import structlog
+
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+    )
+
+
+async def _missing(
+    db: Any, name: str, collection: str, wanted: Sequence[ObjectId] | None
+) -> list[str]:
+    """The ids of ``wanted`` that are not dead letters of ``name`` (none for "all")."""
+    from ..deadletters import list_dead_letters
+
     if wanted is None:
         return []
-    have = set(found)
+    have = {d.id for d in await list_dead_letters(db, name, collection=collection, ids=wanted)}
     return [str(oid) for oid in wanted if str(oid) not in have]
 
 
@@ -238,16 +289,13 @@ def drop(
     connect_timeout: ConnectTimeout = 5.0,
 ) -> None:
     """Delete dead letters for good: their events will not run."""
-    from ..deadletters import drop_dead_letters, list_dead_letters
+    from ..deadletters import drop_dead_letters
 
     wanted = _selection(name, ids, every, required=True)
 
     async def job(db: Any) -> tuple[int, list[str]]:
-        present = [
-            d.id for d in await list_dead_letters(db, name, collection=collection, ids=wanted)
-        ]
-        dropped = await drop_dead_letters(db, name, collection=collection, ids=wanted)
-        return dropped, _missing(wanted, present)
+        missing = await _missing(db, name, collection, wanted)
+        return await drop_dead_letters(db, name, collection=collection, ids=wanted), missing
 
     dropped, missing = _with_db(mongodb_uri, database, connect_timeout, job)
     if as_json:
@@ -256,3 +304,62 @@ def drop(
         print(f"dropped {dropped} dead letter{'s' if dropped != 1 else ''} of {name}")
     if missing:
         raise fail(f"no dead letter of {name} with id {', '.join(missing)}")
+
+
+@deadletter_app.command()
+def retry(
+    name: TriggerName,
+    ids: Ids = None,
+    every: All = False,
+    trusted_keys: TrustedKeyPaths = None,
+    as_json: AsJson = False,
+    mongodb_uri: MongoUri = DEFAULT_URI,
+    database: Database = "app",
+    collection: Collection = "functions",
+    connect_timeout: ConnectTimeout = 5.0,
+) -> None:
+    """Run dead letters again through the plugin's current version; delete each that succeeds.
+
+    The handler runs in this process (the collection's plugins are loaded here, triggers
+    off) with the event's own ctx.event_id; a crash before the delete leaves the dead
+    letter in place, so a retry may repeat an event, never lose one.
+    """
+    from ..deadletters import host_deliverer, list_dead_letters, retry_dead_letters
+    from ..runtime import PluginHost
+
+    wanted = _selection(name, ids, every, required=True)
+    keys = _load_trusted(trusted_keys)
+    _logs_to_stderr()
+
+    async def job(db: Any) -> tuple[list[RetryOutcome], list[str]]:
+        missing = await _missing(db, name, collection, wanted)
+        if not await list_dead_letters(db, name, collection=collection, ids=wanted, limit=1):
+            return [], missing  # nothing to run: do not load the plugins
+        async with PluginHost(db, collection, trusted_keys=keys, triggers=False) as host:
+            outcomes = await retry_dead_letters(
+                db, name, host_deliverer(host), collection=collection, ids=wanted
+            )
+        return outcomes, missing
+
+    outcomes, missing = _with_db(mongodb_uri, database, connect_timeout, job)
+    if as_json:
+        _emit({"outcomes": [o.as_dict() for o in outcomes], "missing": missing})
+    else:
+        if not outcomes and not missing:
+            print(f"no dead letters for {name}")
+        for o in outcomes:
+            detail = {
+                "succeeded": f"succeeded on {o.version} (attempt {o.attempt}); deleted",
+                "failed": f"failed again (attempt {o.attempt}): {o.error}",
+                "claimed": "skipped: another retry is running it",
+            }[o.outcome]
+            print(f"{o.id} {o.trigger}: {detail}")
+    if missing:
+        raise fail(f"no dead letter of {name} with id {', '.join(missing)}")
+    failed = [o for o in outcomes if o.outcome != "succeeded"]
+    if failed:
+        raise fail(
+            f"{len(failed)} of {len(outcomes)} dead letters of {name} did not succeed; "
+            "they are kept",
+            f"`plugin-host deadletter list {name} --full` shows the errors",
+        )
