@@ -18,7 +18,9 @@ skipped with the reason when it cannot be had):
   call and OpenTelemetry is not even imported.
 
 Each point is req/s and wrk's latency p50/p99 at 1, 32 and 256 connections (one wrk
-thread: the machine has two cores, and wrk's own CPU competes with the server's). All the
+thread: the machine has two cores, and wrk's own CPU competes with the server's), and the
+CPU time the server process used per request (``/proc/<pid>/stat``, every thread: on a
+busy machine this moves much less than req/s does). All the
 servers run at once, idle but for the one being measured; the points take turns (baseline,
 daemon, baseline, daemon...) and each is repeated, the best run kept. The daemon is reported
 as a ratio of the baseline measured at the same connection count. The ``pure`` stack
@@ -54,6 +56,7 @@ FIND = (
     "    return await ctx.db.bench_items.find_one({'_id': 1}, {'_id': 0})\n"
 )
 START_TIMEOUT = 60.0
+ECHO_CALL = "/functions/echo/call"
 
 # wrk prints this JSON line at the end (latency in microseconds).
 _LUA = """
@@ -109,7 +112,7 @@ def _process(
         env={**os.environ, **(env or {})},
     )
     try:
-        yield read_event(proc, event, START_TIMEOUT)
+        yield {**read_event(proc, event, START_TIMEOUT), "pid": proc.pid}
     finally:
         stop_process(proc, 30)
 
@@ -148,8 +151,22 @@ def daemon_server(
         yield ready
 
 
-def wrk(binary: str, url: str, connections: int, seconds: float) -> dict[str, Any]:
-    """One wrk run of POSTs of :data:`BODY` to ``url``: req/s, p50/p99 in ms, errors."""
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system, every thread) process ``pid`` has used; None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(
+    binary: str, url: str, connections: int, seconds: float, pid: int | None = None
+) -> dict[str, Any]:
+    """One wrk run of POSTs of :data:`BODY` to ``url``: req/s, p50/p99 in ms, errors, and
+    (given the server's ``pid``) the server's CPU time per request."""
+    cpu_before = cpu_seconds(pid) if pid is not None else None
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(_LUA % json.dumps(BODY))
     try:
@@ -171,9 +188,14 @@ def wrk(binary: str, url: str, connections: int, seconds: float) -> dict[str, An
         )
     finally:
         os.unlink(script.name)
+    cpu_after = cpu_seconds(pid) if pid is not None else None
     line = done.stdout.strip().splitlines()[-1]
     raw = json.loads(line)
+    cpu_us = None
+    if cpu_before is not None and cpu_after is not None and raw["requests"]:
+        cpu_us = (cpu_after - cpu_before) * 1e6 / raw["requests"]
     return {
+        "cpu_us_per_req": cpu_us,
         "connections": connections,
         "requests": raw["requests"],
         "req_per_s": raw["requests"] / (raw["duration_us"] / 1e6),
@@ -188,24 +210,32 @@ def wrk(binary: str, url: str, connections: int, seconds: float) -> dict[str, An
 
 def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the most req/s (timeit's convention: on a shared machine the slower runs
-    measure the neighbours); every run's req/s is kept alongside."""
+    measure the neighbours); every run's req/s is kept alongside, and the least server CPU
+    per request of all the runs (the same convention)."""
     best = dict(max(runs, key=lambda r: r["req_per_s"]))
     best["runs_req_per_s"] = [r["req_per_s"] for r in runs]
+    cpu = [r["cpu_us_per_req"] for r in runs if r.get("cpu_us_per_req") is not None]
+    best["cpu_us_per_req"] = min(cpu) if cpu else None
     return best
 
 
 def _interleaved(
-    binary: str, urls: dict[str, str], conns: Sequence[int], seconds: float, repeats: int
+    binary: str,
+    urls: dict[str, tuple[str, int]],
+    conns: Sequence[int],
+    seconds: float,
+    repeats: int,
 ) -> dict[str, dict[str, Any]]:
-    """Each URL at each connection count, ``repeats`` times, taking turns point by point
-    (so that a burst of load from the neighbours hits every server alike); best run each."""
-    for url in urls.values():
+    """Each (URL, server pid) at each connection count, ``repeats`` times, taking turns point
+    by point (so that a burst of load from the neighbours hits every server alike); best run
+    each."""
+    for url, _ in urls.values():
         wrk(binary, url, 8, 1)  # warm-up: caches, specialised bytecode, pools
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {k: {} for k in urls}
     for c in conns:
         for _ in range(repeats):
-            for key, url in urls.items():
-                runs[key].setdefault(str(c), []).append(wrk(binary, url, c, seconds))
+            for key, (url, pid) in urls.items():
+                runs[key].setdefault(str(c), []).append(wrk(binary, url, c, seconds, pid))
     return {key: {c: _best(r) for c, r in by_conns.items()} for key, by_conns in runs.items()}
 
 
@@ -215,9 +245,12 @@ def _ratios(ours: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
         ref = base.get(conns)
         if ref is None:
             continue
+        ours_cpu, ref_cpu = point.get("cpu_us_per_req"), ref.get("cpu_us_per_req")
         out[conns] = {
             "req_per_s": point["req_per_s"] / ref["req_per_s"] if ref["req_per_s"] else None,
             "p99_delta_ms": point["p99_ms"] - ref["p99_ms"],
+            # Less disturbed by the neighbours than req/s: CPU the server used per request.
+            "cpu_ratio": ours_cpu / ref_cpu if ours_cpu and ref_cpu else None,
         }
     return out
 
@@ -265,17 +298,23 @@ async def run(target: Target, cfg: Config) -> dict[str, Any]:
                 out["stack"] = {"loop": base["loop"], "http_parser": base["http_parser"]}
                 out["daemon_stack"] = {"loop": ready["loop"], "http_parser": ready["http_parser"]}
                 functions = f"{ready['http']}/functions"
-                main = {"baseline": base["url"], "daemon": f"{functions}/echo/call"}
+                main = {
+                    "baseline": (base["url"], base["pid"]),
+                    "daemon": (f"{functions}/echo/call", ready["pid"]),
+                }
                 out.update(_interleaved(binary, main, conns, seconds, repeats))
                 if label == "default":
                     others = {
-                        "daemon_sync": f"{functions}/sync_echo/call",
-                        "daemon_find": f"{functions}/find/call",
+                        "daemon_sync": (f"{functions}/sync_echo/call", ready["pid"]),
+                        "daemon_find": (f"{functions}/find/call", ready["pid"]),
                     }
                     out.update(_interleaved(binary, others, side, seconds, repeats))
                     observed = {
-                        "daemon_access_log": f"{logged['http']}/functions/echo/call",
-                        "daemon_otel": f"{traced['http']}/functions/echo/call",
+                        "daemon_access_log": (
+                            f"{logged['http']}/functions/echo/call",
+                            logged["pid"],
+                        ),
+                        "daemon_otel": (f"{traced['http']}/functions/echo/call", traced["pid"]),
                     }
                     out.update(_interleaved(binary, observed, (32,), seconds, repeats))
             out["ratio"] = _ratios(out["daemon"], out["baseline"])

@@ -497,6 +497,15 @@ def _http_point(point: Any) -> str:
     return text + (f", **{errors:,} errors**" if errors else "")
 
 
+def _cpu_point(out: dict[str, Any], conns: str) -> str:
+    ratio = out.get("ratio", {}).get(conns, {}).get("cpu_ratio")
+    if not ratio:
+        return "—"
+    ours = out["daemon"][conns]["cpu_us_per_req"]
+    base = out["baseline"][conns]["cpu_us_per_req"]
+    return f"{_n(ratio, 2)}x ({_n(ours, 0)} / {_n(base, 0)} µs)"
+
+
 def http_table(results: dict[str, Any]) -> list[str]:
     """The HTTP group: req/s (p50 / p99 ms) per connection count, and ratios to the baseline."""
     group = results.get("http")
@@ -539,6 +548,15 @@ def http_table(results: dict[str, Any]) -> list[str]:
                 ]
             )
         )
+        if any(isinstance(ratio.get(c), dict) and ratio[c].get("cpu_ratio") for c in conns):
+            lines.append(
+                _row(
+                    [
+                        f"plugin-host ÷ baseline, server CPU per request ({label} stack)",
+                        *(_cpu_point(out, c) for c in conns),
+                    ]
+                )
+            )
     seconds = group.get("seconds")
     lines += [
         "",

@@ -6,7 +6,8 @@ This is the hot path. Its rules, on success:
 * no lock unless the version has a concurrency limit, and even then an uncontended
   ``acquire_nowait``;
 * no cancel scope when the call has no timeout (an outermost call registers its task in
-  a dict instead, so that shutdown can end it: see ``abort``);
+  a dict instead, so that shutdown can end it: see ``abort``), and no timer per call when
+  it has one (calls sharing a timeout share one timer: see ``_Deadlines``);
 * no structlog ``bind`` (``ctx.log`` is built lazily) and no string building;
 * a handful of allocations: the ``Context``, the call-chain tuple, the coroutine.
 
@@ -77,6 +78,74 @@ its own slots, and fan-in from separate trees still queues. Tasks copy the conte
 ``gather`` children inherit the leases; a lease dies with its call (``live``), so a
 background task that outlives the call takes slots like any other caller.
 """
+
+
+class _Deadline:
+    """One call's deadline (loop time ``at``) in the queue of calls that share its timeout."""
+
+    __slots__ = ("at", "cancelling", "expired", "task")
+
+    def __init__(self, at: float, task: asyncio.Task[Any]) -> None:
+        self.at = at
+        self.task = task
+        self.cancelling = task.cancelling()  # as asyncio.timeout counts, to tell cancels apart
+        self.expired = False
+
+
+class _Deadlines:
+    """The calls in flight with one timeout value, earliest deadline first, and one timer.
+
+    Design note: ``asyncio.timeout`` arms and cancels a loop timer per call, which cost
+    about three times the rest of a call (issue 12). Calls with the same timeout expire
+    in the order they started, so they queue here in a dict (insertion order is deadline
+    order: ``loop.time()`` never goes back); one timer, set for the earliest deadline,
+    expires what is due and sets itself for the next. A call that ends just leaves the
+    queue (the timer is left to fire, find nothing due and re-arm or stop), so a call pays
+    a dict insert and a dict pop. Expiry cancels the task and the call's frame turns that
+    into ``PluginTimeout`` with ``asyncio.timeout``'s own cancel-counting protocol
+    (``Task.uncancel``), so an enclosing cancel scope's cancellation stays one.
+    """
+
+    # INVARIANT: ``entries`` holds the deadlines of the calls in flight with this timeout
+    # that have not expired, in deadline order; while it is not empty, ``timer`` is set
+    # for a time at or before the first one's deadline. Loop thread only.
+
+    __slots__ = ("entries", "loop", "on_empty", "timeout", "timer")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, timeout: float, on_empty: Callable[[], None]
+    ) -> None:
+        self.loop = loop
+        self.timeout = timeout
+        self.on_empty = on_empty
+        self.entries: dict[_Deadline, None] = {}
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, task: asyncio.Task[Any]) -> _Deadline:
+        """Start the clock of a call running in ``task``."""
+        deadline = _Deadline(self.loop.time() + self.timeout, task)
+        self.entries[deadline] = None
+        if self.timer is None:
+            self.timer = self.loop.call_at(deadline.at, self._expire)
+        return deadline
+
+    def _expire(self) -> None:
+        self.timer = None
+        due = self.loop.time() + _CLOCK_SLACK
+        entries = self.entries
+        while entries:
+            first = next(iter(entries))
+            if first.at > due:
+                self.timer = self.loop.call_at(first.at, self._expire)
+                return
+            del entries[first]
+            first.expired = True
+            first.task.cancel()
+        self.on_empty()
+
+
+_CLOCK_SLACK = 0.001  # uvloop's clock ticks in milliseconds: due within one tick is due
+_MAX_DEADLINE_QUEUES = 64  # distinct timeouts with a shared timer; others: asyncio.timeout
 
 
 class Required:
@@ -157,6 +226,8 @@ class Dispatcher:
         # HostClosed. Loop thread only.
         self._calls: dict[asyncio.Task[Any], None] = {}
         self._aborted: set[asyncio.Task[Any]] = set()
+        # At most _MAX_DEADLINE_QUEUES timeouts; a queue goes when its timer finds it empty.
+        self._deadlines: dict[float, _Deadlines] = {}
         self._events = events if events is not None else EventBus(_log)
         # Progressive delivery: the registry's routing states (one per name with a
         # candidate; the same dict object for the registry's whole life).
@@ -287,38 +358,20 @@ class Dispatcher:
         outcome = OK
         try:
             if timeout is None:
-                if live is None:
-                    return await self._run(plugin, args)
                 result = await self._run(plugin, args)
-                if live.mirror:  # a shadow runs: maybe mirror this call, off this path
-                    self._mirror(live, plugin, args, result)
-                return result
-            # asyncio's own timeout: one timer handle per call, about a quarter of the cost
-            # of an anyio cancel scope with a deadline (the default 30 s timeout is on every
-            # daemon call). It follows the cancel-counting protocol (Task.uncancel), so an
-            # outer anyio scope's cancellation still travels as cancellation, and only the
-            # expiry of this deadline turns into TimeoutError.
-            deadline = asyncio.timeout(timeout)
-            try:
-                async with deadline:
-                    result = await self._run(plugin, args)
-                if live is not None and live.mirror:
-                    self._mirror(live, plugin, args, result)
-                return result
-            except TimeoutError:
-                if not deadline.expired():
-                    raise
-            self._events.emit(
-                "call.timeout", "warning", plugin=name, version=plugin.version, timeout=timeout
-            )
-            outcome = TIMEOUT
-            raise PluginTimeout(name, plugin.version, timeout)
+            else:
+                result = await self._run_with_deadline(plugin, args, timeout, task)
+            if live is not None and live.mirror:  # a shadow runs: maybe mirror this call
+                self._mirror(live, plugin, args, result)
+            return result
         except PluginFailed:
             outcome = FAILED
             raise
+        except PluginTimeout:
+            outcome = TIMEOUT
+            raise
         except PluginError:  # busy, a require cycle...: not a judgement of the version
-            if outcome != TIMEOUT:
-                outcome = -1
+            outcome = -1
             raise
         except asyncio.CancelledError:
             outcome = -1
@@ -345,6 +398,68 @@ class Dispatcher:
         """Hand a call the stable version answered to the shadow runner (it samples)."""
         if plugin is not live.candidate and self.on_mirror is not None:
             self.on_mirror(live, args, result)
+
+    async def _run_with_deadline(
+        self, plugin: Plugin, args: Args, seconds: float, task: asyncio.Task[Any] | None
+    ) -> Any:
+        # Calls that share a timeout share one timer (_Deadlines); see _deadline_queue.
+        current = task if task is not None else asyncio.current_task()
+        assert current is not None
+        queue = self._deadline_queue(current, seconds)
+        if queue is None:
+            return await self._run_with_timer(plugin, args, seconds)
+        deadline = queue.add(current)
+        try:
+            result = await self._run(plugin, args)
+        except asyncio.CancelledError:
+            if not deadline.expired or current.uncancel() > deadline.cancelling:
+                raise  # not (only) this deadline's cancellation
+        else:
+            if deadline.expired:  # the plugin swallowed the cancellation
+                current.uncancel()
+            return result
+        finally:
+            if not deadline.expired:
+                queue.entries.pop(deadline, None)
+        raise self._timed_out(plugin, seconds)
+
+    def _deadline_queue(self, task: asyncio.Task[Any], timeout: float) -> _Deadlines | None:
+        """The queue of calls with this timeout (None: too many distinct timeouts, or
+        another loop: use a timer of the call's own)."""
+        queue = self._deadlines.get(timeout)
+        loop = task.get_loop()
+        if queue is None:
+            if len(self._deadlines) >= _MAX_DEADLINE_QUEUES:
+                return None
+            queue = self._deadlines[timeout] = _Deadlines(
+                loop, timeout, partial(self._drop_queue, timeout)
+            )
+        return queue if queue.loop is loop else None
+
+    def _drop_queue(self, timeout: float) -> None:
+        queue = self._deadlines.get(timeout)
+        if queue is not None and not queue.entries and queue.timer is None:
+            del self._deadlines[timeout]
+
+    async def _run_with_timer(self, plugin: Plugin, args: Args, seconds: float) -> Any:
+        # asyncio's own timeout: one timer handle for this call. It follows the
+        # cancel-counting protocol (Task.uncancel) like _Deadlines, so an outer anyio
+        # scope's cancellation still travels as cancellation, and only the expiry of this
+        # deadline turns into PluginTimeout.
+        deadline = asyncio.timeout(seconds)
+        try:
+            async with deadline:
+                return await self._run(plugin, args)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+        raise self._timed_out(plugin, seconds)
+
+    def _timed_out(self, plugin: Plugin, timeout: float) -> PluginTimeout:
+        self._events.emit(
+            "call.timeout", "warning", plugin=plugin.name, version=plugin.version, timeout=timeout
+        )
+        return PluginTimeout(plugin.name, plugin.version, timeout)
 
     async def _run(self, plugin: Plugin, args: Args) -> Any:
         # The compiler sets the version's limiter once (its record's max_concurrency, or

@@ -51,7 +51,7 @@ import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import anyio
 import anyio.lowlevel
@@ -59,8 +59,9 @@ import structlog
 from bson import Decimal128, ObjectId
 from pymongo.errors import PyMongoError
 from starlette.applications import Starlette
+from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -159,30 +160,69 @@ SMALL_RESULT_NODES = 2_048
 _ENCODE_STEP = 4_096  # chunks of the pure-Python encoder between two loop turns
 
 
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
 def _is_small(value: Any, limit: int) -> bool:
     # Walks at most SMALL_RESULT_NODES nodes: a bounded look, cheap for the usual result.
+    # Exact types first (the JSON a plugin returns is mostly plain dicts, lists, strings
+    # and numbers); subclasses and sets take the isinstance() branches below.
     budget = SMALL_RESULT_NODES
     text = 0
     stack = [value]
+    pop = stack.pop
+    push = stack.extend
     while stack:
-        item = stack.pop()
+        item = pop()
         budget -= 1
         if budget < 0:
             return False
-        if isinstance(item, str | bytes):
+        kind = type(item)
+        if kind in _SCALARS:
+            continue
+        if kind is str or isinstance(item, str | bytes):
             text += len(item)
             if text * 6 > limit:  # a character can take 6 bytes as JSON (\u escapes)
                 return False
-        elif isinstance(item, dict):
+        elif kind is dict or isinstance(item, dict):
             if len(item) > budget:
                 return False
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list | tuple | set | frozenset):
+            push(item.keys())
+            push(item.values())
+        elif kind is list or isinstance(item, list | tuple | set | frozenset):
             if len(item) > budget:
                 return False
-            stack.extend(item)
+            push(item)
     return True
+
+
+def _one_shot_encoder() -> Callable[[Any], bytes]:
+    """:func:`to_json` for a value :func:`_is_small` passed, without its per-call set-up.
+
+    ``json.dumps`` with options builds a ``JSONEncoder`` and a C encoder on every call,
+    which costs more than encoding a small result. This C encoder is built once, with
+    the same options; it keeps no circular-reference markers, which is safe only here: a
+    cyclic value never passes the bounded walk (its nodes never run out).
+    """
+    # Private names of json.encoder (the accelerator json.dumps itself uses).
+    make = getattr(json.encoder, "c_make_encoder", None)
+    quote = getattr(json.encoder, "c_encode_basestring", None)
+    if make is None or quote is None:  # pragma: no cover - no _json accelerator
+        return to_json
+    # (markers, default, quote, indent, key separator, item separator, sort_keys,
+    # skipkeys, allow_nan): json.dumps(default=_default, allow_nan=False,
+    # ensure_ascii=False) but for the markers.
+    encode = make(None, _default, quote, None, ": ", ", ", False, False, False)
+
+    def one_shot(value: Any) -> bytes:
+        if isinstance(value, str):  # the C encoder's entry point takes containers and scalars
+            return to_json(value)
+        return "".join(encode(value, 0)).encode()
+
+    return one_shot
+
+
+_encode_small = _one_shot_encoder()
 
 
 async def encode_result(value: Any, limit: int, deadline: float | None = None) -> bytes:
@@ -208,7 +248,7 @@ async def encode_result(value: Any, limit: int, deadline: float | None = None) -
         ValueError: The value holds NaN or infinity.
     """
     if _is_small(value, limit):
-        content = to_json(value)
+        content = _encode_small(value)
         if len(content) > limit:
             raise ResultTooLarge(len(content))
         return content
@@ -417,18 +457,93 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return _error(exc.status_code, kind, message, headers=dict(exc.headers or {}))
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+class _CallRequest:
+    """What the call route reads of one request, taken straight from the ASGI scope.
+
+    The call route is a raw ASGI endpoint (no Starlette ``Request``/``Response`` per
+    call: that machinery cost more than the rest of the route). ``headers`` is a plain
+    dict (lower-case names, first occurrence wins, as ``Request.headers.get`` answers);
+    the query string is parsed only when there is one.
+    """
+
+    __slots__ = ("headers", "path_params", "receive", "scope")
+
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.path_params: dict[str, Any] = scope["path_params"]
+        self.headers: dict[str, str] = {
+            key.decode("latin-1"): value.decode("latin-1")
+            for key, value in reversed(scope["headers"])
+        }
+
+    @property
+    def query_params(self) -> QueryParams:
+        """The parsed query string."""
+        return QueryParams(self.scope["query_string"])
+
+
+async def _read_body(request: Request | _CallRequest, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _BodyTooLarge
-    chunks: list[bytes] = []
+    receive = request.receive
+    body = b""
+    chunks: list[bytes] | None = None  # only for a body that comes in several messages
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _BodyTooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect: what Request.stream() does
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise _BodyTooLarge
+            if not body:
+                body = chunk
+            else:
+                if chunks is None:
+                    chunks = [body]
+                chunks.append(chunk)
+        if not message.get("more_body", False):
+            return body if chunks is None else b"".join(chunks)
+
+
+_JSON_TYPE = (b"content-type", b"application/json")
+
+_Reply: TypeAlias = Response | bytes
+"""A call's reply: the JSON of its result (bytes, sent by :func:`_send_result`), or an error."""
+
+
+async def _send_result(send: Send, content: bytes, version: str | None) -> None:
+    # The 200 reply, as Starlette's Response(content, media_type="application/json",
+    # headers={"X-Plugin-Version": ...}) would send it, without building one.
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"x-plugin-version", (version or "").encode("latin-1")),
+                (b"content-length", str(len(content)).encode("latin-1")),
+                _JSON_TYPE,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": content})
+
+
+class _RawEndpoint:
+    """Makes Starlette's ``Route`` hand the scope to ``endpoint`` as a plain ASGI app (it
+    wraps plain functions in ``request_response``)."""
+
+    __slots__ = ("endpoint",)
+
+    def __init__(self, endpoint: ASGIApp) -> None:
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.endpoint(scope, receive, send)
 
 
 def create_app(
@@ -503,39 +618,45 @@ def create_app(
     hub = EventHub(host.events, draining)
     call_ids = itertools.count(1)
 
-    async def call(request: Request) -> Response:
+    async def call(scope: Scope, receive: Receive, send: Send) -> None:
+        request = _CallRequest(scope, receive)
         if not access_log and tracing.tracer is None:
-            return (await handle_call(request))[0]
-        return await observed_call(request)
+            reply, version = await handle_call(request)
+        else:
+            reply, version = await observed_call(request)
+        if isinstance(reply, bytes):
+            await _send_result(send, reply, version)
+        else:
+            await reply(scope, receive, send)
 
-    async def observed_call(request: Request) -> Response:
+    async def observed_call(request: _CallRequest) -> tuple[_Reply, str | None]:
         # The access log and the trace span; off the plain path, which pays one test.
         call_id = next(call_ids)
         name = request.path_params["name"][:200]
         started = time.perf_counter()
         if tracing.tracer is None:
-            response, version = await handle_call(request)
+            reply, version = await handle_call(request)
         else:
             with tracing.server_span(name, request.headers) as span:
-                response, version = await handle_call(request)
-                outcome = _OUTCOMES.get(response.status_code, "bad_request")
+                reply, version = await handle_call(request)
+                outcome = _OUTCOMES.get(_status(reply), "bad_request")
                 tracing.finish_call(span, version, outcome, call_id)
         if access_log:
             _access.info(
                 "http.access",
                 plugin=name,
                 version=version,
-                status=response.status_code,
+                status=_status(reply),
                 duration_ms=round((time.perf_counter() - started) * 1000, 3),
                 call_id=call_id,
             )
-        return response
+        return reply, version
 
     def refuse(outcome: str, status: int, kind: str, message: str) -> tuple[Response, None]:
         metrics.count_call(outcome)
         return _error(status, kind, message), None
 
-    async def handle_call(request: Request) -> tuple[Response, str | None]:
+    async def handle_call(request: _CallRequest) -> tuple[_Reply, str | None]:
         name = request.path_params["name"]
         content_type = request.headers.get("content-type")
         if content_type is not None and not _is_json(content_type):
@@ -672,8 +793,7 @@ def create_app(
                 f"plugin {version or name} returned a result that is not JSON-serialisable: {exc}",
                 version=version,
             ), version
-        headers = {"X-Plugin-Version": version or ""}
-        return Response(content, 200, media_type="application/json", headers=headers), version
+        return content, version
 
     async def list_functions(request: Request) -> Response:
         return JSONResponse({"functions": [info.as_dict() for info in host.plugins()]})
@@ -775,7 +895,7 @@ def create_app(
     app = Starlette(
         debug=False,  # our own 500s say what failed; Starlette's debug page is not an API
         routes=[
-            Route("/functions/{name}/call", call, methods=["POST"]),
+            Route("/functions/{name}/call", _RawEndpoint(call), methods=["POST"]),
             Route("/functions", list_functions, methods=["GET"]),
             Route("/functions/{name}", get_function, methods=["GET"]),
             Route("/fleet", fleet, methods=["GET"]),
@@ -810,6 +930,10 @@ def create_app(
     app.state.events = hub
     app.state.host = host
     return app
+
+
+def _status(reply: _Reply) -> int:
+    return 200 if isinstance(reply, bytes) else reply.status_code
 
 
 def _format(exc: BaseException) -> str:

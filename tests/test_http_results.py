@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
+import anyio
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pymongo.asynchronous.database import AsyncDatabase
 
 from host import PluginHost
@@ -106,3 +109,33 @@ async def test_encode_result_matches_to_json_on_both_paths() -> None:
     assert 1_000 < info.value.size < 1_000 + 100
     with pytest.raises(ValueError, match="Out of range float values"):
         await encode_result([float("nan")] * (SMALL_RESULT_NODES + 1), 10_000_000)
+
+
+_SCALAR = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+_KEY = st.text(max_size=4) | st.integers() | st.booleans() | st.none() | st.floats()
+_VALUE = st.recursive(
+    _SCALAR,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(_KEY, inner, max_size=4)
+        | st.frozensets(st.integers(), max_size=3)
+    ),
+    max_leaves=20,
+)
+
+
+def _encoded(encode: Callable[[], bytes]) -> bytes | str:
+    try:
+        return encode()
+    except (TypeError, ValueError) as exc:
+        return type(exc).__name__
+
+
+@settings(max_examples=150, deadline=None)
+@given(_VALUE)
+def test_one_shot_encoding_is_to_json(value: object) -> None:
+    """A small result (one C call, no per-call set-up) encodes to exactly to_json's bytes,
+    and fails with the same error type (NaN/infinity, odd keys)."""
+    one_shot = _encoded(lambda: anyio.run(encode_result, value, 1_000_000))
+    assert one_shot == _encoded(lambda: to_json(value))
