@@ -17,7 +17,7 @@ from host.console import CONSOLE_PATHS, STATIC_FILES
 from host.console.actions import ActionError, parse_action
 from host.console.rates import percentile
 from host.http import create_app
-from host.triggerview import triggers_collection_name
+from host.triggers.lease import state_collection_name
 
 from .support import Db, wait_until
 
@@ -160,7 +160,7 @@ async def test_rollout_route_checks_the_body_then_calls_host_publish(db: Db) -> 
 async def test_triggers_route_serves_the_trigger_state(db: Db) -> None:
     """GET /triggers lists each trigger state document with its lag and dead letters."""
     now = datetime.now(UTC)
-    await db[triggers_collection_name("functions")].insert_one(
+    await db[state_collection_name("functions")].insert_one(
         {
             "_id": "ok/orders",
             "plugin": "ok",

@@ -23,7 +23,7 @@ from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwr
 from pymongo import AsyncMongoClient
 
 from host import publish
-from host.triggerview import triggers_collection_name
+from host.triggers.lease import state_collection_name
 
 from .support import Db
 from .test_daemon import Daemon, free_port, wait_ready
@@ -274,7 +274,7 @@ def test_trigger_lag_is_displayed(tab: Tab, console: Console) -> None:
         "processed": 42,
         "history_lost": [],
     }
-    console.db(lambda db: db[triggers_collection_name("functions")].insert_one(state))
+    console.db(lambda db: db[state_collection_name("functions")].insert_one(state))
     trigger = tab.page.locator('#triggers-body tr[data-trigger="greet/users"]')
     expect(trigger.locator(".lag")).to_have_text("1.23 s")
     expect(trigger).to_contain_text("running")
