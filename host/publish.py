@@ -29,7 +29,7 @@ from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import DuplicateKeyError
 
 from .errors import PluginHostError, RecordError
-from .records import ROLLOUT_MODES, RolloutPolicy, is_valid_name, parse_triggers
+from .records import ROLLOUT_MODES, RolloutPolicy, TriggerSpec, is_valid_name, parse_triggers
 from .rollout_record import NoRollout, RolloutRunning, abort_rollout, ended
 
 if TYPE_CHECKING:
@@ -67,8 +67,12 @@ __all__ = (
 
 _MAX_ATTEMPTS = 20
 
-Signer = Callable[[str, str, str, int], str]
-"""``sign(name, source, entrypoint, revision) -> signature field`` (see :mod:`host.trust`).
+Signer = Callable[..., str]
+"""``sign(name, source, entrypoint, revision[, triggers]) -> signature field`` (see
+:func:`host.trust.sign_record`, which is one with its key bound).
+
+``triggers`` (the record's parsed :class:`~host.records.TriggerSpec` tuple) is passed only
+when the record declares triggers, so a four-argument signer still signs the others.
 
 :func:`publish` calls it for every revision it tries inside its compare-and-set loop, so
 the signature always covers the revision actually written. It must not block: an Ed25519
@@ -205,6 +209,28 @@ async def _next_revision(hist: Any, name: str, record: Mapping[str, Any] | None)
     )
 
 
+def _trigger_specs(name: str, raw: Any) -> tuple[TriggerSpec, ...]:
+    if not raw:
+        return ()
+    try:
+        return parse_triggers(name, list(raw))
+    except RecordError as exc:
+        raise PublishError(str(exc)) from None
+
+
+def _signed(
+    sign: Signer,
+    name: str,
+    source: str,
+    entrypoint: str,
+    revision: int,
+    triggers: tuple[TriggerSpec, ...],
+) -> str:
+    if triggers:
+        return sign(name, source, entrypoint, revision, triggers)
+    return sign(name, source, entrypoint, revision)
+
+
 async def publish(
     db: Any,
     name: str,
@@ -228,8 +254,8 @@ async def publish(
         force: Publish a new revision even if source and entrypoint are unchanged.
         check_syntax: Refuse source that does not compile (the host would refuse it too,
             and keep the previous version serving).
-        sign: Sign the record: called with ``(name, source, entrypoint, revision)`` for
-            each revision tried; the result is written as ``signature`` in the same write
+        sign: Sign the record: called with ``(name, source, entrypoint, revision)``
+            (plus the parsed triggers when the record has some) for each revision tried; the result is written as ``signature`` in the same write
             as the source and revision. An unchanged record is still republished when it
             is unsigned or signed by another key.
         triggers: The record's change-stream triggers, written in the same write as the
@@ -239,20 +265,11 @@ async def publish(
         What was published.
 
     Raises:
-        PublishError: The name, source or entrypoint is invalid, or ``triggers`` is
-            given with ``sign`` (the signer does not cover triggers yet).
+        PublishError: The name, source, entrypoint or triggers are invalid.
     """
     _check(name, source, entrypoint, check_syntax)
-    if triggers:
-        try:  # refused here rather than by every host (which would keep the old version)
-            parse_triggers(name, list(triggers))
-        except RecordError as exc:
-            raise PublishError(str(exc)) from None
-    if triggers and sign is not None:
-        raise PublishError(
-            f"plugin {name!r}: cannot sign a record with triggers here yet (the signature "
-            "must cover them); publish it unsigned or sign it with host.trust"
-        )
+    # Bad triggers are refused here rather than by every host (which keeps the old version).
+    _trigger_specs(name, triggers)
     coll = db[collection]
     hist = db[history_collection_name(collection)]
     await hist.create_index([("name", ASCENDING), ("revision", DESCENDING)], unique=True)
@@ -261,6 +278,10 @@ async def publish(
         current_rev = current.get("revision") if current else None
         effective_entry = entrypoint or (current or {}).get("entrypoint") or "main"
         rollout = _rollout_of(current)
+        # The signature covers the triggers the record will carry: the new ones, or the
+        # record's own when ``triggers`` is None (they are kept).
+        kept = triggers if triggers is not None else (current or {}).get("triggers")
+        specs = _trigger_specs(name, kept)
         if (
             current is not None
             and not force
@@ -273,7 +294,8 @@ async def publish(
             # so an unsigned record or one signed by another key is not "unchanged".
             and (
                 sign is None
-                or current.get("signature") == sign(name, source, effective_entry, current_rev)
+                or current.get("signature")
+                == _signed(sign, name, source, effective_entry, current_rev, specs)
             )
         ):
             return Published(name, current_rev, changed=False)
@@ -293,7 +315,7 @@ async def publish(
         if sign is not None:
             # Pin the signed entrypoint in the same write, so what is stored is what was signed.
             fields["entrypoint"] = effective_entry
-            fields["signature"] = sign(name, source, effective_entry, revision)
+            fields["signature"] = _signed(sign, name, source, effective_entry, revision, specs)
         elif current is not None and "signature" in current:
             unset["signature"] = ""  # a stale signature would not match the new content
         if current is None:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from host.errors import RecordError
 from host.publish import PublishError, declared_triggers, publish, publish_file
+from host.records import parse_record
+from host.trust import SignatureVerifier, TrustedKeys, sign_record
 
 from .support import Db
 
@@ -45,10 +50,20 @@ async def test_publish_file_writes_changes_and_removes_triggers(db: Db, tmp_path
     assert record is not None and "triggers" not in record
 
 
-async def test_signing_a_record_with_triggers_is_refused_clearly(db: Db) -> None:
-    """publish refuses to sign triggers the signature would not cover (rather than be refused)."""
-    with pytest.raises(PublishError, match="cannot sign a record with triggers"):
-        await publish(db, "agg", WITH, sign=lambda *_: "x", triggers=[{"collection": "s"}])
+async def test_a_signed_record_with_triggers_verifies_and_covers_them(db: Db) -> None:
+    """publish signs the triggers with the source; a host accepts it and refuses a changed one."""
+    key = Ed25519PrivateKey.generate()
+    verify = SignatureVerifier(TrustedKeys([key.public_key()]))
+    sign = functools.partial(sign_record, key)
+    await publish(db, "agg", WITH, sign=sign, triggers=[{"collection": "sales"}])
+    doc = await db.functions.find_one({"_id": "agg"})
+    assert doc is not None
+    verify(parse_record(doc), None)  # the signature covers what was written
+    # An unchanged republish keeps the revision (the same key signs the same content alike).
+    assert (await publish(db, "agg", WITH, sign=sign)).changed is False
+    tampered = {**doc, "triggers": [{"collection": "orders"}]}
+    with pytest.raises(RecordError, match="signature"):
+        verify(parse_record(tampered), None)
 
 
 async def test_a_bad_declaration_is_refused_at_publish(db: Db) -> None:
