@@ -17,6 +17,13 @@ is what a client of the loaded daemon sees: the swap plus up to two request late
 lower wrk's req/s is while reloads run. Quiet and reloading runs take turns, ``repeats``
 times, and the best of each is kept (on a shared machine the slower runs measure the
 neighbours); change-to-live keeps every sample.
+
+What bounds it (a diagnostic run at 32 connections, load average 12 on 2 cores): the
+daemon's own ``plugin.reloaded`` events said ``change_to_live_ms`` (the write's wall time
+to the swap) p50 85 ms, of which ``load_ms`` (the change submitted to live) was 0.7 ms,
+against 98 ms at the probe. So the time goes before the loader sees the change: the
+stream's getMore reply waits behind the HTTP work of the daemon's loop (and a server
+process that shares the cores with wrk and the daemon), not in compile or install.
 """
 
 from __future__ import annotations
