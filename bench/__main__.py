@@ -24,7 +24,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import coldstart, fleet, http, latency, report, rollout, startup, swap, throughput, triggers
+from . import (
+    coldstart,
+    fleet,
+    http,
+    latency,
+    reload_http,
+    report,
+    rollout,
+    startup,
+    swap,
+    throughput,
+    triggers,
+)
 from .common import Config, Target, configure_logging, embedded_server, machine_info
 from .readme_section import update_readme
 
@@ -35,6 +47,7 @@ GROUPS: dict[str, Callable[[Target, Config], Awaitable[dict[str, Any]]]] = {
     "swap": swap.run,
     "startup": startup.run,
     "http": http.run,
+    "reload_http": reload_http.run,
     "fleet": fleet.run,
     "rollout": rollout.run,
     "triggers": triggers.run,

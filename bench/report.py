@@ -59,15 +59,20 @@ def _worst_drop(results: dict[str, Any]) -> float | None:
     runs = results.get("swap")
     if not isinstance(runs, dict) or "error" in runs:
         return None
-    drops = [run["throughput_drop_pct"] for run in runs.values() if "throughput_drop_pct" in run]
+    drops = [run["throughput_drop_pct"] for run in _swap_runs(runs) if "throughput_drop_pct" in run]
     return max(drops) if drops else None
+
+
+def _swap_runs(runs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-caller-count entries of the swap group (``_cost`` is not one)."""
+    return [run for key, run in runs.items() if not key.startswith("_")]
 
 
 def _failed_calls(results: dict[str, Any]) -> float | None:
     runs = results.get("swap")
     if not isinstance(runs, dict) or "error" in runs:
         return None
-    return float(sum(run["failed"] + run["stale"] for run in runs.values()))
+    return float(sum(run["failed"] + run["stale"] for run in _swap_runs(runs)))
 
 
 GOALS: tuple[Goal, ...] = (
@@ -456,15 +461,20 @@ def _target_table(results: dict[str, Any]) -> list[str]:
     if "error" in swap:
         lines.append(_row(["swap-under-load failed", swap["error"], "", "", ""]))
     for callers, entry in swap.items() if "error" not in swap else ():
+        if callers.startswith("_"):
+            continue
+        rates = entry.get("drop_at_rate") or {}
         lines.append(
             _row(
                 [
-                    f"swap under load, {callers} callers, {entry['plugins']} plugins changed "
-                    f"every {entry['period_s'] * 1000:.0f} ms for {entry['seconds']:.0f} s: "
-                    "calls/s (quiet: no updates); drop; failed; stale",
+                    f"swap under load, {callers} callers, a storm of "
+                    f"{entry.get('storm_rate_per_s', 0):g} updates/s over {entry['plugins']} "
+                    f"plugins for {entry['seconds']:.0f} s: calls/s (quiet: no updates); "
+                    "drop; failed; stale"
+                    + "".join(f"; drop at {rate} updates/s" for rate in rates),
                     f"{_n(entry['calls_per_s'], 0)} ({_n(entry.get('quiet_calls_per_s'), 0)}); "
                     f"{_n(entry.get('throughput_drop_pct'))} %; {entry['failed']}; "
-                    f"{entry['stale']}",
+                    f"{entry['stale']}" + "".join(f"; {_n(drop)} %" for drop in rates.values()),
                     "—",
                     "—",
                     "—",
@@ -480,6 +490,22 @@ def _target_table(results: dict[str, Any]) -> list[str]:
                     "`change_to_live_ms` p50 / p99 / max (BSON wallTime, 1 ms resolution)",
                     f"{_lat(entry['call_us'], 1)}; {_lat(entry.get('sync_call_us'), 0)}; "
                     f"{_lat(entry['reload_lag_ms'], 1)}",
+                    "—",
+                    "—",
+                    "—",
+                ]
+            )
+        )
+    cost = swap.get("_cost") if "error" not in swap else None
+    if isinstance(cost, dict):
+        lines.append(
+            _row(
+                [
+                    f"reload cost: event-loop CPU per reload, no callers, "
+                    f"{cost['storm_rate_per_s']:g} updates/s for {cost['seconds']:.0f} s "
+                    "(loop thread's CPU time, idle seconds subtracted); loop busy",
+                    f"{_n(cost.get('loop_cpu_per_reload_ms'), 3)} ms; "
+                    f"{_n(cost.get('loop_share_pct'))} %",
                     "—",
                     "—",
                     "—",
@@ -567,6 +593,52 @@ def http_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def reload_http_table(results: dict[str, Any]) -> list[str]:
+    """The daemon under wrk while reloads run: change-to-live and req/s with and without."""
+    group = results.get("reload_http")
+    if not isinstance(group, dict):
+        return []
+    if "error" in group or "skipped" in group:
+        reason = group.get("error") or "skipped: " + str(group.get("skipped"))
+        return [f"Daemon reloads under wrk: {reason}", ""]
+    lines = [
+        _row(
+            [
+                f"daemon under wrk, reloads every live + {group.get('pause_s', 0) * 1000:.0f} ms",
+                "change-to-live p50 / p99 / max ms (reloads)",
+                "req/s quiet (p99 ms)",
+                "req/s reloading (p99 ms)",
+                "drop",
+            ]
+        ),
+        _row(["---", "---:", "---:", "---:", "---:"]),
+    ]
+    for conns, point in group.items():
+        if not isinstance(point, dict) or "quiet" not in point:
+            continue
+        quiet, busy = point["quiet"], point["reloading"]
+        lines.append(
+            _row(
+                [
+                    f"{conns} connections",
+                    f"{_lat(point['served_ms'], 1)} ({point['reloads']})",
+                    f"{_n(quiet['req_per_s'], 0)} ({_n(quiet['p99_ms'], 1)})",
+                    f"{_n(busy['req_per_s'], 0)} ({_n(busy['p99_ms'], 1)})",
+                    f"{_n(point.get('drop_pct'))} %",
+                ]
+            )
+        )
+    lines += [
+        "",
+        "Change-to-live: from the update's ack to the first HTTP response naming the new "
+        "version, read by a probe connection queued with wrk's; wrk "
+        f"{group.get('wrk_threads', 1)} thread, {group.get('seconds', 0):g} s per run, best "
+        f"of {group.get('repeats', 1)} interleaved runs each.",
+        "",
+    ]
+    return lines
+
+
 def _goal_table(goals: list[dict[str, Any]]) -> list[str]:
     lines = [_row(["Goal", "Aim", "Measured", "Result"]), _row(["---", "---:", "---:", "---"])]
     for goal in goals:
@@ -636,6 +708,7 @@ def markdown(report: dict[str, Any]) -> str:
             *_target_table(results),
             "",
             *http_table(results),
+            *reload_http_table(results),
             "Goals (aims, not assertions):",
             "",
             *_goal_table(target["goals"]),

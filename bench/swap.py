@@ -11,6 +11,15 @@ Each caller count also runs once with the updater off (``quiet``): the same call
 the same plugins with no reloads. ``throughput_drop_pct`` is how much lower the call
 rate is while the reload storm runs, against that quiet run of the same benchmark.
 
+The storm's rate is stated in updates per second, spread evenly over the plugins (one
+update every ``1 / rate`` s, round robin). The default, ``SWAP_PLUGINS / SWAP_PERIOD`` =
+200 updates/s sustained, is far above what a publisher does (a CI push of 20 plugins is
+one burst of 20); ``STORM_RATES`` adds the drop at a rate a fleet-wide rollout or a busy
+dev sync reaches (20 updates/s, ``drop_at_rate``). ``reload_cost`` measures what one
+reload costs the event loop: no callers, a 200/s storm, and the CPU time of the loop's
+thread (``time.thread_time``) per reload applied, against the same seconds with no
+updates. CPU time, unlike the throughput drop, barely moves with the machine's load.
+
 The updater is a process of its own (sync PyMongo), as a publisher is in production:
 the storm then costs the host only what the reloads cost it, not the writer's client
 work (connection set-up, 200 writes a second) on the host's event loop.
@@ -42,6 +51,8 @@ from .common import (
 SWAP_PLUGINS = 20
 SWAP_PERIOD = 0.1
 SAMPLE_EVERY = 10
+STORM_RATE = SWAP_PLUGINS / SWAP_PERIOD  # updates/s of the default storm
+STORM_RATES = (20.0,)  # further storm rates whose throughput drop is reported
 
 
 def _is_sync(i: int) -> bool:
@@ -53,34 +64,48 @@ def _source(i: int, rev: int) -> str:
 
 
 def _storm(
-    uri: str, db_name: str, names: list[str], stop: Any, first_round: Any, counts: Any
+    uri: str,
+    db_name: str,
+    names: list[str],
+    rate: float,
+    stop: Any,
+    first_round: Any,
+    counts: Any,
 ) -> None:
-    """The updater process: every plugin gets a new revision each period until ``stop``."""
+    """The updater process: ``rate`` updates/s, round robin over ``names``, until ``stop``.
+
+    ``counts`` gets the updates written and how many of them were late (the writer could
+    not keep the rate); ``first_round`` is set once every plugin was updated once.
+    """
     client: MongoClient[dict[str, Any]] = MongoClient(uri)
     coll = client[db_name].functions
+    interval = 1.0 / rate
     next_at = time.monotonic()
-    rev = 0
+    written = 0
     try:
         while not stop.is_set():
-            rev += 1
-            for i, name in enumerate(names):
-                coll.update_one({"_id": name}, update(_source(i, rev), rev))
-            counts[0] += 1
-            first_round.set()
-            next_at += SWAP_PERIOD
+            i = written % len(names)
+            rev = written // len(names) + 1
+            coll.update_one({"_id": names[i]}, update(_source(i, rev), rev))
+            written += 1
+            counts[0] = written
+            if written == len(names):
+                first_round.set()
+            next_at += interval
             delay = next_at - time.monotonic()
             if delay < 0:
                 counts[1] += 1
                 next_at = time.monotonic()
-            stop.wait(max(0.0, delay))
+            elif delay > 0:
+                stop.wait(delay)
     finally:
         client.close()
 
 
 async def swap_under_load(
-    uri: str, callers: int, seconds: float, *, storm: bool = True
+    uri: str, callers: int, seconds: float, *, storm: bool = True, rate: float = STORM_RATE
 ) -> dict[str, Any]:
-    """Run ``callers`` callers for ``seconds`` while every plugin changes each period.
+    """Run ``callers`` callers for ``seconds`` while ``rate`` updates/s change the plugins.
 
     With ``storm=False`` nothing is updated: the quiet baseline of the same callers.
     """
@@ -97,8 +122,9 @@ async def swap_under_load(
             latencies: dict[bool, list[float]] = {False: [], True: []}  # by "is sync"
             reloads = 0
             lags: list[float] = []
-            rounds = 0
-            late_rounds = 0
+            updates = 0
+            late_updates = 0
+            loop_cpu = 0.0
 
             async def caller(seed: int) -> None:
                 nonlocal calls, failed, stale
@@ -128,20 +154,20 @@ async def swap_under_load(
             context = multiprocessing.get_context("spawn")
             stop_storm = context.Event()
             first_round = context.Event()
-            counts = context.Array("i", 2)  # rounds, late rounds
+            counts = context.Array("i", 2)  # updates written, late updates
 
             proc = context.Process(
                 target=_storm,
-                args=(uri, db.name, names, stop_storm, first_round, counts),
+                args=(uri, db.name, names, rate, stop_storm, first_round, counts),
                 daemon=True,
             )
 
             async def updater() -> None:
-                nonlocal rounds, late_rounds
+                nonlocal updates, late_updates
                 await stop.wait()
                 stop_storm.set()
                 await asyncio.to_thread(proc.join, 30)
-                rounds, late_rounds = counts[0], counts[1]
+                updates, late_updates = counts[0] - counts_at_start, counts[1]
 
             async def listen() -> None:
                 nonlocal reloads
@@ -153,15 +179,20 @@ async def swap_under_load(
                             lags.append(float(lag))
 
             listener = asyncio.create_task(listen())
+            counts_at_start = 0
             if storm:  # the clock starts once the storm runs: the first round was written
                 proc.start()
                 if not await asyncio.to_thread(first_round.wait, 60):
                     raise RuntimeError("the storm's updater process did not start")
+                counts_at_start = counts[0]
             tasks = [asyncio.create_task(caller(i)) for i in range(callers)]
             if storm:
                 tasks.append(asyncio.create_task(updater()))
-            started = time.perf_counter()
+            reloads_at_start = reloads
+            started, cpu_started = time.perf_counter(), time.thread_time()
             await asyncio.sleep(seconds)
+            loop_cpu = time.thread_time() - cpu_started
+            reloads_in_window = reloads - reloads_at_start
             stop.set()
             await asyncio.gather(*tasks)
             elapsed = time.perf_counter() - started
@@ -177,10 +208,12 @@ async def swap_under_load(
         "failed": failed,
         "stale": stale,
         "errors": errors,
-        "update_rounds": rounds,
-        "late_rounds": late_rounds,
-        "updates": rounds * SWAP_PLUGINS,
+        "storm_rate_per_s": rate if storm else 0.0,
+        "updates": updates,
+        "late_updates": late_updates,
         "reloads": reloads,
+        "reloads_in_window": reloads_in_window,
+        "loop_cpu_s": loop_cpu,
         "call_us": summarize(latencies[False]),
         "sync_call_us": summarize(latencies[True]),
         "reload_lag_ms": summarize(lags),
@@ -189,13 +222,48 @@ async def swap_under_load(
     }
 
 
+async def reload_cost(uri: str, seconds: float) -> dict[str, Any]:
+    """What one reload costs the event loop: its thread's CPU time per reload applied.
+
+    No callers; the default storm for ``seconds``, against ``seconds`` with no updates
+    (the loop's own idle cost: the stream's empty getMores, timers).
+    """
+    idle = await swap_under_load(uri, 0, seconds, storm=False)
+    busy = await swap_under_load(uri, 0, seconds)
+    reloads = busy["reloads_in_window"]
+    extra = busy["loop_cpu_s"] - idle["loop_cpu_s"]  # both over the same `seconds`
+    return {
+        "storm_rate_per_s": STORM_RATE,
+        "seconds": busy["seconds"],
+        "updates": busy["updates"],
+        "reloads": reloads,
+        "loop_cpu_s": busy["loop_cpu_s"],
+        "idle_loop_cpu_s": idle["loop_cpu_s"],
+        "loop_cpu_per_reload_ms": 1000.0 * extra / reloads if reloads else None,
+        "loop_share_pct": 100.0 * busy["loop_cpu_s"] / busy["seconds"],
+    }
+
+
 async def run(target: Target, cfg: Config) -> dict[str, Any]:
-    """Swap under load for each caller count in ``cfg.swap_callers``, and its quiet run."""
+    """Swap under load for each caller count in ``cfg.swap_callers``, and its quiet run.
+
+    Each caller count also gets the drop at each of ``STORM_RATES``; ``_cost`` is
+    :func:`reload_cost`.
+    """
     out: dict[str, Any] = {}
     for n in cfg.swap_callers:
         quiet = await swap_under_load(target.uri, n, cfg.swap_seconds, storm=False)
         result = await swap_under_load(target.uri, n, cfg.swap_seconds)
         result["quiet_calls_per_s"] = quiet["calls_per_s"]
-        result["throughput_drop_pct"] = 100.0 * (1.0 - result["calls_per_s"] / quiet["calls_per_s"])
+        result["throughput_drop_pct"] = _drop(result, quiet)
+        result["drop_at_rate"] = {}
+        for rate in STORM_RATES:
+            slow = await swap_under_load(target.uri, n, cfg.swap_seconds, rate=rate)
+            result["drop_at_rate"][f"{rate:g}"] = _drop(slow, quiet)
         out[str(n)] = result
+    out["_cost"] = await reload_cost(target.uri, max(3.0, cfg.swap_seconds / 2))
     return out
+
+
+def _drop(storm: dict[str, Any], quiet: dict[str, Any]) -> float:
+    return 100.0 * (1.0 - float(storm["calls_per_s"]) / float(quiet["calls_per_s"]))

@@ -81,10 +81,18 @@ def clip_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
         A new dict: names cut to :data:`MAX_EVENT_NAME_CHARS`, other strings to
         :data:`MAX_EVENT_VALUE_CHARS`, lists to :data:`MAX_EVENT_ITEMS` items.
     """
-    return {
-        key: _clip(value, MAX_EVENT_NAME_CHARS if key in _NAME_FIELDS else MAX_EVENT_VALUE_CHARS)
-        for key, value in fields.items()
-    }
+    # Every reload emits two events, so the common case (short strings, numbers) takes
+    # no function call per field.
+    clipped: dict[str, Any] = {}
+    for key, value in fields.items():
+        if isinstance(value, str):
+            limit = MAX_EVENT_NAME_CHARS if key in _NAME_FIELDS else MAX_EVENT_VALUE_CHARS
+            clipped[key] = value if len(value) <= limit else _clip_str(value, limit)
+        elif isinstance(value, list | tuple):
+            clipped[key] = _clip(value, MAX_EVENT_VALUE_CHARS)
+        else:
+            clipped[key] = value
+    return clipped
 
 
 @dataclass(frozen=True, slots=True)

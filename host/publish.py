@@ -255,9 +255,10 @@ async def publish(
         check_syntax: Refuse source that does not compile (the host would refuse it too,
             and keep the previous version serving).
         sign: Sign the record: called with ``(name, source, entrypoint, revision)``
-            (plus the parsed triggers when the record has some) for each revision tried; the result is written as ``signature`` in the same write
-            as the source and revision. An unchanged record is still republished when it
-            is unsigned or signed by another key.
+            (plus the parsed triggers when the record has some) for each revision
+            tried; the result is written as ``signature`` in the same write as the
+            source and revision. An unchanged record is still republished when it is
+            unsigned or signed by another key.
         triggers: The record's change-stream triggers, written in the same write as the
             revision (``[]`` removes them); None keeps the record's.
 

@@ -35,15 +35,34 @@ Apart from the initial load and resyncs, the watcher sends no find or count: it 
 
 Wake-ups. The stream's getMore carries no ``maxTimeMS`` unless ``max_await_ms`` is set,
 so the server waits up to its default 1 s. MongoDB documents that wait as a *maximum*:
-for an awaitData cursor, getMore returns as soon as there is data, and an empty batch
-only when the wait ends (https://www.mongodb.com/docs/manual/reference/command/getMore/).
-The embedded server follows that rule: a getMore issued after the write finds the event
-at once, one waiting wakes on the append (``Oplog.wait``); tests/embedded
-test_get_mores_issued_late_never_wait_for_the_await_timeout guards it. Correctness
-never depends on the wake-up: an event only ever waits for the next getMore, which the
-loop below issues as soon as the previous one returns. What does cost time under load
-is the number of event-loop turns between the reply and the swap, each turn one step of
-every runnable caller; see ``host.loader`` for how a reload keeps that number small.
+an awaitData cursor "returns no data only if the timeout expires"; with data it returns
+at once (https://www.mongodb.com/docs/manual/reference/method/cursor.tailable/, and
+maxAwaitTimeMS is what drivers send as the getMore's ``maxTimeMS``:
+https://www.mongodb.com/docs/manual/reference/command/getMore/). That is all the host
+relies on, and mongod has it: the watcher never needs a getMore to come back empty, and a
+write to another namespace that wakes nothing costs nothing. The embedded server follows
+the rule in ``Commands._await_data``: a getMore issued after the write finds the event at
+once, one waiting wakes on the append (``Oplog.wait``), with no await between its check
+and its wait.
+
+Issue 19's 1-second mode (p99 about 1,005 ms at 50 callers, the default await time) has
+the signature of a *missed wake-up* in that shape: an event appended after a getMore
+found nothing but before it waited rides only on the *next* getMore, sent after the
+first one's timeout. A yield placed in that gap reproduces it (8-11% of updates at 1,000
+to 1,080 ms). Its historical cause is NOT known: the mode did not reproduce on any
+earlier commit (03954e2 to 719bf9d; server in a thread or a process, writer in or out of
+the host process, quiet or with two CPU hogs; about 3,000 updates), and the server's
+check-then-wait has had no await in between since ec1a49a. Two things could hide its
+return: the bench counted only events *carried* by a getMore that had waited 1 s, but a
+missed wake-up's getMore comes back *empty* at its timeout (``bench/latency.py``
+``_StreamTimer.missed_wakeup`` now sees both shapes), and the late-getMore guard test
+never made the write and the getMore arrive in the same server loop turn (tests/embedded
+``test_a_write_arriving_with_the_get_more_wakes_it`` does, and fails with that yield; so
+does the busy-host test in tests/test_watcher.py). Correctness never depends on the
+wake-up: an event only ever waits for the next getMore, which the loop below issues as
+soon as the previous one returns. What does cost time under load is the number of
+event-loop turns between the reply and the swap, each turn one step of every runnable
+caller; see ``host.loader``.
 """
 
 from __future__ import annotations
@@ -336,7 +355,21 @@ class Watcher:
         return stream
 
     async def _follow(self, stream: Any) -> Mapping[str, Any]:
-        """Apply events until the stream is invalidated; return the invalidate token."""
+        """Apply events until the stream is invalidated; return the invalidate token.
+
+        The resume token is read from the stream when the stream ends (an error, a
+        cancellation) and after each empty batch, not after every event: PyMongo's
+        ``resume_token`` is a deep copy (2-3% of the loop's time per reload in a storm),
+        and the stream keeps the token of the last event it handed out, which is the
+        one to resume after.
+        """
+        try:
+            return await self._follow_events(stream)
+        except BaseException:
+            self._token = _resume_token(stream)
+            raise
+
+    async def _follow_events(self, stream: Any) -> Mapping[str, Any]:
         while True:
             event = await stream.try_next()
             if event is None:
@@ -344,7 +377,6 @@ class Watcher:
                 if not stream.alive:
                     raise _StreamClosed()
                 continue
-            self._token = _resume_token(stream)
             op = event.get("operationType")
             if op == "invalidate":
                 token: Mapping[str, Any] = event["_id"]

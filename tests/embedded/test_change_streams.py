@@ -585,6 +585,39 @@ async def test_get_mores_issued_late_never_wait_for_the_await_timeout(
     assert seen == written
 
 
+async def test_a_write_arriving_with_the_get_more_wakes_it(own_db: AsyncDatabase[Doc]) -> None:
+    """A write the server reads in the same loop turn as a getMore still wakes that getMore.
+
+    Issue 19's missed-wakeup shape: the getMore finds nothing, the write is appended before
+    the getMore starts waiting, and the event then waits for the await timeout (60 s here;
+    the test allows 10 s for all of them). The server runs on this test's loop, so the
+    getMore and the insert, sent in the same turn, are read by the server in the same turn,
+    in both orders; a yield anywhere between the getMore's check and its wait (in
+    ``_await_data`` or ``Oplog.wait``) fails this test, as it fails
+    ``tests/test_watcher.py``'s busy-host test.
+    """
+    coll = own_db.c
+    async with await coll.watch(max_await_time_ms=60_000) as stream:
+        await coll.insert_one({"_id": -1, "n": -1})
+        seen = [(await stream.next())["fullDocument"]["n"]]  # the cursor is open and warm
+        with anyio.fail_after(10):
+            for n in range(30):
+
+                async def write(n: int = n) -> None:
+                    await coll.insert_one({"_id": n, "n": n})
+
+                async def read() -> None:
+                    event = await stream.try_next()
+                    assert event is not None, "a getMore with 60 s to wait came back empty"
+                    seen.append(event["fullDocument"]["n"])
+
+                first, second = (read, write) if n % 2 == 0 else (write, read)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(first)
+                    tg.start_soon(second)
+    assert seen == list(range(-1, 30))
+
+
 async def test_read_concern_other_than_majority_is_refused(db: AsyncDatabase[Doc]) -> None:
     """$changeStream with readConcern local is 72 InvalidOptions; majority is accepted."""
     from pymongo.read_concern import ReadConcern
