@@ -282,6 +282,30 @@ def test_trigger_lag_is_displayed(tab: Tab, console: Console) -> None:
     assert tab.errors == []
 
 
+def test_a_running_triggers_lag_is_displayed(tab: Tab, console: Console) -> None:
+    """A real trigger: an insert reaches its handler and the panel shows its owner and lag."""
+    source = (
+        'TRIGGERS = [{"collection": "console_orders"}]\n\n'
+        "async def on_change(ctx, event):\n"
+        "    pass\n"
+    )
+    console.db(
+        lambda db: publish.publish(
+            db, "counter", source, triggers=[{"collection": "console_orders"}]
+        )
+    )
+    trigger = tab.page.locator('#triggers-body tr[data-trigger="counter/console_orders"]')
+    expect(trigger).to_contain_text("running")
+
+    async def insert(db: Db) -> None:
+        await db.console_orders.insert_many([{"n": n} for n in range(5)])
+
+    console.db(insert)
+    # The lag cell fills in once the engine has handled an event and written its state.
+    expect(trigger.locator(".lag")).to_have_text(re.compile(r"^\d+(\.\d+)? (ms|s)$"))
+    assert tab.errors == []
+
+
 def test_screenshots(browser: Browser, console: Console) -> None:
     """The README's screenshots: docs/console.png (1280x800) and docs/console-narrow.png."""
     with httpx.Client(base_url=console.url, timeout=10) as client:
