@@ -3,7 +3,9 @@
 Design note — off the caller's path, bounded, side-effect free:
 
 * The dispatcher hands a sampled call to :meth:`ShadowRunner.offer` *after* the stable
-  version answered (the caller's result is already computed). ``offer`` only appends
+  version answered (the caller's result is already computed). The sampling is a
+  countdown in :meth:`LiveRollout.record <host.rollout.LiveRollout.record>` (one
+  decrement per call that is not mirrored, no random draw). ``offer`` only appends
   ``(rollout, args, result)`` to a bounded queue and wakes an idle worker; when the queue
   is full the mirror is dropped and counted (``dropped``), so a slow candidate can never
   slow callers down or grow memory.
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -282,9 +283,11 @@ class ShadowRunner:
         return lambda _operation: self._count(name, "refused_writes")
 
     def offer(self, live: LiveRollout, args: Any, result: Any) -> None:
-        """Maybe mirror a call the stable version answered (the sampling happens here)."""
-        if random.random() >= live.threshold:
-            return
+        """Queue a mirror of a call the stable version answered.
+
+        Only sampled calls come here (``LiveRollout.record`` samples ``weight`` percent
+        of the stable's successes), so a call that is not mirrored pays nothing here.
+        """
         if not self._running or len(self._queue) >= self._queue_size:
             self._count(live.name, "dropped")
             return
