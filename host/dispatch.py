@@ -334,7 +334,10 @@ class Dispatcher:
             if version is not None:
                 plugin = pick_version(name, version, plugin, live)
             elif live is not None and live.routing:
-                plugin = live.choose(plugin, args, key)
+                if key is None and live.skip and live.sticky_key is None:
+                    live.skip -= 1  # the stable's turn (LiveRollout's inline protocol)
+                else:
+                    plugin = live.choose(plugin, args, key)
         if served is not None:
             served.append(plugin.version)
         chain = _CALL_CHAIN.get()
@@ -381,9 +384,13 @@ class Dispatcher:
             raise HostClosed("the plugin host stopped before the call finished") from None
         else:
             # A version under rollout: count the call (True: a shadow's sample, or the
-            # candidate broke its policy on a success: rare, see _after_record).
-            if live is not None and live.record(plugin, OK, started):
-                self._after_record(live, plugin, args, result)
+            # candidate broke its policy on a success: rare, see _after_record). Most
+            # stable successes count nothing (LiveRollout's inline protocol: quiet).
+            if live is not None:
+                if live.quiet and plugin is not live.candidate:
+                    live.quiet -= 1
+                elif live.record(plugin, OK, started):
+                    self._after_record(live, plugin, args, result)
             return result
         finally:
             if task is not None:

@@ -331,16 +331,24 @@ class VersionStats:
 class LiveRollout:
     """The routing state and statistics of one running rollout on this host.
 
-    Design note — the per-call cost (issue 16's goal: at most 1 µs per call): the caller
-    pays ``choose`` before and ``record`` after, and nothing in them draws a random number
-    or reads a clock for most calls. Weighted routing (and a shadow's sampling) counts
-    down ``_gap``, the number of calls up to the next candidate call (or mirror), drawn
-    from the geometric distribution of the gaps between successes of independent
+    Design note — the per-call cost (issue 16's goal: at most 1 µs per call): nothing
+    here draws a random number or reads a clock for most calls, and most calls make no
+    Python call here at all. Weighted routing (and a shadow's sampling) counts down a gap
+    drawn from the geometric distribution of the gaps between successes of independent
     ``weight / 100`` draws: the same law as a draw per call, at one decrement per call.
-    The stable's successes are counted one in ``STABLE_SAMPLE`` (``_sample``, a
-    countdown); the candidate's calls all, and its policy is judged only while it has
-    failures, timeouts or slow calls in the window (with none, no policy can break).
+    The stable's successes are counted one in ``STABLE_SAMPLE`` (a countdown too).
 
+    Two countdowns are public so that the dispatcher can spend them inline; the protocol
+    is that a caller may, instead of calling a method:
+
+    * ``skip`` — for an unkeyed call while ``routing`` and ``sticky_key is None`` and
+      ``skip > 0``: decrement ``skip`` and run the stable (what ``choose`` would do);
+    * ``quiet`` — for a success of any version but the candidate with ``quiet > 0``:
+      decrement ``quiet`` and count nothing (what ``record`` would do: the success is
+      neither the stable's sample nor a shadow's mirror).
+
+    The candidate's calls are all counted, and its policy is judged only while its window
+    holds failures, timeouts or slow calls (with none, no policy can break).
     Args:
         spec: The record's rollout.
         candidate: The candidate's compiled, installed version.
@@ -354,11 +362,14 @@ class LiveRollout:
         "_max_p99_ms",
         "_min_calls",
         "_sample",
+        "_span",
         "abort_reason",
         "candidate",
         "candidate_stats",
         "mirror",
+        "quiet",
         "routing",
+        "skip",
         "spec",
         "stable_stats",
         "sticky",
@@ -373,8 +384,15 @@ class LiveRollout:
         self.stable_stats = VersionStats(window, slow, now)
         self.candidate_stats = VersionStats(window, slow, now)
         self.abort_reason: str | None = None
+        # INVARIANT (loop thread only): a stable success is "due" (counted) when the
+        # countdowns _sample (to the next sampled success, inclusive) or, while
+        # mirroring, _gap (to the next mirror, inclusive) reach it; _span successes
+        # separate two due ones, and quiet of them are still to be skipped.
         self._sample = STABLE_SAMPLE
         self._gap = 1
+        self._span = 1
+        self.quiet = 0
+        self.skip = 0
         self._keep_log = 0.0
         self.spec = spec
         self.routing = False
@@ -412,7 +430,17 @@ class LiveRollout:
         self.routing = active and spec.mode == "canary"
         self.mirror = active and spec.mode == "shadow"
         self._keep_log = math.log1p(-self.threshold) if 0.0 < self.threshold < 1.0 else 0.0
+        self.skip = self._next_gap() - 1
+        # The stable successes skipped so far in this span still count to the sample.
+        self._sample -= self._span - 1 - self.quiet
         self._gap = self._next_gap()
+        self._next_span()
+
+    def _next_span(self) -> None:
+        """Skip (``quiet``) the stable successes up to the next due one."""
+        span = min(self._sample, self._gap) if self.mirror else self._sample
+        self._span = span
+        self.quiet = span - 1
 
     def _next_gap(self) -> int:
         """Calls up to and including the next candidate call (or mirror): geometric."""
@@ -428,11 +456,10 @@ class LiveRollout:
             if self.sticky_key is not None and isinstance(args, dict):
                 key = args.get(self.sticky_key)
             if key is None:
-                gap = self._gap - 1
-                if gap:
-                    self._gap = gap
+                if self.skip:
+                    self.skip -= 1
                     return stable
-                self._gap = self._next_gap()
+                self.skip = self._next_gap() - 1
                 return self.candidate
         return self.candidate if self.sticky.fraction(key) < self.threshold else stable
 
@@ -455,22 +482,10 @@ class LiveRollout:
             # STABLE_SAMPLE counted with that weight (failures and timeouts all, with
             # weight 1), so its error rate and latencies stay unbiased estimates.
             if outcome == OK:
-                mirror = False
-                if self.mirror:
-                    gap = self._gap - 1
-                    if gap:
-                        self._gap = gap
-                    else:
-                        self._gap = self._next_gap()
-                        mirror = True
-                left = self._sample - 1
-                if left:
-                    self._sample = left
-                    return mirror
-                self._sample = STABLE_SAMPLE
-                now = _now()
-                self.stable_stats.record(OK, now - started, now, STABLE_SAMPLE)
-                return mirror
+                if self.quiet:
+                    self.quiet -= 1
+                    return False
+                return self._due(started)
             now = _now()
             self.stable_stats.record(outcome, now - started, now)
             return False
@@ -488,6 +503,23 @@ class LiveRollout:
             return False
         self.abort(reason)
         return True
+
+    def _due(self, started: float) -> bool:
+        """A stable success the countdowns reach: sample it, mirror it, or both."""
+        span = self._span
+        self._sample -= span
+        mirror = False
+        if self.mirror:
+            self._gap -= span
+            if self._gap <= 0:
+                self._gap = self._next_gap()
+                mirror = True
+        if self._sample <= 0:
+            self._sample = STABLE_SAMPLE
+            now = _now()
+            self.stable_stats.record(OK, now - started, now, STABLE_SAMPLE)
+        self._next_span()
+        return mirror
 
     def _judge(self, stats: VersionStats) -> str | None:
         """Why the candidate breaks its policy now, or None."""
