@@ -120,16 +120,17 @@ class _StickyRouter:
     ``json.dumps``.
     """
 
-    __slots__ = ("_memo", "_name", "_prefix", "_revision")
+    __slots__ = ("_name", "_prefix", "_revision", "memo")
 
     def __init__(self, name: str, revision: int) -> None:
         self._name = name
         self._revision = revision
         self._prefix = json.dumps([name, revision], separators=(",", ":"))[:-1] + ',"'
-        self._memo: dict[object, float] = {}
+        self.memo: dict[object, float] = {}
+        """Recent string keys' fractions (at most ``_STICKY_CACHE_SIZE``; cleared in place)."""
 
     def fraction(self, key: object) -> float:
-        memo = self._memo
+        memo = self.memo
         value = memo.get(key) if isinstance(key, str) else None
         if value is not None:
             return value
@@ -360,6 +361,7 @@ class LiveRollout:
         "_keep_log",
         "_max_error_rate",
         "_max_p99_ms",
+        "_memo",
         "_min_calls",
         "_sample",
         "_span",
@@ -400,6 +402,7 @@ class LiveRollout:
         self.threshold = 0.0
         self.sticky_key: str | None = None
         self.sticky = _StickyRouter(candidate.name, spec.revision)
+        self._memo = self.sticky.memo  # the same dict (cleared in place), read inline
         self.update(spec)
 
     @property
@@ -461,7 +464,10 @@ class LiveRollout:
                     return stable
                 self.skip = self._next_gap() - 1
                 return self.candidate
-        return self.candidate if self.sticky.fraction(key) < self.threshold else stable
+        fraction = self._memo.get(key) if isinstance(key, str) else None  # memo hit: inline
+        if fraction is None:
+            fraction = self.sticky.fraction(key)
+        return self.candidate if fraction < self.threshold else stable
 
     def record(self, plugin: Plugin, outcome: int, started: float) -> bool:
         """Count a call of either version; judge the candidate's policy.
