@@ -52,6 +52,8 @@ __all__ = ("Dispatcher", "Required")
 
 _log = structlog.get_logger("host.dispatch")
 
+_clock = time.perf_counter  # a rollout's call timing (one global lookup, no attribute)
+
 _CALL_CHAIN: ContextVar[tuple[str, ...]] = ContextVar("plugin_host_call_chain", default=())
 """Names of the plugins on the current call path, outermost first."""
 
@@ -331,8 +333,11 @@ class Dispatcher:
             live = self._rollouts.get(name)
             if version is not None:
                 plugin = pick_version(name, version, plugin, live)
-            elif live is not None:
-                plugin = live.choose(plugin, args, key)
+            elif live is not None and live.routing:
+                if key is None and live.skip and live.sticky_key is None:
+                    live.skip -= 1  # the stable's turn (LiveRollout's inline protocol)
+                else:
+                    plugin = live.choose(plugin, args, key)
         if served is not None:
             served.append(plugin.version)
         chain = _CALL_CHAIN.get()
@@ -354,16 +359,13 @@ class Dispatcher:
         if task is not None:
             self._calls[task] = None
         # Statistics only while a rollout runs: a rollout-free call pays for none of it.
-        started = time.perf_counter() if live is not None else 0.0
+        started = _clock() if live is not None else 0.0
         outcome = OK
         try:
             if timeout is None:
                 result = await self._run(plugin, args)
             else:
                 result = await self._run_with_deadline(plugin, args, timeout, task)
-            if live is not None and live.mirror:  # a shadow runs: maybe mirror this call
-                self._mirror(live, plugin, args, result)
-            return result
         except PluginFailed:
             outcome = FAILED
             raise
@@ -380,6 +382,16 @@ class Dispatcher:
             self._aborted.discard(task)
             task.uncancel()  # abort()'s cancel was for this frame only, and ends here
             raise HostClosed("the plugin host stopped before the call finished") from None
+        else:
+            # A version under rollout: count the call (True: a shadow's sample, or the
+            # candidate broke its policy on a success: rare, see _after_record). Most
+            # stable successes count nothing (LiveRollout's inline protocol: quiet).
+            if live is not None:
+                if live.quiet and plugin is not live.candidate:
+                    live.quiet -= 1
+                elif live.record(plugin, OK, started):
+                    self._after_record(live, plugin, args, result)
+            return result
         finally:
             if task is not None:
                 self._calls.pop(task, None)
@@ -388,16 +400,26 @@ class Dispatcher:
             CURRENT_PLUGIN.reset(plugin_token)
             _CALL_CHAIN.reset(chain_token)
             plugin.end_call()
-            # A version under rollout: count the call; the candidate may break policy.
-            if live is not None and outcome >= 0:
-                reason = live.record(plugin, outcome, started)
-                if reason is not None and self.on_rollout_abort is not None:
-                    self.on_rollout_abort(live, reason)
+            # A failure or timeout under rollout: count it; the candidate may break policy.
+            if live is not None and outcome > 0 and live.record(plugin, outcome, started):
+                self._after_record(live, plugin, args, None)
 
-    def _mirror(self, live: LiveRollout, plugin: Plugin, args: Args, result: Any) -> None:
-        """Hand a call the stable version answered to the shadow runner (it samples)."""
-        if plugin is not live.candidate and self.on_mirror is not None:
+    def _after_record(self, live: LiveRollout, plugin: Plugin, args: Args, result: Any) -> None:
+        """``LiveRollout.record`` asked for more: report an abort, or hand a call the
+        stable answered to the shadow runner (the sampling happened in ``record``)."""
+        if plugin is live.candidate:
+            self.report_abort(live)
+        elif self.on_mirror is not None:
             self.on_mirror(live, args, result)
+
+    def report_abort(self, live: LiveRollout) -> None:
+        """Tell the host a candidate just broke its policy (``on_rollout_abort``).
+
+        Args:
+            live: The rollout; its routing has stopped and ``abort_reason`` says why.
+        """
+        if live.abort_reason is not None and self.on_rollout_abort is not None:
+            self.on_rollout_abort(live, live.abort_reason)
 
     async def _run_with_deadline(
         self, plugin: Plugin, args: Args, seconds: float, task: asyncio.Task[Any] | None

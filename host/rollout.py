@@ -14,12 +14,18 @@ Routing, per call (issue 16 item 2):
   fraction depends only on the plugin, the candidate's revision and the key, so every
   host routes a key alike, and raising the weight only moves keys from stable to
   candidate;
-* **weighted** — otherwise the candidate with probability ``weight / 100``.
+* **weighted** — otherwise the candidate with probability ``weight / 100``, drawn as a
+  geometric countdown of the calls up to the next candidate call (see
+  :class:`LiveRollout`): the same distribution as a draw per call, one decrement per call.
 
 Statistics (issue 16 item 4): :class:`VersionStats` is a ring of per-second buckets
 (calls, failures, timeouts, slow calls, a log-scale latency histogram) with running
 totals over the window, so recording a call and judging the policy are O(1); reading a
 percentile scans the histogram (only for reports and abort reasons).
+
+Trigger events (issue 17 item 5) route and count like calls: ``choose`` with the event's
+document key as the sticky key, ``record`` with the handler's outcome, so a canary's
+share of events goes to the candidate and the abort rules apply to them.
 
 INVARIANT (loop thread only, no await inside any method): once :meth:`LiveRollout.abort`
 has run, ``routing`` is False and ``choose`` returns the stable version for every
@@ -28,6 +34,7 @@ unpinned call; nothing sets it back (a new candidate is a new ``LiveRollout``).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
@@ -64,15 +71,21 @@ STABLE_SAMPLE = 8
 _HIST_MIN_MS = 0.01
 _HIST_STEPS_PER_DOUBLING = 4  # buckets ~19% wide
 _HIST_SIZE = 100  # 0.01 ms .. ~330 s
-_LOG_SCALE = _HIST_STEPS_PER_DOUBLING / math.log(2.0)
-_INV_MIN = 1.0 / _HIST_MIN_MS
 _ZEROS = [0] * _HIST_SIZE
 _log = math.log
 _now = time.perf_counter
+_random = random.random
+_bucket = bisect.bisect_left
 
 
 def _upper_ms(index: int) -> float:
     return float(_HIST_MIN_MS * 2.0 ** (index / _HIST_STEPS_PER_DOUBLING))
+
+
+_BOUNDS_S = [_upper_ms(i) / 1000.0 for i in range(_HIST_SIZE - 1)]
+_MIN_S = _BOUNDS_S[0]
+"""Upper bounds of the histogram's buckets in seconds: a latency goes to the first bucket
+whose bound it does not exceed (the last bucket takes the rest)."""
 
 
 def sticky_fraction(name: str, revision: int, key: object) -> float:
@@ -107,16 +120,17 @@ class _StickyRouter:
     ``json.dumps``.
     """
 
-    __slots__ = ("_memo", "_name", "_prefix", "_revision")
+    __slots__ = ("_name", "_prefix", "_revision", "memo")
 
     def __init__(self, name: str, revision: int) -> None:
         self._name = name
         self._revision = revision
         self._prefix = json.dumps([name, revision], separators=(",", ":"))[:-1] + ',"'
-        self._memo: dict[object, float] = {}
+        self.memo: dict[object, float] = {}
+        """Recent string keys' fractions (at most ``_STICKY_CACHE_SIZE``; cleared in place)."""
 
     def fraction(self, key: object) -> float:
-        memo = self._memo
+        memo = self.memo
         value = memo.get(key) if isinstance(key, str) else None
         if value is not None:
             return value
@@ -176,9 +190,12 @@ def pick_version(name: str, wanted: str, stable: Plugin, live: LiveRollout | Non
 class VersionStats:
     """Sliding-window statistics of one live version (see the module docstring).
 
-    Per-second buckets in parallel lists (calls, failures, timeouts, slow calls, a latency
-    histogram), plus running totals of the counters over the window; the histogram is
-    summed over the buckets only when a percentile is read (reports, abort reasons).
+    Running totals over the window (calls, failures, timeouts, slow calls) plus a ring of
+    per-second buckets, and a log-scale latency histogram per second. A call adds to the
+    totals and to the current second's histogram only: a second's counts are taken as
+    the totals' growth during it (``_base``) when the clock passes it, and leave the
+    totals when it leaves the window. The histogram is summed over the buckets only when
+    a percentile is read (reports, abort reasons).
 
     Args:
         window_s: The window, rounded up to whole seconds.
@@ -186,13 +203,19 @@ class VersionStats:
         now: The current monotonic time (``time.perf_counter()``).
     """
 
+    # INVARIANT (loop thread only): calls/failures/timeouts/slow are the sums over the
+    # closed buckets in the window plus (totals - _base) for the current second, whose
+    # ring entries stay zero until it closes; _cur is _hist[_slot].
     __slots__ = (
+        "_base",
         "_calls",
+        "_cur",
         "_failures",
         "_hist",
         "_second",
         "_slot",
         "_slow",
+        "_slow_s",
         "_timeouts",
         "calls",
         "failures",
@@ -211,27 +234,39 @@ class VersionStats:
         self._hist = [[0] * _HIST_SIZE for _ in range(size)]
         self._second = int(now)
         self._slot = self._second % size
+        self._cur = self._hist[self._slot]
         self.calls = self.failures = self.timeouts = self.slow = 0
+        self._base = (0, 0, 0, 0)
         self.slow_ms = slow_ms
+        self._slow_s = slow_ms / 1000.0
 
     def _advance(self, second: int) -> None:
-        """Expire the buckets older than the window (they leave the running totals)."""
+        """Close the current second, expire the buckets that leave the window."""
+        if second <= self._second:
+            return  # the clock never goes back; a late ``now`` counts in this second
         size = self.size
+        i = self._slot
+        calls, failures, timeouts, slow = self._base
+        self._calls[i] = self.calls - calls
+        self._failures[i] = self.failures - failures
+        self._timeouts[i] = self.timeouts - timeouts
+        self._slow[i] = self.slow - slow
         for k in range(1, min(second - self._second, size) + 1):
-            i = (self._second + k) % size
-            if self._calls[i]:
-                self.calls -= self._calls[i]
-                self.failures -= self._failures[i]
-                self.timeouts -= self._timeouts[i]
-                self.slow -= self._slow[i]
-                self._calls[i] = self._failures[i] = self._timeouts[i] = self._slow[i] = 0
-                self._hist[i][:] = _ZEROS
-        if second > self._second:
-            self._second = second
-            self._slot = second % size
+            j = (self._second + k) % size
+            if self._calls[j]:
+                self.calls -= self._calls[j]
+                self.failures -= self._failures[j]
+                self.timeouts -= self._timeouts[j]
+                self.slow -= self._slow[j]
+                self._calls[j] = self._failures[j] = self._timeouts[j] = self._slow[j] = 0
+                self._hist[j][:] = _ZEROS
+        self._second = second
+        self._slot = j = second % size
+        self._cur = self._hist[j]
+        self._base = (self.calls, self.failures, self.timeouts, self.slow)
 
     def record(self, outcome: int, elapsed: float, now: float, weight: int = 1) -> None:
-        """Count one call (hot path while a rollout runs: a few list increments).
+        """Count one call (hot path while a rollout runs: a few increments).
 
         Args:
             outcome: ``OK``, ``FAILED`` or ``TIMEOUT``.
@@ -242,25 +277,18 @@ class VersionStats:
         second = int(now)
         if second != self._second:
             self._advance(second)
-        i = self._slot
-        self._calls[i] += weight
         self.calls += weight
         if outcome:
             if outcome == FAILED:
-                self._failures[i] += 1
                 self.failures += 1
             else:
-                self._timeouts[i] += 1
                 self.timeouts += 1
-        ms = elapsed * 1000.0
-        if ms > self.slow_ms:
-            self._slow[i] += weight
+        if elapsed > self._slow_s:
             self.slow += weight
-        if ms > _HIST_MIN_MS:
-            index = int(_log(ms * _INV_MIN) * _LOG_SCALE) + 1
-            self._hist[i][index if index < _HIST_SIZE else _HIST_SIZE - 1] += weight
+        if elapsed > _MIN_S:
+            self._cur[_bucket(_BOUNDS_S, elapsed)] += weight
         else:
-            self._hist[i][0] += weight
+            self._cur[0] += weight
 
     @property
     def hist(self) -> list[int]:
@@ -290,8 +318,7 @@ class VersionStats:
         Returns:
             ``{calls, failures, timeouts, error_rate, p50_ms, p99_ms}``.
         """
-        if int(now) > self._second:
-            self._advance(int(now))
+        self._advance(int(now))
         return {
             "calls": self.calls,
             "failures": self.failures,
@@ -305,6 +332,24 @@ class VersionStats:
 class LiveRollout:
     """The routing state and statistics of one running rollout on this host.
 
+    Design note — the per-call cost (issue 16's goal: at most 1 µs per call): nothing
+    here draws a random number or reads a clock for most calls, and most calls make no
+    Python call here at all. Weighted routing (and a shadow's sampling) counts down a gap
+    drawn from the geometric distribution of the gaps between successes of independent
+    ``weight / 100`` draws: the same law as a draw per call, at one decrement per call.
+    The stable's successes are counted one in ``STABLE_SAMPLE`` (a countdown too).
+
+    Two countdowns are public so that the dispatcher can spend them inline; the protocol
+    is that a caller may, instead of calling a method:
+
+    * ``skip`` — for an unkeyed call while ``routing`` and ``sticky_key is None`` and
+      ``skip > 0``: decrement ``skip`` and run the stable (what ``choose`` would do);
+    * ``quiet`` — for a success of any version but the candidate with ``quiet > 0``:
+      decrement ``quiet`` and count nothing (what ``record`` would do: the success is
+      neither the stable's sample nor a shadow's mirror).
+
+    The candidate's calls are all counted, and its policy is judged only while its window
+    holds failures, timeouts or slow calls (with none, no policy can break).
     Args:
         spec: The record's rollout.
         candidate: The candidate's compiled, installed version.
@@ -312,12 +357,21 @@ class LiveRollout:
     """
 
     __slots__ = (
-        "_skipped",
+        "_gap",
+        "_keep_log",
+        "_max_error_rate",
+        "_max_p99_ms",
+        "_memo",
+        "_min_calls",
+        "_sample",
+        "_span",
         "abort_reason",
         "candidate",
         "candidate_stats",
         "mirror",
+        "quiet",
         "routing",
+        "skip",
         "spec",
         "stable_stats",
         "sticky",
@@ -332,13 +386,23 @@ class LiveRollout:
         self.stable_stats = VersionStats(window, slow, now)
         self.candidate_stats = VersionStats(window, slow, now)
         self.abort_reason: str | None = None
-        self._skipped = 0
+        # INVARIANT (loop thread only): a stable success is "due" (counted) when the
+        # countdowns _sample (to the next sampled success, inclusive) or, while
+        # mirroring, _gap (to the next mirror, inclusive) reach it; _span successes
+        # separate two due ones, and quiet of them are still to be skipped.
+        self._sample = STABLE_SAMPLE
+        self._gap = 1
+        self._span = 1
+        self.quiet = 0
+        self.skip = 0
+        self._keep_log = 0.0
         self.spec = spec
         self.routing = False
         self.mirror = False
         self.threshold = 0.0
         self.sticky_key: str | None = None
         self.sticky = _StickyRouter(candidate.name, spec.revision)
+        self._memo = self.sticky.memo  # the same dict (cleared in place), read inline
         self.update(spec)
 
     @property
@@ -361,20 +425,51 @@ class LiveRollout:
         self.spec = spec
         self.threshold = spec.weight / 100.0
         self.sticky_key = spec.sticky_key
+        policy = spec.policy
+        self._min_calls = policy.min_calls
+        self._max_error_rate = policy.max_error_rate
+        self._max_p99_ms = policy.max_p99_ms
         active = self.abort_reason is None and self.threshold > 0.0
         self.routing = active and spec.mode == "canary"
         self.mirror = active and spec.mode == "shadow"
+        self._keep_log = math.log1p(-self.threshold) if 0.0 < self.threshold < 1.0 else 0.0
+        self.skip = self._next_gap() - 1
+        # The stable successes skipped so far in this span still count to the sample.
+        self._sample -= self._span - 1 - self.quiet
+        self._gap = self._next_gap()
+        self._next_span()
+
+    def _next_span(self) -> None:
+        """Skip (``quiet``) the stable successes up to the next due one."""
+        span = min(self._sample, self._gap) if self.mirror else self._sample
+        self._span = span
+        self.quiet = span - 1
+
+    def _next_gap(self) -> int:
+        """Calls up to and including the next candidate call (or mirror): geometric."""
+        if not self._keep_log:
+            return 1  # weight 100 (weight 0 routes nothing: ``routing`` is False)
+        return int(_log(1.0 - _random()) / self._keep_log) + 1
 
     def choose(self, stable: Plugin, args: Any, key: object) -> Plugin:
         """The version an unpinned call runs on (sticky, else weighted)."""
         if not self.routing:
             return stable
-        if key is None and self.sticky_key is not None and isinstance(args, dict):
-            key = args.get(self.sticky_key)
-        chosen = self.sticky.fraction(key) if key is not None else random.random()
-        return self.candidate if chosen < self.threshold else stable
+        if key is None:
+            if self.sticky_key is not None and isinstance(args, dict):
+                key = args.get(self.sticky_key)
+            if key is None:
+                if self.skip:
+                    self.skip -= 1
+                    return stable
+                self.skip = self._next_gap() - 1
+                return self.candidate
+        fraction = self._memo.get(key) if isinstance(key, str) else None  # memo hit: inline
+        if fraction is None:
+            fraction = self.sticky.fraction(key)
+        return self.candidate if fraction < self.threshold else stable
 
-    def record(self, plugin: Plugin, outcome: int, started: float) -> str | None:
+    def record(self, plugin: Plugin, outcome: int, started: float) -> bool:
         """Count a call of either version; judge the candidate's policy.
 
         Args:
@@ -383,46 +478,71 @@ class LiveRollout:
             started: When it started (``time.perf_counter()``).
 
         Returns:
-            Why the candidate must be aborted, the first time it breaks its policy
-            (routing has then already stopped); else None.
+            True when the caller has something to do: the candidate has just broken its
+            policy (routing has stopped; ``abort_reason`` says why: report it), or, for a
+            successful call of the stable while a shadow runs, the call is sampled for
+            mirroring. False for everything else, i.e. almost every call.
         """
         if plugin is not self.candidate:
             # The stable serves most calls: its successes are sampled, one in
             # STABLE_SAMPLE counted with that weight (failures and timeouts all, with
             # weight 1), so its error rate and latencies stay unbiased estimates.
-            weight = 1
             if outcome == OK:
-                self._skipped += 1
-                if self._skipped < STABLE_SAMPLE:
-                    return None
-                self._skipped = 0
-                weight = STABLE_SAMPLE
+                if self.quiet:
+                    self.quiet -= 1
+                    return False
+                return self._due(started)
             now = _now()
-            self.stable_stats.record(outcome, now - started, now, weight)
-            return None
+            self.stable_stats.record(outcome, now - started, now)
+            return False
         now = _now()
         stats = self.candidate_stats
         stats.record(outcome, now - started, now)
-        policy = self.spec.policy
-        if self.abort_reason is not None or stats.calls < policy.min_calls:
-            return None
-        reason = None
-        if policy.max_error_rate is not None:
+        if (
+            stats.calls < self._min_calls
+            or not (stats.failures or stats.timeouts or stats.slow)
+            or self.abort_reason is not None
+        ):
+            return False
+        reason = self._judge(stats)
+        if reason is None:
+            return False
+        self.abort(reason)
+        return True
+
+    def _due(self, started: float) -> bool:
+        """A stable success the countdowns reach: sample it, mirror it, or both."""
+        span = self._span
+        self._sample -= span
+        mirror = False
+        if self.mirror:
+            self._gap -= span
+            if self._gap <= 0:
+                self._gap = self._next_gap()
+                mirror = True
+        if self._sample <= 0:
+            self._sample = STABLE_SAMPLE
+            now = _now()
+            self.stable_stats.record(OK, now - started, now, STABLE_SAMPLE)
+        self._next_span()
+        return mirror
+
+    def _judge(self, stats: VersionStats) -> str | None:
+        """Why the candidate breaks its policy now, or None."""
+        if self._max_error_rate is not None:
             rate = stats.error_rate
             stable_rate = self.stable_stats.error_rate
-            if rate > policy.max_error_rate and rate > stable_rate:
-                reason = (
-                    f"error rate {rate:.2f} > {policy.max_error_rate:.2f} after "
+            if rate > self._max_error_rate and rate > stable_rate:
+                return (
+                    f"error rate {rate:.2f} > {self._max_error_rate:.2f} after "
                     f"{stats.calls} calls (stable {stable_rate:.2f})"
                 )
-        if reason is None and policy.max_p99_ms is not None and stats.slow * 100 > stats.calls:
-            reason = (
-                f"p99 {stats.percentile_ms(0.99)} ms > {policy.max_p99_ms:g} ms after "
-                f"{stats.calls} calls ({stats.slow} slower than {policy.max_p99_ms:g} ms)"
+        if self._max_p99_ms is not None and stats.slow * 100 > stats.calls:
+            return (
+                f"p99 {stats.percentile_ms(0.99)} ms > {self._max_p99_ms:g} ms after "
+                f"{stats.calls} calls ({stats.slow} slower than {self._max_p99_ms:g} ms)"
             )
-        if reason is not None:
-            self.abort(reason)
-        return reason
+        return None
 
     def abort(self, reason: str) -> None:
         """Stop routing and mirroring to the candidate at once (see the INVARIANT)."""

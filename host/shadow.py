@@ -3,8 +3,11 @@
 Design note — off the caller's path, bounded, side-effect free:
 
 * The dispatcher hands a sampled call to :meth:`ShadowRunner.offer` *after* the stable
-  version answered (the caller's result is already computed). ``offer`` only appends
-  ``(rollout, args, result)`` to a bounded queue and wakes an idle worker; when the queue
+  version answered (the caller's result is already computed). The sampling is a
+  countdown in :meth:`LiveRollout.record <host.rollout.LiveRollout.record>` (one
+  decrement per call that is not mirrored, no random draw). ``offer`` only appends
+  ``(rollout, args, result)`` to a bounded queue and, at most once per millisecond,
+  schedules the wake-up of idle workers (mirrors start in batches); when the queue
   is full the mirror is dropped and counted (``dropped``), so a slow candidate can never
   slow callers down or grow memory.
 * A fixed pool of worker tasks (the concurrency bound), started in the host's task group
@@ -25,9 +28,9 @@ counters only grow, and are touched on the loop thread only.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
-import random
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -45,6 +48,8 @@ if TYPE_CHECKING:
     from .dispatch import Dispatcher
 
 _Mirror = tuple[LiveRollout, Any, Any]
+_BATCH_DELAY = 0.001
+"""Seconds a queued mirror may wait for its batch's wake-up (one timer per batch)."""
 
 __all__ = (
     "SHADOW_OUTCOMES",
@@ -253,10 +258,14 @@ class ShadowRunner:
         self._interval = mismatch_interval
         self._max_chars = max_event_chars
         self._queue_size = queue_size
-        # INVARIANT: a worker is in _idle only while it waits for work, and then the
-        # queue is empty; offer() wakes one idle worker per mirror it queues.
+        # INVARIANT: a worker is in _idle only while it waits for work, and it went
+        # there with the queue empty; while the queue is not empty and a worker is
+        # idle, a wake-up is scheduled (_wake_up), which wakes one idle worker per
+        # queued mirror. Wake-ups are batched (_BATCH_DELAY), not one per mirror.
         self._queue: deque[_Mirror] = deque()
         self._idle: list[anyio.Event] = []
+        self._wake_up: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
         self._last_event: dict[str, float] = {}
         self.counts: dict[str, dict[str, int]] = {}
@@ -268,6 +277,7 @@ class ShadowRunner:
         if self._started:
             return
         self._started = self._running = True
+        self._loop = asyncio.get_running_loop()
         for i in range(self._workers):
             task_group.start_soon(self._work, name=f"shadow worker {i}")
 
@@ -282,14 +292,23 @@ class ShadowRunner:
         return lambda _operation: self._count(name, "refused_writes")
 
     def offer(self, live: LiveRollout, args: Any, result: Any) -> None:
-        """Maybe mirror a call the stable version answered (the sampling happens here)."""
-        if random.random() >= live.threshold:
-            return
+        """Queue a mirror of a call the stable version answered.
+
+        Only sampled calls come here (``LiveRollout.record`` samples ``weight`` percent
+        of the stable's successes), so a call that is not mirrored pays nothing here.
+        """
         if not self._running or len(self._queue) >= self._queue_size:
             self._count(live.name, "dropped")
             return
         self._queue.append((live, args, result))
-        if self._idle:
+        if self._idle and self._wake_up is None and self._loop is not None:
+            # One wake-up for the mirrors queued in the next _BATCH_DELAY: the caller
+            # pays an append, and the mirrors run together, off its path.
+            self._wake_up = self._loop.call_later(_BATCH_DELAY, self._wake)
+
+    def _wake(self) -> None:
+        self._wake_up = None
+        for _ in range(min(len(self._idle), len(self._queue))):
             self._idle.pop().set()
 
     async def _work(self) -> None:

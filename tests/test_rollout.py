@@ -612,3 +612,24 @@ async def test_registry_candidate_invariants_under_load() -> None:
                 await anyio.sleep(0.001)
             stop.set()
         assert violations == []
+
+
+async def test_sampling_countdowns_survive_weight_changes(db: Db) -> None:
+    """Across weight changes, every STABLE_SAMPLE-th stable success is counted (with that
+    weight) and every candidate call is, whatever mix of routed and pinned calls ran."""
+    await publish(db, "p", value_source("stable"))
+    async with PluginHost(db) as host, host.events() as events:
+        revision = await start(db, "p", value_source("candidate"), weight=0)
+        await next_event(events, "rollout.started")
+        served: Counter[str] = Counter()
+        for n, weight in ((13, 30), (29, 70), (3, 5), (41, 0)):
+            served.update([await host.call("p") for _ in range(n)])
+            served.update([await host.call("p", version="r1") for _ in range(2)])
+            await set_weight(db, "p", revision, weight)
+            await next_event(events, "rollout.weight_changed")
+        served.update([await host.call("p") for _ in range(17)])
+        live = host.rollout("p")
+        assert live is not None
+        sampled = served["stable"] // STABLE_SAMPLE * STABLE_SAMPLE
+        assert live.stable_stats.calls == sampled, served
+        assert live.candidate_stats.calls == served["candidate"] > 0

@@ -28,7 +28,9 @@ https://www.mongodb.com/docs/manual/changeStreams/#resume-a-change-stream):
 * Which version handles an event is decided when each attempt starts (the registry's
   current version then): a new version takes the next events, in-flight ones finish on
   theirs, and a refused version never becomes current, so the old one keeps handling.
-  Rollouts (a canary's share of events) will plug in at :meth:`Runner._version_for`.
+  A canary takes its share of events, sticky per document (:meth:`Runner._version_for`),
+  and each attempt counts in its per-version statistics, so a candidate failing events
+  is aborted like one failing calls; the next attempts then run on the stable.
 """
 
 from __future__ import annotations
@@ -43,12 +45,14 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import bson
+from bson import json_util
 from bson.timestamp import Timestamp
 from pymongo.errors import OperationFailure, PyMongoError
 
 from ..context import EventContext
-from ..errors import PluginError, PluginFailed
+from ..errors import PluginError, PluginFailed, PluginTimeout
 from ..records import TriggerSpec
+from ..rollout import FAILED, OK, TIMEOUT
 from .echo import EchoDetector
 from .lease import LeaseHolder, server_now
 from .window import Slot, Window
@@ -61,7 +65,14 @@ if TYPE_CHECKING:
     from .options import TriggerOptions
     from .stats import TriggerStats
 
-__all__ = ("HISTORY_LOST_CODES", "Runner", "document_key", "event_id_of", "handle_event")
+__all__ = (
+    "HISTORY_LOST_CODES",
+    "Runner",
+    "document_key",
+    "event_id_of",
+    "handle_event",
+    "routing_key",
+)
 
 HISTORY_LOST_CODES = frozenset({260, 280, 286})
 """InvalidResumeToken, ChangeStreamFatalError, ChangeStreamHistoryLost: cannot resume."""
@@ -89,6 +100,13 @@ def document_key(event: Mapping[str, Any], _seq: int = 0) -> Any:
     MongoDB)."""
     key = event.get("documentKey")
     return bson.encode(key) if isinstance(key, Mapping) else repr(key)
+
+
+def routing_key(event: Mapping[str, Any]) -> str | None:
+    """The sticky key a rollout routes an event by: its ``documentKey`` as relaxed
+    Extended JSON (``bson.json_util.dumps``), or None without one (then weighted)."""
+    key = event.get("documentKey")
+    return json_util.dumps(key) if isinstance(key, Mapping) else None
 
 
 def _key_of(spec: TriggerSpec) -> Callable[[Mapping[str, Any], int], Any]:
@@ -468,12 +486,37 @@ class Runner:
                 self._idle.set()
 
     def _version_for(self, slot: Slot) -> Plugin | None:
-        """The version that handles the next attempt of ``slot``: the current one.
+        """The version that handles the next attempt of ``slot``.
 
-        The hook for rollouts: a canary would pick the candidate here for its share of
-        events (e.g. by a hash of the event's key).
+        The current one, or while a canary routes, the version the rollout picks for the
+        event's document: sticky by the JSON of its ``documentKey`` (the calls' stable
+        hash, so one document's events go to one version; weighted if it has none). A
+        shadow takes no events (its ``ctx.db`` is read-only: a handler must write), and
+        an aborted candidate none: they go to the stable.
         """
-        return self._registry.get(self.plugin)
+        stable = self._registry.get(self.plugin)
+        rollouts = self._registry.rollouts
+        live = rollouts.get(self.plugin) if rollouts else None
+        if stable is None or live is None or not live.routing:
+            return stable
+        return live.choose(stable, None, routing_key(slot.event))
+
+    def _count(self, plugin: Plugin, failure: PluginError | None, started: float) -> None:
+        """Count an attempt in its canary's per-version statistics (the abort rules apply)."""
+        rollouts = self._registry.rollouts
+        live = rollouts.get(self.plugin) if rollouts else None
+        if live is None or live.mode != "canary":
+            return
+        if plugin is not live.candidate and plugin is not self._registry.get(self.plugin):
+            return  # a version no longer under this rollout
+        if failure is None:
+            outcome = OK
+        elif isinstance(failure, PluginFailed | PluginTimeout):
+            outcome = FAILED if isinstance(failure, PluginFailed) else TIMEOUT
+        else:
+            return  # busy or no handler: not a judgement of the version (as for calls)
+        if live.record(plugin, outcome, started) and plugin is live.candidate:
+            self._dispatcher.report_abort(live)
 
     async def _deliver(self, slot: Slot) -> bool:
         """Handle one event: attempts with backoff, then a dead letter.
@@ -500,6 +543,7 @@ class Runner:
                 started = time.time()
             self._running += 1
             self._stats.in_flight += 1
+            began = time.perf_counter()
             try:
                 await handle_event(
                     self._dispatcher,
@@ -511,9 +555,11 @@ class Runner:
                     attempt=attempt,
                 )
                 self._echoed(echo_key, started, chain)
+                self._count(plugin, None, began)
                 return True
             except PluginError as exc:
                 failure = exc
+                self._count(plugin, exc, began)
             finally:
                 self._running -= 1
                 self._stats.in_flight -= 1
