@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sys
 from datetime import UTC, datetime, timedelta
@@ -88,6 +89,40 @@ async def test_per_key_order_holds_under_concurrency(db: Db, probe: Any) -> None
     assert by_key == {k: list(range(rounds)) for k in range(keys)}
     assert module.overlaps == 0
     assert module.peak > 1  # different keys did run concurrently
+
+
+FAN_OUT = f"""
+import asyncio
+import {PROBE} as probe
+
+async def on_change(ctx, event):
+    probe.active += 1
+    probe.peak = max(probe.peak, probe.active)
+    if probe.active == probe.limit:
+        probe.full.set()
+    try:  # hold every handler until the limit is reached (at most 10 s: then fail below)
+        await asyncio.wait_for(probe.full.wait(), 10)
+    except TimeoutError:
+        pass
+    probe.log.append(event["documentKey"]["_id"])
+    probe.active -= 1
+"""
+
+
+async def test_the_worker_pool_fans_out_to_max_concurrency_and_never_beyond(
+    db: Db, probe: Any
+) -> None:
+    """Handlers that wait, over many documents: max_concurrency of them run at once, no more."""
+    module = sys.modules[PROBE]
+    module.__dict__.update(log=[], active=0, peak=0, limit=5, full=asyncio.Event())
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    await db.docs.insert_many([{"_id": i} for i in range(40)])
+    trigger = {"collection": "docs", "max_concurrency": 5, "start_at": start}
+    await db.functions.insert_one(record("fan", FAN_OUT, trigger))
+    async with PluginHost(db, triggers=FAST):
+        await wait_until(lambda: len(module.log) >= 40, "every insert handled")
+    assert module.peak == 5
+    assert sorted(module.log) == list(range(40))
 
 
 POISON = """

@@ -12,9 +12,14 @@ https://www.mongodb.com/docs/manual/changeStreams/#resume-a-change-stream):
   an ``invalidate``); a trigger without one opens "now" (or at ``start_at``, as
   ``startAtOperationTime``) and its first checkpoint is the stream's initial
   ``postBatchResumeToken``, written at once, so "now" is fixed durably before any event.
-* Events enter the :class:`~host.triggers.window.Window` in stream order; one worker
-  task per key with pending events handles them one at a time, so ordering per key
-  holds; a capacity limiter bounds the handlers running at once (``max_concurrency``).
+* Events enter the :class:`~host.triggers.window.Window` in stream order. A key with
+  pending events and no worker waits in the *ready* queue; a pool of at most
+  ``max_concurrency`` worker tasks (1 for ``total``) takes keys from it and handles each
+  key's events one at a time, in stream order, so ordering per key holds and at most
+  ``max_concurrency`` handlers run at once. Workers are started only when a ready key
+  would otherwise wait (every worker is busy with a key), and leave when the queue is
+  empty: a burst of fast handlers runs on one or two workers, slow handlers fan out to
+  the limit, and no event costs a task or a limiter round of its own.
 * A transient error reopens the stream after a backoff from the *last read* token (not
   the checkpoint): events already in the window are not read twice. PyMongo has already
   retried once what the spec calls resumable.
@@ -37,12 +42,15 @@ import json
 import math
 import time
 import traceback as tb_module
+from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import bson
+from bson.objectid import ObjectId
 from bson.timestamp import Timestamp
 from pymongo.errors import OperationFailure, PyMongoError
 
@@ -66,7 +74,10 @@ __all__ = ("HISTORY_LOST_CODES", "Runner", "document_key", "event_id_of", "handl
 HISTORY_LOST_CODES = frozenset({260, 280, 286})
 """InvalidResumeToken, ChangeStreamFatalError, ChangeStreamHistoryLost: cannot resume."""
 _HISTORY_KEPT = 20
+_TURN = 64
+"""Events the reader admits, or a worker handles, before it lets the event loop run others."""
 _ERROR_CHARS = 2_000
+_EPOCH = datetime(1970, 1, 1)  # naive, as PyMongo decodes wallTime
 
 
 def event_id_of(token: Any) -> str:
@@ -85,10 +96,19 @@ def _as_datetime(value: Any) -> datetime | None:
 
 
 def document_key(event: Mapping[str, Any], _seq: int = 0) -> Any:
-    """An event's ``documentKey`` as a hashable key (BSON bytes: 1 and 1.0 differ, as in
-    MongoDB)."""
+    """An event's ``documentKey`` as a hashable key.
+
+    A lone ``_id`` that is an ``int``, ``str`` or ``ObjectId`` is its own key (no two
+    distinct BSON values of those types compare equal in Python, and none equals a
+    ``bytes``); anything else is its BSON bytes (1 and 1.0 differ, as in MongoDB).
+    """
     key = event.get("documentKey")
-    return bson.encode(key) if isinstance(key, Mapping) else repr(key)
+    if type(key) is dict and len(key) == 1:
+        value = key.get("_id")
+        kind = type(value)
+        if kind is int or kind is str or kind is ObjectId:
+            return value
+    return bson.encode(key) if isinstance(key, Mapping) else ("repr", repr(key))
 
 
 def _key_of(spec: TriggerSpec) -> Callable[[Mapping[str, Any], int], Any]:
@@ -188,10 +208,19 @@ class Runner:
         self._echo = EchoDetector() if spec.ordered != "none" else None
         self._echo_warned = False
         self._write_lock = anyio.Lock()
-        concurrency = 1 if spec.ordered == "total" else spec.max_concurrency
-        self._limiter = anyio.CapacityLimiter(concurrency)
+        self._concurrency = 1 if spec.ordered == "total" else spec.max_concurrency
+        # INVARIANT (workers): a key with pending events in the window is either in
+        # _ready (exactly once) or held by exactly one worker, never both; a worker
+        # handles its key's events one at a time, in stream order. At most _concurrency
+        # workers are alive (so at most that many handlers run). Whenever _ready is not
+        # empty, a free worker (alive, holding no key) exists or all _concurrency workers
+        # hold keys: _ensure_worker() restores this each time _ready grows or a worker
+        # takes a key. (A key whose worker stopped, runner stopping or plugin gone, is in
+        # neither: its events stay pending, for the next start.)
+        self._ready: deque[Any] = deque()
+        self._workers = 0  # workers alive
+        self._holding = 0  # workers holding a key (handling or retrying its events)
         self._running = 0  # handlers running now (this trigger)
-        self._workers = 0  # key workers alive
         self._idle = anyio.Event()
         self._idle.set()
         self._stopping = False
@@ -297,6 +326,8 @@ class Runner:
             kwargs["full_document"] = None
         if self._options.max_await_ms is not None:
             kwargs["max_await_time_ms"] = self._options.max_await_ms
+        if self._options.batch_size is not None:
+            kwargs["batch_size"] = self._options.batch_size
         if self._read_token is not None:
             kwargs["start_after"] = self._read_token
         elif self.spec.start_at is not None and self._window.checkpoint is None:
@@ -354,9 +385,11 @@ class Runner:
 
     async def _follow(self, stream: Any, tg: Any) -> None:
         window = self._window
+        admitted = 0
         while True:
-            await window.wait_room()
-            event = await stream.try_next()
+            if window.full:
+                await window.wait_room()
+            event = await stream.try_next()  # from the batch in hand, or one getMore
             if event is None:
                 if window.advance_idle(stream.resume_token):
                     self._read_token = stream.resume_token
@@ -366,6 +399,12 @@ class Runner:
             if event.get("operationType") == "invalidate":
                 return  # reopen with startAfter the invalidate token
             self._admit(event, token, tg)
+            admitted += 1
+            if admitted == _TURN:
+                # A batch in hand is read without awaiting anything: let the workers
+                # (and the host's calls) run now and then, not after the whole batch.
+                admitted = 0
+                await anyio.lowlevel.checkpoint()
 
     def _admit(self, event: Mapping[str, Any], token: Any, tg: Any) -> None:
         window = self._window
@@ -377,10 +416,17 @@ class Runner:
                 if window.skip(key, event, token):
                     return
         if window.add(key, event, token):
-            if self._workers == 0:
+            self._ready.append(key)
+            self._ensure_worker(tg)
+
+    def _ensure_worker(self, tg: Any) -> None:
+        """Start a worker if a ready key would otherwise wait (see the INVARIANT)."""
+        workers = self._workers
+        if workers == self._holding and workers < self._concurrency and self._ready:
+            if workers == 0:
                 self._idle = anyio.Event()
-            self._workers += 1
-            tg.start_soon(self._work, key)
+            self._workers = workers + 1
+            tg.start_soon(self._work, tg)
 
     # -- history lost ------------------------------------------------------------------
 
@@ -446,22 +492,38 @@ class Runner:
 
     # -- workers -----------------------------------------------------------------------
 
-    async def _work(self, key: Any) -> None:
+    async def _work(self, tg: Any) -> None:
+        """Take ready keys and handle their events until none is ready (or stopping)."""
         window = self._window
+        ready = self._ready
+        stats = self._stats
+        tid = self.tid
+        turn = 0
         try:
-            while not self._stopping:
-                slot = window.head(key)
-                if slot is None:
-                    return
-                async with self._limiter:
-                    if self.stopping:  # stopped while waiting for a slot
-                        return
-                    done = await self._deliver(slot)
-                if not done:
-                    return
-                window.finish(slot)
-                self._processed += 1
-                self._stats.handled(self.tid)
+            while ready and not self._stopping:
+                key = ready.popleft()
+                self._holding += 1
+                self._ensure_worker(tg)  # other keys still ready: a free worker for them
+                try:
+                    slot = window.head(key)
+                    while slot is not None:
+                        if self._stopping or not await self._deliver(slot):
+                            return  # the key's events stay pending, uncovered
+                        window.finish(slot)
+                        self._processed += 1
+                        stats.handled(tid)
+                        slot = window.head(key)
+                        turn += 1
+                        if turn >= _TURN and slot is not None:
+                            # Handlers that never await must not hold the loop: let the
+                            # others run (still holding the key: the head stays ours).
+                            turn = 0
+                            await anyio.lowlevel.checkpoint()
+                finally:
+                    self._holding -= 1
+                if turn >= _TURN:  # the same, between keys (free: counted as such)
+                    turn = 0
+                    await anyio.lowlevel.checkpoint()
         finally:
             self._workers -= 1
             if self._workers == 0:
@@ -485,6 +547,8 @@ class Runner:
         spec = self.spec
         event = slot.event
         event_id = event_id_of(event.get("_id"))
+        echo = self._echo
+        stats = self._stats
         failure: PluginError | None = None
         first_failed: datetime | None = None
         version = ""
@@ -492,14 +556,15 @@ class Runner:
             plugin = self._version_for(slot)
             if plugin is None or self._stopping:
                 return False  # disabled or unloaded: paused, the event stays pending
-            version = plugin.version
             if attempt == 1:
                 self._observe_lag(event)
-                echo_key = document_key(event)
-                chain = self._echo.check(echo_key, event) if self._echo is not None else 0
-                started = time.time()
+                if echo is not None:
+                    # per_key: the slot's key is the document key already.
+                    echo_key = slot.key if self._key is document_key else document_key(event)
+                    chain = echo.check(echo_key, event)
+                    started = time.time()
             self._running += 1
-            self._stats.in_flight += 1
+            stats.in_flight += 1
             try:
                 await handle_event(
                     self._dispatcher,
@@ -510,13 +575,15 @@ class Runner:
                     event_id=event_id,
                     attempt=attempt,
                 )
-                self._echoed(echo_key, started, chain)
+                if echo is not None:
+                    self._echoed(echo, echo_key, started, chain)
                 return True
             except PluginError as exc:
                 failure = exc
+                version = plugin.version
             finally:
                 self._running -= 1
-                self._stats.in_flight -= 1
+                stats.in_flight -= 1
             first_failed = first_failed or datetime.now(UTC)
             self._failed_attempts += 1
             self._events.emit(
@@ -536,11 +603,9 @@ class Runner:
         assert failure is not None
         return await self._dead_letter(event, event_id, failure, version, first_failed)
 
-    def _echoed(self, key: Any, started: float, chain: int) -> None:
-        if self._echo is None:
-            return
-        self._echo.handled(key, started, time.time(), chain)
-        if chain >= self._echo.threshold and not self._echo_warned:
+    def _echoed(self, echo: EchoDetector, key: Any, started: float, chain: int) -> None:
+        echo.handled(key, started, time.time(), chain)
+        if chain >= echo.threshold and not self._echo_warned:
             self._echo_warned = True
             self._events.emit(
                 "trigger.recursion_suspected",
@@ -554,10 +619,14 @@ class Runner:
             )
 
     def _observe_lag(self, event: Mapping[str, Any]) -> None:
-        when = _as_datetime(event.get("wallTime")) or _as_datetime(event.get("clusterTime"))
-        if when is None:
-            return  # a rescan's synthetic event
-        lag = (datetime.now(UTC) - when).total_seconds()
+        wall = event.get("wallTime")
+        if type(wall) is datetime and wall.tzinfo is None:  # as PyMongo decodes it
+            lag = time.time() - (wall - _EPOCH).total_seconds()
+        else:
+            when = _as_datetime(wall) or _as_datetime(event.get("clusterTime"))
+            if when is None:
+                return  # a rescan's synthetic event
+            lag = (datetime.now(UTC) - when).total_seconds()
         self._lag_ms = max(lag, 0.0) * 1000.0
         self._stats.observe_lag(lag)
 
@@ -675,7 +744,8 @@ class Runner:
         while True:
             deadline = min(options.checkpoint_interval, renew_every)
             with anyio.move_on_after(deadline):
-                while window.covered - covered_at_write < options.checkpoint_every:
+                window.notify_at = covered_at_write + options.checkpoint_every
+                while window.covered < window.notify_at:
                     window.moved = anyio.Event()
                     await window.moved.wait()
             now = time.monotonic()
