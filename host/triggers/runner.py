@@ -75,13 +75,19 @@ HISTORY_LOST_CODES = frozenset({260, 280, 286})
 """InvalidResumeToken, ChangeStreamFatalError, ChangeStreamHistoryLost: cannot resume."""
 _HISTORY_KEPT = 20
 _TURN = 64
-"""Events the reader admits, or a worker handles, before it lets the event loop run others."""
+"""Events a worker handles before it lets the event loop run others."""
+_READ_TURN = 1024
+"""Events the reader admits before it lets the event loop run others (~5 ms)."""
 _ERROR_CHARS = 2_000
 _EPOCH = datetime(1970, 1, 1)  # naive, as PyMongo decodes wallTime
 
 
 def event_id_of(token: Any) -> str:
     """A resume token as the string handed to handlers as ``ctx.event_id``."""
+    if type(token) is dict:  # as PyMongo decodes it (no ABC check on the hot path)
+        data = token.get("_data")
+        if type(data) is str:
+            return data
     if isinstance(token, Mapping) and isinstance(token.get("_data"), str):
         return str(token["_data"])
     return json.dumps(token, default=str, sort_keys=True)
@@ -400,9 +406,11 @@ class Runner:
                 return  # reopen with startAfter the invalidate token
             self._admit(event, token, tg)
             admitted += 1
-            if admitted == _TURN:
-                # A batch in hand is read without awaiting anything: let the workers
-                # (and the host's calls) run now and then, not after the whole batch.
+            if admitted == _READ_TURN:
+                # A batch in hand is read without awaiting anything. It is admitted whole
+                # (so the next getMore goes out, and the server builds the next batch,
+                # while the workers handle this one), but a huge one (no batch_size)
+                # must not hold the loop: let the others run now and then.
                 admitted = 0
                 await anyio.lowlevel.checkpoint()
 
@@ -417,7 +425,8 @@ class Runner:
                     return
         if window.add(key, event, token):
             self._ready.append(key)
-            self._ensure_worker(tg)
+            if self._holding == self._workers:  # no free worker (the common test inline)
+                self._ensure_worker(tg)
 
     def _ensure_worker(self, tg: Any) -> None:
         """Start a worker if a ready key would otherwise wait (see the INVARIANT)."""
@@ -503,16 +512,16 @@ class Runner:
             while ready and not self._stopping:
                 key = ready.popleft()
                 self._holding += 1
-                self._ensure_worker(tg)  # other keys still ready: a free worker for them
+                if ready and self._holding == self._workers:
+                    self._ensure_worker(tg)  # other keys still ready: a free worker for them
                 try:
                     slot = window.head(key)
                     while slot is not None:
                         if self._stopping or not await self._deliver(slot):
                             return  # the key's events stay pending, uncovered
-                        window.finish(slot)
+                        slot = window.finish(slot)
                         self._processed += 1
                         stats.handled(tid)
-                        slot = window.head(key)
                         turn += 1
                         if turn >= _TURN and slot is not None:
                             # Handlers that never await must not hold the loop: let the
@@ -540,51 +549,90 @@ class Runner:
     async def _deliver(self, slot: Slot) -> bool:
         """Handle one event: attempts with backoff, then a dead letter.
 
+        The first attempt is the hot path (one per event); :meth:`_retry` takes over when
+        it fails.
+
         Returns:
             True once the event is done (handled or dead-lettered); False if the runner
             stopped first (the event is left for the next start, uncovered).
         """
-        spec = self.spec
+        plugin = self._version_for(slot)
+        if plugin is None or self._stopping:
+            return False  # disabled or unloaded: paused, the event stays pending
         event = slot.event
         event_id = event_id_of(event.get("_id"))
+        self._observe_lag(event)
         echo = self._echo
+        mark: tuple[Any, float, int] | None = None
+        if echo is not None:
+            # per_key: the slot's key is the document key already.
+            key = slot.key if self._key is document_key else document_key(event)
+            mark = (key, time.time(), echo.check(key, event))
+        failure = await self._attempt(plugin, event, event_id, 1)
+        if failure is None:
+            if mark is not None:
+                self._echoed(mark)
+            return True
+        return await self._retry(slot, event_id, failure, plugin.version, mark)
+
+    async def _attempt(
+        self, plugin: Plugin, event: Mapping[str, Any], event_id: str, attempt: int
+    ) -> PluginError | None:
+        """One run of the handler, counted in flight; how it failed (None: it did not)."""
         stats = self._stats
-        failure: PluginError | None = None
-        first_failed: datetime | None = None
-        version = ""
+        self._running += 1
+        stats.in_flight += 1
+        try:
+            await handle_event(
+                self._dispatcher,
+                plugin,
+                self.tid,
+                self.spec,
+                event,
+                event_id=event_id,
+                attempt=attempt,
+            )
+        except PluginError as exc:
+            return exc
+        finally:
+            self._running -= 1
+            stats.in_flight -= 1
+        return None
+
+    async def _retry(
+        self,
+        slot: Slot,
+        event_id: str,
+        failure: PluginError,
+        version: str,
+        mark: tuple[Any, float, int] | None,
+    ) -> bool:
+        """After a failed first attempt: the next attempts with backoff, then a dead letter.
+
+        Args:
+            slot: The event.
+            event_id: Its ``ctx.event_id``.
+            failure: How the first attempt failed.
+            version: The version it failed on.
+            mark: The first attempt's echo record (document key, start, chain), if any.
+
+        Returns:
+            As :meth:`_deliver`.
+        """
+        spec = self.spec
+        event = slot.event
+        first_failed = datetime.now(UTC)
         for attempt in range(1, spec.max_attempts + 1):
-            plugin = self._version_for(slot)
-            if plugin is None or self._stopping:
-                return False  # disabled or unloaded: paused, the event stays pending
-            if attempt == 1:
-                self._observe_lag(event)
-                if echo is not None:
-                    # per_key: the slot's key is the document key already.
-                    echo_key = slot.key if self._key is document_key else document_key(event)
-                    chain = echo.check(echo_key, event)
-                    started = time.time()
-            self._running += 1
-            stats.in_flight += 1
-            try:
-                await handle_event(
-                    self._dispatcher,
-                    plugin,
-                    self.tid,
-                    spec,
-                    event,
-                    event_id=event_id,
-                    attempt=attempt,
-                )
-                if echo is not None:
-                    self._echoed(echo, echo_key, started, chain)
-                return True
-            except PluginError as exc:
-                failure = exc
-                version = plugin.version
-            finally:
-                self._running -= 1
-                stats.in_flight -= 1
-            first_failed = first_failed or datetime.now(UTC)
+            if attempt > 1:
+                plugin = self._version_for(slot)
+                if plugin is None or self._stopping:
+                    return False  # disabled or unloaded: paused, the event stays pending
+                again = await self._attempt(plugin, event, event_id, attempt)
+                if again is None:
+                    if mark is not None:
+                        self._echoed(mark)
+                    return True
+                failure, version = again, plugin.version
             self._failed_attempts += 1
             self._events.emit(
                 "trigger.failed",
@@ -600,10 +648,13 @@ class Runner:
             if attempt < spec.max_attempts:
                 delay = self._options.retry_backoff * 2 ** (attempt - 1)
                 await anyio.sleep(min(delay, self._options.retry_backoff_max))
-        assert failure is not None
         return await self._dead_letter(event, event_id, failure, version, first_failed)
 
-    def _echoed(self, echo: EchoDetector, key: Any, started: float, chain: int) -> None:
+    def _echoed(self, mark: tuple[Any, float, int]) -> None:
+        echo = self._echo
+        if echo is None:
+            return
+        key, started, chain = mark
         echo.handled(key, started, time.time(), chain)
         if chain >= echo.threshold and not self._echo_warned:
             self._echo_warned = True

@@ -139,14 +139,24 @@ class Window:
         queue = self._by_key.get(key)
         return queue[0] if queue else None
 
-    def finish(self, slot: Slot) -> None:
-        """Mark ``slot`` done; drop it from its key's queue; advance the watermark."""
+    def finish(self, slot: Slot) -> Slot | None:
+        """Mark ``slot`` done; drop it from its key's queue; advance the watermark.
+
+        Returns:
+            The key's next pending event (its new head, for the same worker), or None.
+        """
         slot.done = True
-        queue = self._by_key[slot.key]
+        key = slot.key
+        queue = self._by_key[key]
         queue.popleft()
-        if not queue:
-            del self._by_key[slot.key]
-        self._advance()
+        following = queue[0] if queue else None
+        if following is None:
+            del self._by_key[key]
+        # The oldest slot is never done between two calls (every change of a done flag
+        # advances at once), so the watermark can only move if ``slot`` is the oldest.
+        if self._slots[0] is slot:
+            self._advance()
+        return following
 
     def _advance(self) -> None:
         moved = False
