@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from pymongo import UpdateOne
 
 from host import PluginHost
 from host.metrics import Metrics, follow_triggers
@@ -62,7 +64,8 @@ async def on_change(ctx, event):
         probe.overlaps += 1
     probe.running.add(key)
     probe.peak = max(probe.peak, len(probe.running))
-    await asyncio.sleep(random.random() * 0.003)
+    if random.random() < probe.awaiting:  # the others never await: the workers' fast path
+        await asyncio.sleep(random.random() * 0.003)
     probe.log.append((key, event["updateDescription"]["updatedFields"]["n"]))
     probe.running.discard(key)
 """
@@ -71,7 +74,7 @@ async def on_change(ctx, event):
 async def test_per_key_order_holds_under_concurrency(db: Db, probe: Any) -> None:
     """Events of one document run one at a time in commit order; different documents overlap."""
     module = sys.modules[PROBE]
-    module.__dict__.update(log=[], running=set(), overlaps=0, peak=0)
+    module.__dict__.update(log=[], running=set(), overlaps=0, peak=0, awaiting=1.0)
     keys, rounds = 20, 30
     start = datetime.now(UTC) - timedelta(seconds=1)
     await db.docs.insert_many([{"_id": k, "n": -1} for k in range(keys)])
@@ -88,6 +91,70 @@ async def test_per_key_order_holds_under_concurrency(db: Db, probe: Any) -> None
     assert by_key == {k: list(range(rounds)) for k in range(keys)}
     assert module.overlaps == 0
     assert module.peak > 1  # different keys did run concurrently
+
+
+FAN_OUT = f"""
+import asyncio
+import {PROBE} as probe
+
+async def on_change(ctx, event):
+    probe.active += 1
+    probe.peak = max(probe.peak, probe.active)
+    if probe.active == probe.limit:
+        probe.full.set()
+    try:  # hold every handler until the limit is reached (at most 10 s: then fail below)
+        await asyncio.wait_for(probe.full.wait(), 10)
+    except TimeoutError:
+        pass
+    probe.log.append(event["documentKey"]["_id"])
+    probe.active -= 1
+"""
+
+
+async def test_the_worker_pool_fans_out_to_max_concurrency_and_never_beyond(
+    db: Db, probe: Any
+) -> None:
+    """Handlers that wait, over many documents: max_concurrency of them run at once, no more."""
+    module = sys.modules[PROBE]
+    module.__dict__.update(log=[], active=0, peak=0, limit=5, full=asyncio.Event())
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    await db.docs.insert_many([{"_id": i} for i in range(40)])
+    trigger = {"collection": "docs", "max_concurrency": 5, "start_at": start}
+    await db.functions.insert_one(record("fan", FAN_OUT, trigger))
+    async with PluginHost(db, triggers=FAST):
+        await wait_until(lambda: len(module.log) >= 40, "every insert handled")
+    assert module.peak == 5
+    assert sorted(module.log) == list(range(40))
+
+
+@pytest.mark.timeout(120)  # 3,000 updates: slow on a loaded machine, never a timing check
+async def test_the_worker_pool_keeps_order_and_bound_under_load(db: Db, probe: Any) -> None:
+    """3,000 updates of 30 documents, handlers awaiting or not: each handled once, in
+    commit order per document, never two of one document at once, at most max_concurrency."""
+    module = sys.modules[PROBE]
+    module.__dict__.update(log=[], running=set(), overlaps=0, peak=0, awaiting=0.5)
+    keys, rounds = 30, 100
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    await db.docs.insert_many([{"_id": k, "n": -1} for k in range(keys)])
+    updates = [
+        UpdateOne({"_id": k}, {"$set": {"n": n}}) for n in range(rounds) for k in range(keys)
+    ]
+    await db.docs.bulk_write(updates)
+    trigger = {"collection": "docs", "operations": ["update"], "start_at": start}
+    await db.functions.insert_one(record("mix", ORDER, {**trigger, "max_concurrency": 8}))
+    async with PluginHost(db, triggers=FAST):
+
+        async def covered() -> bool:
+            doc = await state(db, "mix/docs")
+            return doc is not None and doc.get("processed") == keys * rounds
+
+        await wait_until(covered, "every update handled and checkpointed", timeout=100)
+    by_key: dict[int, list[int]] = {}
+    for key, n in module.log:
+        by_key.setdefault(key, []).append(n)
+    assert by_key == {k: list(range(rounds)) for k in range(keys)}
+    assert module.overlaps == 0
+    assert 1 < module.peak <= 8
 
 
 POISON = """
@@ -224,7 +291,7 @@ async def test_stream_errors_reopen_from_the_last_read_event(db: Db, mongo_uri: 
 async def test_unordered_events_of_one_document_may_overlap(db: Db, probe: Any) -> None:
     """ordered=none: events of the same document run concurrently (no per-key queue)."""
     module = sys.modules[PROBE]
-    module.__dict__.update(log=[], running=set(), overlaps=0, peak=0)
+    module.__dict__.update(log=[], running=set(), overlaps=0, peak=0, awaiting=1.0)
     start = datetime.now(UTC) - timedelta(seconds=1)
     await db.docs.insert_one({"_id": "one", "n": -1})
     for n in range(30):

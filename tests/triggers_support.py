@@ -54,6 +54,16 @@ async def wait_seen(db: Db, count: int, *, timeout: float = 30.0, **query: Any) 
     await wait_until(enough, f"{count} seen documents matching {query}", timeout=timeout)
 
 
+async def wait_keys(db: Db, count: int, *, timeout: float = 30.0) -> None:
+    """Wait until ``seen`` holds ``count`` distinct keys (repeats, allowed at least once,
+    do not count twice)."""
+
+    async def enough() -> bool:
+        return len(await db.seen.distinct("key")) >= count
+
+    await wait_until(enough, f"{count} distinct keys seen", timeout=timeout)
+
+
 async def wait_running(db: Db, tid: str, owner: str | None = None) -> Doc:
     """Wait until the trigger runs (on ``owner``, if given) and has a checkpoint."""
 

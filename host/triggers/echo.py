@@ -53,8 +53,10 @@ class EchoDetector:
     def check(self, key: Any, event: Mapping[str, Any]) -> int:
         """The chain length of ``event`` (0: not written during the previous handler run)."""
         previous = self._runs.get(key)
+        if previous is None:  # the common case: no recent run of this document
+            return 0
         wall = _wall(event)
-        if previous is None or wall is None:
+        if wall is None:
             return 0
         start, end, chain = previous
         return chain + 1 if start - _SLACK <= wall <= end + _SLACK else 0

@@ -27,6 +27,10 @@ class TriggerOptions:
             attempt up to ``retry_backoff_max``.
         retry_backoff_max: Longest delay between two attempts.
         max_await_ms: ``maxAwaitTimeMS`` of the triggers' getMores (server default if None).
+        batch_size: Most events per batch of a trigger's stream (``batchSize`` of its
+            ``aggregate`` and getMores; None: the server's default, which may be the whole
+            backlog at once). Bounded batches let the next one be read while the
+            handlers work through the previous one.
         host_id: This host's owner id in leases (default: the status reporter's host id,
             else ``hostname:pid:random``).
         acquire: Take leases and run triggers (False: only :meth:`TriggerEngine.handle`
@@ -42,6 +46,7 @@ class TriggerOptions:
     retry_backoff: float = 0.1
     retry_backoff_max: float = 10.0
     max_await_ms: int | None = None
+    batch_size: int | None = 1000
     host_id: str | None = None
     acquire: bool = True
 
@@ -56,6 +61,8 @@ class TriggerOptions:
                 raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
         if self.checkpoint_every < 1 or self.window < 1:
             raise ValueError("checkpoint_every and window must be >= 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (or None), got {self.batch_size!r}")
         if self.host_id is not None and not self.host_id.strip():
             raise ValueError("host_id must not be empty")
 

@@ -12,9 +12,14 @@ https://www.mongodb.com/docs/manual/changeStreams/#resume-a-change-stream):
   an ``invalidate``); a trigger without one opens "now" (or at ``start_at``, as
   ``startAtOperationTime``) and its first checkpoint is the stream's initial
   ``postBatchResumeToken``, written at once, so "now" is fixed durably before any event.
-* Events enter the :class:`~host.triggers.window.Window` in stream order; one worker
-  task per key with pending events handles them one at a time, so ordering per key
-  holds; a capacity limiter bounds the handlers running at once (``max_concurrency``).
+* Events enter the :class:`~host.triggers.window.Window` in stream order. A key with
+  pending events and no worker waits in the *ready* queue; a pool of at most
+  ``max_concurrency`` worker tasks (1 for ``total``) takes keys from it and handles each
+  key's events one at a time, in stream order, so ordering per key holds and at most
+  ``max_concurrency`` handlers run at once. Workers are started only when a ready key
+  would otherwise wait (every worker is busy with a key), and leave when the queue is
+  empty: a burst of fast handlers runs on one or two workers, slow handlers fan out to
+  the limit, and no event costs a task or a limiter round of its own.
 * A transient error reopens the stream after a backoff from the *last read* token (not
   the checkpoint): events already in the window are not read twice. PyMongo has already
   retried once what the spec calls resumable.
@@ -39,13 +44,16 @@ import json
 import math
 import time
 import traceback as tb_module
+from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import bson
 from bson import json_util
+from bson.objectid import ObjectId
 from bson.timestamp import Timestamp
 from pymongo.errors import OperationFailure, PyMongoError
 
@@ -77,11 +85,22 @@ __all__ = (
 HISTORY_LOST_CODES = frozenset({260, 280, 286})
 """InvalidResumeToken, ChangeStreamFatalError, ChangeStreamHistoryLost: cannot resume."""
 _HISTORY_KEPT = 20
+_TURN = 64
+"""Events the reader admits, or a worker handles, before it lets the event loop run others.
+
+(The reader admitting a whole batch of 1,000 per turn, so that the next getMore leaves
+sooner, measured worse on two busy cores: the workers then start later, and the server
+has no free core to build the next batch on anyway.)"""
 _ERROR_CHARS = 2_000
+_EPOCH = datetime(1970, 1, 1)  # naive, as PyMongo decodes wallTime
 
 
 def event_id_of(token: Any) -> str:
     """A resume token as the string handed to handlers as ``ctx.event_id``."""
+    if type(token) is dict:  # as PyMongo decodes it (no ABC check on the hot path)
+        data = token.get("_data")
+        if type(data) is str:
+            return data
     if isinstance(token, Mapping) and isinstance(token.get("_data"), str):
         return str(token["_data"])
     return json.dumps(token, default=str, sort_keys=True)
@@ -96,10 +115,19 @@ def _as_datetime(value: Any) -> datetime | None:
 
 
 def document_key(event: Mapping[str, Any], _seq: int = 0) -> Any:
-    """An event's ``documentKey`` as a hashable key (BSON bytes: 1 and 1.0 differ, as in
-    MongoDB)."""
+    """An event's ``documentKey`` as a hashable key.
+
+    A lone ``_id`` that is an ``int``, ``str`` or ``ObjectId`` is its own key (no two
+    distinct BSON values of those types compare equal in Python, and none equals a
+    ``bytes``); anything else is its BSON bytes (1 and 1.0 differ, as in MongoDB).
+    """
     key = event.get("documentKey")
-    return bson.encode(key) if isinstance(key, Mapping) else repr(key)
+    if type(key) is dict and len(key) == 1:
+        value = key.get("_id")
+        kind = type(value)
+        if kind is int or kind is str or kind is ObjectId:
+            return value
+    return bson.encode(key) if isinstance(key, Mapping) else ("repr", repr(key))
 
 
 def routing_key(event: Mapping[str, Any]) -> str | None:
@@ -206,10 +234,19 @@ class Runner:
         self._echo = EchoDetector() if spec.ordered != "none" else None
         self._echo_warned = False
         self._write_lock = anyio.Lock()
-        concurrency = 1 if spec.ordered == "total" else spec.max_concurrency
-        self._limiter = anyio.CapacityLimiter(concurrency)
+        self._concurrency = 1 if spec.ordered == "total" else spec.max_concurrency
+        # INVARIANT (workers): a key with pending events in the window is either in
+        # _ready (exactly once) or held by exactly one worker, never both; a worker
+        # handles its key's events one at a time, in stream order. At most _concurrency
+        # workers are alive (so at most that many handlers run). Whenever _ready is not
+        # empty, a free worker (alive, holding no key) exists or all _concurrency workers
+        # hold keys: _ensure_worker() restores this each time _ready grows or a worker
+        # takes a key. (A key whose worker stopped, runner stopping or plugin gone, is in
+        # neither: its events stay pending, for the next start.)
+        self._ready: deque[Any] = deque()
+        self._workers = 0  # workers alive
+        self._holding = 0  # workers holding a key (handling or retrying its events)
         self._running = 0  # handlers running now (this trigger)
-        self._workers = 0  # key workers alive
         self._idle = anyio.Event()
         self._idle.set()
         self._stopping = False
@@ -315,6 +352,8 @@ class Runner:
             kwargs["full_document"] = None
         if self._options.max_await_ms is not None:
             kwargs["max_await_time_ms"] = self._options.max_await_ms
+        if self._options.batch_size is not None:
+            kwargs["batch_size"] = self._options.batch_size
         if self._read_token is not None:
             kwargs["start_after"] = self._read_token
         elif self.spec.start_at is not None and self._window.checkpoint is None:
@@ -372,9 +411,11 @@ class Runner:
 
     async def _follow(self, stream: Any, tg: Any) -> None:
         window = self._window
+        admitted = 0
         while True:
-            await window.wait_room()
-            event = await stream.try_next()
+            if window.full:
+                await window.wait_room()
+            event = await stream.try_next()  # from the batch in hand, or one getMore
             if event is None:
                 if window.advance_idle(stream.resume_token):
                     self._read_token = stream.resume_token
@@ -384,6 +425,12 @@ class Runner:
             if event.get("operationType") == "invalidate":
                 return  # reopen with startAfter the invalidate token
             self._admit(event, token, tg)
+            admitted += 1
+            if admitted == _TURN:
+                # A batch in hand is read without awaiting anything: let the workers (and
+                # the host's calls) run now and then, not after the whole batch.
+                admitted = 0
+                await anyio.lowlevel.checkpoint()
 
     def _admit(self, event: Mapping[str, Any], token: Any, tg: Any) -> None:
         window = self._window
@@ -395,10 +442,18 @@ class Runner:
                 if window.skip(key, event, token):
                     return
         if window.add(key, event, token):
-            if self._workers == 0:
+            self._ready.append(key)
+            if self._holding == self._workers:  # no free worker (the common test inline)
+                self._ensure_worker(tg)
+
+    def _ensure_worker(self, tg: Any) -> None:
+        """Start a worker if a ready key would otherwise wait (see the INVARIANT)."""
+        workers = self._workers
+        if workers == self._holding and workers < self._concurrency and self._ready:
+            if workers == 0:
                 self._idle = anyio.Event()
-            self._workers += 1
-            tg.start_soon(self._work, key)
+            self._workers = workers + 1
+            tg.start_soon(self._work, tg)
 
     # -- history lost ------------------------------------------------------------------
 
@@ -464,22 +519,38 @@ class Runner:
 
     # -- workers -----------------------------------------------------------------------
 
-    async def _work(self, key: Any) -> None:
+    async def _work(self, tg: Any) -> None:
+        """Take ready keys and handle their events until none is ready (or stopping)."""
         window = self._window
+        ready = self._ready
+        stats = self._stats
+        tid = self.tid
+        turn = 0
         try:
-            while not self._stopping:
-                slot = window.head(key)
-                if slot is None:
-                    return
-                async with self._limiter:
-                    if self.stopping:  # stopped while waiting for a slot
-                        return
-                    done = await self._deliver(slot)
-                if not done:
-                    return
-                window.finish(slot)
-                self._processed += 1
-                self._stats.handled(self.tid)
+            while ready and not self._stopping:
+                key = ready.popleft()
+                self._holding += 1
+                if ready and self._holding == self._workers:
+                    self._ensure_worker(tg)  # other keys still ready: a free worker for them
+                try:
+                    slot = window.head(key)
+                    while slot is not None:
+                        if self._stopping or not await self._deliver(slot):
+                            return  # the key's events stay pending, uncovered
+                        slot = window.finish(slot)
+                        self._processed += 1
+                        stats.handled(tid)
+                        turn += 1
+                        if turn >= _TURN and slot is not None:
+                            # Handlers that never await must not hold the loop: let the
+                            # others run (still holding the key: the head stays ours).
+                            turn = 0
+                            await anyio.lowlevel.checkpoint()
+                finally:
+                    self._holding -= 1
+                if turn >= _TURN:  # the same, between keys (free: counted as such)
+                    turn = 0
+                    await anyio.lowlevel.checkpoint()
         finally:
             self._workers -= 1
             if self._workers == 0:
@@ -521,49 +592,93 @@ class Runner:
     async def _deliver(self, slot: Slot) -> bool:
         """Handle one event: attempts with backoff, then a dead letter.
 
+        The first attempt is the hot path (one per event); :meth:`_retry` takes over when
+        it fails.
+
         Returns:
             True once the event is done (handled or dead-lettered); False if the runner
             stopped first (the event is left for the next start, uncovered).
         """
-        spec = self.spec
+        plugin = self._version_for(slot)
+        if plugin is None or self._stopping:
+            return False  # disabled or unloaded: paused, the event stays pending
         event = slot.event
         event_id = event_id_of(event.get("_id"))
-        failure: PluginError | None = None
-        first_failed: datetime | None = None
-        version = ""
+        self._observe_lag(event)
+        echo = self._echo
+        mark: tuple[Any, float, int] | None = None
+        if echo is not None:
+            # per_key: the slot's key is the document key already.
+            key = slot.key if self._key is document_key else document_key(event)
+            mark = (key, time.time(), echo.check(key, event))
+        failure = await self._attempt(plugin, event, event_id, 1)
+        if failure is None:
+            if mark is not None:
+                self._echoed(mark)
+            return True
+        return await self._retry(slot, event_id, failure, plugin.version, mark)
+
+    async def _attempt(
+        self, plugin: Plugin, event: Mapping[str, Any], event_id: str, attempt: int
+    ) -> PluginError | None:
+        """One run of the handler, counted in flight; how it failed (None: it did not)."""
+        stats = self._stats
+        self._running += 1
+        stats.in_flight += 1
+        began = time.perf_counter()
+        try:
+            await handle_event(
+                self._dispatcher,
+                plugin,
+                self.tid,
+                self.spec,
+                event,
+                event_id=event_id,
+                attempt=attempt,
+            )
+        except PluginError as exc:
+            self._count(plugin, exc, began)
+            return exc
+        finally:
+            self._running -= 1
+            stats.in_flight -= 1
+        self._count(plugin, None, began)
+        return None
+
+    async def _retry(
+        self,
+        slot: Slot,
+        event_id: str,
+        failure: PluginError,
+        version: str,
+        mark: tuple[Any, float, int] | None,
+    ) -> bool:
+        """After a failed first attempt: the next attempts with backoff, then a dead letter.
+
+        Args:
+            slot: The event.
+            event_id: Its ``ctx.event_id``.
+            failure: How the first attempt failed.
+            version: The version it failed on.
+            mark: The first attempt's echo record (document key, start, chain), if any.
+
+        Returns:
+            As :meth:`_deliver`.
+        """
+        spec = self.spec
+        event = slot.event
+        first_failed = datetime.now(UTC)
         for attempt in range(1, spec.max_attempts + 1):
-            plugin = self._version_for(slot)
-            if plugin is None or self._stopping:
-                return False  # disabled or unloaded: paused, the event stays pending
-            version = plugin.version
-            if attempt == 1:
-                self._observe_lag(event)
-                echo_key = document_key(event)
-                chain = self._echo.check(echo_key, event) if self._echo is not None else 0
-                started = time.time()
-            self._running += 1
-            self._stats.in_flight += 1
-            began = time.perf_counter()
-            try:
-                await handle_event(
-                    self._dispatcher,
-                    plugin,
-                    self.tid,
-                    spec,
-                    event,
-                    event_id=event_id,
-                    attempt=attempt,
-                )
-                self._echoed(echo_key, started, chain)
-                self._count(plugin, None, began)
-                return True
-            except PluginError as exc:
-                failure = exc
-                self._count(plugin, exc, began)
-            finally:
-                self._running -= 1
-                self._stats.in_flight -= 1
-            first_failed = first_failed or datetime.now(UTC)
+            if attempt > 1:
+                plugin = self._version_for(slot)
+                if plugin is None or self._stopping:
+                    return False  # disabled or unloaded: paused, the event stays pending
+                again = await self._attempt(plugin, event, event_id, attempt)
+                if again is None:
+                    if mark is not None:
+                        self._echoed(mark)
+                    return True
+                failure, version = again, plugin.version
             self._failed_attempts += 1
             self._events.emit(
                 "trigger.failed",
@@ -579,14 +694,15 @@ class Runner:
             if attempt < spec.max_attempts:
                 delay = self._options.retry_backoff * 2 ** (attempt - 1)
                 await anyio.sleep(min(delay, self._options.retry_backoff_max))
-        assert failure is not None
         return await self._dead_letter(event, event_id, failure, version, first_failed)
 
-    def _echoed(self, key: Any, started: float, chain: int) -> None:
-        if self._echo is None:
+    def _echoed(self, mark: tuple[Any, float, int]) -> None:
+        echo = self._echo
+        if echo is None:
             return
-        self._echo.handled(key, started, time.time(), chain)
-        if chain >= self._echo.threshold and not self._echo_warned:
+        key, started, chain = mark
+        echo.handled(key, started, time.time(), chain)
+        if chain >= echo.threshold and not self._echo_warned:
             self._echo_warned = True
             self._events.emit(
                 "trigger.recursion_suspected",
@@ -600,10 +716,14 @@ class Runner:
             )
 
     def _observe_lag(self, event: Mapping[str, Any]) -> None:
-        when = _as_datetime(event.get("wallTime")) or _as_datetime(event.get("clusterTime"))
-        if when is None:
-            return  # a rescan's synthetic event
-        lag = (datetime.now(UTC) - when).total_seconds()
+        wall = event.get("wallTime")
+        if type(wall) is datetime and wall.tzinfo is None:  # as PyMongo decodes it
+            lag = time.time() - (wall - _EPOCH).total_seconds()
+        else:
+            when = _as_datetime(wall) or _as_datetime(event.get("clusterTime"))
+            if when is None:
+                return  # a rescan's synthetic event
+            lag = (datetime.now(UTC) - when).total_seconds()
         self._lag_ms = max(lag, 0.0) * 1000.0
         self._stats.observe_lag(lag)
 
@@ -721,7 +841,8 @@ class Runner:
         while True:
             deadline = min(options.checkpoint_interval, renew_every)
             with anyio.move_on_after(deadline):
-                while window.covered - covered_at_write < options.checkpoint_every:
+                window.notify_at = covered_at_write + options.checkpoint_every
+                while window.covered < window.notify_at:
                     window.moved = anyio.Event()
                     await window.moved.wait()
             now = time.monotonic()

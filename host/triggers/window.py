@@ -74,6 +74,11 @@ class Window:
     covered: int = 0
     """Events the watermark moved past since the window started."""
     moved: anyio.Event = field(default_factory=anyio.Event)
+    """Set when ``covered`` reaches ``notify_at`` (the checkpoint writer's next batch)."""
+    notify_at: int = 0
+    """The ``covered`` count at which ``moved`` is set: the writer waits for a whole batch
+    with one wake-up, not one per event."""
+    _room_wanted: bool = False
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -83,10 +88,16 @@ class Window:
         """Nothing in the window: every event read is covered by the watermark."""
         return not self._slots
 
+    @property
+    def full(self) -> bool:
+        """No room for one more event (the reader waits with :meth:`wait_room`)."""
+        return len(self._slots) >= self.capacity
+
     async def wait_room(self) -> None:
         """Wait until the window has room for one more event."""
         while len(self._slots) >= self.capacity:
             self._room = anyio.Event()
+            self._room_wanted = True
             await self._room.wait()
 
     def add(self, key: Any, event: Mapping[str, Any], token: Mapping[str, Any] | None) -> bool:
@@ -128,14 +139,24 @@ class Window:
         queue = self._by_key.get(key)
         return queue[0] if queue else None
 
-    def finish(self, slot: Slot) -> None:
-        """Mark ``slot`` done; drop it from its key's queue; advance the watermark."""
+    def finish(self, slot: Slot) -> Slot | None:
+        """Mark ``slot`` done; drop it from its key's queue; advance the watermark.
+
+        Returns:
+            The key's next pending event (its new head, for the same worker), or None.
+        """
         slot.done = True
-        queue = self._by_key[slot.key]
+        key = slot.key
+        queue = self._by_key[key]
         queue.popleft()
-        if not queue:
-            del self._by_key[slot.key]
-        self._advance()
+        following = queue[0] if queue else None
+        if following is None:
+            del self._by_key[key]
+        # The oldest slot is never done between two calls (every change of a done flag
+        # advances at once), so the watermark can only move if ``slot`` is the oldest.
+        if self._slots[0] is slot:
+            self._advance()
+        return following
 
     def _advance(self) -> None:
         moved = False
@@ -147,8 +168,11 @@ class Window:
             self.covered += 1
             moved = True
         if moved:
-            self._room.set()
-            self.moved.set()
+            if self._room_wanted:
+                self._room_wanted = False
+                self._room.set()
+            if self.covered >= self.notify_at:
+                self.moved.set()
 
     def done_ahead(self) -> list[Mapping[str, Any]]:
         """Tokens of the events done but not covered (one before them is still pending).
@@ -185,6 +209,5 @@ class Window:
         """
         if token is None or self._slots or token == self.checkpoint:
             return False
-        self.checkpoint = token
-        self.moved.set()
+        self.checkpoint = token  # written with the next renewal (no event was covered)
         return True
