@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import anyio
@@ -131,21 +132,27 @@ def torn_pair(n: int, *, sync: bool = False) -> str:
 
 
 @contextlib.asynccontextmanager
-async def status_writes_fail(db: Any, collection: str = "functions") -> AsyncIterator[None]:
+async def commands_fail(
+    db: Any, data: Mapping[str, Any], mode: str | Mapping[str, Any] = "alwaysOn"
+) -> AsyncIterator[None]:
+    """While the block runs, the server's ``failCommand`` failpoint is set to ``data`` (in
+    ``mode``); it is turned off when the block ends, however it ends."""
+    admin = db.client.admin
+    await admin.command("configureFailPoint", "failCommand", mode=mode, data=dict(data))
+    try:
+        yield
+    finally:
+        await admin.command("configureFailPoint", "failCommand", mode="off")
+
+
+def status_writes_fail(db: Any, collection: str = "functions") -> AbstractAsyncContextManager[None]:
     """While the block runs, every update and createIndexes on the hosts collection beside
     ``db[collection]`` fails with 13 Unauthorized (a ``failCommand`` failpoint)."""
-    admin = db.client.admin
-    await admin.command(
-        "configureFailPoint",
-        "failCommand",
-        mode="alwaysOn",
-        data={
+    return commands_fail(
+        db,
+        {
             "failCommands": ["update", "createIndexes"],
             "errorCode": 13,
             "namespace": f"{db.name}.{hosts_collection_name(collection)}",
         },
     )
-    try:
-        yield
-    finally:
-        await admin.command("configureFailPoint", "failCommand", mode="off")

@@ -13,7 +13,7 @@ from pymongo import UpdateOne
 
 from host import PluginHost
 from host.metrics import Metrics, follow_triggers
-from tests.support import PROBE, Db, next_event, wait_until
+from tests.support import PROBE, Db, commands_fail, next_event, wait_until
 from tests.triggers_support import (
     FAST,
     RECORDER,
@@ -272,18 +272,11 @@ async def test_stream_errors_reopen_from_the_last_read_event(db: Db, mongo_uri: 
             await wait_running(db, "e/orders")
             await db.orders.insert_many([{"_id": i} for i in range(50)])
             await wait_seen(db, 50)
-            await db.client.admin.command(
-                "configureFailPoint",
-                "failCommand",
-                mode={"times": 4},
-                data={"failCommands": ["getMore"], "errorCode": 2, "appName": "flaky"},
-            )
-            try:
+            getmores_fail = {"failCommands": ["getMore"], "errorCode": 2, "appName": "flaky"}
+            async with commands_fail(db, getmores_fail, mode={"times": 4}):
                 await db.orders.insert_many([{"_id": i} for i in range(50, 100)])
                 await next_event(events, "trigger.stream_error")
                 await wait_seen(db, 100)
-            finally:
-                await db.client.admin.command("configureFailPoint", "failCommand", mode="off")
     assert sorted(await db.seen.distinct("key")) == list(range(100))
     assert await duplicates(db) == []
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import anyio
@@ -14,7 +13,7 @@ from host import PluginHost
 from host.fleet import StatusReporting
 from host.triggers import TriggerOptions
 from host.triggers.lease import preferred_owner
-from tests.support import Db, next_event, wait_until
+from tests.support import Db, commands_fail, next_event, wait_until
 from tests.triggers_support import (
     FAST,
     RECORDER,
@@ -44,25 +43,17 @@ def options(host_id: str) -> TriggerOptions:
     return dataclasses.replace(FAST, host_id=host_id)
 
 
-@contextlib.asynccontextmanager
-async def state_writes_fail(db: Db, app_name: str) -> AsyncIterator[None]:
+def state_writes_fail(db: Db, app_name: str) -> AbstractAsyncContextManager[None]:
     """While the block runs, the trigger-state writes of client ``app_name`` fail."""
-    admin = db.client.admin
-    await admin.command(
-        "configureFailPoint",
-        "failCommand",
-        mode="alwaysOn",
-        data={
+    return commands_fail(
+        db,
+        {
             "failCommands": ["update", "findAndModify"],
             "errorCode": 2,
             "appName": app_name,
             "namespace": f"{db.name}.functions_triggers",
         },
     )
-    try:
-        yield
-    finally:
-        await admin.command("configureFailPoint", "failCommand", mode="off")
 
 
 @pytest.mark.embedded_only("failCommand with appName")
