@@ -625,7 +625,10 @@ class Runner:
         stats = self._stats
         self._running += 1
         stats.in_flight += 1
-        began = time.perf_counter()
+        # Timed and counted only while some rollout runs (as calls are): an event stream
+        # of a plugin without one pays no clock read.
+        timed = bool(self._registry.rollouts)
+        began = time.perf_counter() if timed else 0.0
         try:
             await handle_event(
                 self._dispatcher,
@@ -637,12 +640,14 @@ class Runner:
                 attempt=attempt,
             )
         except PluginError as exc:
-            self._count(plugin, exc, began)
+            if timed:
+                self._count(plugin, exc, began)
             return exc
         finally:
             self._running -= 1
             stats.in_flight -= 1
-        self._count(plugin, None, began)
+        if timed:
+            self._count(plugin, None, began)
         return None
 
     async def _retry(
