@@ -270,7 +270,7 @@ async def publish(
     """
     _check(name, source, entrypoint, check_syntax)
     # Bad triggers are refused here rather than by every host (which keeps the old version).
-    _trigger_specs(name, triggers)
+    given = _trigger_specs(name, triggers)
     coll = db[collection]
     hist = db[history_collection_name(collection)]
     await hist.create_index([("name", ASCENDING), ("revision", DESCENDING)], unique=True)
@@ -281,8 +281,9 @@ async def publish(
         rollout = _rollout_of(current)
         # The signature covers the triggers the record will carry: the new ones, or the
         # record's own when ``triggers`` is None (they are kept).
-        kept = triggers if triggers is not None else (current or {}).get("triggers")
-        specs = _trigger_specs(name, kept)
+        specs = (
+            given if triggers is not None else _trigger_specs(name, (current or {}).get("triggers"))
+        )
         if (
             current is not None
             and not force
