@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import anyio.from_thread
@@ -20,7 +21,16 @@ from .types import Args, Caller, CallTarget
 if TYPE_CHECKING:
     from .plugin import Plugin
 
-__all__ = ("Context", "EventContext")
+__all__ = ("SHADOW_DB", "Context", "EventContext")
+
+SHADOW_DB: ContextVar[Callable[[Plugin], Any] | None] = ContextVar(
+    "plugin_host_shadow_db", default=None
+)
+"""Set while a shadow's mirror runs (see :mod:`host.shadow`): maps each version the mirror
+reaches (the shadow itself, and every plugin its ``ctx.call`` reaches, however deep) to
+the read-only ``ctx.db`` it gets there, so a shadow cannot write through a nested call.
+It lives in the mirror's context, so it follows the call into worker threads (sync
+plugins) and into the tasks started from it, and never reaches other calls."""
 
 
 class Context:
@@ -51,7 +61,10 @@ class Context:
 
     @property
     def db(self) -> Any:
-        """The database the host watches."""
+        """The database the host watches (read-only while a shadow's mirror runs)."""
+        shadow = SHADOW_DB.get()
+        if shadow is not None:
+            return shadow(self._plugin)
         return self._caller.db
 
     @property

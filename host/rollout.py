@@ -52,18 +52,23 @@ from .records import PluginRecord, Rollout
 __all__ = (
     "FAILED",
     "OK",
+    "SHADOW_OUTCOMES",
     "STABLE_SAMPLE",
     "TIMEOUT",
     "LiveRollout",
     "VersionStats",
     "matches_version",
     "pick_version",
+    "shadow_report",
     "sticky_fraction",
     "write_abort",
 )
 
 OK, FAILED, TIMEOUT = 0, 1, 2
 """How a call ended, for :meth:`VersionStats.record`."""
+
+SHADOW_OUTCOMES = ("match", "mismatch", "candidate_error", "dropped", "refused_writes")
+"""A shadow's counters (``host.shadow``): per plugin, and per rollout in its report."""
 
 STABLE_SAMPLE = 8
 """One successful stable call in this many is recorded (weighted); see ``LiveRollout.record``."""
@@ -370,6 +375,7 @@ class LiveRollout:
         "candidate_stats",
         "mirror",
         "quiet",
+        "report",
         "routing",
         "skip",
         "spec",
@@ -386,6 +392,10 @@ class LiveRollout:
         self.stable_stats = VersionStats(window, slow, now)
         self.candidate_stats = VersionStats(window, slow, now)
         self.abort_reason: str | None = None
+        self.report: dict[str, Any] = {}
+        """A shadow's comparison report (``host.shadow`` fills it): ``match``,
+        ``mismatch``, ``candidate_error``, ``dropped``, ``refused_writes``, ``blocked``
+        (the last refused writes, ``"plugin: operation"``), ``last_error``."""
         # INVARIANT (loop thread only): a stable success is "due" (counted) when the
         # countdowns _sample (to the next sampled success, inclusive) or, while
         # mirroring, _gap (to the next mirror, inclusive) reach it; _span successes
@@ -559,13 +569,33 @@ class LiveRollout:
         }
 
     def describe(self) -> dict[str, Any]:
-        """``{version, revision, mode, weight}`` for the hosts document."""
-        return {
+        """``{version, revision, mode, weight}`` for the hosts document, plus ``shadow``
+        (the comparison report, see ``report``) for a shadow."""
+        described: dict[str, Any] = {
             "version": self.candidate.version,
             "revision": self.spec.revision,
             "mode": self.spec.mode,
             "weight": self.spec.weight,
         }
+        if self.spec.mode == "shadow":
+            described["shadow"] = shadow_report(self.report)
+        return described
+
+
+def shadow_report(report: Mapping[str, Any]) -> dict[str, Any]:
+    """A comparison report with every counter present (0 when nothing happened yet).
+
+    Args:
+        report: ``LiveRollout.report``.
+
+    Returns:
+        ``{match, mismatch, candidate_error, dropped, refused_writes, blocked,
+        last_error}``.
+    """
+    out: dict[str, Any] = {key: int(report.get(key) or 0) for key in SHADOW_OUTCOMES}
+    out["blocked"] = list(report.get("blocked") or ())
+    out["last_error"] = report.get("last_error")
+    return out
 
 
 AbortHandler = Callable[[LiveRollout, str], None]

@@ -19,9 +19,17 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from .rollout import SHADOW_OUTCOMES
 from .rollout_record import candidate_version
 
-__all__ = ("SUMMED", "last_rollout_view", "plugin_reports", "rollout_view", "sum_stats")
+__all__ = (
+    "SUMMED",
+    "last_rollout_view",
+    "plugin_reports",
+    "rollout_view",
+    "sum_shadow",
+    "sum_stats",
+)
 
 SUMMED = (
     "calls, failures and timeouts add up over the hosts; error_rate is the fleet's "
@@ -77,6 +85,33 @@ def sum_stats(reports: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
+def sum_shadow(reports: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """The fleet's comparison report of a shadow from each host's (``candidate.shadow``).
+
+    Args:
+        reports: ``(host id, {match, mismatch, candidate_error, dropped, refused_writes,
+            blocked, last_error})`` per host (see ``host.rollout.shadow_report``).
+
+    Returns:
+        The counters added up; ``blocked`` the distinct refused writes the hosts name;
+        ``errors`` each host's last candidate error (``{host, error}``); ``hosts``.
+    """
+    counts = dict.fromkeys(SHADOW_OUTCOMES, 0)
+    blocked: list[str] = []
+    errors: list[dict[str, Any]] = []
+    hosts = 0
+    for host, report in reports:
+        hosts += 1
+        for key in SHADOW_OUTCOMES:
+            counts[key] += int(_number(report.get(key)) or 0)
+        for entry in report.get("blocked") or ():
+            if isinstance(entry, str) and entry not in blocked:
+                blocked.append(entry)
+        if isinstance(report.get("last_error"), str):
+            errors.append({"host": host, "error": report["last_error"]})
+    return {**counts, "blocked": blocked, "errors": errors, "hosts": hosts}
+
+
 def plugin_reports(doc: Mapping[str, Any], key: str) -> dict[str, Mapping[str, Any]]:
     """``{name: entry[key]}`` of a hosts document's ``plugins[]`` entries that carry it."""
     out: dict[str, Mapping[str, Any]] = {}
@@ -117,7 +152,9 @@ def rollout_view(
 
     Returns:
         ``{revision, version, mode, weight, sticky_key, policy, started_at, updated_at,
-        steps, signed, hosts_holding, hosts_alive, behind, refused, stats}``, where
+        steps, signed, hosts_holding, hosts_alive, behind, refused, shadow, stats}``,
+        where ``shadow`` is a shadow's comparison report (:func:`sum_shadow`; None for a
+        canary) and
         ``stats`` is ``{stable, candidate, hosts, summed}`` over the hosts that hold the
         candidate (see :func:`sum_stats`).
     """
@@ -143,6 +180,11 @@ def rollout_view(
                     "error": refusal.get("error"),
                 }
             )
+    shadows: list[tuple[str, Mapping[str, Any]]] = []
+    for host in holding:
+        report = (host.candidates.get(name) or {}).get("shadow")
+        if isinstance(report, Mapping):
+            shadows.append((host.id, report))
     per_version: dict[str, list[Mapping[str, Any]]] = {"stable": [], "candidate": []}
     for host in holding:
         stats = host.stats.get(name) or {}
@@ -165,6 +207,7 @@ def rollout_view(
         "hosts_alive": alive,
         "behind": behind,
         "refused": refused,
+        "shadow": sum_shadow(shadows) if rollout.get("mode") == "shadow" else None,
         "stats": {
             "stable": sum_stats(per_version["stable"]),
             "candidate": sum_stats(per_version["candidate"]),

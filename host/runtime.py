@@ -177,7 +177,9 @@ class PluginHost:
             prepare_candidate=self._prepare_candidate,
         )
         self._dispatcher.on_rollout_abort = self._rollout_abort
-        self._shadow = ShadowRunner(self._dispatcher, self._events_bus)
+        self._shadow = ShadowRunner(
+            self._dispatcher, self._events_bus, rollouts=self._registry.rollouts
+        )
         self._dispatcher.on_mirror = self._shadow.offer
         self._watcher = Watcher(
             database[collection], self._loader, self._events_bus, max_await_ms=max_await_ms

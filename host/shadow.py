@@ -18,9 +18,18 @@ Design note — off the caller's path, bounded, side-effect free:
   ``mismatch_interval`` seconds) and size-bounded (both results cut to
   ``max_event_chars``).
 * A shadow's ``ctx.db`` is a :class:`ReadOnlyDatabase`: reads pass through, any write
-  raises :class:`ShadowWriteRefused` and is counted as a refused side effect. It guards
-  against accidental writes through the handle the host gives; it is not a sandbox
-  (plugin code runs in-process and could open its own client).
+  raises :class:`ShadowWriteRefused` and is counted as a refused side effect. While a
+  mirror runs, :data:`host.context.SHADOW_DB` is set in its context, so every plugin the
+  shadow reaches through ``ctx.call`` (at any depth, in worker threads and in tasks
+  started from it) gets a read-only ``ctx.db`` too: a nested write fails in the callee,
+  the failure travels back to the shadow like any error, and the caller, who already has
+  the stable's answer, never sees it. It guards against writes through the handles the
+  host gives; it is not a sandbox (plugin code runs in-process and could open its own
+  client, or use a handle it kept from ``setup``).
+* Each rollout has its comparison report (:attr:`LiveRollout.report
+  <host.rollout.LiveRollout.report>`, reported to the fleet with the candidate): the same
+  counters for this candidate only, the last refused writes (which plugin, which
+  operation) and the last candidate error.
 
 INVARIANT: at most ``workers`` mirrors run at once and at most ``queue_size`` wait; the
 counters only grow, and are touched on the loop thread only.
@@ -39,13 +48,15 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup
 
+from .context import SHADOW_DB
 from .errors import PluginHostError
 from .events import EventBus
-from .rollout import LiveRollout
+from .rollout import SHADOW_OUTCOMES, LiveRollout
 from .types import Args, CallTarget
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
+    from .plugin import Plugin
 
 _Mirror = tuple[LiveRollout, Any, Any]
 _BATCH_DELAY = 0.001
@@ -59,7 +70,10 @@ __all__ = (
     "ShadowWriteRefused",
 )
 
-SHADOW_OUTCOMES = ("match", "mismatch", "candidate_error", "dropped", "refused_writes")
+_REPORT_BLOCKED = 5
+"""Refused writes a rollout's report names (the most recent distinct ones)."""
+_REPORT_ERROR_CHARS = 300
+"""The report's ``last_error`` is cut to this many characters."""
 
 _READ_METHODS = frozenset(
     {
@@ -238,6 +252,8 @@ class ShadowRunner:
         timeout: Each mirror's own timeout, in seconds.
         mismatch_interval: At most one ``shadow.mismatch`` event per plugin this often.
         max_event_chars: Each result in the event is cut to this many characters.
+        rollouts: The registry's rollouts by name, so that a write refused outside a
+            mirror (the shadow's ``setup`` or its tasks) reaches the rollout's report.
     """
 
     def __init__(
@@ -250,8 +266,10 @@ class ShadowRunner:
         timeout: float = 10.0,
         mismatch_interval: float = 1.0,
         max_event_chars: int = 2000,
+        rollouts: Mapping[str, LiveRollout] | None = None,
     ) -> None:
         self._dispatcher = dispatcher
+        self._rollouts = rollouts if rollouts is not None else {}
         self._events = events
         self._workers = workers
         self._timeout = timeout
@@ -287,9 +305,50 @@ class ShadowRunner:
             counts = self.counts[name] = dict.fromkeys(SHADOW_OUTCOMES, 0)
         counts[outcome] += 1
 
+    def _tally(self, live: LiveRollout, outcome: str) -> None:
+        """Count an outcome for the plugin (``counts``) and in the rollout's report."""
+        self._count(live.name, outcome)
+        report = live.report
+        report[outcome] = report.get(outcome, 0) + 1
+
     def refused_write(self, name: str) -> Callable[[str], None]:
         """The ``refused`` callback of plugin ``name``'s :class:`ReadOnlyDatabase`."""
-        return lambda _operation: self._count(name, "refused_writes")
+
+        def refused(operation: str) -> None:
+            live = self._rollouts.get(name)
+            if live is None:
+                self._count(name, "refused_writes")
+            else:
+                self._blocked(live, name, operation)
+
+        return refused
+
+    def _blocked(self, live: LiveRollout, plugin: str, operation: str) -> None:
+        """A write refused while ``live``'s shadow ran: count it, name it in the report."""
+        self._tally(live, "refused_writes")
+        where = "" if plugin == live.name else " (nested ctx.call)"
+        entry = f"{plugin}: {operation}{where}"
+        blocked: list[str] = live.report.setdefault("blocked", [])
+        if entry in blocked:
+            blocked.remove(entry)
+        blocked.append(entry)
+        del blocked[:-_REPORT_BLOCKED]
+
+    def _readonly(self, live: LiveRollout) -> Callable[[Plugin], ReadOnlyDatabase]:
+        """``SHADOW_DB``'s value for one mirror of ``live``: each version's read-only db."""
+        db = self._dispatcher.db
+        handles: dict[str, ReadOnlyDatabase] = {}
+
+        def readonly(plugin: Plugin) -> ReadOnlyDatabase:
+            name = plugin.name
+            handle = handles.get(name)
+            if handle is None:
+                handle = handles[name] = ReadOnlyDatabase(
+                    db, lambda operation: self._blocked(live, name, operation)
+                )
+            return handle
+
+        return readonly
 
     def offer(self, live: LiveRollout, args: Any, result: Any) -> None:
         """Queue a mirror of a call the stable version answered.
@@ -298,7 +357,7 @@ class ShadowRunner:
         of the stable's successes), so a call that is not mirrored pays nothing here.
         """
         if not self._running or len(self._queue) >= self._queue_size:
-            self._count(live.name, "dropped")
+            self._tally(live, "dropped")
             return
         self._queue.append((live, args, result))
         if self._idle and self._wake_up is None and self._loop is not None:
@@ -330,22 +389,27 @@ class ShadowRunner:
         name = live.name
         if not live.mirror:  # aborted or promoted while queued
             return
+        token = SHADOW_DB.set(self._readonly(live))  # nested ctx.call writes: refused too
         try:
             got = await self._dispatcher.call(
                 name, args, version=live.candidate.version, timeout=self._timeout
             )
         except Exception as exc:  # PluginFailed, PluginTimeout, VersionNotLive...
-            self._count(name, "candidate_error")
+            self._tally(live, "candidate_error")
+            error = f"{type(exc).__name__}: {exc}"
+            live.report["last_error"] = error[:_REPORT_ERROR_CHARS]
             del exc
             return
+        finally:
+            SHADOW_DB.reset(token)
         try:
             same = _canonical(got) == _canonical(expected)
         except (TypeError, ValueError, RecursionError):
             same = False
         if same:
-            self._count(name, "match")
+            self._tally(live, "match")
             return
-        self._count(name, "mismatch")
+        self._tally(live, "mismatch")
         now = time.monotonic()
         if now - self._last_event.get(name, -math.inf) >= self._interval:
             self._last_event[name] = now

@@ -7,11 +7,13 @@ import json
 import pytest
 
 from host import PluginHost
+from host.fleetview import fleet_status
 from host.metrics import Metrics
 from host.publish import publish
 from tests.support import Db, next_event, wait_until
 
 from .rollout_support import promote, start
+from .test_fleet_cli import FAST
 
 pytestmark = pytest.mark.anyio
 
@@ -97,3 +99,101 @@ async def test_shadow_errors_are_counted_and_promoted_shadow_can_write(db: Db) -
         await next_event(events, "rollout.promoted", lambda e: e["plugin"] == "p")
         assert await host.call("p", 2) == 2
         assert await db.audit.count_documents({"x": 2}) == 1
+
+
+WRITER = (
+    "async def main(ctx, args):\n"
+    "    await ctx.db.log.insert_one({'by': 'writer', 'args': args})\n"
+    "    return 'written'\n"
+)
+READER = "async def main(ctx, args):\n    return await ctx.db.log.count_documents({})\n"
+SYNC_WRITER = (
+    "def main(ctx, args):\n"
+    "    return type(ctx.db).__name__\n"  # a sync plugin sees the shadow's db handle too
+)
+NESTED_SHADOW = """
+async def main(ctx, args):
+    seen = await ctx.call("reader")  # a nested read passes
+    kind = await ctx.call("sync_writer")
+    try:
+        await ctx.db.audit.insert_one({"x": args["x"]})
+    except PermissionError:
+        pass
+    await ctx.call("writer", args["x"])  # refused in the callee: this call fails
+    return {"x": args["x"], "seen": seen, "kind": kind}
+"""
+
+
+async def test_shadow_writes_through_nested_calls_are_blocked(db: Db) -> None:
+    """A shadow's direct ctx.db write and a nested ctx.call's write are both refused: the
+    collections are unchanged, callers get the stable's results, reads pass, and the
+    comparison report (on the host and in the fleet view) names each blocked write."""
+    await db.log.insert_one({"by": "setup"})
+    await publish(db, "writer", WRITER)
+    await publish(db, "reader", READER)
+    await publish(db, "sync_writer", SYNC_WRITER)
+    await publish(db, "p", STABLE)
+    async with PluginHost(db, report_status=FAST) as host, host.events() as events:
+        await start(db, "p", NESTED_SHADOW, weight=100, mode="shadow")
+        await next_event(events, "rollout.started")
+        stable = host.current("p")
+        assert stable is not None
+        for x in range(10):
+            served: list[str] = []
+            assert await host.call("p", {"x": x}, served=served) == {"x": x}
+            assert served == [stable.version]
+        live = host.rollout("p")
+        assert live is not None
+
+        await wait_until(
+            lambda: live.report.get("candidate_error") == 10, "every mirror fails on the write"
+        )
+        assert await db.log.count_documents({}) == 1  # only the test's own document
+        assert await db.audit.count_documents({}) == 0
+        report = live.describe()["shadow"]
+        assert report["refused_writes"] == 20 and report["match"] == 0
+        assert report["blocked"] == [
+            "p: audit.insert_one",
+            "writer: log.insert_one (nested ctx.call)",
+        ]
+        assert "ShadowWriteRefused" in report["last_error"]
+        assert "log.insert_one refused" in report["last_error"]
+        assert host.shadow_counts()["p"]["refused_writes"] == 20
+        # Outside a mirror, the same plugins write as usual.
+        assert await host.call("writer", "real") == "written"
+        assert await db.log.count_documents({"args": "real"}) == 1
+        assert await host.call("sync_writer") != "ReadOnlyDatabase"
+
+        async def fleet_report() -> dict[str, object] | None:
+            rollout = (await fleet_status(db, name="p")).plugins["p"].rollout
+            shadow = (rollout or {}).get("shadow")
+            return shadow if shadow and shadow["candidate_error"] == 10 else None
+
+        shadow = await wait_until(fleet_report, "the host reports the comparison")
+        assert shadow["hosts"] == 1 and shadow["refused_writes"] == 20
+        assert "writer: log.insert_one (nested ctx.call)" in shadow["blocked"]
+        assert "ShadowWriteRefused" in str(shadow["errors"])
+
+
+async def test_nested_reads_of_a_shadow_pass_and_match(db: Db) -> None:
+    """A shadow that only reads, through nested calls too, matches the stable: nothing is
+    refused, and the sync callee runs with the shadow's read-only handle."""
+    await publish(db, "reader", READER)
+    await publish(db, "sync_writer", SYNC_WRITER)
+    await publish(db, "p", "async def main(ctx, args):\n    return 'ReadOnlyDatabase'\n")
+    async with PluginHost(db) as host, host.events() as events:
+        source = (
+            "async def main(ctx, args):\n"
+            "    await ctx.call('reader')\n"
+            "    return await ctx.call('sync_writer')\n"
+        )
+        await start(db, "p", source, weight=100, mode="shadow")
+        await next_event(events, "rollout.started")
+        for _ in range(5):
+            assert await host.call("p") == "ReadOnlyDatabase"
+        live = host.rollout("p")
+        assert live is not None
+        await wait_until(lambda: live.report.get("match") == 5, "the 5 mirrors match")
+        report = live.describe()["shadow"]
+        assert report["refused_writes"] == 0 and report["candidate_error"] == 0
+        assert report["blocked"] == [] and report["last_error"] is None

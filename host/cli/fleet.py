@@ -104,6 +104,18 @@ def _rollout_lines(p: PluginFleet) -> list[str]:
         lines.append(
             f"  (summed over {stats['hosts']} hosts: counts add up, p99 is the highest host's)"
         )
+        shadow = r.get("shadow")
+        if isinstance(shadow, dict):
+            lines.append(
+                f"  shadow: {shadow.get('match', 0)} match, {shadow.get('mismatch', 0)} "
+                f"mismatch, {shadow.get('candidate_error', 0)} candidate errors, "
+                f"{shadow.get('refused_writes', 0)} refused writes, "
+                f"{shadow.get('dropped', 0)} dropped"
+            )
+            for entry in shadow.get("blocked") or ():
+                lines.append(f"  shadow write refused: {entry}")
+            for error in shadow.get("errors") or ():
+                lines.append(f"  shadow error on {error.get('host')}: {error.get('error')}")
         for refusal in r.get("refused") or ():
             lines.append(
                 f"  refused candidate: {refusal['host']} r{refusal['revision']} at stage "
