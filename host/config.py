@@ -54,6 +54,11 @@ class Limits:
         max_waiting: Calls that may queue on a saturated version before ``PluginBusy``.
         require_depth: Deepest chain of plugin-to-plugin calls.
         history_size: Records kept per name for rollback.
+        held_versions: Replaced versions kept live per name so that pinned calls
+            (``X-Plugin-Version``) still reach them; the oldest retires when one more
+            would be held. Each costs what a loaded version costs (module, setup state,
+            tasks), and its teardown waits until it leaves: 0 (default) retires a
+            replaced version at once.
     """
 
     max_source_bytes: int = 1_048_576
@@ -63,6 +68,7 @@ class Limits:
     max_waiting: int = 1000
     require_depth: int = 16
     history_size: int = 5
+    held_versions: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

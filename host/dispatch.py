@@ -304,7 +304,7 @@ class Dispatcher:
             timeout: Seconds before the call is cancelled; if ``None``, the record's
                 ``timeout``, else the dispatcher default, else no timeout.
             version: Run this version (``7``, ``r7``, ``greet@r7`` or the full version):
-                the stable one or the rollout's candidate.
+                the stable one, the rollout's candidate, or a held replaced one.
             key: The sticky routing key (else ``args[sticky_key]`` of the rollout).
             served: If given, the version that serves the call is appended to it (as
                 routed here, so it is the version that actually ran).
@@ -332,7 +332,7 @@ class Dispatcher:
         if version is not None or self._rollouts:  # progressive delivery (host.rollout)
             live = self._rollouts.get(name)
             if version is not None:
-                plugin = pick_version(name, version, plugin, live)
+                plugin = pick_version(name, version, plugin, live, self._registry)
             elif live is not None and live.routing:
                 if key is None and live.skip and live.sticky_key is None:
                     live.skip -= 1  # the stable's turn (LiveRollout's inline protocol)

@@ -157,16 +157,27 @@ class VersionNotLive(PluginError, LookupError):
         name: The plugin name.
         wanted: The version asked for (``7``, ``r7``, ``greet@r7`` or a full version).
         live: The versions this host can serve now, stable first.
+        held: Recent replaced versions still held in memory for pinned calls, newest
+            first (empty unless the host holds some: ``held_versions``).
     """
 
-    def __init__(self, name: str, wanted: str, live: Sequence[str]) -> None:
-        held = ", ".join(live) if live else "none"
-        super().__init__(
-            f"plugin {name!r} has no live version matching {wanted[:100]!r}; live: {held}"
-        )
+    def __init__(
+        self,
+        name: str,
+        wanted: str,
+        live: Sequence[str],
+        held: Sequence[str] = (),
+        hint: str = "",
+    ) -> None:
+        serving = ", ".join(live) if live else "none"
+        message = f"plugin {name!r} has no live version matching {wanted[:100]!r}; live: {serving}"
+        if held:
+            message += f"; held: {', '.join(held)}"
+        super().__init__(message + (f" ({hint})" if hint else ""))
         self.name = name
         self.wanted = wanted
         self.live = tuple(live)
+        self.held = tuple(held)
 
 
 class HostClosed(PluginError):

@@ -729,7 +729,8 @@ def create_app(
             return refuse("not_found", 404, "PluginNotFound", str(exc))
         except VersionNotLive as exc:
             metrics.count_call("bad_request")
-            return _error(409, "VersionNotLive", str(exc), live=list(exc.live)), None
+            live, held = list(exc.live), list(exc.held)
+            return _error(409, "VersionNotLive", str(exc), live=live, held=held), None
         except PluginTimeout as exc:
             elapsed = time.perf_counter() - started
             metrics.count_call("timeout", elapsed, plugin=name, version=exc.version)

@@ -44,6 +44,22 @@ state (:class:`host.rollout.LiveRollout`), which the dispatcher reads on every c
       like any replaced version), so a call sees the old stable, the candidate, or the
       promoted version — never no version;
   (9) candidates retire exactly like replaced versions (invariants 2, 3 and 5 hold).
+
+Held versions (issue 16: a pinned call may name "a recent version still held in
+memory"). With ``held_versions=N > 0``, a version replaced by ``install`` or ``promote``
+is not retired at once: it joins ``_held[name]`` (newest first) and stays LIVE, reachable
+only by a pinned call (``X-Plugin-Version``, ``call(..., version=...)``); no unpinned call
+is routed to it. When more than N are held, the oldest leaves and retires as a replaced
+version does today (drain up to the grace period, teardown, tasks cancelled, module
+released); ``remove`` and closing the registry retire the held versions too.
+Memory: each held version keeps what a loaded one keeps (its module and globals, its
+``setup`` state and connections, its ``ctx.spawn`` tasks, which keep running): about
+N + 1 times a plugin's footprint per name, which is why N is 0 by default.
+  (10) ``_held[name]`` holds at most ``held_versions`` versions of ``name``, each LIVE,
+       never current and never a candidate, each in one name's deque once; a version
+       leaves it exactly when it is scheduled for retirement (invariant 2 holds);
+  (11) a held version is never chosen for an unpinned call (the dispatcher asks for
+       held versions only in ``pick_version``).
 """
 
 from __future__ import annotations
@@ -144,6 +160,7 @@ class Registry:
         teardown_timeout: float = 10.0,
         events: EventBus | None = None,
         threads: ThreadLimiter | None = None,
+        held_versions: int = 0,
     ) -> None:
         """Create an empty registry.
 
@@ -156,9 +173,15 @@ class Registry:
                 ``plugin.thread_stuck`` go.
             threads: Where sync hooks take their thread slot: the host shares one limiter
                 between calls and hooks, so it bounds every abandoned plugin thread.
+            held_versions: Replaced versions kept live per name for pinned calls (see
+                the module docstring; 0: a replaced version retires at once).
         """
         if history_size < 1:
             raise ValueError(f"history_size must be >= 1, got {history_size}")
+        if held_versions < 0:
+            raise ValueError(f"held_versions must be >= 0, got {held_versions}")
+        self._held_size = held_versions
+        self._held: dict[str, deque[Plugin]] = {}  # invariants (10) and (11)
         self._grace = grace_period
         self._history_size = history_size
         self._setup_timeout = setup_timeout
@@ -199,6 +222,10 @@ class Registry:
         """Return the rollout candidate of ``name``, or ``None``."""
         return self._candidates.get(name)
 
+    def held(self, name: str) -> tuple[Plugin, ...]:
+        """Return the replaced versions of ``name`` still held for pinned calls, newest first."""
+        return tuple(self._held.get(name, ()))
+
     def history(self, name: str) -> tuple[PluginRecord, ...]:
         """Return the records of the last versions that went live for ``name``, newest first.
 
@@ -213,6 +240,8 @@ class Registry:
         candidate = self._candidates.get(name)
         if candidate is not None:
             count += candidate.threads.abandoned
+        for plugin in self._held.get(name, ()):
+            count += plugin.threads.abandoned
         for plugin in self._draining:
             if plugin.name == name:
                 count += plugin.threads.abandoned
@@ -292,9 +321,11 @@ class Registry:
         deadline = anyio.current_time() + drain_timeout
         for scope in self._draining.values():
             scope.deadline = min(scope.deadline, deadline)
-        current = (*self._current.values(), *self._candidates.values())
+        held = [plugin for versions in self._held.values() for plugin in versions]
+        current = (*self._current.values(), *self._candidates.values(), *held)
         self._current.clear()
         self._candidates.clear()
+        self._held.clear()
         self.rollouts.clear()
         for plugin in current:
             self._schedule_retirement(plugin, drain_timeout)
@@ -309,7 +340,8 @@ class Registry:
             ctx_factory: Builds the ``ctx`` for its ``setup`` and ``teardown`` hooks.
 
         Returns:
-            The version it replaced, now retiring, or ``None``.
+            The version it replaced, now retiring (or held, see ``held_versions``), or
+            ``None``.
 
         Raises:
             CompileError: ``stage="setup"`` if setup raised or timed out; the old
@@ -337,7 +369,7 @@ class Registry:
                 self._drop_candidate(name)  # invariant (7), same step as the swap
             self._remember(plugin)
             if old is not None:
-                self._schedule_retirement(old, self._grace)
+                self._hold(old)
         return old
 
     async def remove(self, name: str) -> Plugin | None:
@@ -355,6 +387,8 @@ class Registry:
             self._drop_candidate(name)  # invariant (6): no candidate without a stable
             if old is not None:
                 self._schedule_retirement(old, self._grace)
+            for held in self._held.pop(name, ()):  # invariant (10): they leave retiring
+                self._schedule_retirement(held, self._grace)
         return old
 
     # ---------------------------------------------------------------- candidates
@@ -426,7 +460,7 @@ class Registry:
 
         Returns:
             ``(promoted, old)``: the new current version and the one it replaced (now
-            retiring, or None).
+            retiring or held, or None).
 
         Raises:
             LookupError: ``name`` has no candidate.
@@ -442,7 +476,7 @@ class Registry:
             self._current[name] = candidate  # THE SWAP
             self._remember(candidate)
             if old is not None:
-                self._schedule_retirement(old, self._grace)
+                self._hold(old)
         return candidate, old
 
     def _remember(self, plugin: Plugin) -> None:
@@ -451,6 +485,21 @@ class Registry:
         if records is None:
             records = self._history[plugin.name] = deque(maxlen=self._history_size)
         records.appendleft(plugin.record)
+
+    def _hold(self, old: Plugin) -> None:
+        """A version just replaced: hold it for pinned calls, or retire it (invariant 10).
+
+        Same step as the swap (no await), so a pinned call finds it current or held.
+        """
+        if not self._held_size:
+            self._schedule_retirement(old, self._grace)
+            return
+        held = self._held.get(old.name)
+        if held is None:
+            held = self._held[old.name] = deque()
+        held.appendleft(old)
+        while len(held) > self._held_size:
+            self._schedule_retirement(held.pop(), self._grace)
 
     def _drop_candidate(self, name: str) -> LiveRollout | None:
         candidate = self._candidates.pop(name, None)

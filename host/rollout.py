@@ -41,9 +41,9 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import VersionNotLive
 from .plugin import Plugin
@@ -56,6 +56,7 @@ __all__ = (
     "STABLE_SAMPLE",
     "TIMEOUT",
     "LiveRollout",
+    "VersionHolder",
     "VersionStats",
     "matches_version",
     "pick_version",
@@ -154,19 +155,28 @@ class _StickyRouter:
 
 def matches_version(wanted: str, plugin: Plugin) -> bool:
     """Tell whether a pinned version (``7``, ``r7``, ``greet@r7``, full) names ``plugin``."""
-    record = plugin.record
-    if wanted == record.version:
-        return True
-    rest = wanted
-    prefix = record.name + "@"
-    if rest.startswith(prefix):
-        rest = rest[len(prefix) :]
-    if rest.startswith("r"):
-        rest = rest[1:]
-    return rest.isdigit() and len(rest) < 20 and int(rest) == record.revision
+    return _names_record(wanted, plugin.record)
 
 
-def pick_version(name: str, wanted: str, stable: Plugin, live: LiveRollout | None) -> Plugin:
+class VersionHolder(Protocol):
+    """Where :func:`pick_version` finds held versions (``host.registry.Registry``)."""
+
+    def held(self, name: str) -> Sequence[Plugin]:
+        """Replaced versions of ``name`` still held for pinned calls, newest first."""
+        ...  # pragma: no cover - a protocol
+
+    def history(self, name: str) -> Sequence[PluginRecord]:
+        """The records of ``name`` that went live recently, newest first."""
+        ...  # pragma: no cover - a protocol
+
+
+def pick_version(
+    name: str,
+    wanted: str,
+    stable: Plugin,
+    live: LiveRollout | None,
+    holder: VersionHolder | None = None,
+) -> Plugin:
     """The version a pinned call runs on.
 
     Args:
@@ -175,21 +185,45 @@ def pick_version(name: str, wanted: str, stable: Plugin, live: LiveRollout | Non
         stable: The stable version.
         live: The rollout, if one runs (its candidate may be pinned, even at weight 0 or
             after an automatic abort, until the record drops it).
+        holder: The registry: its held versions are asked for only when neither the
+            stable nor the candidate matches (a shadow's mirror, a pinned call, pays
+            nothing for them), and its history only to say that a version ran here
+            but is no longer held.
 
     Returns:
         The version.
 
     Raises:
-        VersionNotLive: Neither version matches; the error names both.
+        VersionNotLive: No version matches; the error names what is live and held.
     """
     if matches_version(wanted, stable):
         return stable
     if live is not None and matches_version(wanted, live.candidate):
         return live.candidate
-    held = [stable.version]
+    held = holder.held(name) if holder is not None else ()
+    for plugin in held:
+        if matches_version(wanted, plugin):
+            return plugin
+    serving = [stable.version]
     if live is not None:
-        held.append(f"{live.candidate.version} ({live.mode} candidate)")
-    raise VersionNotLive(name, wanted, held)
+        serving.append(f"{live.candidate.version} ({live.mode} candidate)")
+    hint = ""
+    for record in holder.history(name) if holder is not None else ():
+        if _names_record(wanted, record):
+            hint = (
+                f"{record.version} ran here but is no longer held in memory "
+                f"(this host holds {len(held)} replaced version(s)); roll back to it to serve it"
+            )
+            break
+    raise VersionNotLive(name, wanted, serving, [plugin.version for plugin in held], hint)
+
+
+def _names_record(wanted: str, record: PluginRecord) -> bool:
+    """:func:`matches_version` for a record (a version no longer loaded)."""
+    if wanted == record.version:
+        return True
+    rest = wanted.removeprefix(record.name + "@").removeprefix("r")
+    return rest.isdigit() and len(rest) < 20 and int(rest) == record.revision
 
 
 class VersionStats:

@@ -65,6 +65,8 @@ class PluginHost:
         max_waiting: Calls that may queue on a saturated version before ``PluginBusy``.
         grace_period: Seconds an old version may drain before it is torn down anyway.
         history_size: Records kept per name for rollback.
+        held_versions: Replaced versions kept live per name for pinned calls (see
+            :class:`~host.config.Limits`; 0: none).
         max_source_bytes: Largest accepted plugin source.
         require_depth: Deepest chain of plugin-to-plugin calls (stops ``require`` cycles).
         drain_timeout: On exit, how long in-flight calls may run before teardown.
@@ -101,6 +103,7 @@ class PluginHost:
         max_waiting: int | Unset = UNSET,
         grace_period: float | Unset = UNSET,
         history_size: int | Unset = UNSET,
+        held_versions: int | Unset = UNSET,
         max_source_bytes: int | Unset = UNSET,
         require_depth: int | Unset = UNSET,
         drain_timeout: float | Unset = UNSET,
@@ -118,6 +121,7 @@ class PluginHost:
             max_concurrency=default_max_concurrency,
             max_waiting=max_waiting,
             history_size=history_size,
+            held_versions=held_versions,
             max_source_bytes=max_source_bytes,
             require_depth=require_depth,
         )
@@ -151,6 +155,7 @@ class PluginHost:
         self._registry = Registry(
             grace_period=timeouts.grace,
             history_size=limits.history_size,
+            held_versions=limits.held_versions,
             events=self._events_bus,
             threads=threads,
         )
@@ -470,7 +475,8 @@ class PluginHost:
             args: Passed to the entrypoint as ``args``.
             timeout: Seconds; overrides the record's and the host's default.
             version: Pin a version: ``7``, ``r7``, ``greet@r7`` or ``greet@r7:3f9a1c2e``
-                (the stable version or the rollout's candidate).
+                (the stable version, the rollout's candidate, or a replaced version
+                still held: ``held_versions``).
             key: Sticky routing key for a rollout (else the rollout's ``sticky_key``
                 field of ``args``): the same key gets the same version on every host.
             served: If given, the version that serves the call is appended to it.
@@ -503,6 +509,11 @@ class PluginHost:
     def candidate(self, name: str) -> Plugin | None:
         """The rollout candidate of ``name`` this host holds, or None."""
         return self._registry.candidate(name)
+
+    def held(self, name: str) -> tuple[Plugin, ...]:
+        """The replaced versions of ``name`` still held for pinned calls, newest first
+        (none unless ``held_versions`` is set)."""
+        return self._registry.held(name)
 
     def require(self, name: str) -> CallTarget:
         """A late-bound async callable: each call goes to the version current at that moment."""

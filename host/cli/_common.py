@@ -158,6 +158,15 @@ MaxConcurrency = Annotated[
         "--max-concurrency", min=0, help="Concurrent calls per plugin that sets none (0: no cap)."
     ),
 ]
+HeldVersions = Annotated[
+    int,
+    typer.Option(
+        "--held-versions",
+        min=0,
+        help="Replaced versions kept live per plugin for X-Plugin-Version pins "
+        "(each costs a loaded version's memory; 0: none).",
+    ),
+]
 RequireDepth = Annotated[
     int, typer.Option("--require-depth", min=1, help="Deepest chain of plugin-to-plugin calls.")
 ]

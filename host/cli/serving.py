@@ -17,6 +17,7 @@ from ._common import (
     Collection,
     Database,
     ExecTimeout,
+    HeldVersions,
     LogFormat,
     MaxBodyBytes,
     MaxConcurrency,
@@ -253,6 +254,7 @@ def run(
     call_timeout: CallTimeout = DAEMON_TIMEOUTS.call or 0.0,
     max_concurrency: MaxConcurrency = DAEMON_LIMITS.max_concurrency or 0,
     require_depth: RequireDepth = DAEMON_LIMITS.require_depth,
+    held_versions: HeldVersions = DAEMON_LIMITS.held_versions,
     idle_timeout: IdleTimeout = _HTTP.idle_timeout,
     header_timeout: HeaderTimeout = _HTTP.header_timeout,
     body_timeout: BodyTimeout = _HTTP.body_timeout,
@@ -293,6 +295,7 @@ def run(
         call_timeout,
         drain_timeout,
         startup_timeout,
+        held_versions=held_versions,
     )
     sock = _daemon_socket(http)
     try:
@@ -350,6 +353,8 @@ def _serving_config(
     call_timeout: float,
     drain: float,
     startup: float,
+    *,
+    held_versions: int = 0,
 ) -> tuple[Limits, Timeouts]:
     """The daemon's limits and timeouts from the options ``run`` and ``dev`` share (0: none)."""
     limits = Limits(
@@ -358,6 +363,7 @@ def _serving_config(
         max_source_bytes=max_source_bytes,
         max_concurrency=max_concurrency or None,
         require_depth=require_depth,
+        held_versions=held_versions,
     )
     timeouts = Timeouts(
         top_level=exec_timeout, call=call_timeout or None, drain=drain, startup=startup
@@ -402,6 +408,7 @@ def dev(
     call_timeout: CallTimeout = DAEMON_TIMEOUTS.call or 0.0,
     max_concurrency: MaxConcurrency = DAEMON_LIMITS.max_concurrency or 0,
     require_depth: RequireDepth = DAEMON_LIMITS.require_depth,
+    held_versions: HeldVersions = DAEMON_LIMITS.held_versions,
     idle_timeout: IdleTimeout = _HTTP.idle_timeout,
     header_timeout: HeaderTimeout = _HTTP.header_timeout,
     body_timeout: BodyTimeout = _HTTP.body_timeout,
@@ -452,6 +459,7 @@ def dev(
         call_timeout,
         drain=_DEV_DRAIN_TIMEOUT,
         startup=DAEMON_TIMEOUTS.startup,
+        held_versions=held_versions,
     )
     sock = _daemon_socket(http, next_free=20)
     wanted_port = parse_address(http)[1]
