@@ -627,6 +627,8 @@ def create_app(
         if isinstance(reply, bytes):
             await _send_result(send, reply, version)
         else:
+            if version is not None:  # a failed or timed-out call names its version too
+                reply.headers["x-plugin-version"] = version
             await reply(scope, receive, send)
 
     async def observed_call(request: _CallRequest) -> tuple[_Reply, str | None]:

@@ -28,10 +28,13 @@ Doc = dict[str, Any]
 
 
 def tagged(tag: str) -> str:
-    """A plugin returning ``tag``; its teardown writes ``tag`` to ``db.torn``."""
+    """A plugin returning ``tag`` (raising on ``"boom"``); its teardown writes ``tag`` to
+    ``db.torn``."""
     return (
         f"TAG = {tag!r}\n"
         "async def main(ctx, args):\n"
+        "    if args == 'boom':\n"
+        "        raise ValueError('boom')\n"
         "    return TAG\n"
         "async def teardown(ctx):\n"
         "    await ctx.db.torn.insert_one({'tag': TAG})\n"
@@ -289,3 +292,10 @@ async def test_a_daemon_serves_held_versions_over_http(
         ).json()
         assert unknown["error"]["live"][1].endswith("(shadow candidate)")
         assert "no longer held" not in unknown["error"]["message"]
+        # A failing call's reply names the version that failed, in the header too.
+        failing = await client.post(
+            "/functions/p/call", headers={"X-Plugin-Version": str(revision)}, json="boom"
+        )
+        assert failing.status_code == 500, failing.text
+        assert failing.headers["x-plugin-version"] == failing.json()["error"]["version"]
+        assert failing.headers["x-plugin-version"].startswith(f"p@r{revision}:")
