@@ -408,6 +408,7 @@ class LiveRollout:
         "candidate",
         "candidate_stats",
         "mirror",
+        "mirror_db",
         "quiet",
         "report",
         "routing",
@@ -426,6 +427,8 @@ class LiveRollout:
         self.stable_stats = VersionStats(window, slow, now)
         self.candidate_stats = VersionStats(window, slow, now)
         self.abort_reason: str | None = None
+        self.mirror_db: Callable[[Plugin], Any] | None = None
+        """A shadow's ``host.context.SHADOW_DB`` value (built once by ``host.shadow``)."""
         self.report: dict[str, Any] = {}
         """A shadow's comparison report (``host.shadow`` fills it): ``match``,
         ``mismatch``, ``candidate_error``, ``dropped``, ``refused_writes``, ``blocked``

@@ -335,7 +335,7 @@ class ShadowRunner:
         del blocked[:-_REPORT_BLOCKED]
 
     def _readonly(self, live: LiveRollout) -> Callable[[Plugin], ReadOnlyDatabase]:
-        """``SHADOW_DB``'s value for one mirror of ``live``: each version's read-only db."""
+        """``SHADOW_DB``'s value for the mirrors of ``live``: each version's read-only db."""
         db = self._dispatcher.db
         handles: dict[str, ReadOnlyDatabase] = {}
 
@@ -389,7 +389,10 @@ class ShadowRunner:
         name = live.name
         if not live.mirror:  # aborted or promoted while queued
             return
-        token = SHADOW_DB.set(self._readonly(live))  # nested ctx.call writes: refused too
+        readonly = live.mirror_db
+        if readonly is None:
+            readonly = live.mirror_db = self._readonly(live)
+        token = SHADOW_DB.set(readonly)  # nested ctx.call writes: refused too
         try:
             got = await self._dispatcher.call(
                 name, args, version=live.candidate.version, timeout=self._timeout
