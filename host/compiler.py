@@ -512,12 +512,13 @@ async def compile_plugins(
                 settle(i, entry, None)
         else:
             threaded.append((i, entry))
-    await _run_batch(
-        [entry[1] for _, entry in threaded],
-        exec_timeout,
-        _limiter(),
-        lambda k, outcome: settle(threaded[k][0], threaded[k][1], outcome),
-    )
+    if threaded:  # a reload of a declarative record looks up no thread limiter
+        await _run_batch(
+            [entry[1] for _, entry in threaded],
+            exec_timeout,
+            _limiter(),
+            lambda k, outcome: settle(threaded[k][0], threaded[k][1], outcome),
+        )
     done: list[Plugin | CompileError] = []
     for result in results:
         assert result is not None

@@ -13,6 +13,7 @@ The event names and their fields are a public interface (documented in the READM
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ __all__ = (
     "EventBus",
     "HostEvent",
     "Level",
+    "LogThrottle",
     "Subscription",
     "clip_fields",
 )
@@ -175,6 +177,50 @@ class Subscription:
     ) -> None:
         self.close()
         self._receive.close()
+
+
+class LogThrottle:
+    """The log level of a frequent per-plugin event: ``info`` at most once per interval.
+
+    A reload storm reloads a plugin many times a second, and rendering each line (the
+    JSON renderer, the timestamp) cost about a tenth of a reload's event-loop time. So the
+    first such event of a key in each ``interval`` logs at ``info`` and the rest at
+    ``debug``; the next ``info`` line carries ``quieted``, how many went to ``debug`` in
+    between. Subscribers still get every event: only the log line's level changes.
+
+    Args:
+        interval: Seconds between two ``info`` lines of one key.
+    """
+
+    __slots__ = ("_interval", "_last")
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self._interval = interval
+        self._last: dict[str, tuple[float, int]] = {}  # key -> (last info line, quieted)
+
+    def level(self, key: str, fields: dict[str, Any]) -> Level:
+        """The level of the next event of ``key``; adds ``quieted`` to ``fields`` if due.
+
+        Args:
+            key: Whose event (the plugin name).
+            fields: The event's fields, updated in place.
+
+        Returns:
+            ``info`` or ``debug``.
+        """
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self._interval:
+            self._last[key] = (last[0], last[1] + 1)
+            return "debug"
+        if last is not None and last[1]:
+            fields["quieted"] = last[1]
+        self._last[key] = (now, 0)
+        return "info"
+
+    def forget(self, key: str) -> None:
+        """Drop what is kept for ``key`` (its plugin was unloaded)."""
+        self._last.pop(key, None)
 
 
 class EventBus:

@@ -64,7 +64,7 @@ from anyio.abc import TaskGroup
 from .compiler import compile_plugin, compile_plugins
 from .config import DEFAULT_LIMITS, DEFAULT_TIMEOUTS
 from .errors import CompileError, HostClosed, RecordError
-from .events import EventBus, Level
+from .events import EventBus, Level, LogThrottle
 from .plugin import Plugin
 from .precompile import CompilerProcesses
 from .records import PluginRecord, describe_id, parse_record
@@ -154,13 +154,39 @@ class _Job:
     serving: str | None
     had_current: bool
     started: float
+    superseded: int = 0
 
 
 @dataclass(slots=True)
 class _Slot:
+    """One name's coalescing queue: at most one change waits, the newest.
+
+    INVARIANT (all on the loop, no await between a read and its write): ``pending`` is
+    the newest change submitted and not yet taken; ``superseded`` counts the changes it
+    replaced since the last :meth:`take` (each of those is never compiled, and the
+    version that does go live reports them as ``superseded``); ``busy`` is True exactly
+    while one worker (or one batch) owns the name, and only the owner takes. So every
+    submitted change is either taken once or counted once as superseded, and a name's
+    versions go live in submission order (tests/test_loader.py checks this under a
+    storm of submissions).
+    """
+
     pending: Change | None = None
     busy: bool = False
     info: PluginInfo | None = field(default=None)
+    superseded: int = 0
+
+    def put(self, change: Change) -> None:
+        """Queue ``change``; a change still waiting is superseded by it."""
+        if self.pending is not None:
+            self.superseded += 1
+        self.pending = change
+
+    def take(self) -> tuple[Change | None, int]:
+        """The waiting change and how many it superseded; the queue is empty after."""
+        change, superseded = self.pending, self.superseded
+        self.pending, self.superseded = None, 0
+        return change, superseded
 
 
 class Loader:
@@ -209,9 +235,11 @@ class Loader:
         self._default_max_concurrency = default_max_concurrency
         self._verifier = verifier
         self._slots: dict[str, _Slot] = {}
+        self._log_throttle = LogThrottle()
         self._busy = 0
-        self._idle = anyio.Event()
-        self._idle.set()
+        # Made only when someone waits: a storm goes busy and idle once per reload, and
+        # an anyio Event costs a backend lookup.
+        self._idle: anyio.Event | None = None
         self._tg: TaskGroup | None = None
 
     def bind(self, task_group: TaskGroup) -> None:
@@ -230,17 +258,17 @@ class Loader:
         slot = self._slots.get(change.name)
         if slot is None:
             slot = self._slots[change.name] = _Slot()
-        slot.pending = change
+        slot.put(change)
         if not slot.busy:
             slot.busy = True
-            if self._busy == 0:
-                self._idle = anyio.Event()
             self._busy += 1
             self._tg.start_soon(self._work, change.name, slot, name=f"load {change.name}")
 
     async def wait_idle(self) -> None:
         """Return once every submitted change has been applied."""
         while self._busy:
+            if self._idle is None or self._idle.is_set():
+                self._idle = anyio.Event()
             await self._idle.wait()
 
     def known(self) -> set[str]:
@@ -298,9 +326,10 @@ class Loader:
     async def _work(self, name: str, slot: _Slot) -> None:
         try:
             while slot.pending is not None:
-                change, slot.pending = slot.pending, None
+                change, superseded = slot.take()
+                assert change is not None
                 try:
-                    await self._apply(change, slot)
+                    await self._apply(change, slot, superseded)
                 except HostClosed:
                     return
         finally:
@@ -309,13 +338,13 @@ class Loader:
     def _release(self, name: str, slot: _Slot) -> None:
         slot.busy = False
         self._busy -= 1
-        if self._busy == 0:
+        if self._busy == 0 and self._idle is not None:
             self._idle.set()
         if slot.info is None and slot.pending is None:
             self._slots.pop(name, None)
 
-    async def _apply(self, change: Change, slot: _Slot) -> None:
-        job = await self._prepare(change, slot)
+    async def _apply(self, change: Change, slot: _Slot, superseded: int = 0) -> None:
+        job = await self._prepare(change, slot, superseded)
         if job is None:
             return
         try:
@@ -329,7 +358,7 @@ class Loader:
             plugin = exc
         await self._install(job, plugin)
 
-    async def _prepare(self, change: Change, slot: _Slot) -> _Job | None:
+    async def _prepare(self, change: Change, slot: _Slot, superseded: int = 0) -> _Job | None:
         """Validate, verify or unload; the job to compile, or None if nothing is left."""
         name = change.name
         current = self._registry.get(name)
@@ -364,7 +393,9 @@ class Loader:
                 slot, name, "verify", exc, serving=serving, still_serving=current is not None
             )
             return None
-        return _Job(change, slot, record, serving, current is not None, time.perf_counter())
+        return _Job(
+            change, slot, record, serving, current is not None, time.perf_counter(), superseded
+        )
 
     def _rejected(
         self,
@@ -437,6 +468,8 @@ class Loader:
             "load_ms": round(live_ms, 3),
             "reason": change.reason,
         }
+        if job.superseded:
+            fields["superseded"] = job.superseded  # newer revisions replaced them unbuilt
         if change.wall_time is not None:
             wall = change.wall_time
             if wall.tzinfo is None:
@@ -458,9 +491,12 @@ class Loader:
             level: Level = "debug" if change.reason == INITIAL else "info"
             self._events.emit("plugin.loaded", level, **fields)
         else:
-            self._events.emit(
-                "plugin.reloaded", old_version=old.version, new_version=plugin.version, **fields
-            )
+            fields["old_version"] = old.version
+            fields["new_version"] = plugin.version
+            # A storm reloads a name many times a second: its log line at info at most
+            # once a second (subscribers still get every event; see LogThrottle).
+            level = self._log_throttle.level(name, fields)
+            self._events.emit("plugin.reloaded", level, **fields)
 
     def _reload_failed(
         self,
@@ -689,12 +725,10 @@ class Loader:
             slot = self._slots.get(change.name)
             if slot is None:
                 slot = self._slots[change.name] = _Slot()
-            slot.pending = change
+            slot.put(change)
             if slot.busy:
                 continue  # its worker (or the batch holding it) takes the newest change
             slot.busy = True
-            if self._busy == 0:
-                self._idle = anyio.Event()
             self._busy += 1
             batch.append((change.name, slot))
             if len(batch) >= BATCH_SIZE:
@@ -708,10 +742,10 @@ class Loader:
         try:
             jobs: list[_Job] = []
             for _, slot in items:
-                change, slot.pending = slot.pending, None
+                change, superseded = slot.take()
                 if change is None:  # pragma: no cover - a batch member always has one
                     continue
-                job = await self._prepare(change, slot)
+                job = await self._prepare(change, slot, superseded)
                 if job is not None:
                     jobs.append(job)
             if jobs:
@@ -761,6 +795,7 @@ class Loader:
         self, name: str, slot: _Slot, reason: str, record: PluginRecord | None = None
     ) -> None:
         old = await self._registry.remove(name)
+        self._log_throttle.forget(name)
         if reason == "disabled":
             slot.info = PluginInfo(
                 name=name, status="disabled", revision=record.revision if record else None

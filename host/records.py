@@ -77,10 +77,14 @@ def describe_id(value: object, limit: int = 80) -> str:
     return text if isinstance(value, str) else f"{type(value).__name__} {text}"
 
 
+# json.dumps with options builds an encoder per call; this one is built once (same output).
+_CANONICAL = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _content_hash(source: str, entrypoint: str) -> str:
     # Canonical encoding: a JSON array is unambiguous (no separator collisions between
     # source and entrypoint) and stable across Python versions.
-    canonical = json.dumps([source, entrypoint], ensure_ascii=False, separators=(",", ":"))
+    canonical = _CANONICAL([source, entrypoint])
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:8]
 
 

@@ -79,7 +79,7 @@ from anyio.abc import TaskGroup
 
 from .context import Context
 from .errors import CompileError, HostClosed
-from .events import EventBus
+from .events import EventBus, LogThrottle
 from .naming import format_plugin_traceback
 from .plugin import Phase, Plugin, contain_task, is_plugin_failure
 from .records import PluginRecord, Rollout
@@ -198,6 +198,7 @@ class Registry:
         self._factories: dict[Plugin, ContextFactory] = {}
         self._supervisors: dict[Plugin, anyio.Event] = {}
         self._draining: dict[Plugin, anyio.CancelScope] = {}  # retirement scheduled
+        self._retired_log = LogThrottle()  # plugin.retired at info once a second a name
         self._tg: TaskGroup | None = None
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -620,9 +621,43 @@ class Registry:
             return
         plugin.phase = Phase.RETIRING
         scope = self._draining[plugin] = anyio.CancelScope(deadline=anyio.current_time() + grace)
+        if self._loop is not None and not self._closed:
+            # A reload storm retires a version per reload: most have nothing to drain
+            # or tear down, and a callback costs far less than a task (spawn, cancel
+            # scope, its own loop turns). One loop step later, so ``plugin.retired``
+            # still follows the ``plugin.reloaded`` the loader emits after the swap.
+            self._loop.call_soon(self._retire_soon, plugin, scope)
+            return
+        self._start_retirement(plugin, scope)
+
+    def _start_retirement(self, plugin: Plugin, scope: anyio.CancelScope) -> None:
         assert self._tg is not None
         with _untracked():
             self._tg.start_soon(self._retire, plugin, scope, name=f"retire {plugin.version}")
+
+    def _retire_soon(self, plugin: Plugin, scope: anyio.CancelScope) -> None:
+        """Retire ``plugin`` at once if it has nothing to wait for, else in a task.
+
+        Nothing to wait for: no call in flight (so invariant (3) holds trivially), no
+        ``teardown`` hook, no supervisor and no task of its own still running.
+        """
+        if self._draining.get(plugin) is not scope:
+            return  # already retired (the registry closed in between)
+        if (
+            plugin.in_flight
+            or plugin.teardown is not None
+            or plugin.task_group is not None
+            or plugin in self._supervisors
+            or any(not task.done() for task in plugin.tasks)
+            or self._closed
+        ):
+            # A task group that already ended raises: __aexit__ then retires the version.
+            with contextlib.suppress(RuntimeError):
+                self._start_retirement(plugin, scope)
+            return
+        self._factories.pop(plugin, None)
+        plugin.supervise = None
+        self._released(plugin, run_teardown=True)
 
     async def _retire(self, plugin: Plugin, scope: anyio.CancelScope) -> None:
         try:
@@ -655,18 +690,22 @@ class Registry:
         if pending:
             await asyncio.wait(pending, timeout=self._teardown_timeout)
 
+        self._released(plugin, run_teardown=run_teardown)
+
+    def _released(self, plugin: Plugin, *, run_teardown: bool) -> None:
+        """The end of a retirement: drop the version's code and say so."""
         in_flight = plugin.in_flight
         self._draining.pop(plugin, None)
         plugin.release()  # invariant (5)
         if run_teardown:
-            self._events.emit(
-                "plugin.retired",
-                "info",
-                plugin=plugin.name,
-                version=plugin.version,
-                in_flight=in_flight,
-                forced=in_flight > 0,
-            )
+            fields: dict[str, Any] = {
+                "plugin": plugin.name,
+                "version": plugin.version,
+                "in_flight": in_flight,
+                "forced": in_flight > 0,
+            }
+            level = self._retired_log.level(plugin.name, fields) if not in_flight else "info"
+            self._events.emit("plugin.retired", level, **fields)
 
     async def _run_teardown(
         self, plugin: Plugin, teardown: Hook, ctx_factory: ContextFactory
