@@ -180,6 +180,13 @@ async def _add_history(
         )
 
 
+def _trigger_list(raw: Any) -> list[dict[str, Any]]:
+    """Triggers as the history stores them: a list of plain documents (``[]``: none)."""
+    if not isinstance(raw, list | tuple):
+        return []
+    return [dict(t) for t in raw if isinstance(t, Mapping)]
+
+
 def _rollout_of(record: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     """The record's running rollout (a mapping with an int ``revision``), or None."""
     rollout = (record or {}).get("rollout")
@@ -340,7 +347,11 @@ async def publish(
             )
             if result.matched_count == 0:
                 continue  # a concurrent publish won the compare-and-set: try again on top
-        await _add_history(hist, name, revision, source, effective_entry, now)
+        # The history keeps the triggers the revision carries, so a rollback restores them.
+        kept = triggers if triggers is not None else (current or {}).get("triggers")
+        await _add_history(
+            hist, name, revision, source, effective_entry, now, triggers=_trigger_list(kept)
+        )
         return Published(name, revision, changed=True, created=current is None)
     raise PublishError(  # pragma: no cover - needs 20 lost races in a row
         f"plugin {name!r}: gave up after {_MAX_ATTEMPTS} concurrent publishes won the race"
@@ -584,6 +595,10 @@ async def rollback(
 ) -> tuple[Published, int]:
     """Publish an earlier revision's source again, as a new (higher) revision.
 
+    The revision's triggers come back with it (a revision without triggers removes the
+    record's); a history entry older than the history's ``triggers`` field keeps the
+    record's triggers as they are.
+
     Args:
         db: The database.
         name: The plugin name.
@@ -617,6 +632,9 @@ async def rollback(
         target = next((e for e in entries if e["revision"] == to), None)
     if target is None:
         raise UnknownRevision(name, to, available)
+    # The revision's triggers come back with its source ([] removes today's). An entry
+    # written before the history kept triggers has none: the record's are kept then.
+    kept = target.get("triggers")
     published = await publish(
         db,
         name,
@@ -626,6 +644,7 @@ async def rollback(
         force=True,
         check_syntax=False,
         sign=sign,
+        triggers=kept if isinstance(kept, list) else None,
     )
     return published, int(target["revision"])
 
@@ -801,7 +820,16 @@ async def start_rollout(
         )
         if result.matched_count == 0:
             continue  # a publish or another rollout won: look again (and maybe refuse)
-        await _add_history(hist, name, revision, source, effective_entry, now, rollout=mode)
+        await _add_history(
+            hist,
+            name,
+            revision,
+            source,
+            effective_entry,
+            now,
+            rollout=mode,
+            triggers=_trigger_list(current.get("triggers")),  # a candidate keeps the record's
+        )
         return Published(name, revision, changed=True)
     raise PublishError(  # pragma: no cover - needs 20 lost races in a row
         f"plugin {name!r}: gave up after {_MAX_ATTEMPTS} concurrent writes won the race"

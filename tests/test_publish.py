@@ -60,14 +60,22 @@ async def test_unchanged_source_is_not_republished(db: AsyncDatabase[Doc]) -> No
 
 
 async def test_history_records_every_revision(db: AsyncDatabase[Doc]) -> None:
-    """Each publish appends {name, revision, source, entrypoint, publishedAt} to the history."""
+    """Each publish appends {name, revision, source, entrypoint, publishedAt, triggers}."""
     await publish(db, "greet", src(1))
     await publish(db, "greet", "def handler(ctx, args):\n    return 2\n", entrypoint="handler")
     entries = await history(db, "greet")
     assert [e["revision"] for e in entries] == [2, 1]
     assert entries[0]["entrypoint"] == "handler"
     assert entries[1]["entrypoint"] == "main"
-    assert set(entries[0]) == {"name", "revision", "source", "entrypoint", "publishedAt"}
+    assert set(entries[0]) == {
+        "name",
+        "revision",
+        "source",
+        "entrypoint",
+        "publishedAt",
+        "triggers",
+    }
+    assert entries[0]["triggers"] == []  # none declared (a rollback to it removes any)
     assert (await get_record(db, "greet", revision=1))["source"] == src(1)
     assert (await db.functions_history.count_documents({})) == 2
 

@@ -9,7 +9,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from host.errors import RecordError
-from host.publish import PublishError, declared_triggers, publish, publish_file
+from host.publish import (
+    PublishError,
+    declared_triggers,
+    get_record,
+    publish,
+    publish_file,
+    rollback,
+)
 from host.records import parse_record
 from host.trust import SignatureVerifier, TrustedKeys, sign_record
 
@@ -71,3 +78,38 @@ async def test_a_bad_declaration_is_refused_at_publish(db: Db) -> None:
     with pytest.raises(PublishError, match=r"triggers\[0\]\.ordered"):
         await publish(db, "agg", WITH, triggers=[{"collection": "s", "ordered": "sideways"}])
     assert await db.functions.find_one({"_id": "agg"}) is None
+
+
+async def test_rollback_restores_the_revisions_triggers(db: Db) -> None:
+    """A rollback brings back the triggers of the revision it restores, or none if it had none."""
+    first = await publish(db, "agg", WITH, triggers=[{"collection": "sales"}])
+    await publish(db, "agg", WITH + "\n# 2\n", triggers=[{"collection": "orders"}])
+    await publish(db, "agg", WITHOUT, triggers=[])
+    record = await db.functions.find_one({"_id": "agg"})
+    assert record is not None and "triggers" not in record
+
+    back, source_rev = await rollback(db, "agg", to=first.revision)
+    assert source_rev == first.revision
+    record = await db.functions.find_one({"_id": "agg"})
+    assert record is not None and record["revision"] == back.revision
+    assert record["triggers"] == [{"collection": "sales"}]
+    # The restored revision is itself in the history with its triggers.
+    entry = await get_record(db, "agg", revision=back.revision)
+    assert entry["triggers"] == [{"collection": "sales"}]
+
+    await rollback(db, "agg", to=first.revision + 2)  # the one without triggers
+    record = await db.functions.find_one({"_id": "agg"})
+    assert record is not None and "triggers" not in record
+
+
+async def test_rollback_to_an_entry_without_a_triggers_field_keeps_the_records(db: Db) -> None:
+    """A history entry written before the history kept triggers leaves the record's as they are."""
+    first = await publish(db, "agg", WITH, triggers=[{"collection": "sales"}])
+    await publish(db, "agg", WITH + "\n# 2\n")  # triggers kept: sales
+    await db.functions_history.update_one(
+        {"name": "agg", "revision": first.revision}, {"$unset": {"triggers": ""}}
+    )
+    await rollback(db, "agg", to=first.revision)
+    record = await db.functions.find_one({"_id": "agg"})
+    assert record is not None and record["triggers"] == [{"collection": "sales"}]
+    assert record["source"] == WITH

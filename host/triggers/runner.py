@@ -86,11 +86,15 @@ HISTORY_LOST_CODES = frozenset({260, 280, 286})
 """InvalidResumeToken, ChangeStreamFatalError, ChangeStreamHistoryLost: cannot resume."""
 _HISTORY_KEPT = 20
 _TURN = 64
-"""Events the reader admits, or a worker handles, before it lets the event loop run others.
+"""Events a worker handles before it lets the event loop run others."""
+_READ_TURN = 1000
+"""Events the reader admits from the batch in hand before it lets the loop run others.
 
-(The reader admitting a whole batch of 1,000 per turn, so that the next getMore leaves
-sooner, measured worse on two busy cores: the workers then start later, and the server
-has no free core to build the next batch on anyway.)"""
+A whole batch (``batch_size``, 1,000 by default) enters the window in one turn (~1 ms),
+so the next getMore leaves at once and the server builds the next batch while the
+workers handle this one: the two overlap instead of taking turns. (Yielding every 64
+events, as before, sent the getMore only once the workers had nearly caught up.) A
+larger batch is still cut every 1,000 events, so the loop is never held much longer."""
 _ERROR_CHARS = 2_000
 _EPOCH = datetime(1970, 1, 1)  # naive, as PyMongo decodes wallTime
 
@@ -145,6 +149,19 @@ def _key_of(spec: TriggerSpec) -> Callable[[Mapping[str, Any], int], Any]:
     return document_key
 
 
+def handler_of(plugin: Plugin, tid: str, spec: TriggerSpec) -> Any:
+    """The function of ``plugin`` that handles trigger ``tid`` (its ``entrypoint``).
+
+    Raises:
+        PluginError: The version has no such callable (the compiler refuses such
+            versions; a released one may have none).
+    """
+    handler = plugin.module.__dict__.get(spec.entrypoint)
+    if not callable(handler):
+        raise PluginError(f"trigger {tid}: {plugin.version} has no handler {spec.entrypoint!r}")
+    return handler
+
+
 async def handle_event(
     dispatcher: Dispatcher,
     plugin: Plugin,
@@ -160,9 +177,7 @@ async def handle_event(
     Raises:
         PluginError: The handler failed (``PluginFailed``), timed out, or is missing.
     """
-    handler = plugin.module.__dict__.get(spec.entrypoint)
-    if not callable(handler):  # the compiler refuses such versions; a released one has none
-        raise PluginError(f"trigger {tid}: {plugin.version} has no handler {spec.entrypoint!r}")
+    handler = handler_of(plugin, tid, spec)
     ctx = EventContext(plugin, dispatcher, trigger=tid, event_id=event_id, attempt=attempt)
     await dispatcher.run_handler(plugin, handler, ctx, event, timeout=plugin.record.timeout)
 
@@ -233,6 +248,7 @@ class Runner:
         self._key = _key_of(spec)
         self._echo = EchoDetector() if spec.ordered != "none" else None
         self._echo_warned = False
+        self._handlers: dict[Plugin, Any] = {}  # version -> its handler (see _handler)
         self._write_lock = anyio.Lock()
         self._concurrency = 1 if spec.ordered == "total" else spec.max_concurrency
         # INVARIANT (workers): a key with pending events in the window is either in
@@ -426,7 +442,7 @@ class Runner:
                 return  # reopen with startAfter the invalidate token
             self._admit(event, token, tg)
             admitted += 1
-            if admitted == _TURN:
+            if admitted == _READ_TURN:
                 # A batch in hand is read without awaiting anything: let the workers (and
                 # the host's calls) run now and then, not after the whole batch.
                 admitted = 0
@@ -604,19 +620,28 @@ class Runner:
             return False  # disabled or unloaded: paused, the event stays pending
         event = slot.event
         event_id = event_id_of(event.get("_id"))
-        self._observe_lag(event)
+        started = self._observe_lag(event)
         echo = self._echo
         mark: tuple[Any, float, int] | None = None
         if echo is not None:
             # per_key: the slot's key is the document key already.
             key = slot.key if self._key is document_key else document_key(event)
-            mark = (key, time.time(), echo.check(key, event))
+            mark = (key, started, echo.check(key, event))
         failure = await self._attempt(plugin, event, event_id, 1)
         if failure is None:
             if mark is not None:
                 self._echoed(mark)
             return True
         return await self._retry(slot, event_id, failure, plugin.version, mark)
+
+    def _handler(self, plugin: Plugin) -> Any:
+        """``plugin``'s handler of this trigger, looked up once per version."""
+        handler = self._handlers.get(plugin)
+        if handler is None:
+            if len(self._handlers) >= 8:  # retired versions: forget them all, rarely
+                self._handlers.clear()
+            handler = self._handlers[plugin] = handler_of(plugin, self.tid, self.spec)
+        return handler
 
     async def _attempt(
         self, plugin: Plugin, event: Mapping[str, Any], event_id: str, attempt: int
@@ -630,14 +655,15 @@ class Runner:
         timed = bool(self._registry.rollouts)
         began = time.perf_counter() if timed else 0.0
         try:
-            await handle_event(
-                self._dispatcher,
+            # handle_event's work, with the handler looked up once per version.
+            await self._dispatcher.run_handler(
                 plugin,
-                self.tid,
-                self.spec,
+                self._handler(plugin),
+                EventContext(
+                    plugin, self._dispatcher, trigger=self.tid, event_id=event_id, attempt=attempt
+                ),
                 event,
-                event_id=event_id,
-                attempt=attempt,
+                timeout=plugin.record.timeout,
             )
         except PluginError as exc:
             if timed:
@@ -720,17 +746,20 @@ class Runner:
                 "does the handler write the document that triggers it?",
             )
 
-    def _observe_lag(self, event: Mapping[str, Any]) -> None:
+    def _observe_lag(self, event: Mapping[str, Any]) -> float:
+        """Observe the event's lag to now (its handler's start); now, in wall-clock seconds."""
+        now = time.time()
         wall = event.get("wallTime")
         if type(wall) is datetime and wall.tzinfo is None:  # as PyMongo decodes it
-            lag = time.time() - (wall - _EPOCH).total_seconds()
+            lag = now - (wall - _EPOCH).total_seconds()
         else:
             when = _as_datetime(wall) or _as_datetime(event.get("clusterTime"))
             if when is None:
-                return  # a rescan's synthetic event
-            lag = (datetime.now(UTC) - when).total_seconds()
+                return now  # a rescan's synthetic event
+            lag = now - when.timestamp()
         self._lag_ms = max(lag, 0.0) * 1000.0
         self._stats.observe_lag(lag)
+        return now
 
     async def _dead_letter(
         self,
