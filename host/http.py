@@ -164,35 +164,48 @@ _SCALARS = frozenset({int, float, bool, type(None)})
 
 
 def _is_small(value: Any, limit: int) -> bool:
-    # Walks at most SMALL_RESULT_NODES nodes: a bounded look, cheap for the usual result.
-    # Exact types first (the JSON a plugin returns is mostly plain dicts, lists, strings
-    # and numbers); subclasses and sets take the isinstance() branches below.
+    # Counts at most SMALL_RESULT_NODES nodes: a bounded look, cheap for the usual result.
+    # Only containers go on the stack: each container's children are counted in bulk
+    # (len) and looked at in one loop, where exact strings and scalars (the bulk of the
+    # JSON a plugin returns) cost one type() test each. Everything else (subclasses,
+    # bytes, sets, objects) goes on the stack and takes the isinstance() branches.
     budget = SMALL_RESULT_NODES
     text = 0
     stack = [value]
     pop = stack.pop
-    push = stack.extend
+    push = stack.append
     while stack:
         item = pop()
-        budget -= 1
-        if budget < 0:
-            return False
         kind = type(item)
-        if kind in _SCALARS:
-            continue
-        if kind is str or isinstance(item, str | bytes):
+        children: Any
+        if kind is dict or isinstance(item, dict):
+            budget -= 2 * len(item)  # keys and values
+            if budget < 0:
+                return False
+            for key in item:
+                if type(key) is str or isinstance(key, str):
+                    text += len(key)
+            children = item.values()
+        elif kind is list or kind is tuple or isinstance(item, list | tuple | set | frozenset):
+            budget -= len(item)
+            if budget < 0:
+                return False
+            children = item
+        elif kind is str or isinstance(item, str | bytes):
             text += len(item)
             if text * 6 > limit:  # a character can take 6 bytes as JSON (\u escapes)
                 return False
-        elif kind is dict or isinstance(item, dict):
-            if len(item) > budget:
-                return False
-            push(item.keys())
-            push(item.values())
-        elif kind is list or isinstance(item, list | tuple | set | frozenset):
-            if len(item) > budget:
-                return False
-            push(item)
+            continue
+        else:
+            continue
+        for child in children:
+            child_kind = type(child)
+            if child_kind is str:
+                text += len(child)
+            elif child_kind not in _SCALARS:
+                push(child)
+        if text * 6 > limit:
+            return False
     return True
 
 
@@ -362,6 +375,9 @@ def _host_name(value: str) -> str:
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
+_SEEN_HOSTS = 64  # allowed Host header values SiteGuard remembers
+
+
 class SiteGuard:
     """ASGI middleware: refuse foreign ``Host`` headers and foreign ``Origin`` s (403).
 
@@ -382,25 +398,36 @@ class SiteGuard:
         origins = frozenset(o.lower().rstrip("/") for o in allowed_origins)
         self._any_origin = "*" in origins
         self._origins = origins
+        # Invariant: every member is a raw Host header whose host name is allowed (a
+        # client sends the same one every time, so the parse is done once); at most
+        # _SEEN_HOSTS members, refused values never (so requests cannot grow it).
+        self._seen_hosts: set[bytes] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Check ``Host`` and ``Origin``, then hand the request to the app (or reply 403)."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        host = origin = None
+        raw_host = raw_origin = None
         for key, value in scope["headers"]:
             if key == b"host":
-                host = value.decode("latin-1")
+                raw_host = value
             elif key == b"origin":
-                origin = value.decode("latin-1")
+                raw_origin = value
+        if raw_origin is None and (raw_host is None or raw_host in self._seen_hosts):
+            await self.app(scope, receive, send)  # the usual request: nothing to parse
+            return
+        host = None if raw_host is None else raw_host.decode("latin-1")
+        origin = None if raw_origin is None else raw_origin.decode("latin-1")
         problem = None
         if host is not None and self._hosts is not None and _host_name(host) not in self._hosts:
             problem = (
                 "HostNotAllowed",
                 f"Host {host[:100]!r} is not served here (see --allowed-hosts)",
             )
-        elif origin is not None and not self._any_origin:
+        elif raw_host is not None and len(self._seen_hosts) < _SEEN_HOSTS:
+            self._seen_hosts.add(raw_host)
+        if problem is None and origin is not None and not self._any_origin:
             plain = origin.lower().rstrip("/")
             same = host is not None and plain.partition("://")[2] == host.lower()
             if not same and plain not in self._origins:
@@ -510,6 +537,7 @@ async def _read_body(request: Request | _CallRequest, limit: int) -> bytes:
             return body if chunks is None else b"".join(chunks)
 
 
+_JSON = "application/json"
 _JSON_TYPE = (b"content-type", b"application/json")
 
 _Reply: TypeAlias = Response | bytes
@@ -544,6 +572,60 @@ class _RawEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.endpoint(scope, receive, send)
+
+
+_CALL_PREFIX = "/functions/"
+_CALL_SUFFIX = "/call"
+
+
+def _call_name(scope: Scope) -> str | None:
+    """The plugin name when ``scope`` is ``POST /functions/{name}/call``, else None.
+
+    It matches exactly what the first route, ``Route("/functions/{name}/call")``, matches
+    (``{name}``: one non-empty path segment); with a ``root_path`` it says None and the
+    request takes Starlette's way.
+    """
+    if scope["type"] != "http" or scope["method"] != "POST" or scope.get("root_path"):
+        return None
+    path: str = scope["path"]
+    if not (path.startswith(_CALL_PREFIX) and path.endswith(_CALL_SUFFIX)):
+        return None
+    name = path[len(_CALL_PREFIX) : -len(_CALL_SUFFIX)]
+    return name if name and "/" not in name else None
+
+
+class _Api(Starlette):
+    """Starlette, with the call route taken straight from the scope to its endpoint.
+
+    ``POST /functions/{name}/call`` goes through the user middlewares (``SiteGuard``,
+    ``BearerAuth``: the same classes, configured the same, as on every other route) and
+    nothing else: Starlette's error and exception middlewares, its router and its route
+    each cost a coroutine frame (two of them a wrapped ``send``) per request, more than
+    the rest of the route. The endpoint answers every error itself and stands in for the
+    error middleware (a 500 when something unexpected escapes, then re-raised for Uvicorn
+    to log). Every other request, and the lifespan, go through Starlette as before.
+    """
+
+    def __init__(self, call_endpoint: ASGIApp, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._call_endpoint = call_endpoint
+        self._call_stack: ASGIApp | None = None  # built on the first call, as Starlette's
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI connection (the call route's fast way, or Starlette's)."""
+        name = _call_name(scope)
+        if name is None:
+            await super().__call__(scope, receive, send)
+            return
+        stack = self._call_stack
+        if stack is None:
+            stack = self._call_endpoint
+            for cls, args, kwargs in reversed(self.user_middleware):
+                stack = cls(stack, *args, **kwargs)
+            self._call_stack = stack
+        scope["app"] = self
+        scope["path_params"] = {"name": name}
+        await stack(scope, receive, send)
 
 
 def create_app(
@@ -620,10 +702,16 @@ def create_app(
 
     async def call(scope: Scope, receive: Receive, send: Send) -> None:
         request = _CallRequest(scope, receive)
-        if not access_log and tracing.tracer is None:
-            reply, version = await handle_call(request)
-        else:
-            reply, version = await observed_call(request)
+        try:
+            if not access_log and tracing.tracer is None:
+                reply, version = await handle_call(request)
+            else:
+                reply, version = await observed_call(request)
+        except Exception:
+            # What Starlette's error middleware did here (_Api takes this route past it):
+            # nothing was sent yet, so a 500; the error goes on to Uvicorn, which logs it.
+            await _error(500, "InternalServerError", "internal server error")(scope, receive, send)
+            raise
         if isinstance(reply, bytes):
             await _send_result(send, reply, version)
         else:
@@ -661,7 +749,7 @@ def create_app(
     async def handle_call(request: _CallRequest) -> tuple[_Reply, str | None]:
         name = request.path_params["name"]
         content_type = request.headers.get("content-type")
-        if content_type is not None and not _is_json(content_type):
+        if content_type is not None and content_type != _JSON and not _is_json(content_type):
             return refuse(
                 "bad_request",
                 415,
@@ -895,7 +983,8 @@ def create_app(
         process = await anyio.to_thread.run_sync(metrics.render_process)
         return Response(metrics.render_host() + process, media_type=CONTENT_TYPE)
 
-    app = Starlette(
+    app = _Api(
+        call,
         debug=False,  # our own 500s say what failed; Starlette's debug page is not an API
         routes=[
             Route("/functions/{name}/call", _RawEndpoint(call), methods=["POST"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -421,6 +422,25 @@ async def test_host_and_origin_are_checked(
         assert listed.status_code == status
 
 
+async def test_remembered_hosts_never_let_a_foreign_host_in(loopback_daemon: str) -> None:
+    """SiteGuard remembers allowed Host values (more of them than it keeps), and a foreign
+    Host after them, alone or beside a foreign Origin, is still refused."""
+    async with httpx.AsyncClient(base_url=loopback_daemon) as client:
+        for port in range(100):  # more distinct allowed values than SiteGuard remembers
+            reply = await client.post(
+                "/functions/echo/call", json=port, headers={"host": f"localhost:{port}"}
+            )
+            assert reply.status_code == 200, reply.text
+        for headers, kind in (
+            ({"host": "evil.example"}, "HostNotAllowed"),
+            ({"host": "localhost:1", "origin": "https://evil.example"}, "OriginNotAllowed"),
+        ):
+            for _ in range(2):  # a refused value is never remembered
+                reply = await client.post("/functions/echo/call", json=1, headers=headers)
+                assert reply.status_code == 403
+                assert reply.json()["error"]["type"] == kind
+
+
 async def test_same_origin_is_allowed(loopback_daemon: str) -> None:
     """A page served by the daemon's own origin may call (its Origin matches the Host)."""
     netloc = loopback_daemon.removeprefix("http://")
@@ -446,6 +466,40 @@ async def test_non_loopback_app_checks_no_host(api: ClientFactory) -> None:
     async with api() as client:
         reply = await client.post("/functions/echo/call", json=2, headers={"host": "any.example"})
     assert reply.status_code == 200
+
+
+@pytest.mark.parametrize("token", [None, "s3cret"])
+async def test_call_route_answers_as_through_starlette(host: PluginHost, token: str | None) -> None:
+    """The call route's fast way (straight to the endpoint) and Starlette's way (taken with a
+    root_path) give the same statuses and bodies: replies, errors, near-miss paths, auth."""
+    app = create_app(host, auth_token=token)
+    auth = {"authorization": f"Bearer {token}"} if token else {}
+    requests: list[tuple[str, str, Any, dict[str, str]]] = [
+        ("POST", "/functions/echo/call", {"n": 1}, auth),
+        ("POST", "/functions/nope/call", 1, auth),
+        ("POST", "/functions/boom/call", 1, auth),
+        ("POST", "/functions/echo/call", None, {**auth, "content-type": "text/plain"}),
+        ("GET", "/functions/echo/call", None, auth),
+        ("POST", "/functions//call", 1, auth),
+        ("POST", "/functions/a/b/call", 1, auth),
+        ("POST", "/functions/call", 1, auth),
+        ("POST", "/functions/echo/call", 1, {}),
+        ("POST", "/functions/echo/call", 1, {"authorization": "Bearer wrong"}),
+    ]
+    seen: dict[str, list[tuple[int, Any]]] = {}
+    async with app.router.lifespan_context(app):
+        for root in ("", "/api"):
+            transport = httpx.ASGITransport(app=app, root_path=root)
+            async with httpx.AsyncClient(transport=transport, base_url="http://h") as client:
+                for method, path, body, headers in requests:
+                    reply = await client.request(method, root + path, json=body, headers=headers)
+                    # Starlette's own 404/405 messages name the full path, root included.
+                    text = reply.text.replace(f"'{root}/", "'/") if root else reply.text
+                    seen.setdefault(root, []).append((reply.status_code, json.loads(text)))
+    assert seen[""] == seen["/api"]
+    statuses = [status for status, _ in seen[""]]
+    expected = [200, 404, 500, 415, 405, 404, 404, 405]  # /functions/call: GET /functions/{name}
+    assert statuses == expected + ([401, 401] if token else [200, 200])
 
 
 # -- the access log -------------------------------------------------------------------------
