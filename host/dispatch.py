@@ -20,6 +20,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import sys
+import sysconfig
+import threading
 import time
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
@@ -43,7 +46,7 @@ from .errors import (
 from .events import EventBus
 from .naming import format_plugin_traceback
 from .plugin import Plugin, is_plugin_failure
-from .registry import CURRENT_PLUGIN, Registry
+from .registry import CALL_PATH, Registry
 from .rollout import FAILED, OK, TIMEOUT, LiveRollout, pick_version
 from .threads import ThreadLimiter, ThreadsExhausted, run_sync_interruptible
 from .types import Args, Entrypoint
@@ -53,9 +56,54 @@ __all__ = ("Dispatcher", "Required")
 _log = structlog.get_logger("host.dispatch")
 
 _clock = time.perf_counter  # a rollout's call timing (one global lookup, no attribute)
+_refcount = sys.getrefcount
+_UNSHARED = 2  # sys.getrefcount(ctx) when only the call's frame holds ctx (plus the argument)
+_REUSE_CONTEXTS = (
+    sys.implementation.name == "cpython"
+    and sys.version_info < (3, 14)  # 3.14 borrows references on the stack: counts differ
+    and not sysconfig.get_config_var("Py_GIL_DISABLED")
+)
+"""Whether a call's ``Context`` may be reused (exact reference counts: CPython, GIL)."""
+_thread_id = threading.get_ident
+_task_of: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None] = asyncio.current_task
+# ``asyncio.current_task`` is a Python function before 3.12: there, read the dict it reads
+# (asyncio's C tasks keep it) directly. Either takes the loop: see _LoopCache for why.
+_running_tasks = getattr(asyncio.tasks, "_current_tasks", None)
+if sys.version_info < (3, 12) and isinstance(_running_tasks, dict):
+    _task_of = _running_tasks.get
 
-_CALL_CHAIN: ContextVar[tuple[str, ...]] = ContextVar("plugin_host_call_chain", default=())
-"""Names of the plugins on the current call path, outermost first."""
+
+class _LoopCache:
+    """The running loop of the thread that last called, to find the current task cheaply.
+
+    Design note: ``asyncio.get_running_loop()`` checks ``os.getpid()`` on every call
+    before 3.12 (a system call: ~0.25 µs on the 2-core bench machine, a tenth of a whole
+    call). An outermost call needs its task (``abort``), so the loop is read once per
+    thread instead: ``task_of(cached loop)`` is the current task when that loop runs
+    this thread's current task, and None when it does not (a loop runs on one thread at
+    a time, and asyncio's map holds only running tasks), and then the loop is read
+    again. Loop thread only (several threads each re-read on their turn).
+    """
+
+    __slots__ = ("loop", "thread")
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread = 0
+
+    def current_task(self) -> asyncio.Task[Any] | None:
+        """``asyncio.current_task()``: the task running the caller, or None."""
+        loop = self.loop
+        if loop is not None and self.thread == _thread_id():
+            task = _task_of(loop)
+            if task is not None:
+                return task
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        self.loop, self.thread = loop, _thread_id()
+        return _task_of(loop)
 
 
 class _Lease:
@@ -85,11 +133,12 @@ background task that outlives the call takes slots like any other caller.
 class _Deadline:
     """One call's deadline (loop time ``at``) in the queue of calls that share its timeout."""
 
-    __slots__ = ("at", "cancelling", "expired", "task")
+    __slots__ = ("at", "cancelling", "expired", "queue", "task")
 
-    def __init__(self, at: float, task: asyncio.Task[Any]) -> None:
+    def __init__(self, at: float, task: asyncio.Task[Any], queue: _Deadlines) -> None:
         self.at = at
         self.task = task
+        self.queue = queue
         self.cancelling = task.cancelling()  # as asyncio.timeout counts, to tell cancels apart
         self.expired = False
 
@@ -112,7 +161,7 @@ class _Deadlines:
     # that have not expired, in deadline order; while it is not empty, ``timer`` is set
     # for a time at or before the first one's deadline. Loop thread only.
 
-    __slots__ = ("entries", "loop", "on_empty", "timeout", "timer")
+    __slots__ = ("entries", "loop", "on_empty", "time", "timeout", "timer")
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, timeout: float, on_empty: Callable[[], None]
@@ -122,10 +171,13 @@ class _Deadlines:
         self.on_empty = on_empty
         self.entries: dict[_Deadline, None] = {}
         self.timer: asyncio.TimerHandle | None = None
+        # asyncio's own loops read time.monotonic() in a Python method: read it directly.
+        own_clock = getattr(type(loop), "time", None) is asyncio.BaseEventLoop.time
+        self.time: Callable[[], float] = time.monotonic if own_clock else loop.time
 
     def add(self, task: asyncio.Task[Any]) -> _Deadline:
         """Start the clock of a call running in ``task``."""
-        deadline = _Deadline(self.loop.time() + self.timeout, task)
+        deadline = _Deadline(self.time() + self.timeout, task, self)
         self.entries[deadline] = None
         if self.timer is None:
             self.timer = self.loop.call_at(deadline.at, self._expire)
@@ -133,7 +185,7 @@ class _Deadlines:
 
     def _expire(self) -> None:
         self.timer = None
-        due = self.loop.time() + _CLOCK_SLACK
+        due = self.time() + _CLOCK_SLACK
         entries = self.entries
         while entries:
             first = next(iter(entries))
@@ -212,6 +264,7 @@ class Dispatcher:
                 host passes the one its registry's hooks use.
         """
         self._registry = registry
+        self._lookup = registry.lookup  # the hot path's Registry.get, without its frame
         self._db = db
         self._globals: Mapping[str, Any] = MappingProxyType(dict(globals or {}))
         self._default_timeout = default_timeout
@@ -221,6 +274,12 @@ class Dispatcher:
         # Versions with abandoned call threads, for the exit report (pruned as they end).
         self._stuck: dict[Plugin, None] = {}
         self._ids = itertools.count(1)
+        # INVARIANT: _spare is None or a Context that nothing references but this
+        # attribute (its call ended, and sys.getrefcount saw no other holder: not the
+        # plugin's globals, result, tasks or closures). A call takes it (sets None)
+        # and rebinds it with no await in between. Loop thread only.
+        self._spare: Context | None = None
+        self._loops = _LoopCache()
         self._closed = False
         # INVARIANT: _calls holds the task of every outermost call in flight, and only
         # those (added before the call runs, removed when it ends); _aborted holds the
@@ -325,7 +384,7 @@ class Dispatcher:
         # building on success; a timer only when there is a timeout.
         if self._closed:
             raise HostClosed()
-        plugin = self._registry.get(name)
+        plugin = self._lookup(name)
         if plugin is None:
             raise PluginNotFound(name)
         live = None
@@ -340,7 +399,7 @@ class Dispatcher:
                     plugin = live.choose(plugin, args, key)
         if served is not None:
             served.append(plugin.version)
-        chain = _CALL_CHAIN.get()
+        chain = CALL_PATH.get()[1]  # the plugins on the call path, outermost first
         if len(chain) >= self._require_depth:
             raise RequireDepthExceeded((*chain, name), self._require_depth)
         if timeout is None:
@@ -348,24 +407,50 @@ class Dispatcher:
             if timeout is None:
                 timeout = self._default_timeout
 
-        # From here until end_call, the registry will not tear this version down before
-        # the grace period ends, even if a newer version is swapped in meanwhile.
-        plugin.begin_call()
-        chain_token = _CALL_CHAIN.set((*chain, name))
-        plugin_token = CURRENT_PLUGIN.set(plugin)
+        # From here until the in_flight decrement, the registry will not tear this version
+        # down before the grace period ends, even if a newer version is swapped in
+        # meanwhile (Plugin.begin_call/end_call, spelled out inline: no frame per call).
+        plugin.in_flight += 1
+        path_token = CALL_PATH.set((plugin, (*chain, name)))
         # An outermost call registers its task, so that abort() can end it (nested calls
         # run in its task or in tasks it awaits, e.g. gather's, and end with it).
-        task = None if chain else asyncio.current_task()
+        task = None if chain else self._loops.current_task()
         if task is not None:
             self._calls[task] = None
-        # Statistics only while a rollout runs: a rollout-free call pays for none of it.
-        started = _clock() if live is not None else 0.0
+        # Statistics only while a rollout runs: a rollout-free call pays for none of it,
+        # and the clock only for a call they time (LiveRollout's inline protocol).
+        started = (
+            _clock() if live is not None and (not live.quiet or plugin is live.candidate) else 0.0
+        )
         outcome = OK
+        deadline: _Deadline | None = None
         try:
-            if timeout is None:
-                result = await self._run(plugin, args)
+            if timeout is not None and (deadline := self._arm(task, timeout)) is None:
+                result = await self._run_with_timer(plugin, args, timeout)
+            elif plugin.limiter is None and plugin.is_async:
+                # The common case, inline: the plugin's coroutine is awaited from this
+                # frame (no _run/_invoke coroutine per call). The same rules as _invoke.
+                ctx = self._spare
+                if ctx is None:
+                    ctx = Context(plugin, plugin.caller or self, next(self._ids))
+                else:  # Context's reuse protocol (see host.context): no one else holds it
+                    self._spare = None
+                    ctx._plugin = plugin
+                    ctx._caller = plugin.caller or self
+                    ctx.call_id = next(self._ids)
+                    ctx._log = None
+                try:
+                    result = await plugin.entrypoint(ctx, args)
+                except RequireDepthExceeded:
+                    raise  # a cycle is a property of the whole chain: report it unwrapped
+                except BaseException as exc:  # plugin code must never stop the host
+                    if not is_plugin_failure(exc):
+                        raise  # the host's cancellation: a timeout, shutdown
+                    raise await self._failure(plugin, exc) from exc
+                if _REUSE_CONTEXTS and _refcount(ctx) == _UNSHARED:
+                    self._spare = ctx  # only this frame holds it: the next call may take it
             else:
-                result = await self._run_with_deadline(plugin, args, timeout, task)
+                result = await self._run(plugin, args)
         except PluginFailed:
             outcome = FAILED
             raise
@@ -377,29 +462,46 @@ class Dispatcher:
             raise
         except asyncio.CancelledError:
             outcome = -1
+            # This call's deadline cancelled it, unless someone else did too
+            # (asyncio.timeout's cancel-counting protocol, see _Deadlines).
+            if (
+                deadline is not None
+                and deadline.expired
+                and deadline.task.uncancel() <= deadline.cancelling
+            ):
+                outcome = TIMEOUT
+                raise self._timed_out(plugin, deadline.queue.timeout) from None
             if task is None or task not in self._aborted:
                 raise
             self._aborted.discard(task)
             task.uncancel()  # abort()'s cancel was for this frame only, and ends here
             raise HostClosed("the plugin host stopped before the call finished") from None
         else:
-            # A version under rollout: count the call (True: a shadow's sample, or the
-            # candidate broke its policy on a success: rare, see _after_record). Most
-            # stable successes count nothing (LiveRollout's inline protocol: quiet).
+            if deadline is not None and deadline.expired:  # the plugin swallowed the cancel
+                deadline.task.uncancel()
+            # A version under rollout: count the call. Most stable successes count
+            # nothing (LiveRollout's inline protocol: quiet); a due one may be a
+            # shadow's mirror; a candidate's success may break its policy (rarely).
             if live is not None:
-                if live.quiet and plugin is not live.candidate:
-                    live.quiet -= 1
+                if plugin is not live.candidate:
+                    if live.quiet:
+                        live.quiet -= 1
+                    elif live.due(started) and self.on_mirror is not None:
+                        self.on_mirror(live, args, result)
                 elif live.record(plugin, OK, started):
-                    self._after_record(live, plugin, args, result)
+                    self.report_abort(live)
             return result
         finally:
+            if deadline is not None and not deadline.expired:
+                del deadline.queue.entries[deadline]  # ended in time: leave the queue
             if task is not None:
                 self._calls.pop(task, None)
                 if self._aborted:  # cancelled, but the call ended before it arrived
                     self._aborted.discard(task)
-            CURRENT_PLUGIN.reset(plugin_token)
-            _CALL_CHAIN.reset(chain_token)
-            plugin.end_call()
+            CALL_PATH.reset(path_token)
+            plugin.in_flight -= 1
+            if not plugin.in_flight and plugin.drained is not None:
+                plugin.drained.set()  # a retirement waits for the version to drain
             # A failure or timeout under rollout: count it; the candidate may break policy.
             if live is not None and outcome > 0 and live.record(plugin, outcome, started):
                 self._after_record(live, plugin, args, None)
@@ -421,29 +523,17 @@ class Dispatcher:
         if live.abort_reason is not None and self.on_rollout_abort is not None:
             self.on_rollout_abort(live, live.abort_reason)
 
-    async def _run_with_deadline(
-        self, plugin: Plugin, args: Args, seconds: float, task: asyncio.Task[Any] | None
-    ) -> Any:
-        # Calls that share a timeout share one timer (_Deadlines); see _deadline_queue.
-        current = task if task is not None else asyncio.current_task()
+    def _arm(self, task: asyncio.Task[Any] | None, seconds: float) -> _Deadline | None:
+        """Start a call's clock in the queue of calls sharing its timeout (_Deadlines).
+
+        Returns:
+            Its deadline, which the call leaves when it ends in time; None when the call
+            needs a timer of its own (too many distinct timeouts, or another loop).
+        """
+        current = task if task is not None else self._loops.current_task()
         assert current is not None
         queue = self._deadline_queue(current, seconds)
-        if queue is None:
-            return await self._run_with_timer(plugin, args, seconds)
-        deadline = queue.add(current)
-        try:
-            result = await self._run(plugin, args)
-        except asyncio.CancelledError:
-            if not deadline.expired or current.uncancel() > deadline.cancelling:
-                raise  # not (only) this deadline's cancellation
-        else:
-            if deadline.expired:  # the plugin swallowed the cancellation
-                current.uncancel()
-            return result
-        finally:
-            if not deadline.expired:
-                queue.entries.pop(deadline, None)
-        raise self._timed_out(plugin, seconds)
+        return queue.add(current) if queue is not None else None
 
     def _deadline_queue(self, task: asyncio.Task[Any], timeout: float) -> _Deadlines | None:
         """The queue of calls with this timeout (None: too many distinct timeouts, or
@@ -544,8 +634,7 @@ class Dispatcher:
             PluginBusy: Every worker thread for sync code is held by abandoned calls.
         """
         plugin.begin_call()
-        chain_token = _CALL_CHAIN.set((plugin.name,))
-        plugin_token = CURRENT_PLUGIN.set(plugin)
+        path_token = CALL_PATH.set((plugin, (plugin.name,)))
         try:
             if timeout is None:
                 return await self._invoke(plugin, payload, ctx, handler)
@@ -558,8 +647,7 @@ class Dispatcher:
                     raise
             raise PluginTimeout(plugin.name, plugin.version, timeout)
         finally:
-            CURRENT_PLUGIN.reset(plugin_token)
-            _CALL_CHAIN.reset(chain_token)
+            CALL_PATH.reset(path_token)
             plugin.end_call()
 
     async def _invoke(

@@ -304,12 +304,14 @@ class VersionStats:
         self._cur = self._hist[j]
         self._base = (self.calls, self.failures, self.timeouts, self.slow)
 
-    def record(self, outcome: int, elapsed: float, now: float, weight: int = 1) -> None:
+    def record(self, outcome: int, elapsed: float | None, now: float, weight: int = 1) -> None:
         """Count one call (hot path while a rollout runs: a few increments).
 
         Args:
             outcome: ``OK``, ``FAILED`` or ``TIMEOUT``.
-            elapsed: Its duration in seconds.
+            elapsed: Its duration in seconds; None if it was not timed (it then counts
+                in the calls and outcomes, not in the latencies: percentiles are over
+                the timed calls).
             now: When it ended (``time.perf_counter()``).
             weight: How many calls it stands for (a sampled successful stable call).
         """
@@ -322,6 +324,8 @@ class VersionStats:
                 self.failures += 1
             else:
                 self.timeouts += 1
+        if elapsed is None:
+            return
         if elapsed > self._slow_s:
             self.slow += weight
         if elapsed > _MIN_S:
@@ -341,11 +345,13 @@ class VersionStats:
 
     def percentile_ms(self, q: float) -> float | None:
         """The ``q`` quantile (0..1) of the window's latencies, as a bucket's upper bound."""
-        if not self.calls:
+        hist = self.hist
+        timed = sum(hist)  # the calls minus the untimed ones (``record``'s elapsed None)
+        if not timed:
             return None
-        rank = max(1, math.ceil(q * self.calls))
+        rank = max(1, math.ceil(q * timed))
         seen = 0
-        for index, count in enumerate(self.hist):
+        for index, count in enumerate(hist):
             seen += count
             if seen >= rank:
                 return round(_upper_ms(index), 3)
@@ -385,7 +391,11 @@ class LiveRollout:
       ``skip > 0``: decrement ``skip`` and run the stable (what ``choose`` would do);
     * ``quiet`` — for a success of any version but the candidate with ``quiet > 0``:
       decrement ``quiet`` and count nothing (what ``record`` would do: the success is
-      neither the stable's sample nor a shadow's mirror).
+      neither the stable's sample nor a shadow's mirror); with ``quiet == 0``, call
+      :meth:`due` (what ``record`` would do);
+    * the clock — a caller need time (``started``) only a candidate's call and a stable
+      call that starts while ``quiet == 0``; it passes 0.0 for the others, which are
+      counted untimed if they fail (a clock read costs about a tenth of a call on a VM).
 
     The candidate's calls are all counted, and its policy is judged only while its window
     holds failures, timeouts or slow calls (with none, no policy can break).
@@ -522,7 +532,8 @@ class LiveRollout:
         Args:
             plugin: The version that served the call.
             outcome: ``OK``, ``FAILED`` or ``TIMEOUT``.
-            started: When it started (``time.perf_counter()``).
+            started: When it started (``time.perf_counter()``), or 0.0 if it was not
+                timed (a stable call started while ``quiet`` was above 0: see ``due``).
 
         Returns:
             True when the caller has something to do: the candidate has just broken its
@@ -538,13 +549,13 @@ class LiveRollout:
                 if self.quiet:
                     self.quiet -= 1
                     return False
-                return self._due(started)
+                return self.due(started)
             now = _now()
-            self.stable_stats.record(outcome, now - started, now)
+            self.stable_stats.record(outcome, now - started if started else None, now)
             return False
         now = _now()
         stats = self.candidate_stats
-        stats.record(outcome, now - started, now)
+        stats.record(outcome, now - started if started else None, now)
         if (
             stats.calls < self._min_calls
             or not (stats.failures or stats.timeouts or stats.slow)
@@ -557,21 +568,40 @@ class LiveRollout:
         self.abort(reason)
         return True
 
-    def _due(self, started: float) -> bool:
-        """A stable success the countdowns reach: sample it, mirror it, or both."""
+    def due(self, started: float) -> bool:
+        """A stable success the countdowns reach (``quiet`` is 0): sample it, mirror it,
+        or both. The dispatcher calls it directly (``record``'s stable-success branch).
+
+        A caller times a stable call only if it starts while ``quiet`` is 0 (the next
+        success is due), so most stable calls read no clock; a sample whose call was not
+        timed (``started`` 0.0: calls overlapped) counts without a latency.
+
+        Args:
+            started: When the call started (``time.perf_counter()``), or 0.0.
+
+        Returns:
+            True iff the call is to be mirrored to the shadow.
+        """
+        # _next_span, inline: this runs once per span of stable successes.
         span = self._span
-        self._sample -= span
+        sample = self._sample - span
+        if sample <= 0:
+            sample = STABLE_SAMPLE
+            now = _now()
+            self.stable_stats.record(OK, now - started if started else None, now, STABLE_SAMPLE)
         mirror = False
         if self.mirror:
-            self._gap -= span
-            if self._gap <= 0:
-                self._gap = self._next_gap()
+            gap = self._gap - span
+            if gap <= 0:
+                gap = self._next_gap()
                 mirror = True
-        if self._sample <= 0:
-            self._sample = STABLE_SAMPLE
-            now = _now()
-            self.stable_stats.record(OK, now - started, now, STABLE_SAMPLE)
-        self._next_span()
+            self._gap = gap
+            span = min(sample, gap)
+        else:
+            span = sample
+        self._sample = sample
+        self._span = span
+        self.quiet = span - 1
         return mirror
 
     def _judge(self, stats: VersionStats) -> str | None:

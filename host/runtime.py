@@ -12,7 +12,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -458,17 +458,20 @@ class PluginHost:
 
     # -- work ------------------------------------------------------------------------------
 
-    async def call(
+    def call(
         self,
         name: str,
         args: Args = None,
         *,
-        timeout: float | None = None,  # noqa: ASYNC109 - per-call timeout is the public contract
+        timeout: float | None = None,
         version: str | None = None,
         key: object = None,
         served: list[str] | None = None,
-    ) -> Any:
+    ) -> Coroutine[Any, Any, Any]:
         """Call the current version of plugin ``name`` (or its rollout's candidate).
+
+        Await the result (``await host.call(...)``): this returns the dispatcher's own
+        coroutine, so a call runs in one coroutine frame of the host's, not two.
 
         Args:
             name: The plugin name.
@@ -493,8 +496,8 @@ class PluginHost:
             HostClosed: The host is shutting down.
         """
         if version is None and key is None and served is None:
-            return await self._dispatcher.call(name, args, timeout=timeout)
-        return await self._dispatcher.call(
+            return self._dispatcher.call(name, args, timeout=timeout)
+        return self._dispatcher.call(
             name, args, timeout=timeout, version=version, key=key, served=served
         )
 

@@ -420,6 +420,64 @@ async def test_ctx_exposes_db_globals_state_and_bound_log(registry: Registry) ->
     ]
 
 
+@pytest.mark.anyio
+async def test_a_kept_ctx_keeps_naming_its_own_call(registry: Registry) -> None:
+    """A ctx the plugin keeps is never rebound: it keeps its call_id, version and logger."""
+    host = make_host(registry)
+    source = (
+        "kept = []\n"
+        "async def main(ctx, args):\n"
+        "    if args == 'keep':\n"
+        "        kept.append(ctx)\n"
+        "    ctx.log.info('seen')\n"
+        "    return ctx.call_id\n"
+    )
+    first = await host.load("keeper", source, revision=1)
+    kept_list = first.module.kept
+    with structlog.testing.capture_logs() as logs:
+        kept_id = await host.dispatcher.call("keeper", "keep")
+        later = [await host.dispatcher.call("keeper", None) for _ in range(5)]
+        second = await host.load("keeper", source, revision=2)  # a newer version
+        newer = [await host.dispatcher.call("keeper", None) for _ in range(3)]
+        (kept,) = kept_list
+        kept.log.info("seen")  # its logger still names its own call
+    ids = [kept_id, *later, *newer]
+    assert len(set(ids)) == len(ids), "every call has its own call_id"
+    assert (kept.call_id, kept.version) == (kept_id, first.version)
+    seen = [(e["call_id"], e["version"]) for e in logs if e["event"] == "seen"]
+    assert seen == [
+        *[(call_id, first.version) for call_id in (kept_id, *later)],
+        *[(call_id, second.version) for call_id in newer],
+        (kept_id, first.version),
+    ]
+
+
+@pytest.mark.anyio
+async def test_each_call_gets_its_own_ctx_while_others_run(registry: Registry) -> None:
+    """Concurrent calls never share a ctx: each sees its own call_id after its awaits."""
+    host = make_host(registry)
+    source = (
+        "import anyio\n"
+        "async def main(ctx, args):\n"
+        "    before = ctx.call_id\n"
+        "    await anyio.sleep(0)\n"
+        "    await anyio.sleep(0)\n"
+        "    return (before, ctx.call_id, id(ctx))\n"
+    )
+    await host.load("overlap", source)
+    results: list[tuple[int, int, int]] = []
+
+    async def one() -> None:
+        results.append(await host.dispatcher.call("overlap", None))
+
+    for _ in range(3):  # rounds: contexts freed by one round may serve the next
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(one)
+    assert all(before == after for before, after, _ in results)
+    assert len({call_id for call_id, _, _ in results}) == len(results)
+
+
 BLOCKING_IN_C = """
 def main(ctx, args):
     with ctx.lock:
