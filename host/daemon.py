@@ -51,6 +51,7 @@ __all__ = (
     "StartupError",
     "as_tcp_listener",
     "bind_socket",
+    "close_client",
     "event_loop_options",
     "http_protocol",
     "is_loopback",
@@ -367,6 +368,7 @@ async def run_daemon(
     problem: str | None = None
 
     with (
+        _bound_exit_on_error(bound_exit, host),
         anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
         accept_errors_logged(asyncio.get_running_loop()),
     ):
@@ -453,6 +455,40 @@ async def run_daemon(
 
 EXIT_GRACE = 2.0
 """Seconds the process may live after the daemon stopped before its exit is forced."""
+
+CLOSE_BOUND = 2.0
+"""Seconds :func:`close_client` waits for the MongoDB client to close."""
+
+
+async def close_client(client: Any, timeout: float = CLOSE_BOUND) -> None:  # noqa: ASYNC109 - shutdown bound
+    """Close a MongoDB client at shutdown, giving up after ``timeout`` seconds.
+
+    The CLI prints its start-up error only once the client is closed: a close that never
+    returns (a client wedged by a cancelled server selection, see
+    :mod:`host.pymongo_cancel`) must not keep the error, and the exit, from the operator.
+
+    Args:
+        client: A PyMongo ``AsyncMongoClient`` (or Motor client).
+        timeout: Seconds to wait; then ``daemon.client_close_abandoned`` is logged.
+    """
+    with anyio.CancelScope(shield=True), anyio.move_on_after(timeout) as scope:
+        closed = client.close()
+        if closed is not None:
+            await closed
+    if scope.cancelled_caught:
+        _log.warning("daemon.client_close_abandoned", timeout_s=timeout)
+
+
+@contextlib.contextmanager
+def _bound_exit_on_error(enabled: bool, host: PluginHost) -> Generator[None, None, None]:
+    """Bound the process's exit (:func:`_bound_exit`, code 1) when the daemon fails with an
+    unexpected exception too, not only after an orderly stop or a start-up error."""
+    try:
+        yield
+    except BaseException:
+        if enabled:
+            _bound_exit(1, host)
+        raise
 
 
 def _bound_exit(code: int, host: PluginHost) -> None:

@@ -29,6 +29,7 @@ from .events import EventBus, Subscription
 from .fleet import StatusReporter, StatusReporting
 from .loader import Loader, PluginInfo, RecordVerifier
 from .plugin import Plugin
+from .pymongo_cancel import install as _cancel_safe_pymongo
 from .records import PluginRecord
 from .registry import Registry
 from .rollout import LiveRollout, write_abort
@@ -39,6 +40,8 @@ from .trust import SignatureVerifier, TrustedKeys, TrustError, load_public_keys
 from .types import Args, CallTarget, ContextFactory
 from .watchdog import LoopWatchdog
 from .watcher import Watcher, WatchFatal
+
+_cancel_safe_pymongo()  # before any client selects a server: see host.pymongo_cancel
 
 __all__ = ("PluginHost",)
 

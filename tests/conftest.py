@@ -18,7 +18,16 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.synchronous.database import Database
 
 from host.embedded import EmbeddedMongo, EmbeddedMongoThread
+from tests.daemon_support import Daemon
 from tests.support import PROBE, Db, Doc
+
+# The CLI and daemon tests start many ``python -m host.cli`` processes. With
+# PYTHONDONTWRITEBYTECODE set (as on this CI machine) none of them writes a bytecode cache,
+# so each one compiled PyMongo, Uvicorn, Starlette, structlog and the host from source:
+# ~3.7 s of CPU before its first log line (cProfile: builtins.compile), 40 s and more on a
+# loaded machine, which pushed the daemon tests past their deadlines. The first subprocess
+# now writes the (git-ignored) ``__pycache__`` directories and the others read them.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 @pytest.fixture
@@ -162,3 +171,13 @@ async def own_client(own_server: EmbeddedMongo) -> AsyncIterator[AsyncMongoClien
 def own_db(own_client: AsyncMongoClient[Doc]) -> Db:
     """The ``app`` database on the private server."""
     return own_client.app
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    """Daemons (``tests.daemon_support.Daemon``) a test starts; killed at the end whatever
+    happened."""
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        daemon.stop()

@@ -25,12 +25,16 @@ PROBE = "_plugin_host_test_probe"
 
 async def wait_until(
     predicate: Callable[[], Any | Awaitable[Any]],
-    message: str,
+    message: str | Callable[[], str],
     *,
     timeout: float = 10.0,
     interval: float = 0.005,
 ) -> Any:
-    """Poll ``predicate`` until it is truthy; fail with ``message`` at the deadline."""
+    """Poll ``predicate`` until it is truthy; fail with ``message`` at the deadline.
+
+    ``message`` may be a callable, called at the deadline: what it describes (a process's
+    output, say) is then the state at the failure, not at the start of the wait.
+    """
     with anyio.move_on_after(timeout):
         while True:
             value = predicate()
@@ -39,7 +43,8 @@ async def wait_until(
             if value:
                 return value
             await anyio.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting until {message}")
+    said = message() if callable(message) else message
+    raise AssertionError(f"timed out after {timeout} s waiting until {said}")
 
 
 async def next_event(

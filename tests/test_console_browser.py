@@ -25,8 +25,8 @@ from pymongo import AsyncMongoClient
 from host import publish
 from host.triggers.lease import state_collection_name
 
+from .daemon_support import Daemon, free_port, wait_ready
 from .support import Db
-from .test_daemon import Daemon, free_port, wait_ready
 
 pytestmark = pytest.mark.browser
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from host.publish import publish
 
+from .daemon_support import Daemon, free_port, wait_ready
 from .support import Doc, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -39,93 +38,6 @@ async def main(ctx, args):
         await asyncio.sleep(0.01)
     return "opened"
 """
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class Daemon:
-    """A ``plugin-host`` subprocess whose output goes to files (a full pipe would block it)."""
-
-    def __init__(self, tmp: Path, *args: str, cwd: Path | None = None) -> None:
-        self.out = tmp / "stdout.log"
-        self.err = tmp / "stderr.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.pop("PLUGIN_HOST_MONGODB_URI", None)
-        with self.out.open("wb") as out, self.err.open("wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "host.cli", *args],
-                stdout=out,
-                stderr=err,
-                cwd=cwd or tmp,
-                env=env,
-            )
-
-    @classmethod
-    def run(cls, tmp: Path, mongo_uri: str, database: str, http: str, *args: str) -> Daemon:
-        """``plugin-host run`` with JSON logs against ``mongo_uri``/``database``."""
-        return cls(
-            tmp,
-            "run",
-            "--mongodb-uri",
-            mongo_uri,
-            "--database",
-            database,
-            "--http",
-            http,
-            "--log-format",
-            "json",
-            *args,
-        )
-
-    def output(self) -> tuple[str, str]:
-        """Everything written so far to stdout and stderr."""
-        return self.out.read_text(), self.err.read_text()
-
-    async def exit_code(self, timeout: float = 30.0) -> int:
-        """Wait for the process to end; its exit code."""
-        await wait_until(
-            lambda: self.proc.poll() is not None,
-            f"the daemon exits; output: {self.output()}",
-            timeout=timeout,
-            interval=0.05,
-        )
-        code = self.proc.returncode
-        assert code is not None
-        return code
-
-    def stop(self) -> None:
-        """Kill the process if it still runs."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    """Daemons a test starts; killed at the end whatever happened."""
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        daemon.stop()
-
-
-async def wait_ready(client: httpx.AsyncClient, daemon: Daemon, timeout: float = 30.0) -> None:
-    """Poll /readyz until it says 200 (within ``timeout`` seconds)."""
-
-    async def ready() -> bool:
-        assert daemon.proc.poll() is None, f"the daemon died: {daemon.output()}"
-        try:
-            return (await client.get("/readyz")).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    await wait_until(ready, "the daemon is ready", timeout=timeout, interval=0.05)
 
 
 async def test_dev_serves_and_syncs_saved_files(tmp_path: Path, daemons: list[Daemon]) -> None:
@@ -266,8 +178,46 @@ async def test_unreachable_mongodb_fails_after_startup_timeout(
         "--http",
         "127.0.0.1:0",
     )
-    assert "is not reachable: not ready within 1 s" in err
+    assert f"MongoDB at {uri} is not reachable: not ready within 1 s" in err
     assert "hint: " in err
+    out, _ = daemons[-1].output()
+    assert '"event": "host.stopped"' in out  # the watcher, triggers and status reporter stopped
+
+
+@pytest.mark.parametrize("when", ["starting", "retrying"])
+async def test_sigterm_while_mongodb_is_unreachable_stops_promptly(
+    tmp_path: Path, daemons: list[Daemon], when: str
+) -> None:
+    """SIGTERM while `run` still waits for an unreachable MongoDB stops it cleanly, exit 0."""
+    uri = f"mongodb://127.0.0.1:{free_port()}/?replicaSet=rs0&serverSelectionTimeoutMS=300"
+    daemon = Daemon(
+        tmp_path,
+        "run",
+        "--log-format",
+        "json",
+        "--mongodb-uri",
+        uri,
+        "--startup-timeout",
+        "0",
+        "--http",
+        "127.0.0.1:0",
+    )
+    daemons.append(daemon)
+    # "starting": as soon as the host runs (its first server selections are in flight);
+    # "retrying": once the watcher has failed and backs off.
+    marker = '"event": "host.started"' if when == "starting" else '"event": "watch.error"'
+    await wait_until(
+        lambda: marker in daemon.output()[0],
+        lambda: f"the daemon logs {marker}; output: {daemon.output()}",
+        timeout=30,
+        interval=0.02,
+    )
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert await daemon.exit_code() == 0
+    out, err = daemon.output()
+    assert '"event": "host.stopped"' in out
+    assert '"event": "daemon.stopped"' in out
+    assert "Traceback" not in err and "Traceback" not in out
 
 
 async def test_startup_error_names_the_records_still_loading(

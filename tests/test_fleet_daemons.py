@@ -21,11 +21,10 @@ from host.fleet import hosts_collection_name
 from host.fleetview import FleetStatus, fleet_status
 from host.publish import publish
 
+from .daemon_support import Daemon, free_port, wait_ready
 from .support import status_writes_fail, wait_until
-from .test_daemon import Daemon, daemons, free_port, wait_ready
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(300)]
-__all__ = ("daemons",)  # the fixture, re-used from the daemon tests
 
 Doc = dict[str, Any]
 GOOD = "async def main(ctx, args):\n    return {value}\n"

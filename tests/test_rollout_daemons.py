@@ -11,13 +11,12 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from host.publish import publish
 
+from .daemon_support import Daemon
 from .rollout_support import RAISING, start, value_source
 from .support import wait_until
-from .test_daemon import Daemon, daemons
 from .test_fleet_daemons import fleet_of, host_ids
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(300)]
-__all__ = ("daemons",)  # the fixture, re-used from the daemon tests
 
 Doc = dict[str, Any]
 

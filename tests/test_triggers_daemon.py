@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.daemon_support import Daemon, free_port, wait_ready
 from tests.support import Db
-from tests.test_daemon import Daemon, free_port, wait_ready
 from tests.triggers_support import RECORDER, duplicates, record, state, wait_running, wait_seen
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    """Daemons a test starts; killed at the end whatever happened."""
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        daemon.stop()
 
 
 async def test_sigterm_checkpoints_and_releases_and_a_restart_resumes(

@@ -32,9 +32,8 @@ from host.trust import (
 )
 from tests.support import Doc
 
+from .daemon_support import Daemon, free_port, wait_ready
 from .support import wait_until
-from .test_daemon import Daemon, free_port, wait_ready
-from .test_daemon import daemons as daemons  # the fixture: started daemons are killed
 
 SOURCE = "async def main(ctx, args):\n    return 'signed hello'\n"
 BIG = "async def main(ctx, args):\n    return 'x' * 5000\n"

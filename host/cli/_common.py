@@ -283,6 +283,9 @@ def _client(uri: str, server_timeout: float | None) -> AsyncMongoClient[dict[str
     from pymongo.errors import ConfigurationError
 
     from ..daemon import redact_uri
+    from ..pymongo_cancel import install
+
+    install()  # cancelling a command mid server selection must not wedge the client
 
     options: dict[str, Any] = {}
     if server_timeout is not None and "serverselectiontimeoutms" not in uri.lower():

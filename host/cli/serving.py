@@ -278,7 +278,7 @@ def run(
     """
     import anyio
 
-    from ..daemon import StartupError, event_loop_options, redact_uri, run_daemon
+    from ..daemon import StartupError, close_client, event_loop_options, redact_uri, run_daemon
 
     _check_exposure(http, auth_token)
     opened = _parse_open_endpoints(open_endpoints)
@@ -332,7 +332,7 @@ def run(
                 triggers=trigger_options(run_triggers, trigger_lease_ttl),
             )
         finally:
-            await client.close()
+            await close_client(client)
 
     try:
         anyio.run(main, backend_options=event_loop_options())
@@ -432,7 +432,13 @@ def dev(
     from pymongo import AsyncMongoClient
 
     from .. import samples
-    from ..daemon import StartupError, event_loop_options, parse_address, run_daemon
+    from ..daemon import (
+        StartupError,
+        close_client,
+        event_loop_options,
+        parse_address,
+        run_daemon,
+    )
     from ..devsync import sync_folder
     from ..embedded import EmbeddedMongo
     from ..embedded.journal import DataDirError, DataDirLocked
@@ -548,7 +554,7 @@ def dev(
                 bound_exit=True,
             )
         finally:
-            await client.close()
+            await close_client(client)
             await server.aclose()
 
     try:

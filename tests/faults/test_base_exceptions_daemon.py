@@ -19,9 +19,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from host.publish import publish
 
+from ..daemon_support import Daemon, free_port, wait_ready
 from ..support import Doc, wait_until
-from ..test_daemon import Daemon, free_port, wait_ready
-from ..test_daemon import daemons as daemons  # the fixture: started daemons are killed
 from .test_base_exceptions import PRELUDE, RAISES, hook, main_returning
 
 pytestmark = pytest.mark.anyio

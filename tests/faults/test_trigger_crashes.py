@@ -23,9 +23,8 @@ import pytest
 
 from host.fleetview import fleet_status
 from host.publish import declared_triggers
+from tests.daemon_support import Daemon, free_port, wait_ready
 from tests.support import Db, Doc, wait_until
-from tests.test_daemon import Daemon, free_port, wait_ready
-from tests.test_daemon import daemons as daemons  # the fixture: killed at the end
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(400)]
 
