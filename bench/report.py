@@ -528,6 +528,21 @@ def _target_table(results: dict[str, Any]) -> list[str]:
                 ]
             )
         )
+        if cost.get("process_cpu_per_update_ms") is not None:
+            lines.append(
+                _row(
+                    [
+                        "reload storm's CPU per update written: the host process (every "
+                        "thread); the embedded server's process; the compiler processes",
+                        f"{_n(cost.get('process_cpu_per_update_ms'), 3)} ms; "
+                        f"{_n(cost.get('server_cpu_per_update_ms'), 3)} ms; "
+                        f"{_n(cost.get('compiler_cpu_per_update_ms'), 3)} ms",
+                        "—",
+                        "—",
+                        "—",
+                    ]
+                )
+            )
     return lines
 
 

@@ -28,7 +28,9 @@ work (connection set-up, 200 writes a second) on the host's event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
+import os
 import random
 import time
 from typing import Any
@@ -222,17 +224,58 @@ async def swap_under_load(
     }
 
 
+def _children_cpu() -> dict[str, float]:
+    """CPU seconds used so far by this process's children, by kind (Linux ``/proc``).
+
+    ``server`` is the embedded server when the suite runs it as a subprocess,
+    ``compiler`` the host's compiler processes; empty where ``/proc`` is missing.
+    """
+    out: dict[str, float] = {}
+    me = str(os.getpid())
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    with contextlib.suppress(OSError):
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+        for pid in pids:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if fields[1] != me:
+                    continue
+                with open(f"/proc/{pid}/cmdline") as f:
+                    cmdline = f.read()
+                kind = "server" if "embedded-mongo" in cmdline else "other"
+                if "precompile_worker" in cmdline:
+                    kind = "compiler"
+                out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 async def reload_cost(uri: str, seconds: float) -> dict[str, Any]:
     """What one reload costs the event loop: its thread's CPU time per reload applied.
 
     No callers; the default storm for ``seconds``, against ``seconds`` with no updates
-    (the loop's own idle cost: the stream's empty getMores, timers).
+    (the loop's own idle cost: the stream's empty getMores, timers). Also the whole host
+    process's CPU per reload (its other threads included) and, where the server is a
+    subprocess of this one, the server's: what else the storm takes of the 2 cores.
     """
     idle = await swap_under_load(uri, 0, seconds, storm=False)
+    before, process_before = _children_cpu(), time.process_time()
     busy = await swap_under_load(uri, 0, seconds)
+    after, process_after = _children_cpu(), time.process_time()
     reloads = busy["reloads_in_window"]
     extra = busy["loop_cpu_s"] - idle["loop_cpu_s"]  # both over the same `seconds`
+    # Over the whole storm run (set-up and first round included), per update written.
+    updates = max(1, busy["updates"])
+    per_update = {
+        f"{kind}_cpu_per_update_ms": round(
+            1000.0 * (after[kind] - before.get(kind, 0.0)) / updates, 3
+        )
+        for kind in after
+        if kind != "other"
+    }
     return {
+        "process_cpu_per_update_ms": round(1000.0 * (process_after - process_before) / updates, 3),
+        **per_update,
         "storm_rate_per_s": STORM_RATE,
         "seconds": busy["seconds"],
         "updates": busy["updates"],

@@ -29,23 +29,31 @@ promotes the compiled candidate in place (``rollout.promoted``: no recompile, it
 kept). A refused candidate is reported like any refusal, with ``candidate: true``; the
 stable version keeps serving everything.
 
-What a reload costs the loop, and so a reload storm's bound. Measured with py-spy on a
-storm with no callers (``bench.swap.reload_cost``: about 1.5 ms of the loop thread's CPU
-time per reload on 2 shared cores; shares of the loop's busy samples): this worker's
-``_apply`` 46% (compile 17%, of which ``compile()`` itself 10%; install 21%: the
-registry's swap with the start of the old version's retirement task 10%, the
-``plugin.reloaded`` event 10%; record validation and content hash 8%), the watcher's
-getMore (PyMongo's send, decode and cursor bookkeeping) 24%, this worker task's spawn
-(anyio ``start_soon``) 9%, the retirement task (``plugin.retired`` included) 8%, the
-bench's own event subscriber 4%. No single piece dominates, so a storm of R reloads/s
-takes about R x 1.5 ms of each loop second: 20 updates/s about 3%, 200 updates/s (the
-bench's storm) about 30%: by this estimate the 10% goal holds to about 60 reloads/s, missed at
-200. Latest-wins already drops updates that arrive while a name loads. What is NOT done,
-and why: rate-limiting reloads per name or by a loop-time budget would cut the storm's
-cost only by delaying changes (sequential change-to-live is itself 100+ reloads/s of one
-name, and its p99 goal is 20 ms); the GIL switch interval does not apply since a small
-reload has no thread hop left; a per-name persistent worker (no spawn per reload) or a
-batched install of one getMore's events would save the spawn's 9%.
+What a reload costs the loop, and so a reload storm's bound (issue 19). A storm of R
+reloads/s takes R x (cost of one reload) of each loop second, so the 10% throughput goal
+at the bench's 200 updates/s needs about 0.5 ms per reload. Measured (py-spy on
+``bench.swap.reload_cost``, no callers, 2 shared cores): about 1.7-2.1 ms before the
+storm work, 1.4-1.7 ms after; the loader-registry-events part alone (changes submitted
+straight to the loader, no stream) went from 1.08 to 0.53 ms. What was cut: the
+``plugin.reloaded`` and ``plugin.retired`` log lines (structlog's JSON rendering, about
+a tenth of a reload) are at info at most once a second per plugin (``LogThrottle``: the
+next info line says how many it quieted; subscribers get every event); a replaced
+version with nothing to drain or tear down retires in a loop callback instead of a task
+(``Registry._retire_soon``); the busy/idle event is made only when someone waits; the
+content hash's JSON encoder is built once; no thread-limiter lookup for a batch with
+nothing to run in a thread. What is left, in shares of the loop's busy samples: the
+stream's getMore and its decode in PyMongo (~25%), compile (``ast.parse`` plus
+``compile()`` plus the declarative check, ~14%), record validation and hash (~7%), this
+worker's spawn (anyio ``start_soon``, ~6%), the trigger engine waking on every reload
+(``host.triggers.engine``, ~5-9%), install and the two events (~12%). So the goal is
+missed at 200 updates/s (at 20/s it was met on a quiet machine). Each change that waits
+while its name loads is replaced by the newer one (the slot's invariant below) and
+counted in the new version's ``superseded``. Not done, and why: delaying or
+rate-limiting reloads would trade change-to-live (p99 goal 20 ms) for throughput;
+compiling small sources in the compiler process would move ~0.2 ms of compile off this
+process but add a pipe round trip (several loop turns and the reply's decode) to every
+reload; the remaining big piece, the getMore, would need the stream itself read outside
+this process.
 """
 
 from __future__ import annotations

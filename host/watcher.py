@@ -58,7 +58,20 @@ missed wake-up's getMore comes back *empty* at its timeout (``bench/latency.py``
 ``_StreamTimer.missed_wakeup`` now sees both shapes), and the late-getMore guard test
 never made the write and the getMore arrive in the same server loop turn (tests/embedded
 ``test_a_write_arriving_with_the_get_more_wakes_it`` does, and fails with that yield; so
-does the busy-host test in tests/test_watcher.py). Correctness never depends on the
+does the busy-host test in tests/test_watcher.py).
+
+Re-checked for issue 19's storm work: on d0539ad, main when the issue was filed and
+before any issue-19 change, the issue's shape (server in its own process, 0/50/200
+callers spinning on the updated plugin, the writer in the host process, 100 sequential
+updates each) gave p99 34/24/63 ms and no update over 900 ms; its p50 at 50 callers was
+12 ms, not the issue's 77-102 ms, so the original harness differed in a way the report
+does not record, and no change in the history can be named as the fix. The wake-up rule
+relied on is the documented one: a change-stream getMore "will block for a maximum of
+maxAwaitTimeMS ... If data is returned it will return sooner" (libmongoc's
+``mongoc_change_stream_next``), and the PHP driver's ``tests/command/cursor-tailable-001``
+expects a change-stream getMore after an insert to return at once and an empty one to
+take the whole await time. mongod may also come back empty before the await time ends;
+the loop below needs neither. Correctness never depends on the
 wake-up: an event only ever waits for the next getMore, which the loop below issues as
 soon as the previous one returns. What does cost time under load is the number of
 event-loop turns between the reply and the swap, each turn one step of every runnable

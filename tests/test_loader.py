@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 import sys
 import types
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -13,8 +15,12 @@ import structlog
 from host import PluginHost, PluginNotFound
 from host.compiler import compile_plugins
 from host.errors import CompileError
+from host.events import EventBus
+from host.loader import Change, Loader
 from host.plugin import Plugin
 from host.records import PluginRecord
+from host.registry import Registry
+from host.types import ContextFactory
 from tests.support import PROBE, Db, events_for, next_event, returning, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -211,3 +217,70 @@ async def test_slow_records_load_side_by_side_and_fail_alone(
             assert "did not finish within 5 s" in event["error"]
         with pytest.raises(PluginNotFound):
             await host.call("slow0")
+
+
+def _storm_source(rev: int, kind: int) -> str:
+    """Source of revision ``rev``: declarative, with an awaiting setup, or a running top level."""
+    if kind == 0:
+        return returning(rev)
+    if kind == 1:  # setup awaits: the worker suspends, so later changes queue and coalesce
+        return (
+            "import anyio\n"
+            "async def setup(ctx):\n    await anyio.sleep(0.001)\n"
+            f"async def main(ctx, args):\n    return {rev}\n"
+        )
+    # a top level that runs code: compiled on the loop, executed in a worker thread
+    return f"X = sum(range(3))\nasync def main(ctx, args):\n    return {rev}\n"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_a_storm_of_changes_is_coalesced_without_losing_or_reordering_one(
+    seed: int,
+) -> None:
+    """Under a storm every change goes live once or is counted superseded, in order."""
+    rng = random.Random(seed)
+    names = [f"n{i}" for i in range(12)]
+    kinds = {name: i % 3 for i, name in enumerate(names)}
+    submitted = dict.fromkeys(names, 0)
+    bus = EventBus()
+    no_ctx = cast("ContextFactory", lambda plugin: None)
+    async with bus.subscribe(0) as events:
+        async with (
+            Registry(grace_period=5.0, events=bus) as registry,
+            anyio.create_task_group() as tg,
+        ):
+            loader = Loader(registry, no_ctx, bus)
+            loader.bind(tg)
+            for _ in range(600):
+                name = rng.choice(names)
+                submitted[name] += 1
+                rev = submitted[name]
+                source = _storm_source(rev, kinds[name])
+                doc = {"_id": name, "source": source, "revision": rev}
+                loader.submit(Change(name, doc, datetime.now(UTC), "update"))
+                for _ in range(rng.randrange(3)):
+                    await anyio.lowlevel.checkpoint()
+            await loader.wait_idle()
+            for name in names:
+                current = registry.get(name)
+                assert current is not None and current.record.revision == submitted[name]
+            await loader.aclose()
+            tg.cancel_scope.cancel()
+        live: dict[str, list[tuple[int, int]]] = {name: [] for name in names}
+        retired = 0
+        while (event := events.receive_nowait()) is not None:
+            if event.event in ("plugin.loaded", "plugin.reloaded"):
+                live[event["plugin"]].append((event["revision"], event.get("superseded", 0)))
+            elif event.event == "plugin.retired":
+                retired += 1
+            else:
+                raise AssertionError(f"unexpected {event.event}: {dict(event.fields)}")
+    coalesced = 0
+    for name in names:
+        revisions = [rev for rev, _ in live[name]]
+        assert revisions == sorted(set(revisions)), f"{name} went back or twice: {revisions}"
+        accounted = sum(1 + superseded for _, superseded in live[name])
+        assert accounted == submitted[name], f"{name}: {live[name]} vs {submitted[name]}"
+        coalesced += submitted[name] - len(revisions)
+    assert retired == sum(len(versions) for versions in live.values()), "retired once each"
+    assert coalesced > 0, "the storm never coalesced: it did not exercise the queue"
