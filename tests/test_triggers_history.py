@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from datetime import datetime
 from typing import Any
@@ -123,3 +124,25 @@ async def test_rescan_runs_the_handler_over_the_current_documents(own_db: Db, pr
     assert sorted(key for key, _ in rescanned) == list(range(200))
     assert all(event_id.startswith("rescan:") for _, event_id in rescanned)
     assert len({event_id for _, event_id in rescanned}) == 200
+
+
+async def test_a_rescan_that_outlasts_the_oplog_converges(own_db: Db) -> None:
+    """rescan: handlers writing 5x the oplog during the rescan no longer lose the new start."""
+    old = await lose_history(own_db, "rescan")
+    # A 10-event window: the rescan of 200 documents waits for the handlers 190 times, and
+    # each handler writes one `seen` document: 200 writes into a 40-entry oplog while the
+    # rescan runs. The stream is read meanwhile, so its position stays in the oplog.
+    options = dataclasses.replace(FAST, window=10)
+    host = PluginHost(own_db, triggers=options)
+    async with host.events() as events, host:
+        lost = await next_event(events, "trigger.history_lost")
+        await next_event(events, "trigger.rescanned", timeout=60)
+        await wait_new_start(own_db, old)
+        await own_db.orders.insert_one({"_id": 1000})
+        await wait_seen(own_db, 1, key=1000)
+    assert lost["policy"] == "rescan"
+    rescanned = await own_db.seen.distinct("key", {"op": "rescan"})
+    assert sorted(rescanned) == list(range(200))
+    doc = await state(own_db, "h/orders")
+    assert doc is not None
+    assert len(doc["history_lost"]) == 1  # lost once: the rescan did not lose its own start

@@ -249,6 +249,8 @@ class Runner:
         self._echo = EchoDetector() if spec.ordered != "none" else None
         self._echo_warned = False
         self._handlers: dict[Plugin, Any] = {}  # version -> its handler (see _handler)
+        self._rescanning = False  # see INVARIANT (rescan)
+        self._rescan_scope: anyio.CancelScope | None = None
         self._write_lock = anyio.Lock()
         self._concurrency = 1 if spec.ordered == "total" else spec.max_concurrency
         # INVARIANT (workers): a key with pending events in the window is either in
@@ -389,12 +391,13 @@ class Runner:
                     if self._read_token is None:
                         # "Now" (or start_at) is fixed by the stream's first token.
                         start = stream.resume_token
-                        if rescan:
-                            await self._rescan(start, tg)
-                            rescan = False
                         self._read_token = start
-                        self._window.mark(start)
-                        await self._checkpoint()
+                        if rescan:
+                            rescan = False
+                            self._start_rescan(start, tg)  # marks the stream's point when done
+                        else:
+                            self._window.mark(start)
+                            await self._checkpoint()
                     await self._follow(stream, tg)
             except OperationFailure as exc:
                 if exc.code not in HISTORY_LOST_CODES or self._read_token is None:
@@ -433,7 +436,7 @@ class Runner:
                 await window.wait_room()
             event = await stream.try_next()  # from the batch in hand, or one getMore
             if event is None:
-                if window.advance_idle(stream.resume_token):
+                if not self._rescanning and window.advance_idle(stream.resume_token):
                     self._read_token = stream.resume_token
                 continue
             token = event.get("_id")
@@ -457,7 +460,8 @@ class Runner:
                 self._skip.discard(event_id)
                 if window.skip(key, event, token):
                     return
-        if window.add(key, event, token):
+        # During a rescan no event carries its token into the window (INVARIANT (rescan)).
+        if window.add(key, event, None if self._rescanning else token):
             self._ready.append(key)
             if self._holding == self._workers:  # no free worker (the common test inline)
                 self._ensure_worker(tg)
@@ -502,10 +506,50 @@ class Runner:
             # start is the point to resume from (written once the window passes it).
             await self._checkpoint()
 
+    # Design note — a rescan that converges. The rescan reads the collection *while* the
+    # new stream is followed (a task beside the reader), so the stream's position keeps
+    # moving however long the rescan takes: the rescan's own writes (or anyone's) cannot
+    # push the new start out of the oplog, as they did when the stream waited for the
+    # rescan to finish. INVARIANT (rescan): while ``_rescanning``, every event enters
+    # the window without a resume token (rescan documents and stream events alike), so
+    # the watermark cannot pass any of them; when the rescan has admitted its last
+    # document, a mark with the last read token goes in after them all, and the
+    # checkpoint reaches it once every one of them is done. So a crash during the rescan
+    # resumes from the old (lost) checkpoint: the loss is reported and the rescan runs
+    # again, and no stream event read meanwhile is skipped. The rescan uses at most half
+    # the window, so the stream reader always has room for its own events: the rescan
+    # converges whenever the trigger keeps up with the stream (its backlog stays inside
+    # the oplog window), as it must outside a rescan too.
+
+    def _start_rescan(self, start: Any, tg: Any) -> None:
+        """Start the rescan for the stream that starts at ``start`` (one at a time)."""
+        if self._rescan_scope is not None:
+            self._rescan_scope.cancel()  # lost again mid-rescan: this one starts over
+        self._rescanning = True
+        tg.start_soon(self._rescan_task, start, tg)
+
+    async def _rescan_task(self, start: Any, tg: Any) -> None:
+        scope = self._rescan_scope = anyio.CancelScope()
+        backoff = 0.05
+        with scope:
+            while True:
+                try:
+                    await self._rescan(start, tg)
+                    break
+                except PyMongoError as exc:  # again from the start (at least once)
+                    if not await self._transient(exc, backoff):
+                        return
+                    backoff = min(backoff * 2, 5.0)
+        if self._rescan_scope is scope and not scope.cancel_called and not self._stopping:
+            self._rescan_scope = None
+            self._rescanning = False
+            self._window.mark(self._read_token)
+            self._events.emit("trigger.rescanned", trigger=self.tid, plugin=self.plugin)
+
     async def _rescan(self, start: Any, tg: Any) -> None:
         """Feed the current documents that match to the handler (policy ``rescan``).
 
-        They enter the window before the stream's events, with no resume token: the
+        They enter the window with no resume token (see the design note above): the
         checkpoint cannot pass them, so a crash during the rescan starts it again.
         """
         spec = self.spec
@@ -526,9 +570,12 @@ class Runner:
         if spec.project is not None:
             pipeline.append({"$project": dict(spec.project)})
         prefix = f"rescan:{event_id_of(start)}:"
+        share = max(1, self._window.capacity // 2)
         cursor = await self._coll.aggregate(pipeline)
         async for event in cursor:
-            await self._window.wait_room()
+            await self._window.wait_room(share)
+            if self._stopping:
+                return
             key = event.get("documentKey", {}).get("_id")
             event["_id"] = {"_data": prefix + event_id_of({"k": repr(key)})}
             self._admit(event, None, tg)

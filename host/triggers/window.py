@@ -93,11 +93,17 @@ class Window:
         """No room for one more event (the reader waits with :meth:`wait_room`)."""
         return len(self._slots) >= self.capacity
 
-    async def wait_room(self) -> None:
-        """Wait until the window has room for one more event."""
-        while len(self._slots) >= self.capacity:
-            self._room = anyio.Event()
-            self._room_wanted = True
+    async def wait_room(self, limit: int | None = None) -> None:
+        """Wait until the window holds fewer than ``limit`` events (default: its capacity).
+
+        Several tasks may wait at once (the stream reader and a rescan): they share one
+        event, set whenever the watermark moves, and each looks again.
+        """
+        bound = self.capacity if limit is None else min(limit, self.capacity)
+        while len(self._slots) >= bound:
+            if not self._room_wanted:
+                self._room = anyio.Event()
+                self._room_wanted = True
             await self._room.wait()
 
     def add(self, key: Any, event: Mapping[str, Any], token: Mapping[str, Any] | None) -> bool:
