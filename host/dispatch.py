@@ -508,17 +508,10 @@ class Dispatcher:
             plugin.in_flight -= 1
             if not plugin.in_flight and plugin.drained is not None:
                 plugin.drained.set()  # a retirement waits for the version to drain
-            # A failure or timeout under rollout: count it; the candidate may break policy.
+            # A failure or timeout under rollout: count it; the candidate may break policy
+            # (record returns True only then: a failure is never mirrored).
             if live is not None and outcome > 0 and live.record(plugin, outcome, started):
-                self._after_record(live, plugin, args, None)
-
-    def _after_record(self, live: LiveRollout, plugin: Plugin, args: Args, result: Any) -> None:
-        """``LiveRollout.record`` asked for more: report an abort, or hand a call the
-        stable answered to the shadow runner (the sampling happened in ``record``)."""
-        if plugin is live.candidate:
-            self.report_abort(live)
-        elif self.on_mirror is not None:
-            self.on_mirror(live, args, result)
+                self.report_abort(live)
 
     def report_abort(self, live: LiveRollout) -> None:
         """Tell the host a candidate just broke its policy (``on_rollout_abort``).
