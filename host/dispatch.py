@@ -130,19 +130,6 @@ background task that outlives the call takes slots like any other caller.
 """
 
 
-class _Deadline:
-    """One call's deadline (loop time ``at``) in the queue of calls that share its timeout."""
-
-    __slots__ = ("at", "cancelling", "expired", "queue", "task")
-
-    def __init__(self, at: float, task: asyncio.Task[Any], queue: _Deadlines) -> None:
-        self.at = at
-        self.task = task
-        self.queue = queue
-        self.cancelling = task.cancelling()  # as asyncio.timeout counts, to tell cancels apart
-        self.expired = False
-
-
 class _Deadlines:
     """The calls in flight with one timeout value, earliest deadline first, and one timer.
 
@@ -152,16 +139,20 @@ class _Deadlines:
     order: ``loop.time()`` never goes back); one timer, set for the earliest deadline,
     expires what is due and sets itself for the next. A call that ends just leaves the
     queue (the timer is left to fire, find nothing due and re-arm or stop), so a call pays
-    a dict insert and a dict pop. Expiry cancels the task and the call's frame turns that
-    into ``PluginTimeout`` with ``asyncio.timeout``'s own cancel-counting protocol
-    (``Task.uncancel``), so an enclosing cancel scope's cancellation stays one.
+    a clock read, a dict insert and a dict pop: its entry is a key (an int) and a tuple,
+    no object of its own. Expiry cancels the task and the call's frame turns that into
+    ``PluginTimeout`` with ``asyncio.timeout``'s own cancel-counting protocol
+    (``Task.uncancel``, against the ``cancelling()`` count the call noted when it
+    started), so an enclosing cancel scope's cancellation stays one.
     """
 
-    # INVARIANT: ``entries`` holds the deadlines of the calls in flight with this timeout
-    # that have not expired, in deadline order; while it is not empty, ``timer`` is set
-    # for a time at or before the first one's deadline. Loop thread only.
+    # INVARIANT: ``entries`` maps the key of every call in flight with this timeout that
+    # has not expired to (its deadline, its task), in deadline order; a call whose key is
+    # no longer there has expired (the timer took it out and cancelled its task). While
+    # ``entries`` is not empty, ``timer`` is set for a time at or before the first
+    # deadline. Loop thread only.
 
-    __slots__ = ("entries", "loop", "on_empty", "time", "timeout", "timer")
+    __slots__ = ("entries", "keys", "loop", "on_empty", "time", "timeout", "timer")
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, timeout: float, on_empty: Callable[[], None]
@@ -169,19 +160,21 @@ class _Deadlines:
         self.loop = loop
         self.timeout = timeout
         self.on_empty = on_empty
-        self.entries: dict[_Deadline, None] = {}
+        self.entries: dict[int, tuple[float, asyncio.Task[Any]]] = {}
+        self.keys = itertools.count()
         self.timer: asyncio.TimerHandle | None = None
         # asyncio's own loops read time.monotonic() in a Python method: read it directly.
         own_clock = getattr(type(loop), "time", None) is asyncio.BaseEventLoop.time
         self.time: Callable[[], float] = time.monotonic if own_clock else loop.time
 
-    def add(self, task: asyncio.Task[Any]) -> _Deadline:
-        """Start the clock of a call running in ``task``."""
-        deadline = _Deadline(self.time() + self.timeout, task, self)
-        self.entries[deadline] = None
+    def add(self, task: asyncio.Task[Any]) -> int:
+        """Start the clock of a call running in ``task``; its key in ``entries``."""
+        key = next(self.keys)
+        at = self.time() + self.timeout
+        self.entries[key] = (at, task)
         if self.timer is None:
-            self.timer = self.loop.call_at(deadline.at, self._expire)
-        return deadline
+            self.timer = self.loop.call_at(at, self._expire)
+        return key
 
     def _expire(self) -> None:
         self.timer = None
@@ -189,12 +182,12 @@ class _Deadlines:
         entries = self.entries
         while entries:
             first = next(iter(entries))
-            if first.at > due:
-                self.timer = self.loop.call_at(first.at, self._expire)
+            at, task = entries[first]
+            if at > due:
+                self.timer = self.loop.call_at(at, self._expire)
                 return
             del entries[first]
-            first.expired = True
-            first.task.cancel()
+            task.cancel()
         self.on_empty()
 
 
@@ -423,9 +416,21 @@ class Dispatcher:
             _clock() if live is not None and (not live.quiet or plugin is live.candidate) else 0.0
         )
         outcome = OK
-        deadline: _Deadline | None = None
+        current = task  # the task the call runs in (a nested call reads it for a timeout)
+        queue: _Deadlines | None = None  # a timeout shared with other calls (_Deadlines)
+        key = cancelling = 0  # the call's key in queue.entries; its task's cancel count
         try:
-            if timeout is not None and (deadline := self._arm(task, timeout)) is None:
+            if timeout is not None:
+                if current is None:
+                    current = self._loops.current_task()
+                    assert current is not None, "a call runs in a task"
+                queue = self._deadlines.get(timeout)
+                if queue is None or queue.loop is not current.get_loop():
+                    queue = self._deadline_queue(current, timeout)
+                if queue is not None:
+                    cancelling = current.cancelling()
+                    key = queue.add(current)
+            if timeout is not None and queue is None:  # a timer of its own (rare)
                 result = await self._run_with_timer(plugin, args, timeout)
             elif plugin.limiter is None and plugin.is_async:
                 # The common case, inline: the plugin's coroutine is awaited from this
@@ -465,20 +470,21 @@ class Dispatcher:
             # This call's deadline cancelled it, unless someone else did too
             # (asyncio.timeout's cancel-counting protocol, see _Deadlines).
             if (
-                deadline is not None
-                and deadline.expired
-                and deadline.task.uncancel() <= deadline.cancelling
+                queue is not None
+                and key not in queue.entries
+                and current is not None
+                and current.uncancel() <= cancelling
             ):
                 outcome = TIMEOUT
-                raise self._timed_out(plugin, deadline.queue.timeout) from None
+                raise self._timed_out(plugin, queue.timeout) from None
             if task is None or task not in self._aborted:
                 raise
             self._aborted.discard(task)
             task.uncancel()  # abort()'s cancel was for this frame only, and ends here
             raise HostClosed("the plugin host stopped before the call finished") from None
         else:
-            if deadline is not None and deadline.expired:  # the plugin swallowed the cancel
-                deadline.task.uncancel()
+            if queue is not None and key not in queue.entries and current is not None:
+                current.uncancel()  # expired, but the plugin swallowed the cancellation
             # A version under rollout: count the call. Most stable successes count
             # nothing (LiveRollout's inline protocol: quiet); a due one may be a
             # shadow's mirror; a candidate's success may break its policy (rarely).
@@ -492,8 +498,8 @@ class Dispatcher:
                     self.report_abort(live)
             return result
         finally:
-            if deadline is not None and not deadline.expired:
-                del deadline.queue.entries[deadline]  # ended in time: leave the queue
+            if queue is not None:
+                queue.entries.pop(key, None)  # ended in time: leave the queue
             if task is not None:
                 self._calls.pop(task, None)
                 if self._aborted:  # cancelled, but the call ended before it arrived
@@ -502,17 +508,10 @@ class Dispatcher:
             plugin.in_flight -= 1
             if not plugin.in_flight and plugin.drained is not None:
                 plugin.drained.set()  # a retirement waits for the version to drain
-            # A failure or timeout under rollout: count it; the candidate may break policy.
+            # A failure or timeout under rollout: count it; the candidate may break policy
+            # (record returns True only then: a failure is never mirrored).
             if live is not None and outcome > 0 and live.record(plugin, outcome, started):
-                self._after_record(live, plugin, args, None)
-
-    def _after_record(self, live: LiveRollout, plugin: Plugin, args: Args, result: Any) -> None:
-        """``LiveRollout.record`` asked for more: report an abort, or hand a call the
-        stable answered to the shadow runner (the sampling happened in ``record``)."""
-        if plugin is live.candidate:
-            self.report_abort(live)
-        elif self.on_mirror is not None:
-            self.on_mirror(live, args, result)
+                self.report_abort(live)
 
     def report_abort(self, live: LiveRollout) -> None:
         """Tell the host a candidate just broke its policy (``on_rollout_abort``).
@@ -522,18 +521,6 @@ class Dispatcher:
         """
         if live.abort_reason is not None and self.on_rollout_abort is not None:
             self.on_rollout_abort(live, live.abort_reason)
-
-    def _arm(self, task: asyncio.Task[Any] | None, seconds: float) -> _Deadline | None:
-        """Start a call's clock in the queue of calls sharing its timeout (_Deadlines).
-
-        Returns:
-            Its deadline, which the call leaves when it ends in time; None when the call
-            needs a timer of its own (too many distinct timeouts, or another loop).
-        """
-        current = task if task is not None else self._loops.current_task()
-        assert current is not None
-        queue = self._deadline_queue(current, seconds)
-        return queue.add(current) if queue is not None else None
 
     def _deadline_queue(self, task: asyncio.Task[Any], timeout: float) -> _Deadlines | None:
         """The queue of calls with this timeout (None: too many distinct timeouts, or

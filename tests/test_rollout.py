@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from host import PluginHost
-from host.errors import VersionNotLive
+from host.errors import PluginFailed, VersionNotLive
 from host.fleet import StatusReporting
 from host.publish import abort_rollout, publish
 from host.records import RolloutPolicy, parse_record
@@ -633,3 +633,35 @@ async def test_sampling_countdowns_survive_weight_changes(db: Db) -> None:
         sampled = served["stable"] // STABLE_SAMPLE * STABLE_SAMPLE
         assert live.stable_stats.calls == sampled, served
         assert live.candidate_stats.calls == served["candidate"] > 0
+
+
+async def test_untimed_stable_failures_count_without_skewing_latencies(db: Db) -> None:
+    """A stable failure in a quiet span (its start not timed) counts as a call and a
+    failure, while the percentiles stay over the timed calls only."""
+    flaky = (
+        "async def main(ctx, args):\n"
+        "    if args == 'fail':\n"
+        "        raise ValueError('flaky')\n"
+        "    return 'stable'\n"
+    )
+    await publish(db, "p", flaky)
+    async with PluginHost(db) as host, host.events() as events:
+        await start(db, "p", value_source("candidate"), weight=0)
+        await next_event(events, "rollout.started")
+        for _ in range(3 * STABLE_SAMPLE):
+            assert await host.call("p") == "stable"
+        failures = 5
+        for _ in range(failures):  # each starts while successes are still skipped (quiet)
+            live = host.rollout("p")
+            assert live is not None and live.quiet > 0
+            with pytest.raises(PluginFailed):
+                await host.call("p", "fail")
+        live = host.rollout("p")
+        assert live is not None
+        stats = live.stable_stats
+        assert stats.failures == failures
+        assert stats.calls == 3 * STABLE_SAMPLE + failures
+        assert sum(stats.hist) == 3 * STABLE_SAMPLE  # the sampled successes, weighted
+        p99 = stats.percentile_ms(0.99)
+        assert p99 is not None and p99 < 10_000  # a latency, not the clock since boot
+        assert stats.error_rate == failures / (3 * STABLE_SAMPLE + failures)
