@@ -223,16 +223,22 @@ class _GuardedProtocol(asyncio.Protocol):
         self.guard.lost(self)
         super().connection_lost(exc)
 
+    # The base protocol's own methods, set by guarded_protocol: called directly, without
+    # building a super() proxy twice per request.
+    g_base_data_received: ClassVar[Callable[[Any, bytes], None]]
+    g_base_response_complete: ClassVar[Callable[[Any], None]]
+
     def data_received(self, data: bytes) -> None:
         if self.g_phase == "idle":
             self.g_phase, self.g_since = "headers", time.monotonic()
-        super().data_received(data)
-        self._g_sync()
+        self.g_base_data_received(data)
+        cycle = self.cycle
+        if cycle is not self.g_seen or self.g_phase == "body":
+            self._g_sync()
 
     def on_response_complete(self) -> None:
         before = self.cycle
-        parent: Callable[[], None] = super().on_response_complete  # type: ignore[misc]
-        parent()
+        self.g_base_response_complete()
         if self.cycle is before:  # no pipelined request started: wait for the next one
             self.g_phase, self.g_since = "idle", time.monotonic()
         else:
@@ -260,7 +266,15 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: ConnectionGuard) -> ty
     Returns:
         A subclass of ``base`` to give ``uvicorn.Config(http=...)``.
     """
-    return type(f"Guarded{base.__name__}", (_GuardedProtocol, base), {"guard": guard})
+    return type(
+        f"Guarded{base.__name__}",
+        (_GuardedProtocol, base),
+        {
+            "guard": guard,
+            "g_base_data_received": base.data_received,
+            "g_base_response_complete": base.on_response_complete,  # type: ignore[attr-defined]
+        },
+    )
 
 
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
