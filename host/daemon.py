@@ -21,7 +21,6 @@ import errno
 import ipaddress
 import math
 import os
-import re
 import signal
 import socket
 import sys
@@ -36,7 +35,7 @@ import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from . import tracing
-from .config import DAEMON_LIMITS, DAEMON_TIMEOUTS, Limits, Timeouts
+from .config import DAEMON_LIMITS, DAEMON_TIMEOUTS, Limits, Timeouts, redact_uri
 from .connections import ConnectionGuard, accept_errors_logged, guarded_protocol
 from .errors import PluginHostError
 from .fleet import StatusReporting
@@ -78,11 +77,6 @@ class StartupError(PluginHostError):
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
         self.hint = hint
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` with any password replaced by ``***`` (safe to print and log)."""
-    return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", uri)
 
 
 def parse_address(address: str) -> tuple[str, int]:

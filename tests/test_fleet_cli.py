@@ -112,3 +112,40 @@ async def test_wait_needs_live_hosts(
     assert "no live host reported" in alone.stderr
     shown = await cli(mongo_uri, db.name, "status")
     assert "no host reports to" in shown.stdout and "lonely r1: 0/0" in shown.stdout
+
+
+async def test_status_exit_code_says_whether_the_fleet_is_healthy(
+    mongo_uri: str, db: AsyncDatabase[Doc]
+) -> None:
+    """`status` exits 0 when healthy, 3 once a host refused a plugin, 1 without MongoDB."""
+    await publish(db, "fine", source(1))
+    async with two_hosts(db) as hosts:
+        await wait_until(
+            lambda: all(h.plugin("fine") is not None for h in hosts), "both hosts serve fine"
+        )
+        healthy = await cli(mongo_uri, db.name, "status", "--json")
+        assert healthy.returncode == 0, (healthy.stdout, healthy.stderr)
+        shown = json.loads(healthy.stdout)
+        assert shown["healthy"] is True and shown["problems"] == []
+
+        await publish(db, "fine", "import plugin_host_no_such_module\n")
+
+        async def refused() -> bool:
+            view = await fleet_status(db)
+            return len(view.plugins["fine"].rejected) == 2
+
+        await wait_until(refused, "both hosts report refusing fine r2", timeout=15)
+        sick = await cli(mongo_uri, db.name, "status", "--json")
+        assert sick.returncode == 3, (sick.stdout, sick.stderr)
+        shown = json.loads(sick.stdout)
+        assert shown["healthy"] is False and len(shown["problems"]) == 2
+        for host in hosts:
+            reporter = host.status_reporter
+            assert reporter is not None
+            line = f"unhealthy: host {reporter.host_id} refused fine r2 at stage import"
+            assert line in sick.stderr
+        plain = await cli(mongo_uri, db.name, "status")
+        assert plain.returncode == 3 and "fine r2: 0/2 hosts serving" in plain.stdout
+    unreachable = "mongodb://127.0.0.1:1/?replicaSet=rs0"
+    down = await cli(unreachable, db.name, "status", "--connect-timeout", "0.2")
+    assert down.returncode == 1 and "is not reachable" in down.stderr, down.stderr

@@ -116,7 +116,8 @@ async def test_three_daemons_converge_and_refuse(
             assert reply["result"] == 2 and reply["version"].startswith("greet@r2:")
 
         shown = await cli(mongo_uri, db.name, "status", "greet", "--json")
-        assert shown.returncode == 0, shown.stderr
+        assert shown.returncode == 3, shown.stderr  # refused by all three: unhealthy
+        assert shown.stderr.count("unhealthy: host ") == 3
         view = json.loads(shown.stdout)
         greet = view["plugins"]["greet"]
         assert (greet["revision"], greet["hosts_alive"], greet["hosts_serving"]) == (3, 3, 0)
@@ -149,6 +150,10 @@ async def test_killed_host_drops_out_and_stopped_host_is_removed(
         view = await fleet_status(db)
         dead = next(h for h in view.hosts if h.id == ids[killed.proc.pid])
         assert not dead.alive and view.plugins["greet"].hosts_alive == 2
+        shown = await cli(mongo_uri, db.name, "status", "--json")
+        assert shown.returncode == 3, (shown.stdout, shown.stderr)
+        assert f"unhealthy: host {dead.id} is dead" in shown.stderr
+        assert json.loads(shown.stdout)["problems"] == [shown.stderr.splitlines()[0][11:]]
 
         stopped.proc.send_signal(signal.SIGTERM)
         assert await stopped.exit_code() == 0

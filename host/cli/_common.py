@@ -282,7 +282,7 @@ def _client(uri: str, server_timeout: float | None) -> AsyncMongoClient[dict[str
     from pymongo import AsyncMongoClient
     from pymongo.errors import ConfigurationError
 
-    from ..daemon import redact_uri
+    from ..config import redact_uri
     from ..pymongo_cancel import install
 
     install()  # cancelling a command mid server selection must not wedge the client
@@ -306,7 +306,7 @@ def _with_db(uri: str, database: str, timeout: float, job: Callable[[Any], Await
     import anyio
     from pymongo.errors import ConnectionFailure, OperationFailure, ServerSelectionTimeoutError
 
-    from ..daemon import redact_uri
+    from ..config import redact_uri
     from ..publish import UnknownPlugin
 
     async def main() -> T:

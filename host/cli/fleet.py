@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from ..fleetview import FleetStatus, HostStatus, PluginFleet
 
-__all__ = ("status",)
+__all__ = ("UNHEALTHY", "status", "unhealthy")
 
 
 @app.command()
@@ -36,19 +36,60 @@ def status(
     collection: Collection = "functions",
     connect_timeout: ConnectTimeout = 5.0,
 ) -> None:
-    """Which host serves what, who refused it and why, and whether the fleet has converged."""
+    """Which host serves what, who refused it and why, and whether the fleet has converged.
+
+    Exit status: 0 when healthy; 3 when a host is dead (its heartbeat stopped without it
+    unregistering) or a live host refused a plugin's current revision (each problem on
+    stderr, and in ``problems`` with ``--json``); 1 when MongoDB is not reachable. A fleet
+    still converging (hosts starting, or behind a fresh push) is not unhealthy:
+    ``push --wait`` waits for that.
+    """
     from ..fleetview import fleet_status
 
     async def job(db: Any) -> FleetStatus:
         return await fleet_status(db, collection=collection, name=name)
 
     view = _with_db(mongodb_uri, database, connect_timeout, job)
+    problems = unhealthy(view)
     if as_json:
-        sys.stdout.write(json.dumps(view.as_dict(), default=str) + "\n")
+        shown = {**view.as_dict(), "healthy": not problems, "problems": problems}
+        sys.stdout.write(json.dumps(shown, default=str) + "\n")
     elif _console.is_terminal:
         _print_status_table(view)
     else:
         _print_status_plain(view)
+    if problems:
+        for problem in problems:
+            sys.stderr.write(f"unhealthy: {problem}\n")
+        raise typer.Exit(code=UNHEALTHY)
+
+
+UNHEALTHY = 3
+"""Exit status of ``status`` when the fleet is unhealthy (see :func:`unhealthy`)."""
+
+
+def unhealthy(view: FleetStatus) -> list[str]:
+    """What is wrong with the fleet, one line each; empty when healthy.
+
+    Args:
+        view: The fleet as ``status`` shows it.
+
+    Returns:
+        A dead host (heartbeat stopped, not unregistered), and each refusal by a live
+        host of a plugin's current revision.
+    """
+    problems = [
+        f"host {host.id} is dead (no heartbeat for {host.age_s:.0f} s)"
+        for host in view.hosts
+        if not host.alive
+    ]
+    for plugin in view.plugins.values():
+        for refusal in plugin.rejected:
+            problems.append(
+                f"host {refusal['host']} refused {plugin.name} r{refusal['revision']} "
+                f"at stage {refusal['stage']}: {refusal['error']}"
+            )
+    return problems
 
 
 def _host_state(host: HostStatus) -> str:
