@@ -210,16 +210,17 @@ class ShadowCaller:
     """The ``Caller`` of a shadow's contexts: the dispatcher, with a read-only ``db``.
 
     Plugin-to-plugin calls from a shadow go to the other plugins as usual (their own
-    ``ctx.db`` is theirs): only the shadow's own handle is read-only.
+    ``ctx.db`` is theirs): only the shadow's own handle is read-only. (Triggers use it
+    too, with the database that notes a handler's writes: ``host.triggers.echo``.)
 
     Args:
         dispatcher: The host's dispatcher.
-        db: The shadow's read-only database.
+        db: The shadow's read-only database (or another handle to give as ``ctx.db``).
     """
 
     __slots__ = ("_dispatcher", "db")
 
-    def __init__(self, dispatcher: Dispatcher, db: ReadOnlyDatabase) -> None:
+    def __init__(self, dispatcher: Dispatcher, db: ReadOnlyDatabase | Any) -> None:
         self._dispatcher = dispatcher
         self.db = db
 

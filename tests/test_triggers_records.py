@@ -214,6 +214,103 @@ async def test_a_trigger_writing_elsewhere_is_not_warned_about(db: Db) -> None:
 
 
 @given(
+    st.lists(st.integers(min_value=0, max_value=4), min_size=1, max_size=30),
+    st.lists(st.integers(min_value=0, max_value=4), max_size=10),
+    st.randoms(),
+)
+def test_the_checkpoint_passes_a_rescan_only_once_all_of_it_is_done(
+    during: list[int], after: list[int], rnd: Any
+) -> None:
+    """Rescan documents and events read meanwhile enter tokenless, then the end mark: the
+    checkpoint stays put until every one of them is done, then reaches the mark."""
+    window = Window(capacity=1000)
+    old = {"_data": "old"}
+    window.checkpoint = old
+    for seq, key in enumerate(during):  # the rescan's and the stream's, interleaved
+        window.add(key, {"n": seq}, None)
+    window.mark({"_data": "end"})
+    for seq, key in enumerate(after, start=len(during)):
+        window.add(key, {"n": seq}, {"_data": str(seq)})
+    finished: set[int] = set()
+    total = len(during) + len(after)
+    while len(finished) < total:
+        pending = [k for k in set(during + after) if window.head(k) is not None]
+        slot = window.head(rnd.choice(pending))
+        assert slot is not None
+        window.finish(slot)
+        finished.add(int(slot.event["n"]))
+        if not set(range(len(during))) <= finished:
+            assert window.checkpoint == old  # nothing of the rescan's phase is covered yet
+        else:
+            assert window.checkpoint is not None and window.checkpoint != old
+    assert window.checkpoint == ({"_data": str(total - 1)} if after else {"_data": "end"})
+
+
+SELF_INSERTING = """
+async def on_change(ctx, event):
+    key = event["documentKey"]["_id"]
+    if key < 15:
+        await ctx.db.loop.insert_one({"_id": key + 1})  # a new document: a new key each time
+"""
+
+MARKS_ONCE = """
+async def on_change(ctx, event):
+    doc = event["fullDocument"]
+    if not doc.get("marked"):
+        await ctx.db.loop.update_one({"_id": doc["_id"]}, {"$set": {"marked": True}})
+"""
+
+
+@pytest.mark.anyio
+async def test_a_trigger_inserting_into_its_own_collection_is_warned_about(db: Db) -> None:
+    """A handler inserting a new document into the collection it watches, each event: warned."""
+    await db.functions.insert_one(record("ins", SELF_INSERTING, {"collection": "loop"}))
+    async with PluginHost(db, triggers=FAST) as host, host.events() as events:
+        await wait_running(db, "ins/loop")
+        await db.loop.insert_one({"_id": 0})
+        warned = await next_event(events, "trigger.recursion_suspected")
+
+        async def converged() -> bool:
+            return await db.loop.count_documents({}) == 16
+
+        await wait_until(converged, "the self-inserting handler stopped at _id 15")
+    assert warned["trigger"] == "ins/loop" and warned["chain"] >= 10
+
+
+@pytest.mark.anyio
+async def test_a_trigger_marking_its_own_document_once_is_not_warned_about(db: Db) -> None:
+    """A handler writing its own document once per document (chain 1, over 100): no warning."""
+    trigger = {"collection": "loop", "full_document": "updateLookup"}
+    await db.functions.insert_one(record("mark", MARKS_ONCE, trigger))
+    host = PluginHost(db, triggers=FAST)
+    async with host.events() as events, host:
+        await wait_running(db, "mark/loop")
+        await db.loop.insert_many([{"_id": i} for i in range(100)])
+
+        async def all_marked() -> bool:
+            return await db.loop.count_documents({"marked": True}) == 100
+
+        await wait_until(all_marked, "every document marked")
+        doc = await wait_until_state_processed(db, "mark/loop", 200)
+        seen = [event.event for event in await drain(events)]
+    assert doc["processed"] >= 200  # the inserts and the marks' own events were handled
+    assert "trigger.recursion_suspected" not in seen
+
+
+async def wait_until_state_processed(db: Db, tid: str, count: int) -> Any:
+    """The trigger's state document once it counts ``count`` events processed."""
+    found: list[Any] = []
+
+    async def processed() -> bool:
+        doc = await db.functions_triggers.find_one({"_id": tid})
+        found[:] = [doc]
+        return doc is not None and doc.get("processed", 0) >= count
+
+    await wait_until(processed, f"{tid} processed {count} events")
+    return found[0]
+
+
+@given(
     st.sets(st.text(alphabet="abcdef", min_size=1, max_size=4), min_size=2, max_size=6),
     st.integers(min_value=0, max_value=5),
 )

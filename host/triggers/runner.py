@@ -61,7 +61,7 @@ from ..context import EventContext
 from ..errors import PluginError, PluginFailed, PluginTimeout
 from ..records import TriggerSpec
 from ..rollout import FAILED, OK, TIMEOUT
-from .echo import EchoDetector
+from .echo import DELIVERY, Delivery, EchoDetector, watching_caller
 from .lease import LeaseHolder, server_now
 from .window import Slot, Window
 
@@ -247,6 +247,8 @@ class Runner:
         self._skip: set[str] = {str(e) for e in doc.get("done_ahead") or ()} if same else set()
         self._key = _key_of(spec)
         self._echo = EchoDetector() if spec.ordered != "none" else None
+        # ctx's caller: the dispatcher, with ctx.db noting writes to the watched collection.
+        self._caller = watching_caller(dispatcher, spec.collection) if self._echo else dispatcher
         self._echo_warned = False
         self._handlers: dict[Plugin, Any] = {}  # version -> its handler (see _handler)
         self._rescanning = False  # see INVARIANT (rescan)
@@ -589,6 +591,8 @@ class Runner:
         stats = self._stats
         tid = self.tid
         turn = 0
+        delivery = Delivery(self._echo) if self._echo is not None else None
+        DELIVERY.set(delivery)  # this worker task's own context: its handlers' writes
         try:
             while ready and not self._stopping:
                 key = ready.popleft()
@@ -598,7 +602,7 @@ class Runner:
                 try:
                     slot = window.head(key)
                     while slot is not None:
-                        if self._stopping or not await self._deliver(slot):
+                        if self._stopping or not await self._deliver(slot, delivery):
                             return  # the key's events stay pending, uncovered
                         slot = window.finish(slot)
                         self._processed += 1
@@ -652,7 +656,7 @@ class Runner:
         if live.record(plugin, outcome, started) and plugin is live.candidate:
             self._dispatcher.report_abort(live)
 
-    async def _deliver(self, slot: Slot) -> bool:
+    async def _deliver(self, slot: Slot, delivery: Delivery | None = None) -> bool:
         """Handle one event: attempts with backoff, then a dead letter.
 
         The first attempt is the hot path (one per event); :meth:`_retry` takes over when
@@ -674,6 +678,8 @@ class Runner:
             # per_key: the slot's key is the document key already.
             key = slot.key if self._key is document_key else document_key(event)
             mark = (key, started, echo.check(key, event))
+            if delivery is not None:
+                delivery.chain = mark[2]
         failure = await self._attempt(plugin, event, event_id, 1)
         if failure is None:
             if mark is not None:
@@ -707,7 +713,7 @@ class Runner:
                 plugin,
                 self._handler(plugin),
                 EventContext(
-                    plugin, self._dispatcher, trigger=self.tid, event_id=event_id, attempt=attempt
+                    plugin, self._caller, trigger=self.tid, event_id=event_id, attempt=attempt
                 ),
                 event,
                 timeout=plugin.record.timeout,

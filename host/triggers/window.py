@@ -65,7 +65,9 @@ class Window:
     capacity: int
     _seq: int = 0
     _slots: deque[Slot] = field(default_factory=deque)
-    _by_key: dict[Any, deque[Slot]] = field(default_factory=dict)
+    # key -> its pending events in stream order: the Slot itself while it is the only one
+    # (the common case: no deque allocated per event), a deque once a second one waits.
+    _by_key: dict[Any, Slot | deque[Slot]] = field(default_factory=dict)
     _room: anyio.Event = field(default_factory=anyio.Event)
     checkpoint: Mapping[str, Any] | None = None
     """Resume token of the low-watermark (None: nothing new since the window started)."""
@@ -118,9 +120,12 @@ class Window:
         self._slots.append(slot)
         queue = self._by_key.get(key)
         if queue is None:
-            self._by_key[key] = deque((slot,))
+            self._by_key[key] = slot
             return True
-        queue.append(slot)
+        if isinstance(queue, Slot):
+            self._by_key[key] = deque((queue, slot))
+        else:
+            queue.append(slot)
         return False
 
     @property
@@ -131,8 +136,9 @@ class Window:
     def mark(self, token: Mapping[str, Any] | None) -> None:
         """Add a point the watermark may move to once everything before it is done.
 
-        Used for a stream's start token: the checkpoint reaches it at once when the
-        window is empty, or after the events before it (a rescan's) are done.
+        Used for a stream's start token (the checkpoint reaches it at once when the
+        window is empty) and for the end of a rescan (the last token read: reached once
+        the rescan's documents and the events read during it, all tokenless, are done).
         """
         if token is None:
             return
@@ -143,6 +149,8 @@ class Window:
     def head(self, key: Any) -> Slot | None:
         """The oldest unfinished event of ``key`` (what its worker handles next)."""
         queue = self._by_key.get(key)
+        if queue is None or isinstance(queue, Slot):
+            return queue
         return queue[0] if queue else None
 
     def finish(self, slot: Slot) -> Slot | None:
@@ -154,8 +162,11 @@ class Window:
         slot.done = True
         key = slot.key
         queue = self._by_key[key]
-        queue.popleft()
-        following = queue[0] if queue else None
+        if isinstance(queue, Slot):
+            following = None
+        else:
+            queue.popleft()
+            following = queue[0] if queue else None
         if following is None:
             del self._by_key[key]
         # The oldest slot is never done between two calls (every change of a done flag
@@ -202,7 +213,8 @@ class Window:
         if key in self._by_key:
             return False
         self.add(key, event, token)
-        slot = self._by_key[key][0]
+        slot = self.head(key)
+        assert slot is not None
         self.finish(slot)
         return True
 
