@@ -407,7 +407,13 @@ class Dispatcher:
         path_token = CALL_PATH.set((plugin, (*chain, name)))
         # An outermost call registers its task, so that abort() can end it (nested calls
         # run in its task or in tasks it awaits, e.g. gather's, and end with it).
-        task = None if chain else self._loops.current_task()
+        task = None
+        if not chain:  # _LoopCache.current_task, its hit inline
+            loops = self._loops
+            if loops.thread == _thread_id():
+                task = _task_of(loops.loop)  # type: ignore[arg-type]  # set with .thread
+            if task is None:
+                task = loops.current_task()
         if task is not None:
             self._calls[task] = None
         # Statistics only while a rollout runs: a rollout-free call pays for none of it,
