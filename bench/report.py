@@ -430,6 +430,19 @@ def _target_table(results: dict[str, Any]) -> list[str]:
                 ]
             )
         )
+        if "ours_frames_per_call" in entry:  # profiled: independent of the machine's load
+            lines.append(
+                _row(
+                    [
+                        f"Python frames / C calls per call, {label}",
+                        f"{_n(entry['ours_frames_per_call'], 2)} / "
+                        f"{_n(entry['ours_c_calls_per_call'], 2)}",
+                        "—",
+                        "—",
+                        "—",
+                    ]
+                )
+            )
         del key
     cold = results.get("coldstart", {})
     if "error" in cold:

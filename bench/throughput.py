@@ -15,12 +15,19 @@ machine, slower batches measure the neighbours, not the code (the medians are in
 Overhead is ``ours`` minus ``direct`` per call. Sync plugins run in a worker thread in the
 host, so their overhead is dominated by the thread hand-off; ``direct_thread``
 (``anyio.to_thread.run_sync`` of the same function) is timed as the floor for that.
+
+``ours_frames_per_call`` and ``ours_c_calls_per_call`` count, with ``sys.setprofile`` on
+the loop's thread, the Python frames (coroutine resumptions included: a sync plugin's
+thread hop resumes the calling loop too) and C functions one ``ours`` call runs: unlike
+the times, these do not move with the machine's load.
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -55,6 +62,22 @@ async def _per_call(
             await loop(batch)
             times[key].append((time.perf_counter() - started) / batch)
     return {key: (min(values), statistics.median(values)) for key, values in times.items()}
+
+
+async def _profile_counts(loop: Callable[[int], Awaitable[None]], calls: int) -> Counter[str]:
+    """Python frames (``call``) and C calls (``c_call``) per call of ``loop`` (profiled)."""
+    counts: Counter[str] = Counter()
+
+    def profile(_frame: Any, event: str, _arg: Any) -> None:
+        counts[event] += 1
+
+    await loop(calls // 10)  # warm-up
+    sys.setprofile(profile)
+    try:
+        await loop(calls)
+    finally:
+        sys.setprofile(None)
+    return counts
 
 
 async def _seed_rate(seed: SeedHotRequire, name: str, seconds: float) -> float:
@@ -126,7 +149,10 @@ async def run(target: Target, cfg: Config) -> dict[str, Any]:
                 name = f"tp_{kind}"
                 # Sync plugins cross a thread per call: fewer calls give the same precision.
                 batch = cfg.call_batch if kind == "async" else max(1_000, cfg.call_batch // 20)
-                per_call = await _per_call(_loops(host, name, kind, timed), batch, cfg.call_repeats)
+                loops = _loops(host, name, kind, timed)
+                per_call = await _per_call(loops, batch, cfg.call_repeats)
+                counted = 1_000 if kind == "async" else 100
+                counts = await _profile_counts(loops["ours"], counted)
                 seed_rate = await _seed_rate(seed, name, cfg.seed_seconds)
                 key = f"{kind}{'_timeout' if timed else ''}"
                 entry: dict[str, Any] = {
@@ -136,6 +162,8 @@ async def run(target: Target, cfg: Config) -> dict[str, Any]:
                     "repeats": cfg.call_repeats,
                     "seed_calls_per_s": seed_rate,
                     "seed_us": 1e6 / seed_rate,
+                    "ours_frames_per_call": counts["call"] / counted,
+                    "ours_c_calls_per_call": counts["c_call"] / counted,
                 }
                 for loop, (best, median) in per_call.items():
                     entry[f"{loop}_us"] = best * 1e6

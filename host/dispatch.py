@@ -9,7 +9,11 @@ This is the hot path. Its rules, on success:
   a dict instead, so that shutdown can end it: see ``abort``), and no timer per call when
   it has one (calls sharing a timeout share one timer: see ``_Deadlines``);
 * no structlog ``bind`` (``ctx.log`` is built lazily) and no string building;
-* a handful of allocations: the ``Context``, the call-chain tuple, the coroutine.
+* a handful of allocations: the ``CALL_PATH`` tuples and the plugin's coroutine (the
+  ``Context`` is the previous call's when nothing else holds it: see ``host.context``);
+* one coroutine frame of its own (an async plugin's coroutine is awaited inline), one
+  context-variable set, and no clock read unless a rollout times the call (a clock read
+  or a ``getpid`` is a system call on the bench VM: 0.1 to 0.25 µs each).
 
 Failures are slow on purpose: the traceback is formatted in a worker thread because
 :mod:`linecache` may read library source files.
@@ -407,7 +411,13 @@ class Dispatcher:
         path_token = CALL_PATH.set((plugin, (*chain, name)))
         # An outermost call registers its task, so that abort() can end it (nested calls
         # run in its task or in tasks it awaits, e.g. gather's, and end with it).
-        task = None if chain else self._loops.current_task()
+        task = None
+        if not chain:  # _LoopCache.current_task, its hit inline
+            loops = self._loops
+            if loops.thread == _thread_id():
+                task = _task_of(loops.loop)  # type: ignore[arg-type]  # set with .thread
+            if task is None:
+                task = loops.current_task()
         if task is not None:
             self._calls[task] = None
         # Statistics only while a rollout runs: a rollout-free call pays for none of it,

@@ -9,7 +9,7 @@ Design note — two versions, like Erlang/OTP code loading
 * Calls in flight finish on the version they started on: they hold a reference to the
   ``Plugin`` and count themselves in ``plugin.in_flight``. New calls get the new version.
 * The old version retires once it drains (``in_flight`` reaches 0; the dispatcher wakes
-  the retirement through ``Plugin.end_call``) or when the grace period ends, whichever
+  the retirement as ``Plugin.end_call`` does, inline) or when the grace period ends, whichever
   comes first. Unlike Erlang's purge we do not kill calls still running after the grace
   period; they keep their own references and finish.
 * Retirement, exactly once per version: run ``teardown``; cancel the version's tasks —
