@@ -18,11 +18,10 @@ from host.publish import publish
 from host.records import parse_record
 from tests.support import Db, next_event, wait_until
 
+from .daemon_support import Daemon, free_port, wait_ready
 from .rollout_support import start
-from .test_daemon import Daemon, daemons, free_port, wait_ready
 
 pytestmark = pytest.mark.anyio
-__all__ = ("daemons",)  # the fixture, re-used from the daemon tests
 
 Doc = dict[str, Any]
 
