@@ -456,14 +456,15 @@ class Runner:
     def _admit(self, event: Mapping[str, Any], token: Any, tg: Any) -> None:
         window = self._window
         key = self._key(event, window.next_seq)
+        # During a rescan no event carries its token into the window (INVARIANT (rescan)).
+        covers = None if self._rescanning else token
         if self._skip and token is not None:
             event_id = event_id_of(token)
             if event_id in self._skip:
                 self._skip.discard(event_id)
-                if window.skip(key, event, token):
+                if window.skip(key, event, covers):
                     return
-        # During a rescan no event carries its token into the window (INVARIANT (rescan)).
-        if window.add(key, event, None if self._rescanning else token):
+        if window.add(key, event, covers):
             self._ready.append(key)
             if self._holding == self._workers:  # no free worker (the common test inline)
                 self._ensure_worker(tg)
