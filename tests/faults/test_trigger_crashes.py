@@ -219,8 +219,25 @@ async def test_kill_9_mid_burst_then_restart_loses_nothing(
 
 
 async def _running(db: Db) -> bool:
-    found = await owners(db)
-    return all(found.get(t) for t in TRIGGERS)
+    """Both triggers run and their streams are open: each state has its first checkpoint.
+
+    ``status: running`` and an owner are written when the lease is taken, before the
+    runner opens its stream; a trigger without a checkpoint starts "now", when the stream
+    opens, and its first checkpoint (the stream's start token) is what fixes that point.
+    Writing the burst before it (a slow start under load) left its first events before
+    the aggregator's start: never delivered, the totals short by that first batch.
+    """
+    states = {
+        doc["_id"]: doc
+        async for doc in db.functions_triggers.find({"_id": {"$in": list(TRIGGERS)}})
+    }
+    return all(
+        (doc := states.get(t)) is not None
+        and doc.get("status") == "running"
+        and doc.get("owner")
+        and doc.get("checkpoint") is not None
+        for t in TRIGGERS
+    )
 
 
 async def test_kill_9_of_the_lease_holder_the_other_host_takes_over(
