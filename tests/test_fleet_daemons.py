@@ -147,17 +147,26 @@ async def test_killed_host_drops_out_and_stopped_host_is_removed(
         )
         assert done.returncode == 0, done.stderr
         assert "2/2 hosts serving greet r2" in done.stdout
+        # The killed host is out of the live count. Its document stays until the TTL
+        # index collects it: the TTL monitor sweeps at its own pace (every 60 s), so a
+        # sweep may already have deleted it (its heartbeat is over a TTL old) — then it
+        # is in no view at all, which is also "dropped out".
+        dead_id = ids[killed.proc.pid]
         view = await fleet_status(db)
-        dead = next(h for h in view.hosts if h.id == ids[killed.proc.pid])
-        assert not dead.alive and view.plugins["greet"].hosts_alive == 2
+        assert view.plugins["greet"].hosts_alive == 2
+        assert all(not h.alive for h in view.hosts if h.id == dead_id)
         shown = await cli(mongo_uri, db.name, "status", "--json")
-        assert shown.returncode == 3, (shown.stdout, shown.stderr)
-        assert f"unhealthy: host {dead.id} is dead" in shown.stderr
-        assert json.loads(shown.stdout)["problems"] == [shown.stderr.splitlines()[0][11:]]
+        coll = db[hosts_collection_name("functions")]
+        if f"unhealthy: host {dead_id} is dead" in shown.stderr:
+            assert shown.returncode == 3, (shown.stdout, shown.stderr)
+            assert json.loads(shown.stdout)["problems"] == [shown.stderr.splitlines()[0][11:]]
+        else:  # not reported: only because the sweep deleted it (it never comes back)
+            assert await coll.find_one({"_id": dead_id}) is None, (shown.stdout, shown.stderr)
+            assert shown.returncode == 0, (shown.stdout, shown.stderr)
+            assert json.loads(shown.stdout)["problems"] == []
 
         stopped.proc.send_signal(signal.SIGTERM)
         assert await stopped.exit_code() == 0
-        coll = db[hosts_collection_name("functions")]
         assert await coll.find_one({"_id": ids[stopped.proc.pid]}) is None
         assert await coll.find_one({"_id": ids[survivor.proc.pid]}) is not None
         assert (await client.post("/functions/greet/call")).json()["result"] == 2
