@@ -7,10 +7,9 @@ in flight finish on their version), ``owned()`` and ``stats``.
 
 Design note — spreading triggers over the fleet:
 
-* Every ``poll`` seconds (and at once after a version goes live or is unloaded, if
-  that changes its triggers or not all of them run here: see ``_wakes``) the engine
-  lists the triggers the current versions declare, and the live hosts that serve each
-  plugin (the hosts collection, :mod:`host.fleetview`; this host alone when it does
+* Every ``poll`` seconds (and at once after a version goes live or is unloaded) the
+  engine lists the triggers the current versions declare, and the live hosts that serve
+  each plugin (the hosts collection, :mod:`host.fleetview`; this host alone when it does
   not report its status).
 * The *preferred* host of a trigger is the rendezvous-hash winner among those hosts
   (:func:`~host.triggers.lease.preferred_owner`). It takes a free lease at once; another
@@ -133,10 +132,6 @@ class TriggerEngine:
         # most once, so this host never runs two runners of one trigger.
         self._running: dict[str, _Running] = {}
         self._first_seen: dict[str, float] = {}
-        # Plugin -> the triggers its current version declared at the last _reconcile
-        # (plugins declaring none are absent): a plugin event wakes the loop only if it
-        # can change what _reconcile does (see _wakes).
-        self._reconciled: dict[str, tuple[TriggerSpec, ...]] = {}
         self._wake = anyio.Event()
         self._closing = False
         self._tg: Any = None
@@ -229,27 +224,8 @@ class TriggerEngine:
 
     async def _follow(self, subscription: Any) -> None:
         async for event in subscription:
-            if event.event in _WAKE_EVENTS and self._wakes(event.fields.get("plugin")):
+            if event.event in _WAKE_EVENTS:
                 self._wake.set()
-
-    def _wakes(self, name: Any) -> bool:
-        """Whether a load/reload/unload of plugin ``name`` needs a :meth:`_reconcile`.
-
-        It does when the triggers the current version declares differ from those the
-        last reconcile saw (added, removed, changed, plugin gone), or when one of them
-        does not run here (a new version restarts a trigger ``failed`` on the old one, or
-        may now start). Otherwise the runners already take each event's version from the
-        registry, and a reconcile would change nothing: during a reload storm (200
-        updates/s, ``python -m bench --quick --only swap``) waking on every reload cost
-        5-9% of a reload's loop time, mostly for plugins that declare no trigger at all.
-        """
-        if not isinstance(name, str):
-            return True
-        plugin = self._registry.get(name)
-        specs = plugin.record.triggers if plugin is not None else ()
-        if specs != self._reconciled.get(name, ()):
-            return True
-        return any(trigger_id(name, spec.name) not in self._running for spec in specs)
 
     async def _wait_runners(self) -> None:
         for running in tuple(self._running.values()):
@@ -288,10 +264,6 @@ class TriggerEngine:
         """
         next_look = self.options.poll_seconds
         declared = self._declared()
-        reconciled: dict[str, tuple[TriggerSpec, ...]] = {}
-        for plugin, spec, _version in declared.values():
-            reconciled[plugin] = (*reconciled.get(plugin, ()), spec)
-        self._reconciled = reconciled
         # Stop what is no longer declared as it runs (plugin disabled, trigger changed).
         for tid, running in tuple(self._running.items()):
             wanted = declared.get(tid)
