@@ -607,6 +607,7 @@ class Dispatcher:
         payload: Any,
         *,
         timeout: float | None,  # noqa: ASYNC109 - the record's per-call bound
+        is_async: bool | None = None,
     ) -> Any:
         """Run another module-level function of a version (a trigger's handler) as a call.
 
@@ -621,6 +622,8 @@ class Dispatcher:
             ctx: Its context (an ``EventContext``).
             payload: Its second argument (the change event).
             timeout: Seconds before it is cancelled, or None.
+            is_async: Whether ``handler`` is an ``async def`` (a caller running one
+                handler per event works it out once per version); None: look here.
 
         Returns:
             What the handler returned.
@@ -634,11 +637,11 @@ class Dispatcher:
         path_token = CALL_PATH.set((plugin, (plugin.name,)))
         try:
             if timeout is None:
-                return await self._invoke(plugin, payload, ctx, handler)
+                return await self._invoke(plugin, payload, ctx, handler, is_async)
             deadline = asyncio.timeout(timeout)
             try:
                 async with deadline:
-                    return await self._invoke(plugin, payload, ctx, handler)
+                    return await self._invoke(plugin, payload, ctx, handler, is_async)
             except TimeoutError:
                 if not deadline.expired():
                     raise
@@ -653,8 +656,10 @@ class Dispatcher:
         args: Args,
         ctx: Context | None = None,
         handler: Entrypoint | None = None,
+        is_async: bool | None = None,
     ) -> Any:
         # ``handler`` set: a trigger's handler (run_handler), else the entrypoint (a call).
+        # ``is_async``: the handler's kind if the caller knows it (None: look it up here).
         if ctx is None:
             ctx = Context(plugin, plugin.caller or self, next(self._ids))
         try:
@@ -662,7 +667,7 @@ class Dispatcher:
                 if plugin.is_async:
                     return await plugin.entrypoint(ctx, args)
                 func = plugin.entrypoint
-            elif inspect.iscoroutinefunction(handler):
+            elif is_async or (is_async is None and inspect.iscoroutinefunction(handler)):
                 return await handler(ctx, args)
             else:
                 func = handler

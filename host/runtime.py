@@ -27,6 +27,7 @@ from .dispatch import Dispatcher
 from .errors import RecordError
 from .events import EventBus, Subscription
 from .fleet import StatusReporter, StatusReporting
+from .gctune import tune_gc
 from .loader import Loader, PluginInfo, RecordVerifier
 from .plugin import Plugin
 from .pymongo_cancel import install as _cancel_safe_pymongo
@@ -235,6 +236,7 @@ class PluginHost:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        tune_gc()  # a larger young generation: see host.gctune (measured there)
         await self._setup_trust()
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()

@@ -297,3 +297,12 @@ async def test_motor_database_is_accepted(mongo_uri: str, db_name: str) -> None:
     finally:
         await motor.drop_database(db_name)
         motor.close()
+
+
+async def test_started_host_raises_young_gc_threshold(host: PluginHost) -> None:
+    """Once a host has started, the young generation is at least host.gctune's threshold."""
+    from host.gctune import YOUNG_THRESHOLD
+
+    young, middle, old = gc.get_threshold()
+    assert young >= YOUNG_THRESHOLD
+    assert (middle, old) == (10, 10)  # only the young threshold moves (CPython defaults)
