@@ -14,8 +14,9 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from host import PluginHost
 from host.config import DEFAULT_LIMITS
-from host.http import SMALL_RESULT_NODES, ResultTooLarge, create_app, encode_result, to_json
+from host.http import create_app
 from host.publish import publish
+from host.wire_json import SMALL_RESULT_NODES, ResultTooLarge, encode_result, to_json
 
 from .support import Doc, loop_ticks
 
