@@ -19,6 +19,7 @@ from typing import Any
 
 from mongomock import filtering
 
+from . import bsonorder  # noqa: F401 - ranks Timestamp, MinKey, MaxKey for every sort
 from .errors import CommandError
 from .indexes import match
 
