@@ -513,6 +513,11 @@ def create_app(
                 reply, version = await handle_call(request)
             else:
                 reply, version = await observed_call(request)
+        except ClientDisconnect:
+            # The client went away before its body was in: nobody to answer, and no
+            # server error (Uvicorn would log the re-raised exception's traceback).
+            _log.info("http.client_disconnected", path=scope["path"][:200], method="POST")
+            return
         except Exception:
             # What Starlette's error middleware did here (_Api takes this route past it):
             # nothing was sent yet, so a 500; the error goes on to Uvicorn, which logs it.
