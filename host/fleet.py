@@ -8,13 +8,21 @@ The hosts collection sits beside the functions collection (``functions`` →
      heartbeat: <server time>, heartbeat_s: 5.0, ttl_s: 15.0, seq: 17,
      plugins: [{name, version: "greet@r7:3f9a1c2e", revision: 7,
                 candidate: {version, revision, mode, weight} | null,
-                stats: {stable: <Stats>, candidate: <Stats>} | null}],
+                stats: {stable: <Stats>, candidate: <Stats>} | null,
+                held?: ["greet@r6:0b1c2d3e", ...]}],
      refused: [{name, revision, version, stage, error, at, candidate?: true}]}
 
 ``candidate`` and ``stats`` are the plugin's running rollout as this host sees it
 (issue 16; ``<Stats>`` is ``{calls, failures, timeouts, error_rate, p50_ms, p99_ms}`` over
 the policy's window). While a rollout runs, every heartbeat is a full write, so the
 statistics are at most one heartbeat old.
+
+``held`` lists, newest first, the replaced versions the host still holds for pinned
+calls (``held_versions``, issue 16): a call pinned to one of them (``X-Plugin-Version``)
+is served there. The key is absent when the host holds none (the default,
+``held_versions=0``), so the document does not grow for hosts that do not hold. The held
+set changes only when a version is installed, promoted or removed, each of which emits an
+event below, so it is current as of the last write.
 
 ``heartbeat`` is set by the server (``$currentDate``), so readers judge a host's age
 against the server's clock and the hosts' clocks do not matter. A TTL index on
@@ -68,6 +76,7 @@ from pymongo.errors import OperationFailure, PyMongoError
 
 from .events import EventBus, HostEvent, Subscription
 from .loader import PluginInfo
+from .plugin import Plugin
 from .rollout import LiveRollout
 
 __all__ = (
@@ -78,6 +87,7 @@ __all__ = (
     "StatusReporting",
     "hosts_collection_name",
     "plugin_host_version",
+    "revision_in_version",
 )
 
 HOSTS_SUFFIX = "_hosts"
@@ -212,17 +222,24 @@ class ReportedHost(Protocol):
     def rollouts(self) -> Mapping[str, LiveRollout]:
         """The rollouts running on the host, by plugin name."""
 
+    def held(self, name: str) -> tuple[Plugin, ...]:
+        """The replaced versions of ``name`` held for pinned calls, newest first."""
 
-def _revision_of(event: HostEvent) -> int | None:
-    revision = event.get("revision")
-    if isinstance(revision, int) and not isinstance(revision, bool):
-        return revision
-    version = event.get("version")  # name@r7:3f9a1c2e
+
+def revision_in_version(version: object) -> int | None:
+    """The revision a version string names (``greet@r7:3f9a1c2e`` → 7), else None."""
     if isinstance(version, str) and "@r" in version:
         digits = version.rpartition("@r")[2].partition(":")[0]
         if digits.isdigit():
             return int(digits)
     return None
+
+
+def _revision_of(event: HostEvent) -> int | None:
+    revision = event.get("revision")
+    if isinstance(revision, int) and not isinstance(revision, bool):
+        return revision
+    return revision_in_version(event.get("version"))
 
 
 def refusal_from_event(event: HostEvent) -> Refusal | None:
@@ -385,15 +402,17 @@ class StatusReporter:
         for info in sorted(self._host.plugins(), key=lambda i: i.name):
             if info.version is not None and info.status in ("serving", "degraded"):
                 live = rollouts.get(info.name)
-                served.append(
-                    {
-                        "name": info.name,
-                        "version": info.version,
-                        "revision": info.revision,
-                        "candidate": live.describe() if live is not None else None,
-                        "stats": live.stats(now) if live is not None else None,
-                    }
-                )
+                entry: dict[str, Any] = {
+                    "name": info.name,
+                    "version": info.version,
+                    "revision": info.revision,
+                    "candidate": live.describe() if live is not None else None,
+                    "stats": live.stats(now) if live is not None else None,
+                }
+                held = self._host.held(info.name)
+                if held:  # absent when none: the default hosts document stays as small
+                    entry["held"] = [plugin.version for plugin in held]
+                served.append(entry)
         return {
             **self._identity,
             "ready": self._host.is_ready,

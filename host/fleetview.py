@@ -32,7 +32,7 @@ from pymongo import ASCENDING
 
 from .errors import PluginHostError
 from .fleet import hosts_collection_name, served_map
-from .rolloutview import last_rollout_view, plugin_reports, rollout_view
+from .rolloutview import held_reports, last_rollout_view, plugin_reports, rollout_view, sum_held
 
 __all__ = (
     "Convergence",
@@ -86,6 +86,8 @@ class HostStatus:
         candidates: ``{name: {"version", "revision", "mode", "weight"}}``: the rollout
             candidates it holds beside the stable versions.
         stats: ``{name: {"stable": <Stats>, "candidate": <Stats>}}`` while a rollout runs.
+        held: ``{name: (version, ...)}``: the replaced versions it holds for pinned calls
+            (``held_versions``), newest first; names holding none are absent.
     """
 
     id: str
@@ -105,6 +107,7 @@ class HostStatus:
     refused_candidates: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     candidates: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     stats: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    held: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def counted(self) -> bool:
@@ -147,6 +150,8 @@ class HostStatus:
             out["candidate"] = dict(self.candidates[name])
         if name in self.stats:
             out["stats"] = dict(self.stats[name])
+        if name in self.held:
+            out["held"] = list(self.held[name])
         return out
 
     def as_dict(self) -> dict[str, Any]:
@@ -210,6 +215,7 @@ def host_status(doc: Mapping[str, Any], server_now: datetime) -> HostStatus:
         refused_candidates=refused_candidates,
         candidates=plugin_reports(doc, "candidate"),
         stats=plugin_reports(doc, "stats"),
+        held=held_reports(doc),
     )
 
 
@@ -231,6 +237,9 @@ class PluginFleet:
         rollout: The running rollout, summed over the live hosts (see
             :func:`host.rolloutview.rollout_view`); None when there is none.
         last_rollout: How the previous rollout ended (the record's ``last_rollout``).
+        held: ``{"version", "revision", "hosts"}`` of each replaced version live hosts
+            hold for pinned calls (``held_versions``), newest first (see
+            :func:`host.rolloutview.sum_held`); empty when none is held.
     """
 
     name: str
@@ -243,6 +252,7 @@ class PluginFleet:
     converged: bool
     rollout: Mapping[str, Any] | None = None
     last_rollout: Mapping[str, Any] | None = None
+    held: tuple[Mapping[str, Any], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON shape of ``status --json`` / ``GET /fleet``."""
@@ -256,6 +266,7 @@ class PluginFleet:
             "rejected": [dict(r) for r in self.rejected],
             "rollout": dict(self.rollout) if self.rollout is not None else None,
             "last_rollout": dict(self.last_rollout) if self.last_rollout is not None else None,
+            "held": [dict(h) for h in self.held],
         }
 
 
@@ -355,6 +366,7 @@ def plugin_fleet(
         converged=bool(counted) and serving == len(counted),
         rollout=_rollout_of(target.name, record, counted),
         last_rollout=last_rollout_view((record or {}).get("last_rollout")),
+        held=tuple(sum_held(h.held[target.name] for h in counted if target.name in h.held)),
     )
 
 

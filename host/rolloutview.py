@@ -11,22 +11,29 @@ recomputed for the fleet, as each host's rate weighted by its calls (the fleet's
 calls over its calls, whatever each host counts as failed); ``p50_ms`` and ``p99_ms`` are
 the highest of the hosts' values, an upper bound, because percentiles do not add. The
 view says so in ``stats.summed``.
+
+Held versions (``plugins[].held``: the replaced versions a host keeps for pinned calls,
+``held_versions``) are listed per plugin by :func:`sum_held`: each version once, with the
+number of live hosts holding it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from .fleet import revision_in_version
 from .rollout import SHADOW_OUTCOMES
 from .rollout_record import candidate_version
 
 __all__ = (
     "SUMMED",
+    "held_reports",
     "last_rollout_view",
     "plugin_reports",
     "rollout_view",
+    "sum_held",
     "sum_shadow",
     "sum_stats",
 )
@@ -110,6 +117,47 @@ def sum_shadow(reports: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, An
         if isinstance(report.get("last_error"), str):
             errors.append({"host": host, "error": report["last_error"]})
     return {**counts, "blocked": blocked, "errors": errors, "hosts": hosts}
+
+
+def held_reports(doc: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """``{name: held versions}`` of a hosts document's ``plugins[]`` entries that hold some.
+
+    ``held`` (newest first) is what a host keeps for pinned calls (``held_versions``);
+    entries without it, and malformed items in it, count as holding nothing.
+    """
+    out: dict[str, tuple[str, ...]] = {}
+    for item in doc.get("plugins") or ():
+        if isinstance(item, Mapping) and isinstance(item.get("name"), str):
+            held = item.get("held")
+            if isinstance(held, list):
+                versions = tuple(v for v in held if isinstance(v, str))
+                if versions:
+                    out[item["name"]] = versions
+    return out
+
+
+def sum_held(reports: Iterable[Sequence[str]]) -> list[dict[str, Any]]:
+    """The held versions of one plugin over the fleet, from each live host's ``held``.
+
+    Args:
+        reports: One list of held versions per host (hosts holding none may be left out).
+
+    Returns:
+        ``[{version, revision, hosts}]``, newest revision first: every version some host
+        can serve to a pinned call, and how many hosts hold it (a pinned call reaching a
+        host that does not hold it gets a 409 naming what that host holds).
+    """
+    counts: dict[str, int] = {}
+    for versions in reports:
+        for version in dict.fromkeys(versions):  # a host counts once per version
+            counts[version] = counts.get(version, 0) + 1
+
+    def newest_first(version: str) -> tuple[int, str]:
+        revision = revision_in_version(version)
+        return (-revision if revision is not None else 1, version)
+
+    ranked = sorted(counts, key=newest_first)
+    return [{"version": v, "revision": revision_in_version(v), "hosts": counts[v]} for v in ranked]
 
 
 def plugin_reports(doc: Mapping[str, Any], key: str) -> dict[str, Mapping[str, Any]]:

@@ -171,6 +171,19 @@ def _rollout_lines(p: PluginFleet) -> list[str]:
     return lines
 
 
+def _held_lines(p: PluginFleet) -> list[str]:
+    """The versions of one plugin held for pinned calls (``held_versions``): one line."""
+    if not p.held:
+        return []
+    listed = ", ".join(f"{h['version']} ({h['hosts']}/{p.hosts_alive} hosts)" for h in p.held)
+    return [f"  held for pinned calls: {listed}"]
+
+
+def _held_count(host: HostStatus) -> str:
+    held = sum(len(versions) for versions in host.held.values())
+    return f", {held} held" if held else ""
+
+
 def _print_status_plain(view: FleetStatus) -> None:
     if not view.hosts:
         print(f"no host reports to {view.namespace}_hosts (run `plugin-host run`)")
@@ -185,10 +198,10 @@ def _print_status_plain(view: FleetStatus) -> None:
             print(f"  behind: {host} on {on}")
         for r in p.rejected:
             print(f"  refused: {r['host']} r{r['revision']} at stage {r['stage']}: {r['error']}")
-        for line in _rollout_lines(p):
+        for line in _held_lines(p) + _rollout_lines(p):
             print(line)
     for h in view.hosts:
-        print(f"host {h.id} pid {h.pid} {_host_state(h)}, {len(h.plugins)} plugins")
+        print(f"host {h.id} pid {h.pid} {_host_state(h)}, {len(h.plugins)} plugins{_held_count(h)}")
     for h in view.late:
         print(f"late heartbeat: {h.id} ({h.age_s:.1f} s ago, every {h.heartbeat_s:g} s)")
 
@@ -214,7 +227,7 @@ def _print_status_table(view: FleetStatus) -> None:
     from rich.markup import escape
 
     for name, p in sorted(view.plugins.items()):
-        lines = _rollout_lines(p)
+        lines = _held_lines(p) + _rollout_lines(p)
         if lines:
             _console.print(f"[bold]{escape(name)}[/]")
             for line in lines:
@@ -234,6 +247,6 @@ def _print_status_table(view: FleetStatus) -> None:
             h.version or "-",
             f"[{style}]{_host_state(h)}[/]",
             f"{h.age_s:.1f} s ago",
-            str(len(h.plugins)),
+            f"{len(h.plugins)}{_held_count(h)}",
         )
     _console.print(hosts)
