@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -127,8 +127,11 @@ class Subscription:
     (counted in :attr:`dropped`) rather than slowing the host down.
     """
 
-    def __init__(self, bus: EventBus, buffer: int) -> None:
+    def __init__(
+        self, bus: EventBus, buffer: int, accept: Callable[[HostEvent], bool] | None = None
+    ) -> None:
         self._bus = bus
+        self._accept = accept
         send, receive = anyio.create_memory_object_stream[HostEvent](
             buffer if buffer > 0 else math.inf
         )
@@ -138,6 +141,8 @@ class Subscription:
         bus._subscribers.add(self)
 
     def _offer(self, event: HostEvent) -> None:
+        if self._accept is not None and not self._accept(event):
+            return  # not wanted: no buffer slot, no wake-up of the reader
         try:
             self._send.send_nowait(event)
         except anyio.WouldBlock:
@@ -244,6 +249,17 @@ class EventBus:
             for subscription in tuple(self._subscribers):
                 subscription._offer(item)
 
-    def subscribe(self, buffer: int = 10_000) -> Subscription:
-        """A new subscription; ``buffer`` <= 0 means unbounded."""
-        return Subscription(self, buffer)
+    def subscribe(
+        self, buffer: int = 10_000, accept: Callable[[HostEvent], bool] | None = None
+    ) -> Subscription:
+        """A new subscription.
+
+        Args:
+            buffer: Events kept for a slow reader; <= 0 means unbounded.
+            accept: If set, only the events it returns True for are delivered (it runs
+                in ``emit``, on the emitter's stack: keep it cheap and never raise).
+
+        Returns:
+            The subscription.
+        """
+        return Subscription(self, buffer, accept)

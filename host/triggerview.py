@@ -107,8 +107,9 @@ class TriggerStatus:
         lease_valid: The lease has not expired (server clock).
         lease_expires: When the lease expires.
         lease_epoch: Bumped at every acquisition (a fencing token).
-        status: ``running``, ``paused``, ``failed``, ``waiting`` (``removed``: dead
-            letters remain but the trigger has no state any more).
+        status: ``starting`` (leased, its change stream not open yet), ``running``,
+            ``paused``, ``failed``, ``waiting`` (``removed``: dead letters remain but the
+            trigger has no state any more).
         error: Why it failed, if it did.
         lag_ms: The last handler start's lag behind the event's cluster time.
         events_per_s: Recent throughput.

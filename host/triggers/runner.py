@@ -273,7 +273,9 @@ class Runner:
         self._idle.set()
         self._stopping = False
         self._read_scope = anyio.CancelScope()
-        self._status = "running"
+        # "starting" (as the acquisition wrote it) until the change stream is open and the
+        # state says so: a trigger reports "running" only once it can see events.
+        self._status = "starting"
         self._error: str | None = None
         self._lag_ms: float | None = None
         self._rate: float | None = None
@@ -392,6 +394,8 @@ class Runner:
                 stream = await self._open()
                 async with stream:
                     backoff = 0.05
+                    announce = self._status == "starting"
+                    self._status = "running"
                     if self._read_token is None:
                         # "Now" (or start_at) is fixed by the stream's first token.
                         start = stream.resume_token
@@ -401,7 +405,11 @@ class Runner:
                             self._start_rescan(start, tg)  # marks the stream's point when done
                         else:
                             self._window.mark(start)
-                            await self._checkpoint()
+                            announce = True
+                    # The first write after the (first) open says "running", with the
+                    # checkpoint; a failed write leaves "starting" to say again next open.
+                    if announce and not await self._announce():
+                        return
                     await self._follow(stream, tg)
             except OperationFailure as exc:
                 if exc.code not in HISTORY_LOST_CODES or self._read_token is None:
@@ -424,6 +432,14 @@ class Runner:
                 if not await self._transient(exc, backoff):
                     return
                 backoff = min(backoff * 2, 5.0)
+
+    async def _announce(self) -> bool:
+        """Write the state (checkpoint, ``running``) at once; False if the lease is lost."""
+        try:
+            return await self._checkpoint()
+        except PyMongoError:
+            self._status = "starting"  # not stored: the next open writes it again
+            raise
 
     async def _transient(self, exc: PyMongoError, backoff: float) -> bool:
         self._events.emit(
