@@ -19,7 +19,7 @@ number of live hosts holding it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -126,13 +126,12 @@ def held_reports(doc: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
     entries without it, and malformed items in it, count as holding nothing.
     """
     out: dict[str, tuple[str, ...]] = {}
-    for item in doc.get("plugins") or ():
-        if isinstance(item, Mapping) and isinstance(item.get("name"), str):
-            held = item.get("held")
-            if isinstance(held, list):
-                versions = tuple(v for v in held if isinstance(v, str))
-                if versions:
-                    out[item["name"]] = versions
+    for name, item in _plugin_entries(doc):
+        held = item.get("held")
+        if isinstance(held, list):
+            versions = tuple(v for v in held if isinstance(v, str))
+            if versions:
+                out[name] = versions
     return out
 
 
@@ -152,23 +151,28 @@ def sum_held(reports: Iterable[Sequence[str]]) -> list[dict[str, Any]]:
         for version in dict.fromkeys(versions):  # a host counts once per version
             counts[version] = counts.get(version, 0) + 1
 
-    def newest_first(version: str) -> tuple[int, str]:
-        revision = revision_in_version(version)
-        return (-revision if revision is not None else 1, version)
-
-    ranked = sorted(counts, key=newest_first)
-    return [{"version": v, "revision": revision_in_version(v), "hosts": counts[v]} for v in ranked]
+    listed: list[dict[str, Any]] = [
+        {"version": v, "revision": revision_in_version(v), "hosts": n} for v, n in counts.items()
+    ]
+    listed.sort(key=lambda h: (-h["revision"] if h["revision"] is not None else 1, h["version"]))
+    return listed
 
 
 def plugin_reports(doc: Mapping[str, Any], key: str) -> dict[str, Mapping[str, Any]]:
     """``{name: entry[key]}`` of a hosts document's ``plugins[]`` entries that carry it."""
     out: dict[str, Mapping[str, Any]] = {}
+    for name, item in _plugin_entries(doc):
+        value = item.get(key)
+        if isinstance(value, Mapping):
+            out[name] = value
+    return out
+
+
+def _plugin_entries(doc: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """(name, entry) of a hosts document's well-formed ``plugins[]`` entries."""
     for item in doc.get("plugins") or ():
         if isinstance(item, Mapping) and isinstance(item.get("name"), str):
-            value = item.get(key)
-            if isinstance(value, Mapping):
-                out[item["name"]] = value
-    return out
+            yield item["name"], item
 
 
 def _json(value: Any) -> Any:

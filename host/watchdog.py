@@ -19,8 +19,9 @@ Design note — a heartbeat plus a sampling thread (the idea behind asyncio's de
   A sample's callback is the frame the loop's callback runner called: the outermost frame
   of the stack that is not one of the loop's own *driver* frames (``run_forever``,
   ``_run_once``, ``Handle._run``, the runner...). The heartbeat learns the driver frames'
-  code objects from its own stack each beat (the non-coroutine frames around it), so this
-  holds for asyncio and uvloop alike. Callbacks are compared by frame identity: the
+  code objects from its own stack once, when it starts (the non-coroutine frames around
+  it; every later step of its task is run by the same runner), so this holds for asyncio
+  and uvloop alike. Callbacks are compared by frame identity: the
   sampled frames are kept referenced until the stall ends, so a finished callback's frame
   cannot be reused by the next one. For a task step the callback frame is the task's
   outermost coroutine frame (the same across its steps).
@@ -162,7 +163,6 @@ class LoopWatchdog:
         try:
             while True:
                 self._beat = time.monotonic()
-                self._drivers = _driver_codes(sys._getframe())
                 await anyio.sleep(self.interval)
         finally:
             stop.set()  # the thread exits within one interval; no join on the loop
