@@ -312,6 +312,12 @@ class _CallRequest:
         return QueryParams(self.scope["query_string"])
 
 
+def _client_disconnected(path: str) -> None:
+    """The client went away before its body was in: nobody to answer, and no server
+    error (Uvicorn would log a re-raised exception's traceback). One line says so."""
+    _log.info("http.client_disconnected", path=path[:200], method="POST")
+
+
 async def _read_body(request: Request | _CallRequest, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -514,9 +520,7 @@ def create_app(
             else:
                 reply, version = await observed_call(request)
         except ClientDisconnect:
-            # The client went away before its body was in: nobody to answer, and no
-            # server error (Uvicorn would log the re-raised exception's traceback).
-            _log.info("http.client_disconnected", path=scope["path"][:200], method="POST")
+            _client_disconnected(scope["path"])
             return
         except Exception:
             # What Starlette's error middleware did here (_Api takes this route past it):
@@ -770,6 +774,9 @@ def create_app(
             )
         except _BodyTooLarge:
             return _error(413, "BodyTooLarge", f"the body is larger than {max_body_bytes} bytes")
+        except ClientDisconnect:
+            _client_disconnected(request.url.path)
+            return Response(status_code=499)  # sent to no one: Uvicorn drops it
         except ValueError as exc:
             return _error(422, "BadRequest", f"the request body is not valid JSON: {exc}")
         except ActionError as exc:

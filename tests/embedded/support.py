@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,6 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import bson
+from pymongo import MongoClient
 
 from host.embedded.wire import crc32c
 
@@ -163,3 +167,52 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
 def remount(path: Path, size: str) -> None:
     """Grow (or shrink) a tmpfs mounted by :func:`tmpfs`."""
     subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
+
+
+def cli() -> list[str]:
+    """The ``plugin-host`` command of this environment (its script, else ``python -m host.cli``)."""
+    script = Path(sys.executable).with_name("plugin-host")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "host.cli"]
+
+
+class Server:
+    """One ``plugin-host embedded-mongo`` subprocess."""
+
+    def __init__(self, data_dir: Path | None) -> None:
+        args = [*cli(), "embedded-mongo", "--port", "0", "--log-format", "json"]
+        if data_dir is not None:
+            args += ["--data-dir", str(data_dir)]
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.events: list[Doc] = []
+        self.uri = self._wait_for("embedded.started")["uri"]
+
+    def _wait_for(self, event: str) -> Doc:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            record: Doc = json.loads(line)
+            self.events.append(record)
+            if record.get("event") == event:
+                return record
+        raise AssertionError(f"server exited before logging {event}: {self.proc.wait()}")
+
+    def client(self) -> MongoClient[Doc]:
+        return MongoClient(self.uri, serverSelectionTimeoutMS=5000)
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self._close_pipes()
+
+    def terminate(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        self._wait_for("embedded.stopped")
+        code = self.proc.wait(timeout=30)
+        self._close_pipes()
+        return code
+
+    def _close_pipes(self) -> None:
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()

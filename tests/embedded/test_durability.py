@@ -5,70 +5,20 @@ These run the real CLI as a subprocess, so they are embedded-only.
 
 from __future__ import annotations
 
-import json
-import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pymongo import MongoClient
 from pymongo.errors import DuplicateKeyError
+
+from tests.embedded.support import Server, cli
 
 Doc = dict[str, Any]
 
 
 pytestmark = pytest.mark.embedded_only("durability of the embedded server's data directory")
-
-
-def _cli() -> list[str]:
-    script = Path(sys.executable).with_name("plugin-host")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "host.cli"]
-
-
-class Server:
-    """One ``plugin-host embedded-mongo`` subprocess."""
-
-    def __init__(self, data_dir: Path | None) -> None:
-        args = [*_cli(), "embedded-mongo", "--port", "0", "--log-format", "json"]
-        if data_dir is not None:
-            args += ["--data-dir", str(data_dir)]
-        self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        self.events: list[Doc] = []
-        self.uri = self._wait_for("embedded.started")["uri"]
-
-    def _wait_for(self, event: str) -> Doc:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            record: Doc = json.loads(line)
-            self.events.append(record)
-            if record.get("event") == event:
-                return record
-        raise AssertionError(f"server exited before logging {event}: {self.proc.wait()}")
-
-    def client(self) -> MongoClient[Doc]:
-        return MongoClient(self.uri, serverSelectionTimeoutMS=5000)
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self._close_pipes()
-
-    def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        self._wait_for("embedded.stopped")
-        code = self.proc.wait(timeout=30)
-        self._close_pipes()
-        return code
-
-    def _close_pipes(self) -> None:
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
 
 
 @pytest.fixture
@@ -136,7 +86,7 @@ def test_acknowledged_writes_survive_kill_9(tmp_path: Path, servers: list[Server
         assert client.app.items.count_documents({}) == 193
         assert client.app.items.find_one({"_id": "second"}) is not None
     locked = subprocess.run(
-        [*_cli(), "embedded-mongo", "--port", "0", "--data-dir", str(tmp_path)],
+        [*cli(), "embedded-mongo", "--port", "0", "--data-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=30,

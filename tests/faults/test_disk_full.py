@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 from pymongo.errors import OperationFailure
 
-from tests.embedded.support import remount
-from tests.embedded.test_durability import Server, _cli
+from tests.embedded.support import Server, cli, remount
 
 pytestmark = [
     pytest.mark.timeout(240),
@@ -48,7 +47,7 @@ def test_full_disk_loses_no_acknowledged_write(tiny_dir: Path) -> None:
     assert acknowledged, "nothing was acknowledged before the disk filled up"
 
     full = subprocess.run(
-        [*_cli(), "embedded-mongo", "--port", "0", "--data-dir", str(tiny_dir)],
+        [*cli(), "embedded-mongo", "--port", "0", "--data-dir", str(tiny_dir)],
         capture_output=True,
         text=True,
         timeout=120,

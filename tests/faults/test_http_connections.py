@@ -331,26 +331,30 @@ def test_settings_are_checked() -> None:
 async def test_a_client_gone_mid_body_is_one_log_line_not_a_traceback(
     tmp_path: Path, mongo_uri: str, db: Db, stack: dict[str, str]
 ) -> None:
-    """A client that closes its socket mid-body on the call route makes one
-    ``http.client_disconnected`` line naming the path, no traceback, and the daemon serves on."""
+    """A client that closes its socket mid-body on a body route (the call route, the rollout
+    route) makes one ``http.client_disconnected`` line naming the path, no traceback, and the
+    daemon serves on."""
     await db.functions.insert_one({"_id": "echo", "source": ECHO})
+    paths = ["/functions/echo/call", "/functions/echo/rollout"]
     with run_process(tmp_path, mongo_uri, db.name, 1024, **stack) as (_, log):
         port = await _port(log)
-        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
-            head = (
-                b"POST /functions/echo/call HTTP/1.1\r\nhost: localhost\r\n"
-                b"content-type: application/json\r\ncontent-length: 100\r\n\r\n"
-            )
-            await stream.send(head + b'{"half": ')  # 9 of the 100 bytes announced
 
         def gone() -> list[dict[str, Any]]:
             return [e for e in _events(log) if e.get("event") == "http.client_disconnected"]
 
-        await wait_until(gone, "the daemon logs http.client_disconnected")
+        for n, path in enumerate(paths, 1):
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                head = (
+                    f"POST {path} HTTP/1.1\r\nhost: localhost\r\n"
+                    "content-type: application/json\r\ncontent-length: 100\r\n\r\n"
+                ).encode()
+                await stream.send(head + b'{"half": ')  # 9 of the 100 bytes announced
+            await wait_until(lambda n=n: len(gone()) >= n, f"the daemon logs {path}'s disconnect")
         async with httpx.AsyncClient(timeout=10) as client:
             reply = await client.post(f"http://127.0.0.1:{port}/functions/echo/call", json=[1])
         assert reply.status_code == 200 and reply.json()["result"] == [1]
         text = log.read_text()
-    (line,) = gone()
-    assert line["path"] == "/functions/echo/call" and line["level"] == "info"
+    lines = gone()
+    assert [line["path"] for line in lines] == paths
+    assert all(line["level"] == "info" for line in lines)
     assert "Traceback" not in text and "Exception in ASGI application" not in text
