@@ -58,6 +58,7 @@ this process.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import traceback
@@ -69,12 +70,12 @@ from typing import Any, Literal
 import anyio
 from anyio.abc import TaskGroup
 
-from .compiler import compile_plugin, compile_plugins
+from .compiler import compile_plugin, compile_plugins, load_now
 from .config import DEFAULT_LIMITS, DEFAULT_TIMEOUTS
 from .errors import CompileError, HostClosed, RecordError
 from .events import EventBus, Level, LogThrottle
 from .plugin import Plugin
-from .precompile import CompilerProcesses
+from .precompile import CompilerProcesses, Precompiled
 from .records import PluginRecord, describe_id, parse_record
 from .registry import Registry
 from .rollout import LiveRollout
@@ -150,6 +151,10 @@ class PluginInfo:
             "last_error": self.last_error,
             "abandoned_threads": self.abandoned_threads,
         }
+
+
+_Rest = Callable[[], Awaitable[None]]
+"""What the fast path (``Loader._apply_now``) leaves of a change for a worker task."""
 
 
 @dataclass(slots=True)
@@ -261,16 +266,45 @@ class Loader:
     # -- submission --------------------------------------------------------------------
 
     def submit(self, change: Change) -> None:
-        """Queue a change; the newest change per name wins. Never blocks."""
+        """Queue a change; the newest change per name wins. Never blocks.
+
+        A change to an idle name that is cheap to apply is applied here and now (the
+        fast path, see the module docstring); any other goes to a worker task.
+        """
         assert self._tg is not None, "Loader.bind() was not called"
-        slot = self._slots.get(change.name)
+        name = change.name
+        slot = self._slots.get(name)
         if slot is None:
-            slot = self._slots[change.name] = _Slot()
+            slot = self._slots[name] = _Slot()
         slot.put(change)
-        if not slot.busy:
-            slot.busy = True
-            self._busy += 1
-            self._tg.start_soon(self._work, change.name, slot, name=f"load {change.name}")
+        if slot.busy:
+            return
+        rest: _Rest | None = None
+        if self._applies_now(change):
+            slot.take()  # `change` itself: an idle slot holds nothing else (see _Slot)
+            rest = self._apply_now(change, slot)
+            if rest is None:  # done: applied, refused, or nothing to do
+                if slot.info is None and slot.pending is None:
+                    self._slots.pop(name, None)
+                return
+        slot.busy = True
+        self._busy += 1
+        self._tg.start_soon(self._work, name, slot, rest, name=f"load {name}")
+
+    def _applies_now(self, change: Change) -> bool:
+        """Whether :meth:`_apply_now` may take ``change`` (cheap checks, before parsing).
+
+        Not: an unload (the registry's removal awaits its lock), a record checked by a
+        verifier (it may await: signatures), a record with a ``rollout`` or a name that
+        holds a candidate (settling the candidate awaits).
+        """
+        doc = change.document
+        return (
+            doc is not None
+            and self._verifier is None
+            and doc.get("rollout") is None
+            and change.name not in self._registry.rollouts
+        )
 
     async def wait_idle(self) -> None:
         """Return once every submitted change has been applied."""
@@ -331,8 +365,13 @@ class Loader:
 
     # -- work --------------------------------------------------------------------------
 
-    async def _work(self, name: str, slot: _Slot) -> None:
+    async def _work(self, name: str, slot: _Slot, rest: _Rest | None = None) -> None:
         try:
+            if rest is not None:  # what the fast path left of a change it took
+                try:
+                    await rest()
+                except HostClosed:
+                    return
             while slot.pending is not None:
                 change, superseded = slot.take()
                 assert change is not None
@@ -353,18 +392,77 @@ class Loader:
 
     async def _apply(self, change: Change, slot: _Slot, superseded: int = 0) -> None:
         job = await self._prepare(change, slot, superseded)
-        if job is None:
-            return
+        if job is not None:
+            await self._compile_install(job)
+
+    async def _compile_install(self, job: _Job, precompiled: Precompiled | None = None) -> None:
         try:
             plugin: Plugin | CompileError = await compile_plugin(
                 job.record,
                 exec_timeout=self._exec_timeout,
                 default_max_concurrency=self._default_max_concurrency,
                 processes=self._processes,
+                precompiled=precompiled,
             )
         except CompileError as exc:
             plugin = exc
         await self._install(job, plugin)
+
+    def _apply_now(self, change: Change, slot: _Slot) -> _Rest | None:
+        """Apply ``change`` (taken from its idle slot) without an await, as far as it goes.
+
+        Validates as :meth:`_prepare` does, compiles and loads with
+        :func:`~host.compiler.load_now` and installs with ``Registry.install_now``;
+        refusals and failures are reported as on the worker's path. Where a step would
+        need an await (a source too large to compile on the loop, a top level that runs
+        code, a ``setup`` hook, the name's registry lock taken, a disabled record to
+        unload), it stops there.
+
+        Returns:
+            None when the change is fully applied (or refused); else the rest of it, to
+            run in a worker task before any newer change of the name.
+        """
+        name = change.name
+        doc = change.document
+        assert doc is not None  # see _applies_now
+        current = self._registry.get(name)
+        serving = current.version if current else None
+        try:
+            record = parse_record(doc, max_source_bytes=self._max_source_bytes)
+        except RecordError as exc:
+            self._rejected(name, exc, serving, doc.get("revision"))
+            self._fail(slot, name, str(exc), current is not None)
+            return None
+        except Exception as exc:  # a validation bug must not stop the watcher
+            self._reload_failed(
+                slot, name, "verify", exc, serving=serving, still_serving=current is not None
+            )
+            return None
+        if not record.enabled:
+            return functools.partial(self._unload, name, slot, "disabled", record)
+        if current is not None and current.record == record:
+            return None  # nothing that matters changed; no rollout to settle (checked)
+        job = _Job(change, slot, record, serving, current is not None, time.perf_counter())
+        try:
+            loaded = load_now(record, default_max_concurrency=self._default_max_concurrency)
+        except Exception as exc:  # CompileError; or a host bug, which must not stop the watcher
+            self._install_failed(job, exc)
+            return None
+        if not isinstance(loaded, Plugin):  # None (large source) or compiled, not run
+            return functools.partial(self._compile_install, job, loaded)
+        if not self._registry.installs_now(loaded):  # a setup hook, or the name is busy
+            return functools.partial(self._install, job, loaded)
+        try:
+            old = self._registry.install_now(loaded, self._ctx_factory)
+        except HostClosed:
+            loaded.release()
+            return None
+        except Exception as exc:  # a host bug must not stop the watcher
+            loaded.release()
+            self._install_failed(job, exc)
+            return None
+        self._announce(job, loaded, old, self._live_fields(job, loaded))
+        return None
 
     async def _prepare(self, change: Change, slot: _Slot, superseded: int = 0) -> _Job | None:
         """Validate, verify or unload; the job to compile, or None if nothing is left."""
@@ -433,40 +531,40 @@ class Loader:
 
     async def _install(self, job: _Job, compiled: Plugin | CompileError) -> None:
         """Install a compiled version (or report its failure) and emit the event."""
-        change, slot, record, serving = job.change, job.slot, job.record, job.serving
-        name = change.name
         try:
             if isinstance(compiled, CompileError):
                 raise compiled
             plugin = compiled
             old = await self._registry.install(plugin, self._ctx_factory)
-        except CompileError as exc:
-            self._reload_failed(
-                slot,
-                name,
-                exc.stage,
-                exc,
-                serving=serving,
-                still_serving=job.had_current,
-                version=record.version,
-                revision=record.revision,
-            )
-            return
         except HostClosed:
             raise
         except Exception as exc:  # a bug in the host must not kill the loader
-            self._reload_failed(
-                slot,
-                name,
-                "internal",
-                exc,
-                serving=serving,
-                still_serving=job.had_current,
-                version=record.version,
-                revision=record.revision,
-                last_error=str(exc),
-            )
+            self._install_failed(job, exc)
             return
+        fields = self._live_fields(job, plugin)
+        await self._sync_candidate(job.change, job.record)
+        self._announce(job, plugin, old, fields)
+
+    def _install_failed(self, job: _Job, exc: Exception) -> None:
+        """Report a version that failed to compile, load or install; the old one serves."""
+        record = job.record
+        is_compile = isinstance(exc, CompileError)
+        self._reload_failed(
+            job.slot,
+            job.change.name,
+            exc.stage if isinstance(exc, CompileError) else "internal",
+            exc,
+            serving=job.serving,
+            still_serving=job.had_current,
+            version=record.version,
+            revision=record.revision,
+            last_error=None if is_compile else str(exc),
+        )
+
+    def _live_fields(self, job: _Job, plugin: Plugin) -> dict[str, Any]:
+        """Record ``plugin`` as the name's serving version; its event's fields."""
+        change, record = job.change, job.record
+        name = change.name
         live_ms = (time.perf_counter() - job.started) * 1000.0
         fields: dict[str, Any] = {
             "plugin": name,
@@ -485,14 +583,20 @@ class Loader:
             fields["change_to_live_ms"] = round(
                 (datetime.now(UTC) - wall).total_seconds() * 1000.0, 3
             )
-        slot.info = PluginInfo(
+        job.slot.info = PluginInfo(
             name=name,
             version=plugin.version,
             revision=record.revision,
             loaded_at=plugin.loaded_at,
             status="serving",
         )
-        await self._sync_candidate(change, record)
+        return fields
+
+    def _announce(
+        self, job: _Job, plugin: Plugin, old: Plugin | None, fields: dict[str, Any]
+    ) -> None:
+        """Emit ``plugin.loaded`` or ``plugin.reloaded`` for a version that went live."""
+        name, change = job.change.name, job.change
         if old is None:
             # The initial load logs one summary line (`watch.started`); each version's
             # `plugin.loaded` still reaches subscribers, and the log at debug level.
