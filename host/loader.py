@@ -12,13 +12,23 @@ Design note — keeping reloads ahead of calls. On a loop saturated with callers
 turn of the event loop runs one step of each runnable caller, so a reload costs the
 number of turns on its path times the number of callers (measured: ~9 turns plus a GIL
 hand-off per reload made 50 spinning callers add ~25 ms, 200 add ~50 ms). The path is
-therefore kept to as few turns as possible: the watcher's event starts one worker task
-(one turn); a small source compiles on the loop and a declarative top level runs there
-(``host.precompile``): no thread hop, no load gate, no watchdog task; the registry's
-install takes its per-name lock without a checkpoint when uncontended, and with no
-``setup`` hook the swap happens in that same step. Only sources that could stall the
-loop (large, or with many f-string placeholders) and top levels that run code pay for
-isolation: a compiler process, then a worker thread under the CPU-time bound.
+therefore kept to as few turns as possible. The fast path (:meth:`Loader.submit`,
+:meth:`Loader._apply_now`): a change to a name with no worker, no verifier, no rollout
+and no candidate is validated, compiled (``host.precompile.precompile_now``), loaded
+(``host.compiler.load_now``: a declarative top level runs on the loop) and installed
+(``Registry.install_now``: no ``setup``, the name's lock free, the swap in the same
+step) inside ``submit`` itself, in the watcher's step: no task, no thread hop, no loop
+turn. Wherever a step would have to await (a verifier, a rollout to settle, a disabled
+record to unload, a source too large to compile on the loop, a top level that runs code,
+a ``setup`` hook, the name's lock taken), the rest of that change goes to a worker task,
+with what is already done (the validated record, the compiled code, the loaded
+version), and the name's slot is busy from then on, so a newer change waits behind it
+exactly as on the worker's path: the slot's invariant and the per-name order hold on
+both paths. The worker's path keeps the same shape: a small source compiles on the loop
+and a declarative top level runs there, and the registry's install takes its lock
+without a checkpoint when uncontended. Only sources that could stall the loop (large,
+or with many f-string placeholders) and top levels that run code pay for isolation: a
+compiler process, then a worker thread under the CPU-time bound.
 
 Candidates (issue 16). After the stable version of a change is settled, the same worker
 settles the record's ``rollout`` (:meth:`Loader._sync_candidate`): it compiles and
@@ -31,29 +41,33 @@ stable version keeps serving everything.
 
 What a reload costs the loop, and so a reload storm's bound (issue 19). A storm of R
 reloads/s takes R x (cost of one reload) of each loop second, so the 10% throughput goal
-at the bench's 200 updates/s needs about 0.5 ms per reload. Measured (py-spy on
-``bench.swap.reload_cost``, no callers, 2 shared cores): about 1.7-2.1 ms before the
-storm work, 1.4-1.7 ms after; the loader-registry-events part alone (changes submitted
-straight to the loader, no stream) went from 1.08 to 0.53 ms. What was cut: the
-``plugin.reloaded`` and ``plugin.retired`` log lines (structlog's JSON rendering, about
-a tenth of a reload) are at info at most once a second per plugin (``LogThrottle``: the
-next info line says how many it quieted; subscribers get every event); a replaced
-version with nothing to drain or tear down retires in a loop callback instead of a task
-(``Registry._retire_soon``); the busy/idle event is made only when someone waits; the
-content hash's JSON encoder is built once; no thread-limiter lookup for a batch with
-nothing to run in a thread. What is left, in shares of the loop's busy samples: the
-stream's getMore and its decode in PyMongo (~25%), compile (``ast.parse`` plus
-``compile()`` plus the declarative check, ~14%), record validation and hash (~7%), this
-worker's spawn (anyio ``start_soon``, ~6%), the trigger engine waking on every reload
-(``host.triggers.engine``, ~5-9%), install and the two events (~12%). So the goal is
-missed at 200 updates/s (at 20/s it was met on a quiet machine). Each change that waits
-while its name loads is replaced by the newer one (the slot's invariant below) and
-counted in the new version's ``superseded``. Not done, and why: delaying or
-rate-limiting reloads would trade change-to-live (p99 goal 20 ms) for throughput;
-compiling small sources in the compiler process would move ~0.2 ms of compile off this
-process but add a pipe round trip (several loop turns and the reply's decode) to every
-reload; the remaining big piece, the getMore, would need the stream itself read outside
-this process.
+at the bench's 200 updates/s needs about 0.5 ms per reload. Measured with
+``bench.swap.reload_cost`` (loop thread's CPU time per reload, no callers, server in its
+own process; medians of interleaved runs against main on the same 2 shared cores, whose
+absolute figures move with the machine: an earlier full bench run on another CPU said
+2.7 ms where these runs say 0.69): 0.69 ms before this fast path, 0.64 ms with it, 0.58
+ms once the bench counts reloads with an ``accept`` callback instead of a reader task
+(the reader's two loop turns per reload were the instrument's own cost). Cut earlier
+for storms, still in place: the ``plugin.reloaded`` and ``plugin.retired`` log lines at
+info at most once a second per plugin (``LogThrottle``), a replaced version with nothing
+to drain retiring in a loop callback (``Registry._retire_soon``), the busy/idle event
+made only when someone waits, the content hash's encoder built once. The loader's
+own part (changes submitted straight to it, no stream) went from 134 to 82 us. What
+is left, from a cProfile on the loop thread's CPU clock (shares of its samples): the
+change stream's getMore in PyMongo, decode included, 43% -- a bare PyMongo
+``try_next`` loop on the same storm costs the loop 310-400 us per event by itself, about
+60-80 us of it PyMongo's receive path (two tasks and an ``asyncio.wait`` per reply),
+which a lean receive removes in a bare consumer; compile and load 13% (``compile()``
+4%, the declarative check 2%), validation and hash 5%, install and retirement 8%, the
+two events 6%, the loop's own turns the rest. So the goal is missed at 200 updates/s
+(at 20/s it was met on a quiet machine), and the bound is the stream read: with the
+loader free, the getMore alone is ~0.35 ms a reload. Each change that waits while its
+name loads is replaced by the newer one (the slot's invariant below) and counted in the
+new version's ``superseded``. Not done, and why: delaying or rate-limiting reloads would
+trade change-to-live (p99 goal 20 ms) for throughput; compiling small sources in the
+compiler process would add a pipe round trip to every reload; PyMongo's receive path is
+PyMongo's (replacing it would fork the driver's cancellation of in-use connections);
+the rest would need the stream read outside this process.
 """
 
 from __future__ import annotations
