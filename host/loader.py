@@ -56,7 +56,7 @@ own part (changes submitted straight to it, no stream) went from 134 to 82 us. W
 is left, from a cProfile on the loop thread's CPU clock (shares of its samples): the
 change stream's getMore in PyMongo, decode included, 43% -- a bare PyMongo
 ``try_next`` loop on the same storm costs the loop 310-400 us per event by itself, about
-60-80 us of it PyMongo's receive path (two tasks and an ``asyncio.wait`` per reply),
+60-90 us of it PyMongo's receive path (two tasks and an ``asyncio.wait`` per reply),
 which a lean receive removes in a bare consumer; compile and load 13% (``compile()``
 4%, the declarative check 2%), validation and hash 5%, install and retirement 8%, the
 two events 6%, the loop's own turns the rest. So the goal is missed at 200 updates/s
@@ -192,7 +192,10 @@ class _Slot:
     the newest change submitted and not yet taken; ``superseded`` counts the changes it
     replaced since the last :meth:`take` (each of those is never compiled, and the
     version that does go live reports them as ``superseded``); ``busy`` is True exactly
-    while one worker (or one batch) owns the name, and only the owner takes. So every
+    while one worker (or one batch) owns the name, and only the owner takes; the one
+    exception is the fast path in :meth:`Loader.submit`, which takes from an idle slot
+    and either finishes within that same synchronous step or sets ``busy`` before it
+    returns, handing the rest to the name's worker. So every
     submitted change is either taken once or counted once as superseded, and a name's
     versions go live in submission order (tests/test_loader.py checks this under a
     storm of submissions).
