@@ -40,6 +40,7 @@ from .precompile import (
     Precompiled,
     compiles_inline,
     precompile,
+    precompile_now,
     syntax_error,
 )
 from .records import PluginRecord
@@ -52,7 +53,7 @@ from .threads import (
     run_stoppable,
 )
 
-__all__ = ("compile_plugin", "compile_plugins")
+__all__ = ("compile_plugin", "compile_plugins", "load_now")
 
 T = TypeVar("T")
 
@@ -417,6 +418,7 @@ async def compile_plugin(
     exec_timeout: float = DEFAULT_TIMEOUTS.top_level,
     default_max_concurrency: int | None = None,
     processes: CompilerProcesses | None = None,
+    precompiled: Precompiled | None = None,
 ) -> Plugin:
     """Compile ``record`` into a fresh, not yet installed, :class:`Plugin`.
 
@@ -429,6 +431,8 @@ async def compile_plugin(
         processes: Compiler processes: the source is compiled by ``host.precompile``
             (on the loop if small, else in a process) and a declarative top level runs
             on the loop, with no thread hop. None compiles in the worker thread.
+        precompiled: ``record``'s source already compiled (by :func:`load_now`): only
+            its top level is left to run.
 
     Returns:
         The loaded version.
@@ -442,10 +446,49 @@ async def compile_plugin(
         exec_timeout=exec_timeout,
         default_max_concurrency=default_max_concurrency,
         processes=processes,
+        precompiled=[precompiled] if precompiled is not None else None,
     )
     if isinstance(outcome, CompileError):
         raise outcome
     return outcome
+
+
+def load_now(
+    record: PluginRecord, *, default_max_concurrency: int | None = None
+) -> Plugin | Precompiled | None:
+    """Compile and load ``record`` on the calling thread (the loop), if it is cheap.
+
+    The synchronous form of :func:`compile_plugin` for the loader's fast path: a source
+    that :func:`~host.precompile.compiles_inline` compiles here, and a declarative top
+    level (see ``host.precompile``) runs here, as :func:`compile_plugins` would do them.
+    No await, so no loop turn and no thread hop.
+
+    Args:
+        record: The validated record.
+        default_max_concurrency: Concurrency limit for records that set none.
+
+    Returns:
+        The loaded version; or, when its top level is not declarative, its compiled code,
+        to finish with ``compile_plugin(record, precompiled=...)`` (in a worker thread,
+        under the CPU-time bound); or None when the source is too large to compile here.
+
+    Raises:
+        CompileError: As :func:`compile_plugin` (``"syntax"``, ``"import"``,
+            ``"entrypoint"``).
+    """
+    if not compiles_inline(record.source):
+        return None
+    pre = precompile_now(record.name, record.version, plugin_filename(record), record.source)
+    if not pre.declarative:
+        return pre
+    plugin, loader = _prepare(record, pre.code)
+    try:
+        loader.run_inline()
+        _resolve(plugin)
+    except BaseException:
+        plugin.release()
+        raise
+    return _finish(plugin, default_max_concurrency, loader.wall_s)
 
 
 async def compile_plugins(
@@ -455,6 +498,7 @@ async def compile_plugins(
     default_max_concurrency: int | None = None,
     processes: CompilerProcesses | None = None,
     on_result: Callable[[int, Plugin | CompileError], None] | None = None,
+    precompiled: list[Precompiled] | None = None,
 ) -> list[Plugin | CompileError]:
     """Compile many records with few thread hops (a cold start or a resync).
 
@@ -470,11 +514,15 @@ async def compile_plugins(
             levels on the loop, the others in batches in worker threads.
         on_result: Called with ``(index, result)`` as soon as each record is loaded or
             has failed, so a slow record does not hold up installing the others.
+        precompiled: The records' sources already compiled, one per record (then
+            nothing is compiled again).
 
     Returns:
         One entry per record, in order: the loaded version or the :class:`CompileError`.
     """
-    compiled = await _precompile_many(records, processes)
+    compiled: list[Precompiled | CompileError | None] = (
+        list(precompiled) if precompiled is not None else await _precompile_many(records, processes)
+    )
     results: list[Plugin | CompileError | None] = [None] * len(records)
 
     def settle(i: int, entry: tuple[Plugin, _Loader], outcome: Exception | None) -> None:

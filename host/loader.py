@@ -12,13 +12,23 @@ Design note — keeping reloads ahead of calls. On a loop saturated with callers
 turn of the event loop runs one step of each runnable caller, so a reload costs the
 number of turns on its path times the number of callers (measured: ~9 turns plus a GIL
 hand-off per reload made 50 spinning callers add ~25 ms, 200 add ~50 ms). The path is
-therefore kept to as few turns as possible: the watcher's event starts one worker task
-(one turn); a small source compiles on the loop and a declarative top level runs there
-(``host.precompile``): no thread hop, no load gate, no watchdog task; the registry's
-install takes its per-name lock without a checkpoint when uncontended, and with no
-``setup`` hook the swap happens in that same step. Only sources that could stall the
-loop (large, or with many f-string placeholders) and top levels that run code pay for
-isolation: a compiler process, then a worker thread under the CPU-time bound.
+therefore kept to as few turns as possible. The fast path (:meth:`Loader.submit`,
+:meth:`Loader._apply_now`): a change to a name with no worker, no verifier, no rollout
+and no candidate is validated, compiled (``host.precompile.precompile_now``), loaded
+(``host.compiler.load_now``: a declarative top level runs on the loop) and installed
+(``Registry.install_now``: no ``setup``, the name's lock free, the swap in the same
+step) inside ``submit`` itself, in the watcher's step: no task, no thread hop, no loop
+turn. Wherever a step would have to await (a verifier, a rollout to settle, a disabled
+record to unload, a source too large to compile on the loop, a top level that runs code,
+a ``setup`` hook, the name's lock taken), the rest of that change goes to a worker task,
+with what is already done (the validated record, the compiled code, the loaded
+version), and the name's slot is busy from then on, so a newer change waits behind it
+exactly as on the worker's path: the slot's invariant and the per-name order hold on
+both paths. The worker's path keeps the same shape: a small source compiles on the loop
+and a declarative top level runs there, and the registry's install takes its lock
+without a checkpoint when uncontended. Only sources that could stall the loop (large,
+or with many f-string placeholders) and top levels that run code pay for isolation: a
+compiler process, then a worker thread under the CPU-time bound.
 
 Candidates (issue 16). After the stable version of a change is settled, the same worker
 settles the record's ``rollout`` (:meth:`Loader._sync_candidate`): it compiles and
@@ -31,33 +41,38 @@ stable version keeps serving everything.
 
 What a reload costs the loop, and so a reload storm's bound (issue 19). A storm of R
 reloads/s takes R x (cost of one reload) of each loop second, so the 10% throughput goal
-at the bench's 200 updates/s needs about 0.5 ms per reload. Measured (py-spy on
-``bench.swap.reload_cost``, no callers, 2 shared cores): about 1.7-2.1 ms before the
-storm work, 1.4-1.7 ms after; the loader-registry-events part alone (changes submitted
-straight to the loader, no stream) went from 1.08 to 0.53 ms. What was cut: the
-``plugin.reloaded`` and ``plugin.retired`` log lines (structlog's JSON rendering, about
-a tenth of a reload) are at info at most once a second per plugin (``LogThrottle``: the
-next info line says how many it quieted; subscribers get every event); a replaced
-version with nothing to drain or tear down retires in a loop callback instead of a task
-(``Registry._retire_soon``); the busy/idle event is made only when someone waits; the
-content hash's JSON encoder is built once; no thread-limiter lookup for a batch with
-nothing to run in a thread. What is left, in shares of the loop's busy samples: the
-stream's getMore and its decode in PyMongo (~25%), compile (``ast.parse`` plus
-``compile()`` plus the declarative check, ~14%), record validation and hash (~7%), this
-worker's spawn (anyio ``start_soon``, ~6%), the trigger engine waking on every reload
-(``host.triggers.engine``, ~5-9%), install and the two events (~12%). So the goal is
-missed at 200 updates/s (at 20/s it was met on a quiet machine). Each change that waits
-while its name loads is replaced by the newer one (the slot's invariant below) and
-counted in the new version's ``superseded``. Not done, and why: delaying or
-rate-limiting reloads would trade change-to-live (p99 goal 20 ms) for throughput;
-compiling small sources in the compiler process would move ~0.2 ms of compile off this
-process but add a pipe round trip (several loop turns and the reply's decode) to every
-reload; the remaining big piece, the getMore, would need the stream itself read outside
-this process.
+at the bench's 200 updates/s needs about 0.5 ms per reload. Measured with
+``bench.swap.reload_cost`` (loop thread's CPU time per reload, no callers, server in its
+own process; medians of interleaved runs against main on the same 2 shared cores, whose
+absolute figures move with the machine: an earlier full bench run on another CPU said
+2.7 ms where these runs say 0.69): 0.69 ms before this fast path, 0.64 ms with it, 0.58
+ms once the bench counts reloads with an ``accept`` callback instead of a reader task
+(the reader's two loop turns per reload were the instrument's own cost). Cut earlier
+for storms, still in place: the ``plugin.reloaded`` and ``plugin.retired`` log lines at
+info at most once a second per plugin (``LogThrottle``), a replaced version with nothing
+to drain retiring in a loop callback (``Registry._retire_soon``), the busy/idle event
+made only when someone waits, the content hash's encoder built once. The loader's
+own part (changes submitted straight to it, no stream) went from 134 to 82 us. What
+is left, from a cProfile on the loop thread's CPU clock (shares of its samples): the
+change stream's getMore in PyMongo, decode included, 43% -- a bare PyMongo
+``try_next`` loop on the same storm costs the loop 310-400 us per event by itself, about
+60-90 us of it PyMongo's receive path (two tasks and an ``asyncio.wait`` per reply),
+which a lean receive removes in a bare consumer; compile and load 13% (``compile()``
+4%, the declarative check 2%), validation and hash 5%, install and retirement 8%, the
+two events 6%, the loop's own turns the rest. So the goal is missed at 200 updates/s
+(at 20/s it was met on a quiet machine), and the bound is the stream read: with the
+loader free, the getMore alone is ~0.35 ms a reload. Each change that waits while its
+name loads is replaced by the newer one (the slot's invariant below) and counted in the
+new version's ``superseded``. Not done, and why: delaying or rate-limiting reloads would
+trade change-to-live (p99 goal 20 ms) for throughput; compiling small sources in the
+compiler process would add a pipe round trip to every reload; PyMongo's receive path is
+PyMongo's (replacing it would fork the driver's cancellation of in-use connections);
+the rest would need the stream read outside this process.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import traceback
@@ -69,12 +84,12 @@ from typing import Any, Literal
 import anyio
 from anyio.abc import TaskGroup
 
-from .compiler import compile_plugin, compile_plugins
+from .compiler import compile_plugin, compile_plugins, load_now
 from .config import DEFAULT_LIMITS, DEFAULT_TIMEOUTS
 from .errors import CompileError, HostClosed, RecordError
 from .events import EventBus, Level, LogThrottle
 from .plugin import Plugin
-from .precompile import CompilerProcesses
+from .precompile import CompilerProcesses, Precompiled
 from .records import PluginRecord, describe_id, parse_record
 from .registry import Registry
 from .rollout import LiveRollout
@@ -152,6 +167,10 @@ class PluginInfo:
         }
 
 
+_Rest = Callable[[], Awaitable[None]]
+"""What the fast path (``Loader._apply_now``) leaves of a change for a worker task."""
+
+
 @dataclass(slots=True)
 class _Job:
     """A validated change waiting for its version to compile and install."""
@@ -173,7 +192,10 @@ class _Slot:
     the newest change submitted and not yet taken; ``superseded`` counts the changes it
     replaced since the last :meth:`take` (each of those is never compiled, and the
     version that does go live reports them as ``superseded``); ``busy`` is True exactly
-    while one worker (or one batch) owns the name, and only the owner takes. So every
+    while one worker (or one batch) owns the name, and only the owner takes; the one
+    exception is the fast path in :meth:`Loader.submit`, which takes from an idle slot
+    and either finishes within that same synchronous step or sets ``busy`` before it
+    returns, handing the rest to the name's worker. So every
     submitted change is either taken once or counted once as superseded, and a name's
     versions go live in submission order (tests/test_loader.py checks this under a
     storm of submissions).
@@ -261,16 +283,45 @@ class Loader:
     # -- submission --------------------------------------------------------------------
 
     def submit(self, change: Change) -> None:
-        """Queue a change; the newest change per name wins. Never blocks."""
+        """Queue a change; the newest change per name wins. Never blocks.
+
+        A change to an idle name that is cheap to apply is applied here and now (the
+        fast path, see the module docstring); any other goes to a worker task.
+        """
         assert self._tg is not None, "Loader.bind() was not called"
-        slot = self._slots.get(change.name)
+        name = change.name
+        slot = self._slots.get(name)
         if slot is None:
-            slot = self._slots[change.name] = _Slot()
+            slot = self._slots[name] = _Slot()
         slot.put(change)
-        if not slot.busy:
-            slot.busy = True
-            self._busy += 1
-            self._tg.start_soon(self._work, change.name, slot, name=f"load {change.name}")
+        if slot.busy:
+            return
+        rest: _Rest | None = None
+        if self._applies_now(change):
+            slot.take()  # `change` itself: an idle slot holds nothing else (see _Slot)
+            rest = self._apply_now(change, slot)
+            if rest is None:  # done: applied, refused, or nothing to do
+                if slot.info is None and slot.pending is None:
+                    self._slots.pop(name, None)
+                return
+        slot.busy = True
+        self._busy += 1
+        self._tg.start_soon(self._work, name, slot, rest, name=f"load {name}")
+
+    def _applies_now(self, change: Change) -> bool:
+        """Whether :meth:`_apply_now` may take ``change`` (cheap checks, before parsing).
+
+        Not: an unload (the registry's removal awaits its lock), a record checked by a
+        verifier (it may await: signatures), a record with a ``rollout`` or a name that
+        holds a candidate (settling the candidate awaits).
+        """
+        doc = change.document
+        return (
+            doc is not None
+            and self._verifier is None
+            and doc.get("rollout") is None
+            and change.name not in self._registry.rollouts
+        )
 
     async def wait_idle(self) -> None:
         """Return once every submitted change has been applied."""
@@ -331,8 +382,13 @@ class Loader:
 
     # -- work --------------------------------------------------------------------------
 
-    async def _work(self, name: str, slot: _Slot) -> None:
+    async def _work(self, name: str, slot: _Slot, rest: _Rest | None = None) -> None:
         try:
+            if rest is not None:  # what the fast path left of a change it took
+                try:
+                    await rest()
+                except HostClosed:
+                    return
             while slot.pending is not None:
                 change, superseded = slot.take()
                 assert change is not None
@@ -353,18 +409,77 @@ class Loader:
 
     async def _apply(self, change: Change, slot: _Slot, superseded: int = 0) -> None:
         job = await self._prepare(change, slot, superseded)
-        if job is None:
-            return
+        if job is not None:
+            await self._compile_install(job)
+
+    async def _compile_install(self, job: _Job, precompiled: Precompiled | None = None) -> None:
         try:
             plugin: Plugin | CompileError = await compile_plugin(
                 job.record,
                 exec_timeout=self._exec_timeout,
                 default_max_concurrency=self._default_max_concurrency,
                 processes=self._processes,
+                precompiled=precompiled,
             )
         except CompileError as exc:
             plugin = exc
         await self._install(job, plugin)
+
+    def _apply_now(self, change: Change, slot: _Slot) -> _Rest | None:
+        """Apply ``change`` (taken from its idle slot) without an await, as far as it goes.
+
+        Validates as :meth:`_prepare` does, compiles and loads with
+        :func:`~host.compiler.load_now` and installs with ``Registry.install_now``;
+        refusals and failures are reported as on the worker's path. Where a step would
+        need an await (a source too large to compile on the loop, a top level that runs
+        code, a ``setup`` hook, the name's registry lock taken, a disabled record to
+        unload), it stops there.
+
+        Returns:
+            None when the change is fully applied (or refused); else the rest of it, to
+            run in a worker task before any newer change of the name.
+        """
+        name = change.name
+        doc = change.document
+        assert doc is not None  # see _applies_now
+        current = self._registry.get(name)
+        serving = current.version if current else None
+        try:
+            record = parse_record(doc, max_source_bytes=self._max_source_bytes)
+        except RecordError as exc:
+            self._rejected(name, exc, serving, doc.get("revision"))
+            self._fail(slot, name, str(exc), current is not None)
+            return None
+        except Exception as exc:  # a validation bug must not stop the watcher
+            self._reload_failed(
+                slot, name, "verify", exc, serving=serving, still_serving=current is not None
+            )
+            return None
+        if not record.enabled:
+            return functools.partial(self._unload, name, slot, "disabled", record)
+        if current is not None and current.record == record:
+            return None  # nothing that matters changed; no rollout to settle (checked)
+        job = _Job(change, slot, record, serving, current is not None, time.perf_counter())
+        try:
+            loaded = load_now(record, default_max_concurrency=self._default_max_concurrency)
+        except Exception as exc:  # CompileError; or a host bug, which must not stop the watcher
+            self._install_failed(job, exc)
+            return None
+        if not isinstance(loaded, Plugin):  # None (large source) or compiled, not run
+            return functools.partial(self._compile_install, job, loaded)
+        if not self._registry.installs_now(loaded):  # a setup hook, or the name is busy
+            return functools.partial(self._install, job, loaded)
+        try:
+            old = self._registry.install_now(loaded, self._ctx_factory)
+        except HostClosed:
+            loaded.release()
+            return None
+        except Exception as exc:  # a host bug must not stop the watcher
+            loaded.release()
+            self._install_failed(job, exc)
+            return None
+        self._announce(job, loaded, old, self._live_fields(job, loaded))
+        return None
 
     async def _prepare(self, change: Change, slot: _Slot, superseded: int = 0) -> _Job | None:
         """Validate, verify or unload; the job to compile, or None if nothing is left."""
@@ -433,40 +548,40 @@ class Loader:
 
     async def _install(self, job: _Job, compiled: Plugin | CompileError) -> None:
         """Install a compiled version (or report its failure) and emit the event."""
-        change, slot, record, serving = job.change, job.slot, job.record, job.serving
-        name = change.name
         try:
             if isinstance(compiled, CompileError):
                 raise compiled
             plugin = compiled
             old = await self._registry.install(plugin, self._ctx_factory)
-        except CompileError as exc:
-            self._reload_failed(
-                slot,
-                name,
-                exc.stage,
-                exc,
-                serving=serving,
-                still_serving=job.had_current,
-                version=record.version,
-                revision=record.revision,
-            )
-            return
         except HostClosed:
             raise
         except Exception as exc:  # a bug in the host must not kill the loader
-            self._reload_failed(
-                slot,
-                name,
-                "internal",
-                exc,
-                serving=serving,
-                still_serving=job.had_current,
-                version=record.version,
-                revision=record.revision,
-                last_error=str(exc),
-            )
+            self._install_failed(job, exc)
             return
+        fields = self._live_fields(job, plugin)
+        await self._sync_candidate(job.change, job.record)
+        self._announce(job, plugin, old, fields)
+
+    def _install_failed(self, job: _Job, exc: Exception) -> None:
+        """Report a version that failed to compile, load or install; the old one serves."""
+        record = job.record
+        is_compile = isinstance(exc, CompileError)
+        self._reload_failed(
+            job.slot,
+            job.change.name,
+            exc.stage if isinstance(exc, CompileError) else "internal",
+            exc,
+            serving=job.serving,
+            still_serving=job.had_current,
+            version=record.version,
+            revision=record.revision,
+            last_error=None if is_compile else str(exc),
+        )
+
+    def _live_fields(self, job: _Job, plugin: Plugin) -> dict[str, Any]:
+        """Record ``plugin`` as the name's serving version; its event's fields."""
+        change, record = job.change, job.record
+        name = change.name
         live_ms = (time.perf_counter() - job.started) * 1000.0
         fields: dict[str, Any] = {
             "plugin": name,
@@ -485,14 +600,20 @@ class Loader:
             fields["change_to_live_ms"] = round(
                 (datetime.now(UTC) - wall).total_seconds() * 1000.0, 3
             )
-        slot.info = PluginInfo(
+        job.slot.info = PluginInfo(
             name=name,
             version=plugin.version,
             revision=record.revision,
             loaded_at=plugin.loaded_at,
             status="serving",
         )
-        await self._sync_candidate(change, record)
+        return fields
+
+    def _announce(
+        self, job: _Job, plugin: Plugin, old: Plugin | None, fields: dict[str, Any]
+    ) -> None:
+        """Emit ``plugin.loaded`` or ``plugin.reloaded`` for a version that went live."""
+        name, change = job.change.name, job.change
         if old is None:
             # The initial load logs one summary line (`watch.started`); each version's
             # `plugin.loaded` still reaches subscribers, and the log at debug level.

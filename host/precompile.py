@@ -50,6 +50,7 @@ __all__ = (
     "Precompiled",
     "compiles_inline",
     "precompile",
+    "precompile_now",
     "syntax_error",
 )
 
@@ -120,18 +121,9 @@ async def precompile(
         CompileError: ``stage="syntax"`` for invalid source, ``stage="compile"`` when
             compiling overran its bound or the compiler process failed.
     """
-    started = time.perf_counter()
     if processes is None or compiles_inline(source):
-        try:
-            # From the source, not from ``tree``: turning Python AST objects back into
-            # the compiler's costs more than parsing the text twice (~250 vs ~100 us).
-            tree = ast.parse(source, filename)
-            code = compile(source, filename, "exec", dont_inherit=True)
-        except SyntaxError as exc:
-            raise syntax_error(name, version, exc) from exc
-        except (ValueError, RecursionError, MemoryError) as exc:
-            raise CompileError(name, version, "syntax", f"{type(exc).__name__}: {exc}") from exc
-        return Precompiled(code, is_declarative(tree), "loop", time.perf_counter() - started)
+        return precompile_now(name, version, filename, source)
+    started = time.perf_counter()
     reply = await processes.run(name, version, filename, source)
     kind = reply[0]
     if kind == "ok":
@@ -143,6 +135,38 @@ async def precompile(
         where = f"line {lineno}: " if lineno is not None else ""
         raise CompileError(name, version, "syntax", f"{where}{message}", str(formatted or ""))
     raise CompileError(name, version, "syntax", str(reply[1]))
+
+
+def precompile_now(name: str, version: str, filename: str, source: str) -> Precompiled:
+    """Compile ``source`` on the calling thread (the loop): for :func:`compiles_inline`
+    sources, which compile in well under a millisecond.
+
+    Args:
+        name: The plugin name (for errors).
+        version: The version string (for errors).
+        filename: The synthetic filename the code object carries.
+        source: The source.
+
+    Returns:
+        The code object and whether its top level is declarative.
+
+    Raises:
+        CompileError: ``stage="syntax"`` for invalid source.
+    """
+    started = time.perf_counter()
+    try:
+        # Parsed once: the tree serves the declarative check and the compile. Measured
+        # on CPython 3.11 (best of 7, interleaved): parse + compile(tree) 32 us against
+        # parse + compile(source) 39 us for a two-line plugin, 683 against 799 us at
+        # 1.2 KB, even at 3.5 KB; the code objects are identical (marshal), and so are
+        # the compiler's SyntaxErrors. Large sources compile in the worker process.
+        tree = ast.parse(source, filename)
+        code = compile(tree, filename, "exec", dont_inherit=True)
+    except SyntaxError as exc:
+        raise syntax_error(name, version, exc) from exc
+    except (ValueError, RecursionError, MemoryError) as exc:
+        raise CompileError(name, version, "syntax", f"{type(exc).__name__}: {exc}") from exc
+    return Precompiled(code, is_declarative(tree), "loop", time.perf_counter() - started)
 
 
 class _Worker:

@@ -379,18 +379,60 @@ class Registry:
             if self._closed:  # closed while setup ran: it went up, so it must come down
                 self._schedule_retirement(plugin, 0.0)
                 raise HostClosed("the registry closed while the version was starting")
-            old = self._current.get(name)
-            self._current[name] = plugin  # THE SWAP: one assignment, no await around it
-            candidate = self._candidates.get(name)
-            if candidate is not None and (
-                plugin.record.revision is None
-                or candidate.record.revision is None
-                or candidate.record.revision <= plugin.record.revision
-            ):
-                self._drop_candidate(name)  # invariant (7), same step as the swap
-            self._remember(plugin)
-            if old is not None:
-                self._hold(old)
+            return self._swap(plugin)
+
+    def installs_now(self, plugin: Plugin) -> bool:
+        """Whether :meth:`install_now` can install ``plugin``: it has no ``setup`` hook,
+        and no install, removal or promotion of its name is under way (its lock is free).
+        """
+        lock = self._locks.get(plugin.name)
+        return plugin.setup is None and (lock is None or not lock.locked())
+
+    def install_now(self, plugin: Plugin, ctx_factory: ContextFactory) -> Plugin | None:
+        """:meth:`install` without an await, for a version :meth:`installs_now` accepts.
+
+        With no ``setup`` to run and the name's lock free, :meth:`install` would take the
+        lock without a checkpoint and swap in the same step; this is that step, without
+        a coroutine. Every invariant holds as for :meth:`install`: nothing can run
+        between the check and the swap.
+
+        Args:
+            plugin: A freshly compiled version (never installed before), with no setup.
+            ctx_factory: Builds the ``ctx`` for its ``teardown`` hook.
+
+        Returns:
+            The version it replaced, now retiring (or held), or ``None``.
+
+        Raises:
+            HostClosed: If the registry is closed.
+            ValueError: If ``plugin`` was installed before, or :meth:`installs_now` is
+                False for it.
+        """
+        self._require_open()
+        if plugin.phase is not Phase.LOADED:
+            raise ValueError(f"{plugin!r} was already installed; compile a new version")
+        if not self.installs_now(plugin):
+            raise ValueError(f"{plugin!r} has a setup hook or its name is busy: use install()")
+        plugin.phase = Phase.STARTING
+        plugin.supervise = self._start_supervisor
+        self._went_live(plugin, ctx_factory)
+        return self._swap(plugin)
+
+    def _swap(self, plugin: Plugin) -> Plugin | None:
+        """Make the started ``plugin`` current; the version it replaced (held or retiring)."""
+        name = plugin.name
+        old = self._current.get(name)
+        self._current[name] = plugin  # THE SWAP: one assignment, no await around it
+        candidate = self._candidates.get(name)
+        if candidate is not None and (
+            plugin.record.revision is None
+            or candidate.record.revision is None
+            or candidate.record.revision <= plugin.record.revision
+        ):
+            self._drop_candidate(name)  # invariant (7), same step as the swap
+        self._remember(plugin)
+        if old is not None:
+            self._hold(old)
         return old
 
     async def remove(self, name: str) -> Plugin | None:
@@ -560,6 +602,9 @@ class Registry:
             with anyio.CancelScope(shield=True):
                 await self._finish_retirement(plugin, run_teardown=False)
             raise
+        self._went_live(plugin, ctx_factory)
+
+    def _went_live(self, plugin: Plugin, ctx_factory: ContextFactory) -> None:
         self._factories[plugin] = ctx_factory
         plugin.phase = Phase.LIVE
 

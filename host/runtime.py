@@ -12,7 +12,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -25,7 +25,7 @@ from .config import DEFAULT_LIMITS, DEFAULT_TIMEOUTS, UNSET, Limits, Timeouts, U
 from .context import Context
 from .dispatch import Dispatcher
 from .errors import RecordError
-from .events import EventBus, Subscription
+from .events import EventBus, HostEvent, Subscription
 from .fleet import StatusReporter, StatusReporting
 from .gctune import tune_gc
 from .loader import Loader, PluginInfo, RecordVerifier
@@ -540,6 +540,15 @@ class PluginHost:
         """One plugin's status, or None if the host has never seen it."""
         return self._loader.info(name)
 
-    def events(self, buffer: int = 10_000) -> Subscription:
-        """Subscribe to reload events (``async with host.events() as ev: async for e in ev``)."""
-        return self._events_bus.subscribe(buffer)
+    def events(
+        self, buffer: int = 10_000, accept: Callable[[HostEvent], bool] | None = None
+    ) -> Subscription:
+        """Subscribe to reload events (``async with host.events() as ev: async for e in ev``).
+
+        Args:
+            buffer: Events kept for a slow reader; <= 0 means unbounded.
+            accept: If set, only the events it returns True for are delivered; it runs
+                in the emitter's step (keep it cheap, never raise). A counter that
+                returns False observes every event without waking a reader.
+        """
+        return self._events_bus.subscribe(buffer, accept)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import linecache
+import marshal
 import sys
 import types
 from typing import Any
@@ -10,10 +11,11 @@ from typing import Any
 import anyio
 import pytest
 
-from host.compiler import _LOAD_THREADS, _SLOW_LOADS, compile_plugin
+from host.compiler import _LOAD_THREADS, _SLOW_LOADS, compile_plugin, load_now
 from host.errors import CompileError
-from host.naming import format_plugin_traceback
+from host.naming import format_plugin_traceback, plugin_filename
 from host.plugin import Phase, Plugin
+from host.precompile import INLINE_SOURCE_BYTES, Precompiled, precompile_now
 from host.records import PluginRecord
 from tests.support import PROBE, loop_ticks
 
@@ -259,3 +261,56 @@ async def test_failed_load_leaves_no_linecache_entry() -> None:
     with pytest.raises(CompileError):
         await load(record("raise ValueError('x')\n", name="failing-load"))
     assert "<plugin failing-load@r7>" not in linecache.cache
+
+
+def test_load_now_loads_a_declarative_record_without_an_await() -> None:
+    """load_now compiles and runs a declarative top level on the calling thread."""
+    rec = record(
+        "import math\nLIMIT = 3\nasync def main(ctx, args):\n    return math.floor(2.5)\n",
+        max_concurrency=2,
+    )
+    plugin = load_now(rec)
+    assert isinstance(plugin, Plugin)
+    assert plugin.phase is Phase.LOADED and plugin.is_async and plugin.setup is None
+    assert plugin.module.LIMIT == 3
+    assert plugin.limiter is not None and plugin.loaded_at is not None
+    assert linecache.getline(plugin.filename, 2) == "LIMIT = 3\n"
+    plugin.release()
+
+
+@pytest.mark.anyio
+async def test_load_now_leaves_running_code_and_large_sources_to_compile_plugin() -> None:
+    """A top level that runs code comes back compiled, not run; a large source not at all."""
+    rec = record("X = sum(range(4))\nasync def main(ctx, args):\n    return X\n")
+    pre = load_now(rec)
+    assert isinstance(pre, Precompiled) and not pre.declarative and pre.where == "loop"
+    plugin = await load(rec, precompiled=pre)
+    assert plugin.module.X == 6
+    plugin.release()
+    large = "# " + "x" * INLINE_SOURCE_BYTES + "\nasync def main(ctx, args):\n    return 1\n"
+    assert load_now(record(large)) is None
+
+
+def test_load_now_raises_the_errors_compile_plugin_raises() -> None:
+    """Syntax errors and a missing entrypoint fail as CompileError, leaving nothing behind."""
+    with pytest.raises(CompileError) as syntax:
+        load_now(record("async def main(ctx, args):\n    return (\n"))
+    assert syntax.value.stage == "syntax"
+    rec = record("async def other(ctx, args):\n    return 1\n", name="gone")
+    with pytest.raises(CompileError) as missing:
+        load_now(rec)
+    assert missing.value.stage == "entrypoint"
+    assert linecache.getline(plugin_filename(rec), 1) == ""
+
+
+def test_precompile_now_parses_once_and_compiles_the_same_code() -> None:
+    """The tree-compiled code object is the one compiling the source gives."""
+    source = (
+        "from __future__ import annotations\nimport math\n"
+        "def area(r: float) -> float:\n    return math.pi * r * r\n"
+        "async def main(ctx, args):\n    return [area(x) for x in args]\n"
+    )
+    pre = precompile_now("greet", "greet@r7", "<plugin greet@r7>", source)
+    assert pre.declarative
+    expected = compile(source, "<plugin greet@r7>", "exec", dont_inherit=True)
+    assert marshal.dumps(pre.code) == marshal.dumps(expected)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
 import types
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -284,3 +286,149 @@ async def test_a_storm_of_changes_is_coalesced_without_losing_or_reordering_one(
         coalesced += submitted[name] - len(revisions)
     assert retired == sum(len(versions) for versions in live.values()), "retired once each"
     assert coalesced > 0, "the storm never coalesced: it did not exercise the queue"
+
+
+class _Host:
+    """A registry and a loader on a bare event bus, changes submitted by hand."""
+
+    def __init__(self, registry: Registry, loader: Loader, events: Any) -> None:
+        self.registry = registry
+        self.loader = loader
+        self.events = events
+        self.revision = 0
+
+    def submit(self, name: str, source: str, **extra: Any) -> int:
+        """Submit the next revision of ``name``; return it."""
+        self.revision += 1
+        doc = {"_id": name, "source": source, "revision": self.revision, **extra}
+        self.loader.submit(Change(name, doc, datetime.now(UTC), "update"))
+        return self.revision
+
+    def drain(self) -> list[Any]:
+        """The events emitted so far."""
+        out = []
+        while (event := self.events.receive_nowait()) is not None:
+            out.append(event)
+        return out
+
+
+@contextlib.asynccontextmanager
+async def _bare_host() -> AsyncIterator[_Host]:
+    bus = EventBus()
+    no_ctx = cast("ContextFactory", lambda plugin: None)
+    async with (
+        bus.subscribe(0) as events,
+        Registry(grace_period=5.0, events=bus) as registry,
+        anyio.create_task_group() as tg,
+    ):
+        loader = Loader(registry, no_ctx, bus)
+        loader.bind(tg)
+        yield _Host(registry, loader, events)
+        await loader.wait_idle()
+        await loader.aclose()
+        tg.cancel_scope.cancel()
+
+
+async def test_a_declarative_reload_goes_live_inside_submit() -> None:
+    """A small declarative record with no setup is live when submit returns, no await."""
+    async with _bare_host() as h:
+        h.submit("fast", returning(1))
+        first = h.registry.get("fast")
+        assert first is not None and first.record.revision == 1
+        h.submit("fast", returning(2))
+        current = h.registry.get("fast")
+        assert current is not None and current.record.revision == 2
+        assert h.loader.loading() == []
+        info = h.loader.info("fast")
+        assert info is not None and info.status == "serving" and info.revision == 2
+        loaded, reloaded = h.drain()
+        assert loaded.event == "plugin.loaded" and loaded["revision"] == 1
+        assert reloaded.event == "plugin.reloaded"
+        assert reloaded["old_version"] == first.version
+        assert reloaded["new_version"] == current.version == reloaded["version"]
+        assert reloaded["reason"] == "update" and "change_to_live_ms" in reloaded.fields
+        await anyio.lowlevel.checkpoint()  # the replaced version retires one step later
+        (retired,) = h.drain()
+        assert retired.event == "plugin.retired" and retired["version"] == first.version
+
+
+async def test_a_refused_record_on_the_fast_path_keeps_the_old_version() -> None:
+    """An invalid record, a syntax error or a missing entrypoint leaves the old version."""
+    async with _bare_host() as h:
+        h.submit("keep", returning(1))
+        serving = h.registry.get("keep")
+        assert serving is not None
+        h.drain()
+        h.submit("keep", returning(2), timeout="soon")
+        h.submit("keep", "async def main(ctx, args):\n    return (\n")
+        h.submit("keep", "async def other(ctx, args):\n    return 3\n")
+        assert h.registry.get("keep") is serving
+        rejected, syntax, entrypoint = h.drain()
+        assert rejected.event == "plugin.rejected" and rejected["field"] == "timeout"
+        assert rejected["serving"] == serving.version
+        assert syntax.event == "plugin.reload_failed" and syntax["stage"] == "syntax"
+        assert entrypoint.event == "plugin.reload_failed"
+        assert entrypoint["stage"] == "entrypoint" and entrypoint["serving"] == serving.version
+        info = h.loader.info("keep")
+        assert info is not None and info.status == "degraded" and info.revision == 1
+        h.submit("keep", returning(5))
+        current = h.registry.get("keep")
+        assert current is not None and current.record.revision == 5
+
+
+async def test_a_version_with_setup_or_running_code_goes_through_a_worker() -> None:
+    """setup, or a top level that runs code, is left to a worker; the old version serves."""
+    with_setup = (
+        "import anyio\n"
+        "async def setup(ctx):\n    await anyio.sleep(0)\n    return 'up'\n"
+        "async def main(ctx, args):\n    return ctx\n"
+    )
+    running = "X = sum(range(3))\nasync def main(ctx, args):\n    return X\n"
+    async with _bare_host() as h:
+        h.submit("hooked", returning(1))
+        serving = h.registry.get("hooked")
+        for source in (with_setup, running):
+            revision = h.submit("hooked", source)
+            assert h.registry.get("hooked") is serving, "installed without its worker"
+            assert h.loader.loading() == ["hooked"]
+            await h.loader.wait_idle()
+            serving = h.registry.get("hooked")
+            assert serving is not None and serving.record.revision == revision
+        assert serving is not None and serving.module.X == 3
+        reloads = [e for e in h.drain() if e.event == "plugin.reloaded"]
+        assert [e["revision"] for e in reloads] == [2, 3]
+
+
+async def test_a_change_behind_a_busy_worker_waits_for_it() -> None:
+    """A fast change of a name whose worker runs a setup waits: versions go live in order."""
+    slow_setup = (
+        "import anyio\n"
+        "async def setup(ctx):\n    await anyio.sleep(0.05)\n"
+        "async def main(ctx, args):\n    return 'setup'\n"
+    )
+    async with _bare_host() as h:
+        h.submit("order", returning(1))
+        h.submit("order", slow_setup)
+        h.submit("order", returning(3))
+        current = h.registry.get("order")
+        assert current is not None and current.record.revision == 1, "overtook the worker"
+        await h.loader.wait_idle()
+        current = h.registry.get("order")
+        assert current is not None and current.record.revision == 3
+        live = [
+            (e["revision"], e.get("superseded", 0)) for e in h.drain() if "revision" in e.fields
+        ]
+        assert live in ([(1, 0), (2, 0), (3, 0)], [(1, 0), (3, 1)])
+
+
+async def test_a_disabled_record_unloads_through_the_worker() -> None:
+    """``enabled: false`` (found on the fast path) unloads the name."""
+    async with _bare_host() as h:
+        h.submit("off", returning(1))
+        h.submit("off", returning(2), enabled=False)
+        await h.loader.wait_idle()
+        assert h.registry.get("off") is None
+        info = h.loader.info("off")
+        assert info is not None and info.status == "disabled"
+        (unloaded,) = [e for e in h.drain() if e.event == "plugin.unloaded"]
+        assert unloaded["reason"] == "disabled" and unloaded["version"].startswith("off@r1:")

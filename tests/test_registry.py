@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import pytest
 import structlog
 from hypothesis import settings
@@ -410,6 +411,58 @@ async def test_install_rules(env: Env) -> None:
         await env.registry.install(fresh, env.dispatcher.make_context)
     with pytest.raises(HostClosed):
         await env.registry.remove("p")
+
+
+@pytest.mark.anyio
+async def test_install_now_swaps_in_one_step_and_refuses_what_needs_an_await(env: Env) -> None:
+    """install_now swaps like install; a setup hook or a busy name is refused."""
+
+    async def compiled(source: str, revision: int) -> Plugin:
+        record = PluginRecord(name="p", source=source, revision=revision)
+        return await compile_plugin(record, exec_timeout=LOAD_TIMEOUT)
+
+    first = await env.load(
+        "p",
+        "async def teardown(ctx):\n    ctx.events.append(('teardown', 1))\n"
+        "async def main(ctx, args):\n    return 1\n",
+    )
+    second = await compiled("async def main(ctx, args):\n    return 2\n", 2)
+    assert env.registry.installs_now(second)
+    assert env.registry.install_now(second, env.dispatcher.make_context) is first
+    assert env.registry.get("p") is second and second.phase is Phase.LIVE
+    assert env.registry.history("p")[0] is second.record
+    await first.wait_retired()
+    assert env.events == [("teardown", 1)]
+    with pytest.raises(ValueError, match="already installed"):
+        env.registry.install_now(second, env.dispatcher.make_context)
+
+    hooked = await compiled(f"VERSION = 3\n{HOOKS}", 3)
+    assert not env.registry.installs_now(hooked)
+    with pytest.raises(ValueError, match="setup hook"):
+        env.registry.install_now(hooked, env.dispatcher.make_context)
+    hooked.release()
+
+    gated = await compiled(
+        "async def setup(ctx):\n    await ctx.gate.wait()\n"
+        "async def main(ctx, args):\n    return 4\n",
+        4,
+    )
+    fresh = await compiled("async def main(ctx, args):\n    return 5\n", 5)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(env.registry.install, gated, env.dispatcher.make_context)
+        while gated.phase is not Phase.STARTING:
+            await anyio.lowlevel.checkpoint()
+        assert not env.registry.installs_now(fresh), "the name's install is under way"
+        with pytest.raises(ValueError, match="busy"):
+            env.registry.install_now(fresh, env.dispatcher.make_context)
+        env.gate.set()
+    assert env.registry.get("p") is gated
+    fresh.release()
+    await env.registry.aclose(drain_timeout=0)
+    with pytest.raises(HostClosed):
+        env.registry.install_now(
+            await compiled("def main(c, a): pass\n", 6), env.dispatcher.make_context
+        )
 
 
 @pytest.mark.anyio

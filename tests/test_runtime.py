@@ -11,7 +11,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from host import PluginFailed, PluginHost, PluginNotFound
+from host import HostEvent, PluginFailed, PluginHost, PluginNotFound
 from tests.support import Db, events_for, next_event, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -45,6 +45,24 @@ async def test_blog_post_greet(db: Db) -> None:
     async with PluginHost(db) as plugins:
         result = await plugins.call("greet", {"firstName": "Blain", "lastName": "Smith"})
     assert result == "Hello there, Blain!!! There are 13 with the same last name as you!"
+
+
+async def test_events_accept_filters_in_the_emitters_step(db: Db, host: PluginHost) -> None:
+    """``events(accept=)`` sees every event as it is emitted; only accepted ones are read."""
+    seen: list[str] = []
+
+    def accept(event: HostEvent) -> bool:
+        seen.append(event.event)
+        return event.event == "plugin.reloaded"
+
+    async with host.events(accept=accept) as events:
+        await db.functions.insert_one({"_id": "acc", "source": version_source(1)})
+        await wait_until(lambda: "plugin.loaded" in seen, "plugin.loaded is emitted")
+        assert events.receive_nowait() is None, "a refused event was delivered"
+        await db.functions.update_one({"_id": "acc"}, {"$set": {"source": version_source(2)}})
+        reloaded = await next_event(events, "plugin.reloaded")
+    assert reloaded["plugin"] == "acc"
+    assert seen[:2] == ["plugin.loaded", "plugin.reloaded"]
 
 
 async def test_update_is_served_without_restart(db: Db, host: PluginHost) -> None:
