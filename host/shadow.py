@@ -6,10 +6,13 @@ Design note — off the caller's path, bounded, side-effect free:
   version answered (the caller's result is already computed). The sampling is a
   countdown in :meth:`LiveRollout.record <host.rollout.LiveRollout.record>` (one
   decrement per call that is not mirrored, no random draw). ``offer`` only appends
-  ``(rollout, args, result)`` to a bounded queue and, at most once per millisecond,
-  schedules the wake-up of idle workers (mirrors start in batches); when the queue
-  is full the mirror is dropped and counted (``dropped``), so a slow candidate can never
-  slow callers down or grow memory.
+  ``(rollout, args, result)`` to a bounded queue: a ticker (a 1 ms timer that re-arms
+  itself while mirrors keep coming) wakes the idle workers, so mirrors start in batches
+  and the caller schedules nothing. The ticker stops after ``_IDLE_TICKS`` ticks without
+  work (a host with no shadow traffic has no timer), and the first ``offer`` after that
+  restarts it with a ``call_soon`` (no timer heap push on the caller's path). When the
+  queue is full the mirror is dropped and counted (``dropped``), so a slow candidate can
+  never slow callers down or grow memory.
 * A fixed pool of worker tasks (the concurrency bound), started in the host's task group
   with no plugin in their context, runs each mirror as a pinned call of the candidate
   under its own timeout, then compares the two results as canonical JSON. Counters per
@@ -51,16 +54,19 @@ from anyio.abc import TaskGroup
 from .context import SHADOW_DB
 from .errors import PluginHostError
 from .events import EventBus
-from .rollout import SHADOW_OUTCOMES, LiveRollout
+from .rollout import OK, SHADOW_OUTCOMES, LiveRollout
 from .types import Args, CallTarget
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
     from .plugin import Plugin
 
-_Mirror = tuple[LiveRollout, Any, Any]
-_BATCH_DELAY = 0.001
-"""Seconds a queued mirror may wait for its batch's wake-up (one timer per batch)."""
+_Mirror = tuple[LiveRollout, Any, Any, float, int]
+"""``(rollout, args, stable's result, stable's elapsed, its sample's weight)``."""
+_TICK = 0.002
+"""Seconds between two ticks of the workers' ticker: a queued mirror waits at most this."""
+_IDLE_TICKS = 16
+"""Ticks in a row that find no queued mirror before the ticker stops (until an offer)."""
 
 __all__ = (
     "SHADOW_OUTCOMES",
@@ -278,18 +284,25 @@ class ShadowRunner:
         self._max_chars = max_event_chars
         self._queue_size = queue_size
         # INVARIANT: a worker is in _idle only while it waits for work, and it went
-        # there with the queue empty; while the queue is not empty and a worker is
-        # idle, a wake-up is scheduled (_wake_up), which wakes one idle worker per
-        # queued mirror. Wake-ups are batched (_BATCH_DELAY), not one per mirror.
+        # there with the queue empty; while the queue is not empty, _ticking is True: a
+        # tick is scheduled (a timer, or a call_soon from offer), and each tick wakes one
+        # idle worker per queued mirror. _ticking goes False only in a tick that finds
+        # the queue empty (the _IDLE_TICKS-th in a row), and only offer sets it again.
         self._queue: deque[_Mirror] = deque()
         self._idle: list[anyio.Event] = []
-        self._wake_up: asyncio.TimerHandle | None = None
+        self._ticking = False
+        self._idle_ticks = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
         self._last_event: dict[str, float] = {}
         self.counts: dict[str, dict[str, int]] = {}
         """``{plugin: {match, mismatch, candidate_error, dropped, refused_writes}}``."""
         self._started = False
+
+    @property
+    def ticking(self) -> bool:
+        """Whether the workers' ticker runs (it stops after idle ticks, see the module)."""
+        return self._ticking
 
     def start(self, task_group: TaskGroup) -> None:
         """Start the worker pool in ``task_group`` (the host's; no plugin in context)."""
@@ -351,25 +364,40 @@ class ShadowRunner:
 
         return readonly
 
-    def offer(self, live: LiveRollout, args: Any, result: Any) -> None:
-        """Queue a mirror of a call the stable version answered.
+    def offer(self, live: LiveRollout, args: Any, result: Any, elapsed: float, weight: int) -> None:
+        """Queue a mirror of a call the stable version answered (a ``MirrorSink``).
 
-        Only sampled calls come here (``LiveRollout.record`` samples ``weight`` percent
-        of the stable's successes), so a call that is not mirrored pays nothing here.
+        Only sampled calls come here (``LiveRollout.due`` samples ``weight`` percent of
+        the stable's calls), so a call that is not mirrored pays nothing here; a
+        mirrored one pays an append: the ticker wakes the workers, and the worker
+        records the stable's statistics sample (``elapsed``, ``weight``), off its path.
         """
-        if not self._running or len(self._queue) >= self._queue_size:
+        queue = self._queue
+        if len(queue) >= self._queue_size or not self._running:
+            live.stable_stats.record(OK, elapsed, time.perf_counter(), weight)
             self._tally(live, "dropped")
             return
-        self._queue.append((live, args, result))
-        if self._idle and self._wake_up is None and self._loop is not None:
-            # One wake-up for the mirrors queued in the next _BATCH_DELAY: the caller
-            # pays an append, and the mirrors run together, off its path.
-            self._wake_up = self._loop.call_later(_BATCH_DELAY, self._wake)
+        queue.append((live, args, result, elapsed, weight))
+        if not self._ticking and self._loop is not None:
+            self._ticking = True  # the first mirror after a quiet spell: tick now
+            self._loop.call_soon(self._tick)
 
-    def _wake(self) -> None:
-        self._wake_up = None
-        for _ in range(min(len(self._idle), len(self._queue))):
-            self._idle.pop().set()
+    def _tick(self) -> None:
+        """Wake one idle worker per queued mirror; re-arm, or stop after idle ticks."""
+        queue = self._queue
+        if queue:
+            self._idle_ticks = 0
+            idle = self._idle
+            for _ in range(min(len(idle), len(queue))):
+                idle.pop().set()
+        else:
+            self._idle_ticks += 1
+            if self._idle_ticks >= _IDLE_TICKS or not self._running:
+                self._ticking = False
+                self._idle_ticks = 0
+                return
+        assert self._loop is not None  # set by start(), before any offer is queued
+        self._loop.call_later(_TICK, self._tick)
 
     async def _work(self) -> None:
         # A plain deque and one event per idle worker: a memory object stream's hand-off
@@ -386,7 +414,10 @@ class ShadowRunner:
             self._running = False
             self._queue.clear()
 
-    async def _mirror(self, live: LiveRollout, args: Any, expected: Any) -> None:
+    async def _mirror(
+        self, live: LiveRollout, args: Any, expected: Any, elapsed: float, weight: int
+    ) -> None:
+        live.stable_stats.record(OK, elapsed, time.perf_counter(), weight)
         name = live.name
         if not live.mirror:  # aborted or promoted while queued
             return
