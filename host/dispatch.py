@@ -51,7 +51,7 @@ from .events import EventBus
 from .naming import format_plugin_traceback
 from .plugin import Plugin, is_plugin_failure
 from .registry import CALL_PATH, Registry
-from .rollout import FAILED, OK, TIMEOUT, LiveRollout, pick_version
+from .rollout import FAILED, OK, TIMEOUT, LiveRollout, MirrorQueue, pick_version
 from .threads import ThreadLimiter, ThreadsExhausted, run_sync_interruptible
 from .types import Args, Entrypoint
 
@@ -292,8 +292,8 @@ class Dispatcher:
         self._rollouts = registry.rollouts
         self.on_rollout_abort: Callable[[LiveRollout, str], None] | None = None
         """Called once when a candidate breaks its policy (routing already stopped)."""
-        self.on_mirror: Callable[[LiveRollout, Any, Any, float, int], None] | None = None
-        """Takes the stable's answers a shadow mirrors (``host.rollout.MirrorSink``)."""
+        self.on_mirror: MirrorQueue | None = None
+        """Takes the stable's answers a shadow mirrors (``LiveRollout.due``)."""
 
     @property
     def db(self) -> Any:

@@ -41,6 +41,7 @@ import math
 import random
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -57,7 +58,7 @@ __all__ = (
     "STABLE_SAMPLE",
     "TIMEOUT",
     "LiveRollout",
-    "MirrorSink",
+    "MirrorQueue",
     "VersionHolder",
     "VersionStats",
     "matches_version",
@@ -103,10 +104,32 @@ _MIN_S = _BOUNDS_S[0]
 whose bound it does not exceed (the last bucket takes the rest)."""
 
 
-MirrorSink = Callable[["LiveRollout", Any, Any, float, int], None]
-"""Takes a shadow's mirror: ``(rollout, args, result, elapsed, weight)``, where
-``elapsed`` and ``weight`` are the stable's statistics sample, which the sink records
-(``host.shadow.ShadowRunner.offer``)."""
+class MirrorQueue:
+    """Where a shadow's mirrored calls wait for its workers (``host.shadow`` drains it).
+
+    :meth:`LiveRollout.due` appends to it inline, so a mirror costs the caller no Python
+    call: ``entries`` takes ``(rollout, args, result, elapsed, weight)`` (the stable's
+    answer and its statistics sample, which the worker records) while it holds fewer
+    than ``room``; then, if ``ticking`` is False (the workers' ticker stopped), ``kick()``
+    restarts it. When it is full, ``drop(rollout)`` counts the dropped mirror and the
+    sample is recorded at once.
+
+    Args:
+        room: Mirrors that may wait (0: none, e.g. before the workers start).
+        kick: Restarts the ticker (it sets ``ticking``).
+        drop: Counts a dropped mirror of a rollout.
+    """
+
+    __slots__ = ("drop", "entries", "kick", "room", "ticking")
+
+    def __init__(
+        self, room: int, kick: Callable[[], None], drop: Callable[[LiveRollout], None]
+    ) -> None:
+        self.entries: deque[tuple[LiveRollout, Any, Any, float, int]] = deque()
+        self.room = room
+        self.kick = kick
+        self.drop = drop
+        self.ticking = False
 
 
 def sticky_fraction(name: str, revision: int, key: object) -> float:
@@ -128,6 +151,8 @@ def sticky_fraction(name: str, revision: int, key: object) -> float:
     return int.from_bytes(digest[:8], "big") / _TWO_64
 
 
+_GAPS_AHEAD = 128
+"""Mirror gaps ``LiveRollout.prepare`` keeps drawn ahead (it tops up below half)."""
 _TWO_64 = 2.0**64
 _PLAIN_KEY = re.compile(r"[ !#-\[\]-~]*")  # printable ASCII but '"' and '\\': JSON as-is
 _STICKY_CACHE_SIZE = 4096
@@ -439,6 +464,7 @@ class LiveRollout:
     __slots__ = (
         "_carry",
         "_gap",
+        "_gaps",
         "_keep_log",
         "_max_error_rate",
         "_max_p99_ms",
@@ -483,6 +509,8 @@ class LiveRollout:
         # call, inclusive; the span ends at it, or earlier (MIRROR_SPAN).
         self._carry = 0
         self._gap = 1
+        self._gaps: list[int] = []
+        """Gaps to the next mirrors, drawn ahead (``prepare``; used from the end)."""
         self._span = 1
         self.quiet = 0
         self.skip = 0
@@ -524,6 +552,7 @@ class LiveRollout:
         self.routing = active and spec.mode == "canary"
         self.mirror = active and spec.mode == "shadow"
         self._keep_log = math.log1p(-self.threshold) if 0.0 < self.threshold < 1.0 else 0.0
+        self._gaps.clear()  # drawn for the old weight
         self.skip = self._next_gap() - 1
         # The open span ends here: its slots taken so far are carried to the next due
         # call's weight, and a new span starts under the new spec (in canary mode it
@@ -540,6 +569,16 @@ class LiveRollout:
         """The stable's calls not yet in its statistics (the next due one adds them);
         negative while failures were counted ahead of their span."""
         return self._carry + self._span - 1 - self.quiet
+
+    def prepare(self) -> None:
+        """Draw the gaps of the next mirrors ahead (the shadow's worker calls it after a
+        mirror, off the caller's path; ``due`` draws one itself if none is left)."""
+        keep = self._keep_log
+        gaps = self._gaps
+        if keep and len(gaps) < _GAPS_AHEAD // 2:
+            gaps.extend(
+                _floor(_log1p(-_random()) / keep) + 1 for _ in range(_GAPS_AHEAD - len(gaps))
+            )
 
     def _next_gap(self) -> int:
         """Calls up to and including the next candidate call (or mirror): geometric."""
@@ -620,7 +659,7 @@ class LiveRollout:
         started: float,
         args: Any = None,
         result: Any = None,
-        mirror_to: MirrorSink | None = None,
+        mirror_to: MirrorQueue | None = None,
         outcome: int = OK,
     ) -> None:
         """The stable call that ends a span (it started while ``quiet`` was 0, and
@@ -632,24 +671,24 @@ class LiveRollout:
             started: When the call started (``time.perf_counter()``).
             args: The call's argument (for the mirror).
             result: What the stable returned (for the mirror).
-            mirror_to: Where a mirrored success goes (``ShadowRunner.offer``), which
-                then records the sample (off the caller's path); None: no mirroring.
+            mirror_to: Where a mirrored success goes (the shadow's queue, whose worker
+                then records the sample, off the caller's path); None: no mirroring.
             outcome: How the call ended (a failure is counted, never mirrored).
         """
-        span = self._span
-        weight = self._carry + span
-        if weight > 0:
+        span = weight = self._span
+        if self._carry:  # rare: quiet failures counted ahead, or a span update() cut
+            weight += self._carry
             self._carry = 0
-        else:  # quiet failures were counted ahead of their span: the debt carries on
-            self._carry = weight - 1
-            weight = 1
+            if weight < 1:  # counted ahead of their span: the debt carries on
+                self._carry = weight - 1
+                weight = 1
         mirror = False
         if self.mirror:
             gap = self._gap - span
             if not gap:
                 mirror = not outcome  # a failure has no answer to compare
-                keep = self._keep_log  # _next_gap, inline: once per mirror
-                gap = _floor(_log1p(-_random()) / keep) + 1 if keep else 1
+                gaps = self._gaps  # drawn ahead by ``prepare``, off the caller's path
+                gap = gaps.pop() if gaps else self._next_gap()
             self._gap = gap
             span = gap if gap < MIRROR_SPAN else MIRROR_SPAN
         else:
@@ -658,9 +697,14 @@ class LiveRollout:
         self.quiet = span - 1
         now = _now()
         if mirror and mirror_to is not None:
-            mirror_to(self, args, result, now - started, weight)
-        else:
-            self.stable_stats.record(outcome, now - started, now, weight)
+            entries = mirror_to.entries
+            if len(entries) < mirror_to.room:
+                entries.append((self, args, result, now - started, weight))
+                if not mirror_to.ticking:
+                    mirror_to.kick()
+                return
+            mirror_to.drop(self)
+        self.stable_stats.record(outcome, now - started, now, weight)
 
     def _judge(self, stats: VersionStats) -> str | None:
         """Why the candidate breaks its policy now, or None."""
