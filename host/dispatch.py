@@ -424,14 +424,13 @@ class Dispatcher:
         # and most calls under one only take a quiet slot (LiveRollout's inline protocol):
         # no clock, and nothing to count unless they fail, so they let go of the rollout
         # (`live`) and end like a call without one (a failure looks it up again).
-        if live is None:
-            started = 0.0
-        elif live.quiet and plugin is not live.candidate:
-            live.quiet -= 1
-            live = None
-            started = 0.0
-        else:
-            started = _clock()
+        started = 0.0
+        if live is not None:
+            if live.quiet and plugin is not live.candidate:
+                live.quiet -= 1
+                live = None
+            else:
+                started = _clock()
         outcome = OK
         current = task  # the task the call runs in (a nested call reads it for a timeout)
         queue: _Deadlines | None = None  # a timeout shared with other calls (_Deadlines)
