@@ -13,8 +13,9 @@
 * **shadow** — calls of the stable version with a 10% shadow running beside it, against
   the same plugin with none (the best of many short interleaved batches, the caller
   yielding between calls so the mirrors run): the caller's path (the ``await
-  host.call`` alone; the goal, at most 5% more) and the loop time per call, mirrors included (each mirror is a whole call of the
-  candidate plus two JSON encodings, so at 10% this is necessarily well over 5%).
+  host.call`` alone; the goal, at most 5% more) and the loop time per call, mirrors
+  included (each mirror is a whole call of the candidate plus two JSON encodings, so at
+  10% this is necessarily well over 5%).
 
 The rollouts are written to the record directly (the contract's documents), as
 ``host.publish``'s rollout operations would.
