@@ -51,7 +51,7 @@ from .events import EventBus
 from .naming import format_plugin_traceback
 from .plugin import Plugin, is_plugin_failure
 from .registry import CALL_PATH, Registry
-from .rollout import FAILED, OK, TIMEOUT, LiveRollout, pick_version
+from .rollout import FAILED, OK, TIMEOUT, LiveRollout, MirrorQueue, pick_version
 from .threads import ThreadLimiter, ThreadsExhausted, run_sync_interruptible
 from .types import Args, Entrypoint
 
@@ -292,8 +292,8 @@ class Dispatcher:
         self._rollouts = registry.rollouts
         self.on_rollout_abort: Callable[[LiveRollout, str], None] | None = None
         """Called once when a candidate breaks its policy (routing already stopped)."""
-        self.on_mirror: Callable[[LiveRollout, Any, Any], None] | None = None
-        """Called after the stable version answered a call while a shadow runs."""
+        self.on_mirror: MirrorQueue | None = None
+        """Takes the stable's answers a shadow mirrors (``LiveRollout.due``)."""
 
     @property
     def db(self) -> Any:
@@ -421,10 +421,16 @@ class Dispatcher:
         if task is not None:
             self._calls[task] = None
         # Statistics only while a rollout runs: a rollout-free call pays for none of it,
-        # and the clock only for a call they time (LiveRollout's inline protocol).
-        started = (
-            _clock() if live is not None and (not live.quiet or plugin is live.candidate) else 0.0
-        )
+        # and most calls under one only take a quiet slot (LiveRollout's inline protocol):
+        # no clock, and nothing to count unless they fail, so they let go of the rollout
+        # (`live`) and end like a call without one (a failure looks it up again).
+        started = 0.0
+        if live is not None:
+            if live.quiet and plugin is not live.candidate:
+                live.quiet -= 1
+                live = None
+            else:
+                started = _clock()
         outcome = OK
         current = task  # the task the call runs in (a nested call reads it for a timeout)
         queue: _Deadlines | None = None  # a timeout shared with other calls (_Deadlines)
@@ -495,15 +501,15 @@ class Dispatcher:
         else:
             if queue is not None and key not in queue.entries and current is not None:
                 current.uncancel()  # expired, but the plugin swallowed the cancellation
-            # A version under rollout: count the call. Most stable successes count
-            # nothing (LiveRollout's inline protocol: quiet); a due one may be a
-            # shadow's mirror; a candidate's success may break its policy (rarely).
+            # A timed call under rollout (a quiet one let go of it): a stable one ends its
+            # span (and may be a shadow's mirror) unless calls overlapped; a candidate's
+            # success may break its policy (rarely).
             if live is not None:
                 if plugin is not live.candidate:
                     if live.quiet:
                         live.quiet -= 1
-                    elif live.due(started) and self.on_mirror is not None:
-                        self.on_mirror(live, args, result)
+                    else:
+                        live.due(started, args, result, self.on_mirror)
                 elif live.record(plugin, OK, started):
                     self.report_abort(live)
             return result
@@ -519,9 +525,14 @@ class Dispatcher:
             if not plugin.in_flight and plugin.drained is not None:
                 plugin.drained.set()  # a retirement waits for the version to drain
             # A failure or timeout under rollout: count it; the candidate may break policy
-            # (record returns True only then: a failure is never mirrored).
-            if live is not None and outcome > 0 and live.record(plugin, outcome, started):
-                self.report_abort(live)
+            # (record returns True only then: a failure is never mirrored). An unjudged
+            # end (outcome -1: busy, cancelled) gives its quiet slot back. (A success's
+            # outcome is OK, i.e. False: this test is as cheap as `live is not None`.)
+            if outcome:
+                if live is None and not started and self._rollouts:
+                    live = self._rollouts.get(name)  # a quiet call (or none: no rollout)
+                if live is not None and live.record(plugin, outcome, started):
+                    self.report_abort(live)
 
     def report_abort(self, live: LiveRollout) -> None:
         """Tell the host a candidate just broke its policy (``on_rollout_abort``).

@@ -41,6 +41,7 @@ import math
 import random
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -51,11 +52,13 @@ from .records import PluginRecord, Rollout
 
 __all__ = (
     "FAILED",
+    "MIRROR_SPAN",
     "OK",
     "SHADOW_OUTCOMES",
     "STABLE_SAMPLE",
     "TIMEOUT",
     "LiveRollout",
+    "MirrorQueue",
     "VersionHolder",
     "VersionStats",
     "matches_version",
@@ -65,8 +68,10 @@ __all__ = (
     "write_abort",
 )
 
-OK, FAILED, TIMEOUT = 0, 1, 2
-"""How a call ended, for :meth:`VersionStats.record`."""
+OK: int = False  # == 0; a truth test on a bool needs no __bool__ call (every call makes one)
+FAILED: int = 1
+TIMEOUT: int = 2
+"""How a call ended, for :meth:`VersionStats.record` (``OK`` is ``False``, i.e. 0)."""
 
 SHADOW_OUTCOMES = ("match", "mismatch", "candidate_error", "dropped", "refused_writes")
 """A shadow's counters (``host.shadow``): per plugin, and per rollout in its report."""
@@ -74,11 +79,16 @@ SHADOW_OUTCOMES = ("match", "mismatch", "candidate_error", "dropped", "refused_w
 STABLE_SAMPLE = 8
 """One successful stable call in this many is recorded (weighted); see ``LiveRollout.record``."""
 
+MIRROR_SPAN = 64
+"""While a shadow mirrors, the stable's successes are sampled on the mirrored ones instead
+(weighted by the successes since the last sample), and at least one in this many."""
+
 _HIST_MIN_MS = 0.01
 _HIST_STEPS_PER_DOUBLING = 4  # buckets ~19% wide
 _HIST_SIZE = 100  # 0.01 ms .. ~330 s
 _ZEROS = [0] * _HIST_SIZE
-_log = math.log
+_log1p = math.log1p  # log1p and floor take one argument (METH_O): cheaper than log, int
+_floor = math.floor
 _now = time.perf_counter
 _random = random.random
 _bucket = bisect.bisect_left
@@ -92,6 +102,34 @@ _BOUNDS_S = [_upper_ms(i) / 1000.0 for i in range(_HIST_SIZE - 1)]
 _MIN_S = _BOUNDS_S[0]
 """Upper bounds of the histogram's buckets in seconds: a latency goes to the first bucket
 whose bound it does not exceed (the last bucket takes the rest)."""
+
+
+class MirrorQueue:
+    """Where a shadow's mirrored calls wait for its workers (``host.shadow`` drains it).
+
+    :meth:`LiveRollout.due` appends to it inline, so a mirror costs the caller no Python
+    call: ``entries`` takes ``(rollout, args, result, elapsed, weight)`` (the stable's
+    answer and its statistics sample, which the worker records) while it holds fewer
+    than ``room``; then, if ``ticking`` is False (the workers' ticker stopped), ``kick()``
+    restarts it. When it is full, ``drop(rollout)`` counts the dropped mirror and the
+    sample is recorded at once.
+
+    Args:
+        room: Mirrors that may wait (0: none, e.g. before the workers start).
+        kick: Restarts the ticker (it sets ``ticking``).
+        drop: Counts a dropped mirror of a rollout.
+    """
+
+    __slots__ = ("drop", "entries", "kick", "room", "ticking")
+
+    def __init__(
+        self, room: int, kick: Callable[[], None], drop: Callable[[LiveRollout], None]
+    ) -> None:
+        self.entries: deque[tuple[LiveRollout, Any, Any, float, int]] = deque()
+        self.room = room
+        self.kick = kick
+        self.drop = drop
+        self.ticking = False
 
 
 def sticky_fraction(name: str, revision: int, key: object) -> float:
@@ -113,6 +151,8 @@ def sticky_fraction(name: str, revision: int, key: object) -> float:
     return int.from_bytes(digest[:8], "big") / _TWO_64
 
 
+_GAPS_AHEAD = 128
+"""Mirror gaps ``LiveRollout.prepare`` keeps drawn ahead (it tops up below half)."""
 _TWO_64 = 2.0**64
 _PLAIN_KEY = re.compile(r"[ !#-\[\]-~]*")  # printable ASCII but '"' and '\\': JSON as-is
 _STICKY_CACHE_SIZE = 4096
@@ -377,28 +417,44 @@ class VersionStats:
 class LiveRollout:
     """The routing state and statistics of one running rollout on this host.
 
-    Design note — the per-call cost (issue 16's goal: at most 1 µs per call): nothing
-    here draws a random number or reads a clock for most calls, and most calls make no
-    Python call here at all. Weighted routing (and a shadow's sampling) counts down a gap
-    drawn from the geometric distribution of the gaps between successes of independent
-    ``weight / 100`` draws: the same law as a draw per call, at one decrement per call.
-    The stable's successes are counted one in ``STABLE_SAMPLE`` (a countdown too).
+    Design note — the per-call cost (issue 16's goals: a rollout adds at most 1 µs per
+    call, a 10% shadow at most 5% of the stable's path): nothing here draws a random
+    number or reads a clock for most calls, and most calls make no Python call here at
+    all. Weighted routing (and a shadow's sampling) counts down a gap drawn from the
+    geometric distribution of the gaps between successes of independent ``weight / 100``
+    draws: the same law as a draw per call, at one decrement per call.
+
+    The stable's calls are counted in *spans*: all but the last call of a span take a
+    quiet slot when they start (``quiet``), are not timed and, if they succeed, count
+    nothing themselves; the last one (:meth:`due`) is timed and recorded with the span's
+    length as its weight, so the count is exact (short by the open span: ``unsampled``)
+    and the latencies are an unbiased sample (a span's length is drawn independently of
+    the calls). A quiet call that fails counts at once (its failure must not wait) and
+    its span then weighs one less (``_carry``, which also carries the slots of a span
+    that :meth:`update` cut short). Without a mirroring shadow a span is
+    ``STABLE_SAMPLE`` calls. While a shadow mirrors, a span ends at the next mirrored
+    call (or after ``MIRROR_SPAN``): one countdown, so the caller pays one ``due`` call
+    and two clock reads per mirror (about one call in ten at 10%), rather than per
+    mirror *and* per 1-in-8 sample (one call in ~4.4 with two interleaved countdowns),
+    and the sample is recorded by the shadow's worker with the mirror, off the path.
 
     Two countdowns are public so that the dispatcher can spend them inline; the protocol
     is that a caller may, instead of calling a method:
 
     * ``skip`` — for an unkeyed call while ``routing`` and ``sticky_key is None`` and
       ``skip > 0``: decrement ``skip`` and run the stable (what ``choose`` would do);
-    * ``quiet`` — for a success of any version but the candidate with ``quiet > 0``:
-      decrement ``quiet`` and count nothing (what ``record`` would do: the success is
-      neither the stable's sample nor a shadow's mirror); with ``quiet == 0``, call
-      :meth:`due` (what ``record`` would do);
-    * the clock — a caller need time (``started``) only a candidate's call and a stable
-      call that starts while ``quiet == 0``; it passes 0.0 for the others, which are
-      counted untimed if they fail (a clock read costs about a tenth of a call on a VM).
+    * ``quiet`` — when a call of any version but the candidate *starts* with
+      ``quiet > 0``: decrement ``quiet`` (the call takes a quiet slot of the span), time
+      nothing, and at its end count nothing if it succeeded (its span's weight counts
+      it) or call ``record`` with ``started`` 0.0 if it failed. Any other call is timed
+      (``started``, a ``perf_counter`` reading) and ends in ``record``, or, for a stable
+      success, in ``due`` if ``quiet`` is still 0 (else it decrements ``quiet``: calls
+      overlapped). A clock read costs about a tenth of a call on a VM, and the test and
+      decrement at the start are all that most shadowed or canaried calls pay.
 
     The candidate's calls are all counted, and its policy is judged only while its window
     holds failures, timeouts or slow calls (with none, no policy can break).
+
     Args:
         spec: The record's rollout.
         candidate: The candidate's compiled, installed version.
@@ -406,13 +462,14 @@ class LiveRollout:
     """
 
     __slots__ = (
+        "_carry",
         "_gap",
+        "_gaps",
         "_keep_log",
         "_max_error_rate",
         "_max_p99_ms",
         "_memo",
         "_min_calls",
-        "_sample",
         "_span",
         "abort_reason",
         "candidate",
@@ -443,12 +500,17 @@ class LiveRollout:
         """A shadow's comparison report (``host.shadow`` fills it): ``match``,
         ``mismatch``, ``candidate_error``, ``dropped``, ``refused_writes``, ``blocked``
         (the last refused writes, ``"plugin: operation"``), ``last_error``."""
-        # INVARIANT (loop thread only): a stable success is "due" (counted) when the
-        # countdowns _sample (to the next sampled success, inclusive) or, while
-        # mirroring, _gap (to the next mirror, inclusive) reach it; _span successes
-        # separate two due ones, and quiet of them are still to be skipped.
-        self._sample = STABLE_SAMPLE
+        # INVARIANT (loop thread only): the open span has _span slots for stable calls,
+        # the last one due (recorded with weight _carry + _span, at least 1), and quiet
+        # of the others still free: the stable's statistics (plus the samples queued
+        # with mirrors) hold every stable call but the open span's, adjusted by -_carry
+        # (quiet failures counted ahead of their span, slots of spans update() cut
+        # short). While mirroring, _gap (>= _span) counts down to the next mirrored
+        # call, inclusive; the span ends at it, or earlier (MIRROR_SPAN).
+        self._carry = 0
         self._gap = 1
+        self._gaps: list[int] = []
+        """Gaps to the next mirrors, drawn ahead (``prepare``; used from the end)."""
         self._span = 1
         self.quiet = 0
         self.skip = 0
@@ -490,23 +552,39 @@ class LiveRollout:
         self.routing = active and spec.mode == "canary"
         self.mirror = active and spec.mode == "shadow"
         self._keep_log = math.log1p(-self.threshold) if 0.0 < self.threshold < 1.0 else 0.0
+        self._gaps.clear()  # drawn for the old weight
         self.skip = self._next_gap() - 1
-        # The stable successes skipped so far in this span still count to the sample.
-        self._sample -= self._span - 1 - self.quiet
-        self._gap = self._next_gap()
-        self._next_span()
-
-    def _next_span(self) -> None:
-        """Skip (``quiet``) the stable successes up to the next due one."""
-        span = min(self._sample, self._gap) if self.mirror else self._sample
+        # The open span ends here: its slots taken so far are carried to the next due
+        # call's weight, and a new span starts under the new spec (in canary mode it
+        # still ends at the next multiple of STABLE_SAMPLE calls).
+        carry = self.unsampled
+        self._gap = gap = self._next_gap()
+        span = min(gap, MIRROR_SPAN) if self.mirror else max(STABLE_SAMPLE - carry, 1)
+        self._carry = carry
         self._span = span
         self.quiet = span - 1
+
+    @property
+    def unsampled(self) -> int:
+        """The stable's calls not yet in its statistics (the next due one adds them);
+        negative while failures were counted ahead of their span."""
+        return self._carry + self._span - 1 - self.quiet
+
+    def prepare(self) -> None:
+        """Draw the gaps of the next mirrors ahead (the shadow's worker calls it after a
+        mirror, off the caller's path; ``due`` draws one itself if none is left)."""
+        keep = self._keep_log
+        gaps = self._gaps
+        if keep and len(gaps) < _GAPS_AHEAD // 2:
+            gaps.extend(
+                _floor(_log1p(-_random()) / keep) + 1 for _ in range(_GAPS_AHEAD - len(gaps))
+            )
 
     def _next_gap(self) -> int:
         """Calls up to and including the next candidate call (or mirror): geometric."""
         if not self._keep_log:
             return 1  # weight 100 (weight 0 routes nothing: ``routing`` is False)
-        return int(_log(1.0 - _random()) / self._keep_log) + 1
+        return _floor(_log1p(-_random()) / self._keep_log) + 1
 
     def choose(self, stable: Plugin, args: Any, key: object) -> Plugin:
         """The version an unpinned call runs on (sticky, else weighted)."""
@@ -531,27 +609,35 @@ class LiveRollout:
 
         Args:
             plugin: The version that served the call.
-            outcome: ``OK``, ``FAILED`` or ``TIMEOUT``.
-            started: When it started (``time.perf_counter()``), or 0.0 if it was not
-                timed (a stable call started while ``quiet`` was above 0: see ``due``).
+            outcome: ``OK``, ``FAILED`` or ``TIMEOUT``; or -1 for an end that judges
+                no version (busy, cancelled), which counts nothing.
+            started: When it started (``time.perf_counter()``), or 0.0 for a stable call
+                that took a quiet slot when it started (the dispatcher's protocol).
 
         Returns:
-            True when the caller has something to do: the candidate has just broken its
-            policy (routing has stopped; ``abort_reason`` says why: report it), or, for a
-            successful call of the stable while a shadow runs, the call is sampled for
-            mirroring. False for everything else, i.e. almost every call.
+            True iff the candidate has just broken its policy (routing has stopped;
+            ``abort_reason`` says why: report it). False for everything else, i.e.
+            almost every call.
         """
+        if outcome < 0:
+            if not started:
+                self._carry -= 1  # it took a quiet slot, but is not to be counted
+            return False
         if plugin is not self.candidate:
-            # The stable serves most calls: its successes are sampled, one in
-            # STABLE_SAMPLE counted with that weight (failures and timeouts all, with
-            # weight 1), so its error rate and latencies stay unbiased estimates.
-            if outcome == OK:
-                if self.quiet:
-                    self.quiet -= 1
-                    return False
-                return self.due(started)
-            now = _now()
-            self.stable_stats.record(outcome, now - started if started else None, now)
+            # The stable serves most calls: they are counted by spans (see the class
+            # docstring), so its error rate and latencies stay unbiased estimates.
+            if not started:  # it took a quiet slot when it started: its span counts it
+                if outcome:  # ...but its failure counts now, so the span weighs one less
+                    self.stable_stats.record(outcome, None, _now())
+                    self._carry -= 1
+                return False
+            if self.quiet:  # it takes a quiet slot now (calls overlapped)
+                self.quiet -= 1
+                if outcome:
+                    self.stable_stats.record(outcome, None, _now())
+                    self._carry -= 1
+                return False
+            self.due(started, outcome=outcome)  # it ends the span
             return False
         now = _now()
         stats = self.candidate_stats
@@ -568,41 +654,57 @@ class LiveRollout:
         self.abort(reason)
         return True
 
-    def due(self, started: float) -> bool:
-        """A stable success the countdowns reach (``quiet`` is 0): sample it, mirror it,
-        or both. The dispatcher calls it directly (``record``'s stable-success branch).
-
-        A caller times a stable call only if it starts while ``quiet`` is 0 (the next
-        success is due), so most stable calls read no clock; a sample whose call was not
-        timed (``started`` 0.0: calls overlapped) counts without a latency.
+    def due(
+        self,
+        started: float,
+        args: Any = None,
+        result: Any = None,
+        mirror_to: MirrorQueue | None = None,
+        outcome: int = OK,
+    ) -> None:
+        """The stable call that ends a span (it started while ``quiet`` was 0, and
+        ``quiet`` is still 0): record it, weighted by the calls its span stands for, and
+        hand it to ``mirror_to`` if it is a shadow's mirror. The dispatcher calls it
+        directly for a success (``record`` for the rest).
 
         Args:
-            started: When the call started (``time.perf_counter()``), or 0.0.
-
-        Returns:
-            True iff the call is to be mirrored to the shadow.
+            started: When the call started (``time.perf_counter()``).
+            args: The call's argument (for the mirror).
+            result: What the stable returned (for the mirror).
+            mirror_to: Where a mirrored success goes (the shadow's queue, whose worker
+                then records the sample, off the caller's path); None: no mirroring.
+            outcome: How the call ended (a failure is counted, never mirrored).
         """
-        # _next_span, inline: this runs once per span of stable successes.
-        span = self._span
-        sample = self._sample - span
-        if sample <= 0:
-            sample = STABLE_SAMPLE
-            now = _now()
-            self.stable_stats.record(OK, now - started if started else None, now, STABLE_SAMPLE)
+        span = weight = self._span
+        if self._carry:  # rare: quiet failures counted ahead, or a span update() cut
+            weight += self._carry
+            self._carry = 0
+            if weight < 1:  # counted ahead of their span: the debt carries on
+                self._carry = weight - 1
+                weight = 1
         mirror = False
         if self.mirror:
             gap = self._gap - span
-            if gap <= 0:
-                gap = self._next_gap()
-                mirror = True
+            if not gap:
+                mirror = not outcome  # a failure has no answer to compare
+                gaps = self._gaps  # drawn ahead by ``prepare``, off the caller's path
+                gap = gaps.pop() if gaps else self._next_gap()
             self._gap = gap
-            span = min(sample, gap)
+            span = gap if gap < MIRROR_SPAN else MIRROR_SPAN
         else:
-            span = sample
-        self._sample = sample
+            span = STABLE_SAMPLE
         self._span = span
         self.quiet = span - 1
-        return mirror
+        now = _now()
+        if mirror and mirror_to is not None:
+            entries = mirror_to.entries
+            if len(entries) < mirror_to.room:
+                entries.append((self, args, result, now - started, weight))
+                if not mirror_to.ticking:
+                    mirror_to.kick()
+                return
+            mirror_to.drop(self)
+        self.stable_stats.record(outcome, now - started, now, weight)
 
     def _judge(self, stats: VersionStats) -> str | None:
         """Why the candidate breaks its policy now, or None."""

@@ -189,7 +189,7 @@ class PluginHost:
         self._shadow = ShadowRunner(
             self._dispatcher, self._events_bus, rollouts=self._registry.rollouts
         )
-        self._dispatcher.on_mirror = self._shadow.offer
+        self._dispatcher.on_mirror = self._shadow.mirrors
         self._watcher = Watcher(
             database[collection], self._loader, self._events_bus, max_await_ms=max_await_ms
         )

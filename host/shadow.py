@@ -2,14 +2,19 @@
 
 Design note — off the caller's path, bounded, side-effect free:
 
-* The dispatcher hands a sampled call to :meth:`ShadowRunner.offer` *after* the stable
-  version answered (the caller's result is already computed). The sampling is a
-  countdown in :meth:`LiveRollout.record <host.rollout.LiveRollout.record>` (one
-  decrement per call that is not mirrored, no random draw). ``offer`` only appends
-  ``(rollout, args, result)`` to a bounded queue and, at most once per millisecond,
-  schedules the wake-up of idle workers (mirrors start in batches); when the queue
-  is full the mirror is dropped and counted (``dropped``), so a slow candidate can never
-  slow callers down or grow memory.
+* The dispatcher's :meth:`LiveRollout.due <host.rollout.LiveRollout.due>` appends a
+  sampled call to :attr:`ShadowRunner.mirrors` (a :class:`~host.rollout.MirrorQueue`)
+  *after* the stable version answered (the caller's result is already computed). The
+  sampling is a countdown (one decrement per call that is not mirrored, no random draw,
+  no Python call); a mirrored call pays an append of ``(rollout, args, result,
+  elapsed, weight)``, and the stable's statistics sample it carries is recorded by the
+  worker. A ticker (a ``_TICK`` timer that re-arms itself while mirrors keep coming)
+  wakes the idle workers, so mirrors start in batches and the caller schedules nothing.
+  The ticker stops after ``_IDLE_TICKS`` ticks without work (a host with no shadow
+  traffic has no timer), and the first mirror after that restarts it with a
+  ``call_soon`` (no timer heap push on the caller's path). When the queue is full the
+  mirror is dropped and counted (``dropped``), so a slow candidate can never slow
+  callers down or grow memory.
 * A fixed pool of worker tasks (the concurrency bound), started in the host's task group
   with no plugin in their context, runs each mirror as a pinned call of the candidate
   under its own timeout, then compares the two results as canonical JSON. Counters per
@@ -51,16 +56,19 @@ from anyio.abc import TaskGroup
 from .context import SHADOW_DB
 from .errors import PluginHostError
 from .events import EventBus
-from .rollout import SHADOW_OUTCOMES, LiveRollout
+from .rollout import OK, SHADOW_OUTCOMES, LiveRollout, MirrorQueue
 from .types import Args, CallTarget
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
     from .plugin import Plugin
 
-_Mirror = tuple[LiveRollout, Any, Any]
-_BATCH_DELAY = 0.001
-"""Seconds a queued mirror may wait for its batch's wake-up (one timer per batch)."""
+_Mirror = tuple[LiveRollout, Any, Any, float, int]
+"""``(rollout, args, stable's result, stable's elapsed, its sample's weight)``."""
+_TICK = 0.002
+"""Seconds between two ticks of the workers' ticker: a queued mirror waits at most this."""
+_IDLE_TICKS = 16
+"""Ticks in a row that find no queued mirror before the ticker stops (until a mirror)."""
 
 __all__ = (
     "SHADOW_OUTCOMES",
@@ -278,25 +286,34 @@ class ShadowRunner:
         self._max_chars = max_event_chars
         self._queue_size = queue_size
         # INVARIANT: a worker is in _idle only while it waits for work, and it went
-        # there with the queue empty; while the queue is not empty and a worker is
-        # idle, a wake-up is scheduled (_wake_up), which wakes one idle worker per
-        # queued mirror. Wake-ups are batched (_BATCH_DELAY), not one per mirror.
-        self._queue: deque[_Mirror] = deque()
+        # there with the queue empty; while the queue is not empty, mirrors.ticking is
+        # True: a tick is scheduled (a timer, or a call_soon from _kick), and each tick
+        # wakes one idle worker per queued mirror. ticking goes False only in a tick
+        # that finds the queue empty (the _IDLE_TICKS-th in a row), and only _kick sets
+        # it again. mirrors.room is queue_size while the workers run, else 0.
+        self.mirrors = MirrorQueue(0, self._kick, self._dropped)
+        """The dispatcher's ``on_mirror``: where ``LiveRollout.due`` queues mirrors."""
+        self._queue: deque[_Mirror] = self.mirrors.entries
         self._idle: list[anyio.Event] = []
-        self._wake_up: asyncio.TimerHandle | None = None
+        self._idle_ticks = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._running = False
         self._last_event: dict[str, float] = {}
         self.counts: dict[str, dict[str, int]] = {}
         """``{plugin: {match, mismatch, candidate_error, dropped, refused_writes}}``."""
         self._started = False
 
+    @property
+    def ticking(self) -> bool:
+        """Whether the workers' ticker runs (it stops after idle ticks, see the module)."""
+        return self.mirrors.ticking
+
     def start(self, task_group: TaskGroup) -> None:
         """Start the worker pool in ``task_group`` (the host's; no plugin in context)."""
         if self._started:
             return
-        self._started = self._running = True
+        self._started = True
         self._loop = asyncio.get_running_loop()
+        self.mirrors.room = self._queue_size
         for i in range(self._workers):
             task_group.start_soon(self._work, name=f"shadow worker {i}")
 
@@ -351,25 +368,32 @@ class ShadowRunner:
 
         return readonly
 
-    def offer(self, live: LiveRollout, args: Any, result: Any) -> None:
-        """Queue a mirror of a call the stable version answered.
+    def _dropped(self, live: LiveRollout) -> None:
+        """The queue is full (or the workers stopped): count the mirror as dropped."""
+        self._tally(live, "dropped")
 
-        Only sampled calls come here (``LiveRollout.record`` samples ``weight`` percent
-        of the stable's successes), so a call that is not mirrored pays nothing here.
-        """
-        if not self._running or len(self._queue) >= self._queue_size:
-            self._tally(live, "dropped")
-            return
-        self._queue.append((live, args, result))
-        if self._idle and self._wake_up is None and self._loop is not None:
-            # One wake-up for the mirrors queued in the next _BATCH_DELAY: the caller
-            # pays an append, and the mirrors run together, off its path.
-            self._wake_up = self._loop.call_later(_BATCH_DELAY, self._wake)
+    def _kick(self) -> None:
+        """Restart the ticker for the first mirror after a quiet spell (tick now)."""
+        if self._loop is not None:
+            self.mirrors.ticking = True
+            self._loop.call_soon(self._tick)
 
-    def _wake(self) -> None:
-        self._wake_up = None
-        for _ in range(min(len(self._idle), len(self._queue))):
-            self._idle.pop().set()
+    def _tick(self) -> None:
+        """Wake one idle worker per queued mirror; re-arm, or stop after idle ticks."""
+        queue = self._queue
+        if queue:
+            self._idle_ticks = 0
+            idle = self._idle
+            for _ in range(min(len(idle), len(queue))):
+                idle.pop().set()
+        else:
+            self._idle_ticks += 1
+            if self._idle_ticks >= _IDLE_TICKS or not self.mirrors.room:
+                self.mirrors.ticking = False
+                self._idle_ticks = 0
+                return
+        assert self._loop is not None  # set by start(), before any mirror is queued
+        self._loop.call_later(_TICK, self._tick)
 
     async def _work(self) -> None:
         # A plain deque and one event per idle worker: a memory object stream's hand-off
@@ -383,13 +407,17 @@ class ShadowRunner:
                 self._idle.append(wake)
                 await wake.wait()
         finally:
-            self._running = False
+            self.mirrors.room = 0  # no more mirrors: due() drops (and counts) them
             self._queue.clear()
 
-    async def _mirror(self, live: LiveRollout, args: Any, expected: Any) -> None:
+    async def _mirror(
+        self, live: LiveRollout, args: Any, expected: Any, elapsed: float, weight: int
+    ) -> None:
+        live.stable_stats.record(OK, elapsed, time.perf_counter(), weight)
         name = live.name
         if not live.mirror:  # aborted or promoted while queued
             return
+        live.prepare()  # the next mirrors' gaps, drawn here rather than on the path
         readonly = live.mirror_db
         if readonly is None:
             readonly = live.mirror_db = self._readonly(live)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 
+import anyio
+import anyio.lowlevel
 import pytest
 
 from host import PluginHost
+from host.errors import PluginFailed
 from host.fleetview import fleet_status
 from host.metrics import Metrics
 from host.publish import publish
+from host.rollout import MIRROR_SPAN
 from tests.support import Db, next_event, wait_until
 
 from .rollout_support import promote, start
@@ -197,3 +201,87 @@ async def test_nested_reads_of_a_shadow_pass_and_match(db: Db) -> None:
         report = live.describe()["shadow"]
         assert report["refused_writes"] == 0 and report["candidate_error"] == 0
         assert report["blocked"] == [] and report["last_error"] is None
+
+
+FLAKY = (
+    "async def main(ctx, args):\n"
+    "    if args['x'] % 7 == 3:\n"
+    "        raise ValueError('flaky')\n"
+    "    return {'x': args['x']}\n"
+)
+
+
+async def test_shadow_samples_count_every_stable_call_and_mirror_about_the_weight(
+    db: Db,
+) -> None:
+    """Under a 10% shadow the stable's statistics count every call exactly (spans weigh
+    their calls; failures count at once), and about 10% of the successes are mirrored."""
+    await publish(db, "p", FLAKY)
+    async with PluginHost(db) as host, host.events() as events:
+        await start(db, "p", FLAKY, weight=10, mode="shadow")
+        await next_event(events, "rollout.started")
+        calls, failures = 3000, 0
+        for x in range(calls):
+            try:
+                assert await host.call("p", {"x": x}) == {"x": x}
+            except PluginFailed:
+                failures += 1
+            if x % 50 == 0:
+                await anyio.lowlevel.checkpoint()  # let the mirrors run now and then
+        live = host.rollout("p")
+        assert live is not None
+
+        def compared() -> int:
+            counts = host.shadow_counts().get("p", {})
+            return counts.get("match", 0) + counts.get("mismatch", 0)
+
+        await wait_until(lambda: live.stable_stats.calls + live.unsampled == calls, "counted")
+        stats = live.stable_stats
+        assert stats.failures == failures > 0
+        assert -MIRROR_SPAN < live.unsampled < MIRROR_SPAN
+        assert 0 < sum(stats.hist) <= stats.calls  # the timed samples, weighted
+        successes = calls - failures
+        mirrored = compared()
+        sigma = (successes * 0.1 * 0.9) ** 0.5
+        assert abs(mirrored - successes * 0.1) < 5 * sigma, (mirrored, successes)
+        assert host.shadow_counts()["p"]["dropped"] == 0
+        assert host.shadow_counts()["p"]["mismatch"] == 0
+
+
+async def test_shadow_ticker_stops_when_idle_and_rearms(db: Db) -> None:
+    """The workers' ticker runs while mirrors come, stops once they stop (no timer on an
+    idle host), and the next mirror restarts it."""
+    await publish(db, "p", STABLE)
+    async with PluginHost(db) as host, host.events() as events:
+        await start(db, "p", STABLE, weight=100, mode="shadow")
+        await next_event(events, "rollout.started")
+        runner = host._shadow  # the host's ShadowRunner (no public handle)
+
+        def ticking() -> bool:
+            return runner.ticking
+
+        assert not ticking()
+        assert await host.call("p", {"x": 1}) == {"x": 1}
+        assert ticking()
+        await wait_until(lambda: host.shadow_counts().get("p", {}).get("match") == 1, "it ran")
+        await wait_until(lambda: not ticking(), "the ticker stops when idle")
+        assert await host.call("p", {"x": 2}) == {"x": 2}
+        assert ticking()
+        await wait_until(lambda: host.shadow_counts()["p"].get("match") == 2, "it re-armed")
+
+
+async def test_shadow_mirrors_run_under_a_busy_caller(db: Db) -> None:
+    """A caller that only yields between calls (never sleeps) does not starve the
+    mirrors: they are compared while it is still calling."""
+    await publish(db, "p", STABLE)
+    async with PluginHost(db) as host, host.events() as events:
+        await start(db, "p", STABLE, weight=100, mode="shadow")
+        await next_event(events, "rollout.started")
+        made = 0
+        for made in range(1, 200_000):
+            assert await host.call("p", {"x": made}) == {"x": made}
+            await anyio.lowlevel.checkpoint()
+            if host.shadow_counts().get("p", {}).get("match", 0) >= 10:
+                break
+        assert host.shadow_counts()["p"]["match"] >= 10, made
+        assert made < 199_999  # compared before the caller stopped
