@@ -93,6 +93,56 @@ async def test_per_key_order_holds_under_concurrency(db: Db, probe: Any) -> None
     assert module.peak > 1  # different keys did run concurrently
 
 
+async def updated_in_rounds(db: Db, keys: int, rounds: int) -> datetime:
+    """Insert ``docs`` 0..keys-1, then set each one's ``n`` to 0..rounds-1, round by round
+    (one bulk write); a ``start_at`` from before it all."""
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    await db.docs.insert_many([{"_id": k, "n": -1} for k in range(keys)])
+    updates = [
+        UpdateOne({"_id": k}, {"$set": {"n": n}}) for n in range(rounds) for k in range(keys)
+    ]
+    await db.docs.bulk_write(updates)
+    return start
+
+
+FLAKY_ORDER = f"""
+import {PROBE} as probe
+
+async def on_change(ctx, event):
+    key = event["documentKey"]["_id"]
+    n = event["updateDescription"]["updatedFields"]["n"]
+    if (key + n) % 3 == 0 and ctx.attempt == 1:
+        raise RuntimeError(f"first attempt of {{key}}/{{n}} fails")
+    probe.log.append((key, n, ctx.attempt))
+"""
+
+
+async def test_per_key_order_holds_when_first_attempts_fail(db: Db, probe: Any) -> None:
+    """Handlers that never await, a third of whose first attempts raise: every event is
+    handled once, on its second attempt where the first failed, in commit order per key."""
+    module = sys.modules[PROBE]
+    module.__dict__.update(log=[])
+    keys, rounds = 10, 12
+    start = await updated_in_rounds(db, keys, rounds)
+    trigger = {"collection": "docs", "operations": ["update"], "start_at": start}
+    await db.functions.insert_one(record("flaky", FLAKY_ORDER, trigger))
+    async with PluginHost(db, triggers=FAST):
+
+        async def covered() -> bool:
+            doc = await state(db, "flaky/docs")
+            return doc is not None and doc.get("processed") == keys * rounds
+
+        await wait_until(covered, "every update handled and checkpointed")
+    by_key: dict[int, list[int]] = {}
+    for key, n, attempt in module.log:
+        by_key.setdefault(key, []).append(n)
+        assert attempt == (2 if (key + n) % 3 == 0 else 1)
+    assert by_key == {k: list(range(rounds)) for k in range(keys)}
+    doc = await state(db, "flaky/docs")
+    failing = sum((k + n) % 3 == 0 for k in range(keys) for n in range(rounds))
+    assert doc is not None and doc["failed_attempts"] == failing and doc["dead_letters"] == 0
+
+
 FAN_OUT = f"""
 import asyncio
 import {PROBE} as probe
@@ -134,12 +184,7 @@ async def test_the_worker_pool_keeps_order_and_bound_under_load(db: Db, probe: A
     module = sys.modules[PROBE]
     module.__dict__.update(log=[], running=set(), overlaps=0, peak=0, awaiting=0.5)
     keys, rounds = 30, 100
-    start = datetime.now(UTC) - timedelta(seconds=1)
-    await db.docs.insert_many([{"_id": k, "n": -1} for k in range(keys)])
-    updates = [
-        UpdateOne({"_id": k}, {"$set": {"n": n}}) for n in range(rounds) for k in range(keys)
-    ]
-    await db.docs.bulk_write(updates)
+    start = await updated_in_rounds(db, keys, rounds)
     trigger = {"collection": "docs", "operations": ["update"], "start_at": start}
     await db.functions.insert_one(record("mix", ORDER, {**trigger, "max_concurrency": 8}))
     async with PluginHost(db, triggers=FAST):

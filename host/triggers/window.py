@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import anyio
 
@@ -108,25 +108,29 @@ class Window:
                 self._room_wanted = True
             await self._room.wait()
 
-    def add(self, key: Any, event: Mapping[str, Any], token: Mapping[str, Any] | None) -> bool:
+    def add(
+        self, key: Any, event: Mapping[str, Any], token: Mapping[str, Any] | None
+    ) -> Slot | None:
         """Put an event in the window.
 
         Returns:
-            True if its key had nothing pending (the caller starts a worker for the key);
-            False if a worker of the key is running and will reach it.
+            Its slot if its key had nothing pending (the key's head now: the caller hands
+            it to a worker); None if the key has earlier events pending (whoever handles
+            them reaches this one: :meth:`finish` returns it).
         """
-        self._seq += 1
-        slot = Slot(self._seq, key, event, token)
+        self._seq = seq = self._seq + 1
+        slot = Slot(seq, key, event, token)
         self._slots.append(slot)
-        queue = self._by_key.get(key)
+        by_key = self._by_key
+        queue = by_key.get(key)
         if queue is None:
-            self._by_key[key] = slot
-            return True
+            by_key[key] = slot
+            return slot
         if isinstance(queue, Slot):
-            self._by_key[key] = deque((queue, slot))
+            by_key[key] = deque((queue, slot))
         else:
             queue.append(slot)
-        return False
+        return None
 
     @property
     def next_seq(self) -> int:
@@ -161,14 +165,18 @@ class Window:
         """
         slot.done = True
         key = slot.key
-        queue = self._by_key[key]
-        if isinstance(queue, Slot):
-            following = None
-        else:
-            queue.popleft()
-            following = queue[0] if queue else None
-        if following is None:
-            del self._by_key[key]
+        by_key = self._by_key
+        queue = by_key[key]
+        following = None
+        if queue is slot:  # the key's lone pending event (the common case)
+            del by_key[key]
+        else:  # a deque of the key's pending events, ``slot`` at its head
+            pending = cast("deque[Slot]", queue)
+            pending.popleft()
+            if pending:
+                following = pending[0]
+            else:
+                del by_key[key]
         # The oldest slot is never done between two calls (every change of a done flag
         # advances at once), so the watermark can only move if ``slot`` is the oldest.
         if self._slots[0] is slot:
@@ -176,15 +184,19 @@ class Window:
         return following
 
     def _advance(self) -> None:
-        moved = False
-        while self._slots and self._slots[0].done:
-            head = self._slots.popleft()
+        slots = self._slots
+        passed = 0
+        last: Slot | None = None  # the newest slot passed that carries a token
+        while slots and slots[0].done:
+            head = slots.popleft()
+            passed += 1
             if head.token is not None:
-                self.checkpoint = head.token
-                self.checkpoint_time = head.event.get("clusterTime")
-            self.covered += 1
-            moved = True
-        if moved:
+                last = head
+        if passed:
+            if last is not None:
+                self.checkpoint = last.token
+                self.checkpoint_time = last.event.get("clusterTime")
+            self.covered += passed
             if self._room_wanted:
                 self._room_wanted = False
                 self._room.set()
@@ -212,9 +224,8 @@ class Window:
         """
         if key in self._by_key:
             return False
-        self.add(key, event, token)
-        slot = self.head(key)
-        assert slot is not None
+        slot = self.add(key, event, token)
+        assert slot is not None  # nothing was pending
         self.finish(slot)
         return True
 
