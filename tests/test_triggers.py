@@ -13,6 +13,7 @@ from pymongo import UpdateOne
 
 from host import PluginHost
 from host.metrics import Metrics, follow_triggers
+from host.triggers.runner import _READ_TURN
 from tests.support import PROBE, Db, commands_fail, next_event, wait_until
 from tests.triggers_support import (
     FAST,
@@ -340,3 +341,29 @@ async def test_unordered_events_of_one_document_may_overlap(db: Db, probe: Any) 
         await wait_until(lambda: len(module.log) >= 30, "every update handled")
     assert sorted(n for _, n in module.log) == list(range(30))
     assert module.overlaps > 0
+
+
+LOG_KEYS = f"""
+import {PROBE} as probe
+
+async def on_change(ctx, event):
+    probe.log.append(event["documentKey"]["_id"])
+"""
+
+
+@pytest.mark.timeout(120)  # 2,500 inserts: slow on a loaded machine, never a timing check
+async def test_a_batch_longer_than_a_read_turn_is_handled_whole_in_order(
+    db: Db, probe: Any
+) -> None:
+    """Unbounded batches (batch_size None: the server sends everything it has), longer
+    than the reader's turn: every event handled once, in commit order."""
+    module = sys.modules[PROBE]
+    module.__dict__.update(log=[])
+    count = _READ_TURN + 452  # more than the reader's turn in one batch
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    await db.docs.insert_many([{"_id": i} for i in range(count)])
+    trigger = {"collection": "docs", "ordered": "total", "start_at": start}
+    await db.functions.insert_one(record("long", LOG_KEYS, trigger))
+    async with PluginHost(db, triggers=dataclasses.replace(FAST, batch_size=None)):
+        await wait_until(lambda: len(module.log) >= count, "every insert handled")
+    assert module.log == list(range(count))

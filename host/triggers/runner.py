@@ -90,14 +90,10 @@ _HISTORY_KEPT = 20
 _TURN = 0.001
 """Seconds a worker handles events before it lets the event loop run others (timed by
 the clock read each event takes anyway; a clock stepping back ends the turn too)."""
-_READ_TURN = 1000
-"""Events the reader admits from the batch in hand before it lets the loop run others.
-
-A whole batch (``batch_size``, 1,000 by default) enters the window in one turn (~1 ms),
-so the next getMore leaves at once and the server builds the next batch while the
-workers handle this one: the two overlap instead of taking turns. (Yielding every 64
-events, as before, sent the getMore only once the workers had nearly caught up.) A
-larger batch is still cut every 1,000 events, so the loop is never held much longer."""
+_READ_TURN = 2048
+"""Events the reader takes from the batch in hand, not yet admitted, before it lets the
+loop run others (a batch larger than this one is cut; one of ``batch_size``, 1,000 by
+default, never is: see the design note above Runner._follow)."""
 _ERROR_CHARS = 2_000
 _EPOCH = datetime(1970, 1, 1)  # naive, as PyMongo decodes wallTime
 
@@ -282,6 +278,8 @@ class Runner:
         # worker stopped, runner stopping or plugin gone, is in neither: its events stay
         # pending, for the next start.)
         self._ready: deque[Slot] = deque()
+        self._staged: list[Mapping[str, Any]] = []  # see INVARIANT (staged)
+        self._staged_wake = anyio.Event()
         self._workers = 0  # workers alive
         self._holding = 0  # workers holding a key (handling or retrying its events)
         self._running = 0  # handlers running now (this trigger)
@@ -350,6 +348,7 @@ class Runner:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._keep_lease, tg.cancel_scope)
+                tg.start_soon(self._admitting, tg)
                 with self._read_scope:
                     await self._read(tg)
                 self._stopping = True
@@ -497,39 +496,83 @@ class Runner:
         await anyio.sleep(backoff)
         return not self._stopping
 
+    # Design note — reading ahead of the admission. The server builds the next batch only
+    # once its getMore arrives, and PyMongo sends that only when the batch in hand is
+    # empty: whatever the reader does per event before then is time the server waits.
+    # So the reader only takes events off the batch (``try_next``) into _staged; putting
+    # them in the window (key, slot, ready queue, workers) is the admitter's work, done
+    # while the reader waits for the getMore's reply, beside the server building it.
+    # INVARIANT (staged): _staged holds events read and not yet in the window, in stream
+    # order, all after every event in the window, none read during a rescan (those, and
+    # events to skip, are admitted at once, after a flush). Whatever puts an event or a
+    # mark in the window, or moves the watermark over an idle stream, flushes _staged
+    # first (_flush); so does the reader whenever it stops following a stream. The
+    # window's capacity counts the staged events. The reader lets the loop run others
+    # once _READ_TURN events are staged (the admitter did not run: no getMore came in
+    # between), so a batch of up to _READ_TURN events is read whole, its getMore sent at
+    # once, and a larger one is cut.
+
     async def _follow(self, stream: Any, tg: Any) -> None:
+        window = self._window
+        capacity = window.capacity
+        staged = self._staged
+        admitted = 0  # admitted at once (the rare path) since the reader last let others run
+        try:
+            while True:
+                if len(window) + len(staged) >= capacity:
+                    self._flush(tg)
+                    await window.wait_room()
+                event = await stream.try_next()  # from the batch in hand, or one getMore
+                if event is None:
+                    self._flush(tg)
+                    if not self._rescanning and window.advance_idle(stream.resume_token):
+                        self._read_token = stream.resume_token
+                    continue
+                token = event.get("_id")
+                self._read_token = token
+                if event.get("operationType") == "invalidate":
+                    return  # reopen with startAfter the invalidate token
+                if self._skip or self._rescanning:
+                    self._admit(event, token, tg)
+                    admitted += 1
+                    if admitted >= _READ_TURN:
+                        admitted = 0
+                        await anyio.lowlevel.checkpoint()
+                    continue
+                staged.append(event)
+                if len(staged) == 1:
+                    self._staged_wake.set()  # the admitter runs once this task waits
+                elif len(staged) >= _READ_TURN:  # a long batch: cut it
+                    self._flush(tg)
+                    await anyio.lowlevel.checkpoint()
+        finally:
+            self._flush(tg)
+
+    async def _admitting(self, tg: Any) -> None:
+        """The admitter: flush the staged events each time the reader waits (see above)."""
+        while True:
+            await self._staged_wake.wait()
+            self._staged_wake = anyio.Event()
+            self._flush(tg)
+
+    def _flush(self, tg: Any) -> None:
+        """Put the staged events in the window, in order; a worker for them if none is free."""
+        staged = self._staged
+        if not staged:
+            return
         window = self._window
         ready = self._ready
         key_of = self._key
-        admitted = 0
-        while True:
-            if window.full:
-                await window.wait_room()
-            event = await stream.try_next()  # from the batch in hand, or one getMore
-            if event is None:
-                if not self._rescanning and window.advance_idle(stream.resume_token):
-                    self._read_token = stream.resume_token
-                continue
-            token = event.get("_id")
-            self._read_token = token
-            if event.get("operationType") == "invalidate":
-                return  # reopen with startAfter the invalidate token
-            if self._skip or self._rescanning:
-                self._admit(event, token, tg)
-            else:  # _admit's common case, inline (once per event)
-                head = window.add(key_of(event), event, token)
-                if head is not None:
-                    ready.append(head)
-                    if self._holding == self._workers:  # no free worker
-                        self._ensure_worker(tg)
-            admitted += 1
-            if admitted == _READ_TURN:
-                # A batch in hand is read without awaiting anything: let the workers (and
-                # the host's calls) run now and then, not after the whole batch.
-                admitted = 0
-                await anyio.lowlevel.checkpoint()
+        for event in staged:  # read outside a rescan: each carries its token
+            head = window.add(key_of(event), event, event.get("_id"))
+            if head is not None:
+                ready.append(head)
+        staged.clear()
+        if self._holding == self._workers:  # no free worker (_ensure_worker starts one)
+            self._ensure_worker(tg)
 
     def _admit(self, event: Mapping[str, Any], token: Any, tg: Any) -> None:
+        self._flush(tg)  # INVARIANT (staged): the events read before this one go first
         window = self._window
         key = self._key(event)
         # During a rescan no event carries its token into the window (INVARIANT (rescan)).
@@ -623,6 +666,7 @@ class Runner:
         if self._rescan_scope is scope and not scope.cancel_called and not self._stopping:
             self._rescan_scope = None
             self._rescanning = False
+            self._flush(tg)  # none staged during a rescan; the mark must follow all read
             self._window.mark(self._read_token)
             self._events.emit("trigger.rescanned", trigger=self.tid, plugin=self.plugin)
 
