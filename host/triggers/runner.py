@@ -560,13 +560,7 @@ class Runner:
         staged = self._staged
         if not staged:
             return
-        window = self._window
-        ready = self._ready
-        key_of = self._key
-        for event in staged:  # read outside a rescan: each carries its token
-            head = window.add(key_of(event), event, event.get("_id"))
-            if head is not None:
-                ready.append(head)
+        self._window.add_read(staged, self._key, self._ready)  # outside a rescan: tokens
         staged.clear()
         if self._holding == self._workers:  # no free worker (_ensure_worker starts one)
             self._ensure_worker(tg)
@@ -723,6 +717,7 @@ class Runner:
         caller = self._caller
         name = self.plugin
         tid = self.tid
+        stats = self._stats
         by_document = self._key is document_key  # per_key: a slot's key is its document's
         delivery = Delivery(self._echo) if self._echo is not None else None
         DELIVERY.set(delivery)  # this worker task's own context: its handlers' writes
@@ -748,11 +743,13 @@ class Runner:
                             # stay pending, uncovered.
                             return
                         event = slot.event
-                        event_id = event_id_of(event.get("_id"))
+                        token = event.get("_id")  # event_id_of, its common case inline:
+                        data = token.get("_data") if type(token) is dict else None
+                        event_id = data if type(data) is str else event_id_of(token)
                         # The one clock read of the event: its lag, its echo mark, the turn.
                         started = self._lag_at = time.time()
                         self._lag_event = event
-                        if self._stats.lag_observer is not None:
+                        if stats.lag_observer is not None:
                             self._observe_lag(event, started)
                         mark: Any = None
                         chain = 0
@@ -1065,8 +1062,8 @@ class Runner:
         while True:
             deadline = min(options.checkpoint_interval, renew_every)
             with anyio.move_on_after(deadline):
-                window.notify_at = covered_at_write + options.checkpoint_every
-                while window.covered < window.notify_at:
+                batch_end = window.notify_at = covered_at_write + options.checkpoint_every
+                while window.covered < batch_end:
                     window.moved = anyio.Event()
                     await window.moved.wait()
             now = time.monotonic()

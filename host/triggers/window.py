@@ -25,8 +25,9 @@ skips those when it reads them again, so a clean hand-over repeats nothing that 
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -77,9 +78,11 @@ class Window:
     """Events the watermark moved past since the window started."""
     moved: anyio.Event = field(default_factory=anyio.Event)
     """Set when ``covered`` reaches ``notify_at`` (the checkpoint writer's next batch)."""
-    notify_at: int = 0
+    notify_at: float = 0
     """The ``covered`` count at which ``moved`` is set: the writer waits for a whole batch
-    with one wake-up, not one per event."""
+    with one wake-up, not one per event. Once reached it is put out of reach (infinity)
+    until the writer sets the next one, so the events covered while it writes pay no
+    ``set``."""
     _room_wanted: bool = False
 
     def __len__(self) -> int:
@@ -131,6 +134,31 @@ class Window:
         else:
             queue.append(slot)
         return None
+
+    def add_read(
+        self,
+        events: Iterable[Mapping[str, Any]],
+        key_of: Callable[[Mapping[str, Any]], Any],
+        heads: deque[Slot],
+    ) -> None:
+        """Put events read from the stream in the window, in order, each covering its own
+        resume token (its ``_id``): :meth:`add` for each, the new heads of keys appended
+        to ``heads``."""
+        slots = self._slots
+        by_key = self._by_key
+        for event in events:
+            key = key_of(event)  # before the seq moves: ``none`` keys by next_seq
+            self._seq = seq = self._seq + 1
+            slot = Slot(seq, key, event, event.get("_id"))
+            slots.append(slot)
+            queue = by_key.get(key)
+            if queue is None:
+                by_key[key] = slot
+                heads.append(slot)
+            elif isinstance(queue, Slot):
+                by_key[key] = deque((queue, slot))
+            else:
+                queue.append(slot)
 
     @property
     def next_seq(self) -> int:
@@ -201,6 +229,7 @@ class Window:
                 self._room_wanted = False
                 self._room.set()
             if self.covered >= self.notify_at:
+                self.notify_at = math.inf
                 self.moved.set()
 
     def done_ahead(self) -> list[Mapping[str, Any]]:
