@@ -89,7 +89,10 @@ HISTORY_LOST_CODES = frozenset({260, 280, 286})
 _HISTORY_KEPT = 20
 _TURN = 0.001
 """Seconds a worker handles events before it lets the event loop run others (timed by
-the clock read each event takes anyway; a clock stepping back ends the turn too)."""
+the clock read each event takes anyway; a clock stepping back ends the turn too), once
+it has handled at least _TURN_EVENTS: handlers that await (and so let others run anyway)
+cost one extra loop round per _TURN_EVENTS events, not one per event."""
+_TURN_EVENTS = 16
 _READ_TURN = 2048
 """Events the reader takes from the batch in hand, not yet admitted, before it lets the
 loop run others (a batch larger than this one is cut; one of ``batch_size``, 1,000 by
@@ -724,6 +727,7 @@ class Runner:
         known: Plugin | None = None  # the version whose handler is at hand
         handler: Any = None
         is_async = True
+        turn = 0  # events handled in this turn
         turn_began = started = time.time()
         try:
             while ready and not self._stopping:
@@ -808,17 +812,22 @@ class Runner:
                             attempt += 1
                         slot = window.finish(slot)
                         self._processed += 1
-                        if slot is not None and not 0.0 <= started - turn_began < _TURN:
+                        turn += 1
+                        if (
+                            slot is not None
+                            and turn >= _TURN_EVENTS
+                            and not 0.0 <= started - turn_began < _TURN
+                        ):
                             # Handlers that never await must not hold the loop: let the
                             # others run (still holding the key: the head stays ours).
                             await anyio.lowlevel.checkpoint()
-                            turn_began = time.time()
+                            turn, turn_began = 0, time.time()
                 finally:
                     self._holding -= 1
-                if not 0.0 <= started - turn_began < _TURN:
+                if turn >= _TURN_EVENTS and not 0.0 <= started - turn_began < _TURN:
                     # The same, between keys (free: counted as such).
                     await anyio.lowlevel.checkpoint()
-                    turn_began = time.time()
+                    turn, turn_began = 0, time.time()
         finally:
             self._workers -= 1
             if self._workers == 0:
