@@ -13,7 +13,8 @@ Design note — at least once, with a low-watermark:
   (``per_key``: the ``documentKey``; ``total``: one key for all; ``none``: a key per event).
   Different keys run concurrently, at most ``max_concurrency`` handlers at once.
 * Memory is bounded: at most ``capacity`` events are in the window (read but not covered
-  by the watermark); the reader waits for room.
+  by the watermark), the reader's staged ones (read, not yet added) counted; the reader
+  waits for room.
 
 What a crash repeats: the events after the last *written* checkpoint — those in the
 window at the crash (at most ``capacity``) plus those done since the last write (at most
@@ -92,11 +93,6 @@ class Window:
     def idle(self) -> bool:
         """Nothing in the window: every event read is covered by the watermark."""
         return not self._slots
-
-    @property
-    def full(self) -> bool:
-        """No room for one more event (the reader waits with :meth:`wait_room`)."""
-        return len(self._slots) >= self.capacity
 
     async def wait_room(self, limit: int | None = None) -> None:
         """Wait until the window holds fewer than ``limit`` events (default: its capacity).
