@@ -713,9 +713,9 @@ class Runner:
 
     # Design note — the hot path. An event's first attempt runs in the worker's own
     # frame: the version lookup, one clock read (the lag's and the echo check's start),
-    # the context and ``run_handler``; no coroutine, dict entry or counter of its own per
-    # event beyond the window's slot (the metrics read the runner's counts: see
-    # TriggerStats). The rare paths stay out of line: a failed attempt goes through
+    # the context and ``run_handler``; no coroutine of its own, and no bookkeeping beyond
+    # the window's slot, the echo mark and ``_processed`` (the metrics read the runner's
+    # counts: see TriggerStats). The rare paths stay out of line: a failed attempt goes through
     # :meth:`_failed` (trigger.failed, the backoff, the version for the next attempt,
     # or the dead letter), and the next attempt runs in the same loop as the first.
 
