@@ -203,8 +203,18 @@ class Window:
                 del by_key[key]
         # The oldest slot is never done between two calls (every change of a done flag
         # advances at once), so the watermark can only move if ``slot`` is the oldest.
-        if self._slots[0] is slot:
-            self._advance()
+        slots = self._slots
+        if slots[0] is slot:
+            if len(slots) > 1 and slots[1].done:
+                self._advance()  # events finished ahead of it are passed too
+            else:  # _advance for ``slot`` alone (events finishing in order), inline
+                slots.popleft()
+                if slot.token is not None:
+                    self.checkpoint = slot.token
+                    self.checkpoint_time = slot.event.get("clusterTime")
+                self.covered += 1
+                if self._room_wanted or self.covered >= self.notify_at:
+                    self._passed()
         return following
 
     def _advance(self) -> None:
@@ -221,12 +231,17 @@ class Window:
                 self.checkpoint = last.token
                 self.checkpoint_time = last.event.get("clusterTime")
             self.covered += passed
-            if self._room_wanted:
-                self._room_wanted = False
-                self._room.set()
-            if self.covered >= self.notify_at:
-                self.notify_at = math.inf
-                self.moved.set()
+            self._passed()
+
+    def _passed(self) -> None:
+        """The watermark moved: wake the reader waiting for room, and the checkpoint
+        writer once its batch is covered."""
+        if self._room_wanted:
+            self._room_wanted = False
+            self._room.set()
+        if self.covered >= self.notify_at:
+            self.notify_at = math.inf
+            self.moved.set()
 
     def done_ahead(self) -> list[Mapping[str, Any]]:
         """Tokens of the events done but not covered (one before them is still pending).
