@@ -92,12 +92,13 @@ class EchoDetector:
         # INVARIANT (marks): each map is two generations of plain dicts, the current one
         # and the one before it; a key is looked up in the current one first. A record
         # goes into the current one; once that holds _KEYS keys it becomes the old one
-        # and the oldest generation is dropped whole. So the last _KEYS keys recorded
-        # are always remembered, at most 2 * _KEYS are, and the oldest are forgotten
-        # first, at the cost of two dict operations per event. (Popping a plain dict's
-        # first key, as before, skipped the dead slots its deletions left at its front:
-        # ~3 µs per event once it was full; an OrderedDict's move_to_end and popitem
-        # cost ~0.13 µs more per event than two generations.)
+        # and the oldest generation is dropped whole. So the last _KEYS distinct keys
+        # recorded are always remembered (with their latest record), at most 2 * _KEYS
+        # are, and the oldest are forgotten first, for two dict operations per event.
+        # (Popping a plain dict's first key, as before, skipped the dead slots its
+        # deletions left at its front: ~3 µs per event once it was full; an
+        # OrderedDict's move_to_end and popitem cost ~0.13 µs more per event than two
+        # generations.)
         # key -> (handler start, handler end, chain), in this host's wall-clock seconds.
         self._runs: dict[Any, tuple[float, float, int]] = {}
         self._runs_old: dict[Any, tuple[float, float, int]] = {}
