@@ -367,3 +367,44 @@ async def test_a_batch_longer_than_a_read_turn_is_handled_whole_in_order(
     async with PluginHost(db, triggers=dataclasses.replace(FAST, batch_size=None)):
         await wait_until(lambda: len(module.log) >= count, "every insert handled")
     assert module.log == list(range(count))
+
+
+SIZES = f"""
+import asyncio
+import {PROBE} as probe
+
+async def on_change(ctx, event):
+    await probe.ready.wait()  # the test has found the runner
+    runner = probe.runner
+    probe.sizes.append(len(runner._window) + len(runner._staged))
+    await asyncio.sleep(0)  # the reader runs between handlers
+"""
+
+
+async def test_the_window_never_holds_more_than_its_capacity(db: Db, probe: Any) -> None:
+    """Batches of 1,000 into a window of 25: the events read ahead (in the window or staged
+    for it) never exceed 25 while the handlers run, and every event is handled once."""
+    module = sys.modules[PROBE]
+    module.__dict__.update(sizes=[], runner=None, ready=asyncio.Event())
+    count, capacity = 300, 25
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    await db.docs.insert_many([{"_id": i} for i in range(count)])
+    await db.functions.insert_one(
+        record("size", SIZES, {"collection": "docs", "start_at": start, "max_concurrency": 4})
+    )
+    options = dataclasses.replace(FAST, window=capacity)
+    async with PluginHost(db, triggers=options) as host:
+        engine = host.triggers
+        assert engine is not None
+        # The runner is looked at from inside (its window): the invariant, not a timing.
+        await wait_until(lambda: "size/docs" in engine._running, "the trigger runs")
+        module.__dict__["runner"] = engine._running["size/docs"].runner
+        module.ready.set()
+
+        async def covered() -> bool:
+            doc = await state(db, "size/docs")
+            return doc is not None and doc.get("processed") == count
+
+        await wait_until(covered, "every insert handled and checkpointed")
+    assert len(module.sizes) == count
+    assert 1 < max(module.sizes) <= capacity

@@ -522,11 +522,20 @@ class Runner:
         capacity = window.capacity
         staged = self._staged
         admitted = 0  # admitted at once (the rare path) since the reader last let others run
+        # Room left in the window, staged events counted, looked at again at each batch
+        # (nothing staged: the reader waited, so others may have added: a rescan), when
+        # it runs out, and after the rare path; in between it is a lower bound (only the
+        # reader adds, the workers only shrink the window, the admitter only moves staged
+        # events into it), so the window never holds more than its capacity.
+        room = 0
         try:
             while True:
-                if len(window) + len(staged) >= capacity:
-                    self._flush(tg)
-                    await window.wait_room()
+                if room <= 0 or not staged:
+                    room = capacity - len(window) - len(staged)
+                    if room <= 0:
+                        self._flush(tg)
+                        await window.wait_room()
+                        room = capacity - len(window)
                 event = await stream.try_next()  # from the batch in hand, or one getMore
                 if event is None:
                     self._flush(tg)
@@ -539,11 +548,13 @@ class Runner:
                     return  # reopen with startAfter the invalidate token
                 if self._skip or self._rescanning:
                     self._admit(event, token, tg)
+                    room = 0  # look again: the rescan's documents share the window
                     admitted += 1
                     if admitted >= _READ_TURN:
                         admitted = 0
                         await anyio.lowlevel.checkpoint()
                     continue
+                room -= 1
                 if not staged and window.idle:
                     # Nothing pending: an event after a quiet spell, most likely alone (light
                     # load). Admitted at once, its worker starts as soon as this task waits,
