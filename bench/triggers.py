@@ -17,9 +17,10 @@ The embedded server runs in its own process (``bench/common.py``). What it measu
   bare loop's own, or the trigger runner's) to the N-th event (loop body, or handler
   start); the ratio is trigger / bare (medians). Both windows hold the same server work
   (building, sending and decoding the batches); the trigger's also holds its first
-  checkpoint write (one ``hello`` + ``update``, before its first event), not its host's
-  start or lease acquisition. ``in_batch`` is the old figure, first event to N-th: it
-  leaves the batches' production out, and since the embedded server answers an
+  checkpoint write (one ``hello`` + ``update``, sent beside the first batch's handling),
+  not its host's start or lease acquisition. Each figure is the median of the repeats
+  (3 with ``--quick``, 5 without), run alternately. ``in_batch`` is the old figure, first
+  event to N-th: it leaves the batches' production out, and since the embedded server answers an
   ``aggregate`` without ``batchSize`` with every event in its first batch, for the bare
   loop it only times PyMongo popping decoded documents (hundreds of thousands a second),
   which no loop that calls a handler can approach: it is not the goal's yardstick.
@@ -342,7 +343,7 @@ async def _run(uri: str, quick: bool, logs: Path) -> dict[str, Any]:
             (
                 "throughput",
                 functools.partial(
-                    throughput, n=3000 if quick else 10_000, repeats=1 if quick else 3
+                    throughput, n=3000 if quick else 10_000, repeats=3 if quick else 5
                 ),
             ),
             ("failover", functools.partial(failover, uri, ttl=FAILOVER_TTL, logs=logs / "fo")),

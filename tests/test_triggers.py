@@ -13,6 +13,7 @@ from pymongo import UpdateOne
 
 from host import PluginHost
 from host.metrics import Metrics, follow_triggers
+from host.triggers.runner import _READ_TURN
 from tests.support import PROBE, Db, commands_fail, next_event, wait_until
 from tests.triggers_support import (
     FAST,
@@ -93,6 +94,56 @@ async def test_per_key_order_holds_under_concurrency(db: Db, probe: Any) -> None
     assert module.peak > 1  # different keys did run concurrently
 
 
+async def updated_in_rounds(db: Db, keys: int, rounds: int) -> datetime:
+    """Insert ``docs`` 0..keys-1, then set each one's ``n`` to 0..rounds-1, round by round
+    (one bulk write); a ``start_at`` from before it all."""
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    await db.docs.insert_many([{"_id": k, "n": -1} for k in range(keys)])
+    updates = [
+        UpdateOne({"_id": k}, {"$set": {"n": n}}) for n in range(rounds) for k in range(keys)
+    ]
+    await db.docs.bulk_write(updates)
+    return start
+
+
+FLAKY_ORDER = f"""
+import {PROBE} as probe
+
+async def on_change(ctx, event):
+    key = event["documentKey"]["_id"]
+    n = event["updateDescription"]["updatedFields"]["n"]
+    if (key + n) % 3 == 0 and ctx.attempt == 1:
+        raise RuntimeError(f"first attempt of {{key}}/{{n}} fails")
+    probe.log.append((key, n, ctx.attempt))
+"""
+
+
+async def test_per_key_order_holds_when_first_attempts_fail(db: Db, probe: Any) -> None:
+    """Handlers that never await, a third of whose first attempts raise: every event is
+    handled once, on its second attempt where the first failed, in commit order per key."""
+    module = sys.modules[PROBE]
+    module.__dict__.update(log=[])
+    keys, rounds = 10, 12
+    start = await updated_in_rounds(db, keys, rounds)
+    trigger = {"collection": "docs", "operations": ["update"], "start_at": start}
+    await db.functions.insert_one(record("flaky", FLAKY_ORDER, trigger))
+    async with PluginHost(db, triggers=FAST):
+
+        async def covered() -> bool:
+            doc = await state(db, "flaky/docs")
+            return doc is not None and doc.get("processed") == keys * rounds
+
+        await wait_until(covered, "every update handled and checkpointed")
+    by_key: dict[int, list[int]] = {}
+    for key, n, attempt in module.log:
+        by_key.setdefault(key, []).append(n)
+        assert attempt == (2 if (key + n) % 3 == 0 else 1)
+    assert by_key == {k: list(range(rounds)) for k in range(keys)}
+    doc = await state(db, "flaky/docs")
+    failing = sum((k + n) % 3 == 0 for k in range(keys) for n in range(rounds))
+    assert doc is not None and doc["failed_attempts"] == failing and doc["dead_letters"] == 0
+
+
 FAN_OUT = f"""
 import asyncio
 import {PROBE} as probe
@@ -134,12 +185,7 @@ async def test_the_worker_pool_keeps_order_and_bound_under_load(db: Db, probe: A
     module = sys.modules[PROBE]
     module.__dict__.update(log=[], running=set(), overlaps=0, peak=0, awaiting=0.5)
     keys, rounds = 30, 100
-    start = datetime.now(UTC) - timedelta(seconds=1)
-    await db.docs.insert_many([{"_id": k, "n": -1} for k in range(keys)])
-    updates = [
-        UpdateOne({"_id": k}, {"$set": {"n": n}}) for n in range(rounds) for k in range(keys)
-    ]
-    await db.docs.bulk_write(updates)
+    start = await updated_in_rounds(db, keys, rounds)
     trigger = {"collection": "docs", "operations": ["update"], "start_at": start}
     await db.functions.insert_one(record("mix", ORDER, {**trigger, "max_concurrency": 8}))
     async with PluginHost(db, triggers=FAST):
@@ -295,3 +341,70 @@ async def test_unordered_events_of_one_document_may_overlap(db: Db, probe: Any) 
         await wait_until(lambda: len(module.log) >= 30, "every update handled")
     assert sorted(n for _, n in module.log) == list(range(30))
     assert module.overlaps > 0
+
+
+LOG_KEYS = f"""
+import {PROBE} as probe
+
+async def on_change(ctx, event):
+    probe.log.append(event["documentKey"]["_id"])
+"""
+
+
+@pytest.mark.timeout(120)  # 2,500 inserts: slow on a loaded machine, never a timing check
+async def test_a_batch_longer_than_a_read_turn_is_handled_whole_in_order(
+    db: Db, probe: Any
+) -> None:
+    """Unbounded batches (batch_size None: the server sends everything it has), longer
+    than the reader's turn: every event handled once, in commit order."""
+    module = sys.modules[PROBE]
+    module.__dict__.update(log=[])
+    count = _READ_TURN + 452  # more than the reader's turn in one batch
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    await db.docs.insert_many([{"_id": i} for i in range(count)])
+    trigger = {"collection": "docs", "ordered": "total", "start_at": start}
+    await db.functions.insert_one(record("long", LOG_KEYS, trigger))
+    async with PluginHost(db, triggers=dataclasses.replace(FAST, batch_size=None)):
+        await wait_until(lambda: len(module.log) >= count, "every insert handled")
+    assert module.log == list(range(count))
+
+
+SIZES = f"""
+import asyncio
+import {PROBE} as probe
+
+async def on_change(ctx, event):
+    await probe.ready.wait()  # the test has found the runner
+    runner = probe.runner
+    probe.sizes.append(len(runner._window) + len(runner._staged))
+    await asyncio.sleep(0)  # the reader runs between handlers
+"""
+
+
+async def test_the_window_never_holds_more_than_its_capacity(db: Db, probe: Any) -> None:
+    """Batches of 1,000 into a window of 25: the events read ahead (in the window or staged
+    for it) never exceed 25 while the handlers run, and every event is handled once."""
+    module = sys.modules[PROBE]
+    module.__dict__.update(sizes=[], runner=None, ready=asyncio.Event())
+    count, capacity = 300, 25
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    await db.docs.insert_many([{"_id": i} for i in range(count)])
+    await db.functions.insert_one(
+        record("size", SIZES, {"collection": "docs", "start_at": start, "max_concurrency": 4})
+    )
+    options = dataclasses.replace(FAST, window=capacity)
+    async with PluginHost(db, triggers=options) as host:
+        engine = host.triggers
+        assert engine is not None
+        # The runner is looked at from inside (its window): the invariant, not a timing.
+        await wait_until(lambda: "size/docs" in engine._running, "the trigger runs")
+        module.__dict__["runner"] = engine._running["size/docs"].runner
+        module.ready.set()
+
+        async def covered() -> bool:
+            doc = await state(db, "size/docs")
+            return doc is not None and doc.get("processed") == count
+
+        await wait_until(covered, "every insert handled and checkpointed")
+    assert len(module.sizes) == count
+    assert 1 < max(module.sizes) <= capacity

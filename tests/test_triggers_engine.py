@@ -1,15 +1,19 @@
-"""The trigger engine's own bookkeeping: what wakes its reconcile loop, and the state a
-trigger reports before its change stream is open."""
+"""The trigger engine's own bookkeeping: what wakes its reconcile loop, the state a
+trigger reports before its change stream is open and its first checkpoint, and the counts
+the metrics read."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import sys
+from typing import Any
 
 import pytest
 
 from host import PluginHost
-from tests.support import Db, next_event, wait_until
+from tests.support import PROBE, Db, next_event, wait_until
 from tests.test_fleet_daemons import cli
 from tests.test_triggerview import beat
 from tests.triggers_support import FAST, RECORDER, record, state, wait_running
@@ -99,3 +103,60 @@ async def test_a_trigger_is_starting_until_its_change_stream_opens(mongo_uri: st
             assert [r["status"] for r in json.loads(as_json.stdout)] == ["running"]
     finally:
         await admin.command("configureFailPoint", "failCommand", mode="off")
+
+
+async def test_the_first_checkpoint_is_written_though_no_event_arrives(db: Db) -> None:
+    """A new trigger whose stream never sees an event still stores its first checkpoint
+    (the stream's start, beside the reading): a restart resumes there, so an insert made
+    while no host ran is delivered, not skipped by a new "now"."""
+    await db.functions.insert_one(record("quiet", RECORDER, {"collection": "orders"}))
+    async with PluginHost(db, triggers=FAST):
+        first = await wait_running(db, "quiet/orders")
+    assert first["processed"] == 0 and first["checkpoint"] is not None
+    await db.orders.insert_one({"_id": "while-down"})
+    async with PluginHost(db, triggers=FAST):
+
+        async def delivered() -> bool:
+            return await db.seen.count_documents({"key": "while-down"}) == 1
+
+        await wait_until(delivered, "the insert made while no host ran delivered")
+
+
+HELD = f"""
+import asyncio
+import {PROBE} as probe
+
+async def on_change(ctx, event):
+    if event["documentKey"]["_id"] == "hold":
+        probe.holding.set()
+        await probe.release.wait()
+"""
+
+
+async def test_the_counts_are_read_from_the_running_triggers(db: Db, probe: Any) -> None:
+    """The engine's events and in-flight counts follow a run as it goes and keep its
+    events once it ends, including a later run of the same trigger."""
+    module = sys.modules[PROBE]
+    module.__dict__.update(holding=asyncio.Event(), release=asyncio.Event())
+    await db.functions.insert_one(record("cnt", HELD, {"collection": "orders"}))
+    async with PluginHost(db, triggers=FAST) as host:
+        engine = host.triggers
+        assert engine is not None
+        await wait_running(db, "cnt/orders")
+        await db.orders.insert_many([{"_id": i} for i in range(10)])
+        await wait_until(lambda: engine.stats.events.get("cnt/orders") == 10, "10 counted")
+        await db.orders.insert_one({"_id": "hold"})
+        await asyncio.wait_for(module.holding.wait(), 30)
+        assert engine.in_flight == engine.stats.in_flight == 1
+        module.release.set()
+        await wait_until(lambda: engine.stats.events.get("cnt/orders") == 11, "11 counted")
+        assert engine.stats.in_flight == 0
+        # A plugin disabled and enabled again: a new run of the trigger, counted on top.
+        await db.functions.update_one({"_id": "cnt"}, {"$set": {"enabled": False}})
+        await wait_until(lambda: engine.owned() == {}, "the trigger paused")
+        assert engine.stats.events == {"cnt/orders": 11}
+        await db.functions.update_one({"_id": "cnt"}, {"$set": {"enabled": True}})
+        await wait_running(db, "cnt/orders")
+        await db.orders.insert_many([{"_id": i} for i in range(10, 15)])
+        await wait_until(lambda: engine.stats.events.get("cnt/orders") == 16, "16 counted")
+    assert engine.stats.events == {"cnt/orders": 16} and engine.stats.in_flight == 0

@@ -1,8 +1,9 @@
-"""Trigger declarations: validation of every option, signing, and the self-feeding warning."""
+"""Trigger declarations: validation of every option, signing, and the self-feeding warning
+(with its bounded memory of recent documents)."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from host import PluginHost
 from host.errors import RecordError
 from host.records import TriggerSpec, parse_record
+from host.triggers.echo import _KEYS, EchoDetector
 from host.triggers.lease import preferred_owner
 from host.triggers.window import Window
 from host.trust import SignatureVerifier, TrustedKeys, canonical_payload, sign_record
@@ -327,3 +329,27 @@ def test_rendezvous_moves_only_the_triggers_of_a_leaving_host(hosts: set[str], p
         assert before in hosts and after in rest
         if before != leaving:
             assert after == before
+
+
+def test_echo_marks_keep_the_newest_documents_and_forget_the_oldest() -> None:
+    """Past 4,096 documents the echo check still knows the newest ones' runs (and the
+    keys their handlers wrote) and has forgotten the oldest ones', at most 8,192 kept."""
+    echo = EchoDetector(threshold=10)
+    wall = datetime(2026, 1, 1, 12, 0, 0, 500_000)  # naive, as PyMongo decodes wallTime
+    at = wall.replace(tzinfo=UTC).timestamp()
+    total = 3 * _KEYS + 123
+    for key in range(total):
+        echo.handled(key, at - 1.0, at + 1.0, 3)  # each run spans the wallTime below
+    event = {"wallTime": wall}
+    newest = range(total - _KEYS, total)
+    assert all(echo.check(key, event) == 4 for key in newest)  # each continues its chain
+    remembered = [key for key in range(total) if echo.check(key, event)]
+    assert remembered[-_KEYS:] == list(newest)
+    assert _KEYS <= len(remembered) <= 2 * _KEYS
+    assert echo.check(0, event) == 0  # the oldest run is forgotten: no chain
+    # Keys written by handlers: the same bound; a noted key continues the writer's chain
+    # once (the mark is used up by the event it caused).
+    echo.wrote(range(total), chain=6)
+    assert all(echo.check(key, {}) == 7 for key in range(total - _KEYS, total))
+    assert echo.check(total - 1, {}) == 0
+    assert echo.check(0, {}) == 0

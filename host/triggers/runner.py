@@ -11,7 +11,8 @@ https://www.mongodb.com/docs/manual/changeStreams/#resume-a-change-stream):
 * The stream opens with ``startAfter`` the checkpoint (``startAfter`` also resumes past
   an ``invalidate``); a trigger without one opens "now" (or at ``start_at``, as
   ``startAtOperationTime``) and its first checkpoint is the stream's initial
-  ``postBatchResumeToken``, written at once, so "now" is fixed durably before any event.
+  ``postBatchResumeToken``, written at once, beside the first events (not before them:
+  :meth:`Runner._announce`), so "now" is fixed durably one write after the open.
 * Events enter the :class:`~host.triggers.window.Window` in stream order. A key with
   pending events and no worker waits in the *ready* queue; a pool of at most
   ``max_concurrency`` worker tasks (1 for ``total``) takes keys from it and handles each
@@ -86,16 +87,16 @@ __all__ = (
 HISTORY_LOST_CODES = frozenset({260, 280, 286})
 """InvalidResumeToken, ChangeStreamFatalError, ChangeStreamHistoryLost: cannot resume."""
 _HISTORY_KEPT = 20
-_TURN = 64
-"""Events a worker handles before it lets the event loop run others."""
-_READ_TURN = 1000
-"""Events the reader admits from the batch in hand before it lets the loop run others.
-
-A whole batch (``batch_size``, 1,000 by default) enters the window in one turn (~1 ms),
-so the next getMore leaves at once and the server builds the next batch while the
-workers handle this one: the two overlap instead of taking turns. (Yielding every 64
-events, as before, sent the getMore only once the workers had nearly caught up.) A
-larger batch is still cut every 1,000 events, so the loop is never held much longer."""
+_TURN = 0.001
+"""Seconds a worker handles events before it lets the event loop run others (timed by
+the clock read each event takes anyway; a clock stepping back ends the turn too), once
+it has handled at least _TURN_EVENTS: handlers that await (and so let others run anyway)
+cost one extra loop round per _TURN_EVENTS events, not one per event."""
+_TURN_EVENTS = 16
+_READ_TURN = 2048
+"""Events the reader takes from the batch in hand, not yet admitted, before it lets the
+loop run others (a batch larger than this one is cut; one of ``batch_size``, 1,000 by
+default, never is: see the design note above Runner._follow)."""
 _ERROR_CHARS = 2_000
 _EPOCH = datetime(1970, 1, 1)  # naive, as PyMongo decodes wallTime
 
@@ -119,7 +120,17 @@ def _as_datetime(value: Any) -> datetime | None:
     return None
 
 
-def document_key(event: Mapping[str, Any], _seq: int = 0) -> Any:
+def _lag_of(event: Mapping[str, Any], at: float) -> float | None:
+    """Seconds from ``event``'s ``wallTime`` (else ``clusterTime``) to ``at`` (wall-clock
+    seconds); None for an event with neither (a rescan's synthetic event)."""
+    wall = event.get("wallTime")
+    if type(wall) is datetime and wall.tzinfo is None:  # as PyMongo decodes it
+        return at - (wall - _EPOCH).total_seconds()
+    when = _as_datetime(wall) or _as_datetime(event.get("clusterTime"))
+    return None if when is None else at - when.timestamp()
+
+
+def document_key(event: Mapping[str, Any]) -> Any:
     """An event's ``documentKey`` as a hashable key.
 
     A lone ``_id`` that is an ``int``, ``str`` or ``ObjectId`` is its own key (no two
@@ -142,11 +153,13 @@ def routing_key(event: Mapping[str, Any]) -> str | None:
     return json_util.dumps(key) if isinstance(key, Mapping) else None
 
 
-def _key_of(spec: TriggerSpec) -> Callable[[Mapping[str, Any], int], Any]:
+def _key_of(spec: TriggerSpec, window: Window) -> Callable[[Mapping[str, Any]], Any]:
+    """How an event's ordering key is worked out: one key for ``total``, a key per event
+    (its stream position in ``window``) for ``none``, its document's for ``per_key``."""
     if spec.ordered == "total":
-        return lambda _event, _seq: None
+        return lambda _event: None
     if spec.ordered == "none":
-        return lambda _event, seq: seq
+        return lambda _event: window.next_seq
     return document_key
 
 
@@ -241,12 +254,13 @@ class Runner:
         self._written = self._window.checkpoint
         self._read_token: Mapping[str, Any] | None = self._window.checkpoint
         self._processed = int(doc.get("processed") or 0)
+        self._processed_before = self._processed  # by the owners before this run
         self._failed_attempts = int(doc.get("failed_attempts") or 0)
         self._dead_letters = int(doc.get("dead_letters") or 0)
         self._history: list[Any] = list(doc.get("history_lost") or [])[-_HISTORY_KEPT:]
         # Events the previous owner finished beyond its final checkpoint (a clean hand-over).
         self._skip: set[str] = {str(e) for e in doc.get("done_ahead") or ()} if same else set()
-        self._key = _key_of(spec)
+        self._key = _key_of(spec, self._window)
         self._echo = EchoDetector() if spec.ordered != "none" else None
         # ctx's caller: the dispatcher, with ctx.db noting writes to the watched collection.
         self._caller = watching_caller(dispatcher, spec.collection) if self._echo else dispatcher
@@ -258,14 +272,17 @@ class Runner:
         self._write_lock = anyio.Lock()
         self._concurrency = 1 if spec.ordered == "total" else spec.max_concurrency
         # INVARIANT (workers): a key with pending events in the window is either in
-        # _ready (exactly once) or held by exactly one worker, never both; a worker
-        # handles its key's events one at a time, in stream order. At most _concurrency
-        # workers are alive (so at most that many handlers run). Whenever _ready is not
-        # empty, a free worker (alive, holding no key) exists or all _concurrency workers
-        # hold keys: _ensure_worker() restores this each time _ready grows or a worker
-        # takes a key. (A key whose worker stopped, runner stopping or plugin gone, is in
-        # neither: its events stay pending, for the next start.)
-        self._ready: deque[Any] = deque()
+        # _ready (exactly once, as its head slot: the oldest of its pending events) or
+        # held by exactly one worker, never both; a worker handles its key's events one
+        # at a time, in stream order. At most _concurrency workers are alive (so at most
+        # that many handlers run). Whenever _ready is not empty, a free worker (alive,
+        # holding no key) exists or all _concurrency workers hold keys: _ensure_worker()
+        # restores this each time _ready grows or a worker takes a key. (A key whose
+        # worker stopped, runner stopping or plugin gone, is in neither: its events stay
+        # pending, for the next start.)
+        self._ready: deque[Slot] = deque()
+        self._staged: list[Mapping[str, Any]] = []  # see INVARIANT (staged)
+        self._staged_wake = anyio.Event()
         self._workers = 0  # workers alive
         self._holding = 0  # workers holding a key (handling or retrying its events)
         self._running = 0  # handlers running now (this trigger)
@@ -276,8 +293,13 @@ class Runner:
         # "starting" (as the acquisition wrote it) until the change stream is open and the
         # state says so: a trigger reports "running" only once it can see events.
         self._status = "starting"
+        self._announcing = False  # an _announce task is writing the state
         self._error: str | None = None
         self._lag_ms: float | None = None
+        # The last event whose handler started, and when: its lag is worked out when the
+        # state is written (_fields), not per event.
+        self._lag_event: Mapping[str, Any] | None = None
+        self._lag_at = 0.0
         self._rate: float | None = None
         self.lost = False
         """The lease was lost (another host may run the trigger now)."""
@@ -306,6 +328,11 @@ class Runner:
         """Handlers of this trigger running now."""
         return self._running
 
+    @property
+    def handled(self) -> int:
+        """Events this run has handled (or dead-lettered)."""
+        return self._processed - self._processed_before
+
     async def run(self, drain_timeout: float) -> None:
         """Run until stopped, the lease is lost or the history policy fails the trigger.
 
@@ -320,9 +347,11 @@ class Runner:
             ordered=self.spec.ordered,
             resumed=self._window.checkpoint is not None,
         )
+        self._stats.follow(self)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._keep_lease, tg.cancel_scope)
+                tg.start_soon(self._admitting, tg)
                 with self._read_scope:
                     await self._read(tg)
                 self._stopping = True
@@ -330,6 +359,7 @@ class Runner:
                     await self._idle.wait()
                 tg.cancel_scope.cancel()
         finally:
+            self._stats.unfollow(self)  # no handler of this run is left running
             with anyio.CancelScope(shield=True):
                 await self._finish()
 
@@ -407,9 +437,10 @@ class Runner:
                             self._window.mark(start)
                             announce = True
                     # The first write after the (first) open says "running", with the
-                    # checkpoint; a failed write leaves "starting" to say again next open.
-                    if announce and not await self._announce():
-                        return
+                    # checkpoint: beside the reading (see _announce), not before it.
+                    if announce and not self._announcing:
+                        self._announcing = True
+                        tg.start_soon(self._announce)
                     await self._follow(stream, tg)
             except OperationFailure as exc:
                 if exc.code not in HISTORY_LOST_CODES or self._read_token is None:
@@ -433,13 +464,33 @@ class Runner:
                     return
                 backoff = min(backoff * 2, 5.0)
 
-    async def _announce(self) -> bool:
-        """Write the state (checkpoint, ``running``) at once; False if the lease is lost."""
+    async def _announce(self) -> None:
+        """Write the state (checkpoint, ``running``) now, beside the reading; again until
+        it is stored. A lost lease stops the reading (the events in flight finish).
+
+        Design note: the stream's first events are handled while this write is on its
+        way (it used to go before them: a round trip or two of every start). What a
+        crash repeats or loses is the same as before: a new trigger's "now" is fixed
+        durably once this write lands, and a crash before that starts it from a later
+        "now" either way; the checkpoint it stores is the watermark when it is sent (the
+        stream's start, or past the first events if they are done by then), and the
+        write lock keeps a later batch from being overtaken by it.
+        """
+        backoff = 0.05
         try:
-            return await self._checkpoint()
-        except PyMongoError:
-            self._status = "starting"  # not stored: the next open writes it again
-            raise
+            while not self._stopping:
+                try:
+                    if not await self._checkpoint():
+                        self._read_scope.cancel()  # the lease is lost
+                    return
+                except PyMongoError as exc:
+                    self._events.emit(
+                        "trigger.checkpoint_failed", "warning", trigger=self.tid, error=str(exc)
+                    )
+                    await anyio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            self._announcing = False
 
     async def _transient(self, exc: PyMongoError, backoff: float) -> bool:
         self._events.emit(
@@ -448,32 +499,98 @@ class Runner:
         await anyio.sleep(backoff)
         return not self._stopping
 
+    # Design note — reading ahead of the admission. The server builds the next batch only
+    # once its getMore arrives, and PyMongo sends that only when the batch in hand is
+    # empty: whatever the reader does per event before then is time the server waits.
+    # So the reader only takes events off the batch (``try_next``) into _staged; putting
+    # them in the window (key, slot, ready queue, workers) is the admitter's work, done
+    # while the reader waits for the getMore's reply, beside the server building it.
+    # INVARIANT (staged): _staged holds events read and not yet in the window, in stream
+    # order, all after every event in the window, none read during a rescan (those, and
+    # events to skip, are admitted at once, after a flush). Whatever puts an event or a
+    # mark in the window, or moves the watermark over an idle stream, flushes _staged
+    # first (_flush); so does the reader whenever it stops following a stream. The
+    # window's capacity counts the staged events. The reader lets the loop run others
+    # once _READ_TURN events are staged (the admitter did not run: no getMore came in
+    # between), so a batch of up to _READ_TURN events is read whole, its getMore sent at
+    # once, and a larger one is cut. An event read while the window is empty and nothing
+    # is staged is admitted at once: alone (light load), it reaches its worker a loop
+    # round sooner; the first of a burst, it costs one admission in the gap.
+
     async def _follow(self, stream: Any, tg: Any) -> None:
         window = self._window
-        admitted = 0
+        capacity = window.capacity
+        staged = self._staged
+        admitted = 0  # admitted at once (the rare path) since the reader last let others run
+        # Room left in the window, staged events counted, looked at again at each batch
+        # (nothing staged: the reader waited, so others may have added: a rescan), when
+        # it runs out, and after the rare path; in between it is a lower bound (only the
+        # reader adds, the workers only shrink the window, the admitter only moves staged
+        # events into it), so the window never holds more than its capacity.
+        room = 0
+        try:
+            while True:
+                if room <= 0 or not staged:
+                    room = capacity - len(window) - len(staged)
+                    if room <= 0:
+                        self._flush(tg)
+                        await window.wait_room()
+                        room = capacity - len(window)
+                event = await stream.try_next()  # from the batch in hand, or one getMore
+                if event is None:
+                    self._flush(tg)
+                    if not self._rescanning and window.advance_idle(stream.resume_token):
+                        self._read_token = stream.resume_token
+                    continue
+                token = event.get("_id")
+                self._read_token = token
+                if event.get("operationType") == "invalidate":
+                    return  # reopen with startAfter the invalidate token
+                if self._skip or self._rescanning:
+                    self._admit(event, token, tg)
+                    room = 0  # look again: the rescan's documents share the window
+                    admitted += 1
+                    if admitted >= _READ_TURN:
+                        admitted = 0
+                        await anyio.lowlevel.checkpoint()
+                    continue
+                room -= 1
+                if not staged and window.idle:
+                    # Nothing pending: an event after a quiet spell, most likely alone (light
+                    # load). Admitted at once, its worker starts as soon as this task waits,
+                    # not a loop round later, after the admitter (the lag at light load).
+                    self._admit(event, token, tg)
+                    continue
+                staged.append(event)
+                if len(staged) == 1:
+                    self._staged_wake.set()  # the admitter runs once this task waits
+                elif len(staged) >= _READ_TURN:  # a long batch: cut it
+                    self._flush(tg)
+                    await anyio.lowlevel.checkpoint()
+        finally:
+            self._flush(tg)
+
+    async def _admitting(self, tg: Any) -> None:
+        """The admitter: flush the staged events each time the reader waits (see above)."""
         while True:
-            if window.full:
-                await window.wait_room()
-            event = await stream.try_next()  # from the batch in hand, or one getMore
-            if event is None:
-                if not self._rescanning and window.advance_idle(stream.resume_token):
-                    self._read_token = stream.resume_token
-                continue
-            token = event.get("_id")
-            self._read_token = token
-            if event.get("operationType") == "invalidate":
-                return  # reopen with startAfter the invalidate token
-            self._admit(event, token, tg)
-            admitted += 1
-            if admitted == _READ_TURN:
-                # A batch in hand is read without awaiting anything: let the workers (and
-                # the host's calls) run now and then, not after the whole batch.
-                admitted = 0
-                await anyio.lowlevel.checkpoint()
+            await self._staged_wake.wait()
+            self._staged_wake = anyio.Event()
+            self._flush(tg)
+
+    def _flush(self, tg: Any) -> None:
+        """Put the staged events in the window, in order; a worker for them if none is free."""
+        staged = self._staged
+        if not staged:
+            return
+        self._window.add_read(staged, self._key, self._ready)  # outside a rescan: tokens
+        staged.clear()
+        if self._holding == self._workers:  # no free worker (_ensure_worker starts one)
+            self._ensure_worker(tg)
 
     def _admit(self, event: Mapping[str, Any], token: Any, tg: Any) -> None:
+        self._flush(tg)  # INVARIANT (staged): the events read before this one go first
         window = self._window
-        key = self._key(event, window.next_seq)
+        key = self._key(event)
         # During a rescan no event carries its token into the window (INVARIANT (rescan)).
         covers = None if self._rescanning else token
         if self._skip and token is not None:
@@ -482,8 +599,9 @@ class Runner:
                 self._skip.discard(event_id)
                 if window.skip(key, event, covers):
                     return
-        if window.add(key, event, covers):
-            self._ready.append(key)
+        head = window.add(key, event, covers)
+        if head is not None:
+            self._ready.append(head)
             if self._holding == self._workers:  # no free worker (the common test inline)
                 self._ensure_worker(tg)
 
@@ -564,6 +682,7 @@ class Runner:
         if self._rescan_scope is scope and not scope.cancel_called and not self._stopping:
             self._rescan_scope = None
             self._rescanning = False
+            self._flush(tg)  # none staged during a rescan; the mark must follow all read
             self._window.mark(self._read_token)
             self._events.emit("trigger.rescanned", trigger=self.tid, plugin=self.plugin)
 
@@ -603,40 +722,131 @@ class Runner:
 
     # -- workers -----------------------------------------------------------------------
 
+    # Design note — the hot path. An event's first attempt runs in the worker's own
+    # frame: the version lookup, one clock read (the lag's and the echo check's start),
+    # the context and ``run_handler``; no coroutine of its own, and no bookkeeping beyond
+    # the window's slot, the echo mark and ``_processed`` (the metrics read the runner's
+    # counts: see TriggerStats). The rare paths stay out of line: a failed attempt goes through
+    # :meth:`_failed` (trigger.failed, the backoff, the version for the next attempt,
+    # or the dead letter), and the next attempt runs in the same loop as the first.
+
     async def _work(self, tg: Any) -> None:
         """Take ready keys and handle their events until none is ready (or stopping)."""
         window = self._window
         ready = self._ready
-        stats = self._stats
+        registry = self._registry
+        run_handler = self._dispatcher.run_handler
+        caller = self._caller
+        name = self.plugin
         tid = self.tid
-        turn = 0
+        stats = self._stats
+        by_document = self._key is document_key  # per_key: a slot's key is its document's
         delivery = Delivery(self._echo) if self._echo is not None else None
         DELIVERY.set(delivery)  # this worker task's own context: its handlers' writes
+        known: Plugin | None = None  # the version whose handler is at hand
+        handler: Any = None
+        is_async = True
+        turn = 0  # events handled in this turn
+        turn_began = started = time.time()
         try:
             while ready and not self._stopping:
-                key = ready.popleft()
+                slot: Slot | None = ready.popleft()  # a key's head: the key is ours now
                 self._holding += 1
                 if ready and self._holding == self._workers:
                     self._ensure_worker(tg)  # other keys still ready: a free worker for them
                 try:
-                    slot = window.head(key)
                     while slot is not None:
-                        if self._stopping or not await self._deliver(slot, delivery):
-                            return  # the key's events stay pending, uncovered
+                        # The current version (or the rollout's pick: _version_for).
+                        if registry.rollouts:
+                            plugin = self._version_for(slot)
+                        else:
+                            plugin = registry.get(name)
+                        if plugin is None or self._stopping:
+                            # Stopping, or disabled or unloaded (paused): the key's events
+                            # stay pending, uncovered.
+                            return
+                        event = slot.event
+                        token = event.get("_id")  # event_id_of, its common case inline:
+                        data = token.get("_data") if type(token) is dict else None
+                        event_id = data if type(data) is str else event_id_of(token)
+                        # The one clock read of the event: its lag, its echo mark, the turn.
+                        started = self._lag_at = time.time()
+                        self._lag_event = event
+                        if stats.lag_observer is not None:
+                            self._observe_lag(event, started)
+                        mark: Any = None
+                        chain = 0
+                        if delivery is not None:  # the echo check (see host.triggers.echo)
+                            mark = slot.key if by_document else document_key(event)
+                            chain = delivery.chain = delivery.echo.check(mark, event)
+                        attempt = 1
+                        first_failed: datetime | None = None
+                        while True:  # the attempts: one, unless the handler fails
+                            # Timed and counted only while some rollout runs (as calls
+                            # are): a plugin without one pays no clock read.
+                            timed = bool(registry.rollouts)
+                            began = time.perf_counter() if timed else 0.0
+                            self._running += 1
+                            try:
+                                if plugin is not known:
+                                    handler, is_async = self._handler(plugin)
+                                    known = plugin
+                                await run_handler(
+                                    plugin,
+                                    handler,
+                                    EventContext(
+                                        plugin,
+                                        caller,
+                                        trigger=tid,
+                                        event_id=event_id,
+                                        attempt=attempt,
+                                    ),
+                                    event,
+                                    timeout=plugin.record.timeout,
+                                    is_async=is_async,
+                                )
+                                failure = None
+                            except PluginError as exc:
+                                failure = exc
+                            finally:
+                                self._running -= 1
+                            if timed:
+                                self._count(plugin, failure, began)
+                            if failure is None:
+                                if delivery is not None:
+                                    delivery.echo.handled(mark, started, time.time(), chain)
+                                    if chain >= delivery.echo.threshold:
+                                        self._recursion_suspected(chain)
+                                break
+                            if first_failed is None:
+                                first_failed = datetime.now(UTC)
+                            outcome = await self._failed(
+                                slot, event_id, failure, plugin.version, attempt, first_failed
+                            )
+                            if outcome is True:
+                                break  # dead-lettered: done
+                            if outcome is False:
+                                return  # stopped or paused: the event stays pending
+                            plugin = outcome
+                            attempt += 1
                         slot = window.finish(slot)
                         self._processed += 1
-                        stats.handled(tid)
                         turn += 1
-                        if turn >= _TURN and slot is not None:
+                        if (
+                            slot is not None
+                            and turn >= _TURN_EVENTS
+                            and not 0.0 <= started - turn_began < _TURN
+                        ):
                             # Handlers that never await must not hold the loop: let the
                             # others run (still holding the key: the head stays ours).
-                            turn = 0
                             await anyio.lowlevel.checkpoint()
+                            turn, turn_began = 0, time.time()
                 finally:
                     self._holding -= 1
-                if turn >= _TURN:  # the same, between keys (free: counted as such)
-                    turn = 0
+                if turn >= _TURN_EVENTS and not 0.0 <= started - turn_began < _TURN:
+                    # The same, between keys (free: counted as such).
                     await anyio.lowlevel.checkpoint()
+                    turn, turn_began = 0, time.time()
         finally:
             self._workers -= 1
             if self._workers == 0:
@@ -675,37 +885,6 @@ class Runner:
         if live.record(plugin, outcome, started) and plugin is live.candidate:
             self._dispatcher.report_abort(live)
 
-    async def _deliver(self, slot: Slot, delivery: Delivery | None = None) -> bool:
-        """Handle one event: attempts with backoff, then a dead letter.
-
-        The first attempt is the hot path (one per event); :meth:`_retry` takes over when
-        it fails.
-
-        Returns:
-            True once the event is done (handled or dead-lettered); False if the runner
-            stopped first (the event is left for the next start, uncovered).
-        """
-        plugin = self._version_for(slot)
-        if plugin is None or self._stopping:
-            return False  # disabled or unloaded: paused, the event stays pending
-        event = slot.event
-        event_id = event_id_of(event.get("_id"))
-        started = self._observe_lag(event)
-        echo = self._echo
-        mark: tuple[Any, float, int] | None = None
-        if echo is not None:
-            # per_key: the slot's key is the document key already.
-            key = slot.key if self._key is document_key else document_key(event)
-            mark = (key, started, echo.check(key, event))
-            if delivery is not None:
-                delivery.chain = mark[2]
-        failure = await self._attempt(plugin, event, event_id, 1)
-        if failure is None:
-            if mark is not None:
-                self._echoed(mark)
-            return True
-        return await self._retry(slot, event_id, failure, plugin.version, mark)
-
     def _handler(self, plugin: Plugin) -> tuple[Any, bool]:
         """``plugin``'s handler of this trigger and whether it is an ``async def``.
 
@@ -720,125 +899,77 @@ class Runner:
             known = self._handlers[plugin] = (handler, inspect.iscoroutinefunction(handler))
         return known
 
-    async def _attempt(
-        self, plugin: Plugin, event: Mapping[str, Any], event_id: str, attempt: int
-    ) -> PluginError | None:
-        """One run of the handler, counted in flight; how it failed (None: it did not)."""
-        stats = self._stats
-        self._running += 1
-        stats.in_flight += 1
-        # Timed and counted only while some rollout runs (as calls are): an event stream
-        # of a plugin without one pays no clock read.
-        timed = bool(self._registry.rollouts)
-        began = time.perf_counter() if timed else 0.0
-        try:
-            # handle_event's work, with the handler looked up once per version.
-            handler, is_async = self._handler(plugin)
-            await self._dispatcher.run_handler(
-                plugin,
-                handler,
-                EventContext(
-                    plugin, self._caller, trigger=self.tid, event_id=event_id, attempt=attempt
-                ),
-                event,
-                timeout=plugin.record.timeout,
-                is_async=is_async,
-            )
-        except PluginError as exc:
-            if timed:
-                self._count(plugin, exc, began)
-            return exc
-        finally:
-            self._running -= 1
-            stats.in_flight -= 1
-        if timed:
-            self._count(plugin, None, began)
-        return None
-
-    async def _retry(
+    async def _failed(
         self,
         slot: Slot,
         event_id: str,
         failure: PluginError,
         version: str,
-        mark: tuple[Any, float, int] | None,
-    ) -> bool:
-        """After a failed first attempt: the next attempts with backoff, then a dead letter.
+        attempt: int,
+        first_failed: datetime,
+    ) -> Plugin | bool:
+        """After a failed attempt: report it, then back off, or dead-letter the event.
 
         Args:
             slot: The event.
             event_id: Its ``ctx.event_id``.
-            failure: How the first attempt failed.
+            failure: How the attempt failed.
             version: The version it failed on.
-            mark: The first attempt's echo record (document key, start, chain), if any.
+            attempt: The attempt's number, from 1.
+            first_failed: When its first attempt failed.
 
         Returns:
-            As :meth:`_deliver`.
+            The version for the next attempt (chosen once the backoff is over); True
+            once the event is done (its dead letter stored); False if the runner stopped
+            or the plugin is gone first (the event is left for the next start, uncovered).
         """
         spec = self.spec
-        event = slot.event
-        first_failed = datetime.now(UTC)
-        for attempt in range(1, spec.max_attempts + 1):
-            if attempt > 1:
-                plugin = self._version_for(slot)
-                if plugin is None or self._stopping:
-                    return False  # disabled or unloaded: paused, the event stays pending
-                again = await self._attempt(plugin, event, event_id, attempt)
-                if again is None:
-                    if mark is not None:
-                        self._echoed(mark)
-                    return True
-                failure, version = again, plugin.version
-            self._failed_attempts += 1
-            self._events.emit(
-                "trigger.failed",
-                "warning",
-                trigger=self.tid,
-                plugin=self.plugin,
-                version=version,
-                event_id=event_id,
-                attempt=attempt,
-                max_attempts=spec.max_attempts,
-                error=str(failure)[:_ERROR_CHARS],
-            )
-            if attempt < spec.max_attempts:
-                delay = self._options.retry_backoff * 2 ** (attempt - 1)
-                await anyio.sleep(min(delay, self._options.retry_backoff_max))
-        return await self._dead_letter(event, event_id, failure, version, first_failed)
+        self._failed_attempts += 1
+        self._events.emit(
+            "trigger.failed",
+            "warning",
+            trigger=self.tid,
+            plugin=self.plugin,
+            version=version,
+            event_id=event_id,
+            attempt=attempt,
+            max_attempts=spec.max_attempts,
+            error=str(failure)[:_ERROR_CHARS],
+        )
+        if attempt >= spec.max_attempts:
+            return await self._dead_letter(slot.event, event_id, failure, version, first_failed)
+        delay = self._options.retry_backoff * 2 ** (attempt - 1)
+        await anyio.sleep(min(delay, self._options.retry_backoff_max))
+        plugin = self._version_for(slot)
+        if plugin is None or self._stopping:
+            return False  # disabled or unloaded: paused, the event stays pending
+        return plugin
 
-    def _echoed(self, mark: tuple[Any, float, int]) -> None:
-        echo = self._echo
-        if echo is None:
+    def _recursion_suspected(self, chain: int) -> None:
+        """A handled event had a chain of ``threshold`` or more: warn, once per run."""
+        if self._echo_warned:
             return
-        key, started, chain = mark
-        echo.handled(key, started, time.time(), chain)
-        if chain >= echo.threshold and not self._echo_warned:
-            self._echo_warned = True
-            self._events.emit(
-                "trigger.recursion_suspected",
-                "warning",
-                trigger=self.tid,
-                plugin=self.plugin,
-                collection=self.spec.collection,
-                chain=chain,
-                message="events of one document keep arriving while its handler runs: "
-                "does the handler write the document that triggers it?",
-            )
+        self._echo_warned = True
+        self._events.emit(
+            "trigger.recursion_suspected",
+            "warning",
+            trigger=self.tid,
+            plugin=self.plugin,
+            collection=self.spec.collection,
+            chain=chain,
+            message="events of one document keep arriving while its handler runs: "
+            "does the handler write the document that triggers it?",
+        )
 
-    def _observe_lag(self, event: Mapping[str, Any]) -> float:
-        """Observe the event's lag to now (its handler's start); now, in wall-clock seconds."""
-        now = time.time()
-        wall = event.get("wallTime")
-        if type(wall) is datetime and wall.tzinfo is None:  # as PyMongo decodes it
-            lag = now - (wall - _EPOCH).total_seconds()
-        else:
-            when = _as_datetime(wall) or _as_datetime(event.get("clusterTime"))
-            if when is None:
-                return now  # a rescan's synthetic event
-            lag = now - when.timestamp()
-        self._lag_ms = max(lag, 0.0) * 1000.0
-        self._stats.observe_lag(lag)
-        return now
+    def _observe_lag(self, event: Mapping[str, Any], at: float) -> None:
+        """Give the lag histogram (the metrics, when installed) ``event``'s lag at ``at``.
+
+        The state's ``lag_ms`` is worked out from the last event when the state is
+        written (:meth:`_fields`), not per event.
+        """
+        lag = _lag_of(event, at)
+        if lag is not None:
+            self._stats.observe_lag(lag)
 
     async def _dead_letter(
         self,
@@ -896,6 +1027,10 @@ class Runner:
 
     def _fields(self, status: str) -> dict[str, Any]:
         window = self._window
+        if self._lag_event is not None:
+            lag = _lag_of(self._lag_event, self._lag_at)
+            if lag is not None:  # else (a rescan's event) the last lag known stays
+                self._lag_ms = max(lag, 0.0) * 1000.0
         return {
             "checkpoint": window.checkpoint,
             "checkpoint_collection": self.spec.collection,
@@ -920,11 +1055,12 @@ class Runner:
         # One write at a time (the reader's first checkpoint and the batches): a stored
         # checkpoint never goes back. trigger.checkpoint is debug only (the contract).
         async with self._write_lock:
-            written = await self.lease.write(self._fields(self._status))
+            fields = self._fields(self._status)
+            written = await self.lease.write(fields)
         if not written:
             self._lease_lost("checkpoint")
             return False
-        self._written = self._window.checkpoint
+        self._written = fields["checkpoint"]  # not the watermark now: it moved meanwhile
         self._last_renewal = time.monotonic()
         self._events.emit("trigger.checkpoint", "debug", trigger=self.tid)
         return True
@@ -954,8 +1090,8 @@ class Runner:
         while True:
             deadline = min(options.checkpoint_interval, renew_every)
             with anyio.move_on_after(deadline):
-                window.notify_at = covered_at_write + options.checkpoint_every
-                while window.covered < window.notify_at:
+                batch_end = window.notify_at = covered_at_write + options.checkpoint_every
+                while window.covered < batch_end:
                     window.moved = anyio.Event()
                     await window.moved.wait()
             now = time.monotonic()

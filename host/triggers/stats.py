@@ -3,8 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
-__all__ = ("TriggerStats",)
+__all__ = ("Counted", "TriggerStats")
+
+
+class Counted(Protocol):
+    """A running trigger as the counts see it (a :class:`~host.triggers.runner.Runner`)."""
+
+    @property
+    def tid(self) -> str:
+        """The trigger id."""
+
+    @property
+    def handled(self) -> int:
+        """Events this run has handled (or dead-lettered)."""
+
+    @property
+    def in_flight(self) -> int:
+        """Its handlers running now."""
 
 
 class TriggerStats:
@@ -14,19 +31,46 @@ class TriggerStats:
     plugins this host ran, not by the events. The lag goes to ``lag_observer`` (the
     metrics surface installs a histogram's ``observe``; the runtime imports no metrics
     library).
+
+    The events handled and the handlers in flight are read from the running triggers
+    when asked (a scrape), not counted here per event: the hot path pays no dict update
+    and no counter of its own for them.
     """
 
     def __init__(self) -> None:
-        self.events: dict[str, int] = {}
+        # INVARIANT (events): for each trigger id, the events handled on this host are
+        # _ended[tid] (the runs that finished) plus the ``handled`` of its runs in
+        # _running (at most one at a time; a run is in _running from its start until
+        # it ends, then folded into _ended exactly once, by unfollow).
+        self._ended: dict[str, int] = {}
+        self._running: set[Counted] = set()
         self.dead_letters: dict[str, int] = {}
         self.history_losses: dict[str, int] = {}
-        self.in_flight = 0
         self.owned = 0
         self.lag_observer: Callable[[float], None] | None = None
 
-    def handled(self, trigger: str) -> None:
-        """Count one event done (handled or dead-lettered)."""
-        self.events[trigger] = self.events.get(trigger, 0) + 1
+    @property
+    def events(self) -> dict[str, int]:
+        """Events handled (or dead-lettered) on this host, per trigger id."""
+        counts = dict(self._ended)
+        for run in self._running:
+            counts[run.tid] = counts.get(run.tid, 0) + run.handled
+        return counts
+
+    @property
+    def in_flight(self) -> int:
+        """Trigger handlers running now."""
+        return sum(run.in_flight for run in self._running)
+
+    def follow(self, run: Counted) -> None:
+        """Count a trigger's run from now until :meth:`unfollow`."""
+        self._running.add(run)
+
+    def unfollow(self, run: Counted) -> None:
+        """A run ended: keep its events in the counts."""
+        if run in self._running:
+            self._running.discard(run)
+            self._ended[run.tid] = self._ended.get(run.tid, 0) + run.handled
 
     def dead_lettered(self, trigger: str) -> None:
         """Count one dead letter."""

@@ -13,7 +13,8 @@ Design note — at least once, with a low-watermark:
   (``per_key``: the ``documentKey``; ``total``: one key for all; ``none``: a key per event).
   Different keys run concurrently, at most ``max_concurrency`` handlers at once.
 * Memory is bounded: at most ``capacity`` events are in the window (read but not covered
-  by the watermark); the reader waits for room.
+  by the watermark), the reader's staged ones (read, not yet added) counted; the reader
+  waits for room.
 
 What a crash repeats: the events after the last *written* checkpoint — those in the
 window at the crash (at most ``capacity``) plus those done since the last write (at most
@@ -25,10 +26,11 @@ skips those when it reads them again, so a clean hand-over repeats nothing that 
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import anyio
 
@@ -77,9 +79,11 @@ class Window:
     """Events the watermark moved past since the window started."""
     moved: anyio.Event = field(default_factory=anyio.Event)
     """Set when ``covered`` reaches ``notify_at`` (the checkpoint writer's next batch)."""
-    notify_at: int = 0
+    notify_at: float = 0
     """The ``covered`` count at which ``moved`` is set: the writer waits for a whole batch
-    with one wake-up, not one per event."""
+    with one wake-up, not one per event. Once reached it is put out of reach (infinity)
+    until the writer sets the next one, so the events covered while it writes pay no
+    ``set``."""
     _room_wanted: bool = False
 
     def __len__(self) -> int:
@@ -89,11 +93,6 @@ class Window:
     def idle(self) -> bool:
         """Nothing in the window: every event read is covered by the watermark."""
         return not self._slots
-
-    @property
-    def full(self) -> bool:
-        """No room for one more event (the reader waits with :meth:`wait_room`)."""
-        return len(self._slots) >= self.capacity
 
     async def wait_room(self, limit: int | None = None) -> None:
         """Wait until the window holds fewer than ``limit`` events (default: its capacity).
@@ -108,25 +107,54 @@ class Window:
                 self._room_wanted = True
             await self._room.wait()
 
-    def add(self, key: Any, event: Mapping[str, Any], token: Mapping[str, Any] | None) -> bool:
+    def add(
+        self, key: Any, event: Mapping[str, Any], token: Mapping[str, Any] | None
+    ) -> Slot | None:
         """Put an event in the window.
 
         Returns:
-            True if its key had nothing pending (the caller starts a worker for the key);
-            False if a worker of the key is running and will reach it.
+            Its slot if its key had nothing pending (the key's head now: the caller hands
+            it to a worker); None if the key has earlier events pending (whoever handles
+            them reaches this one: :meth:`finish` returns it).
         """
-        self._seq += 1
-        slot = Slot(self._seq, key, event, token)
+        self._seq = seq = self._seq + 1
+        slot = Slot(seq, key, event, token)
         self._slots.append(slot)
-        queue = self._by_key.get(key)
+        by_key = self._by_key
+        queue = by_key.get(key)
         if queue is None:
-            self._by_key[key] = slot
-            return True
+            by_key[key] = slot
+            return slot
         if isinstance(queue, Slot):
-            self._by_key[key] = deque((queue, slot))
+            by_key[key] = deque((queue, slot))
         else:
             queue.append(slot)
-        return False
+        return None
+
+    def add_read(
+        self,
+        events: Iterable[Mapping[str, Any]],
+        key_of: Callable[[Mapping[str, Any]], Any],
+        heads: deque[Slot],
+    ) -> None:
+        """Put events read from the stream in the window, in order, each covering its own
+        resume token (its ``_id``): :meth:`add` for each, the new heads of keys appended
+        to ``heads``."""
+        slots = self._slots
+        by_key = self._by_key
+        for event in events:
+            key = key_of(event)  # before the seq moves: ``none`` keys by next_seq
+            self._seq = seq = self._seq + 1
+            slot = Slot(seq, key, event, event.get("_id"))
+            slots.append(slot)
+            queue = by_key.get(key)
+            if queue is None:
+                by_key[key] = slot
+                heads.append(slot)
+            elif isinstance(queue, Slot):
+                by_key[key] = deque((queue, slot))
+            else:
+                queue.append(slot)
 
     @property
     def next_seq(self) -> int:
@@ -161,35 +189,59 @@ class Window:
         """
         slot.done = True
         key = slot.key
-        queue = self._by_key[key]
-        if isinstance(queue, Slot):
-            following = None
-        else:
-            queue.popleft()
-            following = queue[0] if queue else None
-        if following is None:
-            del self._by_key[key]
+        by_key = self._by_key
+        queue = by_key[key]
+        following = None
+        if queue is slot:  # the key's lone pending event (the common case)
+            del by_key[key]
+        else:  # a deque of the key's pending events, ``slot`` at its head
+            pending = cast("deque[Slot]", queue)
+            pending.popleft()
+            if pending:
+                following = pending[0]
+            else:
+                del by_key[key]
         # The oldest slot is never done between two calls (every change of a done flag
         # advances at once), so the watermark can only move if ``slot`` is the oldest.
-        if self._slots[0] is slot:
-            self._advance()
+        slots = self._slots
+        if slots[0] is slot:
+            if len(slots) > 1 and slots[1].done:
+                self._advance()  # events finished ahead of it are passed too
+            else:  # _advance for ``slot`` alone (events finishing in order), inline
+                slots.popleft()
+                if slot.token is not None:
+                    self.checkpoint = slot.token
+                    self.checkpoint_time = slot.event.get("clusterTime")
+                self.covered += 1
+                if self._room_wanted or self.covered >= self.notify_at:
+                    self._passed()
         return following
 
     def _advance(self) -> None:
-        moved = False
-        while self._slots and self._slots[0].done:
-            head = self._slots.popleft()
+        slots = self._slots
+        passed = 0
+        last: Slot | None = None  # the newest slot passed that carries a token
+        while slots and slots[0].done:
+            head = slots.popleft()
+            passed += 1
             if head.token is not None:
-                self.checkpoint = head.token
-                self.checkpoint_time = head.event.get("clusterTime")
-            self.covered += 1
-            moved = True
-        if moved:
-            if self._room_wanted:
-                self._room_wanted = False
-                self._room.set()
-            if self.covered >= self.notify_at:
-                self.moved.set()
+                last = head
+        if passed:
+            if last is not None:
+                self.checkpoint = last.token
+                self.checkpoint_time = last.event.get("clusterTime")
+            self.covered += passed
+            self._passed()
+
+    def _passed(self) -> None:
+        """The watermark moved: wake the reader waiting for room, and the checkpoint
+        writer once its batch is covered."""
+        if self._room_wanted:
+            self._room_wanted = False
+            self._room.set()
+        if self.covered >= self.notify_at:
+            self.notify_at = math.inf
+            self.moved.set()
 
     def done_ahead(self) -> list[Mapping[str, Any]]:
         """Tokens of the events done but not covered (one before them is still pending).
@@ -212,9 +264,8 @@ class Window:
         """
         if key in self._by_key:
             return False
-        self.add(key, event, token)
-        slot = self.head(key)
-        assert slot is not None
+        slot = self.add(key, event, token)
+        assert slot is not None  # nothing was pending
         self.finish(slot)
         return True
 
