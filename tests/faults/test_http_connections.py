@@ -7,6 +7,7 @@ the descriptor-limit cases, as a real ``plugin-host run`` process with a low ``R
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -14,7 +15,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -303,6 +304,10 @@ async def _healthy(port: int) -> bool:
     return False
 
 
+def _at_least(lines: Callable[[], list[dict[str, Any]]], n: int) -> bool:
+    return len(lines()) >= n
+
+
 def test_settings_are_checked() -> None:
     """Nonsense timeouts or caps are refused with a message naming the setting."""
     from host.connections import ConnectionGuard
@@ -349,7 +354,9 @@ async def test_a_client_gone_mid_body_is_one_log_line_not_a_traceback(
                     "content-type: application/json\r\ncontent-length: 100\r\n\r\n"
                 ).encode()
                 await stream.send(head + b'{"half": ')  # 9 of the 100 bytes announced
-            await wait_until(lambda n=n: len(gone()) >= n, f"the daemon logs {path}'s disconnect")
+            await wait_until(
+                functools.partial(_at_least, gone, n), f"the daemon logs {path}'s disconnect"
+            )
         async with httpx.AsyncClient(timeout=10) as client:
             reply = await client.post(f"http://127.0.0.1:{port}/functions/echo/call", json=[1])
         assert reply.status_code == 200 and reply.json()["result"] == [1]
