@@ -174,6 +174,7 @@ class _Ticker:
     # high`` in ticks; ``last`` is -1 and ``open`` an unlisted empty dict when there is
     # none, with an empty span). ``due`` is a heap of ticks holding every key
     # of ``buckets`` (and ticks of buckets since dropped, fewer than 2 * len(buckets) + 64).
+    # A call with no finite deadline (``at >= _NEVER``) gets a dict of its own, unlisted.
     # While ``buckets`` is not empty, ``timer`` is set (for tick ``armed``) at or before the
     # time of its earliest bucket. Loop thread only.
 
@@ -196,6 +197,8 @@ class _Ticker:
 
     def enter(self, at: float) -> dict[object, asyncio.Task[Any]]:
         """The bucket of deadline ``at`` (in ticks), which becomes the open one."""
+        if not at < _NEVER:  # an infinite (or NaN) timeout: a bucket no timer expires
+            return {}
         tick = int(at) + 1
         buckets = self.buckets
         if not self.open and buckets.get(self.last) is self.open:
@@ -214,6 +217,11 @@ class _Ticker:
         self.high = float(tick)
         self.low = self.high - 1.0
         return bucket
+
+    def drop(self, at: float) -> None:
+        """A call of deadline ``at`` emptied its bucket, which is not the open one: drop it."""
+        if at < _NEVER:
+            del self.buckets[int(at) + 1]
 
     def _arm(self, tick: int) -> None:
         if self.timer is not None:
@@ -245,6 +253,7 @@ class _Ticker:
 
 
 TICKS = 1000.0  # ticks per second: a deadline fires at most 1 ms late (uvloop's clock tick)
+_NEVER = 2.0**62  # a deadline (in ticks) at or past this is none: inf, NaN, ~146,000 years
 
 
 class Required:
@@ -571,7 +580,7 @@ class Dispatcher:
                 and not bucket
                 and bucket is not ticker.open  # type: ignore[union-attr]  # set with bucket
             ):
-                del ticker.buckets[int(at) + 1]  # type: ignore[union-attr]
+                ticker.drop(at)  # type: ignore[union-attr]
             if task is not None:
                 del self._calls[task]  # registered above, by this frame only
                 if self._aborted:  # cancelled, but the call ended before it arrived

@@ -273,3 +273,16 @@ async def test_a_scope_cancelling_an_expired_call_still_unwinding_wins(registry:
     assert scope.cancelled_caught
     assert [e for e in logs if e["event"] == "call.timeout"] == []
     assert plugin.in_flight == 0
+
+
+async def test_an_infinite_timeout_is_no_deadline(registry: Registry) -> None:
+    """timeout=inf (or NaN) never expires and leaves no bucket; an enclosing scope still
+    cancels the call."""
+    host = make_host(registry)
+    await host.load("sleep", SLEEP)
+    assert await host.dispatcher.call("sleep", 0.001, timeout=float("inf")) == 0.001
+    assert await host.dispatcher.call("sleep", 0.001, timeout=float("nan")) == 0.001
+    assert stopped(ticker_of(host))
+    with anyio.move_on_after(0.02) as scope:
+        await host.dispatcher.call("sleep", 30, timeout=float("inf"))
+    assert scope.cancelled_caught
