@@ -151,8 +151,8 @@ class _Ticker:
     its value, goes into the bucket of the tick its deadline falls in (deadline ``d``:
     bucket ``int(d * TICKS) + 1``, due at ``bucket / TICKS``, after ``d`` and at most one
     tick later), and one timer, set for the earliest bucket, cancels the calls of every
-    bucket that is due and sets itself for the next. So a call pays a clock read, a float
-    to int and a dict insert and pop (its entry is its call id and its task, no
+    bucket that is due and sets itself for the next. So a call pays a clock read, two
+    float compares and a dict insert and pop (its entry is its call id and its task, no
     object of its own); it arms nothing unless it opens a bucket earlier than the timer.
     Calls in a row land in the same bucket (``open``: no lookup); a bucket that empties
     while calls may still join it stays until the next opens or it is due, any other goes
@@ -164,6 +164,9 @@ class _Ticker:
     own cancel-counting protocol (``Task.uncancel``, against the ``cancelling()`` count
     the call noted when it started), so an enclosing cancel scope's cancellation stays one.
     One ticker per loop (a loop's timer handles are that loop's): see ``_LoopCache``.
+    Each call reads the clock: stamping calls with the time of the last tick instead
+    would need a timer every tick while calls arrive (a wake-up per call at low rates)
+    and would add that timer's lateness to every deadline's.
     """
 
     # INVARIANT: ``buckets`` maps a tick to the calls in flight whose deadline falls in it
@@ -558,8 +561,12 @@ class Dispatcher:
             task.uncancel()  # abort()'s cancel was for this frame only, and ends here
             raise HostClosed("the plugin host stopped before the call finished") from None
         else:
-            if bucket is not None and call_id not in bucket and current is not None:
-                current.uncancel()  # expired, but the plugin swallowed the cancellation
+            if bucket is not None:  # leave the bucket here (one dict op), not in finally
+                if bucket.pop(call_id, None) is None:  # expired, but the plugin swallowed
+                    current.uncancel()  # type: ignore[union-attr]  # the cancellation
+                elif not bucket and bucket is not ticker.open:  # type: ignore[union-attr]
+                    ticker.drop(at)  # type: ignore[union-attr]  # cannot fill again: drop it
+                bucket = None
             # A version under rollout: count the call. Most stable successes count
             # nothing (LiveRollout's inline protocol: quiet); a due one may be a
             # shadow's mirror; a candidate's success may break its policy (rarely).
@@ -573,7 +580,8 @@ class Dispatcher:
                     self.report_abort(live)
             return result
         finally:
-            # Ended in time: leave the bucket; one that cannot fill again goes when empty.
+            # Ended in time (but not a success: see else): leave the bucket; one that
+            # cannot fill again goes when empty.
             if (
                 bucket is not None
                 and bucket.pop(call_id, None) is not None
