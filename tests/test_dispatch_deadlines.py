@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -148,7 +149,6 @@ async def test_many_distinct_timeouts_share_one_timer(registry: Registry) -> Non
     loop = asyncio.get_running_loop()
     timeouts = [0.02 + i / 5_000 for i in range(100)]
     late: dict[float, float] = {}
-    timers: set[int] = set()
 
     async def one(seconds: float) -> None:
         started = loop.time()
@@ -156,7 +156,6 @@ async def test_many_distinct_timeouts_share_one_timer(registry: Registry) -> Non
             await host.dispatcher.call("sleep", 30, timeout=seconds)
         except PluginTimeout as exc:
             late[exc.timeout] = loop.time() - started - seconds
-            timers.add(id(ticker_of(host).timer))
 
     async with anyio.create_task_group() as tg:
         for seconds in reversed(timeouts):  # later buckets first: earlier ones re-arm it
@@ -165,6 +164,57 @@ async def test_many_distinct_timeouts_share_one_timer(registry: Registry) -> Non
     assert min(late.values()) >= 0, "a deadline fired before its time"
     assert len(ticker_of(host).due) <= 2 * 100 + 64
     await wait_until(lambda: stopped(ticker_of(host)), "the ticker stopped once empty")
+
+
+def check_invariant(ticker: dispatch._Ticker) -> None:
+    """Assert _Ticker's invariant: no empty bucket but the open one, every bucket's tick on
+    the heap (a bounded number of stale ones), and the timer set no later than the first."""
+    assert all(bucket or bucket is ticker.open for bucket in ticker.buckets.values())
+    assert set(ticker.buckets) <= set(ticker.due)
+    assert len(ticker.due) <= 2 * len(ticker.buckets) + 65
+    assert all(ticker.due[(i - 1) // 2] <= tick for i, tick in enumerate(ticker.due) if i)
+    if ticker.buckets:
+        assert ticker.timer is not None and ticker.armed <= min(ticker.buckets)
+
+
+async def test_a_mixed_load_keeps_the_invariant_and_times_out_exactly_the_late(
+    registry: Registry,
+) -> None:
+    """400 calls with random timeouts and durations, clearly apart: each times out exactly when
+    it runs past its timeout, and the ticker's invariant holds throughout and at the end."""
+    host = make_host(registry)
+    await host.load("sleep", SLEEP)
+    rng = random.Random(19)
+    plans = []
+    for _ in range(400):
+        timeout = rng.choice([0.005, 0.01, 0.03, 0.05, 1.0]) + rng.random() / 100
+        late = rng.random() < 0.4  # runs 20 ms past its timeout, or ends 0.2 s before it
+        plans.append((timeout, timeout + 0.02 if late else max(0.0, timeout - 0.2), late))
+    outcomes: list[bool] = [False] * len(plans)
+    stop = anyio.Event()
+
+    async def one(i: int, timeout: float, seconds: float) -> None:
+        await anyio.sleep(rng.random() / 50)
+        try:
+            await host.dispatcher.call("sleep", seconds, timeout=timeout)
+        except PluginTimeout:
+            outcomes[i] = True
+
+    async def watch() -> None:
+        while not stop.is_set():
+            _thread, _loop, ticker = host.dispatcher._loops.cached
+            if ticker is not None:
+                check_invariant(ticker)
+            await anyio.sleep(0.001)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        async with anyio.create_task_group() as calls:
+            for i, (timeout, seconds, _late) in enumerate(plans):
+                calls.start_soon(one, i, timeout, seconds)
+        stop.set()
+    assert outcomes == [late for _timeout, _seconds, late in plans]
+    check_invariant(ticker_of(host))
 
 
 @pytest.mark.parametrize("use_uvloop", [False, True], ids=["asyncio", "uvloop"])
