@@ -7,13 +7,14 @@ This is the hot path. Its rules, on success:
   ``acquire_nowait``;
 * no cancel scope when the call has no timeout (an outermost call registers its task in
   a dict instead, so that shutdown can end it: see ``abort``), and no timer per call when
-  it has one (calls sharing a timeout share one timer: see ``_Deadlines``);
+  it has one (a loop's calls share one timer for all their deadlines: see ``_Ticker``);
 * no structlog ``bind`` (``ctx.log`` is built lazily) and no string building;
 * a handful of allocations: the ``CALL_PATH`` tuples and the plugin's coroutine (the
   ``Context`` is the previous call's when nothing else holds it: see ``host.context``);
 * one coroutine frame of its own (an async plugin's coroutine is awaited inline), one
-  context-variable set, and no clock read unless a rollout times the call (a clock read
-  or a ``getpid`` is a system call on the bench VM: 0.1 to 0.25 µs each).
+  context-variable set, and no clock read unless the call has a timeout (one) or a
+  rollout times it (a clock read or a ``getpid`` is a system call on some VMs: 0.1 to
+  0.25 µs each).
 
 Failures are slow on purpose: the traceback is formatted in a worker thread because
 :mod:`linecache` may read library source files.
@@ -31,6 +32,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from functools import partial
+from heapq import heappop, heappush
 from types import MappingProxyType
 from typing import Any
 
@@ -86,28 +88,35 @@ class _LoopCache:
     thread instead: ``task_of(cached loop)`` is the current task when that loop runs
     this thread's current task, and None when it does not (a loop runs on one thread at
     a time, and asyncio's map holds only running tasks), and then the loop is read
-    again. Loop thread only (several threads each re-read on their turn).
+    again. The loop's ``_Ticker`` rides along, so a call with a timeout finds its loop's
+    deadlines without asking its task for its loop.
     """
 
-    __slots__ = ("loop", "thread")
+    # INVARIANT: ``cached`` is (thread id, loop, that loop's ticker) as last read on that
+    # thread, or (0, None, None); one tuple, read in one load, so a call never pairs one
+    # thread's loop with another's ticker. A loop keeps its ticker while it stays cached
+    # (one that comes back gets a new one: an old one still expires its own calls).
+    # Several threads each re-read on their turn.
+
+    __slots__ = ("cached",)
 
     def __init__(self) -> None:
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.thread = 0
+        self.cached: tuple[int, asyncio.AbstractEventLoop | None, _Ticker | None] = _NO_LOOP
 
-    def current_task(self) -> asyncio.Task[Any] | None:
-        """``asyncio.current_task()``: the task running the caller, or None."""
-        loop = self.loop
-        if loop is not None and self.thread == _thread_id():
-            task = _task_of(loop)
-            if task is not None:
-                return task
+    def refresh(self) -> tuple[int, asyncio.AbstractEventLoop | None, _Ticker | None]:
+        """Read the running loop of this thread again; the new ``cached`` (_NO_LOOP: none)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            return None
-        self.loop, self.thread = loop, _thread_id()
-        return _task_of(loop)
+            return _NO_LOOP
+        _thread, cached_loop, ticker = self.cached
+        if cached_loop is not loop or ticker is None:
+            ticker = _Ticker(loop)
+        cached = self.cached = (_thread_id(), loop, ticker)
+        return cached
+
+
+_NO_LOOP: tuple[int, asyncio.AbstractEventLoop | None, _Ticker | None] = (0, None, None)
 
 
 class _Lease:
@@ -134,69 +143,120 @@ background task that outlives the call takes slots like any other caller.
 """
 
 
-class _Deadlines:
-    """The calls in flight with one timeout value, earliest deadline first, and one timer.
+class _Ticker:
+    """The deadlines of one loop's calls in flight, in buckets of one tick, and one timer.
 
     Design note: ``asyncio.timeout`` arms and cancels a loop timer per call, which cost
-    about three times the rest of a call (issue 12). Calls with the same timeout expire
-    in the order they started, so they queue here in a dict (insertion order is deadline
-    order: ``loop.time()`` never goes back); one timer, set for the earliest deadline,
-    expires what is due and sets itself for the next. A call that ends just leaves the
-    queue (the timer is left to fire, find nothing due and re-arm or stop), so a call pays
-    a clock read, a dict insert and a dict pop: its entry is a key (an int) and a tuple,
-    no object of its own. Expiry cancels the task and the call's frame turns that into
-    ``PluginTimeout`` with ``asyncio.timeout``'s own cancel-counting protocol
-    (``Task.uncancel``, against the ``cancelling()`` count the call noted when it
-    started), so an enclosing cancel scope's cancellation stays one.
+    about three times the rest of a call (issue 12). Here a call with a timeout, whatever
+    its value, goes into the bucket of the tick its deadline falls in (deadline ``d``:
+    bucket ``int(d * TICKS) + 1``, due at ``bucket / TICKS``, after ``d`` and at most one
+    tick later), and one timer, set for the earliest bucket, cancels the calls of every
+    bucket that is due and sets itself for the next. So a call pays a clock read, two
+    float compares and a dict insert and pop (its entry is its call id and its task, no
+    object of its own); it arms nothing unless it opens a bucket earlier than the timer.
+    Calls in a row land in the same bucket (``open``: no lookup); a bucket that empties
+    while calls may still join it stays until the next opens or it is due, any other goes
+    when its last call ends, so empty buckets do not pile up under a long timeout. A
+    timer that finds nothing left stops, and the next call that opens a bucket sets it.
+    A bucket is due when the loop's clock reaches its time, so a deadline never fires
+    early, and at most one tick late (plus the loop's own lateness). Expiry cancels the
+    task and the call's frame turns that into ``PluginTimeout`` with ``asyncio.timeout``'s
+    own cancel-counting protocol (``Task.uncancel``, against the ``cancelling()`` count
+    the call noted when it started), so an enclosing cancel scope's cancellation stays one.
+    One ticker per loop (a loop's timer handles are that loop's): see ``_LoopCache``.
+    Each call reads the clock: stamping calls with the time of the last tick instead
+    would need a timer every tick while calls arrive (a wake-up per call at low rates)
+    and would add that timer's lateness to every deadline's.
     """
 
-    # INVARIANT: ``entries`` maps the key of every call in flight with this timeout that
-    # has not expired to (its deadline, its task), in deadline order; a call whose key is
-    # no longer there has expired (the timer took it out and cancelled its task). While
-    # ``entries`` is not empty, ``timer`` is set for a time at or before the first
-    # deadline. Loop thread only.
+    # INVARIANT: ``buckets`` maps a tick to the calls in flight whose deadline falls in it
+    # and that have not expired (call id -> task); a call whose id is no longer
+    # in its bucket has expired (the timer took the bucket out, cancelled its tasks and
+    # cleared it). Every bucket in ``buckets`` holds a call, except perhaps ``open`` (the
+    # bucket of tick ``last``, the last one a call joined, for deadlines ``low <= at <
+    # high`` in ticks; ``last`` is -1 and ``open`` an unlisted empty dict when there is
+    # none, with an empty span). ``due`` is a heap of ticks holding every key
+    # of ``buckets`` (and ticks of buckets since dropped, fewer than 2 * len(buckets) + 64).
+    # A call with no finite deadline (``at >= _NEVER``) gets a dict of its own, unlisted.
+    # While ``buckets`` is not empty, ``timer`` is set (for tick ``armed``) at or before the
+    # time of its earliest bucket. Loop thread only.
 
-    __slots__ = ("entries", "keys", "loop", "on_empty", "time", "timeout", "timer")
+    __slots__ = ("armed", "buckets", "due", "high", "last", "loop", "low", "open", "time", "timer")
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, timeout: float, on_empty: Callable[[], None]
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.timeout = timeout
-        self.on_empty = on_empty
-        self.entries: dict[int, tuple[float, asyncio.Task[Any]]] = {}
-        self.keys = itertools.count()
+        self.buckets: dict[int, dict[object, asyncio.Task[Any]]] = {}
+        self.due: list[int] = []
+        self.last = -1
+        self.open: dict[object, asyncio.Task[Any]] = {}
+        # The deadlines (in ticks) of the open bucket: low <= at < high (floats, compared
+        # inline by a call: no int() per call). Empty while there is no open bucket.
+        self.low = self.high = -1.0
         self.timer: asyncio.TimerHandle | None = None
+        self.armed = 0
         # asyncio's own loops read time.monotonic() in a Python method: read it directly.
         own_clock = getattr(type(loop), "time", None) is asyncio.BaseEventLoop.time
         self.time: Callable[[], float] = time.monotonic if own_clock else loop.time
 
-    def add(self, task: asyncio.Task[Any]) -> int:
-        """Start the clock of a call running in ``task``; its key in ``entries``."""
-        key = next(self.keys)
-        at = self.time() + self.timeout
-        self.entries[key] = (at, task)
-        if self.timer is None:
-            self.timer = self.loop.call_at(at, self._expire)
-        return key
+    def enter(self, at: float) -> dict[object, asyncio.Task[Any]]:
+        """The bucket of deadline ``at`` (in ticks), which becomes the open one."""
+        if not at < _NEVER:  # an infinite (or NaN) timeout: a bucket no timer expires
+            return {}
+        tick = int(at) + 1
+        buckets = self.buckets
+        if not self.open and buckets.get(self.last) is self.open:
+            del buckets[self.last]  # the open bucket emptied: no call will join it now
+        bucket = buckets.get(tick)
+        if bucket is None:
+            bucket = buckets[tick] = {}
+            due = self.due
+            if len(due) > 2 * len(buckets) + 64:  # mostly dropped buckets: rebuild
+                due[:] = sorted(buckets)  # (a sorted list is a heap)
+            else:
+                heappush(due, tick)
+            if self.timer is None or tick < self.armed:
+                self._arm(tick)
+        self.last, self.open = tick, bucket
+        self.high = float(tick)
+        self.low = self.high - 1.0
+        return bucket
+
+    def drop(self, at: float) -> None:
+        """A call of deadline ``at`` emptied its bucket, which is not the open one: drop it."""
+        if at < _NEVER:
+            del self.buckets[int(at) + 1]
+
+    def _arm(self, tick: int) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_at(tick / TICKS, self._expire)
+        self.armed = tick
 
     def _expire(self) -> None:
         self.timer = None
-        due = self.time() + _CLOCK_SLACK
-        entries = self.entries
-        while entries:
-            first = next(iter(entries))
-            at, task = entries[first]
-            if at > due:
-                self.timer = self.loop.call_at(at, self._expire)
+        now = self.time()
+        due, buckets = self.due, self.buckets
+        while due:
+            tick = due[0]
+            bucket = buckets.get(tick)
+            if bucket is None:  # dropped when it emptied
+                heappop(due)
+                continue
+            if tick / TICKS > now:  # not yet (a loop may run a timer a hair early)
+                self._arm(tick)
                 return
-            del entries[first]
-            task.cancel()
-        self.on_empty()
+            heappop(due)
+            del buckets[tick]
+            if bucket is self.open:
+                self.last, self.open = -1, {}
+                self.low = self.high = -1.0
+            for task in bucket.values():
+                task.cancel()
+            bucket.clear()  # its calls see they expired
 
 
-_CLOCK_SLACK = 0.001  # uvloop's clock ticks in milliseconds: due within one tick is due
-_MAX_DEADLINE_QUEUES = 64  # distinct timeouts with a shared timer; others: asyncio.timeout
+TICKS = 1000.0  # ticks per second: a deadline fires at most 1 ms late (uvloop's clock tick)
+_NEVER = 2.0**62  # a deadline (in ticks) at or past this is none: inf, NaN, ~146,000 years
 
 
 class Required:
@@ -259,6 +319,9 @@ class Dispatcher:
             events: Where ``call.failed``, ``call.timeout`` and ``plugin.thread_stuck`` go.
             threads: The limiter sync calls share (overrides ``thread_limiter_size``); the
                 host passes the one its registry's hooks use.
+
+        Raises:
+            ValueError: ``require_depth`` is below 1.
         """
         self._registry = registry
         self._lookup = registry.lookup  # the hot path's Registry.get, without its frame
@@ -266,6 +329,8 @@ class Dispatcher:
         self._globals: Mapping[str, Any] = MappingProxyType(dict(globals or {}))
         self._default_timeout = default_timeout
         self._max_waiting = max_waiting
+        if require_depth < 1:  # the hot path lets an outermost call (depth 0) through unchecked
+            raise ValueError(f"require_depth must be at least 1, not {require_depth}")
         self._require_depth = require_depth
         self._threads = threads if threads is not None else ThreadLimiter(thread_limiter_size)
         # Versions with abandoned call threads, for the exit report (pruned as they end).
@@ -284,8 +349,6 @@ class Dispatcher:
         # HostClosed. Loop thread only.
         self._calls: dict[asyncio.Task[Any], None] = {}
         self._aborted: set[asyncio.Task[Any]] = set()
-        # At most _MAX_DEADLINE_QUEUES timeouts; a queue goes when its timer finds it empty.
-        self._deadlines: dict[float, _Deadlines] = {}
         self._events = events if events is not None else EventBus(_log)
         # Progressive delivery: the registry's routing states (one per name with a
         # candidate; the same dict object for the registry's whole life).
@@ -346,13 +409,16 @@ class Dispatcher:
         self,
         name: str,
         args: Args = None,
-        *,
         timeout: float | None = None,  # noqa: ASYNC109 - per-call timeout is the public contract
         version: str | None = None,
         key: object = None,
         served: list[str] | None = None,
     ) -> Any:
         """Call the current version of plugin ``name`` (or its rollout's candidate).
+
+        The parameters after ``args`` may be passed by position too (the public
+        ``PluginHost.call`` makes them keyword-only): defaults of positional parameters
+        are copied from a tuple, keyword-only ones looked up in a dict, on every call.
 
         Args:
             name: The plugin name.
@@ -397,7 +463,7 @@ class Dispatcher:
         if served is not None:
             served.append(plugin.version)
         chain = CALL_PATH.get()[1]  # the plugins on the call path, outermost first
-        if len(chain) >= self._require_depth:
+        if chain and len(chain) >= self._require_depth:  # (an outermost call is depth 0)
             raise RequireDepthExceeded((*chain, name), self._require_depth)
         if timeout is None:
             timeout = plugin.record.timeout
@@ -408,18 +474,23 @@ class Dispatcher:
         # down before the grace period ends, even if a newer version is swapped in
         # meanwhile (Plugin.begin_call/end_call, spelled out inline: no frame per call).
         plugin.in_flight += 1
-        path_token = CALL_PATH.set((plugin, (*chain, name)))
+        # chain + (name,): one tuple (two nested), where (*chain, name) builds a list first.
+        path_token = CALL_PATH.set((plugin, chain + (name,)))  # noqa: RUF005
         # An outermost call registers its task, so that abort() can end it (nested calls
-        # run in its task or in tasks it awaits, e.g. gather's, and end with it).
-        task = None
-        if not chain:  # _LoopCache.current_task, its hit inline
-            loops = self._loops
-            if loops.thread == _thread_id():
-                task = _task_of(loops.loop)  # type: ignore[arg-type]  # set with .thread
-            if task is None:
-                task = loops.current_task()
-        if task is not None:
-            self._calls[task] = None
+        # run in its task or in tasks it awaits, e.g. gather's, and end with it). A call
+        # with a timeout needs its task too, and its loop's ticker (_LoopCache, inline).
+        task = current = None
+        if not chain or timeout is not None:
+            thread, loop, ticker = self._loops.cached
+            if thread == _thread_id():
+                current = _task_of(loop)  # type: ignore[arg-type]  # set with the thread
+            if current is None:
+                thread, loop, ticker = self._loops.refresh()
+                if loop is not None:
+                    current = _task_of(loop)
+            if not chain and current is not None:
+                task = current
+                self._calls[task] = None
         # Statistics only while a rollout runs: a rollout-free call pays for none of it,
         # and most calls under one only take a quiet slot (LiveRollout's inline protocol):
         # no clock, and nothing to count unless they fail, so they let go of the rollout
@@ -432,33 +503,30 @@ class Dispatcher:
             else:
                 started = _clock()
         outcome = OK
-        current = task  # the task the call runs in (a nested call reads it for a timeout)
-        queue: _Deadlines | None = None  # a timeout shared with other calls (_Deadlines)
-        key = cancelling = 0  # the call's key in queue.entries; its task's cancel count
+        bucket = None  # the call's deadline bucket (_Ticker), which its call id keys
+        call_id = cancelling = 0  # that id; the task's cancel count at the start
+        at = 0.0  # the call's deadline, in ticks
         try:
             if timeout is not None:
-                if current is None:
-                    current = self._loops.current_task()
-                    assert current is not None, "a call runs in a task"
-                queue = self._deadlines.get(timeout)
-                if queue is None or queue.loop is not current.get_loop():
-                    queue = self._deadline_queue(current, timeout)
-                if queue is not None:
-                    cancelling = current.cancelling()
-                    key = queue.add(current)
-            if timeout is not None and queue is None:  # a timer of its own (rare)
-                result = await self._run_with_timer(plugin, args, timeout)
-            elif plugin.limiter is None and plugin.is_async:
+                assert current is not None and ticker is not None, "a call runs in a task"
+                clock = ticker.time  # (a slot read, then a call: no method lookup)
+                at = (clock() + timeout) * TICKS  # the deadline, in ticks
+                # The open bucket's span, else _Ticker.enter (float compares: no int()).
+                bucket = ticker.open if ticker.low <= at < ticker.high else ticker.enter(at)
+                call_id = next(self._ids)  # ctx.call_id too (an async call's, inline)
+                bucket[call_id] = current
+                cancelling = current.cancelling()
+            if plugin.limiter is None and plugin.is_async:
                 # The common case, inline: the plugin's coroutine is awaited from this
                 # frame (no _run/_invoke coroutine per call). The same rules as _invoke.
                 ctx = self._spare
                 if ctx is None:
-                    ctx = Context(plugin, plugin.caller or self, next(self._ids))
+                    ctx = Context(plugin, plugin.caller or self, call_id or next(self._ids))
                 else:  # Context's reuse protocol (see host.context): no one else holds it
                     self._spare = None
                     ctx._plugin = plugin
                     ctx._caller = plugin.caller or self
-                    ctx.call_id = next(self._ids)
+                    ctx.call_id = call_id or next(self._ids)
                     ctx._log = None
                 try:
                     result = await plugin.entrypoint(ctx, args)
@@ -484,23 +552,27 @@ class Dispatcher:
         except asyncio.CancelledError:
             outcome = -1
             # This call's deadline cancelled it, unless someone else did too
-            # (asyncio.timeout's cancel-counting protocol, see _Deadlines).
+            # (asyncio.timeout's cancel-counting protocol, see _Ticker).
             if (
-                queue is not None
-                and key not in queue.entries
+                bucket is not None
+                and call_id not in bucket
                 and current is not None
                 and current.uncancel() <= cancelling
             ):
                 outcome = TIMEOUT
-                raise self._timed_out(plugin, queue.timeout) from None
+                raise self._timed_out(plugin, timeout) from None  # type: ignore[arg-type]
             if task is None or task not in self._aborted:
                 raise
             self._aborted.discard(task)
             task.uncancel()  # abort()'s cancel was for this frame only, and ends here
             raise HostClosed("the plugin host stopped before the call finished") from None
         else:
-            if queue is not None and key not in queue.entries and current is not None:
-                current.uncancel()  # expired, but the plugin swallowed the cancellation
+            if bucket is not None:  # leave the bucket here (one dict op), not in finally
+                if bucket.pop(call_id, None) is None:  # expired, but the plugin swallowed
+                    current.uncancel()  # type: ignore[union-attr]  # the cancellation
+                elif not bucket and bucket is not ticker.open:  # type: ignore[union-attr]
+                    ticker.drop(at)  # type: ignore[union-attr]  # cannot fill again: drop it
+                bucket = None
             # A timed call under rollout (a quiet one let go of it): a stable one ends its
             # span (and may be a shadow's mirror) unless calls overlapped; a candidate's
             # success may break its policy (rarely).
@@ -514,10 +586,17 @@ class Dispatcher:
                     self.report_abort(live)
             return result
         finally:
-            if queue is not None:
-                queue.entries.pop(key, None)  # ended in time: leave the queue
+            # Ended in time (but not a success: see else): leave the bucket; one that
+            # cannot fill again goes when empty.
+            if (
+                bucket is not None
+                and bucket.pop(call_id, None) is not None
+                and not bucket
+                and bucket is not ticker.open  # type: ignore[union-attr]  # set with bucket
+            ):
+                ticker.drop(at)  # type: ignore[union-attr]
             if task is not None:
-                self._calls.pop(task, None)
+                del self._calls[task]  # registered above, by this frame only
                 if self._aborted:  # cancelled, but the call ended before it arrived
                     self._aborted.discard(task)
             CALL_PATH.reset(path_token)
@@ -542,38 +621,6 @@ class Dispatcher:
         """
         if live.abort_reason is not None and self.on_rollout_abort is not None:
             self.on_rollout_abort(live, live.abort_reason)
-
-    def _deadline_queue(self, task: asyncio.Task[Any], timeout: float) -> _Deadlines | None:
-        """The queue of calls with this timeout (None: too many distinct timeouts, or
-        another loop: use a timer of the call's own)."""
-        queue = self._deadlines.get(timeout)
-        loop = task.get_loop()
-        if queue is None:
-            if len(self._deadlines) >= _MAX_DEADLINE_QUEUES:
-                return None
-            queue = self._deadlines[timeout] = _Deadlines(
-                loop, timeout, partial(self._drop_queue, timeout)
-            )
-        return queue if queue.loop is loop else None
-
-    def _drop_queue(self, timeout: float) -> None:
-        queue = self._deadlines.get(timeout)
-        if queue is not None and not queue.entries and queue.timer is None:
-            del self._deadlines[timeout]
-
-    async def _run_with_timer(self, plugin: Plugin, args: Args, seconds: float) -> Any:
-        # asyncio's own timeout: one timer handle for this call. It follows the
-        # cancel-counting protocol (Task.uncancel) like _Deadlines, so an outer anyio
-        # scope's cancellation still travels as cancellation, and only the expiry of this
-        # deadline turns into PluginTimeout.
-        deadline = asyncio.timeout(seconds)
-        try:
-            async with deadline:
-                return await self._run(plugin, args)
-        except TimeoutError:
-            if not deadline.expired():
-                raise
-        raise self._timed_out(plugin, seconds)
 
     def _timed_out(self, plugin: Plugin, timeout: float) -> PluginTimeout:
         self._events.emit(

@@ -326,6 +326,21 @@ async def test_call_cycle_is_stopped_by_depth_limit(registry: Registry) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_depth_limit_below_one_is_refused(registry: Registry) -> None:
+    """require_depth=0 would refuse every call: the dispatcher refuses it; 1 allows outermost
+    calls only."""
+    with pytest.raises(ValueError, match="require_depth"):
+        make_host(registry, require_depth=0)
+    host = make_host(registry, require_depth=1)
+    await host.load("leaf", "async def main(ctx, x):\n    return x\n")
+    await host.load("a", "async def main(ctx, x):\n    return await ctx.call('leaf', x)\n")
+    assert await host.dispatcher.call("leaf", 7) == 7
+    with pytest.raises(RequireDepthExceeded) as info:
+        await host.dispatcher.call("a", 7)
+    assert info.value.chain == ("a", "leaf")
+
+
+@pytest.mark.anyio
 async def test_concurrent_calls_during_swaps_see_whole_versions(registry: Registry) -> None:
     """50 callers during 40 swaps: no failure, and every result comes from one whole version."""
     host = make_host(registry)
