@@ -41,7 +41,9 @@ matcher's operator table, looked up at call time; no mongomock code is copied):
   query or the document holds a Decimal128 or NaN there) are those conditions retried
   as ``{field: {$eq: number}}``, which MongoDB defines as the same query. Widening one
   equality can only turn a no into a yes, so mongomock's yes stands, and documents
-  without Decimal128 or NaN cost nothing more when they match.
+  without Decimal128 or NaN cost nothing more when they match. The server's scans
+  (``indexes.match``) take :func:`matcher` once per query, which skips the retry at
+  the top level of a filter that has no ``{field: number}`` there.
 
 Stored values are never converted: the key is computed per comparison, and documents
 come back as stored (a Decimal128 stays a Decimal128).
@@ -52,6 +54,7 @@ Installed once, at import (``host.embedded.reads`` imports it).
 from __future__ import annotations
 
 import decimal
+import functools
 import operator
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -71,6 +74,7 @@ __all__ = (
     "bson_compare",
     "compare_rank",
     "distinct_values",
+    "matcher",
     "numeric_equal",
     "numeric_key",
 )
@@ -220,6 +224,13 @@ def _numeric_in(doc_val: Any, search_val: Any) -> bool:
             return False  # a plain number: == already equated it with plain numbers
         values = (doc_val,)
     elif isinstance(doc_val, list | tuple):
+        kinds = set(map(type, doc_val))
+        if (
+            Decimal128 not in kinds
+            and Decimal128 not in map(type, search_val)
+            and not (float in kinds and any(_is_special(v) for v in doc_val))
+        ):
+            return False  # no Decimal128 on either side and no NaN here: == was enough
         values = doc_val
     else:
         return False
@@ -293,6 +304,24 @@ def _apply(self: Any, search_filter: Any, document: Any) -> bool:
                 widened = dict(search_filter)
             widened[key] = {"$eq": search}
     return widened is not None and _engine_apply(self, widened, document)
+
+
+def matcher(spec: Any) -> Callable[[Any, Any], bool]:
+    """The function that matches ``spec`` against a document: ``filter_applies``'s.
+
+    A filter with no ``{field: number}`` at its top level gets mongomock's ``apply``
+    itself there (the widening retry could never fire); its nested filters still
+    widen. Decide once per query, call once per document.
+
+    Args:
+        spec: The query filter.
+
+    Returns:
+        A function of ``(spec, document)``.
+    """
+    if type(spec) is dict and not any(type(v) in _NUMBER_TYPES for v in spec.values()):
+        return functools.partial(_engine_apply, filtering._filterer_inst)
+    return filtering.filter_applies
 
 
 filtering._get_compare_type = compare_rank

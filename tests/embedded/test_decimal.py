@@ -156,3 +156,20 @@ async def test_indexed_field_matches_and_orders_decimals_by_value(db: AsyncDatab
     assert await _ids(db, {"v": {"$in": [Decimal128("3"), 7]}}) == [3]
     hinted = db.nums.find({}, {"_id": 1}).hint([("v", ASCENDING)])
     assert [d["_id"] async for d in hinted] == [2, 4, 1, 3]
+
+
+async def test_in_on_array_fields_matches_decimals_and_nan(db: AsyncDatabase[Doc]) -> None:
+    """$in and $nin on an array field match an element by value, NaN by NaN."""
+    await db.arr.insert_many(
+        [
+            {"_id": 1, "a": ["x", Decimal128("4")]},
+            {"_id": 2, "a": [1.5, float("nan")]},
+            {"_id": 3, "a": ["y", 4]},
+        ]
+    )
+    found = db.arr.find({"a": {"$in": [4.0, "z"]}}).sort("_id", ASCENDING)
+    assert [d["_id"] async for d in found] == [1, 3]
+    found = db.arr.find({"a": {"$in": [Decimal128("NaN")]}})
+    assert [d["_id"] async for d in found] == [2]
+    found = db.arr.find({"a": {"$nin": [Decimal128("1.50"), "y"]}})
+    assert [d["_id"] async for d in found] == [1]
