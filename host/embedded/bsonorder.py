@@ -33,6 +33,9 @@ matcher's operator table, looked up at call time; no mongomock code is copied):
   two strings skip mongomock's type lookups, which ends in the same ``op(a, b)``;
 * distinct: the server collects and orders the values itself
   (:func:`distinct_values`), since mongomock's set cannot hold a Decimal128;
+* ``aggregate._Parser._handle_comparison_operator`` -> :func:`_expr_compare` for the
+  aggregation ``$eq``/``$ne`` (``$expr``, ``$project``), which mongomock evaluates with
+  ``==``; its ``$lt``... already go through ``bson_compare``;
 * the ``$eq``, ``$ne``, ``$in`` and ``$nin`` entries of the matcher's operator table ->
   numeric-aware versions, built with mongomock's own ``_list_expand``;
 * ``_Filterer.apply`` -> :func:`_apply`: a plain ``{field: number}`` condition is
@@ -64,7 +67,7 @@ from bson.int64 import Int64
 from bson.max_key import MaxKey
 from bson.min_key import MinKey
 from bson.timestamp import Timestamp
-from mongomock import filtering
+from mongomock import aggregate, filtering
 
 __all__ = (
     "MAX_KEY_RANK",
@@ -93,6 +96,7 @@ _engine_compare: Callable[..., bool] = filtering.bson_compare
 _engine_eq: Callable[[Any, Any], bool] = filtering.operator_eq
 _engine_in: Callable[[Any, Any], bool] = filtering._in_op
 _engine_apply: Callable[[Any, Any, Any], bool] = filtering._Filterer.apply
+_engine_expr_compare: Callable[[Any, str, Any], Any] = aggregate._Parser._handle_comparison_operator
 
 
 def compare_rank(value: Any) -> int:
@@ -306,6 +310,14 @@ def _apply(self: Any, search_filter: Any, document: Any) -> bool:
     return widened is not None and _engine_apply(self, widened, document)
 
 
+def _expr_compare(self: Any, operator: str, values: Any) -> Any:
+    """mongomock's aggregation ``$eq``/``$ne`` (also inside ``$expr``), by numeric value."""
+    if operator in ("$eq", "$ne") and isinstance(values, list) and len(values) == 2:
+        same = numeric_equal(self.parse(values[0]), self.parse(values[1]))
+        return same if operator == "$eq" else not same
+    return _engine_expr_compare(self, operator, values)
+
+
 def matcher(spec: Any) -> Callable[[Any, Any], bool]:
     """The function that matches ``spec`` against a document: ``filter_applies``'s.
 
@@ -327,6 +339,7 @@ def matcher(spec: Any) -> Callable[[Any, Any], bool]:
 filtering._get_compare_type = compare_rank
 filtering.bson_compare = bson_compare
 filtering._Filterer.apply = _apply  # type: ignore[method-assign]
+aggregate._Parser._handle_comparison_operator = _expr_compare  # type: ignore[method-assign]
 # The matcher's operator table (one instance, ``filtering._filterer_inst``, serves every
 # match). Invariant: its equality entries ($eq, $ne, $in, $nin) go through
 # numeric_equal / _numeric_in, so every spelling of an equality compares numbers alike.

@@ -173,3 +173,17 @@ async def test_in_on_array_fields_matches_decimals_and_nan(db: AsyncDatabase[Doc
     assert [d["_id"] async for d in found] == [2]
     found = db.arr.find({"a": {"$nin": [Decimal128("1.50"), "y"]}})
     assert [d["_id"] async for d in found] == [1]
+
+
+async def test_expression_eq_and_comparisons_use_numeric_value(db: AsyncDatabase[Doc]) -> None:
+    """$expr and $project's $eq/$ne/$gt compare Decimal128 with ints and doubles by value."""
+    await db.nums.insert_many(NUMBERS)
+    assert await _ids(db, {"$expr": {"$eq": ["$v", 1]}}) == [2, 4]
+    assert await _ids(db, {"$expr": {"$ne": ["$v", Decimal128("1.0")]}}) == [1, 3]
+    assert await _ids(db, {"$expr": {"$gt": ["$v", Decimal128("2")]}}) == [1, 3]
+    pipeline: list[Doc] = [
+        {"$sort": {"_id": ASCENDING}},
+        {"$project": {"one": {"$eq": ["$v", 1.0]}}},
+    ]
+    flags = [d["one"] async for d in await db.nums.aggregate(pipeline)]
+    assert flags == [False, True, False, True]
