@@ -27,6 +27,7 @@ from bson.timestamp import Timestamp
 from . import validation
 from .admin import MAX_WRITE_BATCH_SIZE, SERVER_VERSION, AdminCommands
 from .body import doc_field, int_field, name_field
+from .bsonorder import distinct_values
 from .capped import Tail, enforce_cap, is_capped
 from .catalog import CatalogCommands
 from .changestream import ChangeStream, Target
@@ -608,16 +609,13 @@ class Commands:
         if view_of(self.storage, db, coll) is not None:
             raise CommandError(238, "not supported by the embedded server: distinct on a view")
         try:
-            values = self.storage.raw(db, coll).distinct(key, doc_field(body, "query") or {})
+            docs = self.storage.raw(db, coll).find(doc_field(body, "query") or {})
+            values = distinct_values(key, docs)
         except Exception as exc:
             from .storage import engine_error
 
             raise engine_error(exc) from exc
-        # mongod returns the distinct values in BSON order (they are deduplicated in an
-        # ordered set); the engine returns them in hash order.
-        from mongomock.filtering import BsonComparable
-
-        return {"values": sorted(values, key=BsonComparable), "ok": 1.0}
+        return {"values": values, "ok": 1.0}
 
     async def aggregate(self, session: Session, db: str, body: dict[str, Any]) -> Reply:
         """aggregate, including ``$changeStream`` on a collection, database or cluster."""

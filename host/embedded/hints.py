@@ -14,7 +14,7 @@ import operator
 from collections.abc import Mapping
 from typing import Any
 
-from mongomock.filtering import bson_compare
+from mongomock import filtering
 
 from .errors import CommandError
 from .updates import get_path
@@ -46,9 +46,9 @@ def _compare(key: Mapping[str, Any], a: Mapping[str, Any], b: Mapping[str, Any])
     """Compare the index keys of ``a`` and ``b`` in the order of index ``key``."""
     for field, direction in key.items():
         x, y = get_path(a, field), get_path(b, field)
-        if bson_compare(operator.lt, x, y):  # type: ignore[no-untyped-call]
+        if filtering.bson_compare(operator.lt, x, y):  # type: ignore[no-untyped-call]
             less = -1
-        elif bson_compare(operator.gt, x, y):  # type: ignore[no-untyped-call]
+        elif filtering.bson_compare(operator.gt, x, y):  # type: ignore[no-untyped-call]
             less = 1
         else:
             continue

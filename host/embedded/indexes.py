@@ -41,6 +41,8 @@ from bson.timestamp import Timestamp
 from mongomock import filtering, helpers
 from mongomock.store import CollectionStore
 
+from .bsonorder import matcher
+
 _LOOSE: Any = object()  # a value the index cannot key: the document is always a candidate
 _KEYABLE = (str, ObjectId, datetime.datetime, Timestamp, bytes, uuid.UUID)
 
@@ -308,8 +310,8 @@ def filter_applies(query: Mapping[str, Any], doc: Mapping[str, Any]) -> bool:
 
 def match(spec: Mapping[str, Any], docs: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """The documents of ``docs`` that ``spec`` matches, by mongomock's matcher."""
-    applies = filtering.filter_applies
-    return (doc for doc in docs if applies(spec, doc))  # type: ignore[no-untyped-call]
+    applies = matcher(spec)
+    return (doc for doc in docs if applies(spec, doc))
 
 
 _original_iter_documents = mongomock.Collection._iter_documents  # type: ignore[attr-defined]
