@@ -446,14 +446,8 @@ class Loader:
         serving = current.version if current else None
         try:
             record = parse_record(doc, max_source_bytes=self._max_source_bytes)
-        except RecordError as exc:
-            self._rejected(name, exc, serving, doc.get("revision"))
-            self._fail(slot, name, str(exc), current is not None)
-            return None
-        except Exception as exc:  # a validation bug must not stop the watcher
-            self._reload_failed(
-                slot, name, "verify", exc, serving=serving, still_serving=current is not None
-            )
+        except Exception as exc:  # a refusal, or a validation bug
+            self._refused(change, slot, current, exc)  # reported: the watcher goes on
             return None
         if not record.enabled:
             return functools.partial(self._unload, name, slot, "disabled", record)
@@ -507,18 +501,26 @@ class Loader:
             if candidate is not None and candidate.record == record:
                 await self._promote(change, slot, record)
                 return None
-        except RecordError as exc:
-            self._rejected(name, exc, serving, change.document.get("revision"))
-            self._fail(slot, name, str(exc), current is not None)
-            return None
-        except Exception as exc:  # a verifier (or validation) bug must not stop the host
-            self._reload_failed(
-                slot, name, "verify", exc, serving=serving, still_serving=current is not None
-            )
+        except Exception as exc:  # a refusal, or a verifier (or validation) bug
+            self._refused(change, slot, current, exc)  # reported: the host goes on
             return None
         return _Job(
             change, slot, record, serving, current is not None, time.perf_counter(), superseded
         )
+
+    def _refused(self, change: Change, slot: _Slot, current: Plugin | None, exc: Exception) -> None:
+        """Report a record that did not pass validation or verification (a
+        ``RecordError``: refused) or whose check failed (a bug: ``verify`` failed)."""
+        name = change.name
+        serving = current.version if current else None
+        if isinstance(exc, RecordError):
+            doc = change.document
+            self._rejected(name, exc, serving, doc.get("revision") if doc is not None else None)
+            self._fail(slot, name, str(exc), current is not None)
+        else:
+            self._reload_failed(
+                slot, name, "verify", exc, serving=serving, still_serving=current is not None
+            )
 
     def _rejected(
         self,
@@ -565,17 +567,20 @@ class Loader:
     def _install_failed(self, job: _Job, exc: Exception) -> None:
         """Report a version that failed to compile, load or install; the old one serves."""
         record = job.record
-        is_compile = isinstance(exc, CompileError)
+        stage: str = "internal"
+        last_error: str | None = str(exc)
+        if isinstance(exc, CompileError):
+            stage, last_error = exc.stage, None
         self._reload_failed(
             job.slot,
             job.change.name,
-            exc.stage if isinstance(exc, CompileError) else "internal",
+            stage,
             exc,
             serving=job.serving,
             still_serving=job.had_current,
             version=record.version,
             revision=record.revision,
-            last_error=None if is_compile else str(exc),
+            last_error=last_error,
         )
 
     def _live_fields(self, job: _Job, plugin: Plugin) -> dict[str, Any]:

@@ -626,14 +626,11 @@ class LiveRollout:
         if plugin is not self.candidate:
             # The stable serves most calls: they are counted by spans (see the class
             # docstring), so its error rate and latencies stay unbiased estimates.
-            if not started:  # it took a quiet slot when it started: its span counts it
-                if outcome:  # ...but its failure counts now, so the span weighs one less
-                    self.stable_stats.record(outcome, None, _now())
-                    self._carry -= 1
-                return False
-            if self.quiet:  # it takes a quiet slot now (calls overlapped)
+            if started and self.quiet:  # it takes a quiet slot now (calls overlapped)
                 self.quiet -= 1
-                if outcome:
+                started = 0.0
+            if not started:  # it took a quiet slot: its span counts it
+                if outcome:  # ...but its failure counts now, so the span weighs one less
                     self.stable_stats.record(outcome, None, _now())
                     self._carry -= 1
                 return False
